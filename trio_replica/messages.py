@@ -1,0 +1,220 @@
+"""Every protocol message as a frozen value object, and the identities they carry.
+
+This module owns *what* travels between nodes; `trio_replica.wire` owns *how* it is encoded
+and checked. The sans-IO cores (HyParView, Plumtree) build and consume these classes and
+never see bytes. Each class has a stable `KIND` number: the first element of its positional
+CBOR array on the wire. Kinds are grouped by layer:
+
+* 1-9    link keep-alive (ping/pong)
+* 10-19  HyParView membership (DSN 2007, Algorithms 1 and 2)
+* 20-29  Plumtree broadcast (SRDS 2007, Algorithm 1 of the 2019 revision)
+* 30-39  direct messages between named replica instances
+* 40-49  the authenticated control path used by the command-line client
+
+Field limits (lengths, counts, integer ranges) are the constants below; the decoder in
+`trio_replica.wire` enforces every one of them on input.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+
+#: Longest node id, in characters.
+MAX_NODE_ID = 128
+#: Longest dialable address (``ws://host:port/path``), in characters.
+MAX_ADDRESS = 256
+#: Longest broadcast tag or replica instance name, in characters.
+MAX_TAG = 128
+#: Most peers in one SHUFFLE or SHUFFLE_REPLY (ka + kp + 1 with generous headroom).
+MAX_SHUFFLE_PEERS = 64
+#: Most (id, round) entries batched in one IHAVE.
+MAX_IHAVE_ENTRIES = 1024
+#: Largest random-walk TTL accepted from a peer.
+MAX_TTL = 255
+#: Largest Plumtree round (hop count) accepted from a peer.
+MAX_ROUND = 65_535
+#: Unsigned 64-bit range, for nonces and packed HLC stamps.
+U64 = 2**64 - 1
+
+
+@attrs.frozen(order=True)
+class Peer:
+    """A node as others see it: its unique id and the address to dial it at."""
+
+    id: str
+    address: str
+
+    def __str__(self) -> str:
+        return f"{self.id}@{self.address}"
+
+
+@attrs.frozen(order=True)
+class MessageId:
+    """Unique id of one broadcast: origin node, its HLC stamp at send time, and a random nonce.
+
+    Unique without coordination: the HLC is strictly increasing per origin and the nonce
+    separates two incarnations of a node that reuse an id after a restart.
+    """
+
+    origin: str
+    stamp: int
+    nonce: int
+
+    def __str__(self) -> str:
+        return f"{self.origin}/{self.stamp:x}/{self.nonce:08x}"
+
+
+class Message:
+    """Base class of every message; `KIND` is its wire number, `CONTROL` its priority.
+
+    Control messages go ahead of payload messages in a link's outbox (SPEC section 3).
+    """
+
+    KIND: ClassVar[int]
+    CONTROL: ClassVar[bool] = True
+    __slots__ = ()
+
+
+# --- link keep-alive -----------------------------------------------------------------
+
+
+@attrs.frozen
+class Ping(Message):
+    """Keep-alive probe; the peer answers with a `Pong` carrying the same nonce."""
+
+    KIND: ClassVar[int] = 1
+    nonce: int
+
+
+@attrs.frozen
+class Pong(Message):
+    """Answer to a `Ping`."""
+
+    KIND: ClassVar[int] = 2
+    nonce: int
+
+
+# --- HyParView ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Join(Message):
+    """A newcomer asks its contact to take it into the active view (the sender is the link peer)."""
+
+    KIND: ClassVar[int] = 10
+
+
+@attrs.frozen
+class ForwardJoin(Message):
+    """Random walk spreading a newcomer through the overlay; `ttl` counts down from ARWL."""
+
+    KIND: ClassVar[int] = 11
+    peer: Peer
+    ttl: int
+
+
+@attrs.frozen
+class Neighbor(Message):
+    """Ask the link peer to become an active neighbor; `high` priority is always accepted."""
+
+    KIND: ClassVar[int] = 12
+    high: bool
+
+
+@attrs.frozen
+class NeighborReply(Message):
+    """Answer to `Neighbor` (and to `Join`): whether the sender took us into its active view."""
+
+    KIND: ClassVar[int] = 13
+    accepted: bool
+
+
+@attrs.frozen
+class Disconnect(Message):
+    """The sender drops us from its active view.
+
+    `alive` is true for an eviction (the sender keeps running: keep it in the passive view),
+    false for a graceful leave (the sender is going away: forget it).
+    """
+
+    KIND: ClassVar[int] = 14
+    alive: bool
+
+
+@attrs.frozen
+class Shuffle(Message):
+    """Random-walk exchange of view samples, integrated by the node where the walk ends."""
+
+    KIND: ClassVar[int] = 15
+    origin: Peer
+    ttl: int
+    peers: tuple[Peer, ...]
+    nonce: int
+
+
+@attrs.frozen
+class ShuffleReply(Message):
+    """Sent straight to the shuffle's origin, over a temporary link, with a sample of ours."""
+
+    KIND: ClassVar[int] = 16
+    peers: tuple[Peer, ...]
+    nonce: int
+
+
+# --- Plumtree ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Gossip(Message):
+    """A broadcast payload travelling along the eager tree.
+
+    `payload` is the CBOR encoding of the application's data, kept as bytes so that a node
+    forwards it without decoding; it is decoded (strictly) only when delivered.
+    `round` is the number of hops from the origin.
+    """
+
+    KIND: ClassVar[int] = 20
+    CONTROL: ClassVar[bool] = False
+    id: MessageId
+    round: int
+    tag: str
+    payload: bytes
+
+
+@attrs.frozen
+class IHave(Message):
+    """Lazy announcements, batched: each entry is a message id and the round it was seen at."""
+
+    KIND: ClassVar[int] = 21
+    entries: tuple[tuple[MessageId, int], ...]
+
+
+@attrs.frozen
+class Graft(Message):
+    """Ask the peer to send the payload of `id` and to put us back in its eager set."""
+
+    KIND: ClassVar[int] = 22
+    id: MessageId
+    round: int
+
+
+@attrs.frozen
+class Prune(Message):
+    """The sender moved us to its lazy set; we do the same with it."""
+
+    KIND: ClassVar[int] = 23
+
+
+LINK_KINDS: tuple[type[Message], ...] = (Ping, Pong)
+HYPARVIEW_KINDS: tuple[type[Message], ...] = (
+    Join,
+    ForwardJoin,
+    Neighbor,
+    NeighborReply,
+    Disconnect,
+    Shuffle,
+    ShuffleReply,
+)
+PLUMTREE_KINDS: tuple[type[Message], ...] = (Gossip, IHave, Graft, Prune)

@@ -1,0 +1,380 @@
+"""The wire codec: messages to CBOR frames and back, with a decoder that trusts nothing.
+
+A frame is one CBOR array ``[version, msg, msg, ...]``; each message is a positional array
+``[kind, field, ...]`` (see `trio_replica.messages`). Several small messages share a frame so
+that control traffic costs one websocket message per batch, not per message.
+
+Decoding is strict because every frame comes from a peer we do not control (SPEC section 2,
+and the cbor2 traps in STYLE.md): the frame size is checked before parsing; cbor2 runs with a
+small `max_depth`, no indefinite lengths, no duplicate map keys, only text or byte map keys,
+and every semantic tag refused (dates, bignums, regexes, MIME, shared values, string refs);
+trailing bytes are refused; then every field is checked for type and range. Anything wrong
+raises `WireError` with a stable `reason`; nothing else escapes the decoder.
+
+Application payloads (`Gossip.payload`) are CBOR nested inside the frame as a byte string;
+`encode_payload` / `decode_payload` apply the same rules to them.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn
+
+import cbor2
+
+from .errors import MessageTooLarge, WireError
+from .messages import (
+    MAX_ADDRESS,
+    MAX_IHAVE_ENTRIES,
+    MAX_NODE_ID,
+    MAX_ROUND,
+    MAX_SHUFFLE_PEERS,
+    MAX_TAG,
+    MAX_TTL,
+    U64,
+    Disconnect,
+    ForwardJoin,
+    Gossip,
+    Graft,
+    IHave,
+    Join,
+    Message,
+    MessageId,
+    Neighbor,
+    NeighborReply,
+    Peer,
+    Ping,
+    Pong,
+    Prune,
+    Shuffle,
+    ShuffleReply,
+)
+
+#: Version of the message protocol; a frame with another version is refused.
+PROTOCOL_VERSION = 1
+#: Default largest frame accepted or sent, in bytes (one payload plus a little framing).
+DEFAULT_MAX_FRAME = 1024 * 1024 + 4096
+#: Nesting allowed in a frame: frame > message > field > entry > id, plus payload headroom.
+FRAME_MAX_DEPTH = 8
+#: Nesting allowed inside an application payload.
+PAYLOAD_MAX_DEPTH = 32
+
+
+# --- strict CBOR ---------------------------------------------------------------------------
+
+
+class _RefuseAllTags(dict[int, Callable[[Any], Any]]):
+    """A `semantic_decoders` table that answers every tag number with a refusal.
+
+    cbor2 consults this mapping for the tags it knows (0-55799); `_refuse_tag_hook` catches
+    the rest. Refusing them all removes dates, bignums, regex and MIME parsing, shared and
+    cyclic values and string references from what a peer can make us build.
+    """
+
+    def __contains__(self, tag: object) -> bool:
+        return True
+
+    def get(self, tag: int, default: Any = None) -> Callable[[Any], Any]:
+        return self[tag]
+
+    def __getitem__(self, tag: int) -> Callable[[Any], Any]:
+        def refuse(_decoder: Any) -> NoReturn:
+            raise cbor2.CBORDecodeError(f"semantic tag {tag} is not allowed")
+
+        return refuse
+
+
+_REFUSE_TAGS = _RefuseAllTags()
+
+
+def _refuse_tag_hook(_decoder: Any, tag: Any) -> NoReturn:
+    raise cbor2.CBORDecodeError(f"semantic tag {tag.tag} is not allowed")
+
+
+def strict_loads(data: bytes, *, max_depth: int) -> Any:
+    """Decode one CBOR item under the hardened rules; raise `WireError` on anything else."""
+    fp = io.BytesIO(data)
+    try:
+        decoder = cbor2.CBORDecoder(
+            fp,
+            semantic_decoders=_REFUSE_TAGS,
+            tag_hook=_refuse_tag_hook,
+            max_depth=max_depth,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            strict_hashable_types=True,
+        )
+        value = decoder.decode()
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise WireError(f"invalid CBOR: {exc}", reason="cbor") from None
+    except EOFError:
+        raise WireError("truncated CBOR", reason="cbor") from None
+    if fp.tell() != len(data):
+        raise WireError(f"{len(data) - fp.tell()} trailing bytes after CBOR item", reason="cbor")
+    _check_plain(value)
+    return value
+
+
+def _check_plain(value: Any) -> None:
+    """Refuse CBOR simple values and `undefined`: only JSON-like data plus bytes is allowed."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v is None or isinstance(v, bool | int | str | bytes):
+            continue
+        if isinstance(v, float):
+            continue
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        else:
+            raise WireError(f"CBOR value of type {type(v).__name__} is not allowed", reason="cbor")
+
+
+def encode_payload(data: Any, *, max_size: int) -> bytes:
+    """Encode application data as CBOR; raise `MessageTooLarge` beyond `max_size` bytes.
+
+    Only plain data is accepted (None, bool, int, float, str, bytes, list, tuple, and dicts
+    with str or bytes keys), the same set `decode_payload` gives back.
+    """
+    _check_encodable(data)
+    try:
+        encoded: bytes = cbor2.dumps(data)
+    except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+        raise TypeError(f"payload is not CBOR-encodable: {exc}") from None
+    if len(encoded) > max_size:
+        raise MessageTooLarge(f"payload is {len(encoded)} bytes, the limit is {max_size}")
+    return encoded
+
+
+def _check_encodable(data: Any) -> None:
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > PAYLOAD_MAX_DEPTH:
+            raise TypeError(f"payload nests deeper than {PAYLOAD_MAX_DEPTH} levels")
+        if v is None or isinstance(v, bool | str | bytes | float):
+            continue
+        if isinstance(v, int):
+            if not -(2**64) <= v <= U64:
+                raise TypeError("payload integers must fit in 64 bits")
+            continue
+        if isinstance(v, list | tuple):
+            stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str | bytes):
+                    raise TypeError(f"payload map keys must be str or bytes, not {type(k).__name__}")
+                stack.append((x, depth + 1))
+        else:
+            raise TypeError(f"payload value of type {type(v).__name__} is not plain data")
+
+
+def decode_payload(data: bytes, *, max_size: int) -> Any:
+    """Decode application data received from a peer, under the strict rules."""
+    if len(data) > max_size:
+        raise WireError(f"payload is {len(data)} bytes, the limit is {max_size}", reason="too_large")
+    return strict_loads(data, max_depth=PAYLOAD_MAX_DEPTH)
+
+
+# --- field checks --------------------------------------------------------------------------
+
+
+def _fail(what: str) -> NoReturn:
+    raise WireError(what, reason="field")
+
+
+def check_int(v: Any, lo: int, hi: int, name: str) -> int:
+    # bool is an int subclass in Python; it is never a valid integer field here.
+    if type(v) is not int or not lo <= v <= hi:
+        _fail(f"{name} must be an integer in [{lo}, {hi}], got {v!r:.60}")
+    return v
+
+
+def check_bool(v: Any, name: str) -> bool:
+    if type(v) is not bool:
+        _fail(f"{name} must be a boolean, got {v!r:.60}")
+    return v
+
+
+def check_str(v: Any, max_len: int, name: str, *, allow_empty: bool = False) -> str:
+    if type(v) is not str or len(v) > max_len or (not v and not allow_empty):
+        _fail(f"{name} must be a {'' if allow_empty else 'non-empty '}string of at most {max_len} characters")
+    return v
+
+
+def check_bytes(v: Any, max_len: int, name: str) -> bytes:
+    if type(v) is not bytes or len(v) > max_len:
+        _fail(f"{name} must be a byte string of at most {max_len} bytes")
+    return v
+
+
+def check_list(v: Any, max_len: int, name: str) -> list[Any]:
+    if type(v) is not list or len(v) > max_len:
+        _fail(f"{name} must be an array of at most {max_len} items")
+    return v
+
+
+def check_peer(v: Any, name: str = "peer") -> Peer:
+    if type(v) is not list or len(v) != 2:
+        _fail(f"{name} must be [id, address]")
+    return Peer(check_str(v[0], MAX_NODE_ID, f"{name}.id"), check_str(v[1], MAX_ADDRESS, f"{name}.address"))
+
+
+def check_message_id(v: Any) -> MessageId:
+    if type(v) is not list or len(v) != 3:
+        _fail("message id must be [origin, stamp, nonce]")
+    return MessageId(
+        check_str(v[0], MAX_NODE_ID, "message id origin"),
+        check_int(v[1], 0, U64, "message id stamp"),
+        check_int(v[2], 0, U64, "message id nonce"),
+    )
+
+
+def _peers(v: Any) -> tuple[Peer, ...]:
+    return tuple(check_peer(p) for p in check_list(v, MAX_SHUFFLE_PEERS, "peers"))
+
+
+def _ihave_entries(v: Any) -> tuple[tuple[MessageId, int], ...]:
+    out = []
+    for e in check_list(v, MAX_IHAVE_ENTRIES, "ihave entries"):
+        if type(e) is not list or len(e) != 2:
+            _fail("ihave entry must be [id, round]")
+        out.append((check_message_id(e[0]), check_int(e[1], 0, MAX_ROUND, "round")))
+    return tuple(out)
+
+
+# --- messages ------------------------------------------------------------------------------
+
+# Per kind: the field count and a function from the positional fields to the message.
+_Decoder = Callable[[list[Any], int], Message]
+
+_DECODERS: dict[int, tuple[int, _Decoder]] = {
+    Ping.KIND: (1, lambda f, _: Ping(check_int(f[0], 0, U64, "nonce"))),
+    Pong.KIND: (1, lambda f, _: Pong(check_int(f[0], 0, U64, "nonce"))),
+    Join.KIND: (0, lambda f, _: Join()),
+    ForwardJoin.KIND: (
+        2,
+        lambda f, _: ForwardJoin(check_peer(f[0]), check_int(f[1], 0, MAX_TTL, "ttl")),
+    ),
+    Neighbor.KIND: (1, lambda f, _: Neighbor(check_bool(f[0], "high"))),
+    NeighborReply.KIND: (1, lambda f, _: NeighborReply(check_bool(f[0], "accepted"))),
+    Disconnect.KIND: (1, lambda f, _: Disconnect(check_bool(f[0], "alive"))),
+    Shuffle.KIND: (
+        4,
+        lambda f, _: Shuffle(
+            check_peer(f[0], "origin"),
+            check_int(f[1], 0, MAX_TTL, "ttl"),
+            _peers(f[2]),
+            check_int(f[3], 0, U64, "nonce"),
+        ),
+    ),
+    ShuffleReply.KIND: (
+        2,
+        lambda f, _: ShuffleReply(_peers(f[0]), check_int(f[1], 0, U64, "nonce")),
+    ),
+    Gossip.KIND: (
+        4,
+        lambda f, max_payload: Gossip(
+            check_message_id(f[0]),
+            check_int(f[1], 0, MAX_ROUND, "round"),
+            check_str(f[2], MAX_TAG, "tag"),
+            check_bytes(f[3], max_payload, "payload"),
+        ),
+    ),
+    IHave.KIND: (1, lambda f, _: IHave(_ihave_entries(f[0]))),
+    Graft.KIND: (
+        2,
+        lambda f, _: Graft(check_message_id(f[0]), check_int(f[1], 0, MAX_ROUND, "round")),
+    ),
+    Prune.KIND: (0, lambda f, _: Prune()),
+}
+
+
+def register_kind(kind: int, field_count: int, decoder: _Decoder) -> None:
+    """Register the decoder of a message kind defined outside this module (replica, control).
+
+    `decoder(fields, max_payload)` returns the message or raises `WireError`. Registering a
+    kind twice is a programming error.
+    """
+    if kind in _DECODERS:
+        raise ValueError(f"message kind {kind} is already registered")
+    _DECODERS[kind] = (field_count, decoder)
+
+
+def _default(encoder: Any, value: Any) -> None:
+    """cbor2 hook: encode our value objects as positional arrays."""
+    if isinstance(value, Peer):
+        encoder.encode([value.id, value.address])
+    elif isinstance(value, MessageId):
+        encoder.encode([value.origin, value.stamp, value.nonce])
+    elif isinstance(value, Message):
+        encoder.encode(message_fields(value))
+    else:
+        raise cbor2.CBOREncodeError(f"cannot encode {type(value).__name__}")
+
+
+def message_fields(message: Message) -> list[Any]:
+    """The positional form of a message: ``[KIND, *fields]`` in declaration order."""
+    return [message.KIND, *(getattr(message, a.name) for a in message.__attrs_attrs__)]  # type: ignore[attr-defined]
+
+
+def encode_frame(messages: Iterable[Message]) -> bytes:
+    """Encode messages into one frame (no size check: see `encoded_size` and `Batcher`)."""
+    return bytes(cbor2.dumps([PROTOCOL_VERSION, *messages], default=_default))
+
+
+def encode_message(message: Message) -> bytes:
+    """Encode one message alone, e.g. to measure its size before queueing it."""
+    return bytes(cbor2.dumps(message, default=_default))
+
+
+def decode_frame(data: bytes, *, max_frame: int = DEFAULT_MAX_FRAME) -> list[Message]:
+    """Decode and validate a frame from a peer; raise `WireError` for anything malformed."""
+    if len(data) > max_frame:
+        raise WireError(f"frame is {len(data)} bytes, the limit is {max_frame}", reason="too_large")
+    raw = strict_loads(data, max_depth=FRAME_MAX_DEPTH)
+    if type(raw) is not list or len(raw) < 2:
+        raise WireError("frame must be an array [version, message, ...]", reason="shape")
+    if raw[0] != PROTOCOL_VERSION or type(raw[0]) is not int:
+        raise WireError(f"unsupported protocol version {raw[0]!r:.20}", reason="version")
+    return [decode_message(m, max_frame) for m in raw[1:]]
+
+
+def decode_message(raw: Any, max_payload: int = DEFAULT_MAX_FRAME) -> Message:
+    """Validate one already-parsed positional message."""
+    if type(raw) is not list or not raw or type(raw[0]) is not int:
+        raise WireError("message must be an array [kind, field, ...]", reason="shape")
+    spec = _DECODERS.get(raw[0])
+    if spec is None:
+        raise WireError(f"unknown message kind {raw[0]}", reason="kind")
+    count, decoder = spec
+    if len(raw) != count + 1:
+        raise WireError(f"message kind {raw[0]} takes {count} fields, got {len(raw) - 1}", reason="shape")
+    return decoder(raw[1:], max_payload)
+
+
+def split_batches(sizes: Sequence[int], max_frame: int) -> list[int]:
+    """Given encoded message sizes in order, how many go in each frame under `max_frame`.
+
+    The frame header and per-array overhead are bounded by 16 bytes; a message that alone
+    exceeds the limit is the caller's error (it was refused when queued).
+    """
+    counts: list[int] = []
+    used = 16
+    n = 0
+    for size in sizes:
+        if n and used + size > max_frame:
+            counts.append(n)
+            used, n = 16, 0
+        used += size
+        n += 1
+    if n:
+        counts.append(n)
+    return counts
+
+
+def frame_size_ok(size: int, max_frame: int) -> bool:
+    return size + 16 <= max_frame

@@ -10,6 +10,7 @@ CBOR array on the wire. Kinds are grouped by layer:
 * 20-29  Plumtree broadcast (SRDS 2007, Algorithm 1 of the 2019 revision)
 * 30-39  direct messages between named replica instances
 * 40-49  the authenticated control path used by the command-line client
+* 60-69  the link handshake (only valid before the link is established)
 
 Field limits (lengths, counts, integer ranges) are the constants below; the decoder in
 `trio_replica.wire` enforces every one of them on input.
@@ -207,6 +208,96 @@ class Prune(Message):
     KIND: ClassVar[int] = 23
 
 
+# --- control path (command-line client to node) -------------------------------------------
+
+#: Longest control operation name.
+MAX_OP = 64
+
+
+@attrs.frozen
+class ControlRequest(Message):
+    """A client asks the node to run operation `op`; `args` is CBOR-encoded plain data."""
+
+    KIND: ClassVar[int] = 40
+    request_id: int
+    op: str
+    args: bytes
+
+
+@attrs.frozen
+class ControlReply(Message):
+    """The node's answer to a `ControlRequest`: `result` (CBOR) or an error text when not `ok`."""
+
+    KIND: ClassVar[int] = 41
+    request_id: int
+    ok: bool
+    result: bytes
+
+
+# --- handshake ------------------------------------------------------------------------------
+
+#: Length of a handshake nonce in bytes.
+NONCE_BYTES = 32
+#: Length of an HMAC-SHA256 proof in bytes.
+PROOF_BYTES = 32
+#: Longest cluster name, in characters.
+MAX_CLUSTER = 128
+#: Longest refusal reason, in characters.
+MAX_REASON = 256
+
+
+class Role:
+    """Who opens a link: another node of the cluster, or a command-line client."""
+
+    NODE = "node"
+    CLIENT = "client"
+    ALL = (NODE, CLIENT)
+
+
+@attrs.frozen
+class Hello(Message):
+    """First message of each side: who we are, what cluster, and a fresh challenge nonce.
+
+    The dialer sends it first; the listener answers with its own `Hello` plus `proof`
+    answering the dialer's nonce. `address` is where the sender can be dialed (empty for a
+    client). `proof` is empty in the dialer's hello.
+    """
+
+    KIND: ClassVar[int] = 60
+    version: int
+    cluster: str
+    node_id: str
+    address: str
+    role: str
+    nonce: bytes
+    proof: bytes
+
+
+@attrs.frozen
+class Proof(Message):
+    """The dialer's answer to the listener's nonce."""
+
+    KIND: ClassVar[int] = 61
+    proof: bytes
+
+
+@attrs.frozen
+class Welcome(Message):
+    """The listener accepted the dialer: the link is established."""
+
+    KIND: ClassVar[int] = 62
+
+
+@attrs.frozen
+class Refuse(Message):
+    """The handshake failed; `reason` says why (sent before closing, for a clear error)."""
+
+    KIND: ClassVar[int] = 63
+    reason: str
+
+
+HANDSHAKE_KINDS: tuple[type[Message], ...] = (Hello, Proof, Welcome, Refuse)
+CONTROL_KINDS: tuple[type[Message], ...] = (ControlRequest, ControlReply)
 LINK_KINDS: tuple[type[Message], ...] = (Ping, Pong)
 HYPARVIEW_KINDS: tuple[type[Message], ...] = (
     Join,

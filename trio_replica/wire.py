@@ -26,17 +26,25 @@ import cbor2
 from .errors import MessageTooLarge, WireError
 from .messages import (
     MAX_ADDRESS,
+    MAX_CLUSTER,
     MAX_IHAVE_ENTRIES,
     MAX_NODE_ID,
+    MAX_OP,
+    MAX_REASON,
     MAX_ROUND,
     MAX_SHUFFLE_PEERS,
     MAX_TAG,
     MAX_TTL,
+    NONCE_BYTES,
+    PROOF_BYTES,
     U64,
+    ControlReply,
+    ControlRequest,
     Disconnect,
     ForwardJoin,
     Gossip,
     Graft,
+    Hello,
     IHave,
     Join,
     Message,
@@ -46,9 +54,13 @@ from .messages import (
     Peer,
     Ping,
     Pong,
+    Proof,
     Prune,
+    Refuse,
+    Role,
     Shuffle,
     ShuffleReply,
+    Welcome,
 )
 
 #: Version of the message protocol; a frame with another version is refused.
@@ -166,7 +178,9 @@ def _check_encodable(data: Any) -> None:
         elif isinstance(v, dict):
             for k, x in v.items():
                 if not isinstance(k, str | bytes):
-                    raise TypeError(f"payload map keys must be str or bytes, not {type(k).__name__}")
+                    raise TypeError(
+                        f"payload map keys must be str or bytes, not {type(k).__name__}"
+                    )
                 stack.append((x, depth + 1))
         else:
             raise TypeError(f"payload value of type {type(v).__name__} is not plain data")
@@ -175,7 +189,9 @@ def _check_encodable(data: Any) -> None:
 def decode_payload(data: bytes, *, max_size: int) -> Any:
     """Decode application data received from a peer, under the strict rules."""
     if len(data) > max_size:
-        raise WireError(f"payload is {len(data)} bytes, the limit is {max_size}", reason="too_large")
+        raise WireError(
+            f"payload is {len(data)} bytes, the limit is {max_size}", reason="too_large"
+        )
     return strict_loads(data, max_depth=PAYLOAD_MAX_DEPTH)
 
 
@@ -201,7 +217,8 @@ def check_bool(v: Any, name: str) -> bool:
 
 def check_str(v: Any, max_len: int, name: str, *, allow_empty: bool = False) -> str:
     if type(v) is not str or len(v) > max_len or (not v and not allow_empty):
-        _fail(f"{name} must be a {'' if allow_empty else 'non-empty '}string of at most {max_len} characters")
+        article = "a" if allow_empty else "a non-empty"
+        _fail(f"{name} must be {article} string of at most {max_len} characters")
     return v
 
 
@@ -220,7 +237,9 @@ def check_list(v: Any, max_len: int, name: str) -> list[Any]:
 def check_peer(v: Any, name: str = "peer") -> Peer:
     if type(v) is not list or len(v) != 2:
         _fail(f"{name} must be [id, address]")
-    return Peer(check_str(v[0], MAX_NODE_ID, f"{name}.id"), check_str(v[1], MAX_ADDRESS, f"{name}.address"))
+    return Peer(
+        check_str(v[0], MAX_NODE_ID, f"{name}.id"), check_str(v[1], MAX_ADDRESS, f"{name}.address")
+    )
 
 
 def check_message_id(v: Any) -> MessageId:
@@ -244,6 +263,30 @@ def _ihave_entries(v: Any) -> tuple[tuple[MessageId, int], ...]:
             _fail("ihave entry must be [id, round]")
         out.append((check_message_id(e[0]), check_int(e[1], 0, MAX_ROUND, "round")))
     return tuple(out)
+
+
+def _fixed_bytes(v: Any, size: int, name: str) -> bytes:
+    if type(v) is not bytes or len(v) != size:
+        _fail(f"{name} must be exactly {size} bytes")
+    return v
+
+
+def _hello(f: list[Any]) -> Hello:
+    role = check_str(f[4], 16, "role")
+    if role not in Role.ALL:
+        _fail(f"unknown role {role!r}")
+    proof = f[6]
+    if proof != b"":
+        proof = _fixed_bytes(proof, PROOF_BYTES, "proof")
+    return Hello(
+        version=check_int(f[0], 0, 65535, "version"),
+        cluster=check_str(f[1], MAX_CLUSTER, "cluster"),
+        node_id=check_str(f[2], MAX_NODE_ID, "node id"),
+        address=check_str(f[3], MAX_ADDRESS, "address", allow_empty=True),
+        role=role,
+        nonce=_fixed_bytes(f[5], NONCE_BYTES, "nonce"),
+        proof=proof,
+    )
 
 
 # --- messages ------------------------------------------------------------------------------
@@ -290,6 +333,26 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
         lambda f, _: Graft(check_message_id(f[0]), check_int(f[1], 0, MAX_ROUND, "round")),
     ),
     Prune.KIND: (0, lambda f, _: Prune()),
+    ControlRequest.KIND: (
+        3,
+        lambda f, max_payload: ControlRequest(
+            check_int(f[0], 0, U64, "request id"),
+            check_str(f[1], MAX_OP, "op"),
+            check_bytes(f[2], max_payload, "args"),
+        ),
+    ),
+    ControlReply.KIND: (
+        3,
+        lambda f, max_payload: ControlReply(
+            check_int(f[0], 0, U64, "request id"),
+            check_bool(f[1], "ok"),
+            check_bytes(f[2], max_payload, "result"),
+        ),
+    ),
+    Hello.KIND: (7, lambda f, _: _hello(f)),
+    Proof.KIND: (1, lambda f, _: Proof(_fixed_bytes(f[0], PROOF_BYTES, "proof"))),
+    Welcome.KIND: (0, lambda f, _: Welcome()),
+    Refuse.KIND: (1, lambda f, _: Refuse(check_str(f[0], MAX_REASON, "reason"))),
 }
 
 
@@ -321,26 +384,104 @@ def message_fields(message: Message) -> list[Any]:
     return [message.KIND, *(getattr(message, a.name) for a in message.__attrs_attrs__)]  # type: ignore[attr-defined]
 
 
-def encode_frame(messages: Iterable[Message]) -> bytes:
-    """Encode messages into one frame (no size check: see `encoded_size` and `Batcher`)."""
-    return bytes(cbor2.dumps([PROTOCOL_VERSION, *messages], default=_default))
-
-
 def encode_message(message: Message) -> bytes:
-    """Encode one message alone, e.g. to measure its size before queueing it."""
+    """Encode one message alone (a positional array); frames are built from these parts."""
     return bytes(cbor2.dumps(message, default=_default))
+
+
+def _array_header(n: int) -> bytes:
+    if n < 24:
+        return bytes([0x80 + n])
+    if n < 256:
+        return bytes([0x98, n])
+    if n < 65536:
+        return bytes([0x99]) + n.to_bytes(2, "big")
+    return bytes([0x9A]) + n.to_bytes(4, "big")
+
+
+_VERSION_ITEM = bytes(cbor2.dumps(PROTOCOL_VERSION))
+#: Bytes a frame adds around its messages (array header and version), at most.
+FRAME_OVERHEAD = 5 + len(_VERSION_ITEM)
+
+
+def frame_from_parts(parts: Sequence[bytes]) -> bytes:
+    """Join messages encoded by `encode_message` into one frame ``[version, *messages]``.
+
+    A CBOR array is its header followed by its items, so a frame is built without encoding
+    any message twice and each message's size on the wire is known exactly.
+    """
+    return b"".join((_array_header(len(parts) + 1), _VERSION_ITEM, *parts))
+
+
+def encode_frame(messages: Iterable[Message]) -> bytes:
+    """Encode messages into one frame (no size check: the sender bounds what it batches)."""
+    return frame_from_parts([encode_message(m) for m in messages])
 
 
 def decode_frame(data: bytes, *, max_frame: int = DEFAULT_MAX_FRAME) -> list[Message]:
     """Decode and validate a frame from a peer; raise `WireError` for anything malformed."""
+    return [m for m, _ in decode_frame_sized(data, max_frame=max_frame)]
+
+
+def decode_frame_sized(
+    data: bytes, *, max_frame: int = DEFAULT_MAX_FRAME
+) -> list[tuple[Message, int]]:
+    """Like `decode_frame`, with the number of bytes each message took on the wire."""
     if len(data) > max_frame:
         raise WireError(f"frame is {len(data)} bytes, the limit is {max_frame}", reason="too_large")
-    raw = strict_loads(data, max_depth=FRAME_MAX_DEPTH)
-    if type(raw) is not list or len(raw) < 2:
+    count, offset = _read_array_header(data)
+    if count < 2:
         raise WireError("frame must be an array [version, message, ...]", reason="shape")
-    if raw[0] != PROTOCOL_VERSION or type(raw[0]) is not int:
-        raise WireError(f"unsupported protocol version {raw[0]!r:.20}", reason="version")
-    return [decode_message(m, max_frame) for m in raw[1:]]
+    fp = io.BytesIO(data)
+    fp.seek(offset)
+    decoder = cbor2.CBORDecoder(
+        fp,
+        semantic_decoders=_REFUSE_TAGS,
+        tag_hook=_refuse_tag_hook,
+        max_depth=FRAME_MAX_DEPTH - 1,
+        allow_indefinite=False,
+        allow_duplicate_keys=False,
+        strict_hashable_types=True,
+    )
+    items: list[tuple[Any, int]] = []
+    try:
+        for _ in range(count):
+            start = fp.tell()
+            value = decoder.decode()
+            items.append((value, fp.tell() - start))
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise WireError(f"invalid CBOR: {exc}", reason="cbor") from None
+    except EOFError:
+        raise WireError("truncated CBOR", reason="cbor") from None
+    if fp.tell() != len(data):
+        raise WireError(f"{len(data) - fp.tell()} trailing bytes after frame", reason="cbor")
+    version = items[0][0]
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise WireError(f"unsupported protocol version {version!r:.20}", reason="version")
+    out = []
+    for raw, size in items[1:]:
+        _check_plain(raw)
+        out.append((decode_message(raw, max_frame), size))
+    return out
+
+
+def _read_array_header(data: bytes) -> tuple[int, int]:
+    """Parse a definite-length array header; return (item count, header length)."""
+    if not data:
+        raise WireError("empty frame", reason="cbor")
+    b = data[0]
+    if not 0x80 <= b <= 0x9B:
+        raise WireError("frame must be an array [version, message, ...]", reason="shape")
+    if b < 0x98:
+        return b - 0x80, 1
+    width = 1 << (b - 0x98)
+    if len(data) < 1 + width:
+        raise WireError("truncated CBOR", reason="cbor")
+    count = int.from_bytes(data[1 : 1 + width], "big")
+    # Every item is at least one byte: a count beyond the frame length is a lie.
+    if count > len(data):
+        raise WireError(f"array claims {count} items in {len(data)} bytes", reason="cbor")
+    return count, 1 + width
 
 
 def decode_message(raw: Any, max_payload: int = DEFAULT_MAX_FRAME) -> Message:
@@ -352,29 +493,7 @@ def decode_message(raw: Any, max_payload: int = DEFAULT_MAX_FRAME) -> Message:
         raise WireError(f"unknown message kind {raw[0]}", reason="kind")
     count, decoder = spec
     if len(raw) != count + 1:
-        raise WireError(f"message kind {raw[0]} takes {count} fields, got {len(raw) - 1}", reason="shape")
+        raise WireError(
+            f"message kind {raw[0]} takes {count} fields, got {len(raw) - 1}", reason="shape"
+        )
     return decoder(raw[1:], max_payload)
-
-
-def split_batches(sizes: Sequence[int], max_frame: int) -> list[int]:
-    """Given encoded message sizes in order, how many go in each frame under `max_frame`.
-
-    The frame header and per-array overhead are bounded by 16 bytes; a message that alone
-    exceeds the limit is the caller's error (it was refused when queued).
-    """
-    counts: list[int] = []
-    used = 16
-    n = 0
-    for size in sizes:
-        if n and used + size > max_frame:
-            counts.append(n)
-            used, n = 16, 0
-        used += size
-        n += 1
-    if n:
-        counts.append(n)
-    return counts
-
-
-def frame_size_ok(size: int, max_frame: int) -> bool:
-    return size + 16 <= max_frame

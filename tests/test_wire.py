@@ -1,0 +1,201 @@
+"""The wire codec: every message round-trips, and anything malformed is a `WireError`."""
+
+from __future__ import annotations
+
+import contextlib
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trio_replica.errors import MessageTooLarge, WireError
+from trio_replica.messages import (
+    MAX_IHAVE_ENTRIES,
+    MAX_NODE_ID,
+    NONCE_BYTES,
+    PROOF_BYTES,
+    ControlReply,
+    ControlRequest,
+    Disconnect,
+    ForwardJoin,
+    Gossip,
+    Graft,
+    Hello,
+    IHave,
+    Join,
+    MessageId,
+    Neighbor,
+    NeighborReply,
+    Peer,
+    Ping,
+    Pong,
+    Proof,
+    Prune,
+    Refuse,
+    Shuffle,
+    ShuffleReply,
+    Welcome,
+)
+from trio_replica.wire import (
+    PROTOCOL_VERSION,
+    decode_frame,
+    decode_frame_sized,
+    decode_payload,
+    encode_frame,
+    encode_message,
+    encode_payload,
+    strict_loads,
+)
+
+ids = st.text(min_size=1, max_size=20)
+u64 = st.integers(0, 2**64 - 1)
+peers = st.builds(Peer, ids, st.text(min_size=1, max_size=40))
+mids = st.builds(MessageId, ids, u64, u64)
+
+messages = st.one_of(
+    st.builds(Ping, u64),
+    st.builds(Pong, u64),
+    st.just(Join()),
+    st.builds(ForwardJoin, peers, st.integers(0, 255)),
+    st.builds(Neighbor, st.booleans()),
+    st.builds(NeighborReply, st.booleans()),
+    st.builds(Disconnect, st.booleans()),
+    st.builds(Shuffle, peers, st.integers(0, 255), st.lists(peers, max_size=8).map(tuple), u64),
+    st.builds(ShuffleReply, st.lists(peers, max_size=8).map(tuple), u64),
+    st.builds(Gossip, mids, st.integers(0, 65535), ids, st.binary(max_size=64)),
+    st.builds(IHave, st.lists(st.tuples(mids, st.integers(0, 65535)), max_size=5).map(tuple)),
+    st.builds(Graft, mids, st.integers(0, 65535)),
+    st.just(Prune()),
+    st.builds(ControlRequest, u64, st.text(min_size=1, max_size=10), st.binary(max_size=20)),
+    st.builds(ControlReply, u64, st.booleans(), st.binary(max_size=20)),
+    st.builds(
+        Hello,
+        st.integers(0, 65535),
+        ids,
+        ids,
+        st.text(max_size=30),
+        st.sampled_from(["node", "client"]),
+        st.binary(min_size=NONCE_BYTES, max_size=NONCE_BYTES),
+        st.one_of(st.just(b""), st.binary(min_size=PROOF_BYTES, max_size=PROOF_BYTES)),
+    ),
+    st.builds(Proof, st.binary(min_size=PROOF_BYTES, max_size=PROOF_BYTES)),
+    st.just(Welcome()),
+    st.builds(Refuse, st.text(min_size=1, max_size=50)),
+)
+
+
+@given(st.lists(messages, min_size=1, max_size=6))
+def test_every_message_round_trips(batch: list[object]) -> None:
+    frame = encode_frame(batch)  # type: ignore[arg-type]
+    assert decode_frame(frame) == batch
+    sized = decode_frame_sized(frame)
+    assert [size for _, size in sized] == [len(encode_message(m)) for m in batch]  # type: ignore[arg-type]
+
+
+@settings(max_examples=300)
+@given(st.lists(messages, min_size=1, max_size=4), st.data())
+def test_mutated_frames_only_raise_wire_error(batch: list[object], data: st.DataObject) -> None:
+    frame = bytearray(encode_frame(batch))  # type: ignore[arg-type]
+    how = data.draw(st.sampled_from(["truncate", "flip", "insert", "append"]))
+    if how == "truncate":
+        frame = frame[: data.draw(st.integers(0, len(frame) - 1))]
+    elif how == "flip":
+        i = data.draw(st.integers(0, len(frame) - 1))
+        frame[i] ^= data.draw(st.integers(1, 255))
+    elif how == "insert":
+        i = data.draw(st.integers(0, len(frame)))
+        frame[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+    else:
+        frame += data.draw(st.binary(min_size=1, max_size=8))
+    try:
+        decoded = decode_frame(bytes(frame))
+    except WireError:
+        return
+    # A mutation may still be a valid frame (e.g. a flipped bit in a string): then it decodes
+    # to well-typed messages, never to anything else.
+    assert all(type(m).KIND for m in decoded)
+
+
+@given(st.binary(max_size=200))
+def test_random_bytes_only_raise_wire_error(blob: bytes) -> None:
+    with contextlib.suppress(WireError):
+        decode_frame(blob)
+
+
+def _frame(*items: object) -> bytes:
+    return bytes(cbor2.dumps([PROTOCOL_VERSION, *items]))
+
+
+@pytest.mark.parametrize(
+    ("blob", "reason"),
+    [
+        (b"", "cbor"),
+        (cbor2.dumps({"a": 1}), "shape"),
+        (cbor2.dumps([PROTOCOL_VERSION]), "shape"),
+        (cbor2.dumps([99, [1, 5]]), "version"),
+        (cbor2.dumps([True, [1, 5]]), "version"),
+        (_frame([1, 5]) + b"\x00", "cbor"),  # trailing byte
+        (_frame([1, True]), "field"),  # bool where an int belongs
+        (_frame([1, -1]), "field"),
+        (_frame([1, 2**64]), "cbor"),  # bignum: a semantic tag
+        (_frame([1]), "shape"),
+        (_frame([1, 1, 2]), "shape"),
+        (_frame([999]), "kind"),
+        (_frame(["ping", 1]), "shape"),
+        (_frame([11, ["a", "b"], 256]), "field"),  # ttl out of range
+        (_frame([11, ["", "b"], 3]), "field"),  # empty node id
+        (_frame([11, ["x" * (MAX_NODE_ID + 1), "b"], 3]), "field"),
+        (_frame([11, ["a"], 3]), "field"),
+        (_frame([20, ["a", 1, 2], 0, "t", "not bytes"]), "field"),
+        (_frame([21, [[["a", 1, 2], 0]] * (MAX_IHAVE_ENTRIES + 1)]), "field"),
+        (_frame([60, 1, "c", "n", "", "root", b"x" * NONCE_BYTES, b""]), "field"),
+        (_frame([60, 1, "c", "n", "", "node", b"short", b""]), "field"),
+        (bytes.fromhex("829f01ff"), "cbor"),  # indefinite-length array
+        (bytes.fromhex("8201") + cbor2.dumps(cbor2.CBORTag(1, 0)), "cbor"),  # a date tag
+        (bytes.fromhex("8201") + cbor2.dumps(cbor2.CBORTag(40000, 0)), "cbor"),  # unknown tag
+        (bytes.fromhex("9bffffffffffffffff"), "cbor"),  # huge length prefix
+        (bytes.fromhex("8201") + bytes.fromhex("5bffffffffffffffff"), "cbor"),  # huge bytes
+        (bytes.fromhex("8201") + bytes.fromhex("f7"), "cbor"),  # undefined
+        (bytes.fromhex("8201a2616101616102"), "cbor"),  # duplicate map key
+        (bytes.fromhex("8201a1010a"), "cbor"),  # integer map key
+    ],
+)
+def test_malformed_frames_are_refused_with_a_reason(blob: bytes, reason: str) -> None:
+    with pytest.raises(WireError) as info:
+        decode_frame(blob)
+    assert info.value.reason == reason
+
+
+def test_deep_nesting_is_refused() -> None:
+    deep: object = 0
+    for _ in range(50):
+        deep = [deep]
+    with pytest.raises(WireError):
+        decode_frame(_frame([40, 1, "op", b""], deep))
+    with pytest.raises(WireError):
+        strict_loads(cbor2.dumps(deep), max_depth=16)
+
+
+def test_oversize_frame_is_refused_before_parsing() -> None:
+    frame = encode_frame([Gossip(MessageId("a", 1, 2), 0, "t", b"x" * 5000)])
+    assert decode_frame(frame, max_frame=len(frame))
+    with pytest.raises(WireError) as info:
+        decode_frame(frame, max_frame=len(frame) - 1)
+    assert info.value.reason == "too_large"
+
+
+def test_payloads_are_plain_data_and_bounded() -> None:
+    value = {"a": [1, 2.5, None, True, b"x", "s"], "b": {"c": -3}}
+    assert decode_payload(encode_payload(value, max_size=100), max_size=100) == value
+    assert decode_payload(encode_payload((1, 2), max_size=10), max_size=10) == [1, 2]
+    with pytest.raises(MessageTooLarge):
+        encode_payload("x" * 100, max_size=50)
+    with pytest.raises(TypeError):
+        encode_payload({1: "int keys are refused"}, max_size=100)
+    with pytest.raises(TypeError):
+        encode_payload(object(), max_size=100)
+    with pytest.raises(TypeError):
+        encode_payload(2**64, max_size=100)
+    with pytest.raises(WireError):
+        decode_payload(b"x" * 10, max_size=5)

@@ -1,0 +1,157 @@
+"""The command line: ``python -m trio_replica COMMAND``.
+
+* ``node``: run one node until SIGINT or SIGTERM, then leave gracefully and exit 0.
+* ``status``: ask a running node, over its authenticated control path, for its views and counters.
+* ``cluster``: start a small local cluster in this process and print the views it forms.
+
+Every command takes ``--log-level``. Errors a user can fix (a bad address, a missing
+secret file, a node that does not answer) end with a one-line message and exit status 2
+or 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .config import NodeConfig, normalize_address
+from .control import ControlError, open_control
+from .errors import ConfigError, ReplicaError
+from .node import open_node
+
+log = logging.getLogger("trio_replica.cli")
+
+
+def _read_secret(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the secret file {path}: {exc.strerror}") from None
+    if len(secret) < 16:
+        raise ConfigError(f"the secret in {path} is shorter than 16 bytes; use a long random one")
+    return secret
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level (default: WARNING)",
+    )
+
+
+def _add_auth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", default="trio-replica", help="cluster name (default: trio-replica)")
+    p.add_argument("--secret-file", help="file holding the cluster secret (at least 16 bytes)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trio_replica",
+        description="Peer-to-peer replication for Trio: HyParView membership, Plumtree broadcast.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("node", help="run a node until SIGINT/SIGTERM")
+    p.add_argument("--name", help="node id (default: generated)")
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT or ws://HOST:PORT to bind")
+    p.add_argument("--advertise", help="address other nodes dial (default: the bound address)")
+    p.add_argument(
+        "--join", action="append", default=[], metavar="HOST:PORT", help="seed address (repeatable)"
+    )
+    _add_auth(p)
+    _add_common(p)
+
+    p = sub.add_parser("status", help="show a running node's views and counters")
+    p.add_argument("--node", required=True, metavar="HOST:PORT")
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.add_argument("--timeout", type=float, default=5.0)
+    _add_auth(p)
+    _add_common(p)
+
+    p = sub.add_parser("cluster", help="start a local cluster in this process and print its views")
+    p.add_argument("--nodes", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=30.0)
+    _add_common(p)
+    return parser
+
+
+async def _run_node(args: argparse.Namespace) -> int:
+    config = NodeConfig(
+        **({"name": args.name} if args.name else {}),
+        listen=args.listen,
+        advertise=args.advertise,
+        seeds=tuple(args.join),
+        cluster=args.cluster,
+        secret=_read_secret(args.secret_file),
+    )
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_node(config) as node:
+            print(f"node {node.id} listening on {node.address}", flush=True)
+            async for signum in signals:
+                log.info("received %s; leaving the cluster", signal.Signals(signum).name)
+                break
+    return 0
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    print(f"node {status['id']} at {status['address']} (cluster {status['cluster']})")
+    print(f"  active  ({len(status['active'])}): " + ", ".join(p[0] for p in status["active"]))
+    print(f"  passive ({len(status['passive'])}): " + ", ".join(p[0] for p in status["passive"]))
+    stats = status["stats"]
+    print(
+        f"  frames sent/received: {stats['frames_sent']}/{stats['frames_received']}, "
+        f"rejected: {sum(stats['rejected'].values())}, "
+        f"handshakes refused: {sum(stats['handshakes_refused'].values())}, "
+        f"drops: {sum(stats['drops'].values())}"
+    )
+
+
+async def _run_status(args: argparse.Namespace) -> int:
+    address = normalize_address(args.node)
+    async with open_control(
+        address, cluster=args.cluster, secret=_read_secret(args.secret_file), timeout=args.timeout
+    ) as client:
+        status = await client.call("status")
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        _print_status(status)
+    return 0
+
+
+async def _run_cluster(args: argparse.Namespace) -> int:
+    from .localcluster import run_local_cluster
+
+    return await run_local_cluster(args.nodes, timeout=args.timeout)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    runners = {"node": _run_node, "status": _run_status, "cluster": _run_cluster}
+    try:
+        return trio.run(runners[args.command], args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ControlError, ReplicaError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

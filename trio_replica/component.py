@@ -1,0 +1,149 @@
+"""A protocol component: one sans-IO core driven by one supervised task.
+
+The node owns a component's state (the core, its inbox, its timer heap); the component's
+task only turns inputs into effects. So when the task crashes (a bug, or
+`node.crash_component` in a chaos test) the supervisor restarts it with bounded
+exponential backoff and nothing queued is lost: inputs wait in the inbox, timers stay armed.
+What a crash does lose is its subscribers' channels: they are closed, and subscribers
+re-subscribe (SPEC section 9).
+
+Inputs are closures ``now -> effects`` posted to the inbox, so the same task runs every
+kind of input (a message, a link going down, a local call) in arrival order, and the core
+never sees two inputs at once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+import trio
+
+from .core.effects import Effect, SetTimer
+
+log = logging.getLogger("trio_replica.component")
+
+Input = Callable[[float], Iterable[Effect]]
+
+
+class ComponentCrash(Exception):
+    """Raised inside a component's task by `crash()`, to look exactly like a failure."""
+
+
+class Component:
+    """Base class: subclasses implement `on_timer` and `execute` (and may override `on_start`)."""
+
+    #: Restart backoff bounds, in seconds.
+    backoff_min = 0.05
+    backoff_max = 2.0
+
+    def __init__(self, name: str, *, inbox_size: int = 4096) -> None:
+        self.name = name
+        self._send, self._receive = trio.open_memory_channel[Input](inbox_size)
+        self._timers: list[tuple[float, int, Hashable]] = []
+        self._seq = itertools.count()
+        self._crash_requested = False
+        self._scope = trio.CancelScope()
+        self.crashes = 0
+        self.restarts = 0
+        self.running = trio.Event()
+        self._last_start = 0.0
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    async def post(self, item: Input) -> None:
+        """Queue an input, waiting while the inbox is full (backpressure on the caller)."""
+        await self._send.send(item)
+
+    def post_nowait(self, item: Input) -> bool:
+        """Queue an input without waiting; False if the inbox is full (the caller counts it)."""
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            return False
+        return True
+
+    def inbox_depth(self) -> int:
+        return self._receive.statistics().current_buffer_used
+
+    # --- to implement ---------------------------------------------------------------------
+
+    def on_start(self, now: float, first: bool) -> Iterable[Effect]:
+        """Called when the task (re)starts; `first` is False after a crash."""
+        return ()
+
+    def on_timer(self, timer: Hashable, now: float) -> Iterable[Effect]:
+        raise NotImplementedError
+
+    def execute(self, effect: Effect) -> None:
+        raise NotImplementedError
+
+    def on_crash(self) -> None:
+        """Called after the task died: close subscriber channels, reset derived state."""
+
+    # --- running --------------------------------------------------------------------------
+
+    def apply(self, effects: Iterable[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, SetTimer):
+                heapq.heappush(
+                    self._timers,
+                    (trio.current_time() + effect.delay, next(self._seq), effect.timer),
+                )
+            else:
+                self.execute(effect)
+
+    def crash(self) -> None:
+        """Make the running task fail as a crash would (for tests and chaos runs)."""
+        self._crash_requested = True
+        self._scope.cancel()
+
+    async def _run_once(self, first: bool) -> None:
+        with trio.CancelScope() as self._scope:
+            self.apply(self.on_start(trio.current_time(), first))
+            self.running.set()
+            while True:
+                deadline = self._timers[0][0] if self._timers else math.inf
+                with trio.move_on_at(deadline):
+                    item = await self._receive.receive()
+                    self.apply(item(trio.current_time()))
+                now = trio.current_time()
+                while self._timers and self._timers[0][0] <= now:
+                    _, _, timer = heapq.heappop(self._timers)
+                    self.apply(self.on_timer(timer, now))
+        if self._crash_requested:
+            self._crash_requested = False
+            raise ComponentCrash(f"{self.name}: crash requested")
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the component until cancelled, restarting its task when it crashes."""
+        first = True
+        backoff = self.backoff_min
+        started = False
+        while True:
+            try:
+                if not started:
+                    started = True
+                    task_status.started()
+                self._last_start = trio.current_time()
+                await self._run_once(first)
+            except ComponentCrash as exc:
+                log.warning(
+                    "component %s crashed: %s; restarting in %.2f s", self.name, exc, backoff
+                )
+            except Exception:
+                log.exception("component %s crashed; restarting in %.2f s", self.name, backoff)
+            self.crashes += 1
+            self.running = trio.Event()
+            self.on_crash()
+            first = False
+            # A task that ran long enough since its last start earns the short backoff again.
+            if trio.current_time() - self._last_start > 10 * self.backoff_max:
+                backoff = self.backoff_min
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, self.backoff_max)
+            self.restarts += 1

@@ -1,0 +1,156 @@
+"""The control path: a command-line client asks a running node to do or tell something.
+
+A client dials the node's own listener and runs the same authenticated handshake as a
+node, with role ``client`` (so it needs the cluster secret too), then sends
+`ControlRequest(request_id, op, args)` and gets `ControlReply(request_id, ok, result)`.
+Arguments and results are CBOR-encoded plain data, decoded strictly on both sides.
+
+The node side (`answer_control`) runs each request in a task of the node's nursery, so a
+slow operation never blocks the client's link reader. The client side is `open_control`,
+an async context manager yielding a `ControlClient`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import secrets
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from transports.base import ConnectError, Transport
+
+from .errors import HandshakeError, ReplicaError, WireError
+from .link import Credentials, Link, LinkConfig, handshake_as_dialer
+from .messages import ControlReply, ControlRequest, Message, Peer, Role
+from .stats import NodeStats
+from .wire import decode_payload, encode_payload
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("trio_replica.control")
+
+ControlOp = Callable[[Any], Awaitable[Any]]
+
+
+class ControlError(ReplicaError):
+    """The node answered a control request with an error, or the request failed."""
+
+
+def answer_control(
+    node: Node, link: Link, request: ControlRequest, ops: dict[str, ControlOp]
+) -> None:
+    """Start answering `request` (from a client link) in the node's nursery."""
+    node._nursery.start_soon(_answer, node, link, request, ops)
+
+
+async def _answer(
+    node: Node, link: Link, request: ControlRequest, ops: dict[str, ControlOp]
+) -> None:
+    limit = node.config.max_payload
+    op = ops.get(request.op)
+    try:
+        if op is None:
+            raise ControlError(f"unknown operation {request.op!r}; known: {sorted(ops)}")
+        args = decode_payload(request.args, max_size=limit)
+        result = await op(args)
+        reply = ControlReply(request.request_id, True, encode_payload(result, max_size=limit))
+    except (ReplicaError, ValueError, TypeError, KeyError) as exc:
+        # The error goes back to the client; it is the client's mistake, not the node's.
+        log.info("control %s from %s failed: %s", request.op, link.peer.id, exc)
+        text = f"{type(exc).__name__}: {exc}"
+        reply = ControlReply(request.request_id, False, encode_payload(text, max_size=limit))
+    if link.is_open:
+        link.send_nowait(reply)
+
+
+class ControlClient:
+    """A client connection to one node; `call` sends a request and waits for its reply."""
+
+    def __init__(self, link: Link, timeout: float) -> None:
+        self._link = link
+        self._timeout = timeout
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, trio.MemorySendChannel[ControlReply]] = {}
+        self.node = link.peer
+
+    async def on_message(self, _link: Link, message: Message, _size: int) -> None:
+        if isinstance(message, ControlReply):
+            send = self._waiting.pop(message.request_id, None)
+            if send is not None:
+                send.send_nowait(message)
+
+    async def call(self, op: str, args: Any = None) -> Any:
+        """Run `op` on the node and return its result; raise `ControlError` on failure."""
+        request_id = next(self._ids)
+        send, receive = trio.open_memory_channel[ControlReply](1)
+        self._waiting[request_id] = send
+        self._link.send_nowait(
+            ControlRequest(request_id, op, encode_payload(args, max_size=1 << 20))
+        )
+        with trio.move_on_after(self._timeout):
+            reply = await receive.receive()
+            result = decode_payload(reply.result, max_size=1 << 22)
+            if not reply.ok:
+                raise ControlError(str(result))
+            return result
+        self._waiting.pop(request_id, None)
+        raise ControlError(f"no answer from {self.node} within {self._timeout} s")
+
+
+@contextlib.asynccontextmanager
+async def open_control(
+    address: str,
+    *,
+    transport: Transport | None = None,
+    cluster: str = "trio-replica",
+    secret: bytes | None = None,
+    client_ssl: ssl.SSLContext | None = None,
+    timeout: float = 5.0,
+) -> AsyncIterator[ControlClient]:
+    """Connect to the node at `address` as a control client."""
+    if transport is None:
+        from transports.websocket import WebsocketTransport
+
+        transport = WebsocketTransport(client_ssl=client_ssl)
+    me = Peer(f"client-{secrets.token_hex(4)}", "")
+    creds = Credentials(cluster, secret or b"", me)
+    try:
+        async with transport.open_connection(address, timeout=timeout) as conn:
+            try:
+                peer = await handshake_as_dialer(conn, creds, role=Role.CLIENT, timeout=timeout)
+            except HandshakeError as exc:
+                raise ControlError(
+                    f"could not open a control session with {address}: {exc}"
+                ) from None
+            client: ControlClient | None = None
+
+            async def route(link: Link, message: Message, size: int) -> None:
+                assert client is not None
+                await client.on_message(link, message, size)
+
+            link = Link(
+                conn,
+                peer,
+                role=Role.NODE,
+                outbound=True,
+                config=LinkConfig(),
+                stats=NodeStats(),
+                on_message=route,
+            )
+            client = ControlClient(link, timeout)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(link.run)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+    except ConnectError as exc:
+        raise ControlError(f"could not connect to {address}: {exc}") from None
+    except WireError as exc:
+        raise ControlError(f"bad answer from {address}: {exc}") from None

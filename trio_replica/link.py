@@ -1,0 +1,564 @@
+"""One authenticated link to a peer: the handshake, the outbox, the reader and the writer.
+
+Theory of operation
+-------------------
+A link starts on a transport connection (dialed or accepted). The handshake runs first,
+under one deadline, before any protocol message is read:
+
+1. dialer -> listener: ``Hello(version, cluster, id, address, role, nonce_d, b"")``
+2. listener -> dialer: ``Hello(version, cluster, id, address, "node", nonce_l, proof_l)``
+3. dialer -> listener: ``Proof(proof_d)``
+4. listener -> dialer: ``Welcome()`` (or ``Refuse(reason)`` at any step, then close)
+
+Both proofs are HMAC-SHA256 over the cluster secret and a transcript binding both nonces,
+both ids, both addresses and the cluster name, with a different side label, so neither
+can be replayed or reflected. A peer that does not know the secret learns nothing and gets
+no further than step 2 or 3; it is refused with a clear reason and counted.
+
+Once established, a link runs two tasks (STYLE.md: trio-websocket's send has no buffer and
+a full inbound queue stops pongs and close frames, so reading and writing never share a
+task):
+
+* the **reader** decodes each frame strictly, counts and drops malformed ones (closing the
+  link after too many), and hands each message to the node;
+* the **writer** drains a bounded outbox, control messages ahead of payload messages,
+  batching as many as fit in one frame; it sends a ping when the link has been quiet for
+  `ping_interval`, fails the link when nothing was received for `idle_timeout`, when one
+  send blocks for `send_timeout`, or when the outbox stays full for `outbox_full_timeout`
+  (the HyParView paper expels slow peers so blocking does not spread).
+
+`Link.send_nowait` never blocks the caller: a message that does not fit the outbox is
+dropped and counted (never silently), and a persistently full outbox fails the link.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from transports.base import Connection, TransportClosed
+
+from .errors import ConfigError, HandshakeError, LinkClosed, WireError
+from .messages import (
+    NONCE_BYTES,
+    Gossip,
+    Hello,
+    IHave,
+    Message,
+    Peer,
+    Ping,
+    Pong,
+    Proof,
+    Refuse,
+    Role,
+    Welcome,
+)
+from .wire import (
+    DEFAULT_MAX_FRAME,
+    FRAME_OVERHEAD,
+    PROTOCOL_VERSION,
+    decode_frame,
+    decode_frame_sized,
+    encode_message,
+    frame_from_parts,
+)
+
+if TYPE_CHECKING:
+    from .stats import NodeStats
+
+log = logging.getLogger("trio_replica.link")
+
+#: Largest handshake frame; a hello is a few hundred bytes.
+HANDSHAKE_MAX_FRAME = 4096
+
+
+@attrs.frozen
+class LinkConfig:
+    """Timers and bounds of every link. Defaults detect a dead peer in about 4 s."""
+
+    #: Whole handshake deadline, each side.
+    handshake_timeout: float = 5.0
+    #: Dial deadline (TCP + TLS + websocket upgrade).
+    connect_timeout: float = 5.0
+    #: A link quiet for this long in our direction sends a ping.
+    ping_interval: float = 1.0
+    #: Nothing received for this long: the peer is failed. Four missed pings (SPEC 3: a few
+    #: seconds, not the ~60 s barrel_p2p inherits from Erlang distribution ticks).
+    idle_timeout: float = 4.0
+    #: One frame send blocked this long: the peer is failed.
+    send_timeout: float = 5.0
+    #: Most payload (gossip) messages waiting in one outbox.
+    outbox_payload: int = 1024
+    #: Most control messages waiting in one outbox (they are small and must not be starved).
+    outbox_control: int = 4096
+    #: Outbox continuously full this long: the peer is too slow and is failed.
+    outbox_full_timeout: float = 3.0
+    #: Largest frame sent or accepted, in bytes.
+    max_frame: int = DEFAULT_MAX_FRAME
+    #: Malformed frames tolerated on one link before it is closed.
+    max_bad_frames: int = 8
+    #: A link that membership no longer needs is closed after this long without traffic.
+    linger: float = 2.0
+    #: Bound on the shielded close of a link.
+    close_timeout: float = 1.0
+
+    def __attrs_post_init__(self) -> None:
+        for name in (
+            "handshake_timeout",
+            "connect_timeout",
+            "ping_interval",
+            "idle_timeout",
+            "send_timeout",
+            "outbox_full_timeout",
+            "linger",
+            "close_timeout",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"link.{name} must be positive")
+        if self.idle_timeout <= self.ping_interval:
+            raise ConfigError("link.idle_timeout must exceed link.ping_interval")
+        if self.outbox_payload < 1 or self.outbox_control < 1:
+            raise ConfigError("link outbox sizes must be at least 1")
+        if self.max_frame < HANDSHAKE_MAX_FRAME:
+            raise ConfigError(f"link.max_frame must be at least {HANDSHAKE_MAX_FRAME}")
+
+
+# --- handshake -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Credentials:
+    """What a node proves and checks in every handshake."""
+
+    cluster: str
+    secret: bytes
+    me: Peer
+
+
+def _transcript(side: bytes, cluster: str, dialer: Hello, listener: Hello) -> bytes:
+    parts = [
+        b"trio_replica handshake v1",
+        side,
+        cluster.encode(),
+        dialer.node_id.encode(),
+        dialer.address.encode(),
+        dialer.role.encode(),
+        dialer.nonce,
+        listener.node_id.encode(),
+        listener.address.encode(),
+        listener.nonce,
+    ]
+    # Length-prefix every part so that no two different transcripts serialise alike.
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def _proof(secret: bytes, side: bytes, cluster: str, dialer: Hello, listener: Hello) -> bytes:
+    return hmac.new(secret, _transcript(side, cluster, dialer, listener), hashlib.sha256).digest()
+
+
+async def _send_one(conn: Connection, message: Message) -> None:
+    await conn.send(frame_from_parts([encode_message(message)]))
+
+
+async def _receive_one(conn: Connection) -> Message:
+    try:
+        frame = await conn.receive()
+    except TransportClosed:
+        raise HandshakeError(
+            "peer closed the connection during the handshake", reason="closed"
+        ) from None
+    try:
+        messages = decode_frame(frame, max_frame=HANDSHAKE_MAX_FRAME)
+    except WireError as exc:
+        raise HandshakeError(f"malformed handshake frame: {exc}", reason="malformed") from None
+    if len(messages) != 1:
+        raise HandshakeError("handshake frames carry exactly one message", reason="malformed")
+    return messages[0]
+
+
+async def _refuse(conn: Connection, error: HandshakeError) -> HandshakeError:
+    """Tell the peer why (best effort, bounded), then hand the error back to raise."""
+    with trio.move_on_after(1.0), contextlib.suppress(TransportClosed):
+        await _send_one(conn, Refuse(str(error)[:200]))
+    return error
+
+
+def _check_hello(hello: Message, creds: Credentials) -> Hello:
+    if not isinstance(hello, Hello):
+        raise HandshakeError(f"expected Hello, got {type(hello).__name__}", reason="malformed")
+    if hello.version != PROTOCOL_VERSION:
+        raise HandshakeError(
+            f"protocol version {hello.version} is not ours ({PROTOCOL_VERSION})", reason="version"
+        )
+    if hello.cluster != creds.cluster:
+        raise HandshakeError(
+            f"peer is in cluster {hello.cluster!r}, we are in {creds.cluster!r}", reason="cluster"
+        )
+    if hello.node_id == creds.me.id:
+        raise HandshakeError(f"peer uses our own node id {hello.node_id!r}", reason="duplicate_id")
+    return hello
+
+
+async def handshake_as_dialer(
+    conn: Connection, creds: Credentials, *, role: str, timeout: float
+) -> Peer:
+    """Run the dialer side; return the authenticated peer or raise `HandshakeError`."""
+    with trio.move_on_after(timeout) as scope:
+        mine = Hello(
+            PROTOCOL_VERSION,
+            creds.cluster,
+            creds.me.id,
+            creds.me.address,
+            role,
+            secrets.token_bytes(NONCE_BYTES),
+            b"",
+        )
+        try:
+            await _send_one(conn, mine)
+        except TransportClosed:
+            raise HandshakeError(
+                "peer closed the connection during the handshake", reason="closed"
+            ) from None
+        reply = await _receive_one(conn)
+        if isinstance(reply, Refuse):
+            raise HandshakeError(f"peer refused us: {reply.reason}", reason="refused")
+        try:
+            theirs = _check_hello(reply, creds)
+            if theirs.role != Role.NODE or not theirs.address:
+                raise HandshakeError(
+                    "the listening side must be a node with an address", reason="malformed"
+                )
+            expected = _proof(creds.secret, b"L", creds.cluster, mine, theirs)
+            if not hmac.compare_digest(expected, theirs.proof):
+                raise HandshakeError("peer failed to prove the cluster secret", reason="secret")
+        except HandshakeError as exc:
+            raise await _refuse(conn, exc) from None
+        try:
+            await _send_one(conn, Proof(_proof(creds.secret, b"D", creds.cluster, mine, theirs)))
+        except TransportClosed:
+            raise HandshakeError(
+                "peer closed the connection during the handshake", reason="closed"
+            ) from None
+        final = await _receive_one(conn)
+        if isinstance(final, Refuse):
+            raise HandshakeError(f"peer refused us: {final.reason}", reason="refused")
+        if not isinstance(final, Welcome):
+            raise HandshakeError(
+                f"expected Welcome, got {type(final).__name__}", reason="malformed"
+            )
+        return Peer(theirs.node_id, theirs.address)
+    assert scope.cancelled_caught
+    raise HandshakeError(f"handshake did not finish within {timeout} s", reason="timeout")
+
+
+async def handshake_as_listener(
+    conn: Connection, creds: Credentials, *, timeout: float, accept: Callable[[Hello], str | None]
+) -> tuple[Peer, str]:
+    """Run the listener side; return (authenticated peer, role) or raise `HandshakeError`.
+
+    `accept(hello)` is asked after authentication; it returns a refusal reason (for example
+    a duplicate node id already linked) or None to accept.
+    """
+    with trio.move_on_after(timeout) as scope:
+        first = await _receive_one(conn)
+        try:
+            theirs = _check_hello(first, creds)
+            if theirs.proof:
+                raise HandshakeError("dialer hello must not carry a proof", reason="malformed")
+            if theirs.role == Role.NODE and not theirs.address:
+                raise HandshakeError(
+                    "a node must announce the address it listens on", reason="malformed"
+                )
+        except HandshakeError as exc:
+            raise await _refuse(conn, exc) from None
+        mine = Hello(
+            PROTOCOL_VERSION,
+            creds.cluster,
+            creds.me.id,
+            creds.me.address,
+            Role.NODE,
+            secrets.token_bytes(NONCE_BYTES),
+            b"",
+        )
+        mine = attrs.evolve(mine, proof=_proof(creds.secret, b"L", creds.cluster, theirs, mine))
+        try:
+            await _send_one(conn, mine)
+        except TransportClosed:
+            raise HandshakeError(
+                "peer closed the connection during the handshake", reason="closed"
+            ) from None
+        answer = await _receive_one(conn)
+        try:
+            if not isinstance(answer, Proof):
+                raise HandshakeError(
+                    f"expected Proof, got {type(answer).__name__}", reason="malformed"
+                )
+            # The proof was computed over the hello we sent without its own proof field.
+            expected = _proof(
+                creds.secret, b"D", creds.cluster, theirs, attrs.evolve(mine, proof=b"")
+            )
+            if not hmac.compare_digest(expected, answer.proof):
+                raise HandshakeError("peer failed to prove the cluster secret", reason="secret")
+            reason = accept(theirs)
+            if reason is not None:
+                raise HandshakeError(reason, reason="rejected")
+        except HandshakeError as exc:
+            raise await _refuse(conn, exc) from None
+        try:
+            await _send_one(conn, Welcome())
+        except TransportClosed:
+            raise HandshakeError(
+                "peer closed the connection during the handshake", reason="closed"
+            ) from None
+        return Peer(theirs.node_id, theirs.address), theirs.role
+    assert scope.cancelled_caught
+    raise HandshakeError(f"handshake did not finish within {timeout} s", reason="timeout")
+
+
+# --- established link ----------------------------------------------------------------------
+
+
+class LinkFailure(Exception):
+    """Internal: ends a link's tasks with a reason (a stable token for counters and logs)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+def _size_bound(message: Message) -> int:
+    """An upper bound of a message's encoded size, to batch without encoding twice."""
+    if isinstance(message, Gossip):
+        return len(message.payload) + 700
+    if isinstance(message, IHave):
+        return 16 + 300 * len(message.entries)
+    return 4096
+
+
+MessageHandler = Callable[["Link", Message, int], Awaitable[None]]
+
+
+class Link:
+    """An established, authenticated link to `peer`; see the module docstring.
+
+    Owned by the node: it runs `run()` in a task of the node's nursery and gets the reason
+    back when the link ends. Cancelling `run()` closes the connection (shielded, bounded).
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        peer: Peer,
+        *,
+        role: str,
+        outbound: bool,
+        config: LinkConfig,
+        stats: NodeStats,
+        on_message: MessageHandler,
+    ) -> None:
+        self.conn = conn
+        self.peer = peer
+        self.role = role
+        self.outbound = outbound
+        self.config = config
+        self._stats = stats
+        self._on_message = on_message
+        self._control: collections.deque[Message] = collections.deque()
+        self._payload: collections.deque[Message] = collections.deque()
+        self._wakeup = trio.Event()
+        self._closing = False
+        self._closed = False
+        self._full_since: float | None = None
+        now = trio.current_time()
+        self.established_at = now
+        self.last_received = now
+        self.last_sent = now
+        self.last_activity = now
+        self._ping_nonce = 0
+        self._ping_sent_at: dict[int, float] = {}
+        self.rtt: float | None = None
+        self._bad_frames = 0
+        self.close_reason: str | None = None
+        #: Set once `run()` has returned and the connection is closed.
+        self.closed = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Link {'to' if self.outbound else 'from'} {self.peer}>"
+
+    @property
+    def is_open(self) -> bool:
+        return not (self._closing or self._closed)
+
+    def queued(self) -> int:
+        return len(self._control) + len(self._payload)
+
+    def send_nowait(self, message: Message) -> bool:
+        """Queue `message`; return False (counted as a drop) if it cannot be queued.
+
+        Never blocks. Raises `LinkClosed` if the link is closing or closed.
+        """
+        if not self.is_open:
+            raise LinkClosed(f"link to {self.peer} is closed")
+        queue, limit = (
+            (self._control, self.config.outbox_control)
+            if message.CONTROL
+            else (self._payload, self.config.outbox_payload)
+        )
+        if len(queue) >= limit:
+            self._stats.drop("outbox_full", message)
+            if self._full_since is None:
+                self._full_since = trio.current_time()
+            self._wakeup.set()
+            return False
+        queue.append(message)
+        self.last_activity = trio.current_time()
+        self._wakeup.set()
+        return True
+
+    def drain_queue(self) -> list[Message]:
+        """Take every queued message out (to move them to another link to the same peer)."""
+        out = [*self._control, *self._payload]
+        self._control.clear()
+        self._payload.clear()
+        return out
+
+    def close_soon(self) -> None:
+        """Flush what is queued, then close (used after a Disconnect or for idle links)."""
+        self._closing = True
+        self._wakeup.set()
+
+    async def run(self) -> str:
+        """Run the reader and writer until the link ends; return why it ended."""
+        reason = "closed"
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+        except* LinkFailure as group:
+            first = group.exceptions[0]
+            assert isinstance(first, LinkFailure)
+            reason = first.reason
+        finally:
+            self._closed = True
+            self._closing = True
+            with trio.move_on_after(self.config.close_timeout) as cleanup:
+                cleanup.shield = True
+                await self.conn.aclose()
+        if self.close_reason is None:
+            self.close_reason = reason
+        self.closed.set()
+        return self.close_reason
+
+    def fail(self, reason: str) -> None:
+        """Record why the link is being torn down by its owner (before cancelling `run`)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        self._closing = True
+        self._wakeup.set()
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                frame = await self.conn.receive()
+            except TransportClosed:
+                if self._closing:
+                    self.close_reason = self.close_reason or "local_close"
+                raise LinkFailure(self.close_reason or "peer_closed") from None
+            now = trio.current_time()
+            self.last_received = now
+            self._stats.frame_received(len(frame))
+            try:
+                messages = decode_frame_sized(frame, max_frame=self.config.max_frame)
+            except WireError as exc:
+                self._bad_frames += 1
+                self._stats.reject(exc.reason)
+                log.warning("rejected frame from %s (%s): %s", self.peer, exc.reason, exc)
+                if self._bad_frames >= self.config.max_bad_frames:
+                    raise LinkFailure(
+                        "bad_frames", f"{self._bad_frames} malformed frames"
+                    ) from None
+                continue
+            for message, size in messages:
+                self._stats.message_received(message, size)
+                if isinstance(message, Ping):
+                    if self.is_open:
+                        self.send_nowait(Pong(message.nonce))
+                    continue
+                if isinstance(message, Pong):
+                    sent = self._ping_sent_at.pop(message.nonce, None)
+                    if sent is not None:
+                        self.rtt = now - sent
+                    continue
+                self.last_activity = now
+                await self._on_message(self, message, size)
+
+    def _take_batch(self) -> list[bytes]:
+        """Pop messages, control first, while they fit in one frame; encode each once."""
+        budget = self.config.max_frame - FRAME_OVERHEAD
+        parts: list[bytes] = []
+        for queue in (self._control, self._payload):
+            while queue and _size_bound(queue[0]) <= budget:
+                message = queue.popleft()
+                part = encode_message(message)
+                budget -= len(part)
+                parts.append(part)
+                self._stats.message_sent(message, len(part))
+            if queue:
+                return parts
+        return parts
+
+    async def _writer(self) -> None:
+        cfg = self.config
+        while True:
+            if not (self._control or self._payload) and not self._closing:
+                self._wakeup = trio.Event()
+                with trio.move_on_after(cfg.ping_interval / 2):
+                    await self._wakeup.wait()
+            now = trio.current_time()
+            if now - self.last_received > cfg.idle_timeout:
+                raise LinkFailure("idle_timeout", f"nothing received for {cfg.idle_timeout} s")
+            if self._full_since is not None:
+                if (
+                    len(self._payload) < cfg.outbox_payload
+                    and len(self._control) < cfg.outbox_control
+                ):
+                    self._full_since = None
+                elif now - self._full_since > cfg.outbox_full_timeout:
+                    raise LinkFailure("outbox_full", f"outbox full for {cfg.outbox_full_timeout} s")
+            parts = self._take_batch()
+            if not parts:
+                if self._closing:
+                    raise LinkFailure(self.close_reason or "local_close")
+                if now - self.last_sent >= cfg.ping_interval:
+                    self._ping_nonce += 1
+                    self._ping_sent_at = {self._ping_nonce: now}
+                    ping = Ping(self._ping_nonce)
+                    part = encode_message(ping)
+                    self._stats.message_sent(ping, len(part))
+                    parts = [part]
+                else:
+                    continue
+            frame = frame_from_parts(parts)
+            try:
+                with trio.fail_after(cfg.send_timeout):
+                    await self.conn.send(frame)
+            except trio.TooSlowError:
+                raise LinkFailure(
+                    "send_timeout", f"a send blocked for {cfg.send_timeout} s"
+                ) from None
+            except TransportClosed:
+                raise LinkFailure(self.close_reason or "peer_closed") from None
+            self._stats.frame_sent(len(frame))
+            self.last_sent = trio.current_time()
+            if not self._control and not self._payload:
+                # A drained outbox may mean a slow peer recovered.
+                self._full_since = None

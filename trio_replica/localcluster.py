@@ -1,0 +1,87 @@
+"""A small cluster of nodes in one process, over real websockets on 127.0.0.1.
+
+Used by ``python -m trio_replica cluster`` (the first-run check of membership) and by
+tests and benchmarks that need a ready cluster: `open_local_cluster` starts the nodes, all
+joining through the first one, and `wait_for_views` waits until every active view is
+symmetric and the overlay is connected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+import trio
+
+from .config import NodeConfig
+from .node import Node, open_node
+
+
+@contextlib.asynccontextmanager
+async def open_local_cluster(
+    n: int, *, base: NodeConfig | None = None, prefix: str = "n"
+) -> AsyncIterator[list[Node]]:
+    """Start `n` nodes on 127.0.0.1 (free ports), the first one the seed of the others."""
+    import attrs
+
+    base = base or NodeConfig()
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(
+            open_node(attrs.evolve(base, name=f"{prefix}1", seeds=()))
+        )
+        nodes = [first]
+        for i in range(2, n + 1):
+            config = attrs.evolve(base, name=f"{prefix}{i}", seeds=(first.address,))
+            nodes.append(await stack.enter_async_context(open_node(config)))
+        yield nodes
+
+
+def overlay_ok(nodes: Sequence[Node], *, min_active: int = 1) -> bool:
+    """True when active views are symmetric, each has `min_active` peers, and all connect."""
+    by_id = {node.id: node for node in nodes}
+    for node in nodes:
+        active = {p.id for p in node.active_view()}
+        if len(active) < min(min_active, len(nodes) - 1):
+            return False
+        for peer_id in active:
+            other = by_id.get(peer_id)
+            if other is None or node.id not in {p.id for p in other.active_view()}:
+                return False
+    seen = {nodes[0].id}
+    todo = [nodes[0]]
+    while todo:
+        for peer in todo.pop().active_view():
+            if peer.id not in seen and peer.id in by_id:
+                seen.add(peer.id)
+                todo.append(by_id[peer.id])
+    return len(seen) == len(nodes)
+
+
+async def wait_for_views(nodes: Sequence[Node], *, min_active: int = 1, poll: float = 0.05) -> None:
+    """Wait until `overlay_ok(nodes)`; the caller bounds the wait with a deadline."""
+    # Polling is right here: the condition spans many nodes' views and nothing signals it.
+    while not overlay_ok(nodes, min_active=min_active):  # noqa: ASYNC110
+        await trio.sleep(poll)
+
+
+async def run_local_cluster(n: int, *, timeout: float) -> int:
+    """Start `n` nodes, wait for their views, print them; 0 on success, 1 on timeout."""
+    if n < 2:
+        print("a cluster needs at least 2 nodes")
+        return 2
+    async with open_local_cluster(n) as nodes:
+        print(f"started {n} nodes; seed {nodes[0].id} at {nodes[0].address}")
+        start = trio.current_time()
+        with trio.move_on_after(timeout):
+            await wait_for_views(nodes, min_active=min(3, n - 1))
+        took = trio.current_time() - start
+        ok = overlay_ok(nodes, min_active=min(3, n - 1))
+        for node in nodes:
+            active = ", ".join(p.id for p in node.active_view())
+            passive = ", ".join(p.id for p in node.passive_view())
+            print(f"  {node.id:>4} {node.address:<24} active: [{active}]  passive: [{passive}]")
+        if ok:
+            print(f"overlay connected with symmetric active views after {took:.2f} s")
+            return 0
+        print(f"overlay not connected after {timeout} s")
+        return 1

@@ -1,0 +1,590 @@
+"""The node: one nursery that owns the listener, the links and the protocol components.
+
+`open_node(config)` binds the listener, starts the membership component (and the
+broadcast component), joins through the seeds, and yields a `Node`. Leaving the block
+leaves the cluster gracefully (DISCONNECT to every active peer, flushed under a shielded
+deadline) and cancels everything the node started: no task outlives it.
+
+Links are kept here, one per peer id. Two nodes that dial each other at the same moment
+end up with two connections; both sides keep the one dialed by the node with the smaller
+id and move anything queued on the other to it, so the choice agrees without a message.
+Links that membership no longer needs (a shuffle reply's temporary link, a peer dropped
+from the active view) are closed once idle for `link.linger` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from transports.base import ConnectError, Connection, Transport
+
+from .broadcast import Broadcast
+from .config import NodeConfig
+from .core.effects import Effect
+from .core.hyparview import HyParView
+from .core.plumtree import Plumtree
+from .errors import HandshakeError, LinkClosed, NodeClosed
+from .events import Delivery, Event, PeerDown, PeerUp, Resubscribed
+from .hlc import HybridClock
+from .link import (
+    Credentials,
+    Link,
+    handshake_as_dialer,
+    handshake_as_listener,
+)
+from .membership import Membership
+from .messages import (
+    HYPARVIEW_KINDS,
+    MAX_TAG,
+    PLUMTREE_KINDS,
+    ControlRequest,
+    Gossip,
+    Hello,
+    Message,
+    MessageId,
+    Peer,
+    Role,
+)
+from .stats import NodeStats
+from .subscription import Subscription
+from .wire import encode_payload
+
+log = logging.getLogger("trio_replica.node")
+
+#: Messages queued for a peer while its link is being dialed; beyond this they are dropped.
+PENDING_DIAL_LIMIT = 256
+
+_MEMBERSHIP_KINDS = frozenset(HYPARVIEW_KINDS)
+_BROADCAST_KINDS = frozenset(PLUMTREE_KINDS)
+
+
+@attrs.define
+class _Dial:
+    """A dial in progress: messages waiting for the link, and who waits for the outcome."""
+
+    address: str
+    expected: Peer | None
+    queue: list[Message] = attrs.Factory(list)
+    done: trio.Event = attrs.Factory(trio.Event)
+    peer: Peer | None = None
+    error: str | None = None
+
+
+ControlOp = Callable[[Any], Awaitable[Any]]
+
+
+def default_transport(config: NodeConfig) -> Transport:
+    """The websocket transport configured from `config` (imported lazily: tests may not need it)."""
+    from transports.websocket import WebsocketTransport
+
+    return WebsocketTransport(
+        server_ssl=config.server_ssl, client_ssl=config.client_ssl, max_frame=config.link.max_frame
+    )
+
+
+class Node:
+    """A running node; obtain one with `open_node`. All methods are called from Trio tasks.
+
+    Reads (`active_view`, `stats`, ...) never block. The node is single-threaded: every
+    method runs to completion between two checkpoints, so no locking is needed.
+    """
+
+    def __init__(self, config: NodeConfig, transport: Transport, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.id = config.name
+        self.transport = transport
+        self._nursery = nursery
+        self.stats_counters = NodeStats()
+        self._rng = random.Random(config.rng_seed)
+        self._links: dict[str, Link] = {}
+        self._clients: set[Link] = set()
+        self._dials: dict[str, _Dial] = {}
+        self._event_subs: set[trio.MemorySendChannel[Event]] = set()
+        self._ready = trio.Event()
+        self._closing = False
+        self.seed_ids: set[str] = set()
+        self.address = ""
+        self.me = Peer(self.id, "")
+        self._creds = Credentials(config.cluster, config.secret or b"", self.me)
+        self.membership: Membership
+        self.broadcaster: Broadcast
+        self.clock = HybridClock()
+        self._control_ops: dict[str, ControlOp] = {"status": self._op_status}
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        bound = await self._nursery.start(
+            self.transport.serve, self.config.listen, self._handle_incoming
+        )
+        self.address = self.config.advertise or bound
+        self.me = Peer(self.id, self.address)
+        self._creds = Credentials(self.config.cluster, self.config.secret or b"", self.me)
+        if not self.config.secret:
+            log.warning(
+                "node %s has no cluster secret: listening on loopback %s only",
+                self.id,
+                self.address,
+            )
+        core = HyParView(self.me, self.config.membership, random.Random(self._rng.getrandbits(64)))
+        self.membership = Membership(self, core)
+        self.broadcaster = Broadcast(
+            self,
+            lambda: Plumtree(
+                self.id, self.config.broadcast, random.Random(self._rng.getrandbits(64))
+            ),
+        )
+        await self._nursery.start(self.membership.serve)
+        await self._nursery.start(self.broadcaster.serve)
+        self._ready.set()
+        self._nursery.start_soon(self._seeder)
+        self._nursery.start_soon(self._janitor)
+        log.info("node %s listening on %s", self.id, self.address)
+
+    async def _stop(self) -> None:
+        """Leave gracefully: tell active peers, let the links flush, within a deadline."""
+        if self._closing or not self._ready.is_set():
+            return
+        with trio.move_on_after(self.config.link.close_timeout * 2) as scope:
+            scope.shield = True
+            self.membership.apply(self.membership.core.leave(trio.current_time()))
+            self._closing = True
+            # The Disconnects are queued on links now closing: wait until they are flushed.
+            for link in [link for link in self._links.values() if not link.is_open]:
+                await link.closed.wait()
+
+    # --- public API ---------------------------------------------------------------------
+
+    def active_view(self) -> list[Peer]:
+        """The peers of this node's active view (symmetric, with open links)."""
+        return sorted(self.membership.core.active)
+
+    def passive_view(self) -> list[Peer]:
+        """The peers of this node's passive view (known, not connected)."""
+        return sorted(self.membership.core.passive)
+
+    def links(self) -> list[Peer]:
+        """Peers with an open link right now (active peers plus temporary links)."""
+        return sorted(link.peer for link in self._links.values() if link.is_open)
+
+    @contextlib.asynccontextmanager
+    async def events(self) -> AsyncIterator[Subscription[Event]]:
+        """Subscribe to membership events (`PeerUp`, `PeerDown`, `Left`).
+
+        Yields a `Subscription`: iterate it or call `receive()`. If the membership
+        component crashes and restarts, the subscription re-attaches by itself and yields a
+        `Resubscribed` notice. It holds `config.subscriber_buffer` events; a subscriber
+        that falls further behind loses events, counted in
+        ``stats()["drops"]["subscriber_full"]``.
+        """
+        attached: list[trio.MemorySendChannel[Event]] = []
+
+        def attach() -> trio.MemoryReceiveChannel[Event] | None:
+            if not self.membership.running.is_set():
+                return None
+            send, receive = trio.open_memory_channel[Event](self.config.subscriber_buffer)
+            self._event_subs.add(send)
+            attached.append(send)
+            return receive
+
+        subscription = Subscription[Event]("membership", attach, lambda: self._closing)
+        try:
+            yield subscription
+        finally:
+            for send in attached:
+                self._event_subs.discard(send)
+                send.close()
+
+    async def broadcast(self, tag: str, payload: Any) -> MessageId:
+        """Broadcast `payload` (plain CBOR-encodable data) to every node, under `tag`.
+
+        Returns the message id once the broadcast is handed to the broadcast component.
+        Raises `MessageTooLarge` beyond `config.max_payload` bytes, `TypeError` for data
+        that is not plain, `ValueError` for a bad tag, `NodeClosed` after the node closed.
+        """
+        if self._closing:
+            raise NodeClosed("the node is closing")
+        if not isinstance(tag, str) or not 0 < len(tag) <= MAX_TAG:
+            raise ValueError(f"tag must be a string of 1 to {MAX_TAG} characters")
+        encoded = encode_payload(payload, max_size=self.config.max_payload)
+        message_id = self.broadcaster.new_id(self._rng)
+        await self.broadcaster.post(self.broadcaster.originate(message_id, tag, encoded, payload))
+        return message_id
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self, tag: str, *, include_own: bool = False, buffer: int | None = None
+    ) -> AsyncIterator[Subscription[Delivery]]:
+        """Receive the broadcasts of `tag` as `Delivery` events, each message exactly once.
+
+        Own broadcasts are delivered only with `include_own`. If the broadcast component
+        crashes and restarts, the subscription re-attaches and yields `Resubscribed`
+        (messages delivered while it was detached are missed: re-sync on that notice).
+        A subscriber that falls more than `buffer` deliveries behind loses the excess,
+        counted in ``stats()["drops"]["subscriber_full"]``; the node never waits for it.
+        """
+        size = buffer or self.config.subscriber_buffer
+        attached: list[trio.MemoryReceiveChannel[Delivery]] = []
+
+        def attach() -> trio.MemoryReceiveChannel[Delivery] | None:
+            receive = self.broadcaster.attach(tag, include_own, size)
+            if receive is not None:
+                attached.append(receive)
+            return receive
+
+        subscription = Subscription[Delivery]("broadcast", attach, lambda: self._closing)
+        try:
+            yield subscription
+        finally:
+            for receive in attached:
+                self.broadcaster.detach(tag, receive)
+
+    def stats(self) -> dict[str, Any]:
+        """Every counter of the node, as plain data (see `NodeStats`)."""
+        out = self.stats_counters.snapshot()
+        core = self.membership.core
+        out["membership"] = {
+            "active_size": len(core.active),
+            "passive_size": len(core.passive),
+            **attrs.asdict(core.stats),
+            "inbox": self.membership.inbox_depth(),
+            "crashes": self.membership.crashes,
+        }
+        bcore = self.broadcaster.core
+        out["broadcast"] = {
+            **attrs.asdict(bcore.stats),
+            "eager_size": len(bcore.eager),
+            "lazy_size": len(bcore.lazy),
+            "inbox": self.broadcaster.inbox_depth(),
+            "crashes": self.broadcaster.crashes,
+            "hops": dict(self.broadcaster.hops),
+            "unsubscribed": dict(self.broadcaster.unsubscribed),
+        }
+        out["links"] = {
+            "open": len(self._links),
+            "clients": len(self._clients),
+            "dialing": len(self._dials),
+            "queued": sum(link.queued() for link in self._links.values()),
+        }
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """What the `status` control operation returns: identity, views and counters."""
+        return {
+            "id": self.id,
+            "address": self.address,
+            "cluster": self.config.cluster,
+            "active": [[p.id, p.address] for p in self.active_view()],
+            "passive": [[p.id, p.address] for p in self.passive_view()],
+            "stats": self.stats(),
+        }
+
+    async def _op_status(self, _args: Any) -> dict[str, Any]:
+        return self.status()
+
+    def crash_component(self, name: str) -> None:
+        """Make a component's task fail as a crash would (tests and chaos runs)."""
+        components = {"membership": self.membership, "broadcast": self.broadcaster}
+        try:
+            components[name].crash()
+        except KeyError:
+            raise ValueError(f"no component named {name!r}; have {sorted(components)}") from None
+
+    # --- used by components -------------------------------------------------------------
+
+    def send_to(self, peer: Peer, message: Message) -> None:
+        """Queue `message` for `peer`, dialing it if needed; never blocks."""
+        link = self._links.get(peer.id)
+        if link is not None and link.is_open:
+            link.send_nowait(message)
+            return
+        dial = self._dials.get(peer.id)
+        if dial is None:
+            dial = self._start_dial(peer.address, peer)
+        if len(dial.queue) >= PENDING_DIAL_LIMIT:
+            self.stats_counters.drop("dial_queue_full", message)
+            return
+        dial.queue.append(message)
+
+    def close_link(self, peer: Peer) -> None:
+        link = self._links.get(peer.id)
+        if link is not None and link.is_open:
+            link.close_soon()
+
+    def publish_membership_event(self, event: Event) -> None:
+        if isinstance(event, PeerUp | PeerDown) and not self.broadcaster.post_nowait(
+            self.broadcaster.membership_changed(event)
+        ):
+            self.stats_counters.drop("broadcast_inbox_full")
+        self._publish(self._event_subs, event)
+
+    def close_subscriptions(self, source: str) -> None:
+        if source == "membership":
+            for send in list(self._event_subs):
+                send.close()
+            self._event_subs.clear()
+
+    def _publish(self, subscribers: set[trio.MemorySendChannel[Event]], event: Event) -> None:
+        for send in list(subscribers):
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                self.stats_counters.drop("subscriber_full")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                subscribers.discard(send)
+
+    # --- links --------------------------------------------------------------------------
+
+    def _start_dial(self, address: str, expected: Peer | None) -> _Dial:
+        dial = _Dial(address, expected)
+        if expected is not None:
+            self._dials[expected.id] = dial
+        self._nursery.start_soon(self._dial_task, dial)
+        return dial
+
+    async def _dial_task(self, dial: _Dial) -> None:
+        cfg = self.config.link
+        try:
+            async with self.transport.open_connection(
+                dial.address, timeout=cfg.connect_timeout
+            ) as conn:
+                try:
+                    peer = await handshake_as_dialer(
+                        conn, self._creds, role=Role.NODE, timeout=cfg.handshake_timeout
+                    )
+                except HandshakeError as exc:
+                    self.stats_counters.handshakes_refused[exc.reason] += 1
+                    self._dial_failed(dial, exc.reason, str(exc))
+                    return
+                if dial.expected is not None and peer.id != dial.expected.id:
+                    self._dial_failed(
+                        dial, "wrong_id", f"{dial.address} is {peer.id}, not {dial.expected.id}"
+                    )
+                    return
+                link = self._new_link(conn, peer, role=Role.NODE, outbound=True)
+                self._register(link, dial)
+                dial.peer = peer
+                dial.done.set()
+                await self._run_link(link)
+        except ConnectError as exc:
+            self._dial_failed(dial, "connect", str(exc))
+
+    def _dial_failed(self, dial: _Dial, reason: str, detail: str) -> None:
+        self.stats_counters.dial_failures[reason] += 1
+        log.info("node %s: dialing %s failed (%s): %s", self.id, dial.address, reason, detail)
+        dial.error = reason
+        dial.done.set()
+        if dial.expected is not None:
+            if self._dials.get(dial.expected.id) is dial:
+                del self._dials[dial.expected.id]
+            for message in dial.queue:
+                self.stats_counters.drop("unreachable", message)
+            dial.queue.clear()
+            link = self._links.get(dial.expected.id)
+            if link is None or not link.is_open:
+                self._post_link_down(dial.expected)
+
+    def _post_link_down(self, peer: Peer) -> None:
+        if self._closing:
+            return
+        core = self.membership.core
+        if not self.membership.post_nowait(lambda now: core.handle_link_down(peer, now)):
+            self.stats_counters.drop("membership_inbox_full")
+
+    def _new_link(self, conn: Connection, peer: Peer, *, role: str, outbound: bool) -> Link:
+        return Link(
+            conn,
+            peer,
+            role=role,
+            outbound=outbound,
+            config=self.config.link,
+            stats=self.stats_counters,
+            on_message=self._on_message,
+        )
+
+    def _register(self, link: Link, dial: _Dial | None = None) -> None:
+        """Make `link` the link to its peer, resolving a duplicate, and flush queued sends."""
+        peer_id = link.peer.id
+        self.stats_counters.links_established += 1
+        old = self._links.get(peer_id)
+        winner = link
+        if old is not None and old.is_open:
+            # Keep the connection dialed by the smaller id; the peer makes the same choice.
+            keep_new = link.outbound == (self.id < peer_id)
+            winner, loser = (link, old) if keep_new else (old, link)
+            for message in loser.drain_queue():
+                winner.send_nowait(message)
+            loser.fail("superseded")
+        self._links[peer_id] = winner
+        pending = self._dials.pop(peer_id, None)
+        for d in {id(x): x for x in (pending, dial) if x is not None}.values():
+            for message in d.queue:
+                winner.send_nowait(message)
+            d.queue.clear()
+
+    async def _run_link(self, link: Link) -> None:
+        reason = "closed"
+        try:
+            reason = await link.run()
+        finally:
+            self.stats_counters.links_closed[reason] += 1
+            if self._links.get(link.peer.id) is link:
+                del self._links[link.peer.id]
+                if reason != "superseded":
+                    log.info("node %s: link to %s closed (%s)", self.id, link.peer, reason)
+                    self._post_link_down(link.peer)
+
+    async def _handle_incoming(self, conn: Connection) -> None:
+        cfg = self.config.link
+        with trio.move_on_after(cfg.handshake_timeout):
+            await self._ready.wait()
+        if not self._ready.is_set() or self._closing:
+            return
+        try:
+            peer, role = await handshake_as_listener(
+                conn, self._creds, timeout=cfg.handshake_timeout, accept=self._accept
+            )
+        except HandshakeError as exc:
+            self.stats_counters.handshakes_refused[exc.reason] += 1
+            log.warning(
+                "node %s refused a connection from %s (%s): %s",
+                self.id,
+                conn.remote,
+                exc.reason,
+                exc,
+            )
+            return
+        link = self._new_link(conn, peer, role=role, outbound=False)
+        if role == Role.CLIENT:
+            self._clients.add(link)
+            try:
+                await link.run()
+            finally:
+                self._clients.discard(link)
+            return
+        self._register(link)
+        await self._run_link(link)
+
+    def _accept(self, hello: Hello) -> str | None:
+        if self._closing:
+            return "node is shutting down"
+        return None
+
+    async def _on_message(self, link: Link, message: Message, size: int) -> None:
+        if link.role == Role.CLIENT:
+            if isinstance(message, ControlRequest):
+                from .control import answer_control
+
+                answer_control(self, link, message, self._control_ops)
+            else:
+                self.stats_counters.reject("client_kind")
+            return
+        kind = type(message)
+        peer = link.peer
+        if kind in _MEMBERSHIP_KINDS:
+            core = self.membership.core
+            await self.membership.post(lambda now: core.handle_message(peer, message, now))
+        elif kind in _BROADCAST_KINDS:
+            if isinstance(message, Gossip):
+                run = self.broadcaster.receive_gossip(peer, message)
+                if run is not None:
+                    await self.broadcaster.post(run)
+            else:
+                await self.broadcaster.post(self.broadcaster.receive(peer, message))
+        else:
+            self.stats_counters.reject("unexpected_kind")
+            log.warning("node %s: unexpected %s from %s", self.id, kind.__name__, peer)
+
+    # --- background tasks ---------------------------------------------------------------
+
+    async def connect_seed(self, address: str) -> Peer | None:
+        """Dial a seed by address; return its peer once the link is up, None on failure."""
+        dial = self._start_dial(address, None)
+        await dial.done.wait()
+        return dial.peer
+
+    async def _seeder(self) -> None:
+        """Join through the seeds while isolated, with backoff; re-merge split overlays."""
+        cfg = self.config
+        seeds = [s for s in cfg.seeds if s != self.address]
+        if not seeds:
+            return
+        backoff = cfg.seed_retry_min
+        rejoin = cfg.membership.rejoin_interval
+        next_rejoin = trio.current_time() + rejoin if rejoin > 0 else float("inf")
+        core = self.membership.core
+        while True:
+            now = trio.current_time()
+            rejoin_due = now >= next_rejoin and core.should_rejoin(self.seed_ids)
+            if core.needs_join() or rejoin_due:
+                if rejoin_due:
+                    next_rejoin = now + rejoin
+                    log.info(
+                        "node %s: no seed in view; re-joining to merge a split overlay", self.id
+                    )
+                for address in self._rng.sample(seeds, len(seeds)):
+                    peer = await self.connect_seed(address)
+                    if peer is not None:
+                        self.seed_ids.add(peer.id)
+                        await self.membership.post(functools.partial(_join, core, peer))
+                        break
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, cfg.seed_retry_max)
+            else:
+                backoff = cfg.seed_retry_min
+                if now >= next_rejoin:
+                    next_rejoin = now + rejoin
+                await trio.sleep(cfg.seed_retry_min)
+
+    async def _janitor(self) -> None:
+        """Close links membership no longer wants once they have been idle for `linger`."""
+        linger = self.config.link.linger
+        core = self.membership.core
+        while True:
+            await trio.sleep(linger / 2)
+            now = trio.current_time()
+            for link in list(self._links.values()):
+                if (
+                    link.is_open
+                    and not core.wants_link(link.peer.id)
+                    and now - link.last_activity > linger
+                ):
+                    link.close_soon()
+
+
+def _join(core: HyParView, contact: Peer, now: float) -> list[Effect]:
+    return core.join(contact, now)
+
+
+@contextlib.asynccontextmanager
+async def open_node(
+    config: NodeConfig, *, transport: Transport | None = None
+) -> AsyncIterator[Node]:
+    """Start a node, yield it, and leave the cluster gracefully when the block exits.
+
+    Cancelling the block (or an exception inside it) still runs the graceful leave, shielded
+    and bounded by a few seconds, then cancels every task the node started.
+    """
+    if transport is None:
+        transport = default_transport(config)
+    async with trio.open_nursery() as nursery:
+        node = Node(config, transport, nursery)
+        try:
+            await node._start()
+            yield node
+        finally:
+            try:
+                await node._stop()
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+__all__ = ["LinkClosed", "Node", "NodeClosed", "PeerDown", "PeerUp", "Resubscribed", "open_node"]

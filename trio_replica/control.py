@@ -46,7 +46,7 @@ def answer_control(
     node: Node, link: Link, request: ControlRequest, ops: dict[str, ControlOp]
 ) -> None:
     """Start answering `request` (from a client link) in the node's nursery."""
-    node._nursery.start_soon(_answer, node, link, request, ops)
+    node.spawn(_answer, node, link, request, ops)
 
 
 async def _answer(

@@ -297,6 +297,8 @@ async def handshake_as_listener(
                 "peer closed the connection during the handshake", reason="closed"
             ) from None
         answer = await _receive_one(conn)
+        if isinstance(answer, Refuse):
+            raise HandshakeError(f"peer refused us: {answer.reason}", reason="refused")
         try:
             if not isinstance(answer, Proof):
                 raise HandshakeError(

@@ -110,6 +110,9 @@ class Node:
         self._event_subs: set[trio.MemorySendChannel[Event]] = set()
         self._ready = trio.Event()
         self._closing = False
+        self._aborted = False
+        self._task_scopes: set[trio.CancelScope] = set()
+        self._tasks_cancelled = False
         self.seed_ids: set[str] = set()
         self.address = ""
         self.me = Peer(self.id, "")
@@ -122,7 +125,7 @@ class Node:
     # --- lifecycle ----------------------------------------------------------------------
 
     async def _start(self) -> None:
-        bound = await self._nursery.start(
+        bound = await self.start_task(
             self.transport.serve, self.config.listen, self._handle_incoming
         )
         self.address = self.config.advertise or bound
@@ -142,12 +145,74 @@ class Node:
                 self.id, self.config.broadcast, random.Random(self._rng.getrandbits(64))
             ),
         )
-        await self._nursery.start(self.membership.serve)
-        await self._nursery.start(self.broadcaster.serve)
+        await self.start_task(self.membership.serve)
+        await self.start_task(self.broadcaster.serve)
         self._ready.set()
-        self._nursery.start_soon(self._seeder)
-        self._nursery.start_soon(self._janitor)
+        self.spawn(self._seeder)
+        self.spawn(self._janitor)
         log.info("node %s listening on %s", self.id, self.address)
+
+    def abort(self) -> None:
+        """Stop the node at once, as a crash would: no graceful leave, every task cancelled.
+
+        Peers notice through their links (closed connections, or idle timeouts). For tests
+        and chaos runs; the ``async with open_node(...)`` block is cancelled too.
+        """
+        self._aborted = True
+        self._closing = True
+        self._cancel_tasks()
+        self._nursery.cancel_scope.cancel()
+
+    # --- tasks ----------------------------------------------------------------------------
+    #
+    # Every task of the node runs in a shielded cancel scope of its own, registered here.
+    # Cancelling the caller's block must not kill the links before the graceful leave has
+    # flushed its DISCONNECTs, so the node's tasks are cancelled by the node itself, in
+    # `open_node`'s cleanup, right after the (bounded) leave.
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run `fn(*args)` as a task of the node; it ends when the node closes."""
+        scope = self._new_task_scope()
+        self._nursery.start_soon(self._in_scope, scope, fn, args)
+
+    async def start_task(self, fn: Callable[..., Awaitable[object]], *args: object) -> Any:
+        """Like `spawn`, for a task that reports readiness through ``task_status``."""
+        scope = self._new_task_scope()
+        return await self._nursery.start(self._in_scope_started, scope, fn, args)
+
+    def _new_task_scope(self) -> trio.CancelScope:
+        scope = trio.CancelScope(shield=True)
+        if self._tasks_cancelled:
+            scope.cancel()
+        self._task_scopes.add(scope)
+        return scope
+
+    async def _in_scope(
+        self, scope: trio.CancelScope, fn: Callable[..., Awaitable[object]], args: tuple[object, ...]
+    ) -> None:
+        try:
+            with scope:
+                await fn(*args)
+        finally:
+            self._task_scopes.discard(scope)
+
+    async def _in_scope_started(
+        self,
+        scope: trio.CancelScope,
+        fn: Callable[..., Awaitable[object]],
+        args: tuple[object, ...],
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            with scope:
+                await fn(*args, task_status=task_status)
+        finally:
+            self._task_scopes.discard(scope)
+
+    def _cancel_tasks(self) -> None:
+        self._tasks_cancelled = True
+        for scope in list(self._task_scopes):
+            scope.cancel()
 
     async def _stop(self) -> None:
         """Leave gracefully: tell active peers, let the links flush, within a deadline."""
@@ -347,7 +412,7 @@ class Node:
         dial = _Dial(address, expected)
         if expected is not None:
             self._dials[expected.id] = dial
-        self._nursery.start_soon(self._dial_task, dial)
+        self.spawn(self._dial_task, dial)
         return dial
 
     async def _dial_task(self, dial: _Dial) -> None:
@@ -584,6 +649,7 @@ async def open_node(
             try:
                 await node._stop()
             finally:
+                node._cancel_tasks()
                 nursery.cancel_scope.cancel()
 
 

@@ -1,0 +1,74 @@
+"""Nodes over real websockets on 127.0.0.1: joining, crashes, the control path."""
+
+from __future__ import annotations
+
+import trio
+
+from trio_replica.config import NodeConfig
+from trio_replica.control import ControlError, open_control
+from trio_replica.events import DownReason, PeerDown
+
+from .harness import Cluster, overlay_ok, wait_until
+
+
+async def test_ten_nodes_join_then_survivors_repair_after_three_crash() -> None:
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery)
+        seed = await c.start("w0")
+        for i in range(1, 10):
+            await c.start(f"w{i}", [seed.address])
+        with trio.fail_after(30):
+            await wait_until(lambda: overlay_ok(c.live(), min_active=2))
+
+        victims = ["w3", "w6", "w9"]
+        watchers = {
+            n.id: {p.id for p in n.active_view()} & set(victims)
+            for n in c.live()
+            if n.id not in victims
+        }
+        reported: dict[str, set[str]] = {name: set() for name in watchers}
+        failure_timeout = seed.config.link.idle_timeout + seed.config.link.ping_interval
+
+        async def watch(name: str, task_status: trio.TaskStatus[None]) -> None:
+            async with c.nodes[name].events() as events:
+                task_status.started()
+                async for event in events:
+                    if isinstance(event, PeerDown) and event.peer.id in victims:
+                        assert event.reason is DownReason.FAILED
+                        reported[name].add(event.peer.id)
+
+        async with trio.open_nursery() as watching:
+            for name in watchers:
+                await watching.start(watch, name)
+            for name in victims:
+                c.crash(name)
+            with trio.fail_after(failure_timeout):
+                await wait_until(lambda: reported == watchers, poll=0.02)
+            watching.cancel_scope.cancel()
+
+        with trio.fail_after(30):
+            await wait_until(lambda: overlay_ok(c.live(), min_active=2))
+        nursery.cancel_scope.cancel()
+
+
+async def test_status_over_the_control_path_needs_the_secret() -> None:
+    secret = b"k" * 32
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, base=NodeConfig(name="x", secret=secret))
+        a = await c.start("a")
+        b = await c.start("b", [a.address])
+        await wait_until(lambda: len(a.active_view()) == 1)
+        async with open_control(a.address, secret=secret) as client:
+            status = await client.call("status")
+        assert status["id"] == "a"
+        assert status["active"] == [["b", b.address]]
+        assert "messages_sent" in status["stats"]
+        try:
+            async with open_control(a.address, secret=b"wrong" * 8) as client:
+                await client.call("status")
+        except ControlError as exc:
+            assert "secret" in str(exc)
+        else:
+            raise AssertionError("a client with the wrong secret was served")
+        assert a.stats()["handshakes_refused"].get("secret", 0) == 0  # the client refused first
+        nursery.cancel_scope.cancel()

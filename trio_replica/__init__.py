@@ -1,0 +1,51 @@
+"""trio_replica: peer-to-peer replication for Trio.
+
+A node joins a cluster over websockets, keeps a partial view of it with HyParView, spreads
+messages along Plumtree broadcast trees, and keeps replicated state in sync with an
+HLC-stamped OR-Map. Start here: `open_node(NodeConfig(...))`.
+"""
+
+from .config import NodeConfig
+from .errors import (
+    ConfigError,
+    HandshakeError,
+    LinkClosed,
+    MessageTooLarge,
+    NodeClosed,
+    ReplicaError,
+    WireError,
+)
+from .events import (
+    Delivery,
+    DownReason,
+    Event,
+    Left,
+    PeerDown,
+    PeerUp,
+    Resubscribed,
+)
+from .link import LinkConfig
+from .messages import MessageId, Peer
+from .node import Node, open_node
+
+__all__ = [
+    "ConfigError",
+    "Delivery",
+    "DownReason",
+    "Event",
+    "HandshakeError",
+    "Left",
+    "LinkClosed",
+    "MessageId",
+    "MessageTooLarge",
+    "Node",
+    "NodeClosed",
+    "NodeConfig",
+    "Peer",
+    "PeerDown",
+    "PeerUp",
+    "ReplicaError",
+    "Resubscribed",
+    "WireError",
+    "open_node",
+]

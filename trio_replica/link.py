@@ -522,11 +522,16 @@ class Link:
         cfg = self.config
         while True:
             if not (self._control or self._payload) and not self._closing:
+                # Sleep until there is something to send, a ping is due, or the peer has
+                # been silent too long; no periodic wake-ups in between.
                 self._wakeup = trio.Event()
-                with trio.move_on_after(cfg.ping_interval / 2):
+                wake_at = min(
+                    self.last_sent + cfg.ping_interval, self.last_received + cfg.idle_timeout
+                )
+                with trio.CancelScope(deadline=wake_at):
                     await self._wakeup.wait()
             now = trio.current_time()
-            if now - self.last_received > cfg.idle_timeout:
+            if now >= self.last_received + cfg.idle_timeout:
                 raise LinkFailure("idle_timeout", f"nothing received for {cfg.idle_timeout} s")
             if self._full_since is not None:
                 if (
@@ -540,7 +545,9 @@ class Link:
             if not parts:
                 if self._closing:
                     raise LinkFailure(self.close_reason or "local_close")
-                if now - self.last_sent >= cfg.ping_interval:
+                # Same expression as the wake-up deadline, so float rounding cannot make the
+                # writer wake for a ping it then finds not due (a busy loop on a mock clock).
+                if now >= self.last_sent + cfg.ping_interval:
                     self._ping_nonce += 1
                     self._ping_sent_at = {self._ping_nonce: now}
                     ping = Ping(self._ping_nonce)
@@ -550,15 +557,15 @@ class Link:
                 else:
                     continue
             frame = frame_from_parts(parts)
+            # A bare cancel scope, not trio.fail_after: this runs once per frame, and the
+            # context-manager machinery of fail_after costs more than the send itself.
             try:
-                with trio.fail_after(cfg.send_timeout):
+                with trio.CancelScope(deadline=trio.current_time() + cfg.send_timeout) as scope:
                     await self.conn.send(frame)
-            except trio.TooSlowError:
-                raise LinkFailure(
-                    "send_timeout", f"a send blocked for {cfg.send_timeout} s"
-                ) from None
             except TransportClosed:
                 raise LinkFailure(self.close_reason or "peer_closed") from None
+            if scope.cancelled_caught:
+                raise LinkFailure("send_timeout", f"a send blocked for {cfg.send_timeout} s")
             self._stats.frame_sent(len(frame))
             self.last_sent = trio.current_time()
             if not self._control and not self._payload:

@@ -131,7 +131,7 @@ class Node:
         self.address = self.config.advertise or bound
         self.me = Peer(self.id, self.address)
         self._creds = Credentials(self.config.cluster, self.config.secret or b"", self.me)
-        if not self.config.secret:
+        if not self.config.secret and not self.address.startswith("mem://"):
             log.warning(
                 "node %s has no cluster secret: listening on loopback %s only",
                 self.id,

@@ -1,0 +1,21 @@
+"""The README's embedding example runs as written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_embedding_example_runs() -> None:
+    text = README.read_text()
+    match = re.search(r"## Embedding in a Trio app\s+```python\n(.*?)```", text, re.S)
+    assert match, "the README lost its embedding example"
+    result = subprocess.run(
+        [sys.executable, "-c", match.group(1)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "b {'text': 'hello'}" in result.stdout

@@ -3,16 +3,30 @@
 A transport knows nothing of the protocol: it carries opaque byte frames, in order, over a
 reliable connection, and says clearly when the connection is gone. The runtime owns every
 task that uses a connection: a transport never spawns tasks that outlive the `serve` call
-or the connection that started them.
+or the `open_connection` block that started them.
 
-Addresses are URLs: ``ws://host:port``, ``wss://host:port`` (websocket transport) and
-``mem://name`` (in-memory transport).
+Addresses are URLs: ``ws://host:port[/path]``, ``wss://host:port[/path]`` (websocket
+transport) and ``mem://name`` (in-memory transport).
+
+Why dialing is an async context manager (`Transport.open_connection`) and not a coroutine
+returning a connection: a websocket connection needs a background reader task (it answers
+pings and close frames while nobody calls `receive`), and under structured concurrency that
+task must live in a nursery owned by whoever owns the connection. ``async with
+transport.open_connection(address, timeout=t) as conn:`` gives the connection exactly the
+lifetime of the block, which is also the shape of the runtime: one task per link dials, then
+runs the link inside the block until it ends. Leaving the block closes the connection and
+ends its tasks; exceptions raised in the block come out unchanged (never wrapped in an
+exception group).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+import trio
 
 
 class TransportError(Exception):
@@ -31,8 +45,13 @@ class Connection(Protocol):
     """One reliable, ordered, bidirectional stream of frames.
 
     `send` and `receive` may each be used by one task at a time (the runtime has one writer
-    and one reader per connection). Cancelling `send` may leave the connection unusable;
-    the runtime closes the connection in that case.
+    and one reader per connection). A frame larger than the transport's `max_frame` is
+    refused by `send` with `trio_replica.errors.MessageTooLarge` (a caller error, not a
+    transport failure).
+
+    Cancellation: cancelling `receive` never loses a frame. Cancelling `send` may leave a
+    partial frame on the wire (websocket); the connection then refuses further sends with
+    `TransportClosed` and the caller must `aclose` it.
     """
 
     @property
@@ -61,16 +80,56 @@ class Transport(Protocol):
 
     schemes: tuple[str, ...]
 
-    async def connect(self, address: str, *, timeout: float) -> Connection:
-        """Dial `address`; raise `ConnectError` on failure or after `timeout` seconds."""
+    def open_connection(
+        self, address: str, *, timeout: float
+    ) -> AbstractAsyncContextManager[Connection]:
+        """Dial `address`; the context yields the open connection and closes it on exit.
+
+        Entering raises `ConnectError` on failure, or when the whole dial (TCP, TLS, upgrade,
+        or the simulated equivalent) has not finished after `timeout` seconds. The connection
+        and any task it needs live exactly as long as the ``async with`` block.
+
+        The timeout is a parameter, not the caller's `trio.fail_after`, so that every way a
+        dial can fail comes out as `ConnectError` after the transport has cleaned up what it
+        half-opened.
+        """
         ...
 
-    async def serve(self, address: str, handler: Handler, *, task_status: Any) -> None:
+    async def serve(
+        self,
+        address: str,
+        handler: Handler,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Listen on `address` until cancelled, running `handler(conn)` for each connection.
 
         Start it with ``await nursery.start(transport.serve, address, handler)``; the value
         passed to `task_status.started` is the dialable address actually bound (port 0 is
         replaced by the real port). The connection is closed when the handler returns; an
-        exception escaping a handler is logged and never stops the listener.
+        exception escaping a handler is logged and never stops the listener. Cancelling
+        `serve` stops listening and cancels the running handlers.
         """
         ...
+
+
+async def run_handler(handler: Handler, conn: Connection, *, log: logging.Logger) -> bool:
+    """Run `handler(conn)` for a listener, then close `conn`; return True if the handler failed.
+
+    This is the one place a listener's handler runs. Nothing but cancellation escapes it: an
+    exception leaving a handler must not take the listener (and every other connection)
+    down, so it is logged with the peer's description. A handler that lets `TransportClosed`
+    escape is only reporting that its peer went away, which is not a failure.
+    """
+    failed = False
+    try:
+        await handler(conn)
+    except* TransportError as group:
+        log.info("connection from %s ended in its handler: %r", conn.remote, group.exceptions)
+    except* Exception as group:
+        failed = True
+        error = group.exceptions[0] if len(group.exceptions) == 1 else group
+        log.error("handler for connection from %s failed", conn.remote, exc_info=error)
+    finally:
+        await conn.aclose()
+    return failed

@@ -64,7 +64,7 @@ __all__ = [
 MEMBERSHIP = "membership"
 
 
-# --- the per-node stack ----------------------------------------------------------------------
+# --- the per-node stack ---------------------------------------------------------------------------
 
 
 class Layer(Protocol):
@@ -148,7 +148,7 @@ def hyparview_stack(config: HyParViewConfig) -> StackFactory:
     return make
 
 
-# --- configuration and state ------------------------------------------------------------------
+# --- configuration and state ----------------------------------------------------------------------
 
 
 @attrs.frozen
@@ -255,7 +255,7 @@ class Simulator:
         if self.network.idle_sweep_interval > 0:
             self._schedule(self.network.idle_sweep_interval, self._sweep_idle_links, ())
 
-    # --- scenario API -------------------------------------------------------------------------
+    # --- scenario API ---------------------------------------------------------------------
 
     def add_node(
         self, node_id: str, seeds: Sequence[str] = (), *, at: float | None = None
@@ -284,7 +284,7 @@ class Simulator:
             if not node.alive:
                 continue
             node.alive = False
-            for key in list(node.links):
+            for key in sorted(node.links):  # sorted: set order varies with the hash seed
                 link = self._links.get(key)
                 if link is not None and link.open and not link.dead:
                     link.dead = True
@@ -356,7 +356,7 @@ class Simulator:
         for node in self.alive_nodes():
             node.hyparview.check_invariants()
 
-    # --- internals: nodes and drivers ------------------------------------------------------------
+    # --- internals: nodes and drivers -----------------------------------------------------
 
     def _new_stack(self, peer: Peer, life: int) -> Stack:
         return self._stack_factory(peer, random.Random(f"{self.seed}/{peer.id}/{life}"))
@@ -408,7 +408,7 @@ class Simulator:
         interval = self.hyparview_config.rejoin_interval
         self._schedule(interval * self.rng.uniform(0.75, 1.25), self._driver_rejoin, (node, life))
 
-    # --- internals: effects ----------------------------------------------------------------------
+    # --- internals: effects ---------------------------------------------------------------
 
     def _apply(self, node: SimNode, layer_name: str, effects: list[Effect]) -> None:
         for effect in effects:
@@ -440,7 +440,7 @@ class Simulator:
                 return
             self._apply(node, name, layer.handle_link_down(peer, self.now))
 
-    # --- internals: network ----------------------------------------------------------------------
+    # --- internals: network ---------------------------------------------------------------
 
     def _schedule(self, delay: float, action: Callable[..., None], args: tuple[Any, ...]) -> None:
         self._seq += 1

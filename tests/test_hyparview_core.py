@@ -1,0 +1,758 @@
+"""The HyParView core driven with literal messages: one test per protocol rule, exact effects.
+
+Then a hypothesis state machine feeds random inputs from a pool of peers and checks the view
+invariants after every step.
+"""
+
+from __future__ import annotations
+
+import random
+
+import attrs
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from trio_replica.core.effects import CloseLink, Effect, Emit, Send, SetTimer
+from trio_replica.core.hyparview import (
+    HyParView,
+    HyParViewConfig,
+    JoinTimeout,
+    NeighborTimeout,
+    RefillTimer,
+    ShuffleTimeout,
+)
+from trio_replica.errors import ConfigError
+from trio_replica.events import DownReason, Left, PeerDown, PeerUp
+from trio_replica.messages import (
+    Disconnect,
+    ForwardJoin,
+    Join,
+    Message,
+    Neighbor,
+    NeighborReply,
+    Peer,
+    Shuffle,
+    ShuffleReply,
+)
+
+
+def peer(name: str) -> Peer:
+    return Peer(name, f"ws://{name}:9000")
+
+
+ME = peer("me")
+A, B, C, D, E, N, ORIGIN = (peer(x) for x in ("a", "b", "c", "d", "e", "n", "o"))
+
+
+def make(**config: object) -> HyParView:
+    return HyParView(ME, HyParViewConfig(**config), random.Random(7))  # type: ignore[arg-type]
+
+
+def link_up(core: HyParView, *peers: Peer, now: float = 0.0) -> None:
+    """Make `peers` active neighbors the way the protocol does: a high NEIGHBOR from each."""
+    for p in peers:
+        out = core.handle_message(p, Neighbor(high=True), now)
+        assert out == [Emit(PeerUp(p)), Send(p, NeighborReply(accepted=True))]
+
+
+def learn(core: HyParView, *peers: Peer, now: float = 0.0) -> None:
+    """Put `peers` in the passive view through FORWARD_JOINs at TTL == PRWL from A.
+
+    Needs exactly A and B active, so that the walk is forwarded to B.
+    """
+    assert {p.id for p in core.active} == {"a", "b"}
+    prwl = core.config.prwl
+    for p in peers:
+        out = core.handle_message(A, ForwardJoin(p, prwl), now)
+        assert out == [Send(B, ForwardJoin(p, prwl - 1))]
+    assert all(core.is_passive(p.id) for p in peers)
+
+
+def ids(peers: tuple[Peer, ...]) -> set[str]:
+    return {p.id for p in peers}
+
+
+def timer_of(effect: Effect) -> object:
+    assert isinstance(effect, SetTimer)
+    return effect.timer
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_the_papers() -> None:
+    config = HyParViewConfig()
+    assert (config.active_size, config.passive_size, config.arwl, config.prwl) == (5, 30, 6, 3)
+    assert (config.shuffle_active, config.shuffle_passive, config.shuffle_ttl) == (3, 4, 6)
+    assert config.shuffle_interval == 10.0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"active_size": 0},
+        {"passive_size": 0},
+        {"prwl": 7},
+        {"arwl": -1},
+        {"shuffle_ttl": 256},
+        {"shuffle_active": 40, "shuffle_passive": 40},
+        {"shuffle_interval": 0},
+        {"join_timeout": -1.0},
+        {"shuffle_jitter": 1.0},
+        {"backoff_base": 10.0, "backoff_max": 5.0},
+        {"max_failures": 0},
+        {"rejoin_interval": -1.0},
+    ],
+)
+def test_config_rejects_invalid_values(bad: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        HyParViewConfig(**bad)  # type: ignore[arg-type]
+
+
+# --- JOIN (section 4.2) ---------------------------------------------------------------------------
+
+
+def test_join_sends_join_and_arms_its_timeout() -> None:
+    core = make()
+    assert core.needs_join()
+    out = core.join(C, 0.0)
+    assert out[0] == Send(C, Join())
+    assert out[1] == SetTimer(5.0, JoinTimeout(out[1].timer.token))  # type: ignore[union-attr]
+    assert not core.needs_join()
+    assert core.wants_link("c")
+    assert core.stats.joins == 1
+
+
+def test_contact_answer_adds_the_contact() -> None:
+    core = make()
+    core.join(C, 0.0)
+    assert core.handle_message(C, NeighborReply(accepted=True), 0.1) == [Emit(PeerUp(C))]
+    assert core.active == (C,)
+    assert not core.needs_join()
+
+
+def test_join_timeout_abandons_the_contact_and_allows_a_retry() -> None:
+    core = make()
+    timer = timer_of(core.join(C, 0.0)[1])
+    assert core.handle_timer(timer, 5.0) == [CloseLink(C)]
+    assert core.needs_join()
+    assert core.stats.join_timeouts == 1
+    assert core.handle_timer(timer, 5.0) == []  # stale now
+
+
+def test_join_fails_when_the_contact_cannot_be_reached() -> None:
+    core = make()
+    core.join(C, 0.0)
+    assert core.handle_link_down(C, 1.0) == []
+    assert core.needs_join()
+
+
+def test_contact_adds_newcomer_answers_and_forwards_join_to_every_other_neighbor() -> None:
+    core = make()
+    link_up(core, A, B)
+    out = core.handle_message(N, Join(), 1.0)
+    assert out == [
+        Emit(PeerUp(N)),
+        Send(N, NeighborReply(accepted=True)),
+        Send(A, ForwardJoin(N, 6)),
+        Send(B, ForwardJoin(N, 6)),
+    ]
+    assert ids(core.active) == {"a", "b", "n"}
+
+
+def test_full_contact_evicts_a_random_member_with_disconnect() -> None:
+    core = make(active_size=2)
+    link_up(core, A, B)
+    out = core.handle_message(N, Join(), 1.0)
+    victim = A if out[1] == Send(A, Disconnect(alive=True)) else B
+    kept = B if victim is A else A
+    assert out == [
+        Emit(PeerDown(victim, DownReason.EVICTED)),
+        Send(victim, Disconnect(alive=True)),
+        CloseLink(victim),
+        Emit(PeerUp(N)),
+        Send(N, NeighborReply(accepted=True)),
+        Send(kept, ForwardJoin(N, 6)),
+    ]
+    assert ids(core.active) == {kept.id, "n"}
+    assert core.passive == (victim,)
+    assert core.stats.evictions == 1
+
+
+# --- FORWARD_JOIN (section 4.2) -------------------------------------------------------------------
+
+
+def test_forward_join_at_ttl_zero_adds_newcomer_and_sends_high_neighbor() -> None:
+    core = make()
+    link_up(core, A, B)
+    out = core.handle_message(A, ForwardJoin(N, 0), 1.0)
+    token = timer_of(out[2]).token  # type: ignore[attr-defined]
+    assert out == [
+        Emit(PeerUp(N)),
+        Send(N, Neighbor(high=True)),
+        SetTimer(5.0, NeighborTimeout("n", token)),
+    ]
+    assert core.is_active("n")
+    assert core.wants_link("n")
+
+
+def test_forward_join_with_a_single_neighbor_adds_newcomer() -> None:
+    core = make()
+    link_up(core, A)
+    out = core.handle_message(A, ForwardJoin(N, 5), 1.0)
+    assert out[:2] == [Emit(PeerUp(N)), Send(N, Neighbor(high=True))]
+
+
+def test_forward_join_is_forwarded_to_a_neighbor_other_than_the_sender() -> None:
+    core = make()
+    link_up(core, A, B)
+    assert core.handle_message(A, ForwardJoin(N, 5), 1.0) == [Send(B, ForwardJoin(N, 4))]
+    assert not core.is_active("n") and not core.is_passive("n")
+
+
+def test_forward_join_at_prwl_adds_newcomer_to_passive_and_forwards() -> None:
+    core = make()
+    link_up(core, A, B)
+    assert core.handle_message(A, ForwardJoin(N, 3), 1.0) == [Send(B, ForwardJoin(N, 2))]
+    assert core.passive == (N,)
+
+
+def test_high_neighbor_confirmation_settles_the_forward_join() -> None:
+    core = make()
+    link_up(core, A, B)
+    timer = timer_of(core.handle_message(A, ForwardJoin(N, 0), 1.0)[2])
+    assert core.handle_message(N, NeighborReply(accepted=True), 1.1) == []
+    assert core.handle_timer(timer, 6.0) == []  # confirmed: the timeout is stale
+    assert core.is_active("n")
+
+
+def test_unconfirmed_neighbor_is_dropped_as_failed_and_its_link_closed() -> None:
+    core = make()
+    link_up(core, A, B)
+    timer = timer_of(core.handle_message(A, ForwardJoin(N, 0), 1.0)[2])
+    out = core.handle_timer(timer, 6.0)
+    assert out[:2] == [Emit(PeerDown(N, DownReason.FAILED)), CloseLink(N)]
+    # N is backed off in the passive view, so the refill waits for it (nothing else known).
+    assert out[2:] == [SetTimer(2.0, RefillTimer(timer_of(out[2]).token))]  # type: ignore[attr-defined]
+    assert not core.is_active("n") and core.is_passive("n")
+
+
+def test_forward_join_about_ourselves_is_ignored() -> None:
+    core = make()
+    link_up(core, A, B)
+    assert core.handle_message(A, ForwardJoin(ME, 0), 1.0) == []
+    assert ids(core.active) == {"a", "b"}
+
+
+# --- NEIGHBOR (section 4.3) -----------------------------------------------------------------------
+
+
+def test_high_neighbor_is_always_accepted_even_when_full() -> None:
+    core = make(active_size=1)
+    link_up(core, A)
+    out = core.handle_message(N, Neighbor(high=True), 1.0)
+    assert out == [
+        Emit(PeerDown(A, DownReason.EVICTED)),
+        Send(A, Disconnect(alive=True)),
+        CloseLink(A),
+        Emit(PeerUp(N)),
+        Send(N, NeighborReply(accepted=True)),
+    ]
+    assert core.active == (N,) and core.passive == (A,)
+
+
+def test_low_neighbor_is_accepted_with_a_free_slot() -> None:
+    core = make(active_size=2)
+    link_up(core, A)
+    out = core.handle_message(N, Neighbor(high=False), 1.0)
+    assert out == [Emit(PeerUp(N)), Send(N, NeighborReply(accepted=True))]
+    assert core.stats.neighbor_accepted == 2
+
+
+def test_low_neighbor_is_refused_when_full_and_the_sender_kept_passive() -> None:
+    core = make(active_size=2)
+    link_up(core, A, B)
+    out = core.handle_message(N, Neighbor(high=False), 1.0)
+    assert out == [Send(N, NeighborReply(accepted=False))]
+    assert core.is_passive("n")
+    assert core.stats.neighbor_rejected == 1
+
+
+def test_a_freed_slot_is_refilled_with_a_low_neighbor_to_a_passive_peer() -> None:
+    core = make()
+    link_up(core, A, B)
+    learn(core, C)
+    out = core.handle_message(B, Disconnect(alive=True), 2.0)
+    token = timer_of(out[2]).token  # type: ignore[attr-defined]
+    # B just evicted us: it is backed off, so C is the only candidate; A keeps us non-empty.
+    assert out[:3] == [
+        Emit(PeerDown(B, DownReason.EVICTED)),
+        Send(C, Neighbor(high=False)),
+        SetTimer(5.0, NeighborTimeout("c", token)),
+    ]
+    assert core.is_passive("b") and core.wants_link("c")
+
+
+def test_an_empty_active_view_sends_a_high_neighbor() -> None:
+    core = make(active_size=1)
+    link_up(core, A)
+    core.handle_message(C, Neighbor(high=False), 1.0)  # refused (full): C is now passive
+    out = core.handle_link_down(A, 3.0)
+    token = timer_of(out[2]).token  # type: ignore[attr-defined]
+    assert out == [
+        Emit(PeerDown(A, DownReason.FAILED)),
+        Send(C, Neighbor(high=True)),
+        SetTimer(5.0, NeighborTimeout("c", token)),
+    ]
+
+
+def test_accepted_neighbor_request_adds_the_peer() -> None:
+    core = make()
+    link_up(core, A, B)
+    learn(core, C)
+    core.handle_message(B, Disconnect(alive=True), 2.0)
+    assert core.handle_message(C, NeighborReply(accepted=True), 2.1) == [Emit(PeerUp(C))]
+    assert ids(core.active) == {"a", "c"}
+    assert not core.wants_link("b")
+
+
+def test_refusal_keeps_the_rejecter_passive_and_tries_another_passive_peer() -> None:
+    core = make(active_size=2)
+    link_up(core, A, B)
+    learn(core, C, D)
+    out = core.handle_message(B, Disconnect(alive=True), 2.0)
+    asked = out[1]
+    assert isinstance(asked, Send) and asked.message == Neighbor(high=False)
+    other = D if asked.peer == C else C
+    out = core.handle_message(asked.peer, NeighborReply(accepted=False), 2.1)
+    token = timer_of(out[1]).token  # type: ignore[attr-defined]
+    assert out == [
+        Send(other, Neighbor(high=False)),
+        SetTimer(5.0, NeighborTimeout(other.id, token)),
+    ]
+    assert core.is_passive(asked.peer.id)
+    assert core.stats.neighbor_refused == 1
+
+
+def test_several_free_slots_are_refilled_at_once() -> None:
+    core = make()
+    link_up(core, A, B)
+    learn(core, C, D)
+    out = core.handle_message(B, Disconnect(alive=True), 2.0)
+    # Four free slots, two ready candidates: both asked at once (deviation 4); B evicted
+    # us and is left alone for a while, so the refill arms a timer for it.
+    assert {e.peer.id for e in out if isinstance(e, Send)} == {"c", "d"}
+    assert isinstance(timer_of(out[-1]), RefillTimer)
+
+
+def test_neighbor_timeout_is_a_failure_of_the_candidate() -> None:
+    core = make()
+    link_up(core, A, B)
+    learn(core, C)
+    out = core.handle_message(B, Disconnect(alive=True), 2.0)
+    timer = timer_of(out[2])
+    out = core.handle_timer(timer, 7.0)
+    assert out[0] == CloseLink(C)
+    assert core.is_passive("c")  # one failure of three: backed off, not forgotten
+    assert core.stats.neighbor_timeouts == 1
+
+
+def test_link_down_during_a_neighbor_request_is_a_failure_of_the_candidate() -> None:
+    core = make(max_failures=1)
+    link_up(core, A, B)
+    learn(core, C)
+    core.handle_message(B, Disconnect(alive=True), 2.0)
+    core.handle_link_down(C, 2.5)
+    assert not core.is_passive("c")  # max_failures=1: forgotten at once (the paper's rule)
+    assert not core.wants_link("c")
+    assert core.stats.forgotten == 1
+
+
+def test_crossed_neighbor_requests_end_linked_once() -> None:
+    core = make(active_size=2)
+    link_up(core, A, B)
+    learn(core, C)
+    core.handle_message(B, Disconnect(alive=True), 2.0)  # asks C (low), reserving the slot
+    # C asked us at the same time: its request takes the slot our own request reserved.
+    out = core.handle_message(C, Neighbor(high=False), 2.1)
+    assert out == [Emit(PeerUp(C)), Send(C, NeighborReply(accepted=True))]
+    assert core.handle_message(C, NeighborReply(accepted=True), 2.2) == []
+    assert ids(core.active) == {"a", "c"}
+
+
+# --- DISCONNECT and failures (section 4.3) --------------------------------------------------------
+
+
+def test_disconnect_alive_moves_the_sender_to_passive() -> None:
+    core = make()
+    link_up(core, A)
+    out = core.handle_message(A, Disconnect(alive=True), 1.0)
+    assert out[0] == Emit(PeerDown(A, DownReason.EVICTED))
+    assert core.passive == (A,) and core.active == ()
+    assert core.stats.evicted == 1
+
+
+def test_disconnect_of_a_leaving_peer_forgets_it() -> None:
+    core = make()
+    link_up(core, A)
+    assert core.handle_message(A, Disconnect(alive=False), 1.0) == [
+        Emit(PeerDown(A, DownReason.LEFT))
+    ]
+    assert core.passive == () and core.active == ()
+
+
+def test_failed_neighbor_is_backed_off_then_forgotten_after_max_failures() -> None:
+    core = make(max_failures=3, backoff_base=2.0)
+    link_up(core, A)
+    out = core.handle_link_down(A, 10.0)
+    # Not tried again before its backoff ends: the refill arms a timer for then.
+    refill = timer_of(out[1])
+    assert out == [Emit(PeerDown(A, DownReason.FAILED)), SetTimer(2.0, refill)]
+    assert core.passive == (A,)
+    out = core.handle_timer(refill, 12.0)
+    assert out == [
+        Send(A, Neighbor(high=True)),
+        SetTimer(5.0, NeighborTimeout("a", timer_of(out[1]).token)),  # type: ignore[attr-defined]
+    ]
+    out = core.handle_link_down(A, 12.5)  # second failure: the backoff doubles
+    assert out == [SetTimer(4.0, timer_of(out[0]))]
+    out = core.handle_timer(timer_of(out[0]), 16.5)
+    assert out[0] == Send(A, Neighbor(high=True))
+    assert core.handle_link_down(A, 17.0) == []  # third failure: forgotten
+    assert not core.passive
+    assert core.stats.forgotten == 1
+    assert core.needs_join()
+
+
+def test_link_down_of_a_temporary_link_changes_nothing() -> None:
+    core = make()
+    link_up(core, A, B)
+    learn(core, C)
+    assert core.handle_link_down(C, 1.0) == []
+    assert core.is_passive("c")
+
+
+# --- SHUFFLE (section 4.4) ------------------------------------------------------------------------
+
+
+def test_start_arms_a_jittered_shuffle_timer() -> None:
+    core = make()
+    out = core.start(0.0)
+    assert len(out) == 1 and isinstance(out[0], SetTimer)
+    assert 5.0 <= out[0].delay <= 12.5
+    assert core.start(0.0) == []  # once
+
+
+def test_shuffle_timer_sends_active_and_passive_samples_and_self() -> None:
+    core = make()
+    link_up(core, A)
+    timer = timer_of(core.start(0.0)[0])
+    out = core.handle_timer(timer, 10.0)
+    assert isinstance(out[0], SetTimer) and out[0].timer == timer
+    send = out[1]
+    assert isinstance(send, Send) and send.peer == A
+    shuffle = send.message
+    assert isinstance(shuffle, Shuffle)
+    assert shuffle.origin == ME and shuffle.ttl == 6 and shuffle.peers == (ME,)
+    assert out[2] == SetTimer(10.0, ShuffleTimeout(shuffle.nonce))
+    assert core.stats.shuffles_sent == 1
+
+
+def test_shuffle_sample_sizes() -> None:
+    core = make()
+    link_up(core, A, B)
+    learn(core, *(peer(f"p{i}") for i in range(10)))
+    link_up(core, C, D, E)
+    out = core.handle_timer(timer_of(core.start(0.0)[0]), 10.0)
+    shuffle = next(e.message for e in out if isinstance(e, Send))
+    assert isinstance(shuffle, Shuffle)
+    assert len(shuffle.peers) == 3 + 4 + 1
+    assert shuffle.peers[-1] == ME
+    assert len(ids(shuffle.peers)) == 8
+
+
+def test_shuffle_walk_is_forwarded_while_ttl_stays_positive() -> None:
+    core = make()
+    link_up(core, A, B)
+    message = Shuffle(ORIGIN, 3, (ORIGIN, C), 42)
+    assert core.handle_message(A, message, 1.0) == [Send(B, Shuffle(ORIGIN, 2, (ORIGIN, C), 42))]
+    assert core.stats.shuffles_forwarded == 1
+
+
+def test_shuffle_walk_ends_with_a_reply_to_the_origin_and_integration() -> None:
+    core = make()
+    link_up(core, A, B)
+    learn(core, C, D)
+    out = core.handle_message(A, Shuffle(ORIGIN, 1, (ORIGIN, E), 42), 1.0)
+    assert len(out) == 1
+    reply = out[0]
+    assert isinstance(reply, Send) and reply.peer == ORIGIN
+    assert isinstance(reply.message, ShuffleReply) and reply.message.nonce == 42
+    assert ids(reply.message.peers) == {"c", "d"}  # as many as received, from passive
+    assert ids(core.passive) == {"c", "d", "o", "e"}
+    assert core.stats.shuffles_received == 1
+
+
+def test_shuffle_walk_ends_at_a_node_with_a_single_neighbor() -> None:
+    core = make()
+    link_up(core, A)
+    out = core.handle_message(A, Shuffle(ORIGIN, 5, (ORIGIN,), 1), 1.0)
+    assert out == [Send(ORIGIN, ShuffleReply((), 1))]
+
+
+def test_shuffle_integration_evicts_the_ids_just_sent_first() -> None:
+    core = make(passive_size=2)
+    link_up(core, A, B)
+    learn(core, C, D)
+    out = core.handle_message(A, Shuffle(ORIGIN, 0, (ORIGIN,), 7), 1.0)
+    reply = out[0]
+    assert isinstance(reply, Send) and isinstance(reply.message, ShuffleReply)
+    sent = reply.message.peers[0]
+    assert ids(core.passive) == ({"c", "d"} - {sent.id}) | {"o"}
+
+
+def test_shuffle_reply_is_integrated_by_the_origin_evicting_the_ids_it_sent() -> None:
+    core = make(passive_size=3, shuffle_passive=1)
+    link_up(core, A, B)
+    learn(core, C, D, E)
+    out = core.handle_timer(timer_of(core.start(0.0)[0]), 10.0)
+    shuffle = next(e.message for e in out if isinstance(e, Send))
+    assert isinstance(shuffle, Shuffle)
+    sent = ids(shuffle.peers) & {"c", "d", "e"}
+    assert len(sent) == 1
+    assert core.handle_message(ORIGIN, ShuffleReply((N,), shuffle.nonce), 11.0) == []
+    assert ids(core.passive) == ({"c", "d", "e"} - sent) | {"n"}
+    assert core.stats.shuffle_replies == 1
+
+
+def test_shuffle_reply_with_an_unknown_or_expired_nonce_is_ignored() -> None:
+    core = make()
+    link_up(core, A)
+    out = core.handle_timer(timer_of(core.start(0.0)[0]), 10.0)
+    timeout = out[2]
+    assert isinstance(timeout, SetTimer) and isinstance(timeout.timer, ShuffleTimeout)
+    assert core.handle_message(ORIGIN, ShuffleReply((N,), 12345), 11.0) == []
+    assert core.handle_timer(timeout.timer, 20.0) == []
+    assert core.handle_message(ORIGIN, ShuffleReply((N,), timeout.timer.nonce), 21.0) == []
+    assert not core.is_passive("n")
+    assert core.stats.shuffle_timeouts == 1
+
+
+def test_shuffle_never_puts_self_or_neighbors_in_passive() -> None:
+    core = make()
+    link_up(core, A, B)
+    core.handle_message(A, Shuffle(ORIGIN, 0, (ME, A, B, ORIGIN), 1), 1.0)
+    assert ids(core.passive) == {"o"}
+
+
+# --- symmetry repair, leave, bootstrap helpers ----------------------------------------------------
+
+
+def test_neighbor_only_message_from_a_non_neighbor_is_answered_with_disconnect() -> None:
+    core = make()
+    link_up(core, A, B)
+    out = core.handle_message(C, ForwardJoin(N, 5), 1.0)
+    assert out[0] == Send(C, Disconnect(alive=True))
+    assert core.stats.repairs == 1
+
+
+def test_unexpected_acceptance_is_undone_with_disconnect() -> None:
+    core = make()
+    link_up(core, A)
+    assert core.handle_message(C, NeighborReply(accepted=True), 1.0) == [
+        Send(C, Disconnect(alive=True))
+    ]
+    assert core.handle_message(C, NeighborReply(accepted=False), 1.0) == []
+
+
+def test_leave_disconnects_every_neighbor_and_then_ignores_input() -> None:
+    core = make()
+    link_up(core, A, B)
+    out = core.leave(5.0)
+    assert out == [
+        Send(A, Disconnect(alive=False)),
+        CloseLink(A),
+        Send(B, Disconnect(alive=False)),
+        CloseLink(B),
+        Emit(Left()),
+    ]
+    assert core.active == () and core.has_left
+    assert core.handle_message(N, Join(), 6.0) == []
+    assert core.join(C, 6.0) == []
+    assert core.leave(6.0) == []
+    assert not core.needs_join()
+
+
+def test_messages_from_ourselves_are_ignored() -> None:
+    core = make()
+    assert core.handle_message(ME, Join(), 0.0) == []
+    assert core.join(ME, 0.0) == []
+
+
+def test_should_rejoin_on_an_ordinary_node() -> None:
+    core = make()
+    seeds = {"a", "s"}
+    assert core.should_rejoin(seeds)  # knows no seed
+    link_up(core, A, B)
+    assert not core.should_rejoin(seeds)  # a seed is a neighbor
+    core.handle_link_down(A, 1.0)
+    assert core.should_rejoin(seeds)  # the seed is only known with a failure on record
+    assert not core.should_rejoin({"me"})  # no other seed named
+    core.join(C, 2.0)
+    assert not core.should_rejoin(seeds)  # a join is pending
+
+
+def test_should_rejoin_on_a_seed_asks_for_a_seed_neighbor() -> None:
+    core = make()
+    link_up(core, A, B)
+    learn(core, C)
+    assert core.should_rejoin({"me", "c"})  # the other seed is only passive
+    assert not core.should_rejoin({"me", "a"})
+
+
+def test_wants_link_covers_neighbors_and_pending_exchanges_only() -> None:
+    core = make()
+    link_up(core, A, B)
+    learn(core, C)
+    assert core.wants_link("a") and not core.wants_link("c") and not core.wants_link("zz")
+    core.join(D, 1.0)
+    assert core.wants_link("d")
+
+
+def test_foreign_and_stale_timers_are_ignored() -> None:
+    core = make()
+    assert core.handle_timer("not ours", 0.0) == []
+    assert core.handle_timer(JoinTimeout(1), 0.0) == []
+    assert core.handle_timer(NeighborTimeout("a", 1), 0.0) == []
+    assert core.handle_timer(RefillTimer(1), 0.0) == []
+
+
+def test_unknown_messages_are_ignored() -> None:
+    @attrs.frozen
+    class Other(Message):
+        KIND = 99
+
+    core = make()
+    assert core.handle_message(A, Other(), 0.0) == []
+
+
+# --- property: invariants under random input ------------------------------------------------------
+
+POOL = tuple(peer(f"p{i}") for i in range(12))
+peers_st = st.sampled_from(POOL)
+
+
+class HyParViewMachine(RuleBasedStateMachine):
+    """Random inputs from a pool of 12 peers into one core with small views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.core = HyParView(
+            ME,
+            HyParViewConfig(active_size=3, passive_size=5, max_failures=2),
+            random.Random(0),
+        )
+        self.now = 0.0
+        self.timers: list[object] = []
+        self.nonces: list[int] = []
+        self.up: set[str] = set()
+        self.feed(self.core.start(self.now))
+
+    def feed(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            match effect:
+                case SetTimer(timer=timer):
+                    self.timers.append(timer)
+                case Emit(event=PeerUp(peer=p)):
+                    assert p.id not in self.up, "PeerUp twice"
+                    self.up.add(p.id)
+                case Emit(event=PeerDown(peer=p)):
+                    assert p.id in self.up, "PeerDown without PeerUp"
+                    self.up.discard(p.id)
+                case Emit(event=Left()):
+                    self.up.clear()
+                case Send(peer=p, message=Shuffle(nonce=nonce)) if p.id != ME.id:
+                    self.nonces.append(nonce)
+                case Send(peer=p):
+                    assert p.id != ME.id, "sent to ourselves"
+                case _:
+                    pass
+
+    @rule(dt=st.floats(0, 3))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+
+    @rule(sender=peers_st)
+    def join_from(self, sender: Peer) -> None:
+        self.feed(self.core.handle_message(sender, Join(), self.now))
+
+    @rule(sender=peers_st, who=st.sampled_from((*POOL, ME)), ttl=st.integers(0, 7))
+    def forward_join(self, sender: Peer, who: Peer, ttl: int) -> None:
+        self.feed(self.core.handle_message(sender, ForwardJoin(who, ttl), self.now))
+
+    @rule(sender=peers_st, high=st.booleans())
+    def neighbor(self, sender: Peer, high: bool) -> None:
+        self.feed(self.core.handle_message(sender, Neighbor(high), self.now))
+
+    @rule(sender=peers_st, accepted=st.booleans())
+    def neighbor_reply(self, sender: Peer, accepted: bool) -> None:
+        self.feed(self.core.handle_message(sender, NeighborReply(accepted), self.now))
+
+    @rule(sender=peers_st, alive=st.booleans())
+    def disconnect(self, sender: Peer, alive: bool) -> None:
+        self.feed(self.core.handle_message(sender, Disconnect(alive), self.now))
+
+    @rule(
+        sender=peers_st,
+        origin=st.sampled_from((*POOL, ME)),
+        ttl=st.integers(0, 6),
+        sample=st.lists(st.sampled_from((*POOL, ME)), max_size=8),
+    )
+    def shuffle(self, sender: Peer, origin: Peer, ttl: int, sample: list[Peer]) -> None:
+        message = Shuffle(origin, ttl, tuple(sample), 1)
+        self.feed(self.core.handle_message(sender, message, self.now))
+
+    @rule(
+        sender=peers_st, sample=st.lists(st.sampled_from((*POOL, ME)), max_size=8), data=st.data()
+    )
+    def shuffle_reply(self, sender: Peer, sample: list[Peer], data: st.DataObject) -> None:
+        nonce = data.draw(st.sampled_from(self.nonces)) if self.nonces else 5
+        self.feed(self.core.handle_message(sender, ShuffleReply(tuple(sample), nonce), self.now))
+
+    @rule(target_peer=peers_st)
+    def link_down(self, target_peer: Peer) -> None:
+        self.feed(self.core.handle_link_down(target_peer, self.now))
+
+    @rule(contact=peers_st)
+    def join(self, contact: Peer) -> None:
+        self.feed(self.core.join(contact, self.now))
+
+    @precondition(lambda self: bool(self.timers))
+    @rule(data=st.data())
+    def fire_timer(self, data: st.DataObject) -> None:
+        timer = data.draw(st.sampled_from(self.timers))
+        self.timers.remove(timer)
+        self.feed(self.core.handle_timer(timer, self.now))
+
+    @rule()
+    def leave(self) -> None:
+        self.feed(self.core.leave(self.now))
+
+    @invariant()
+    def views_are_sound(self) -> None:
+        core = self.core
+        core.check_invariants()
+        active, passive = ids(core.active), ids(core.passive)
+        assert len(active) == len(core.active) <= core.config.active_size
+        assert len(passive) == len(core.passive) <= core.config.passive_size
+        assert ME.id not in active | passive
+        assert not active & passive
+        # Replaying PeerUp/PeerDown gives exactly the active view.
+        assert self.up == active
+        assert all(core.wants_link(pid) for pid in active)
+
+
+TestHyParViewMachine = HyParViewMachine.TestCase
+TestHyParViewMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)

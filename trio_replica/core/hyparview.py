@@ -1,0 +1,872 @@
+"""HyParView membership as a sans-IO state machine (Leitão, Pereira, Rodrigues, DSN 2007).
+
+This module owns one node's partial views of the cluster and every rule that changes them.
+It never does I/O: the runtime (or `trio_replica.sim`) feeds it messages, link failures and
+timers, and carries out the effects it returns (`Send`, `CloseLink`, `SetTimer`, `Emit`).
+
+Theory of operation
+-------------------
+
+A node keeps two views of other nodes, keyed by node id:
+
+* the **active view** (small, `active_size`): peers with an open link, used by broadcast.
+  It is *symmetric*: whenever we add a peer we tell it and it adds us; whenever we drop a
+  peer we send it `Disconnect`. `PeerUp` / `PeerDown(reason)` are emitted exactly when a
+  peer enters / leaves it, so a subscriber replaying them sees the active view.
+* the **passive view** (larger, `passive_size`): known node ids, kept fresh by shuffles, from
+  which the active view is refilled when a slot frees up. Each entry carries a failure count
+  and a "not before" time (exponential backoff), so a dead or refusing peer is not tried
+  again at once, and a peer that failed `max_failures` times is forgotten.
+
+A node is never in its own views, never in both views, and the views never exceed their
+sizes (checked after every step in the property tests).
+
+Pending states, each with its handler and its timeout (timers are never cancelled, so every
+timer carries a token and a stale one is ignored):
+
+======================  ==========================  ==========================================
+pending state           ends with                   on timeout / link down
+======================  ==========================  ==========================================
+join to a contact       NeighborReply from contact  forget it; `needs_join()` is true again
+neighbor request        NeighborReply(accepted)     candidate failed: backoff, try another
+unconfirmed neighbor    NeighborReply(True)         the peer is taken as failed (see below)
+shuffle (per nonce)     ShuffleReply(nonce)         forget the ids we sent
+refill backoff          RefillTimer                 retry the passive peers whose backoff ended
+======================  ==========================  ==========================================
+
+Handshakes (who adds whom, and what the other side answers):
+
+* ``Join`` -> the contact adds the newcomer, answers ``NeighborReply(True)``; the newcomer
+  adds the contact on that answer (SPEC section 4: symmetric views).
+* ``ForwardJoin`` ending at P -> P adds the newcomer at once and sends ``Neighbor(high)``;
+  the newcomer always accepts and answers ``NeighborReply(True)``, which *confirms* it at P.
+  Until then the newcomer is "unconfirmed": if the answer does not come in time P drops it
+  and closes the link, so a lost message cannot leave a one-sided neighbor behind.
+* ``Neighbor(high|low)`` from a node with a free slot -> answered with
+  ``NeighborReply(accepted)``; the requester adds the peer only on ``accepted``.
+
+Deviations from the paper, each because the paper's environment (reliable TCP, no restarts,
+one node at a time) is narrower than ours:
+
+1. The contact answers a JOIN (the paper's contact adds the newcomer silently).
+2. A failed passive peer is backed off, not dropped at its first failure (SPEC section 4).
+3. A FORWARD_JOIN that cannot be forwarded (no active peer but the sender) ends here.
+4. A node with several free slots has several neighbor requests out at once (faster healing
+   after mass failures); each request reserves its slot, so acceptances cannot overfill.
+5. Repair of one-sided links: FORWARD_JOIN and SHUFFLE only travel between active
+   neighbors, so one of them from a peer outside our active view means the sender holds a
+   link we do not; we answer ``Disconnect(alive=True)`` so both sides agree again. Likewise
+   an unexpected ``NeighborReply(True)`` (its request was withdrawn) gets a ``Disconnect``.
+6. A shuffle reply leaves out the origin and the ids it just received.
+
+Links are ordered (FIFO), which the handshakes above rely on: a peer's ``NeighborReply``
+always arrives before any message it sends us as a neighbor.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Hashable, Iterable
+
+import attrs
+
+from ..errors import ConfigError
+from ..events import DownReason, Left, PeerDown, PeerUp
+from ..messages import (
+    MAX_SHUFFLE_PEERS,
+    MAX_TTL,
+    U64,
+    Disconnect,
+    ForwardJoin,
+    Join,
+    Message,
+    Neighbor,
+    NeighborReply,
+    Peer,
+    Shuffle,
+    ShuffleReply,
+)
+from .effects import CloseLink, Effect, Emit, Send, SetTimer
+
+__all__ = [
+    "HyParView",
+    "HyParViewConfig",
+    "HyParViewStats",
+    "JoinTimeout",
+    "NeighborTimeout",
+    "RefillTimer",
+    "ShuffleTimeout",
+    "ShuffleTimer",
+]
+
+
+@attrs.frozen
+class HyParViewConfig:
+    """Sizes and timers of the membership protocol; defaults are the paper's (section 5)."""
+
+    #: log10(10,000) + 1: the paper sizes the active view as the broadcast fanout (4) + 1, so
+    #: that flooding over it stays reliable up to high failure rates.
+    active_size: int = 5
+    #: k * (log n + c) in the paper's analysis; 30 in its experiments with 10,000 nodes.
+    passive_size: int = 30
+    #: Active random walk length: hops a FORWARD_JOIN travels before the newcomer is taken
+    #: into an active view (paper: 6, about log n, so the newcomer lands far from its contact).
+    arwl: int = 6
+    #: Passive random walk length: the hop at which the walk also drops the newcomer into a
+    #: passive view (paper: 3, half-way, so the id spreads beyond the contact's neighbourhood).
+    prwl: int = 3
+    #: ka: active ids carried by a SHUFFLE (paper: 3).
+    shuffle_active: int = 3
+    #: kp: passive ids carried by a SHUFFLE (paper: 4).
+    shuffle_passive: int = 4
+    #: Hops of the shuffle's random walk (like ARWL: the exchange partner is a random node).
+    shuffle_ttl: int = 6
+    #: Seconds between two shuffles of one node (SPEC default; the paper counts in cycles).
+    shuffle_interval: float = 10.0
+    #: Each shuffle delay is drawn in interval * [1 - jitter, 1 + jitter], so that nodes
+    #: started together do not shuffle in lock-step.
+    shuffle_jitter: float = 0.25
+    #: How long the origin remembers the ids it sent in a shuffle, waiting for the reply: a
+    #: walk of a few hops plus a dial, well within one period.
+    shuffle_timeout: float = 10.0
+    #: How long a JOIN may stay unanswered before the driver may try another seed.
+    join_timeout: float = 5.0
+    #: How long a NEIGHBOR may stay unanswered (covers a dial on a slow network); the
+    #: candidate is then taken as failed. Also bounds the unconfirmed state.
+    neighbor_timeout: float = 5.0
+    #: First backoff after a failure (doubled per further failure); also how long a peer that
+    #: evicted us is left alone before we ask it again.
+    backoff_base: float = 2.0
+    #: Longest backoff.
+    backoff_max: float = 60.0
+    #: How long a peer that refused a low-priority NEIGHBOR (its active view was full) is left
+    #: alone: a full view rarely frees up sooner than a shuffle period, and asking again at
+    #: once would flood full nodes with requests from the few that still have a free slot.
+    refusal_backoff: float = 10.0
+    #: Failures (in a row) after which a passive peer is forgotten. The paper forgets at the
+    #: first failure; a few tries survive a restart or a short partition (SPEC section 4).
+    max_failures: int = 3
+    #: Seconds between two partition-merge checks by the driver (`should_rejoin`); 0 is off.
+    rejoin_interval: float = 60.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.active_size < 1:
+            raise ConfigError(f"active_size must be >= 1, not {self.active_size}")
+        if self.passive_size < 1:
+            raise ConfigError(f"passive_size must be >= 1, not {self.passive_size}")
+        if not 0 <= self.arwl <= MAX_TTL:
+            raise ConfigError(f"arwl must be in [0, {MAX_TTL}], not {self.arwl}")
+        if not 0 <= self.prwl <= self.arwl:
+            raise ConfigError(f"prwl must be in [0, arwl={self.arwl}], not {self.prwl}")
+        if not 0 <= self.shuffle_ttl <= MAX_TTL:
+            raise ConfigError(f"shuffle_ttl must be in [0, {MAX_TTL}], not {self.shuffle_ttl}")
+        if self.shuffle_active < 0 or self.shuffle_passive < 0:
+            raise ConfigError("shuffle_active and shuffle_passive must be >= 0")
+        if self.shuffle_active + self.shuffle_passive + 1 > MAX_SHUFFLE_PEERS:
+            raise ConfigError(
+                f"a shuffle carries shuffle_active + shuffle_passive + 1 ids, at most "
+                f"{MAX_SHUFFLE_PEERS} on the wire"
+            )
+        for name in (
+            "shuffle_interval",
+            "shuffle_timeout",
+            "join_timeout",
+            "neighbor_timeout",
+            "backoff_base",
+            "refusal_backoff",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, not {getattr(self, name)}")
+        if not 0 <= self.shuffle_jitter < 1:
+            raise ConfigError(f"shuffle_jitter must be in [0, 1), not {self.shuffle_jitter}")
+        if self.backoff_max < self.backoff_base:
+            raise ConfigError("backoff_max must be >= backoff_base")
+        if self.max_failures < 1:
+            raise ConfigError(f"max_failures must be >= 1, not {self.max_failures}")
+        if self.rejoin_interval < 0:
+            raise ConfigError(f"rejoin_interval must be >= 0, not {self.rejoin_interval}")
+
+
+@attrs.define
+class HyParViewStats:
+    """Counters of one node's membership activity (monotonic, for metrics and tests)."""
+
+    joins: int = 0  # JOINs we sent
+    joins_accepted: int = 0  # JOINs we took in as a contact
+    join_timeouts: int = 0
+    forward_joins: int = 0  # FORWARD_JOINs received
+    forward_joins_forwarded: int = 0
+    neighbor_requests: int = 0  # NEIGHBOR requests we sent (high or low)
+    neighbor_accepted: int = 0  # NEIGHBOR requests we accepted
+    neighbor_rejected: int = 0  # NEIGHBOR requests we refused
+    neighbor_refused: int = 0  # our requests the peer refused
+    neighbor_timeouts: int = 0
+    shuffles_sent: int = 0
+    shuffles_forwarded: int = 0
+    shuffles_received: int = 0  # walks that ended here (we replied)
+    shuffle_replies: int = 0  # replies received for our own shuffles
+    shuffle_timeouts: int = 0
+    failures: int = 0  # active peers lost to a link failure or an unconfirmed timeout
+    evictions: int = 0  # active peers we dropped to make room
+    evicted: int = 0  # times a peer dropped us (Disconnect alive=True)
+    left: int = 0  # active peers that left gracefully
+    forgotten: int = 0  # passive peers forgotten after max_failures
+    repairs: int = 0  # Disconnects sent to undo a one-sided link
+
+
+# --- timers (payloads of SetTimer) ----------------------------------------------------------------
+
+
+@attrs.frozen
+class ShuffleTimer:
+    """Periodic shuffle; `token` identifies the chain started by `start`."""
+
+    token: int
+
+
+@attrs.frozen
+class JoinTimeout:
+    token: int
+
+
+@attrs.frozen
+class NeighborTimeout:
+    peer_id: str
+    token: int
+
+
+@attrs.frozen
+class ShuffleTimeout:
+    nonce: int
+
+
+@attrs.frozen
+class RefillTimer:
+    token: int
+
+
+# --- internal state -------------------------------------------------------------------------------
+
+
+@attrs.define
+class _PassiveEntry:
+    peer: Peer
+    failures: int = 0
+    retry_at: float = 0.0
+
+
+@attrs.define
+class _PendingNeighbor:
+    """A NEIGHBOR we sent and whose answer we wait for.
+
+    `added` is true when the peer is already in our active view (we took it in from a
+    FORWARD_JOIN and wait for its confirmation), false for a request to a passive peer.
+    """
+
+    peer: Peer
+    token: int
+    high: bool
+    added: bool
+
+
+@attrs.define
+class _PendingJoin:
+    contact: Peer
+    token: int
+
+
+class HyParView:
+    """One node's HyParView state. Not thread-safe; every method returns at once.
+
+    Every input method takes the current time `now` (seconds, any monotonic origin) and
+    returns the effects to carry out, in order. After `leave` every input is ignored.
+    """
+
+    def __init__(self, me: Peer, config: HyParViewConfig, rng: random.Random) -> None:
+        self.me = me
+        self.config = config
+        self.stats = HyParViewStats()
+        self._rng = rng
+        self._active: dict[str, Peer] = {}
+        self._passive: dict[str, _PassiveEntry] = {}
+        self._pending: dict[str, _PendingNeighbor] = {}
+        self._join: _PendingJoin | None = None
+        self._shuffles: dict[int, frozenset[str]] = {}
+        self._tokens = 0
+        self._shuffle_token: int | None = None
+        self._refill_token: int | None = None
+        self._refill_at: float | None = None
+        self._left = False
+
+    # --- read-only views ------------------------------------------------------------------
+
+    @property
+    def active(self) -> tuple[Peer, ...]:
+        """The active view (peers with a symmetric link), in insertion order."""
+        return tuple(self._active.values())
+
+    @property
+    def passive(self) -> tuple[Peer, ...]:
+        """The passive view (known, not linked), in insertion order."""
+        return tuple(entry.peer for entry in self._passive.values())
+
+    @property
+    def has_left(self) -> bool:
+        return self._left
+
+    def is_active(self, peer_id: str) -> bool:
+        return peer_id in self._active
+
+    def is_passive(self, peer_id: str) -> bool:
+        return peer_id in self._passive
+
+    def needs_join(self) -> bool:
+        """True while the node is isolated: empty active view and no JOIN pending.
+
+        The driver then retries its seeds with backoff (SPEC section 4, bootstrap).
+        """
+        return not self._left and not self._active and self._join is None
+
+    def should_rejoin(self, seed_ids: Collection[str]) -> bool:
+        """Whether the driver should JOIN again through a seed to merge split overlays.
+
+        The core does not know the seeds' addresses, so the driver, every
+        `rejoin_interval`, passes their ids and, on true, calls `join` through one of them.
+
+        * On a seed (its own id is in `seed_ids`): true when no other seed is in the active
+          view. Seeds so keep a link to one another, and two healed partitions that each
+          hold a seed merge within one interval. Cost: at most one JOIN per seed per
+          interval, only after a seed lost its seed neighbor.
+        * On any other node: true when no seed is in the active view, nor in the passive
+          view with no failure on record. This is the only way a partition that holds
+          *no* seed merges back. Trade-off: the check is local and cannot tell "my
+          partition holds no seed" from "I happen not to know one"; a view holds ~35 of n
+          ids, so on a large overlay most nodes answer true, and every JOIN costs the seed
+          an eviction and ARWL-long walks (measured in the simulator: 0.3 re-joins per node
+          per minute at 100 nodes, 0.76 at 500). A driver on a large cluster should run it
+          on seeds only, or with a low probability per interval on other nodes.
+
+        False while a JOIN is pending, after `leave`, and when no other seed is named.
+        """
+        if self._left or self._join is not None:
+            return False
+        others = [seed for seed in seed_ids if seed != self.me.id]
+        if not others:
+            return False
+        if any(seed in self._active for seed in others):
+            return False
+        if self.me.id in seed_ids:
+            return True
+        for seed in others:
+            entry = self._passive.get(seed)
+            if entry is not None and entry.failures == 0:
+                return False
+        return True
+
+    def wants_link(self, peer_id: str) -> bool:
+        """True if the link to `peer_id` carries an active neighbor or a pending exchange.
+
+        Other links (e.g. the temporary one a shuffle reply came on) may be closed by the
+        driver once idle.
+        """
+        if peer_id in self._active or peer_id in self._pending:
+            return True
+        return self._join is not None and self._join.contact.id == peer_id
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Effect]:
+        """Arm the periodic shuffle (the first one after a random part of a period)."""
+        if self._left or self._shuffle_token is not None:
+            return []
+        self._shuffle_token = self._token()
+        delay = self.config.shuffle_interval * self._rng.uniform(
+            0.5, 1.0 + self.config.shuffle_jitter
+        )
+        return [SetTimer(delay, ShuffleTimer(self._shuffle_token))]
+
+    def join(self, contact: Peer, now: float) -> list[Effect]:
+        """Send JOIN to `contact` (paper section 4.2); a pending join is replaced."""
+        if self._left or contact.id == self.me.id:
+            return []
+        token = self._token()
+        self._join = _PendingJoin(contact, token)
+        self.stats.joins += 1
+        return [Send(contact, Join()), SetTimer(self.config.join_timeout, JoinTimeout(token))]
+
+    def leave(self, now: float) -> list[Effect]:
+        """Graceful leave (SPEC section 4): DISCONNECT(alive=False) to every active peer."""
+        if self._left:
+            return []
+        out: list[Effect] = []
+        for peer in self._active.values():
+            out.append(Send(peer, Disconnect(alive=False)))
+            out.append(CloseLink(peer))
+        for pending in self._pending.values():
+            if pending.peer.id not in self._active:
+                out.append(CloseLink(pending.peer))
+        self._left = True
+        self._active.clear()
+        self._pending.clear()
+        self._shuffles.clear()
+        self._join = None
+        out.append(Emit(Left()))
+        return out
+
+    def handle_message(self, sender: Peer, message: Message, now: float) -> list[Effect]:
+        """Apply one message from `sender` (the authenticated peer of the link)."""
+        if self._left or sender.id == self.me.id:
+            return []
+        out: list[Effect] = []
+        match message:
+            case Join():
+                self._on_join(sender, out, now)
+            case ForwardJoin():
+                self._on_forward_join(sender, message, out, now)
+            case Neighbor():
+                self._on_neighbor(sender, message, out, now)
+            case NeighborReply():
+                self._on_neighbor_reply(sender, message, out, now)
+            case Disconnect():
+                self._on_disconnect(sender, message, out, now)
+            case Shuffle():
+                self._on_shuffle(sender, message, out, now)
+            case ShuffleReply():
+                self._on_shuffle_reply(message, out, now)
+            case _:
+                pass  # not a membership message: the driver routes those elsewhere
+        return out
+
+    def handle_link_down(self, peer: Peer, now: float) -> list[Effect]:
+        """The link to `peer` broke, timed out, or could not be dialed (section 4.3)."""
+        if self._left:
+            return []
+        out: list[Effect] = []
+        if self._join is not None and self._join.contact.id == peer.id:
+            # The contact is unreachable: the join failed, the driver tries another seed.
+            self._join = None
+        pending = self._pending.pop(peer.id, None)
+        if peer.id in self._active:
+            self._fail_active(peer.id, out, now)
+        elif pending is not None:
+            self._candidate_failed(peer.id, now)
+        else:
+            return out  # a temporary link closing: nothing was waiting on it
+        self._refill(out, now)
+        return out
+
+    def handle_timer(self, timer: Hashable, now: float) -> list[Effect]:
+        """A timer armed with `SetTimer` fired; stale ones (old tokens) do nothing."""
+        if self._left:
+            return []
+        out: list[Effect] = []
+        match timer:
+            case ShuffleTimer(token=token) if token == self._shuffle_token:
+                self._do_shuffle(out, now)
+                self._refill(out, now)
+            case JoinTimeout(token=token) if self._join is not None and token == self._join.token:
+                self.stats.join_timeouts += 1
+                contact = self._join.contact
+                self._join = None
+                if contact.id not in self._active and contact.id not in self._pending:
+                    # Abandon the attempt for good: a late acceptance must not leave the
+                    # contact holding a link we never took (it sees the link close).
+                    out.append(CloseLink(contact))
+            case NeighborTimeout(peer_id=peer_id, token=token):
+                pending = self._pending.get(peer_id)
+                if pending is not None and pending.token == token:
+                    self._neighbor_timed_out(pending, out, now)
+            case ShuffleTimeout(nonce=nonce) if nonce in self._shuffles:
+                del self._shuffles[nonce]
+                self.stats.shuffle_timeouts += 1
+            case RefillTimer(token=token) if token == self._refill_token:
+                self._refill_token = None
+                self._refill_at = None
+                self._refill(out, now)
+            case _:
+                pass  # stale or foreign timer
+        return out
+
+    # --- JOIN and FORWARD_JOIN (paper section 4.2) ----------------------------------------
+
+    def _on_join(self, newcomer: Peer, out: list[Effect], now: float) -> None:
+        # "A node that receives a join request will start by adding the new node to its
+        # active view, even if it has to drop a random node from it" (section 4.2). We also
+        # answer, so that the newcomer adds us: views are symmetric (SPEC section 4).
+        self.stats.joins_accepted += 1
+        # A NEIGHBOR we had out to the newcomer will never be answered (it restarted, or the
+        # JOIN crossed it); this JOIN and our answer settle the link instead.
+        self._pending.pop(newcomer.id, None)
+        self._add_active(newcomer, out, now)
+        out.append(Send(newcomer, NeighborReply(accepted=True)))
+        # "...then send to all other nodes in its active view a ForwardJoin request
+        # containing the new node identifier", with time to live ARWL.
+        for peer in self._active.values():
+            if peer.id != newcomer.id:
+                out.append(Send(peer, ForwardJoin(newcomer, self.config.arwl)))
+
+    def _on_forward_join(
+        self, sender: Peer, message: ForwardJoin, out: list[Effect], now: float
+    ) -> None:
+        self.stats.forward_joins += 1
+        self._check_neighbor(sender, out)
+        newcomer = message.peer
+        if newcomer.id == self.me.id:
+            return
+        targets = [
+            peer for peer in self._active.values() if peer.id not in (sender.id, newcomer.id)
+        ]
+        # Section 4.2 i): "If the time to live is equal to zero or if the number of nodes in
+        # p's active view is equal to one, it will add the new node to its active view."
+        # Deviation 3: also when there is nobody else to forward the walk to.
+        if message.ttl == 0 or len(self._active) <= 1 or not targets:
+            if newcomer.id not in self._active:
+                self._add_active(newcomer, out, now)
+                self._send_neighbor(newcomer, high=True, added=True, out=out)
+            return
+        # ii) "If the time to live is equal to PRWL, p will insert the new node into its
+        # passive view."
+        if message.ttl == self.config.prwl:
+            self._add_passive(newcomer)
+        # iii) + iv): decrement and forward to a random active peer other than the sender.
+        target = self._rng.choice(targets)
+        self.stats.forward_joins_forwarded += 1
+        out.append(Send(target, ForwardJoin(newcomer, message.ttl - 1)))
+
+    # --- NEIGHBOR and DISCONNECT (paper section 4.3) --------------------------------------
+
+    def _on_neighbor(self, sender: Peer, message: Neighbor, out: list[Effect], now: float) -> None:
+        if sender.id in self._active:
+            out.append(Send(sender, NeighborReply(accepted=True)))
+            return
+        # "A node q that receives a high priority neighbor request will always accept the
+        # request, even if it has to drop a random member from its active view... If a node
+        # q receives a low priority Neighbor request, it will only accept the request if it
+        # has a free slot in its active view" (section 4.3). A slot reserved by a request of
+        # ours to the same peer counts as free for it (crossed requests).
+        if message.high or self._free_slots(excluding=sender.id) > 0:
+            self.stats.neighbor_accepted += 1
+            self._add_active(sender, out, now)
+            out.append(Send(sender, NeighborReply(accepted=True)))
+        else:
+            self.stats.neighbor_rejected += 1
+            self._add_passive(sender)
+            out.append(Send(sender, NeighborReply(accepted=False)))
+
+    def _on_neighbor_reply(
+        self, sender: Peer, message: NeighborReply, out: list[Effect], now: float
+    ) -> None:
+        if self._join is not None and self._join.contact.id == sender.id:
+            # The contact's answer to our JOIN (deviation 1).
+            self._join = None
+            if message.accepted:
+                self._accept_answer(sender, out, now)
+            return
+        pending = self._pending.get(sender.id)
+        if pending is None:
+            if message.accepted and sender.id not in self._active:
+                # Its request is gone (timed out, or we evicted the peer since): the peer
+                # holds a link we do not. Undo it (deviation 5).
+                self.stats.repairs += 1
+                out.append(Send(sender, Disconnect(alive=True)))
+            return
+        if pending.added:
+            # A high NEIGHBOR is never refused; a refusal answers an earlier low request
+            # to the same peer, and the confirmation is still to come.
+            if message.accepted:
+                del self._pending[sender.id]
+            return
+        del self._pending[sender.id]
+        if sender.id in self._active:
+            return  # crossed requests: the peer's own NEIGHBOR already linked us
+        if message.accepted:
+            self._accept_answer(sender, out, now)
+            return
+        # "On reject, keep the rejecter in passive and try another passive peer" (SPEC 4).
+        self.stats.neighbor_refused += 1
+        entry = self._add_passive(sender)
+        if entry is not None:
+            entry.retry_at = now + self.config.refusal_backoff
+        self._refill(out, now)
+
+    def _accept_answer(self, peer: Peer, out: list[Effect], now: float) -> None:
+        """The peer took us into its active view on our request: take it into ours."""
+        if peer.id in self._active:
+            return
+        if len(self._active) < self.config.active_size:
+            self._add_active(peer, out, now)
+            return
+        # Full after all (a high request filled the reserved slot meanwhile): decline.
+        self.stats.repairs += 1
+        out.append(Send(peer, Disconnect(alive=True)))
+        self._add_passive(peer)
+
+    def _on_disconnect(
+        self, sender: Peer, message: Disconnect, out: list[Effect], now: float
+    ) -> None:
+        # "...a node q receives a Disconnect notification, it removes p from its active
+        # view and adds p to its passive view" (section 4.3); a leaving node is forgotten.
+        pending = self._pending.get(sender.id)
+        if sender.id in self._active:
+            self._pending.pop(sender.id, None)
+            del self._active[sender.id]
+            if message.alive:
+                self.stats.evicted += 1
+                out.append(Emit(PeerDown(sender, DownReason.EVICTED)))
+                entry = self._add_passive(sender)
+                if entry is not None:
+                    # It just made room for someone else: do not ask it straight back.
+                    entry.retry_at = now + self.config.backoff_base
+            else:
+                self.stats.left += 1
+                out.append(Emit(PeerDown(sender, DownReason.LEFT)))
+                self._passive.pop(sender.id, None)
+            self._refill(out, now)
+        elif not message.alive:
+            self._passive.pop(sender.id, None)
+            if pending is not None:
+                del self._pending[sender.id]
+                self._refill(out, now)
+        # Disconnect(alive=True) from a non-neighbor is stale (it crossed one of ours, or
+        # repairs a link we no longer hold); a pending request to it is answered separately.
+
+    # --- SHUFFLE (paper section 4.4) ------------------------------------------------------
+
+    def _do_shuffle(self, out: list[Effect], now: float) -> None:
+        assert self._shuffle_token is not None
+        cfg = self.config
+        delay = cfg.shuffle_interval * self._rng.uniform(
+            1 - cfg.shuffle_jitter, 1 + cfg.shuffle_jitter
+        )
+        out.append(SetTimer(delay, ShuffleTimer(self._shuffle_token)))
+        if not self._active:
+            return
+        target = self._rng.choice(list(self._active.values()))
+        # "...a list... containing: p's own identifier, ka nodes from its active view and kp
+        # nodes from its passive view" (section 4.4).
+        others = [peer for peer in self._active.values() if peer.id != target.id]
+        sample = self._sample(others, cfg.shuffle_active)
+        passive = [entry.peer for entry in self._passive.values()]
+        sample += self._sample(passive, cfg.shuffle_passive)
+        nonce = self._rng.getrandbits(64) & U64
+        self._shuffles[nonce] = frozenset(peer.id for peer in sample)
+        self.stats.shuffles_sent += 1
+        out.append(Send(target, Shuffle(self.me, cfg.shuffle_ttl, (*sample, self.me), nonce)))
+        out.append(SetTimer(cfg.shuffle_timeout, ShuffleTimeout(nonce)))
+
+    def _on_shuffle(self, sender: Peer, message: Shuffle, out: list[Effect], now: float) -> None:
+        self._check_neighbor(sender, out)
+        origin = message.origin
+        if origin.id == self.me.id:
+            return
+        # "A node q that receives a Shuffle request will first decrease its time to live. If
+        # the time to live of the message is greater than zero and the number of nodes in q's
+        # active view is greater than 1, the node will select a random node from its active
+        # view, different from the one he received this shuffle message from, and simply
+        # forwards the Shuffle request" (section 4.4). The origin is skipped too: it would
+        # end the walk at the node that started it.
+        ttl = message.ttl - 1
+        if ttl > 0 and len(self._active) > 1:
+            targets = [
+                peer for peer in self._active.values() if peer.id not in (sender.id, origin.id)
+            ]
+            if targets:
+                self.stats.shuffles_forwarded += 1
+                target = self._rng.choice(targets)
+                out.append(Send(target, attrs.evolve(message, ttl=ttl)))
+                return
+        # "Otherwise, node q accepts the Shuffle request and send back, using a temporary
+        # TCP connection, a ShuffleReply message that includes a number of nodes selected
+        # at random from q's passive view equal to the number of nodes received".
+        self.stats.shuffles_received += 1
+        received = {peer.id for peer in message.peers}
+        candidates = [
+            entry.peer
+            for entry in self._passive.values()
+            if entry.peer.id not in received and entry.peer.id != origin.id
+        ]
+        reply = self._sample(candidates, len(message.peers))
+        out.append(Send(origin, ShuffleReply(tuple(reply), message.nonce)))
+        self._integrate(message.peers, sent={peer.id for peer in reply})
+
+    def _on_shuffle_reply(self, message: ShuffleReply, out: list[Effect], now: float) -> None:
+        sent = self._shuffles.pop(message.nonce, None)
+        if sent is None:
+            return  # unknown or timed-out nonce: not an answer to anything we asked
+        self.stats.shuffle_replies += 1
+        self._integrate(message.peers, sent=sent)
+        self._refill(out, now)
+
+    def _integrate(self, peers: Iterable[Peer], sent: Collection[str]) -> None:
+        # "...it will first attempt to remove identifiers sent to the peer. If no such
+        # identifiers remain in the passive view, it will remove identifiers at random."
+        budget = self.config.passive_size
+        for peer in peers:
+            if budget == 0:
+                break
+            if peer.id == self.me.id or peer.id in self._active or peer.id in self._passive:
+                continue
+            budget -= 1
+            self._add_passive(peer, prefer_evict=sent)
+
+    # --- view operations ------------------------------------------------------------------
+
+    def _add_active(self, peer: Peer, out: list[Effect], now: float) -> None:
+        """Put `peer` in the active view, dropping a random member if full (section 4.3)."""
+        if peer.id in self._active or peer.id == self.me.id:
+            return
+        if len(self._active) >= self.config.active_size:
+            victim = self._rng.choice([p for p in self._active.values() if p.id != peer.id])
+            self._evict(victim, out, now)
+        self._passive.pop(peer.id, None)
+        self._active[peer.id] = peer
+        out.append(Emit(PeerUp(peer)))
+
+    def _evict(self, victim: Peer, out: list[Effect], now: float) -> None:
+        # "...the member that is dropped will receive a Disconnect notification" (4.3).
+        self.stats.evictions += 1
+        del self._active[victim.id]
+        self._pending.pop(victim.id, None)
+        out.append(Emit(PeerDown(victim, DownReason.EVICTED)))
+        out.append(Send(victim, Disconnect(alive=True)))
+        out.append(CloseLink(victim))
+        entry = self._add_passive(victim)
+        if entry is not None:
+            entry.retry_at = now + self.config.backoff_base
+
+    def _add_passive(self, peer: Peer, prefer_evict: Collection[str] = ()) -> _PassiveEntry | None:
+        """Put `peer` in the passive view (or return its entry); None if it cannot be there."""
+        if peer.id == self.me.id or peer.id in self._active:
+            return None
+        entry = self._passive.get(peer.id)
+        if entry is not None:
+            return entry
+        if len(self._passive) >= self.config.passive_size:
+            # Walk the view, not the set: a set's order changes with the hash seed, and the
+            # same seed must give the same run.
+            victims = [pid for pid in self._passive if pid in prefer_evict]
+            if not victims:
+                victims = list(self._passive)
+            del self._passive[self._rng.choice(victims)]
+        entry = _PassiveEntry(peer)
+        self._passive[peer.id] = entry
+        return entry
+
+    def _fail_active(self, peer_id: str, out: list[Effect], now: float) -> None:
+        """An active peer failed: PeerDown(FAILED), passive with a failure (section 4.3)."""
+        peer = self._active.pop(peer_id)
+        self.stats.failures += 1
+        out.append(Emit(PeerDown(peer, DownReason.FAILED)))
+        entry = self._add_passive(peer)
+        if entry is not None:
+            self._record_failure(entry, now)
+
+    def _candidate_failed(self, peer_id: str, now: float) -> None:
+        entry = self._passive.get(peer_id)
+        if entry is not None:
+            self._record_failure(entry, now)
+
+    def _record_failure(self, entry: _PassiveEntry, now: float) -> None:
+        entry.failures += 1
+        if entry.failures >= self.config.max_failures:
+            self.stats.forgotten += 1
+            del self._passive[entry.peer.id]
+            return
+        backoff = self.config.backoff_base * 2 ** (entry.failures - 1)
+        entry.retry_at = now + min(backoff, self.config.backoff_max)
+
+    def _neighbor_timed_out(self, pending: _PendingNeighbor, out: list[Effect], now: float) -> None:
+        del self._pending[pending.peer.id]
+        self.stats.neighbor_timeouts += 1
+        if pending.added:
+            # Unconfirmed neighbor: the NEIGHBOR or its answer was lost. Drop it and close
+            # the link so that the peer, if it did take us in, drops us too.
+            if pending.peer.id in self._active:
+                self._fail_active(pending.peer.id, out, now)
+                out.append(CloseLink(pending.peer))
+        else:
+            self._candidate_failed(pending.peer.id, now)
+            if pending.peer.id not in self._active:
+                out.append(CloseLink(pending.peer))
+        self._refill(out, now)
+
+    def _check_neighbor(self, sender: Peer, out: list[Effect]) -> None:
+        """Deviation 5: a neighbor-only message from a non-neighbor means a one-sided link."""
+        if sender.id not in self._active:
+            self.stats.repairs += 1
+            out.append(Send(sender, Disconnect(alive=True)))
+
+    # --- refilling the active view (section 4.3) ------------------------------------------
+
+    def _free_slots(self, excluding: str | None = None) -> int:
+        reserved = sum(1 for pid, p in self._pending.items() if not p.added and pid != excluding)
+        return self.config.active_size - len(self._active) - reserved
+
+    def _refill(self, out: list[Effect], now: float) -> None:
+        # "When a node p suspects that one of the nodes present in its active view has
+        # failed... it selects a random node q from its passive view and attempts to
+        # establish a TCP connection with q... If the connection fails to establish, node q
+        # is considered failed... another node q' is selected at random and a new attempt is
+        # made" (section 4.3), with a NEIGHBOR of high priority if the active view is empty.
+        if self._left:
+            return
+        slots = self._free_slots()
+        while slots > 0:
+            ready = [
+                entry
+                for pid, entry in self._passive.items()
+                if entry.retry_at <= now and pid not in self._pending
+            ]
+            if not ready:
+                self._arm_refill(out, now)
+                return
+            entry = self._rng.choice(ready)
+            high = not self._active and not any(p.high for p in self._pending.values())
+            self._send_neighbor(entry.peer, high=high, added=False, out=out)
+            slots -= 1
+
+    def _arm_refill(self, out: list[Effect], now: float) -> None:
+        waiting = [
+            entry.retry_at for pid, entry in self._passive.items() if pid not in self._pending
+        ]
+        if not waiting:
+            return
+        at = min(waiting)
+        if self._refill_at is not None and self._refill_at <= at:
+            return  # an earlier refill is already armed
+        self._refill_token = self._token()
+        self._refill_at = at
+        out.append(SetTimer(max(at - now, 0.0), RefillTimer(self._refill_token)))
+
+    def _send_neighbor(self, peer: Peer, *, high: bool, added: bool, out: list[Effect]) -> None:
+        token = self._token()
+        self._pending[peer.id] = _PendingNeighbor(peer, token, high, added)
+        self.stats.neighbor_requests += 1
+        out.append(Send(peer, Neighbor(high=high)))
+        out.append(SetTimer(self.config.neighbor_timeout, NeighborTimeout(peer.id, token)))
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _token(self) -> int:
+        self._tokens += 1
+        return self._tokens
+
+    def _sample(self, peers: list[Peer], count: int) -> list[Peer]:
+        if count <= 0 or not peers:
+            return []
+        if len(peers) <= count:
+            result = list(peers)
+            self._rng.shuffle(result)
+            return result
+        return self._rng.sample(peers, count)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if a view invariant is broken (used by the tests and the sim)."""
+        assert self.me.id not in self._active, "self in the active view"
+        assert self.me.id not in self._passive, "self in the passive view"
+        assert len(self._active) <= self.config.active_size, "active view over size"
+        assert len(self._passive) <= self.config.passive_size, "passive view over size"
+        assert not (self._active.keys() & self._passive.keys()), "a peer in both views"
+        for pid, pending in self._pending.items():
+            assert pid == pending.peer.id
+            assert not pending.added or pid in self._active, "confirmation for a non-neighbor"

@@ -1,0 +1,263 @@
+"""The replicated map's state: a last-writer-wins map with HLC dots and HLC tombstones.
+
+This module owns the entries and their merge rule; `trio_replica.ormap_wire` owns their wire
+form and the validation of entries received from peers. Nothing here does I/O or reads a
+clock: dots are minted by the caller (`HybridClock.now()` plus the node id).
+
+Theory of operation (SPEC section 7). barrel_p2p calls it an OR-Map; it is in fact an LWW
+map whose entries are stamped with a *dot* ``(node id, HLC timestamp)``:
+
+* ``Value(value, dot)``: the key holds `value`, written by `dot.node` at `dot.ts`. Only the
+  greatest dot is kept (one dot per write), so an entry's size never grows with the number
+  of writes, unlike barrel_p2p's dot sets.
+* ``Tombstone(dot)``: the key was removed by `dot.node` at `dot.ts`. A tombstone is kept
+  (invisible) so that a delayed, older add cannot resurrect the key.
+
+Merge per key keeps the greater entry in one total order (`supersedes`):
+
+1. the greater HLC wins;
+2. at the same HLC a value beats a tombstone: a tombstone wins only when *strictly* newer
+   than the value's dot, so a remove concurrent with a write (same HLC) loses, as in an
+   add-wins OR-Set;
+3. at the same HLC and kind, the greater node id wins (the SPEC's tie-break);
+4. two values with the very same dot (a node that reused its id after its clock went back)
+   are ordered by their canonical CBOR encoding, so every replica still picks the same one.
+
+Because the order is total, merge is a join-semilattice (commutative, associative,
+idempotent) on whole entries, not only on visible values, and any delivery order,
+duplication or loss-then-resend of deltas converges to the same map. A delta or snapshot
+only ever carries entries, never absences: a partial sync cannot remove a key.
+
+Tombstone collection: `gc_tombstones(now_ms, ttl_ms)` drops tombstones older than a TTL.
+Caveat, inherent to every TTL-collected tombstone scheme: a peer that was partitioned for
+longer than the TTL and still holds a value older than the (now forgotten) remove will
+resurrect that key when it syncs again. Choose a TTL longer than any partition you expect
+to heal by sync rather than by rejoining from scratch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import cbor2
+
+from .hlc import HybridClock, Timestamp
+
+#: A map key: plain CBOR scalars that hash the same on every node.
+Key = str | bytes | int
+
+
+@attrs.frozen(order=False)
+class Dot:
+    """Who wrote an entry and when: a node id and its HLC timestamp at that write.
+
+    Dots order by timestamp, then node id (the SPEC's tie-break between writers).
+    """
+
+    node: str
+    ts: Timestamp
+
+    def __lt__(self, other: Dot) -> bool:
+        return (self.ts, self.node) < (other.ts, other.node)
+
+    def __le__(self, other: Dot) -> bool:
+        return (self.ts, self.node) <= (other.ts, other.node)
+
+    def __gt__(self, other: Dot) -> bool:
+        return (self.ts, self.node) > (other.ts, other.node)
+
+    def __ge__(self, other: Dot) -> bool:
+        return (self.ts, self.node) >= (other.ts, other.node)
+
+    def __str__(self) -> str:
+        return f"{self.node}@{self.ts}"
+
+
+@attrs.frozen
+class Value:
+    """A key's live value and the dot of the write that set it."""
+
+    value: Any
+    dot: Dot
+
+
+@attrs.frozen
+class Tombstone:
+    """A key's removal: the dot of the remove (the remover's node id and its HLC)."""
+
+    dot: Dot
+
+
+Entry = Value | Tombstone
+
+
+def _canonical(value: Any) -> bytes:
+    """Canonical CBOR of a value: the last-resort tie-break between two equal dots."""
+    try:
+        return bytes(cbor2.dumps(value, canonical=True))
+    except (cbor2.CBOREncodeError, TypeError, ValueError):
+        # Only a local value that bypassed validation gets here; it never travels, so a
+        # stable local order is enough.
+        return b"\xff" + repr(value).encode("utf-8", "backslashreplace")
+
+
+def supersedes(new: Entry, old: Entry) -> bool:
+    """Whether `new` replaces `old` in the merge order (module doc, rules 1-4).
+
+    Strict: an entry never supersedes itself or an identical copy.
+    """
+    new_ts = new.dot.ts
+    old_ts = old.dot.ts
+    if new_ts != old_ts:
+        return new_ts > old_ts
+    if isinstance(new, Value):
+        if not isinstance(old, Value):
+            return True
+        if new.dot.node != old.dot.node:
+            return new.dot.node > old.dot.node
+        return new.value is not old.value and _canonical(new.value) > _canonical(old.value)
+    if isinstance(old, Value):
+        return False
+    return new.dot.node > old.dot.node
+
+
+def visible_change(old: Entry | None, new: Entry | None) -> bool:
+    """Whether replacing `old` by `new` changes what a reader sees (presence or value).
+
+    Values compare by canonical encoding, so ``1`` and ``True``, or ``0.0`` and ``-0.0``,
+    count as different (they travel differently) and a rewrite of the same data does not.
+    """
+    if not isinstance(old, Value) or not isinstance(new, Value):
+        return isinstance(old, Value) != isinstance(new, Value)
+    return old.value is not new.value and _canonical(old.value) != _canonical(new.value)
+
+
+@attrs.define
+class ORMap:
+    """One replica's entries, mutable in place; reads are plain dict lookups.
+
+    Visible reads (`get`, `keys`, `items`, `len`, `in`) see values only; `entry` and
+    `entries` also show tombstones. Keys must be str, bytes or int and values plain CBOR
+    data; entries from peers are checked by `trio_replica.ormap_wire.ingest`, local writes
+    by their caller.
+    """
+
+    _entries: dict[Key, Entry] = attrs.field(factory=dict, alias="entries")
+    # Count of visible values, kept up to date so that len() is O(1).
+    _live: int = attrs.field(default=0, init=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._live = sum(1 for e in self._entries.values() if type(e) is Value)
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def merge_entry(self, key: Key, entry: Entry) -> bool:
+        """Merge one entry; return whether it replaced the stored one (state changed)."""
+        old = self._entries.get(key)
+        if old is not None and not supersedes(entry, old):
+            return False
+        self._entries[key] = entry
+        self._live += (type(entry) is Value) - (old is not None and type(old) is Value)
+        return True
+
+    def add(self, key: Key, value: Any, dot: Dot) -> bool:
+        """Write `value` under `key` with a freshly minted `dot`; True if it took effect."""
+        return self.merge_entry(key, Value(value, dot))
+
+    def remove(self, key: Key, dot: Dot) -> bool:
+        """Remove `key` with a freshly minted `dot`; True if the tombstone took effect.
+
+        The tombstone is stored even if the key is absent here: the add it cancels may still
+        be on its way.
+        """
+        return self.merge_entry(key, Tombstone(dot))
+
+    def merge(self, other: ORMap) -> list[Key]:
+        """Merge every entry of `other` into this map (in place).
+
+        Return the keys whose visible value changed, for change events.
+        """
+        changed: list[Key] = []
+        entries = self._entries
+        for key, entry in other._entries.items():
+            old = entries.get(key)
+            if old is not None and not supersedes(entry, old):
+                continue
+            entries[key] = entry
+            self._live += (type(entry) is Value) - (old is not None and type(old) is Value)
+            if visible_change(old, entry):
+                changed.append(key)
+        return changed
+
+    def gc_tombstones(self, now_ms: int, ttl_ms: int) -> int:
+        """Drop tombstones whose HLC wall is more than `ttl_ms` before `now_ms`.
+
+        Return how many were dropped. See the module doc for the resurrection caveat.
+        """
+        if len(self._entries) == self._live:
+            return 0
+        horizon = now_ms - ttl_ms
+        expired = [
+            key
+            for key, entry in self._entries.items()
+            if type(entry) is Tombstone and entry.dot.ts.wall < horizon
+        ]
+        for key in expired:
+            del self._entries[key]
+        return len(expired)
+
+    def absorb_clock(self, clock: HybridClock) -> None:
+        """Move `clock` past the greatest HLC held here, e.g. after loading from disk, so
+        that the next local write supersedes every stored entry.
+
+        Raises `ClockSkewError` (clock unmoved) if that HLC is beyond the clock's skew
+        bound: the local physical clock went back further than the bound allows.
+        """
+        if self._entries:
+            clock.update(max(entry.dot.ts for entry in self._entries.values()))
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        entry = self._entries.get(key)
+        return entry.value if type(entry) is Value else default
+
+    def __getitem__(self, key: Key) -> Any:
+        entry = self._entries.get(key)
+        if type(entry) is not Value:
+            raise KeyError(key)
+        return entry.value
+
+    def __contains__(self, key: object) -> bool:
+        return type(self._entries.get(key)) is Value  # type: ignore[call-overload]
+
+    def __len__(self) -> int:
+        return self._live
+
+    def keys(self) -> Iterator[Key]:
+        return (k for k, e in self._entries.items() if type(e) is Value)
+
+    def items(self) -> Iterator[tuple[Key, Any]]:
+        return ((k, e.value) for k, e in self._entries.items() if type(e) is Value)
+
+    def entry(self, key: Key) -> Entry | None:
+        """The stored entry for `key` (value or tombstone), or None."""
+        return self._entries.get(key)
+
+    def entries(self) -> Iterator[tuple[Key, Entry]]:
+        """Every stored entry, tombstones included: what a full snapshot carries."""
+        return iter(self._entries.items())
+
+    @property
+    def tombstones(self) -> int:
+        """How many tombstones are stored."""
+        return len(self._entries) - self._live
+
+    def copy(self) -> ORMap:
+        """An independent map with the same entries (entries are immutable and shared)."""
+        twin = ORMap()
+        twin._entries = dict(self._entries)
+        twin._live = self._live
+        return twin

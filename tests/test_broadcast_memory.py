@@ -68,7 +68,9 @@ async def test_200_nodes_reach_everyone_along_a_tree(
                     await trio.sleep(0.05)
                 with trio.fail_after(30):
                     await wait_until(
-                        lambda: all(collector.reached(k, nodes) == n for k in range(first, first + count))
+                        lambda: all(
+                            collector.reached(k, nodes) == n for k in range(first, first + count)
+                        )
                     )
 
             await send_and_wait(20, 0)  # warm-up: duplicates prune the tree
@@ -88,7 +90,10 @@ async def test_200_nodes_reach_everyone_along_a_tree(
             with trio.fail_after(60):
                 await wait_until(lambda: overlay_ok(survivors, min_active=2), poll=0.25)
             await send_and_wait_survivors(survivors, collector, rng, 20, 5000)
-            print(f"after crashing {n // 5} nodes: 20 broadcasts reached all {len(survivors)} survivors")
+            print(
+                f"after crashing {n // 5} nodes: 20 broadcasts reached "
+                f"all {len(survivors)} survivors"
+            )
             followers.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 
@@ -101,7 +106,9 @@ async def send_and_wait_survivors(
         await trio.sleep(0.05)
     with trio.fail_after(30):
         await wait_until(
-            lambda: all(collector.reached(k, nodes) == len(nodes) for k in range(first, first + count))
+            lambda: all(
+                collector.reached(k, nodes) == len(nodes) for k in range(first, first + count)
+            )
         )
 
 

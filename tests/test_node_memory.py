@@ -79,8 +79,10 @@ async def test_wrong_secret_and_wrong_cluster_are_refused(
         other = Cluster(nursery, net, base=NodeConfig(name="x", secret=b"s" * 16, cluster="other"))
         d = await other.start("d", [a.address])
         await wait_until(
-            lambda: sum(a.stats()["handshakes_refused"].values()) >= 2
-            and b.stats()["handshakes_refused"]
+            lambda: (
+                sum(a.stats()["handshakes_refused"].values()) >= 2
+                and b.stats()["handshakes_refused"]
+            )
         )
         assert a.active_view() == [] and b.active_view() == [] and d.active_view() == []
         assert a.stats()["handshakes_refused"].get("cluster", 0) >= 1

@@ -36,6 +36,7 @@ __all__ = [
     "HandshakeError",
     "Left",
     "LinkClosed",
+    "LinkConfig",
     "MessageId",
     "MessageTooLarge",
     "Node",

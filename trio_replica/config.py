@@ -13,6 +13,7 @@ import secrets
 import ssl
 import urllib.parse
 from collections.abc import Iterable
+from pathlib import Path
 
 import attrs
 
@@ -21,6 +22,7 @@ from .core.plumtree import PlumtreeConfig
 from .errors import ConfigError
 from .link import LinkConfig
 from .messages import MAX_CLUSTER, MAX_NODE_ID
+from .replica import ReplicaConfig
 
 #: Largest application payload (a broadcast, a value) by default.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
@@ -91,6 +93,9 @@ class NodeConfig:
     link: LinkConfig = attrs.field(factory=LinkConfig)
     membership: HyParViewConfig = attrs.field(factory=HyParViewConfig)
     broadcast: PlumtreeConfig = attrs.field(factory=PlumtreeConfig)
+    replica: ReplicaConfig = attrs.field(factory=ReplicaConfig)
+    #: Where persistent maps keep their SQLite files (needed for ``open_map(persist=True)``).
+    data_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     #: Largest application payload accepted for a broadcast or a replicated value, in bytes.
     max_payload: int = DEFAULT_MAX_PAYLOAD
     #: Seed retry backoff while isolated: first delay and cap, in seconds.

@@ -208,6 +208,39 @@ class Prune(Message):
     KIND: ClassVar[int] = 23
 
 
+# --- replica instances (direct messages, not broadcast) -------------------------------------
+
+
+@attrs.frozen
+class SyncRequest(Message):
+    """Ask the peer to send us the full state of its replica instance `name`."""
+
+    KIND: ClassVar[int] = 30
+    name: str
+
+
+@attrs.frozen
+class SyncChunk(Message):
+    """One bounded piece of a full sync of instance `name`.
+
+    `items` is the CBOR encoding of a list of snapshot items; a chunk is complete in itself
+    (a snapshot of some keys), so chunks can be applied as they come and a missing chunk
+    never implies a removal. `sync_id` groups the chunks of one sync, `seq` numbers them,
+    `last` marks the final one.
+    """
+
+    KIND: ClassVar[int] = 31
+    CONTROL: ClassVar[bool] = False
+    name: str
+    sync_id: int
+    seq: int
+    last: bool
+    items: bytes
+
+
+REPLICA_KINDS: tuple[type[Message], ...] = (SyncRequest, SyncChunk)
+
+
 # --- control path (command-line client to node) -------------------------------------------
 
 #: Longest control operation name.

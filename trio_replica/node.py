@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -31,8 +32,8 @@ from .config import NodeConfig
 from .core.effects import Effect
 from .core.hyparview import HyParView
 from .core.plumtree import Plumtree
-from .errors import HandshakeError, LinkClosed, NodeClosed
-from .events import Delivery, Event, PeerDown, PeerUp, Resubscribed
+from .errors import ConfigError, HandshakeError, NodeClosed
+from .events import Delivery, Event, PeerDown, PeerUp
 from .hlc import HybridClock
 from .link import (
     Credentials,
@@ -40,11 +41,13 @@ from .link import (
     handshake_as_dialer,
     handshake_as_listener,
 )
+from .maps import DEFAULT_TOMBSTONE_TTL, ReplicatedMap
 from .membership import Membership
 from .messages import (
     HYPARVIEW_KINDS,
     MAX_TAG,
     PLUMTREE_KINDS,
+    REPLICA_KINDS,
     ControlRequest,
     Gossip,
     Hello,
@@ -52,7 +55,11 @@ from .messages import (
     MessageId,
     Peer,
     Role,
+    SyncChunk,
+    SyncRequest,
 )
+from .ormap_wire import Validator
+from .replica import Replica, ReplicaCallbacks
 from .stats import NodeStats
 from .subscription import Subscription
 from .wire import encode_payload
@@ -64,6 +71,9 @@ PENDING_DIAL_LIMIT = 256
 
 _MEMBERSHIP_KINDS = frozenset(HYPARVIEW_KINDS)
 _BROADCAST_KINDS = frozenset(PLUMTREE_KINDS)
+_REPLICA_KINDS = frozenset(REPLICA_KINDS)
+#: Names of persisted maps become file names: keep them to a safe alphabet.
+_MAP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
 @attrs.define
@@ -118,6 +128,10 @@ class Node:
         self.me = Peer(self.id, "")
         self._creds = Credentials(config.cluster, config.secret or b"", self.me)
         self.membership: Membership
+        self._replicas: dict[str, Replica] = {}
+        self._maps: dict[str, ReplicatedMap] = {}
+        self._map_tasks: dict[str, trio.CancelScope] = {}
+        self._map_lock = trio.Lock()
         self.broadcaster: Broadcast
         self.clock = HybridClock()
         self._control_ops: dict[str, ControlOp] = {"status": self._op_status}
@@ -151,6 +165,12 @@ class Node:
         self.spawn(self._seeder)
         self.spawn(self._janitor)
         log.info("node %s listening on %s", self.id, self.address)
+
+    async def _close_stores(self) -> None:
+        with trio.CancelScope(shield=True):
+            for the_map in self._maps.values():
+                if the_map._store is not None:
+                    await the_map._store.aclose()
 
     def abort(self) -> None:
         """Stop the node at once, as a crash would: no graceful leave, every task cancelled.
@@ -188,7 +208,10 @@ class Node:
         return scope
 
     async def _in_scope(
-        self, scope: trio.CancelScope, fn: Callable[..., Awaitable[object]], args: tuple[object, ...]
+        self,
+        scope: trio.CancelScope,
+        fn: Callable[..., Awaitable[object]],
+        args: tuple[object, ...],
     ) -> None:
         try:
             with scope:
@@ -280,6 +303,12 @@ class Node:
         if not isinstance(tag, str) or not 0 < len(tag) <= MAX_TAG:
             raise ValueError(f"tag must be a string of 1 to {MAX_TAG} characters")
         encoded = encode_payload(payload, max_size=self.config.max_payload)
+        return await self.broadcast_encoded(tag, encoded, payload)
+
+    async def broadcast_encoded(self, tag: str, encoded: bytes, payload: Any) -> MessageId:
+        """`broadcast` for a payload the caller already encoded (and size-checked)."""
+        if self._closing:
+            raise NodeClosed("the node is closing")
         message_id = self.broadcaster.new_id(self._rng)
         await self.broadcaster.post(self.broadcaster.originate(message_id, tag, encoded, payload))
         return message_id
@@ -351,6 +380,97 @@ class Node:
             "passive": [[p.id, p.address] for p in self.passive_view()],
             "stats": self.stats(),
         }
+
+    # --- replicas and maps ------------------------------------------------------------------
+
+    async def open_replica(self, name: str, callbacks: ReplicaCallbacks) -> Replica:
+        """Start the replica driver of instance `name`, owned by `callbacks` (already running).
+
+        One driver per name on a node; the instance's broadcasts are scoped by its name.
+        """
+        if self._closing:
+            raise NodeClosed("the node is closing")
+        if name in self._replicas:
+            raise ValueError(f"replica instance {name!r} is already open on this node")
+        replica = Replica(
+            self, name, callbacks, self.config.replica, random.Random(self._rng.getrandbits(64))
+        )
+        self._replicas[name] = replica
+        try:
+            await self.start_task(replica.run)
+        except BaseException:
+            self._replicas.pop(name, None)
+            raise
+        return replica
+
+    async def open_map(
+        self,
+        name: str,
+        *,
+        validator: Validator | None = None,
+        persist: bool = False,
+        tombstone_ttl: float = DEFAULT_TOMBSTONE_TTL,
+    ) -> ReplicatedMap:
+        """Open (or return the already open) replicated map `name` on this node.
+
+        `validator(key, value)` refuses a local put with `ValidationError` and a remote
+        entry with a counted rejection. With `persist=True` the map lives in an SQLite file
+        in `config.data_dir`: a put returns once it is durable, and reopening the map after
+        a restart recovers it, then pulls what it missed from the peers.
+        """
+        async with self._map_lock:
+            existing = self._maps.get(name)
+            if existing is not None:
+                return existing
+            if not _MAP_NAME.fullmatch(name):
+                raise ValueError("map names are 1 to 100 characters of [A-Za-z0-9_.-]")
+            if not tombstone_ttl > 0:
+                raise ValueError("tombstone_ttl must be positive")
+            store = None
+            if persist:
+                if self.config.data_dir is None:
+                    raise ConfigError("persist=True needs NodeConfig.data_dir (--data-dir)")
+                from .store import MapStore
+
+                self.config.data_dir.mkdir(parents=True, exist_ok=True)
+                store = await MapStore.open(self.config.data_dir / f"{name}.sqlite3", name=name)
+            the_map = ReplicatedMap(
+                self, name, validator=validator, tombstone_ttl=tombstone_ttl, store=store
+            )
+            try:
+                recovered = await the_map._recover()
+                if recovered:
+                    log.info("node %s: map %s recovered %d entries", self.id, name, recovered)
+                the_map.replica = await self.open_replica(name, the_map)
+            except BaseException:
+                if store is not None:
+                    with trio.CancelScope(shield=True):
+                        await store.aclose()
+                raise
+            gc_scope = trio.CancelScope()
+            self._map_tasks[name] = gc_scope
+            self.spawn(self._run_in, gc_scope, the_map._collect_tombstones)
+            self._maps[name] = the_map
+            return the_map
+
+    async def _run_in(self, scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:
+        with scope:
+            await fn()
+
+    async def _close_map(self, name: str) -> None:
+        the_map = self._maps.pop(name, None)
+        if the_map is None:
+            return
+        self._map_tasks.pop(name).cancel()
+        replica = self._replicas.pop(name)
+        await replica.aclose()
+        if the_map._store is not None:
+            with trio.CancelScope(shield=True):
+                await the_map._store.aclose()
+
+    def maps(self) -> dict[str, ReplicatedMap]:
+        """The maps open on this node, by name."""
+        return dict(self._maps)
 
     async def _op_status(self, _args: Any) -> dict[str, Any]:
         return self.status()
@@ -564,6 +684,14 @@ class Node:
                     await self.broadcaster.post(run)
             else:
                 await self.broadcaster.post(self.broadcaster.receive(peer, message))
+        elif kind in _REPLICA_KINDS:
+            assert isinstance(message, SyncRequest | SyncChunk)
+            replica = self._replicas.get(message.name)
+            if replica is None:
+                # Not an error of the peer: it hosts a map this node does not (yet) open.
+                self.stats_counters.drop(f"no_such_replica:{kind.__name__}")
+            else:
+                replica.deliver_direct(peer, message)
         else:
             self.stats_counters.reject("unexpected_kind")
             log.warning("node %s: unexpected %s from %s", self.id, kind.__name__, peer)
@@ -640,17 +768,20 @@ async def open_node(
     """
     if transport is None:
         transport = default_transport(config)
-    async with trio.open_nursery() as nursery:
-        node = Node(config, transport, nursery)
-        try:
-            await node._start()
-            yield node
-        finally:
+    node: Node | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            node = Node(config, transport, nursery)
             try:
-                await node._stop()
+                await node._start()
+                yield node
             finally:
-                node._cancel_tasks()
-                nursery.cancel_scope.cancel()
-
-
-__all__ = ["LinkClosed", "Node", "NodeClosed", "PeerDown", "PeerUp", "Resubscribed", "open_node"]
+                try:
+                    await node._stop()
+                finally:
+                    node._cancel_tasks()
+                    nursery.cancel_scope.cancel()
+    finally:
+        # Every task has ended: no write can be in flight while the stores close.
+        if node is not None:
+            await node._close_stores()

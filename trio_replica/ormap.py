@@ -191,19 +191,23 @@ class ORMap:
                 changed.append(key)
         return changed
 
+    def expired_tombstones(self, now_ms: int, ttl_ms: int) -> list[Key]:
+        """Keys whose tombstone's HLC wall is more than `ttl_ms` before `now_ms`."""
+        if len(self._entries) == self._live:
+            return []
+        horizon = now_ms - ttl_ms
+        return [
+            key
+            for key, entry in self._entries.items()
+            if type(entry) is Tombstone and entry.dot.ts.wall < horizon
+        ]
+
     def gc_tombstones(self, now_ms: int, ttl_ms: int) -> int:
         """Drop tombstones whose HLC wall is more than `ttl_ms` before `now_ms`.
 
         Return how many were dropped. See the module doc for the resurrection caveat.
         """
-        if len(self._entries) == self._live:
-            return 0
-        horizon = now_ms - ttl_ms
-        expired = [
-            key
-            for key, entry in self._entries.items()
-            if type(entry) is Tombstone and entry.dot.ts.wall < horizon
-        ]
+        expired = self.expired_tombstones(now_ms, ttl_ms)
         for key in expired:
             del self._entries[key]
         return len(expired)

@@ -90,6 +90,8 @@ class IngestResult:
     changed_keys: tuple[Key, ...]
     applied: int
     rejected: tuple[Rejection, ...]
+    #: Keys whose stored entry was replaced (what a persistent store must write).
+    applied_keys: tuple[Key, ...] = ()
 
 
 class _Rejected(Exception):
@@ -295,7 +297,7 @@ def ingest(
             applied += 1
             before.setdefault(key, old)
     changed = tuple(k for k, old in before.items() if visible_change(old, local.entry(k)))
-    return IngestResult(changed, applied, tuple(rejected))
+    return IngestResult(changed, applied, tuple(rejected), tuple(before))
 
 
 def _run_validator(validator: Validator, key: Key, value: Any) -> None:

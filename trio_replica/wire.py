@@ -60,6 +60,8 @@ from .messages import (
     Role,
     Shuffle,
     ShuffleReply,
+    SyncChunk,
+    SyncRequest,
     Welcome,
 )
 
@@ -333,6 +335,17 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
         lambda f, _: Graft(check_message_id(f[0]), check_int(f[1], 0, MAX_ROUND, "round")),
     ),
     Prune.KIND: (0, lambda f, _: Prune()),
+    SyncRequest.KIND: (1, lambda f, _: SyncRequest(check_str(f[0], MAX_TAG, "name"))),
+    SyncChunk.KIND: (
+        5,
+        lambda f, max_payload: SyncChunk(
+            check_str(f[0], MAX_TAG, "name"),
+            check_int(f[1], 0, U64, "sync id"),
+            check_int(f[2], 0, 2**32 - 1, "seq"),
+            check_bool(f[3], "last"),
+            check_bytes(f[4], max_payload, "items"),
+        ),
+    ),
     ControlRequest.KIND: (
         3,
         lambda f, max_payload: ControlRequest(
@@ -402,6 +415,11 @@ def _array_header(n: int) -> bytes:
 _VERSION_ITEM = bytes(cbor2.dumps(PROTOCOL_VERSION))
 #: Bytes a frame adds around its messages (array header and version), at most.
 FRAME_OVERHEAD = 5 + len(_VERSION_ITEM)
+
+
+def cbor_array(parts: Sequence[bytes]) -> bytes:
+    """A CBOR array from items each already encoded (e.g. to chunk a list by size)."""
+    return b"".join((_array_header(len(parts)), *parts))
 
 
 def frame_from_parts(parts: Sequence[bytes]) -> bytes:

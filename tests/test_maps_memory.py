@@ -1,0 +1,166 @@
+"""Replicated maps over the in-memory network (virtual time)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+import trio.testing
+
+from transports.memory import MemoryNetwork
+from trio_replica.config import NodeConfig
+from trio_replica.maps import Put, Removed, ReplicatedMap
+from trio_replica.node import Node
+from trio_replica.replica import ReplicaConfig
+
+from .harness import Cluster, overlay_ok, wait_until
+
+
+async def _cluster(c: Cluster, n: int, prefix: str = "m") -> list[Node]:
+    seed = await c.start(f"{prefix}0")
+    for i in range(1, n):
+        await c.start(f"{prefix}{i}", [seed.address])
+    with trio.fail_after(60):
+        await wait_until(lambda: overlay_ok(c.live(), min_active=min(2, n - 1)))
+    return c.live()
+
+
+def converged(maps: list[ReplicatedMap]) -> bool:
+    first = sorted(maps[0].items())
+    return all(sorted(m.items()) == first for m in maps[1:])
+
+
+async def test_put_delete_and_concurrent_writes_converge(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork(seed=21)
+    async with trio.open_nursery() as nursery:
+        nodes = await _cluster(Cluster(nursery, net), 5)
+        maps = [await n.open_map("users") for n in nodes]
+        async with maps[3].subscribe() as events:
+            await maps[0].put("alice", {"age": 30})
+            with trio.fail_after(5):
+                await wait_until(lambda: all(m.get("alice") == {"age": 30} for m in maps))
+                assert await events.receive() == Put("alice", {"age": 30}, nodes[0].id)
+            await maps[1].delete("alice")
+            with trio.fail_after(5):
+                await wait_until(lambda: all("alice" not in m for m in maps))
+                assert await events.receive() == Removed("alice", nodes[1].id)
+        # Concurrent writes to one key from every node: one winner everywhere.
+        async with trio.open_nursery() as writers:
+            for i, m in enumerate(maps):
+                writers.start_soon(m.put, "k", i)
+        with trio.fail_after(10):
+            await wait_until(lambda: converged(maps) and "k" in maps[0])
+        winner = maps[0].entry("k")
+        assert winner is not None
+        assert all(m.entry("k") == winner for m in maps)
+        assert (await nodes[0].open_map("users")) is maps[0]  # same name, same map
+        nursery.cancel_scope.cancel()
+
+
+async def test_map_opened_late_gets_existing_state(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork(seed=22)
+    async with trio.open_nursery() as nursery:
+        nodes = await _cluster(Cluster(nursery, net), 4)
+        first = await nodes[0].open_map("late")
+        for i in range(50):
+            await first.put(f"k{i}", i)
+        await first.delete("k0")
+        others = [await n.open_map("late") for n in nodes[1:]]
+        with trio.fail_after(10):
+            await wait_until(lambda: converged([first, *others]))
+        assert len(others[-1]) == 49 and "k0" not in others[-1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_partitioned_halves_converge_after_heal(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork(seed=23)
+    ae = 10.0
+    base = NodeConfig(name="x", replica=ReplicaConfig(anti_entropy_interval=ae))
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net, base=base)
+        nodes = await _cluster(c, 20, prefix="p")
+        maps = [await n.open_map("data") for n in nodes]
+        left, right = [n.id for n in nodes[:10]], [n.id for n in nodes[10:]]
+        net.partition(left, right)
+        for i in range(30):
+            await maps[i % 10].put(f"L{i}", i)
+            await maps[10 + i % 10].put(f"R{i}", i)
+            await maps[i % 20].put("shared", f"w{i}")  # written on both sides
+            await trio.sleep(0.1)
+        await trio.sleep(10)  # both sides notice the cut and carry on
+        net.heal()
+        healed = trio.current_time()
+        with trio.fail_after(ae * 1.25 + 60):
+            await wait_until(lambda: converged(maps) and len(maps[0]) == 61, poll=0.5)
+        took = trio.current_time() - healed
+        print(f"\n20 nodes, two halves written apart: converged {took:.1f} s after the heal")
+        winner = max((m.entry("shared") for m in maps), key=lambda e: e.dot)  # type: ignore[arg-type,return-value]
+        assert all(m.entry("shared") == winner for m in maps)
+        nursery.cancel_scope.cancel()
+
+
+class NoAntiEntropyMap(ReplicatedMap):
+    anti_entropy = False
+
+
+async def _missed_delta(
+    net: MemoryNetwork, nodes: list[Node], maps: list[Any], victim: int
+) -> None:
+    """Drop every frame to and from one node long enough to lose a delta and its IHAVEs."""
+    others = [n.id for i, n in enumerate(nodes) if i != victim]
+    for other in others:
+        net.set_link(nodes[victim].id, other, loss=1.0)
+    await maps[0].put("missed", 1)
+    await trio.sleep(1.0)  # longer than the IHAVE batch window, shorter than the idle timeout
+    for other in others:
+        net.set_link(nodes[victim].id, other, loss=0.0)
+
+
+async def test_anti_entropy_off_stays_behind_on_catches_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    for anti_entropy in (False, True):
+        net = MemoryNetwork(seed=24)
+        base = NodeConfig(name="x", replica=ReplicaConfig(anti_entropy_interval=5.0))
+        async with trio.open_nursery() as nursery:
+            nodes = await _cluster(Cluster(nursery, net, base=base), 4, prefix=f"a{anti_entropy:d}")
+            if anti_entropy:
+                maps: list[Any] = [await n.open_map("ae") for n in nodes]
+            else:
+                maps = []
+                for n in nodes:
+                    m = NoAntiEntropyMap(n, "ae", validator=None, tombstone_ttl=3600)
+                    m.replica = await n.open_replica("ae", m)
+                    maps.append(m)
+            await trio.sleep(1)
+            await _missed_delta(net, nodes, maps, victim=3)
+            await trio.sleep(30)
+            caught_up = maps[3].get("missed") == 1
+            assert all(m.get("missed") == 1 for m in maps[:3])
+            assert caught_up is anti_entropy, f"anti_entropy={anti_entropy}"
+            nursery.cancel_scope.cancel()
+
+
+async def test_receiver_broadcast_crash_recovers_every_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork(seed=25)
+    async with trio.open_nursery() as nursery:
+        nodes = await _cluster(Cluster(nursery, net), 5, prefix="r")
+        maps = [await n.open_map("stream") for n in nodes]
+        writer, receiver = maps[0], maps[4]
+        for i in range(100):
+            await writer.put(i, i)
+            if i == 50:
+                nodes[4].crash_component("broadcast")
+            await trio.sleep(0.01)
+        with trio.fail_after(10):
+            await wait_until(lambda: len(receiver) == 100)
+        assert receiver.replica.stats.resyncs_after_resubscribe >= 1
+        assert nodes[4].broadcaster.crashes == 1
+        assert converged(maps)
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,264 @@
+"""`ReplicatedMap`: a named last-writer-wins map replicated on every node that opens it.
+
+The map is the owner of a replica instance (`trio_replica.replica`): it holds the OR-Map
+(`trio_replica.ormap`), validates everything that comes from peers with
+`ormap_wire.ingest` before merging, emits change events, collects tombstones, and, with
+``persist=True``, keeps its state in SQLite (`trio_replica.store`) so that a put is
+acknowledged only once it is durable and a restarted node recovers its writes.
+
+Reads (`get`, `keys`, `items`, `len`, `in`) are local and never wait for the network.
+Writes (`put`, `delete`) apply locally (and durably), then broadcast; they return once the
+broadcast is handed to the broadcast component. Conflicts resolve by the greatest dot:
+HLC first, then node id; a delete beats a value only if strictly newer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from .events import Event
+from .ormap import Entry, Key, ORMap, Value
+from .ormap_wire import DEFAULT_LIMITS, IngestResult, Limits, Validator, ingest, to_wire
+from .replica import Add, Remove, Replica
+
+if TYPE_CHECKING:
+    from .node import Node
+    from .store import MapStore
+
+log = logging.getLogger("trio_replica.maps")
+
+#: Default tombstone lifetime: a week, far longer than any partition we expect to heal from.
+DEFAULT_TOMBSTONE_TTL = 7 * 24 * 3600.0
+
+
+@attrs.frozen
+class Put(Event):
+    """`key` now holds `value`; `origin` is the node that wrote it."""
+
+    key: Key
+    value: Any
+    origin: str
+
+
+@attrs.frozen
+class Removed(Event):
+    """`key` was removed; `origin` is the node that removed it."""
+
+    key: Key
+    origin: str
+
+
+class ValidationError(ValueError):
+    """A local put was refused by the map's validator."""
+
+
+@attrs.define
+class MapStats:
+    puts: int = 0
+    deletes: int = 0
+    remote_changes: int = 0
+    rejected: Counter[str] = attrs.Factory(Counter)
+    tombstones_collected: int = 0
+    subscriber_drops: int = 0
+
+
+class ReplicatedMap:
+    """A replicated map; obtain it with ``await node.open_map(name)``."""
+
+    anti_entropy = True
+
+    def __init__(
+        self,
+        node: Node,
+        name: str,
+        *,
+        validator: Validator | None,
+        tombstone_ttl: float,
+        limits: Limits = DEFAULT_LIMITS,
+        store: MapStore | None = None,
+    ) -> None:
+        self.node = node
+        self.name = name
+        self._map = ORMap()
+        self._validator = validator
+        self.tombstone_ttl = tombstone_ttl
+        self.limits = limits
+        self._store = store
+        self._subscribers: set[trio.MemorySendChannel[Event]] = set()
+        self.stats = MapStats()
+        self.replica: Replica
+
+    # --- reads (local, never blocking) ----------------------------------------------------
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        return self._map.get(key, default)
+
+    def __getitem__(self, key: Key) -> Any:
+        return self._map[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._map
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def keys(self) -> list[Key]:
+        return list(self._map.keys())
+
+    def items(self) -> list[tuple[Key, Any]]:
+        return list(self._map.items())
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self.keys())
+
+    @property
+    def tombstones(self) -> int:
+        return self._map.tombstones
+
+    def entry(self, key: Key) -> Entry | None:
+        """The stored entry of `key` (value or tombstone with its dot), for inspection."""
+        return self._map.entry(key)
+
+    # --- writes -----------------------------------------------------------------------------
+
+    async def put(self, key: Key, value: Any) -> None:
+        """Set `key` to `value` on every node. Durable on return when the map persists.
+
+        Raises `ValidationError` if the validator refuses (or re-raises what it raised),
+        `TypeError` for a key or value that is not plain data, `MessageTooLarge` beyond the
+        limits, `NodeClosed` after the map or node closed.
+        """
+        if not isinstance(key, str | bytes | int) or isinstance(key, bool):
+            raise TypeError(f"keys must be str, bytes or int, not {type(key).__name__}")
+        if self._validator is not None and not self._validator(key, value):
+            raise ValidationError(f"the validator of map {self.name!r} refused key {key!r}")
+        await self.replica.broadcast_update(Add(key, value))
+        self.stats.puts += 1
+
+    async def delete(self, key: Key) -> None:
+        """Remove `key` on every node (a tombstone newer than any value it has seen)."""
+        if not isinstance(key, str | bytes | int) or isinstance(key, bool):
+            raise TypeError(f"keys must be str, bytes or int, not {type(key).__name__}")
+        await self.replica.broadcast_update(Remove(key))
+        self.stats.deletes += 1
+
+    # --- events -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self, *, buffer: int = 1024
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[Event]]:
+        """`Put` and `Removed` events for local and remote changes of the visible value.
+
+        A subscriber more than `buffer` events behind loses the excess (counted in
+        ``stats.subscriber_drops``); the map never waits for it.
+        """
+        send, receive = trio.open_memory_channel[Event](buffer)
+        self._subscribers.add(send)
+        try:
+            yield receive
+        finally:
+            self._subscribers.discard(send)
+            send.close()
+
+    def _emit(self, keys: tuple[Key, ...]) -> None:
+        for key in keys:
+            entry = self._map.entry(key)
+            if entry is None:
+                continue
+            event: Event = (
+                Put(key, entry.value, entry.dot.node)
+                if isinstance(entry, Value)
+                else Removed(key, entry.dot.node)
+            )
+            for send in list(self._subscribers):
+                try:
+                    send.send_nowait(event)
+                except trio.WouldBlock:
+                    self.stats.subscriber_drops += 1
+                    self.node.stats_counters.drop("map_subscriber_full")
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._subscribers.discard(send)
+
+    # --- replica callbacks ------------------------------------------------------------------
+
+    async def merge_delta(self, name: str, delta: Any) -> None:
+        await self._ingest(delta, remote=True)
+
+    async def apply_full_sync(self, name: str, snapshot: list[Any]) -> None:
+        await self._ingest(snapshot, remote=True)
+
+    async def full_sync_snapshot(self, name: str) -> list[Any] | None:
+        snapshot = to_wire(self._map.entries())
+        return snapshot or None
+
+    async def remove_node(self, name: str, node: str) -> None:
+        # Last-writer-wins data belongs to the map, not to the node that wrote it: a node
+        # that fails or leaves takes nothing with it. (Registries and leases differ.)
+        return None
+
+    async def _ingest(self, raw: Any, *, remote: bool) -> IngestResult:
+        result = ingest(
+            self._map, raw, self.node.clock, validator=self._validator, limits=self.limits
+        )
+        for rejection in result.rejected:
+            self.stats.rejected[rejection.reason] += 1
+            self.node.stats_counters.reject(f"map_{rejection.reason}")
+        if result.rejected:
+            log.warning(
+                "map %s: rejected %d entries (%s)",
+                self.name,
+                len(result.rejected),
+                ", ".join(sorted({r.reason for r in result.rejected})),
+            )
+        if self._store is not None and result.applied_keys:
+            entries = [(k, e) for k in result.applied_keys if (e := self._map.entry(k)) is not None]
+            await self._store.write(entries)
+        if remote:
+            self.stats.remote_changes += len(result.changed_keys)
+        self._emit(result.changed_keys)
+        return result
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def _recover(self) -> int:
+        """Load the persisted state (trusted: it is ours) before the replica starts."""
+        if self._store is None:
+            return 0
+        entries = await self._store.load()
+        for key, entry in entries:
+            self._map.merge_entry(key, entry)
+        if entries:
+            # Our own past writes: the clock must stay ahead of them.
+            self._map.absorb_clock(self.node.clock)
+        return len(entries)
+
+    async def _collect_tombstones(self) -> None:
+        """Drop tombstones older than the TTL, periodically (and from the store)."""
+        period = min(self.tombstone_ttl / 4, 3600.0)
+        while True:
+            await trio.sleep(period)
+            now_ms = self.node.clock.read_physical()
+            ttl_ms = round(self.tombstone_ttl * 1000)
+            expired = self._map.expired_tombstones(now_ms, ttl_ms)
+            if not expired:
+                continue
+            # Off the disk first: a crash in between leaves tombstones in memory only,
+            # which the next collection removes; the reverse could resurrect nothing either.
+            if self._store is not None:
+                await self._store.delete(expired)
+            self.stats.tombstones_collected += self._map.gc_tombstones(now_ms, ttl_ms)
+
+    async def aclose(self) -> None:
+        """Stop replicating this map on this node (its state stays in memory and on disk)."""
+        await self.node._close_map(self.name)
+
+
+__all__ = ["Put", "Removed", "ReplicatedMap", "ValidationError"]

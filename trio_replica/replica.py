@@ -1,0 +1,387 @@
+"""The replica driver: barrel_p2p_replica in Python, one supervised task per named instance.
+
+An *instance* is a named piece of replicated state whose owner (a `ReplicatedMap`, or any
+store with its own merge rules) implements `ReplicaCallbacks`. The driver moves the state
+between nodes; the owner decides what it means. Every callback receives the instance name
+first, so one owner object can back many instances.
+
+What the driver does (SPEC section 8, with the seed's flaws fixed):
+
+* **Updates**: `broadcast_update(Add(key, value) | Remove(key))` mints one HLC dot for the
+  write, hands the delta to the owner's `merge_delta` first (so the local state holds
+  exactly the entry the cluster gets, and a persistent owner acknowledges only once it is
+  durable), then broadcasts it on the instance's tag. `broadcast_custom(payload)` carries
+  an owner-specific payload to `merge_custom` on every other node.
+* **Peers**: seeded from the active view at start, then kept from `PeerUp` / `PeerDown`.
+  At start the driver pulls the state of every peer (so an instance opened after the
+  cluster formed still syncs), and it pushes a full sync to each new peer.
+* **Removal of a node's data** (`remove_node`) happens only when a peer failed or left,
+  never when a live peer was merely evicted from the active view (barrel_p2p drops a live
+  node's data there).
+* **Recovery**: when a subscription reports `Resubscribed` (its source crashed and came
+  back), the driver asks every peer for a full sync to recover what it missed.
+* **Anti-entropy** (when the owner asks for it): every interval, with +-25% integer jitter
+  so nodes do not sync in lockstep, pull a full sync from one random peer.
+* **Full sync** travels as direct `SyncRequest` / `SyncChunk` messages, not through
+  Plumtree, so it works while the broadcast component restarts. A snapshot is a list of
+  items; it is sent in chunks of at most `sync_chunk_bytes`, each applied on arrival. A
+  chunk is a snapshot of some keys, so a partial sync never implies a removal.
+
+Everything the driver receives (deliveries, membership events, direct messages, timer
+ticks) goes through one queue and is handled in order by one task, so callbacks never run
+concurrently for one instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import attrs
+import cbor2
+import trio
+
+from .errors import MessageTooLarge, NodeClosed, WireError
+from .events import Delivery, DownReason, PeerDown, PeerUp, Resubscribed
+from .hlc import Timestamp
+from .messages import MAX_TAG, Peer, SyncChunk, SyncRequest
+from .ormap import Dot
+from .wire import cbor_array, decode_payload, encode_payload
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("trio_replica.replica")
+
+#: Broadcast tags of replica instances start with this; applications should not use it.
+TAG_PREFIX = "replica/"
+
+
+@runtime_checkable
+class ReplicaCallbacks(Protocol):
+    """What the owner of a replica instance implements (the seed's behaviour callbacks).
+
+    All callbacks are awaited by the instance's driver task, one at a time. Deltas and
+    snapshots come straight off the network: the owner must validate them (the
+    `ReplicatedMap` does so with `ormap_wire.ingest`). A callback that raises is logged
+    and counted in the driver's `callback_errors`; the driver keeps running.
+
+    Optional members: ``async def merge_custom(name, payload)`` for `broadcast_custom`
+    payloads, and a boolean attribute ``anti_entropy`` that turns periodic anti-entropy on
+    (for value-carrying stores with a full-state snapshot and tombstones).
+    """
+
+    async def merge_delta(self, name: str, delta: Any) -> None:
+        """Merge a delta (OR-Map wire entries) into the owner's state and run side effects."""
+
+    async def apply_full_sync(self, name: str, snapshot: list[Any]) -> None:
+        """Apply one chunk of a peer's full snapshot (never implies removal of other keys)."""
+
+    async def full_sync_snapshot(self, name: str) -> list[Any] | None:
+        """The owner's whole state as a list of items, or None when there is nothing to send."""
+
+    async def remove_node(self, name: str, node: str) -> None:
+        """Drop what `node` owned: it failed or left the cluster."""
+
+
+@attrs.frozen
+class Add:
+    """Set `key` to `value` (one dot per write)."""
+
+    key: Any
+    value: Any
+
+
+@attrs.frozen
+class Remove:
+    """Remove `key` (a tombstone with its own dot)."""
+
+    key: Any
+
+
+@attrs.frozen
+class ReplicaConfig:
+    """Settings of replica instances."""
+
+    #: Mean anti-entropy period in seconds (each tick jittered by +-25%); SPEC default 30 s.
+    anti_entropy_interval: float = 30.0
+    #: Largest chunk of a full sync, in bytes of CBOR.
+    sync_chunk_bytes: int = 256 * 1024
+    #: Inputs waiting for the driver task; direct messages beyond it are dropped and counted
+    #: (anti-entropy repairs what a dropped chunk carried).
+    inbox_size: int = 4096
+
+    def __attrs_post_init__(self) -> None:
+        from .errors import ConfigError
+
+        if not self.anti_entropy_interval > 0:
+            raise ConfigError("replica.anti_entropy_interval must be positive")
+        if self.sync_chunk_bytes < 1024:
+            raise ConfigError("replica.sync_chunk_bytes must be at least 1024")
+        if self.inbox_size < 1:
+            raise ConfigError("replica.inbox_size must be at least 1")
+
+
+def jitter_ms(interval_ms: int, rng: random.Random) -> int:
+    """The seed's integer jitter: interval +- 25%, never zero-width, never a float."""
+    quarter = interval_ms // 4
+    if quarter == 0:
+        return interval_ms
+    return interval_ms - quarter + rng.randint(1, 2 * quarter)
+
+
+def chunk_items(items: Sequence[Any], max_bytes: int) -> list[bytes]:
+    """Encode `items` as CBOR arrays of at most `max_bytes` each (one item may exceed alone)."""
+    chunks: list[bytes] = []
+    parts: list[bytes] = []
+    size = 0
+    for item in items:
+        part = bytes(cbor2.dumps(item))
+        if parts and size + len(part) + 9 > max_bytes:
+            chunks.append(cbor_array(parts))
+            parts, size = [], 0
+        parts.append(part)
+        size += len(part)
+    if parts:
+        chunks.append(cbor_array(parts))
+    return chunks
+
+
+@attrs.define
+class ReplicaStats:
+    deltas_sent: int = 0
+    deltas_received: int = 0
+    customs_sent: int = 0
+    customs_received: int = 0
+    sync_requests_sent: int = 0
+    sync_requests_received: int = 0
+    syncs_sent: int = 0
+    chunks_sent: int = 0
+    chunks_received: int = 0
+    anti_entropy_pulls: int = 0
+    resyncs_after_resubscribe: int = 0
+    nodes_removed: int = 0
+    callback_errors: int = 0
+    rejected: Counter[str] = attrs.Factory(Counter)
+
+
+class Replica:
+    """The driver of one replica instance. Created by `Node.open_replica`, which runs it."""
+
+    def __init__(
+        self,
+        node: Node,
+        name: str,
+        callbacks: ReplicaCallbacks,
+        config: ReplicaConfig,
+        rng: random.Random,
+    ) -> None:
+        if not 0 < len(TAG_PREFIX + name) <= MAX_TAG:
+            raise ValueError(f"instance name must be 1 to {MAX_TAG - len(TAG_PREFIX)} characters")
+        self.node = node
+        self.name = name
+        self.tag = TAG_PREFIX + name
+        self.callbacks = callbacks
+        self.config = config
+        self._rng = rng
+        self.peers: dict[str, Peer] = {}
+        self.stats = ReplicaStats()
+        self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](config.inbox_size)
+        self._sync_ids = 0
+        self.anti_entropy = bool(getattr(callbacks, "anti_entropy", False))
+        self._scope = trio.CancelScope()
+        self.closed = trio.Event()
+
+    # --- API used by owners ---------------------------------------------------------------
+
+    def new_dot(self) -> Dot:
+        ts: Timestamp = self.node.clock.now()
+        return Dot(self.node.id, ts)
+
+    async def broadcast_update(self, update: Add | Remove) -> Dot:
+        """Apply `update` locally through the owner, then broadcast it; return its dot.
+
+        Raises what the owner's `merge_delta` raises for a local write (nothing is sent
+        then), `MessageTooLarge` or `TypeError` for a value that cannot travel.
+        """
+        from .ormap import Tombstone, Value
+        from .ormap_wire import to_wire
+
+        self._check_open()
+        dot = self.new_dot()
+        entry = Value(update.value, dot) if isinstance(update, Add) else Tombstone(dot)
+        delta = to_wire([(update.key, entry)])
+        body = ["d", delta]
+        # Encode before the local merge: a write that cannot travel must not be applied here.
+        encoded = encode_payload(body, max_size=self.node.config.max_payload)
+        await self.callbacks.merge_delta(self.name, delta)
+        await self.node.broadcast_encoded(self.tag, encoded, body)
+        self.stats.deltas_sent += 1
+        return dot
+
+    async def broadcast_custom(self, payload: Any) -> None:
+        """Send an owner-specific payload to `merge_custom` on every other node."""
+        self._check_open()
+        await self.node.broadcast(self.tag, ["c", payload])
+        self.stats.customs_sent += 1
+
+    def _check_open(self) -> None:
+        if self.closed.is_set() or self._scope.cancel_called:
+            raise NodeClosed(f"replica {self.name!r} is closed")
+
+    # --- inputs from the node -------------------------------------------------------------
+
+    def deliver_direct(self, peer: Peer, message: SyncRequest | SyncChunk) -> None:
+        """A direct message for this instance arrived (never blocks; overflow is counted)."""
+        try:
+            self._send.send_nowait(("direct", (peer, message)))
+        except trio.WouldBlock:
+            self.node.stats_counters.drop(f"replica_inbox_full:{type(message).__name__}")
+
+    # --- running --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until `aclose` or the node closes. Started by `Node.open_replica`."""
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self._pump_broadcast)
+                    await nursery.start(self._pump_membership)
+                    if self.anti_entropy:
+                        nursery.start_soon(self._anti_entropy_ticks)
+                    # Seed peers from the active view and pull their state: PeerUp fires
+                    # only for future peers, so an instance opened late would never sync.
+                    for peer in self.node.active_view():
+                        self.peers[peer.id] = peer
+                    self._request_sync_from_all()
+                    task_status.started()
+                    async for kind, data in self._receive:
+                        await self._handle(kind, data)
+        finally:
+            self.closed.set()
+
+    async def aclose(self) -> None:
+        """Stop the driver task; queued inputs are discarded."""
+        self._scope.cancel()
+        await self.closed.wait()
+
+    async def _pump_broadcast(self, *, task_status: trio.TaskStatus[None]) -> None:
+        async with self.node.subscribe(self.tag, buffer=self.config.inbox_size) as sub:
+            task_status.started()
+            async for item in sub:
+                await self._send.send(("delivery", item))
+
+    async def _pump_membership(self, *, task_status: trio.TaskStatus[None]) -> None:
+        async with self.node.events() as events:
+            task_status.started()
+            async for event in events:
+                await self._send.send(("membership", event))
+
+    async def _anti_entropy_ticks(self) -> None:
+        interval_ms = max(1, round(self.config.anti_entropy_interval * 1000))
+        while True:
+            await trio.sleep(jitter_ms(interval_ms, self._rng) / 1000)
+            await self._send.send(("anti_entropy", None))
+
+    async def _handle(self, kind: str, data: Any) -> None:
+        try:
+            if kind == "delivery":
+                await self._on_delivery(data)
+            elif kind == "membership":
+                await self._on_membership(data)
+            elif kind == "direct":
+                await self._on_direct(*data)
+            elif kind == "anti_entropy":
+                self._anti_entropy_pull()
+        except (WireError, MessageTooLarge) as exc:
+            self.stats.rejected[getattr(exc, "reason", "too_large")] += 1
+            log.warning("replica %s: rejected input (%s): %s", self.name, kind, exc)
+        except Exception:
+            # The owner's callbacks are application code: a bug there must not end
+            # replication for this instance. Logged with the traceback and counted.
+            self.stats.callback_errors += 1
+            log.exception("replica %s: callback failed while handling %s", self.name, kind)
+
+    async def _on_delivery(self, item: Delivery | Resubscribed) -> None:
+        if isinstance(item, Resubscribed):
+            # The broadcast source restarted: deltas may have been missed. Recover them.
+            self.stats.resyncs_after_resubscribe += 1
+            self._request_sync_from_all()
+            return
+        body = item.payload
+        if type(body) is not list or len(body) != 2 or body[0] not in ("d", "c"):
+            self.stats.rejected["envelope"] += 1
+            log.warning("replica %s: malformed broadcast from %s", self.name, item.origin)
+            return
+        if body[0] == "d":
+            self.stats.deltas_received += 1
+            await self.callbacks.merge_delta(self.name, body[1])
+        else:
+            self.stats.customs_received += 1
+            merge_custom = getattr(self.callbacks, "merge_custom", None)
+            if merge_custom is not None:
+                await merge_custom(self.name, body[1])
+
+    async def _on_membership(self, event: Any) -> None:
+        if isinstance(event, Resubscribed):
+            self.stats.resyncs_after_resubscribe += 1
+            self.peers.update((p.id, p) for p in self.node.active_view())
+            self._request_sync_from_all()
+        elif isinstance(event, PeerUp):
+            if event.peer.id not in self.peers:
+                self.peers[event.peer.id] = event.peer
+                await self._send_full_sync(event.peer)
+        elif isinstance(event, PeerDown):
+            self.peers.pop(event.peer.id, None)
+            # Only a peer that is gone loses its data; an evicted peer is alive and well.
+            if event.reason in (DownReason.FAILED, DownReason.LEFT):
+                self.stats.nodes_removed += 1
+                await self.callbacks.remove_node(self.name, event.peer.id)
+
+    async def _on_direct(self, peer: Peer, message: SyncRequest | SyncChunk) -> None:
+        if isinstance(message, SyncRequest):
+            self.stats.sync_requests_received += 1
+            await self._send_full_sync(peer)
+            return
+        self.stats.chunks_received += 1
+        items = decode_payload(message.items, max_size=self.node.config.max_payload)
+        if type(items) is not list:
+            raise WireError("a sync chunk must carry a list", reason="shape")
+        await self.callbacks.apply_full_sync(self.name, items)
+
+    def _anti_entropy_pull(self) -> None:
+        if not self.peers:
+            return
+        peer = self._rng.choice(sorted(self.peers.values()))
+        self.stats.anti_entropy_pulls += 1
+        self.stats.sync_requests_sent += 1
+        self.node.send_to(peer, SyncRequest(self.name))
+
+    def _request_sync_from_all(self) -> None:
+        for peer in list(self.peers.values()):
+            self.stats.sync_requests_sent += 1
+            self.node.send_to(peer, SyncRequest(self.name))
+
+    async def request_sync(self, peer: Peer) -> None:
+        """Ask one peer for its full state (also used after a restart from disk)."""
+        self.stats.sync_requests_sent += 1
+        self.node.send_to(peer, SyncRequest(self.name))
+
+    async def _send_full_sync(self, peer: Peer) -> None:
+        snapshot = await self.callbacks.full_sync_snapshot(self.name)
+        if not snapshot:
+            return
+        chunks = chunk_items(snapshot, self.config.sync_chunk_bytes)
+        self._sync_ids += 1
+        sync_id = (self._rng.getrandbits(32) << 32) | (self._sync_ids & 0xFFFFFFFF)
+        for seq, chunk in enumerate(chunks):
+            if len(chunk) > self.node.config.max_payload:
+                self.node.stats_counters.drop("sync_item_too_large")
+                continue
+            last = seq == len(chunks) - 1
+            self.node.send_to(peer, SyncChunk(self.name, sync_id, seq, last, chunk))
+            self.stats.chunks_sent += 1
+        self.stats.syncs_sent += 1

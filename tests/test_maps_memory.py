@@ -164,3 +164,70 @@ async def test_receiver_broadcast_crash_recovers_every_write(
         assert nodes[4].broadcaster.crashes == 1
         assert converged(maps)
         nursery.cancel_scope.cancel()
+
+
+async def test_malformed_gossip_and_sync_are_rejected_and_change_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from trio_replica.hlc import Timestamp
+    from trio_replica.link import Credentials, handshake_as_dialer
+    from trio_replica.messages import Gossip, MessageId, Peer, Role, SyncChunk
+    from trio_replica.wire import cbor_array, encode_frame, encode_payload
+
+    net = MemoryNetwork(seed=26)
+    async with trio.open_nursery() as nursery:
+        nodes = await _cluster(Cluster(nursery, net), 3, prefix="v")
+        maps = [
+            await n.open_map("guarded", validator=lambda k, v: isinstance(v, int) and v >= 0)
+            for n in nodes
+        ]
+        await maps[0].put("good", 1)
+        with trio.fail_after(5):
+            await wait_until(lambda: all(m.get("good") == 1 for m in maps))
+        target, target_map = nodes[1], maps[1]
+        clock_before = target.clock.last
+        entries_before = sorted(target_map.items())
+        far_future = Timestamp(target.clock.read_physical() + 3_600_000, 0)
+        bad_deltas: list[Any] = [
+            "not a list",
+            [["k", 1, "evil", True, 0, 5]],  # bool where the wall belongs
+            [["k", 1, "evil", far_future.wall, 0, 5]],  # far-future dot
+            [["k", 1, "", 1, 0, 5]],  # empty node id
+            [["k", 1, "evil", 1, 0, -5]],  # fails the validator
+            [["k", 7, "evil", 1, 0, 5]],  # unknown entry kind
+            [[["nested"], 1, "evil", 1, 0, 5]],  # a list is not a key
+        ]
+        async with net.transport("evil").open_connection(target.address, timeout=5) as conn:
+            creds = Credentials("trio-replica", b"", Peer("evil", "mem://evil"))
+            await handshake_as_dialer(conn, creds, role=Role.NODE, timeout=5)
+            for i, delta in enumerate(bad_deltas):
+                payload = encode_payload(["d", delta], max_size=1 << 20)
+                gossip = Gossip(MessageId("evil", i + 1, i), 1, "replica/guarded", payload)
+                chunk = SyncChunk(
+                    "guarded",
+                    i,
+                    0,
+                    True,
+                    cbor_array(
+                        [
+                            encode_payload(d, max_size=1 << 20)
+                            for d in (delta if isinstance(delta, list) else [delta])
+                        ]
+                    ),
+                )
+                await conn.send(encode_frame([gossip, chunk]))
+            await conn.send(encode_frame([SyncChunk("guarded", 99, 0, True, b"\xff\x00")]))
+            await trio.sleep(2)
+        stats = target.stats()
+        print("\nrejected:", stats["rejected"], target_map.stats.rejected)
+        assert sum(target_map.stats.rejected.values()) >= 2 * (len(bad_deltas) - 1)
+        for reason in ("hlc", "skew", "node", "validator", "kind", "key"):
+            assert target_map.stats.rejected[reason] >= 1, reason
+        assert target_map.replica.stats.rejected  # the undecodable chunk and the bad shapes
+        assert sorted(target_map.items()) == entries_before
+        assert target.clock.last == clock_before  # only accepted entries move the clock
+        # The node keeps serving: a good write still replicates.
+        await maps[2].put("after", 2)
+        with trio.fail_after(5):
+            await wait_until(lambda: target_map.get("after") == 2)
+        nursery.cancel_scope.cancel()

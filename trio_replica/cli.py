@@ -3,6 +3,8 @@
 * ``node``: run one node until SIGINT or SIGTERM, then leave gracefully and exit 0.
 * ``status``: ask a running node, over its authenticated control path, for its views and counters.
 * ``cluster``: start a small local cluster in this process and print the views it forms.
+* ``put``, ``get``, ``delete``, ``watch``: drive and observe a replicated map hosted by a
+  running node (values are JSON on the command line; bytes print as ``{"$bytes": base64}``).
 
 Every command takes ``--log-level``. Errors a user can fix (a bad address, a missing
 secret file, a node that does not answer) end with a one-line message and exit status 2
@@ -12,6 +14,7 @@ or 1, never a traceback.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import signal
@@ -95,9 +98,12 @@ async def _run_node(args: argparse.Namespace) -> int:
         seeds=tuple(args.join),
         cluster=args.cluster,
         secret=_read_secret(args.secret_file),
+        data_dir=args.data_dir,
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config) as node:
+            for name in args.map:
+                await node.open_map(name, persist=args.data_dir is not None)
             print(f"node {node.id} listening on {node.address}", flush=True)
             async for signum in signals:
                 log.info("received %s; leaving the cluster", signal.Signals(signum).name)
@@ -131,6 +137,44 @@ async def _run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return {"$bytes": base64.b64encode(value).decode()}
+    raise TypeError(f"cannot show {type(value).__name__}")
+
+
+def _show(value: object) -> str:
+    return json.dumps(value, default=_json_default, sort_keys=True)
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"the value must be JSON ({exc}); quote strings: '\"text\"'") from None
+
+
+async def _run_map_command(args: argparse.Namespace) -> int:
+    address = normalize_address(args.node)
+    async with open_control(
+        address, cluster=args.cluster, secret=_read_secret(args.secret_file), timeout=args.timeout
+    ) as client:
+        if args.command == "put":
+            await client.call("map.put", [args.map, args.key, _parse_json(args.value)])
+        elif args.command == "delete":
+            await client.call("map.delete", [args.map, args.key])
+        elif args.command == "get":
+            result = await client.call("map.get", [args.map, args.key])
+            if not result["found"]:
+                print(f"{args.key}: not found", file=sys.stderr)
+                return 1
+            print(_show(result["value"]))
+        else:
+            async for event in client.stream("map.watch", [args.map]):
+                print(_show(event), flush=True)
+    return 0
+
+
 async def _run_cluster(args: argparse.Namespace) -> int:
     from .localcluster import run_local_cluster
 
@@ -144,7 +188,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    runners = {"node": _run_node, "status": _run_status, "cluster": _run_cluster}
+    runners = {
+        "node": _run_node,
+        "status": _run_status,
+        "cluster": _run_cluster,
+        "put": _run_map_command,
+        "get": _run_map_command,
+        "delete": _run_map_command,
+        "watch": _run_map_command,
+    }
     try:
         return trio.run(runners[args.command], args)
     except ConfigError as exc:

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("trio_replica.control")
 
 ControlOp = Callable[[Any], Awaitable[Any]]
+#: A streaming operation: every item it yields is sent as one reply, until the client leaves.
+ControlStream = Callable[[Any], AsyncIterator[Any]]
 
 
 class ControlError(ReplicaError):
@@ -43,21 +45,39 @@ class ControlError(ReplicaError):
 
 
 def answer_control(
-    node: Node, link: Link, request: ControlRequest, ops: dict[str, ControlOp]
+    node: Node,
+    link: Link,
+    request: ControlRequest,
+    ops: dict[str, ControlOp],
+    streams: dict[str, ControlStream],
 ) -> None:
     """Start answering `request` (from a client link) in the node's nursery."""
-    node.spawn(_answer, node, link, request, ops)
+    node.spawn(_answer, node, link, request, ops, streams)
 
 
 async def _answer(
-    node: Node, link: Link, request: ControlRequest, ops: dict[str, ControlOp]
+    node: Node,
+    link: Link,
+    request: ControlRequest,
+    ops: dict[str, ControlOp],
+    streams: dict[str, ControlStream],
 ) -> None:
     limit = node.config.max_payload
     op = ops.get(request.op)
     try:
-        if op is None:
-            raise ControlError(f"unknown operation {request.op!r}; known: {sorted(ops)}")
         args = decode_payload(request.args, max_size=limit)
+        stream = streams.get(request.op)
+        if stream is not None:
+            async for item in stream(args):
+                if not link.is_open:
+                    return
+                link.send_nowait(
+                    ControlReply(request.request_id, True, encode_payload(item, max_size=limit))
+                )
+            return
+        if op is None:
+            known = sorted([*ops, *streams])
+            raise ControlError(f"unknown operation {request.op!r}; known: {known}")
         result = await op(args)
         reply = ControlReply(request.request_id, True, encode_payload(result, max_size=limit))
     except (ReplicaError, ValueError, TypeError, KeyError) as exc:
@@ -77,13 +97,38 @@ class ControlClient:
         self._timeout = timeout
         self._ids = itertools.count(1)
         self._waiting: dict[int, trio.MemorySendChannel[ControlReply]] = {}
+        self._streams: dict[int, trio.MemorySendChannel[ControlReply]] = {}
         self.node = link.peer
 
     async def on_message(self, _link: Link, message: Message, _size: int) -> None:
-        if isinstance(message, ControlReply):
-            send = self._waiting.pop(message.request_id, None)
-            if send is not None:
-                send.send_nowait(message)
+        if not isinstance(message, ControlReply):
+            return
+        stream = self._streams.get(message.request_id)
+        if stream is not None:
+            # A watcher that does not keep up loses events; the link must keep reading.
+            with contextlib.suppress(trio.WouldBlock):
+                stream.send_nowait(message)
+            return
+        send = self._waiting.pop(message.request_id, None)
+        if send is not None:
+            send.send_nowait(message)
+
+    async def stream(self, op: str, args: Any = None) -> AsyncIterator[Any]:
+        """Run a streaming operation and yield its items until the node or the caller stops."""
+        request_id = next(self._ids)
+        send, receive = trio.open_memory_channel[ControlReply](1024)
+        self._streams[request_id] = send
+        try:
+            self._link.send_nowait(
+                ControlRequest(request_id, op, encode_payload(args, max_size=1 << 20))
+            )
+            async for reply in receive:
+                result = decode_payload(reply.result, max_size=1 << 22)
+                if not reply.ok:
+                    raise ControlError(str(result))
+                yield result
+        finally:
+            self._streams.pop(request_id, None)
 
     async def call(self, op: str, args: Any = None) -> Any:
         """Run `op` on the node and return its result; raise `ControlError` on failure."""

@@ -29,6 +29,7 @@ from transports.base import ConnectError, Connection, Transport
 
 from .broadcast import Broadcast
 from .config import NodeConfig
+from .control import ControlStream
 from .core.effects import Effect
 from .core.hyparview import HyParView
 from .core.plumtree import Plumtree
@@ -41,7 +42,7 @@ from .link import (
     handshake_as_dialer,
     handshake_as_listener,
 )
-from .maps import DEFAULT_TOMBSTONE_TTL, ReplicatedMap
+from .maps import DEFAULT_TOMBSTONE_TTL, Put, Removed, ReplicatedMap
 from .membership import Membership
 from .messages import (
     HYPARVIEW_KINDS,
@@ -134,7 +135,13 @@ class Node:
         self._map_lock = trio.Lock()
         self.broadcaster: Broadcast
         self.clock = HybridClock()
-        self._control_ops: dict[str, ControlOp] = {"status": self._op_status}
+        self._control_ops: dict[str, ControlOp] = {
+            "status": self._op_status,
+            "map.put": self._op_map_put,
+            "map.get": self._op_map_get,
+            "map.delete": self._op_map_delete,
+        }
+        self._control_streams: dict[str, ControlStream] = {"map.watch": self._op_map_watch}
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -379,6 +386,10 @@ class Node:
             "active": [[p.id, p.address] for p in self.active_view()],
             "passive": [[p.id, p.address] for p in self.passive_view()],
             "stats": self.stats(),
+            "maps": {
+                name: {"size": len(m), "tombstones": m.tombstones}
+                for name, m in sorted(self._maps.items())
+            },
         }
 
     # --- replicas and maps ------------------------------------------------------------------
@@ -471,6 +482,37 @@ class Node:
     def maps(self) -> dict[str, ReplicatedMap]:
         """The maps open on this node, by name."""
         return dict(self._maps)
+
+    def _hosted_map(self, args: Any, arity: int) -> tuple[ReplicatedMap, list[Any]]:
+        if type(args) is not list or len(args) != arity or not isinstance(args[0], str):
+            raise ValueError(f"expected [map, ...] with {arity} items")
+        the_map = self._maps.get(args[0])
+        if the_map is None:
+            raise KeyError(f"map {args[0]!r} is not open on node {self.id}")
+        return the_map, args[1:]
+
+    async def _op_map_put(self, args: Any) -> dict[str, Any]:
+        the_map, (key, value) = self._hosted_map(args, 3)
+        await the_map.put(key, value)
+        return {"ok": True}
+
+    async def _op_map_get(self, args: Any) -> dict[str, Any]:
+        the_map, (key,) = self._hosted_map(args, 2)
+        return {"found": key in the_map, "value": the_map.get(key)}
+
+    async def _op_map_delete(self, args: Any) -> dict[str, Any]:
+        the_map, (key,) = self._hosted_map(args, 2)
+        await the_map.delete(key)
+        return {"ok": True}
+
+    async def _op_map_watch(self, args: Any) -> AsyncIterator[list[Any]]:
+        the_map, _ = self._hosted_map(args, 1)
+        async with the_map.subscribe() as events:
+            async for event in events:
+                if isinstance(event, Put):
+                    yield ["put", event.key, event.value, event.origin]
+                elif isinstance(event, Removed):
+                    yield ["removed", event.key, event.origin]
 
     async def _op_status(self, _args: Any) -> dict[str, Any]:
         return self.status()
@@ -668,7 +710,7 @@ class Node:
             if isinstance(message, ControlRequest):
                 from .control import answer_control
 
-                answer_control(self, link, message, self._control_ops)
+                answer_control(self, link, message, self._control_ops, self._control_streams)
             else:
                 self.stats_counters.reject("client_kind")
             return

@@ -26,13 +26,17 @@ async def _run_node(
     config: NodeConfig,
     transport: Transport | None,
     scope: trio.CancelScope,
+    stopped: trio.Event,
     *,
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    with scope:
-        async with open_node(config, transport=transport) as node:
-            task_status.started(node)
-            await trio.sleep_forever()
+    try:
+        with scope:
+            async with open_node(config, transport=transport) as node:
+                task_status.started(node)
+                await trio.sleep_forever()
+    finally:
+        stopped.set()
 
 
 @attrs.define
@@ -44,6 +48,7 @@ class Cluster:
     base: NodeConfig = attrs.field(factory=lambda: NodeConfig(name="base"))
     nodes: dict[str, Node] = attrs.field(factory=dict)
     scopes: dict[str, trio.CancelScope] = attrs.field(factory=dict)
+    stopped: dict[str, trio.Event] = attrs.field(factory=dict)
 
     async def start(self, name: str, seeds: Iterable[str] = (), **overrides: Any) -> Node:
         listen = f"mem://{name}" if self.net else "ws://127.0.0.1:0"
@@ -57,7 +62,8 @@ class Cluster:
         )
         transport = self.net.transport(name) if self.net else None
         scope = trio.CancelScope()
-        node: Node = await self.nursery.start(_run_node, config, transport, scope)
+        stopped = self.stopped[name] = trio.Event()
+        node: Node = await self.nursery.start(_run_node, config, transport, scope, stopped)
         self.nodes[name] = node
         self.scopes[name] = scope
         return node
@@ -77,6 +83,10 @@ class Cluster:
         if self.net is not None:
             self.net.kill(name)
         node.abort()
+
+    async def wait_stopped(self, name: str) -> None:
+        """Wait until a stopped or crashed node's task (and everything it owned) has ended."""
+        await self.stopped[name].wait()
 
     def live(self) -> list[Node]:
         return list(self.nodes.values())

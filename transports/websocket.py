@@ -311,7 +311,11 @@ class WebsocketTransport:
             if len(group.exceptions) == 1:
                 _reraise(group.exceptions[0])
             if body_error is not None:
-                logger.error("unexpected errors closing %s", address, exc_info=group)
+                # Cancellation reaching both the block and the reader is how a connection
+                # ends when its owner is cancelled: only anything else is worth a log line.
+                _, rest = group.split(trio.Cancelled)
+                if rest is not None:
+                    logger.error("unexpected errors closing %s", address, exc_info=rest)
                 _reraise(body_error)
             raise
 

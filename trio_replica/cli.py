@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from .config import NodeConfig, normalize_address
-from .control import ControlError, open_control
+from .control import open_control
 from .errors import ConfigError, ReplicaError
 from .node import open_node
 
@@ -73,6 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--join", action="append", default=[], metavar="HOST:PORT", help="seed address (repeatable)"
     )
+    p.add_argument(
+        "--map", action="append", default=[], metavar="NAME", help="host this map (repeatable)"
+    )
+    p.add_argument("--data-dir", help="persist the hosted maps in SQLite files in this directory")
+    _add_auth(p)
+    _add_common(p)
+
+    for command, what in (("put", "set a key"), ("get", "read a key"), ("delete", "remove a key")):
+        p = sub.add_parser(command, help=f"{what} of a map hosted by a running node")
+        p.add_argument("--node", required=True, metavar="HOST:PORT")
+        p.add_argument("--timeout", type=float, default=5.0)
+        p.add_argument("map")
+        p.add_argument("key")
+        if command == "put":
+            p.add_argument("value", help="the value, as JSON")
+        _add_auth(p)
+        _add_common(p)
+
+    p = sub.add_parser("watch", help="print the changes of a map hosted by a running node")
+    p.add_argument("--node", required=True, metavar="HOST:PORT")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("map")
     _add_auth(p)
     _add_common(p)
 
@@ -156,11 +178,12 @@ def _parse_json(text: str) -> Any:
 
 async def _run_map_command(args: argparse.Namespace) -> int:
     address = normalize_address(args.node)
+    value = _parse_json(args.value) if args.command == "put" else None
     async with open_control(
         address, cluster=args.cluster, secret=_read_secret(args.secret_file), timeout=args.timeout
     ) as client:
         if args.command == "put":
-            await client.call("map.put", [args.map, args.key, _parse_json(args.value)])
+            await client.call("map.put", [args.map, args.key, value])
         elif args.command == "delete":
             await client.call("map.delete", [args.map, args.key])
         elif args.command == "get":
@@ -198,12 +221,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "watch": _run_map_command,
     }
     try:
-        return trio.run(runners[args.command], args)
+        try:
+            return trio.run(runners[args.command], args)
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ControlError, ReplicaError, OSError) as exc:
+    except (ReplicaError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error inside nested task groups (Trio wraps errors from nurseries)."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else group

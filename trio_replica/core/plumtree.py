@@ -1,0 +1,757 @@
+"""The Plumtree broadcast core: an epidemic broadcast tree as a sans-IO state machine.
+
+This module owns the rules of Epidemic Broadcast Trees (Leitão, Pereira, Rodrigues, SRDS 2007,
+following Algorithm 1 as revised by the authors in 2019, and Algorithm 2, the optimisation of
+section 3.8) and SPEC section 5. It never does I/O: every input is a method call carrying the
+current time, every output is a list of `Send`, `SetTimer` and `Emit` effects that the Trio
+runtime carries out in order. It never blocks, never reads a clock, and never raises on a
+peer's input (only on a caller's programming error).
+
+Theory of operation
+-------------------
+
+Every neighbour (a peer in the HyParView active view) is in exactly one of two sets. *Eager*
+peers receive whole payloads (GOSSIP) as soon as a message is first received; *lazy* peers
+receive only announcements (IHAVE: message id and round), batched per peer over a short
+window. Links start eager (`neighbor_up`), so the first broadcast floods; every duplicate
+payload then prunes the link it arrived on (the receiver moves the sender to lazy and sends
+PRUNE so the sender does the same), and what stays eager is the tree of first arrivals. A
+later broadcast follows that tree and costs one payload per node (RMR 0), while the lazy
+links carry cheap announcements that detect and repair holes: a node that hears an IHAVE for
+a message it lacks waits `ihave_timeout` (the paper's timeout1) for the eager copy, then
+GRAFTs the first announcer, which puts the link back in the tree on both ends and answers
+with the payload. If that payload does not come within `graft_timeout` (timeout2), the next
+announcer is grafted, and so on until announcers run out (barrel_p2p grafts once and gives
+up).
+
+Rounds. ``Gossip.round`` is the number of hops the copy has travelled when it *arrives*:
+the origin sends round 1, a node that received round r forwards round r + 1, and
+`Delivered.hops` is the round received (0 for one's own broadcast). An IHAVE carries the
+round its sender forwards (its own hops + 1), which is the round a grafted copy would arrive
+with, so a received GOSSIP round and an announced IHAVE round compare directly. The paper
+sends round 0 from the origin and delivers round + 1; the two conventions differ only by
+that constant, and ours makes the wire value equal to the hop count (messages.py).
+
+Overlapping broadcasts. When broadcasts follow each other faster than one crosses the tree,
+prune and graft decisions for different messages race, and Algorithm 1 as published can
+lock into a regime where the eager graph keeps falling apart and being grafted back (in
+our simulations of 100 nodes, 5-20 ms links, a broadcast every 50 ms from random origins:
+2 runs in 6 stayed at RMR 0.4 with about 30 repair GRAFTs per broadcast). Four local
+rules, each explained where it is applied, bring that to RMR 0 in 14 runs of 16 with the
+optimisation off (16 of 16 with a timeout1 of 1 s, and on 1-3 ms links with a broadcast
+every 10 ms):
+a first copy from a lazy peer re-grafts that link on both ends (`_on_gossip`); a second
+copy over the link that brought the first is not a reason to prune it (`_on_gossip`);
+timeout1 is jittered (`_on_ihave`); and a GRAFT asks its announcer for every missing
+message it announced, not only the one whose timer fired (`_on_graft_timer`).
+
+Tree optimisation (SRDS 2007 section 3.8, Algorithm 2). A node whose payload arrives by a
+path at least `optimization_threshold` hops longer than one announced to it by an earlier
+IHAVE grafts that announcer and prunes the sender of the long path. As in Algorithm 2,
+only IHAVEs received *before* the payload count, and the check runs as the payload
+arrives, so the sender pruned is the one that delivered it this instant (optimising also
+on IHAVEs that arrive after delivery, against a remembered sender, prunes on stale
+information: on 200 simulated nodes it raised RMR from 0 to 0.36). The tree is shared by
+all origins, so with origins spread evenly each swap helps one origin and hurts others;
+in the same simulations the published rule then fired about ten times per broadcast, did
+not lower the mean hop count, and under overlapping broadcasts locked every run into the
+repair regime above. We therefore swap only when the same announcer won on
+`optimization_streak` payloads in a row (any late IHAVE from it ends its streak): a
+dominant origin still pulls the tree to its shortest paths (mean hops 6.9 to 5.3; 3.6
+with the published rule), while evenly spread origins rarely do (11 runs in 16 at RMR 0,
+and all 16 on 1-3 ms links; none with the published rule).
+
+The paper's optimisation GRAFT carries no message id, because the grafted peer must not
+resend a payload we hold. Our `Graft` has a mandatory id, so we get the same effect on the
+existing wire: the optimising node first sends the announcer an IHAVE for the id (with
+anything else queued for it), then the GRAFT, on the same FIFO link; a node that receives a
+GRAFT for an id the grafter announced to it restores the link and sends no payload. Should
+the payload come anyway (a driver that reorders control messages), that one copy is
+recognised and dropped without a PRUNE, which would undo the optimisation. A nullable
+`Graft.id` on the wire would make this explicit.
+
+Peers outside the sets. The driver adds and removes neighbours from membership events, and
+a message can race with them. A message from a peer in neither set is handled without
+changing the sets and without answering: a new GOSSIP is still delivered and forwarded (it
+is valid data), a duplicate is counted but not pruned, and IHAVE, GRAFT and PRUNE are
+ignored, because answering or grafting would make the driver dial a peer that is not a
+neighbour. Counted in `stats.from_non_neighbors`.
+
+Memory is bounded everywhere a peer can make it grow: payload cache (count and age), seen
+ids (count and age, kept longer than payloads so late duplicates are still recognised), the
+missing table (count, and each entry lives at most timeout1 + k * timeout2 for k announcers,
+at most one per neighbour), IHAVE batches (flushed by a timer or when full). Timers are
+never cancelled: each carries a token, and a timer whose token no longer matches the state
+it was armed for is ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterable
+
+import attrs
+
+from ..errors import ConfigError
+from ..events import Delivered
+from ..messages import (
+    MAX_IHAVE_ENTRIES,
+    MAX_ROUND,
+    Gossip,
+    Graft,
+    IHave,
+    Message,
+    MessageId,
+    Peer,
+    Prune,
+)
+from .effects import Effect, Emit, Send, SetTimer
+
+__all__ = [
+    "FlushTimer",
+    "GraftTimer",
+    "Plumtree",
+    "PlumtreeConfig",
+    "PlumtreeStats",
+    "PlumtreeTimer",
+]
+
+
+@attrs.frozen
+class PlumtreeConfig:
+    """Plumtree parameters; the same values are expected on every node of a cluster."""
+
+    #: timeout1: how long an IHAVE for a missing message waits for the eager copy before we
+    #: GRAFT. The paper leaves it to deployment, from "the diameter of the overlay and a
+    #: target maximum recovery latency". It must exceed how much longer a tree path takes
+    #: than a lazy one, or nodes graft payloads already on their way (a duplicate each, and
+    #: tree churn). 0.5 s is ten batch windows, far above tree paths on one machine or a
+    #: LAN, and keeps repair under the seconds-scale failure detection of SPEC section 3.
+    #: Raise it for slow overlays: with 5-20 ms links and 100 nodes (tree paths of a few
+    #: hundred ms), 1 s removed the remaining repair storms in our simulations. iroh-gossip
+    #: uses 80 ms, by its own comment an unvalidated guess.
+    ihave_timeout: float = 0.5
+    #: timeout1 is drawn from [t, t * (1 + jitter)) per missing message: see `_on_ihave`.
+    #: In simulations of 100 nodes with overlapping broadcasts, 0.25 left more runs locked
+    #: in a regime of repeated repairs than 0.5; 1.0 was no better and repairs later.
+    ihave_timeout_jitter: float = 0.5
+    #: timeout2: after a GRAFT, how long to wait for the payload before grafting the next
+    #: announcer. The paper: smaller than timeout1, in the order of an average round trip
+    #: to a neighbour; the answer is a payload that may queue behind other payloads on the
+    #: link, hence a few round trips rather than one.
+    graft_timeout: float = 0.25
+    #: IHAVEs are batched per peer over this window (SPEC section 5): one frame carries many
+    #: announcements, which matters on websockets (about 55 us per frame, STYLE.md). It also
+    #: gives the eager copy a head start over the announcement. 0 sends them at once.
+    ihave_batch_window: float = 0.05
+    #: Tree optimisation threshold in hops (SRDS 2007 section 3.8); SPEC section 5 asks for 3.
+    #: Lower values chase small gains and churn the tree; a value above MAX_ROUND disables it.
+    optimization_threshold: int = 3
+    #: Payloads in a row on which one announcer must beat the eager path by the threshold
+    #: before the tree is changed (1 is Algorithm 2 as published). Damps the optimisation
+    #: to sources that dominate the traffic: see the module docstring for why and the
+    #: measurements.
+    optimization_streak: int = 5
+    #: Payloads kept to answer GRAFTs. A graft comes within timeout1 + a few timeout2 of the
+    #: IHAVE (about 1-2 s), so 30 s of age is a wide margin (iroh-gossip keeps 30 s too);
+    #: the count bounds memory under bursts.
+    cache_max_messages: int = 4096
+    cache_max_age: float = 30.0
+    #: Ids of delivered messages, kept longer than payloads so that a late duplicate (a slow
+    #: path, a graft answered late) is recognised and pruned instead of being delivered twice
+    #: (iroh-gossip keeps ids 90 s, three times the payloads). About 200 bytes each.
+    seen_max_messages: int = 65_536
+    seen_max_age: float = 90.0
+    #: Messages announced but not yet received that we track at once. An entry lives at
+    #: most timeout1 + (announcers * timeout2); a flood of bogus IHAVEs beyond this bound is
+    #: dropped and counted rather than allowed to grow memory and timers.
+    missing_max_messages: int = 8192
+    #: Most entries in one IHAVE; a fuller batch is sent at once (the wire limit by default).
+    max_ihave_entries: int = MAX_IHAVE_ENTRIES
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("ihave_timeout", "graft_timeout", "cache_max_age", "seen_max_age"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"plumtree {name} must be a positive number, got {value!r}")
+        for name in ("ihave_batch_window", "ihave_timeout_jitter"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"plumtree {name} must be >= 0, got {value!r}")
+        for name in (
+            "optimization_threshold",
+            "optimization_streak",
+            "cache_max_messages",
+            "missing_max_messages",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"plumtree {name} must be >= 1, got {getattr(self, name)!r}")
+        if not 1 <= self.max_ihave_entries <= MAX_IHAVE_ENTRIES:
+            raise ConfigError(
+                f"plumtree max_ihave_entries must be in 1..{MAX_IHAVE_ENTRIES}, "
+                f"got {self.max_ihave_entries!r}"
+            )
+        # Seen ids must outlive payloads: a cached payload whose id was forgotten would be
+        # delivered again on its next copy.
+        if self.seen_max_messages < self.cache_max_messages:
+            raise ConfigError("plumtree seen_max_messages must be >= cache_max_messages")
+        if self.seen_max_age < self.cache_max_age:
+            raise ConfigError("plumtree seen_max_age must be >= cache_max_age")
+
+
+@attrs.define
+class PlumtreeStats:
+    """Counters of one Plumtree core; the runtime reads them (RMR, LDH) and never writes them.
+
+    Message counters count messages (an IHAVE batch is one message), `*_entries` count the
+    announcements inside them. The `*_size` fields are refreshed after every call.
+    """
+
+    broadcasts: int = 0
+    delivered: int = 0
+    gossip_received: int = 0
+    gossip_sent: int = 0
+    duplicates: int = 0
+    ihave_received: int = 0
+    ihave_entries_received: int = 0
+    ihave_sent: int = 0
+    ihave_entries_sent: int = 0
+    #: Every GRAFT sent: repairs and optimisations (`optimisations` counts the latter).
+    grafts_sent: int = 0
+    grafts_received: int = 0
+    #: GRAFTs we could not answer: the payload had left the cache.
+    graft_misses: int = 0
+    prunes_sent: int = 0
+    prunes_received: int = 0
+    optimisations: int = 0
+    #: Links grafted back after our PRUNE crossed a first copy in flight on them.
+    regrafts: int = 0
+    #: GRAFTs from a peer that announced the id to us: the link is restored, no payload sent.
+    grafts_without_payload: int = 0
+    #: Missing messages given up on: every announcer was grafted and none answered.
+    missing_abandoned: int = 0
+    #: IHAVE entries dropped because the missing table was full.
+    missing_dropped: int = 0
+    from_non_neighbors: int = 0
+    stale_timers: int = 0
+    #: Largest hop count delivered so far (last delivery hop, LDH).
+    max_hops: int = 0
+    cache_size: int = 0
+    seen_size: int = 0
+    missing_size: int = 0
+
+
+@attrs.frozen
+class GraftTimer:
+    """timeout1 or timeout2 for a missing message; stale unless `token` is the entry's."""
+
+    id: MessageId
+    token: int
+
+
+@attrs.frozen
+class FlushTimer:
+    """End of the IHAVE batch window; stale unless `token` is the pending flush's."""
+
+    token: int
+
+
+PlumtreeTimer = GraftTimer | FlushTimer
+
+
+@attrs.define
+class _Seen:
+    """What we remember of a delivered message after its payload may be gone."""
+
+    at: float
+    #: The peer the first copy came from (None for our own broadcast).
+    first_from: Peer | None = None
+    #: A peer we grafted for the optimisation, whose one resent copy is expected, not pruned.
+    expect_copy_from: Peer | None = None
+
+
+@attrs.define
+class _Cached:
+    """A payload kept to answer GRAFTs, and the neighbours known to hold it already."""
+
+    at: float
+    tag: str
+    payload: bytes
+    hops: int
+    #: Peers that announced this id to us: a GRAFT from one of them asks for the link, not
+    #: for the payload (a link-only GRAFT, see `_graft_link`).
+    holders: set[Peer] = attrs.Factory(set)
+
+
+@attrs.define
+class _Missing:
+    """An announced message we lack: the announcers not yet grafted, in arrival order."""
+
+    token: int
+    pending: deque[tuple[Peer, int]]
+    grafted: list[Peer] = attrs.Factory(list)
+
+    def knows(self, peer: Peer) -> bool:
+        return peer in self.grafted or any(p == peer for p, _ in self.pending)
+
+
+@attrs.define(eq=False)
+class Plumtree:
+    """The Plumtree state of one node. Not thread-safe; driven by one task.
+
+    `rng` makes the protocol's random choices reproducible: the jitter of timeout1, and the
+    order in which eager peers are sent a payload (with equal link latencies, a simulation
+    or a LAN, a fixed order would make the same neighbour win every race and bias which
+    links the tree keeps).
+    """
+
+    me: str
+    config: PlumtreeConfig
+    rng: random.Random = attrs.field(repr=False)
+    stats: PlumtreeStats = attrs.field(init=False, factory=PlumtreeStats)
+    # dicts as insertion-ordered sets: iteration order (hence effect order) is reproducible,
+    # unlike a set of str-keyed objects under hash randomisation.
+    _eager: dict[Peer, None] = attrs.field(init=False, factory=dict)
+    _lazy: dict[Peer, None] = attrs.field(init=False, factory=dict)
+    _seen: OrderedDict[MessageId, _Seen] = attrs.field(init=False, factory=OrderedDict)
+    _cache: OrderedDict[MessageId, _Cached] = attrs.field(init=False, factory=OrderedDict)
+    _missing: dict[MessageId, _Missing] = attrs.field(init=False, factory=dict)
+    _batches: dict[Peer, list[tuple[MessageId, int]]] = attrs.field(init=False, factory=dict)
+    _flush_token: int | None = attrs.field(init=False, default=None)
+    _last_token: int = attrs.field(init=False, default=0)
+    #: Per announcer: consecutive payloads its earlier IHAVE beat by the threshold.
+    _streaks: dict[Peer, int] = attrs.field(init=False, factory=dict)
+
+    # --- read-only views ------------------------------------------------------------------
+
+    @property
+    def eager(self) -> frozenset[Peer]:
+        """Peers that receive whole payloads (the tree links)."""
+        return frozenset(self._eager)
+
+    @property
+    def lazy(self) -> frozenset[Peer]:
+        """Peers that receive only IHAVE announcements."""
+        return frozenset(self._lazy)
+
+    def has_seen(self, id: MessageId) -> bool:
+        """Whether `id` was delivered here and is still remembered."""
+        return id in self._seen
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def neighbor_up(self, peer: Peer, now: float) -> list[Effect]:
+        """`peer` entered the active view: it starts eager (Algorithm 1, NeighborUp)."""
+        self._expire(now)
+        self._make_eager(peer)
+        return self._done([])
+
+    def neighbor_down(self, peer: Peer, now: float) -> list[Effect]:
+        """`peer` left the active view: forget it everywhere (Algorithm 1, NeighborDown).
+
+        Its announcements leave the missing table (a graft would dial a peer that is gone)
+        and its queued IHAVEs are dropped. A missing entry left without announcers stays
+        until its timer fires, so an announcer arriving meanwhile is still grafted.
+        """
+        self._expire(now)
+        self._eager.pop(peer, None)
+        self._lazy.pop(peer, None)
+        self._batches.pop(peer, None)
+        self._streaks.pop(peer, None)
+        for entry in self._missing.values():
+            if entry.knows(peer):
+                entry.pending = deque((p, r) for p, r in entry.pending if p != peer)
+                entry.grafted = [p for p in entry.grafted if p != peer]
+        return self._done([])
+
+    def broadcast(self, id: MessageId, tag: str, payload: bytes, now: float) -> list[Effect]:
+        """Broadcast a new message from this node (Algorithm 1, Broadcast).
+
+        Payload to eager peers at round 1, IHAVE to lazy peers, and a local `Delivered`
+        with hops 0 and no sender. `id` must be fresh (the runtime mints it); reusing a
+        remembered id is a caller bug and raises ValueError.
+        """
+        self._expire(now)
+        if id in self._seen:
+            raise ValueError(f"message id {id} was already broadcast or received")
+        self.stats.broadcasts += 1
+        self._missing.pop(id, None)
+        self._remember(id, tag, payload, 0, now)
+        effects = self._push(Gossip(id, 1, tag, payload), exclude=None, holders=())
+        self.stats.delivered += 1
+        effects.append(Emit(Delivered(id, tag, payload, 0, None)))
+        return self._done(effects)
+
+    def handle_message(self, sender: Peer, message: Message, now: float) -> list[Effect]:
+        """A Plumtree message from `sender`, the authenticated peer of the link it came on."""
+        self._expire(now)
+        if isinstance(message, Gossip):
+            effects = self._on_gossip(sender, message, now)
+        elif isinstance(message, IHave):
+            effects = self._on_ihave(sender, message)
+        elif isinstance(message, Graft):
+            effects = self._on_graft(sender, message)
+        elif isinstance(message, Prune):
+            effects = self._on_prune(sender)
+        else:
+            raise TypeError(f"not a Plumtree message: {type(message).__name__}")
+        return self._done(effects)
+
+    def handle_timer(self, timer: Hashable, now: float) -> list[Effect]:
+        """A timer armed by an earlier `SetTimer` fired; stale ones are counted and ignored."""
+        self._expire(now)
+        if isinstance(timer, GraftTimer):
+            effects = self._on_graft_timer(timer)
+        elif isinstance(timer, FlushTimer):
+            effects = self._on_flush_timer(timer)
+        else:
+            raise TypeError(f"not a Plumtree timer: {timer!r}")
+        return self._done(effects)
+
+    # --- message rules --------------------------------------------------------------------
+
+    def _on_gossip(self, sender: Peer, message: Gossip, now: float) -> list[Effect]:
+        self.stats.gossip_received += 1
+        neighbor = self._is_neighbor(sender)
+        if not neighbor:
+            self.stats.from_non_neighbors += 1
+        seen = self._seen.get(message.id)
+        if seen is not None:
+            # Algorithm 1, GOSSIP already received: the link closes a cycle of the tree.
+            # Both ends make it lazy: we move the sender, PRUNE makes the sender move us.
+            self.stats.duplicates += 1
+            if sender == seen.first_from:
+                # A second copy over the link that brought the first (a GRAFT answer
+                # crossing the eager copy): it proves no redundant path, and pruning would
+                # cut our own tree link.
+                return []
+            if seen.expect_copy_from == sender:
+                # The answer to an optimisation graft (module docstring): the new tree link
+                # must stay.
+                seen.expect_copy_from = None
+                return []
+            if not neighbor:
+                return []
+            self._make_lazy(sender)
+            self.stats.prunes_sent += 1
+            return [Send(sender, Prune())]
+
+        # Algorithm 1, first receipt: deliver, remember, forward, keep the sender eager.
+        hops = message.round
+        self.stats.delivered += 1
+        self.stats.max_hops = max(self.stats.max_hops, hops)
+        entry = self._missing.pop(message.id, None)
+        seen = self._remember(message.id, message.tag, message.payload, hops, now)
+        seen.first_from = sender
+        forward = Gossip(message.id, min(hops + 1, MAX_ROUND), message.tag, message.payload)
+        # Announcers already have the message: announcing it back to them is waste.
+        holders: tuple[Peer, ...] = ()
+        if entry is not None:
+            holders = (*entry.grafted, *(p for p, _ in entry.pending))
+            self._cache[message.id].holders.update(holders)
+        effects: list[Effect] = []
+        if sender in self._lazy:
+            # A first copy from a lazy peer: we pruned this link while the copy was in
+            # flight (the only way a lazy peer sends a payload unasked). Algorithm 1 makes
+            # the sender eager again on our side only, but the sender has processed our
+            # PRUNE and will not send again: under overlapping broadcasts, two such races
+            # at one node prune both of its tree links and cut off its subtree until a
+            # timeout1 repair. Tell the sender too (a link-only GRAFT); a later duplicate
+            # prunes the cycle this may leave.
+            self.stats.regrafts += 1
+            effects += self._graft_link(sender, message.id, hops + 1, hops)
+        if neighbor:
+            self._make_eager(sender)
+        effects += self._push(forward, exclude=sender, holders=holders)
+        if entry is not None and entry.pending:
+            effects += self._optimise(message.id, seen, sender, hops, entry.pending)
+        # Delivered goes last: the forwards are queued before the application sees the
+        # message, so a slow subscriber never delays the tree.
+        effects.append(Emit(Delivered(message.id, message.tag, message.payload, hops, sender)))
+        return effects
+
+    def _on_ihave(self, sender: Peer, message: IHave) -> list[Effect]:
+        self.stats.ihave_received += 1
+        self.stats.ihave_entries_received += len(message.entries)
+        if not self._is_neighbor(sender):
+            self.stats.from_non_neighbors += 1
+            return []
+        effects: list[Effect] = []
+        for id, round in message.entries:
+            if id in self._seen:
+                # Delivered already, so this announcer's path was not the faster one: its
+                # streak for the optimisation ends (module docstring). It holds the
+                # payload, which a GRAFT from it will tell us.
+                self._streaks.pop(sender, None)
+                cached = self._cache.get(id)
+                if cached is not None:
+                    cached.holders.add(sender)
+                continue
+            entry = self._missing.get(id)
+            if entry is None:
+                if len(self._missing) >= self.config.missing_max_messages:
+                    self.stats.missing_dropped += 1
+                    continue
+                # Algorithm 1, IHAVE for an unknown id: remember the announcer and give the
+                # eager copy timeout1 to arrive.
+                token = self._token()
+                self._missing[id] = _Missing(token, deque([(sender, round)]))
+                # Jittered, so that of the nodes a broken link cut off, which all hear the
+                # announcements at about the same moment, one grafts first and the rest
+                # receive through it before their own timers fire (the randomised repair
+                # timers of SRM). In step they would all graft, add as many links, and
+                # the duplicates on those cycles, pruned concurrently by the messages in
+                # flight, can cut the tree again.
+                jitter = 1.0 + self.config.ihave_timeout_jitter * self.rng.random()
+                effects.append(SetTimer(self.config.ihave_timeout * jitter, GraftTimer(id, token)))
+            elif not entry.knows(sender):
+                # Every announcer, in arrival order: each is a fallback for the one before.
+                entry.pending.append((sender, round))
+        return effects
+
+    def _on_graft(self, sender: Peer, message: Graft) -> list[Effect]:
+        self.stats.grafts_received += 1
+        if not self._is_neighbor(sender):
+            # A graft racing with neighbor_down: the grafter tries its next announcer after
+            # timeout2; answering would dial a peer that is no longer a neighbour.
+            self.stats.from_non_neighbors += 1
+            return []
+        # Algorithm 1, GRAFT: the link rejoins the tree; send the payload if we still have it.
+        self._make_eager(sender)
+        cached = self._cache.get(message.id)
+        if cached is None:
+            self.stats.graft_misses += 1
+            return []
+        if sender in cached.holders:
+            # The grafter announced this id to us, so it has the payload: this is the
+            # optimisation's GRAFT(null) of Algorithm 2, asking only for the link.
+            self.stats.grafts_without_payload += 1
+            return []
+        self.stats.gossip_sent += 1
+        # Our own hop count + 1, as a forward would carry: `message.round` is what the
+        # grafter was told, our cache is what we know.
+        round = min(cached.hops + 1, MAX_ROUND)
+        return [Send(sender, Gossip(message.id, round, cached.tag, cached.payload))]
+
+    def _on_prune(self, sender: Peer) -> list[Effect]:
+        self.stats.prunes_received += 1
+        if not self._is_neighbor(sender):
+            self.stats.from_non_neighbors += 1
+            return []
+        # Algorithm 1, PRUNE: the sender dropped the link from the tree; so do we.
+        self._make_lazy(sender)
+        return []
+
+    # --- timer rules ----------------------------------------------------------------------
+
+    def _on_graft_timer(self, timer: GraftTimer) -> list[Effect]:
+        entry = self._missing.get(timer.id)
+        if entry is None or entry.token != timer.token:
+            self.stats.stale_timers += 1
+            return []
+        if not entry.pending:
+            # Every announcer was grafted (or left) and no payload came. A new IHAVE starts
+            # over with timeout1; anti-entropy above us covers what is lost for good.
+            del self._missing[timer.id]
+            self.stats.missing_abandoned += 1
+            return []
+        # Algorithm 1, Timer(mID): GRAFT the first remaining announcer, make the link eager,
+        # and give it timeout2 before the next one. The same GRAFT goes for every other
+        # missing message that announcer announced: a broken link leaves a run of messages
+        # missing at once, and fetching them all through the one link being restored adds
+        # no second new link (each would close a cycle; see _on_ihave).
+        peer = entry.pending[0][0]
+        self._make_eager(peer)
+        effects: list[Effect] = []
+        for id, missing in self._missing.items():
+            round = next((r for p, r in missing.pending if p == peer), None)
+            if round is None:
+                continue
+            missing.pending = deque((p, r) for p, r in missing.pending if p != peer)
+            missing.grafted.append(peer)
+            missing.token = self._token()
+            self.stats.grafts_sent += 1
+            effects.append(Send(peer, Graft(id, round)))
+            effects.append(SetTimer(self.config.graft_timeout, GraftTimer(id, missing.token)))
+        return effects
+
+    def _on_flush_timer(self, timer: FlushTimer) -> list[Effect]:
+        if timer.token != self._flush_token:
+            self.stats.stale_timers += 1
+            return []
+        self._flush_token = None
+        return self._flush_all()
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _push(self, gossip: Gossip, exclude: Peer | None, holders: Iterable[Peer]) -> list[Effect]:
+        """EagerPush and LazyPush of Algorithm 1 for one message (`exclude`: its sender)."""
+        targets = [peer for peer in self._eager if peer != exclude]
+        self.rng.shuffle(targets)
+        effects: list[Effect] = [Send(peer, gossip) for peer in targets]
+        self.stats.gossip_sent += len(targets)
+        skip = set(holders)
+        if exclude is not None:
+            skip.add(exclude)
+        entry = (gossip.id, gossip.round)
+        for peer in self._lazy:
+            if peer in skip:
+                continue
+            batch = self._batches.setdefault(peer, [])
+            batch.append(entry)
+            if len(batch) >= self.config.max_ihave_entries:
+                # A full batch goes now: waiting would only grow it past the wire limit.
+                del self._batches[peer]
+                effects.append(self._ihave(peer, batch))
+        if self.config.ihave_batch_window == 0:
+            effects += self._flush_all()
+        elif self._batches and self._flush_token is None:
+            self._flush_token = self._token()
+            effects.append(SetTimer(self.config.ihave_batch_window, FlushTimer(self._flush_token)))
+        return effects
+
+    def _flush_all(self) -> list[Effect]:
+        batches, self._batches = self._batches, {}
+        return [self._ihave(peer, batch) for peer, batch in batches.items() if batch]
+
+    def _ihave(self, peer: Peer, batch: list[tuple[MessageId, int]]) -> Send:
+        self.stats.ihave_sent += 1
+        self.stats.ihave_entries_sent += len(batch)
+        return Send(peer, IHave(tuple(batch)))
+
+    def _optimise(
+        self,
+        id: MessageId,
+        seen: _Seen,
+        sender: Peer,
+        hops: int,
+        announced: Iterable[tuple[Peer, int]],
+    ) -> list[Effect]:
+        """Algorithm 2 (section 3.8), damped: the payload came `hops` long from `sender`
+        after the IHAVEs `announced`; trade that path for the shortest announced one if it
+        was `optimization_threshold` hops shorter on `optimization_streak` payloads in a row.
+        """
+        threshold = self.config.optimization_threshold
+        best: tuple[Peer, int] | None = None
+        for peer, round in announced:
+            if hops - round >= threshold:
+                self._streaks[peer] = self._streaks.get(peer, 0) + 1
+                if best is None or round < best[1]:
+                    best = (peer, round)
+            else:
+                self._streaks.pop(peer, None)
+        if best is None or best[0] == sender:
+            return []
+        announcer, round = best
+        if self._streaks[announcer] < self.config.optimization_streak:
+            return []
+        # The tree changes: the evidence gathered on the old one no longer holds.
+        self._streaks.clear()
+        self.stats.optimisations += 1
+        effects = self._graft_link(announcer, id, hops + 1, round)
+        if sender in self._eager:
+            self._make_lazy(sender)
+            self.stats.prunes_sent += 1
+            effects.append(Send(sender, Prune()))
+        seen.expect_copy_from = announcer
+        return effects
+
+    def _graft_link(self, peer: Peer, id: MessageId, our_round: int, round: int) -> list[Effect]:
+        """GRAFT(null) of Algorithm 2 without a nullable id: make `peer` eager on both ends
+        without asking for the payload of `id`, which we hold.
+
+        The IHAVE for `id` (with whatever else is queued for `peer`) goes first on the same
+        FIFO link, so `peer` knows we hold it and answers the GRAFT with the link only.
+        """
+        self.stats.grafts_sent += 1
+        self._make_eager(peer)
+        batch = self._batches.pop(peer, [])
+        batch.append((id, min(our_round, MAX_ROUND)))
+        return [self._ihave(peer, batch), Send(peer, Graft(id, round))]
+
+    def _remember(
+        self,
+        id: MessageId,
+        tag: str,
+        payload: bytes,
+        hops: int,
+        now: float,
+    ) -> _Seen:
+        seen = _Seen(now)
+        self._seen[id] = seen
+        self._cache[id] = _Cached(now, tag, payload, hops)
+        # Evict oldest first: both tables are in arrival order, which is time order.
+        while len(self._seen) > self.config.seen_max_messages:
+            self._seen.popitem(last=False)
+        while len(self._cache) > self.config.cache_max_messages:
+            self._cache.popitem(last=False)
+        return seen
+
+    def _expire(self, now: float) -> None:
+        """Drop what outlived its age; amortised O(1), both tables being in time order."""
+        cache_limit = now - self.config.cache_max_age
+        while self._cache:
+            first = next(iter(self._cache.values()))
+            if first.at > cache_limit:
+                break
+            self._cache.popitem(last=False)
+        seen_limit = now - self.config.seen_max_age
+        while self._seen:
+            oldest = next(iter(self._seen.values()))
+            if oldest.at > seen_limit:
+                break
+            self._seen.popitem(last=False)
+
+    def _is_neighbor(self, peer: Peer) -> bool:
+        return peer in self._eager or peer in self._lazy
+
+    def _make_eager(self, peer: Peer) -> None:
+        self._lazy.pop(peer, None)
+        self._eager[peer] = None
+
+    def _make_lazy(self, peer: Peer) -> None:
+        self._eager.pop(peer, None)
+        self._lazy[peer] = None
+
+    def _token(self) -> int:
+        self._last_token += 1
+        return self._last_token
+
+    def _done(self, effects: list[Effect]) -> list[Effect]:
+        self.stats.cache_size = len(self._cache)
+        self.stats.seen_size = len(self._seen)
+        self.stats.missing_size = len(self._missing)
+        return effects
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping disagrees with itself (tests, simulations)."""
+        problems: list[str] = []
+        both = self._eager.keys() & self._lazy.keys()
+        if both:
+            problems.append(f"eager and lazy at once: {sorted(both)}")
+        neighbors = self._eager.keys() | self._lazy.keys()
+        if not self._batches.keys() <= neighbors:
+            problems.append("IHAVEs queued for a non-neighbour")
+        if not self._streaks.keys() <= neighbors:
+            problems.append("an optimisation streak kept for a non-neighbour")
+        if any(not batch for batch in self._batches.values()):
+            problems.append("an empty IHAVE batch is queued")
+        if self._batches and self._flush_token is None:
+            problems.append("IHAVEs queued with no flush timer")
+        for id, entry in self._missing.items():
+            if id in self._seen:
+                problems.append(f"{id} is both missing and seen")
+            if any(p not in neighbors for p, _ in entry.pending):
+                problems.append(f"{id} has an announcer that is not a neighbour")
+        if not self._cache.keys() <= self._seen.keys():
+            problems.append("a cached payload whose id is not remembered")
+        if len(self._cache) > self.config.cache_max_messages:
+            problems.append("cache over its bound")
+        if len(self._seen) > self.config.seen_max_messages:
+            problems.append("seen ids over their bound")
+        if len(self._missing) > self.config.missing_max_messages:
+            problems.append("missing table over its bound")
+        if problems:
+            raise AssertionError(f"plumtree {self.me}: " + "; ".join(problems))

@@ -25,10 +25,14 @@ from .events import (
     Resubscribed,
 )
 from .link import LinkConfig
+from .maps import Put, Removed, ReplicatedMap, ValidationError
 from .messages import MessageId, Peer
 from .node import Node, open_node
+from .replica import Add, Remove, Replica, ReplicaCallbacks, ReplicaConfig
+from .store import StoreCorrupt, StoreError
 
 __all__ = [
+    "Add",
     "ConfigError",
     "Delivery",
     "DownReason",
@@ -45,8 +49,18 @@ __all__ = [
     "Peer",
     "PeerDown",
     "PeerUp",
+    "Put",
+    "Remove",
+    "Removed",
+    "Replica",
+    "ReplicaCallbacks",
+    "ReplicaConfig",
     "ReplicaError",
+    "ReplicatedMap",
     "Resubscribed",
+    "StoreCorrupt",
+    "StoreError",
+    "ValidationError",
     "WireError",
     "open_node",
 ]

@@ -231,3 +231,33 @@ async def test_malformed_gossip_and_sync_are_rejected_and_change_nothing(
         with trio.fail_after(5):
             await wait_until(lambda: target_map.get("after") == 2)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_put_that_cannot_be_made_durable_is_undone_and_not_sent(
+    autojump_clock: trio.testing.MockClock, tmp_path: Any, monkeypatch: Any
+) -> None:
+    import pytest
+
+    from trio_replica.store import MapStore, StoreError
+
+    net = MemoryNetwork(seed=27)
+    base = NodeConfig(name="x", data_dir=tmp_path)
+    async with trio.open_nursery() as nursery:
+        nodes = await _cluster(Cluster(nursery, net, base=base), 2, prefix="d")
+        local = await nodes[0].open_map("durable", persist=True)
+        remote = await nodes[1].open_map("durable")
+        await local.put("k", "v1")
+        with trio.fail_after(5):
+            await wait_until(lambda: remote.get("k") == "v1")
+
+        async def disk_full(self: MapStore, entries: Any) -> None:
+            raise StoreError("disk full")
+
+        monkeypatch.setattr(MapStore, "write", disk_full)
+        with pytest.raises(StoreError):
+            await local.put("k", "v2")
+        with pytest.raises(StoreError):
+            await local.delete("k")
+        await trio.sleep(2)
+        assert local.get("k") == "v1" and remote.get("k") == "v1"
+        nursery.cancel_scope.cancel()

@@ -27,6 +27,7 @@ from .events import Event
 from .ormap import Entry, Key, ORMap, Value
 from .ormap_wire import DEFAULT_LIMITS, IngestResult, Limits, Validator, ingest, to_wire
 from .replica import Add, Remove, Replica
+from .store import StoreError
 
 if TYPE_CHECKING:
     from .node import Node
@@ -139,15 +140,24 @@ class ReplicatedMap:
             raise TypeError(f"keys must be str, bytes or int, not {type(key).__name__}")
         if self._validator is not None and not self._validator(key, value):
             raise ValidationError(f"the validator of map {self.name!r} refused key {key!r}")
-        await self.replica.broadcast_update(Add(key, value))
+        await self._local_write(key, Add(key, value))
         self.stats.puts += 1
 
     async def delete(self, key: Key) -> None:
         """Remove `key` on every node (a tombstone newer than any value it has seen)."""
         if not isinstance(key, str | bytes | int) or isinstance(key, bool):
             raise TypeError(f"keys must be str, bytes or int, not {type(key).__name__}")
-        await self.replica.broadcast_update(Remove(key))
+        await self._local_write(key, Remove(key))
         self.stats.deletes += 1
+
+    async def _local_write(self, key: Key, update: Add | Remove) -> None:
+        previous = self._map.entry(key)
+        try:
+            await self.replica.broadcast_update(update)
+        except StoreError:
+            # Not durable, so not acknowledged and not broadcast: undo it in memory too.
+            self._map.restore(key, previous)
+            raise
 
     # --- events -----------------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ from .messages import (
     SyncChunk,
     SyncRequest,
 )
-from .ormap_wire import Validator
+from .ormap_wire import DEFAULT_LIMITS, Validator
 from .replica import Replica, ReplicaCallbacks
 from .stats import NodeStats
 from .subscription import Subscription
@@ -444,7 +444,9 @@ class Node:
                 from .store import MapStore
 
                 self.config.data_dir.mkdir(parents=True, exist_ok=True)
-                store = await MapStore.open(self.config.data_dir / f"{name}.sqlite3", name=name)
+                store = await MapStore.open(
+                    self.config.data_dir / f"{name}.sqlite3", name=name, limits=DEFAULT_LIMITS
+                )
             the_map = ReplicatedMap(
                 self, name, validator=validator, tombstone_ttl=tombstone_ttl, store=store
             )

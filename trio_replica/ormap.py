@@ -162,6 +162,18 @@ class ORMap:
         self._live += (type(entry) is Value) - (old is not None and type(old) is Value)
         return True
 
+    def restore(self, key: Key, entry: Entry | None) -> None:
+        """Put back a key's earlier entry (or absence), bypassing the merge order.
+
+        Only for undoing a local write that could not be made durable: it may move the
+        state backwards, which a merge never does.
+        """
+        old = self._entries.pop(key, None)
+        self._live -= old is not None and type(old) is Value
+        if entry is not None:
+            self._entries[key] = entry
+            self._live += type(entry) is Value
+
     def add(self, key: Key, value: Any, dot: Dot) -> bool:
         """Write `value` under `key` with a freshly minted `dot`; True if it took effect."""
         return self.merge_entry(key, Value(value, dot))

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import trio
 
-from trio_replica.config import NodeConfig
 from trio_replica.maps import ReplicatedMap
 
 from .harness import Cluster, overlay_ok, wait_until

@@ -50,7 +50,15 @@ from trio_replica.wire import (
 
 ids = st.text(min_size=1, max_size=20)
 u64 = st.integers(0, 2**64 - 1)
-peers = st.builds(Peer, ids, st.text(min_size=1, max_size=40))
+addresses = st.one_of(
+    st.builds(
+        "ws://{}:{}".format,
+        st.from_regex(r"[a-z0-9]{1,20}(\.[a-z0-9]{1,10}){0,2}", fullmatch=True),
+        st.integers(0, 65535),
+    ),
+    st.from_regex(r"mem://[a-z0-9]{1,20}", fullmatch=True),
+)
+peers = st.builds(Peer, ids, addresses)
 mids = st.builds(MessageId, ids, u64, u64)
 
 messages = st.one_of(
@@ -74,7 +82,7 @@ messages = st.one_of(
         st.integers(0, 65535),
         ids,
         ids,
-        st.text(max_size=30),
+        st.one_of(st.just(""), addresses),
         st.sampled_from(["node", "client"]),
         st.binary(min_size=NONCE_BYTES, max_size=NONCE_BYTES),
         st.one_of(st.just(b""), st.binary(min_size=PROOF_BYTES, max_size=PROOF_BYTES)),
@@ -145,7 +153,10 @@ def _frame(*items: object) -> bytes:
         (_frame(["ping", 1]), "shape"),
         (_frame([11, ["a", "b"], 256]), "field"),  # ttl out of range
         (_frame([11, ["", "b"], 3]), "field"),  # empty node id
-        (_frame([11, ["x" * (MAX_NODE_ID + 1), "b"], 3]), "field"),
+        (_frame([11, ["x" * (MAX_NODE_ID + 1), "mem://b"], 3]), "field"),
+        (_frame([11, ["a", "ws://" + "a" * 70 + ".example:80"], 3]), "field"),  # bad DNS label
+        (_frame([11, ["a", "http://x:1"], 3]), "field"),
+        (_frame([11, ["a", "ws://x"], 3]), "field"),  # no port
         (_frame([11, ["a"], 3]), "field"),
         (_frame([20, ["a", 1, 2], 0, "t", "not bytes"]), "field"),
         (_frame([21, [[["a", 1, 2], 0]] * (MAX_IHAVE_ENTRIES + 1)]), "field"),

@@ -362,6 +362,11 @@ class WebsocketTransport:
         except OSError as exc:
             await _discard(stream)
             raise ConnectError(f"{target.url}: {exc}") from exc
+        except (UnicodeError, ValueError) as exc:
+            # An address a peer handed us may hold a host name the resolver refuses (a label
+            # over 63 characters, say): that is an unreachable peer, not a crash.
+            await _discard(stream)
+            raise ConnectError(f"{target.url}: invalid host: {exc}") from exc
         except ConnectError:
             await _discard(stream)
             raise

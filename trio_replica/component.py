@@ -14,6 +14,8 @@ never sees two inputs at once.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import heapq
 import itertools
 import logging
@@ -28,6 +30,10 @@ from .core.effects import Effect, SetTimer
 log = logging.getLogger("trio_replica.component")
 
 Input = Callable[[float], Iterable[Effect]]
+
+
+def _noop(_now: float) -> Iterable[Effect]:
+    return ()
 
 
 class ComponentCrash(Exception):
@@ -47,6 +53,7 @@ class Component:
         self._timers: list[tuple[float, int, Hashable]] = []
         self._seq = itertools.count()
         self._crash_requested = False
+        self._notices: collections.deque[Input] = collections.deque()
         self._scope = trio.CancelScope()
         self.crashes = 0
         self.restarts = 0
@@ -66,6 +73,19 @@ class Component:
         except trio.WouldBlock:
             return False
         return True
+
+    def post_notice(self, item: Input) -> None:
+        """Queue an input that must not be lost (a link down, a membership change).
+
+        Notices bypass the bounded inbox: a peer flooding us keeps the inbox full, and
+        dropping the news that a link died would leave a dead peer in the views. They are
+        few (one per membership change) and run before the next inbox item.
+        """
+        self._notices.append(item)
+        # Wake the task if it is waiting on an empty inbox; if the inbox is full the task
+        # is busy and drains the notices before its next item anyway.
+        with contextlib.suppress(trio.WouldBlock):
+            self._send.send_nowait(_noop)
 
     def inbox_depth(self) -> int:
         return self._receive.statistics().current_buffer_used
@@ -107,9 +127,15 @@ class Component:
             self.apply(self.on_start(trio.current_time(), first))
             self.running.set()
             while True:
+                while self._notices:
+                    notice = self._notices.popleft()
+                    self.apply(notice(trio.current_time()))
                 deadline = self._timers[0][0] if self._timers else math.inf
                 with trio.move_on_at(deadline):
                     item = await self._receive.receive()
+                    while self._notices:
+                        notice = self._notices.popleft()
+                        self.apply(notice(trio.current_time()))
                     self.apply(item(trio.current_time()))
                 now = trio.current_time()
                 while self._timers and self._timers[0][0] <= now:

@@ -68,12 +68,7 @@ async def _answer(
         args = decode_payload(request.args, max_size=limit)
         stream = streams.get(request.op)
         if stream is not None:
-            async for item in stream(args):
-                if not link.is_open:
-                    return
-                link.send_nowait(
-                    ControlReply(request.request_id, True, encode_payload(item, max_size=limit))
-                )
+            await _stream_replies(link, request, stream(args), limit)
             return
         if op is None:
             known = sorted([*ops, *streams])
@@ -85,8 +80,35 @@ async def _answer(
         log.info("control %s from %s failed: %s", request.op, link.peer.id, exc)
         text = f"{type(exc).__name__}: {exc}"
         reply = ControlReply(request.request_id, False, encode_payload(text, max_size=limit))
+    except Exception as exc:
+        # A bug behind an operation (an application validator, a store) must not end the
+        # node: the client gets the error, the log gets the traceback.
+        node.stats_counters.drop(f"control_error:{request.op}")
+        log.exception("control %s from %s failed", request.op, link.peer.id)
+        text = f"internal error: {type(exc).__name__}: {exc}"
+        reply = ControlReply(request.request_id, False, encode_payload(text, max_size=limit))
     if link.is_open:
         link.send_nowait(reply)
+
+
+async def _stream_replies(
+    link: Link, request: ControlRequest, items: AsyncIterator[Any], limit: int
+) -> None:
+    """Send every item as a reply until the stream ends or the client's link closes."""
+    async with trio.open_nursery() as nursery:
+
+        async def stop_when_client_leaves() -> None:
+            await link.closed.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(stop_when_client_leaves)
+        async with contextlib.aclosing(items):  # type: ignore[type-var]
+            async for item in items:
+                if not link.is_open:
+                    break
+                reply = ControlReply(request.request_id, True, encode_payload(item, max_size=limit))
+                link.send_nowait(reply)
+        nursery.cancel_scope.cancel()
 
 
 class ControlClient:
@@ -113,6 +135,13 @@ class ControlClient:
         if send is not None:
             send.send_nowait(message)
 
+    def link_ended(self) -> None:
+        """The node went away: every pending call and stream ends now."""
+        for send in [*self._streams.values(), *self._waiting.values()]:
+            send.close()
+        self._streams.clear()
+        self._waiting.clear()
+
     async def stream(self, op: str, args: Any = None) -> AsyncIterator[Any]:
         """Run a streaming operation and yield its items until the node or the caller stops."""
         request_id = next(self._ids)
@@ -127,6 +156,7 @@ class ControlClient:
                 if not reply.ok:
                     raise ControlError(str(result))
                 yield result
+            raise ControlError(f"{self.node} closed the connection")
         finally:
             self._streams.pop(request_id, None)
 
@@ -139,7 +169,10 @@ class ControlClient:
             ControlRequest(request_id, op, encode_payload(args, max_size=1 << 20))
         )
         with trio.move_on_after(self._timeout):
-            reply = await receive.receive()
+            try:
+                reply = await receive.receive()
+            except trio.EndOfChannel:
+                raise ControlError(f"{self.node} closed the connection") from None
             result = decode_payload(reply.result, max_size=1 << 22)
             if not reply.ok:
                 raise ControlError(str(result))
@@ -189,8 +222,15 @@ async def open_control(
                 on_message=route,
             )
             client = ControlClient(link, timeout)
+
+            async def run_link() -> None:
+                try:
+                    await link.run()
+                finally:
+                    client.link_ended()
+
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(link.run)
+                nursery.start_soon(run_link)
                 try:
                     yield client
                 finally:

@@ -47,12 +47,10 @@ import trio
 
 from transports.base import Connection, TransportClosed
 
-from .errors import ConfigError, HandshakeError, LinkClosed, WireError
+from .errors import ConfigError, HandshakeError, LinkClosed, MessageTooLarge, WireError
 from .messages import (
     NONCE_BYTES,
-    Gossip,
     Hello,
-    IHave,
     Message,
     Peer,
     Ping,
@@ -337,15 +335,6 @@ class LinkFailure(Exception):
         self.reason = reason
 
 
-def _size_bound(message: Message) -> int:
-    """An upper bound of a message's encoded size, to batch without encoding twice."""
-    if isinstance(message, Gossip):
-        return len(message.payload) + 700
-    if isinstance(message, IHave):
-        return 16 + 300 * len(message.entries)
-    return 4096
-
-
 MessageHandler = Callable[["Link", Message, int], Awaitable[None]]
 
 
@@ -389,6 +378,7 @@ class Link:
         self._ping_sent_at: dict[int, float] = {}
         self.rtt: float | None = None
         self._bad_frames = 0
+        self._handing_over = False
         self.close_reason: str | None = None
         #: Set once `run()` has returned and the connection is closed.
         self.closed = trio.Event()
@@ -501,21 +491,43 @@ class Link:
                         self.rtt = now - sent
                     continue
                 self.last_activity = now
-                await self._on_message(self, message, size)
+                self._handing_over = True
+                try:
+                    await self._on_message(self, message, size)
+                finally:
+                    self._handing_over = False
+                    # Waiting for a busy component is our delay, not the peer's silence.
+                    self.last_received = trio.current_time()
 
     def _take_batch(self) -> list[bytes]:
-        """Pop messages, control first, while they fit in one frame; encode each once."""
+        """Pop messages, control first, while their real encoded sizes fit in one frame.
+
+        A message that does not fit goes back to the head of its queue for the next frame
+        (it is encoded again then: this happens at most once per frame). A message too big
+        for any frame cannot have been queued by a caller that checks sizes; if one is, it is
+        dropped and counted rather than allowed to break the link.
+        """
         budget = self.config.max_frame - FRAME_OVERHEAD
         parts: list[bytes] = []
         for queue in (self._control, self._payload):
-            while queue and _size_bound(queue[0]) <= budget:
+            while queue:
                 message = queue.popleft()
                 part = encode_message(message)
+                if len(part) > budget:
+                    if parts:
+                        queue.appendleft(message)
+                        return parts
+                    self._stats.drop("larger_than_frame", message)
+                    log.error(
+                        "dropped a %s of %d bytes for %s: larger than a frame",
+                        type(message).__name__,
+                        len(part),
+                        self.peer,
+                    )
+                    continue
                 budget -= len(part)
                 parts.append(part)
                 self._stats.message_sent(message, len(part))
-            if queue:
-                return parts
         return parts
 
     async def _writer(self) -> None:
@@ -531,6 +543,8 @@ class Link:
                 with trio.CancelScope(deadline=wake_at):
                     await self._wakeup.wait()
             now = trio.current_time()
+            if self._handing_over:
+                self.last_received = now
             if now >= self.last_received + cfg.idle_timeout:
                 raise LinkFailure("idle_timeout", f"nothing received for {cfg.idle_timeout} s")
             if self._full_since is not None:
@@ -564,6 +578,9 @@ class Link:
                     await self.conn.send(frame)
             except TransportClosed:
                 raise LinkFailure(self.close_reason or "peer_closed") from None
+            except MessageTooLarge as exc:
+                # The transport's frame limit is below ours: a configuration mismatch.
+                raise LinkFailure("frame_too_large", str(exc)) from None
             if scope.cancelled_caught:
                 raise LinkFailure("send_timeout", f"a send blocked for {cfg.send_timeout} s")
             self._stats.frame_sent(len(frame))

@@ -25,7 +25,15 @@ import trio
 
 from .events import Event
 from .ormap import Entry, Key, ORMap, Value
-from .ormap_wire import DEFAULT_LIMITS, IngestResult, Limits, Validator, ingest, to_wire
+from .ormap_wire import (
+    DEFAULT_LIMITS,
+    IngestResult,
+    Limits,
+    Validator,
+    check_local_entry,
+    ingest,
+    to_wire,
+)
 from .replica import Add, Remove, Replica
 from .store import StoreError
 
@@ -68,6 +76,7 @@ class MapStats:
     rejected: Counter[str] = attrs.Factory(Counter)
     tombstones_collected: int = 0
     subscriber_drops: int = 0
+    store_errors: int = 0
 
 
 class ReplicatedMap:
@@ -136,17 +145,22 @@ class ReplicatedMap:
         `TypeError` for a key or value that is not plain data, `MessageTooLarge` beyond the
         limits, `NodeClosed` after the map or node closed.
         """
-        if not isinstance(key, str | bytes | int) or isinstance(key, bool):
-            raise TypeError(f"keys must be str, bytes or int, not {type(key).__name__}")
-        if self._validator is not None and not self._validator(key, value):
-            raise ValidationError(f"the validator of map {self.name!r} refused key {key!r}")
+        check_local_entry(key, value, self.limits)
+        if self._validator is not None:
+            try:
+                accepted = self._validator(key, value)
+            except Exception as exc:
+                raise ValidationError(
+                    f"the validator of map {self.name!r} failed on key {key!r}: {exc!r}"
+                ) from exc
+            if not accepted:
+                raise ValidationError(f"the validator of map {self.name!r} refused key {key!r}")
         await self._local_write(key, Add(key, value))
         self.stats.puts += 1
 
     async def delete(self, key: Key) -> None:
         """Remove `key` on every node (a tombstone newer than any value it has seen)."""
-        if not isinstance(key, str | bytes | int) or isinstance(key, bool):
-            raise TypeError(f"keys must be str, bytes or int, not {type(key).__name__}")
+        check_local_entry(key, None, self.limits)
         await self._local_write(key, Remove(key))
         self.stats.deletes += 1
 
@@ -177,6 +191,11 @@ class ReplicatedMap:
         finally:
             self._subscribers.discard(send)
             send.close()
+
+    def _close_subscribers(self) -> None:
+        for send in self._subscribers:
+            send.close()
+        self._subscribers.clear()
 
     def _emit(self, keys: tuple[Key, ...]) -> None:
         for key in keys:
@@ -263,7 +282,12 @@ class ReplicatedMap:
             # Off the disk first: a crash in between leaves tombstones in memory only,
             # which the next collection removes; the reverse could resurrect nothing either.
             if self._store is not None:
-                await self._store.delete(expired)
+                try:
+                    await self._store.delete(expired)
+                except StoreError:
+                    self.stats.store_errors += 1
+                    log.exception("map %s: could not collect tombstones; next period", self.name)
+                    continue
             self.stats.tombstones_collected += self._map.gc_tombstones(now_ms, ttl_ms)
 
     async def aclose(self) -> None:

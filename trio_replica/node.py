@@ -33,7 +33,7 @@ from .control import ControlStream
 from .core.effects import Effect
 from .core.hyparview import HyParView
 from .core.plumtree import Plumtree
-from .errors import ConfigError, HandshakeError, NodeClosed
+from .errors import ConfigError, HandshakeError, MessageTooLarge, NodeClosed
 from .events import Delivery, Event, PeerDown, PeerUp
 from .hlc import HybridClock
 from .link import (
@@ -69,6 +69,10 @@ log = logging.getLogger("trio_replica.node")
 
 #: Messages queued for a peer while its link is being dialed; beyond this they are dropped.
 PENDING_DIAL_LIMIT = 256
+#: Dials in flight at once; more are refused (counted) until some finish.
+MAX_DIALS = 64
+#: Handshakes in progress at once on the listener; more connections are closed at once.
+MAX_HANDSHAKES = 128
 
 _MEMBERSHIP_KINDS = frozenset(HYPARVIEW_KINDS)
 _BROADCAST_KINDS = frozenset(PLUMTREE_KINDS)
@@ -123,6 +127,7 @@ class Node:
         self._closing = False
         self._aborted = False
         self._task_scopes: set[trio.CancelScope] = set()
+        self._handshaking = 0
         self._tasks_cancelled = False
         self.seed_ids: set[str] = set()
         self.address = ""
@@ -313,9 +318,16 @@ class Node:
         return await self.broadcast_encoded(tag, encoded, payload)
 
     async def broadcast_encoded(self, tag: str, encoded: bytes, payload: Any) -> MessageId:
-        """`broadcast` for a payload the caller already encoded (and size-checked)."""
+        """`broadcast` for a payload already encoded with `wire.encode_payload` (`payload`
+        is its decoded form, handed to local subscribers)."""
         if self._closing:
             raise NodeClosed("the node is closing")
+        if not isinstance(tag, str) or not 0 < len(tag) <= MAX_TAG:
+            raise ValueError(f"tag must be a string of 1 to {MAX_TAG} characters")
+        if len(encoded) > self.config.max_payload:
+            raise MessageTooLarge(
+                f"payload is {len(encoded)} bytes, the limit is {self.config.max_payload}"
+            )
         message_id = self.broadcaster.new_id(self._rng)
         await self.broadcaster.post(self.broadcaster.originate(message_id, tag, encoded, payload))
         return message_id
@@ -366,7 +378,7 @@ class Node:
             "lazy_size": len(bcore.lazy),
             "inbox": self.broadcaster.inbox_depth(),
             "crashes": self.broadcaster.crashes,
-            "hops": dict(self.broadcaster.hops),
+            "hops": {str(h): n for h, n in sorted(self.broadcaster.hops.items())},
             "unsubscribed": dict(self.broadcaster.unsubscribed),
         }
         out["links"] = {
@@ -432,6 +444,14 @@ class Node:
         async with self._map_lock:
             existing = self._maps.get(name)
             if existing is not None:
+                if (
+                    existing._validator is not validator
+                    or (existing._store is not None) != persist
+                    or existing.tombstone_ttl != tombstone_ttl
+                ):
+                    raise ValueError(
+                        f"map {name!r} is already open with other options; close it first"
+                    )
                 return existing
             if not _MAP_NAME.fullmatch(name):
                 raise ValueError("map names are 1 to 100 characters of [A-Za-z0-9_.-]")
@@ -475,8 +495,8 @@ class Node:
         if the_map is None:
             return
         self._map_tasks.pop(name).cancel()
-        replica = self._replicas.pop(name)
-        await replica.aclose()
+        the_map._close_subscribers()
+        await self._replicas[name].aclose()
         if the_map._store is not None:
             with trio.CancelScope(shield=True):
                 await the_map._store.aclose()
@@ -537,6 +557,12 @@ class Node:
             return
         dial = self._dials.get(peer.id)
         if dial is None:
+            if len(self._dials) >= MAX_DIALS:
+                # Peers can make us dial addresses they name (shuffles, forward joins):
+                # bound the sockets that costs. The core treats it as an unreachable peer.
+                self.stats_counters.drop("too_many_dials", message)
+                self._post_link_down(peer)
+                return
             dial = self._start_dial(peer.address, peer)
         if len(dial.queue) >= PENDING_DIAL_LIMIT:
             self.stats_counters.drop("dial_queue_full", message)
@@ -549,10 +575,8 @@ class Node:
             link.close_soon()
 
     def publish_membership_event(self, event: Event) -> None:
-        if isinstance(event, PeerUp | PeerDown) and not self.broadcaster.post_nowait(
-            self.broadcaster.membership_changed(event)
-        ):
-            self.stats_counters.drop("broadcast_inbox_full")
+        if isinstance(event, PeerUp | PeerDown):
+            self.broadcaster.post_notice(self.broadcaster.membership_changed(event))
         self._publish(self._event_subs, event)
 
     def close_subscriptions(self, source: str) -> None:
@@ -605,6 +629,11 @@ class Node:
                 await self._run_link(link)
         except ConnectError as exc:
             self._dial_failed(dial, "connect", str(exc))
+        except Exception as exc:
+            # Whatever else dialing a peer-supplied address raises must not end the node.
+            log.warning("node %s: dialing %s failed", self.id, dial.address, exc_info=True)
+            if not dial.done.is_set():
+                self._dial_failed(dial, "error", repr(exc))
 
     def _dial_failed(self, dial: _Dial, reason: str, detail: str) -> None:
         self.stats_counters.dial_failures[reason] += 1
@@ -625,8 +654,7 @@ class Node:
         if self._closing:
             return
         core = self.membership.core
-        if not self.membership.post_nowait(lambda now: core.handle_link_down(peer, now)):
-            self.stats_counters.drop("membership_inbox_full")
+        self.membership.post_notice(lambda now: core.handle_link_down(peer, now))
 
     def _new_link(self, conn: Connection, peer: Peer, *, role: str, outbound: bool) -> Link:
         return Link(
@@ -667,7 +695,9 @@ class Node:
             self.stats_counters.links_closed[reason] += 1
             if self._links.get(link.peer.id) is link:
                 del self._links[link.peer.id]
-                if reason != "superseded":
+                # A dial to the same peer in flight reports its own outcome: reporting this
+                # old link's end would fail a peer whose new link is about to come up.
+                if reason != "superseded" and link.peer.id not in self._dials:
                     log.info("node %s: link to %s closed (%s)", self.id, link.peer, reason)
                     self._post_link_down(link.peer)
 
@@ -677,6 +707,10 @@ class Node:
             await self._ready.wait()
         if not self._ready.is_set() or self._closing:
             return
+        if self._handshaking >= MAX_HANDSHAKES:
+            self.stats_counters.handshakes_refused["too_many"] += 1
+            return
+        self._handshaking += 1
         try:
             peer, role = await handshake_as_listener(
                 conn, self._creds, timeout=cfg.handshake_timeout, accept=self._accept
@@ -691,6 +725,8 @@ class Node:
                 exc,
             )
             return
+        finally:
+            self._handshaking -= 1
         link = self._new_link(conn, peer, role=role, outbound=False)
         if role == Role.CLIENT:
             self._clients.add(link)
@@ -705,6 +741,16 @@ class Node:
     def _accept(self, hello: Hello) -> str | None:
         if self._closing:
             return "node is shutting down"
+        current = self._links.get(hello.node_id)
+        if (
+            hello.role == Role.NODE
+            and current is not None
+            and current.is_open
+            and current.peer.address != hello.address
+        ):
+            # Another node already uses that id: two nodes with one name would keep taking
+            # over each other's links. The operator must give them distinct names.
+            return f"node id {hello.node_id!r} is already linked from {current.peer.address}"
         return None
 
     async def _on_message(self, link: Link, message: Message, size: int) -> None:

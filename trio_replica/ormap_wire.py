@@ -29,7 +29,7 @@ from typing import Any
 import attrs
 import cbor2
 
-from .errors import WireError
+from .errors import MessageTooLarge, WireError
 from .hlc import ClockExhausted, ClockSkewError, HybridClock, InvalidTimestamp, Timestamp
 from .messages import MAX_NODE_ID, U64
 from .ormap import Dot, Entry, Key, ORMap, Tombstone, Value, visible_change
@@ -235,6 +235,21 @@ def _check_value(value: Any, key: Key, limits: Limits) -> None:
         raise _Rejected(
             "value", f"value is {size} bytes, the limit is {limits.max_value_bytes}", key
         )
+
+
+def check_local_entry(key: Any, value: Any, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Check a local write with the rules every peer applies to it, before it is made.
+
+    Raises `TypeError` for a key or value that is not plain data and `MessageTooLarge`
+    for one beyond `limits`: a write that peers would reject must fail for its writer.
+    """
+    try:
+        key = _check_key(key, limits)
+        _check_value(value, key, limits)
+    except _Rejected as exc:
+        if "the limit is" in exc.detail:
+            raise MessageTooLarge(exc.detail) from None
+        raise TypeError(exc.detail) from None
 
 
 # --- ingest --------------------------------------------------------------------------------

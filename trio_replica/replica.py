@@ -191,6 +191,7 @@ class Replica:
         self.stats = ReplicaStats()
         self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](config.inbox_size)
         self._sync_ids = 0
+        self._pulled = False
         self.anti_entropy = bool(getattr(callbacks, "anti_entropy", False))
         self._scope = trio.CancelScope()
         self.closed = trio.Event()
@@ -257,10 +258,16 @@ class Replica:
                     for peer in self.node.active_view():
                         self.peers[peer.id] = peer
                     self._request_sync_from_all()
+                    # An owner that starts with state (recovered from disk) may hold writes
+                    # it acknowledged but never got to broadcast: offer them right away.
+                    for peer in list(self.peers.values()):
+                        await self._send_full_sync(peer)
                     task_status.started()
                     async for kind, data in self._receive:
                         await self._handle(kind, data)
         finally:
+            if self.node._replicas.get(self.name) is self:
+                del self.node._replicas[self.name]
             self.closed.set()
 
     async def aclose(self) -> None:
@@ -331,9 +338,14 @@ class Replica:
             self.peers.update((p.id, p) for p in self.node.active_view())
             self._request_sync_from_all()
         elif isinstance(event, PeerUp):
-            if event.peer.id not in self.peers:
+            # Compare whole peers: a node restarted under the same id at another address is
+            # a new incarnation that needs our state even if its old one was still listed.
+            if self.peers.get(event.peer.id) != event.peer:
                 self.peers[event.peer.id] = event.peer
                 await self._send_full_sync(event.peer)
+                if not self._pulled:
+                    # Opened before any peer was known (a restart, a lone seed): pull too.
+                    await self.request_sync(event.peer)
         elif isinstance(event, PeerDown):
             self.peers.pop(event.peer.id, None)
             # Only a peer that is gone loses its data; an evicted peer is alive and well.
@@ -347,6 +359,7 @@ class Replica:
             await self._send_full_sync(peer)
             return
         self.stats.chunks_received += 1
+        self._pulled = True
         items = decode_payload(message.items, max_size=self.node.config.max_payload)
         if type(items) is not list:
             raise WireError("a sync chunk must carry a list", reason="shape")

@@ -18,6 +18,7 @@ Application payloads (`Gossip.payload`) are CBOR nested inside the frame as a by
 from __future__ import annotations
 
 import io
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
@@ -236,12 +237,32 @@ def check_list(v: Any, max_len: int, name: str) -> list[Any]:
     return v
 
 
+def check_address(v: Any, name: str = "address") -> str:
+    """A dialable address: ``ws://host:port``, ``wss://host:port`` or ``mem://name``.
+
+    Peers hand us addresses that we later dial (forward joins, shuffles): one that the
+    resolver would choke on must be refused here, at the boundary.
+    """
+    address = check_str(v, MAX_ADDRESS, name)
+    if address.startswith("mem://"):
+        if len(address) > 6 and "/" not in address[6:] and address.isprintable():
+            return address
+        _fail(f"{name} {address!r:.80} is not a valid mem:// address")
+    try:
+        parsed = urllib.parse.urlsplit(address)
+        host, port = parsed.hostname, parsed.port
+        if parsed.scheme not in ("ws", "wss") or not host or port is None:
+            raise ValueError("needs ws:// or wss://, a host and a port")
+        host.encode("idna")
+    except (ValueError, UnicodeError) as exc:
+        _fail(f"{name} {address!r:.80} is not a valid address: {exc}")
+    return address
+
+
 def check_peer(v: Any, name: str = "peer") -> Peer:
     if type(v) is not list or len(v) != 2:
         _fail(f"{name} must be [id, address]")
-    return Peer(
-        check_str(v[0], MAX_NODE_ID, f"{name}.id"), check_str(v[1], MAX_ADDRESS, f"{name}.address")
-    )
+    return Peer(check_str(v[0], MAX_NODE_ID, f"{name}.id"), check_address(v[1], f"{name}.address"))
 
 
 def check_message_id(v: Any) -> MessageId:
@@ -284,7 +305,7 @@ def _hello(f: list[Any]) -> Hello:
         version=check_int(f[0], 0, 65535, "version"),
         cluster=check_str(f[1], MAX_CLUSTER, "cluster"),
         node_id=check_str(f[2], MAX_NODE_ID, "node id"),
-        address=check_str(f[3], MAX_ADDRESS, "address", allow_empty=True),
+        address=check_address(f[3]) if f[3] != "" else "",
         role=role,
         nonce=_fixed_bytes(f[5], NONCE_BYTES, "nonce"),
         proof=proof,

@@ -1,0 +1,111 @@
+"""Inputs that once could break a node: each is refused or contained, and the node serves on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from transports.memory import MemoryNetwork
+from trio_replica.control import ControlError, open_control
+from trio_replica.link import Credentials, Link, LinkConfig, handshake_as_dialer
+from trio_replica.maps import ValidationError
+from trio_replica.messages import (
+    ForwardJoin,
+    IHave,
+    MessageId,
+    Peer,
+    Role,
+    SyncChunk,
+)
+from trio_replica.stats import NodeStats
+from trio_replica.wire import FRAME_OVERHEAD, encode_frame, frame_from_parts
+
+from .harness import Cluster, wait_until
+
+
+async def test_batches_never_exceed_the_frame_limit(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork(seed=31)
+    cfg = LinkConfig()
+
+    async def sink(conn: Any) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(net.transport("b").serve, "mem://b", sink)
+        async with net.transport("a").open_connection("mem://b", timeout=5) as conn:
+
+            async def ignore(*_: Any) -> None:
+                return None
+
+            link = Link(
+                conn,
+                Peer("b", "mem://b"),
+                role=Role.NODE,
+                outbound=True,
+                config=cfg,
+                stats=NodeStats(),
+                on_message=ignore,
+            )
+            ids = tuple((MessageId("x", i, i), 1) for i in range(60))
+            link.send_nowait(IHave(ids))
+            for i in range(10):
+                link.send_nowait(SyncChunk("m", 1, i, i == 9, b"x" * 200_000))
+            sent = 0
+            while True:
+                parts = link._take_batch()
+                if not parts:
+                    break
+                assert len(frame_from_parts(parts)) <= cfg.max_frame
+                assert sum(map(len, parts)) <= cfg.max_frame - FRAME_OVERHEAD
+                sent += len(parts)
+            assert sent == 11
+        nursery.cancel_scope.cancel()
+
+
+async def test_peer_supplied_bad_address_is_refused_at_the_boundary(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork(seed=32)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net)
+        a = await c.start("a")
+        async with net.transport("evil").open_connection(a.address, timeout=5) as conn:
+            creds = Credentials("trio-replica", b"", Peer("evil", "mem://evil"))
+            await handshake_as_dialer(conn, creds, role=Role.NODE, timeout=5)
+            bad = encode_frame([ForwardJoin(Peer("x", "ws://" + "a" * 70 + ".example:80"), 0)])
+            await conn.send(bad)
+            await trio.sleep(1)
+        assert a.stats()["rejected"].get("field", 0) == 1
+        b = await c.start("b", [a.address])  # still serving
+        await wait_until(lambda: [p.id for p in a.active_view()] == ["b"])
+        del b
+        nursery.cancel_scope.cancel()
+
+
+async def test_raising_validator_and_status_after_deliveries_over_control() -> None:
+    def validator(key: Any, value: Any) -> bool:
+        if value == "boom":
+            raise RuntimeError("validator bug")
+        return True
+
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery)
+        a = await c.start("a")
+        b = await c.start("b", [a.address])
+        with trio.fail_after(10):
+            await wait_until(lambda: len(a.active_view()) == 1, poll=0.02)
+        ma = await a.open_map("v", validator=validator)
+        await b.open_map("v", validator=validator)
+        with pytest.raises(ValidationError):
+            await ma.put("k", "boom")
+        await ma.put("k", "fine")
+        async with open_control(a.address) as client:
+            with pytest.raises(ControlError, match="ValidationError"):
+                await client.call("map.put", ["v", "k2", "boom"])
+            status = await client.call("status")  # hop histograms have int keys inside
+        assert status["maps"]["v"]["size"] == 1
+        assert b.maps()["v"].get("k") in (None, "fine")
+        nursery.cancel_scope.cancel()

@@ -78,9 +78,14 @@ def test_map_commands_against_a_node_process(tmp_path: Path) -> None:
     assert node.stdout is not None
     address = node.stdout.readline().split()[-1]
     watcher = subprocess.Popen(
-        [*py, "watch", "--node", address, "cfg"], stdout=subprocess.PIPE, text=True
+        [*py, "watch", "--node", address, "cfg"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
+        assert watcher.stderr is not None
+        assert "watching map cfg" in watcher.stderr.readline()  # subscribed: nothing is missed
 
         def run(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(

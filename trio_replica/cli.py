@@ -194,7 +194,10 @@ async def _run_map_command(args: argparse.Namespace) -> int:
             print(_show(result["value"]))
         else:
             async for event in client.stream("map.watch", [args.map]):
-                print(_show(event), flush=True)
+                if event[0] == "watching":
+                    print(f"watching map {event[1]} ({event[2]} keys)", file=sys.stderr, flush=True)
+                else:
+                    print(_show(event), flush=True)
     return 0
 
 

@@ -379,6 +379,7 @@ class Link:
         self.rtt: float | None = None
         self._bad_frames = 0
         self._handing_over = False
+        self.retired = False
         self.close_reason: str | None = None
         #: Set once `run()` has returned and the connection is closed.
         self.closed = trio.Event()
@@ -388,7 +389,8 @@ class Link:
 
     @property
     def is_open(self) -> bool:
-        return not (self._closing or self._closed)
+        """True while the link accepts messages to send (not closing, closed or retired)."""
+        return not (self._closing or self._closed or self.retired)
 
     def queued(self) -> int:
         return len(self._control) + len(self._payload)
@@ -449,6 +451,16 @@ class Link:
             self.close_reason = reason
         self.closed.set()
         return self.close_reason
+
+    def retire(self, reason: str) -> None:
+        """Stop taking messages, but keep reading (and pinging) until the link is closed.
+
+        Used for the losing one of two links to the same peer: frames the peer sent on it
+        before it learned of the other link are still in flight and must be delivered.
+        """
+        self.retired = True
+        if self.close_reason is None:
+            self.close_reason = reason
 
     def fail(self, reason: str) -> None:
         """Record why the link is being torn down by its owner (before cancelling `run`)."""

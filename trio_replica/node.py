@@ -128,6 +128,8 @@ class Node:
         self._aborted = False
         self._task_scopes: set[trio.CancelScope] = set()
         self._handshaking = 0
+        #: Losing duplicates of a link, still delivering what was in flight on them.
+        self._retired: set[Link] = set()
         self._tasks_cancelled = False
         self.seed_ids: set[str] = set()
         self.address = ""
@@ -530,6 +532,8 @@ class Node:
     async def _op_map_watch(self, args: Any) -> AsyncIterator[list[Any]]:
         the_map, _ = self._hosted_map(args, 1)
         async with the_map.subscribe() as events:
+            # The first item confirms the subscription: changes from here on are all seen.
+            yield ["watching", the_map.name, len(the_map)]
             async for event in events:
                 if isinstance(event, Put):
                     yield ["put", event.key, event.value, event.origin]
@@ -679,7 +683,8 @@ class Node:
             winner, loser = (link, old) if keep_new else (old, link)
             for message in loser.drain_queue():
                 winner.send_nowait(message)
-            loser.fail("superseded")
+            loser.retire("superseded")
+            self._retired.add(loser)
         self._links[peer_id] = winner
         pending = self._dials.pop(peer_id, None)
         for d in {id(x): x for x in (pending, dial) if x is not None}.values():
@@ -692,6 +697,7 @@ class Node:
         try:
             reason = await link.run()
         finally:
+            self._retired.discard(link)
             self.stats_counters.links_closed[reason] += 1
             if self._links.get(link.peer.id) is link:
                 del self._links[link.peer.id]
@@ -834,6 +840,13 @@ class Node:
         while True:
             await trio.sleep(linger / 2)
             now = trio.current_time()
+            for link in list(self._retired):
+                # The side that dialed a retired link closes it once it has gone quiet (the
+                # other side only waits, so both never close at once mid-flight); the other
+                # side gives up after a longer wait in case that close never comes.
+                quiet = now - link.last_activity
+                if quiet > (linger if link.outbound else 4 * linger):
+                    link.fail("superseded")
             for link in list(self._links.values()):
                 if (
                     link.is_open

@@ -73,9 +73,9 @@ async def run_local_cluster(n: int, *, timeout: float) -> int:
         print(f"started {n} nodes; seed {nodes[0].id} at {nodes[0].address}")
         start = trio.current_time()
         with trio.move_on_after(timeout):
-            await wait_for_views(nodes, min_active=min(3, n - 1))
+            await wait_for_views(nodes, min_active=min(2, n - 1))
         took = trio.current_time() - start
-        ok = overlay_ok(nodes, min_active=min(3, n - 1))
+        ok = overlay_ok(nodes, min_active=min(2, n - 1))
         for node in nodes:
             active = ", ".join(p.id for p in node.active_view())
             passive = ", ".join(p.id for p in node.passive_view())

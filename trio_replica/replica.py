@@ -191,7 +191,6 @@ class Replica:
         self.stats = ReplicaStats()
         self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](config.inbox_size)
         self._sync_ids = 0
-        self._pulled = False
         self.anti_entropy = bool(getattr(callbacks, "anti_entropy", False))
         self._scope = trio.CancelScope()
         self.closed = trio.Event()
@@ -342,10 +341,8 @@ class Replica:
             # a new incarnation that needs our state even if its old one was still listed.
             if self.peers.get(event.peer.id) != event.peer:
                 self.peers[event.peer.id] = event.peer
+                # Push only: the peer sees us come up too and pushes its state to us.
                 await self._send_full_sync(event.peer)
-                if not self._pulled:
-                    # Opened before any peer was known (a restart, a lone seed): pull too.
-                    await self.request_sync(event.peer)
         elif isinstance(event, PeerDown):
             self.peers.pop(event.peer.id, None)
             # Only a peer that is gone loses its data; an evicted peer is alive and well.
@@ -359,7 +356,6 @@ class Replica:
             await self._send_full_sync(peer)
             return
         self.stats.chunks_received += 1
-        self._pulled = True
         items = decode_payload(message.items, max_size=self.node.config.max_payload)
         if type(items) is not list:
             raise WireError("a sync chunk must carry a list", reason="shape")

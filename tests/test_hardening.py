@@ -109,3 +109,57 @@ async def test_raising_validator_and_status_after_deliveries_over_control() -> N
         assert status["maps"]["v"]["size"] == 1
         assert b.maps()["v"].get("k") in (None, "fine")
         nursery.cancel_scope.cancel()
+
+
+async def test_garbage_before_and_after_the_handshake_is_refused_and_counted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    import random
+
+    from trio_replica.messages import Gossip
+
+    net = MemoryNetwork(seed=33, max_frame=4 * 1024 * 1024)  # lets oversize frames through
+    rng = random.Random(5)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net)
+        a = await c.start("a")
+        # Before the handshake: random bytes, then silence (the handshake deadline).
+        async with net.transport("x1").open_connection(a.address, timeout=5) as conn:
+            await conn.send(rng.randbytes(100))
+            await trio.sleep(1)
+        async with net.transport("x2").open_connection(a.address, timeout=5):
+            await trio.sleep(a.config.link.handshake_timeout + 1)
+        refused = a.stats()["handshakes_refused"]
+        assert refused.get("malformed", 0) == 1 and refused.get("timeout", 0) == 1
+        # After the handshake: random, truncated, mutated, deep and oversized frames.
+        good = encode_frame([Gossip(MessageId("x3", 1, 1), 1, "t", b"\xa0")])
+        deep = b"\x82\x01" + b"\x81" * 40 + b"\x00"
+        frames = [
+            rng.randbytes(64),
+            good[:-3],
+            bytes(b ^ 0x55 for b in good),
+            deep,
+            b"\x82\x01\x5b" + b"\xff" * 8,  # a byte string claiming 2**64 bytes
+            b"\x82\x01\x58\x10" + bytes(a.config.link.max_frame),  # larger than a frame
+        ]
+        async with net.transport("x3").open_connection(a.address, timeout=5) as conn:
+            creds = Credentials("trio-replica", b"", Peer("x3", "mem://x3"))
+            await handshake_as_dialer(conn, creds, role=Role.NODE, timeout=5)
+            for frame in frames:
+                await conn.send(frame)
+            await trio.sleep(1)
+        rejected = a.stats()["rejected"]
+        assert sum(rejected.values()) == len(frames), rejected
+        assert rejected.get("too_large", 0) == 1
+
+        # A seed that accepts connections but never finishes the handshake.
+        async def mute(conn: Any) -> None:
+            await trio.sleep_forever()
+
+        await nursery.start(net.transport("mute").serve, "mem://mute", mute)
+        b = await c.start("b", ["mem://mute", a.address])
+        with trio.fail_after(30):
+            await wait_until(lambda: [p.id for p in b.active_view()] == ["a"])
+        # Still serving, nothing leaked: the node's tasks are the usual ones.
+        assert [p.id for p in a.active_view()] == ["b"]
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,515 @@
+"""Experiments at scale on the simulator: the HyParView (DSN 2007) and Plumtree (SRDS 2007)
+papers' figures, reproduced with the very cores the nodes run (issue 8).
+
+A script: ``.venv/bin/python bench/sim.py --nodes 1000 --seed 1``. It writes one JSON
+document to ``bench/results/sim_<nodes>.json`` and, when matplotlib is installed (the
+``bench`` extra), PNGs ``bench/results/sim_<nodes>_*.png``. Everything runs in virtual time
+(`trio_replica.sim.Simulator`), so the figures depend only on the seed; the wall-clock time
+of each phase is reported beside them. The functions are importable: the CI test
+``tests/test_sim_experiments.py`` runs them on 200 nodes.
+
+Phases, in the order they run, all from one stabilised overlay (`build`):
+
+* ``overlay``: clustering coefficient, average shortest path, in- and out-degree
+  distributions of the active views, and the last delivery hop of flooding and Plumtree.
+* ``failures`` (HyParView paper section 5.2) and ``healing`` (section 5.3): for each
+  failure rate, a copy of the overlay loses that fraction of its nodes at once (any node,
+  the seed included). Then one broadcast per `interval` from a random survivor, flooding
+  over the active views (as the paper) and Plumtree, for `cycles` shuffle periods.
+  Reliability counts survivors. Reported: the first broadcast (sent at the crash instant:
+  the overlay as it stands, nobody has detected anything), the mean over the first shuffle
+  period (reactive repair only: shuffles refresh passive views, never active ones), and
+  the healing time: from which broadcast on every broadcast reached every survivor.
+* ``plumtree`` (SRDS 2007 section 4): broadcasts from random nodes, one every
+  `interval`, alternating Plumtree and flooding on the same overlay; RMR, LDH and
+  reliability per message, stable and then under churn (every shuffle period, `churn` of
+  the nodes crash and as many new ones join through the seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from trio_replica.core.hyparview import HyParViewConfig
+from trio_replica.messages import MessageId
+from trio_replica.sim import (
+    BROADCAST,
+    FLOOD,
+    BroadcastMetrics,
+    DriverConfig,
+    PlumtreeLayer,
+    Simulator,
+    active_graph,
+    average_shortest_path,
+    broadcast_stack,
+    clustering_coefficient,
+    components,
+    in_degree_distribution,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FAILURE_RATES = (0.10, 0.20, 0.40, 0.60, 0.70, 0.80, 0.90, 0.95)
+SEED_NODE = "seed"
+
+#: The papers' numbers we compare with (read from the papers' text and figures).
+PAPER = {
+    "failures": "HyParView, DSN 2007 section 5.2 (10,000 nodes, flooding over active views"
+    " of 5): almost no loss below 90% failures; about 90% of survivors reached at 95%.",
+    "healing": "HyParView section 5.3: 1-2 membership cycles to recover below 80% failures,"
+    " up to 4 at 90%.",
+    "plumtree": "SRDS 2007 section 4 (10,000 nodes over HyParView): Plumtree RMR about 0"
+    " in a stable overlay against about 3 for flooding with fanout 4 (active_size - 1);"
+    " reliability 100%.",
+}
+
+
+# --- building blocks ------------------------------------------------------------------------------
+
+
+def build(
+    n: int, seed: int, *, join_spread: float | None = None, settle: float = 60.0
+) -> Simulator:
+    """N nodes joining through one seed over `join_spread` seconds, then `settle` more."""
+    config = HyParViewConfig()
+    sim = Simulator(
+        seed,
+        hyparview=config,
+        driver=DriverConfig(rejoin="seeds"),
+        stack_factory=broadcast_stack(config),
+    )
+    spread = join_spread if join_spread is not None else max(2.0, n / 50)
+    sim.add_node(SEED_NODE)
+    for i in range(n - 1):
+        sim.add_node(f"n{i}", [SEED_NODE], at=0.5 + sim.rng.uniform(0, spread))
+    sim.run(0.5 + spread + settle)
+    # A few Plumtree broadcasts build the tree (the first floods), as a running system has.
+    alive = _alive_ids(sim)
+    for _ in range(5):
+        sim.broadcast(sim.rng.choice(alive), BROADCAST)
+        sim.run_for(1.0)
+    return sim
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    return {
+        "mean": statistics.fmean(ordered),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "p50": ordered[len(ordered) // 2],
+    }
+
+
+def _metrics_dict(m: BroadcastMetrics) -> dict[str, Any]:
+    return {
+        "reliability": m.reliability,
+        "rmr": m.rmr,
+        "ldh": m.ldh,
+        "delivered": m.delivered,
+        "eligible": m.eligible,
+    }
+
+
+def _alive_ids(sim: Simulator) -> list[str]:
+    return sorted(node.id for node in sim.alive_nodes())
+
+
+# --- overlay --------------------------------------------------------------------------------------
+
+
+def overlay(sim: Simulator, *, broadcasts: int = 10, path_sources: int = 200) -> dict[str, Any]:
+    """Graph properties of the active views (HyParView section 5.2) and LDH of both
+    broadcasts, on a copy of `sim` (the original is not advanced)."""
+    sim = copy.deepcopy(sim)
+    graph = active_graph(sim)
+    out_degrees: dict[int, int] = {}
+    for peers in graph.values():
+        out_degrees[len(peers)] = out_degrees.get(len(peers), 0) + 1
+    result: dict[str, Any] = {
+        "nodes": len(graph),
+        "components": len(components(graph)),
+        "clustering_coefficient": clustering_coefficient(graph),
+        "average_shortest_path": average_shortest_path(
+            graph, sources=path_sources, rng=random.Random(sim.seed)
+        ),
+        "path_sources": min(path_sources, len(graph)),
+        "in_degree": {str(k): v for k, v in in_degree_distribution(graph).items()},
+        "out_degree": {str(k): v for k, v in sorted(out_degrees.items())},
+    }
+    ids: dict[str, list[MessageId]] = {FLOOD: [], BROADCAST: []}
+    alive = _alive_ids(sim)
+    for _ in range(broadcasts):
+        origin = sim.rng.choice(alive)
+        for layer in (FLOOD, BROADCAST):
+            ids[layer].append(sim.broadcast(origin, layer))
+            sim.run_for(1.0)
+    sim.run_for(5.0)
+    for layer, label in ((FLOOD, "flood"), (BROADCAST, "plumtree")):
+        metrics = [sim.broadcasts[i].metrics() for i in ids[layer]]
+        result[f"ldh_{label}"] = _summary([m.ldh for m in metrics])
+        result[f"reliability_{label}"] = _summary([m.reliability for m in metrics])
+    return result
+
+
+# --- massive failures and healing -----------------------------------------------------------------
+
+
+#: Failure detection as the paper's simulations assume it: TCP tells a sender at once that
+#: its peer's process is gone (a reset), so a send or a dial fails within a round trip.
+PAPER_DETECTION = {"detect_delay": 0.1, "dial_fail_delay": 0.1}
+#: Our runtime's defaults (SPEC section 3): a silent peer is declared dead after the ping
+#: timeout, and a dial to a dead host fails after a connect timeout.
+RUNTIME_DETECTION = {"detect_delay": 3.0, "dial_fail_delay": 1.0}
+
+
+def failures(
+    base: Simulator,
+    rates: Sequence[float] = FAILURE_RATES,
+    *,
+    interval: float = 1.0,
+    cycles: int = 5,
+    detection: dict[str, float] = PAPER_DETECTION,
+) -> list[dict[str, Any]]:
+    """HyParView sections 5.2 and 5.3: crash `rate` of the nodes at once, then broadcast
+    (flooding and Plumtree, same origin) every `interval` for `cycles` shuffle periods.
+    `detection` sets the network's failure-detection delays for the run."""
+    period = base.hyparview_config.shuffle_interval
+    results = []
+    for rate in rates:
+        sim = copy.deepcopy(base)
+        sim.network = attrs.evolve(sim.network, **detection)
+        everyone = _alive_ids(sim)
+        victims = sim.rng.sample(everyone, round(rate * len(everyone)))
+        sim.crash(victims)
+        crashed_at = sim.now
+        survivors = _alive_ids(sim)
+        sent: list[tuple[float, MessageId, MessageId]] = []
+        steps = round(cycles * period / interval)
+        for _ in range(steps):
+            origin = sim.rng.choice(survivors)
+            flood = sim.broadcast(origin, FLOOD)
+            tree = sim.broadcast(origin, BROADCAST)
+            sent.append((sim.now - crashed_at, flood, tree))
+            sim.run_for(interval)
+        sim.run_for(5.0)
+        series: dict[str, list[float]] = {"t": [], "flood": [], "plumtree": []}
+        for t, flood, tree in sent:
+            series["t"].append(round(t, 6))
+            series["flood"].append(sim.broadcasts[flood].metrics().reliability)
+            series["plumtree"].append(sim.broadcasts[tree].metrics().reliability)
+        row: dict[str, Any] = {"rate": rate, "survivors": len(survivors)}
+        first_cycle = [i for i, t in enumerate(series["t"]) if t < period]
+        for label in ("flood", "plumtree"):
+            values = series[label]
+            healed = _healed_at(series["t"], values)
+            row[label] = {
+                "first_broadcast": values[0],
+                "first_cycle_mean": statistics.fmean(values[i] for i in first_cycle),
+                "healed_after_s": healed,
+                "healing_cycles": None if healed is None else math.ceil(healed / period),
+            }
+        graph = active_graph(sim)
+        row["after"] = {
+            "components": len(components(graph)),
+            "largest_component": len(components(graph)[0]) if graph else 0,
+            "isolated": sum(1 for peers in graph.values() if not peers),
+        }
+        row["series"] = series
+        results.append(row)
+    return results
+
+
+def _healed_at(times: Sequence[float], reliability: Sequence[float]) -> float | None:
+    """Time of the broadcast from which every later one reached every survivor."""
+    healed: float | None = None
+    for t, value in zip(times, reliability, strict=True):
+        if value < 1.0:
+            healed = None
+        elif healed is None:
+            healed = t
+    return healed
+
+
+# --- Plumtree against flooding --------------------------------------------------------------------
+
+
+def plumtree(
+    base: Simulator,
+    *,
+    broadcasts: int = 60,
+    warmup: int = 5,
+    interval: float = 1.0,
+    churn: float = 0.005,
+    churn_cycles: int = 10,
+) -> dict[str, Any]:
+    """SRDS 2007 section 4: RMR, LDH, reliability of Plumtree and flooding, stable and under
+    churn. Figures are over the messages after the first `warmup` (the first Plumtree
+    broadcast floods to build the tree)."""
+    sim = copy.deepcopy(base)
+    period = sim.hyparview_config.shuffle_interval
+    sent: dict[str, list[MessageId]] = {FLOOD: [], BROADCAST: []}
+    alive = _alive_ids(sim)
+    for _ in range(broadcasts):
+        origin = sim.rng.choice(alive)
+        sent[BROADCAST].append(sim.broadcast(origin, BROADCAST))
+        sim.run_for(interval / 2)
+        sent[FLOOD].append(sim.broadcast(origin, FLOOD))
+        sim.run_for(interval / 2)
+    sim.run_for(5.0)
+    stable = {
+        label: _layer_figures([sim.broadcasts[i].metrics() for i in sent[layer]], warmup)
+        for layer, label in ((BROADCAST, "plumtree"), (FLOOD, "flood"))
+    }
+
+    # Churn: at the start of every shuffle period, `churn` of the live nodes crash (the
+    # seed excepted: newcomers join through it) and as many new nodes join.
+    crashed_at: dict[str, float] = {}
+    churned: dict[str, list[MessageId]] = {FLOOD: [], BROADCAST: []}
+    joined = 0
+    per_cycle = max(1, round(churn * len(alive)))
+    for _ in range(churn_cycles):
+        candidates = [i for i in _alive_ids(sim) if i != SEED_NODE]
+        victims = sim.rng.sample(candidates, per_cycle)
+        sim.crash(victims)
+        crashed_at.update(dict.fromkeys(victims, sim.now))
+        for _ in range(per_cycle):
+            sim.add_node(f"j{joined}", [SEED_NODE], at=sim.now + sim.rng.uniform(0, 1))
+            joined += 1
+        for _ in range(round(period / interval)):
+            origin = sim.rng.choice(_alive_ids(sim))
+            churned[BROADCAST].append(sim.broadcast(origin, BROADCAST))
+            sim.run_for(interval / 2)
+            churned[FLOOD].append(sim.broadcast(origin, FLOOD))
+            sim.run_for(interval / 2)
+    sim.run_for(5.0)
+    under_churn: dict[str, Any] = {}
+    for layer, label in ((BROADCAST, "plumtree"), (FLOOD, "flood")):
+        metrics = []
+        for id in churned[layer]:
+            record = sim.broadcasts[id]
+            # Nodes that crash within 5 s of the send cannot be blamed on the protocol.
+            eligible = [
+                n for n in record.alive_at_send if crashed_at.get(n, math.inf) > record.sent_at + 5
+            ]
+            metrics.append(record.metrics(eligible))
+        under_churn[label] = _layer_figures(metrics, 0)
+    layers = [node.stack.layers[BROADCAST] for node in sim.nodes.values()]
+    grafts = sum(
+        layer.core.stats.grafts_sent for layer in layers if isinstance(layer, PlumtreeLayer)
+    )
+    return {
+        "stable": stable,
+        "churn": under_churn,
+        "churn_per_cycle": per_cycle,
+        "churn_cycles": churn_cycles,
+        "plumtree_grafts_total": grafts,
+    }
+
+
+def _layer_figures(metrics: list[BroadcastMetrics], warmup: int) -> dict[str, Any]:
+    kept = metrics[warmup:]
+    return {
+        "first": _metrics_dict(metrics[0]) if metrics else None,
+        "messages": len(kept),
+        "rmr": _summary([m.rmr for m in kept]),
+        "ldh": _summary([float(m.ldh) for m in kept]),
+        "reliability": _summary([m.reliability for m in kept]),
+        "series": [_metrics_dict(m) for m in metrics],
+    }
+
+
+# --- figures --------------------------------------------------------------------------------------
+
+
+def plot(result: dict[str, Any], prefix: Path) -> list[Path]:
+    """PNGs of the result; matplotlib is imported here only (the `bench` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = result["nodes"]
+    written = []
+    rows = result.get("failures", [])
+    if rows:
+        fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+        rates = [100 * r["rate"] for r in rows]
+        ax = axes[0]
+        for label, style in (("flood", "o-"), ("plumtree", "s--")):
+            ax.plot(
+                rates,
+                [100 * r[label]["first_cycle_mean"] for r in rows],
+                style,
+                label=f"{label}: mean of first shuffle period",
+            )
+            ax.plot(
+                rates,
+                [100 * r[label]["first_broadcast"] for r in rows],
+                style,
+                alpha=0.4,
+                label=f"{label}: first broadcast (t=0)",
+            )
+        slow = result.get("failures_runtime_detection", [])
+        if slow:
+            ax.plot(
+                [100 * r["rate"] for r in slow],
+                [100 * r["flood"]["first_cycle_mean"] for r in slow],
+                "^:",
+                label="flood, runtime detection (3 s): mean of first period",
+            )
+        ax.plot(
+            [10, 80, 90, 95],
+            [100, 100, 99, 90],
+            "k*",
+            markersize=10,
+            label="paper (10k nodes, flooding)",
+        )
+        ax.set(
+            xlabel="nodes crashed at once (%)",
+            ylabel="survivors reached (%)",
+            title=f"Reliability after massive failures, N={n}",
+            ylim=(0, 102),
+        )
+        ax.legend(fontsize=7)
+        ax = axes[1]
+        for row in rows:
+            ax.plot(
+                row["series"]["t"],
+                [100 * v for v in row["series"]["flood"]],
+                label=f"{100 * row['rate']:.0f}%",
+            )
+        ax.set(
+            xlabel="seconds after the crash (shuffle period 10 s), paper detection",
+            ylabel="survivors reached (%)",
+            title="Flooding reliability per broadcast",
+        )
+        ax.legend(fontsize=7, ncol=2)
+        ax = axes[2]
+        cycles = [r["flood"]["healing_cycles"] for r in rows]
+        ax.bar(rates, [c if c is not None else 0 for c in cycles], width=3, label="ours (flooding)")
+        for x, c in zip(rates, cycles, strict=True):
+            if c is None:
+                ax.text(x, 0.1, "not\nhealed", ha="center", fontsize=7)
+        if slow:
+            ax.plot(
+                [100 * r["rate"] for r in slow],
+                [r["flood"]["healing_cycles"] or 0 for r in slow],
+                "v",
+                label="ours, runtime detection (3 s)",
+            )
+        ax.plot(
+            [10, 20, 40, 60, 70, 80, 90],
+            [1, 1, 1, 2, 2, 2, 4],
+            "k*",
+            markersize=10,
+            label="paper (upper bound read)",
+        )
+        ax.set(
+            xlabel="nodes crashed at once (%)", ylabel="shuffle periods to 100%", title="Healing"
+        )
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = prefix.with_name(prefix.name + "_failures.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if "overlay" in result:
+        ov = result["overlay"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        degrees = sorted(int(k) for k in ov["in_degree"])
+        ax.bar(degrees, [ov["in_degree"][str(k)] for k in degrees])
+        ax.set(
+            xlabel="in-degree (active views holding the node)",
+            ylabel="nodes",
+            title=f"In-degree, N={n}: CC {ov['clustering_coefficient']:.4f}, "
+            f"ASP {ov['average_shortest_path']:.2f}",
+        )
+        fig.tight_layout()
+        path = prefix.with_name(prefix.name + "_overlay.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if "plumtree" in result:
+        pt = result["plumtree"]
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        for phase, offset in (("stable", 0), ("churn", len(pt["stable"]["plumtree"]["series"]))):
+            for label, style in (("plumtree", "-"), ("flood", "--")):
+                series = pt[phase][label]["series"]
+                xs = range(offset, offset + len(series))
+                for ax, key in zip(axes, ("rmr", "ldh", "reliability"), strict=True):
+                    ax.plot(
+                        xs, [s[key] for s in series], style, label=f"{label} ({phase})", linewidth=1
+                    )
+        for ax, key in zip(axes, ("RMR", "LDH", "reliability"), strict=True):
+            ax.axvline(len(pt["stable"]["plumtree"]["series"]), color="grey", linewidth=0.5)
+            ax.set(xlabel="broadcast (stable, then churn 0.5%/period)", title=f"{key}, N={n}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = prefix.with_name(prefix.name + "_plumtree.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def run_all(n: int, seed: int, *, rates: Sequence[float] = FAILURE_RATES) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    base = build(n, seed)
+    timings["build"] = time.perf_counter() - started
+    result: dict[str, Any] = {"nodes": n, "seed": seed, "paper": PAPER}
+    for name, phase in (
+        ("overlay", lambda: overlay(base)),
+        ("failures", lambda: failures(base, rates)),
+        ("failures_runtime_detection", lambda: failures(base, rates, detection=RUNTIME_DETECTION)),
+        ("plumtree", lambda: plumtree(base)),
+    ):
+        t = time.perf_counter()
+        result[name] = phase()
+        timings[name] = time.perf_counter() - t
+        print(f"{name}: {timings[name]:.1f} s", file=sys.stderr)
+    timings["total"] = time.perf_counter() - started
+    result["wall_seconds"] = timings
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    result = run_all(args.nodes, args.seed)
+    result["command"] = " ".join(["bench/sim.py", *(argv if argv is not None else sys.argv[1:])])
+    result["machine"] = {"python": platform.python_version(), "platform": platform.platform()}
+    result["date"] = time.strftime("%Y-%m-%d")
+    args.out.mkdir(parents=True, exist_ok=True)
+    prefix = args.out / f"sim_{args.nodes}"
+    prefix.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {prefix.with_suffix('.json')}", file=sys.stderr)
+    if not args.no_plots:
+        for path in plot(result, prefix):
+            print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The scale experiments of bench/sim.py (issue 8), small: 200 nodes, a few seconds each.
+
+They check the shape of the papers' figures, so that a regression of the HyParView or
+Plumtree core fails CI: reliability after massive failures, healing within a few shuffle
+periods, Plumtree's RMR near 0 against flooding's, the overlay's graph properties. All in
+virtual time from fixed seeds; no wall-clock assertion.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.sim import PAPER_DETECTION, build, failures, overlay, plot, plumtree
+from trio_replica.sim import BROADCAST, FLOOD, Simulator
+
+
+@pytest.fixture(scope="module")
+def base() -> Simulator:
+    return build(200, seed=7)
+
+
+def test_overlay_of_200_nodes_has_the_papers_shape(base: Simulator) -> None:
+    result = overlay(base, broadcasts=4, path_sources=50)
+    assert result["nodes"] == 200
+    assert result["components"] == 1
+    # A random 5-regular graph on 200 nodes: clustering about 4/200, paths about 3.5.
+    assert result["clustering_coefficient"] < 0.1
+    assert result["average_shortest_path"] < 5
+    in_degree = {int(k): v for k, v in result["in_degree"].items()}
+    assert max(in_degree) == 5
+    assert in_degree[5] >= 0.9 * 200
+    assert result["reliability_flood"]["min"] == 1.0
+    assert result["reliability_plumtree"]["min"] == 1.0
+    # The tree is not the shortest-path graph: its last hop is no earlier than flooding's.
+    assert result["ldh_plumtree"]["mean"] >= result["ldh_flood"]["mean"]
+    # overlay() works on a copy.
+    assert not any(record.layer == FLOOD for record in base.broadcasts.values())
+
+
+def test_massive_failures_and_healing(base: Simulator) -> None:
+    rows = failures(base, (0.5, 0.9), cycles=4, detection=PAPER_DETECTION)
+    half, most = rows
+    assert half["survivors"] == 100 and most["survivors"] == 20
+    # Section 5.2: almost no loss at 50% (the first broadcast races the failure detection).
+    assert half["flood"]["first_cycle_mean"] > 0.99
+    assert half["plumtree"]["first_cycle_mean"] > 0.99
+    # Section 5.3: healed within 1-2 periods at 50%, a few at 90%.
+    assert half["flood"]["healing_cycles"] is not None and half["flood"]["healing_cycles"] <= 2
+    assert most["flood"]["healing_cycles"] is not None and most["flood"]["healing_cycles"] <= 4
+    assert most["flood"]["first_cycle_mean"] > 0.8
+    assert most["after"]["components"] == 1
+    # The stabilised overlay itself was not touched.
+    assert len(base.alive_nodes()) == 200
+
+
+def test_plumtree_against_flooding_stable_and_under_churn(base: Simulator) -> None:
+    result = plumtree(base, broadcasts=20, warmup=3, churn_cycles=3)
+    stable, churn = result["stable"], result["churn"]
+    assert stable["plumtree"]["rmr"]["mean"] < 0.1
+    assert stable["plumtree"]["reliability"]["min"] == 1.0
+    # Flooding: every node forwards to its 4 other neighbours, so m is about 4n and
+    # RMR = m / (n - 1) - 1 is about active_size - 2.
+    active = base.hyparview_config.active_size
+    assert abs(stable["flood"]["rmr"]["mean"] - (active - 2)) < 0.3
+    assert stable["flood"]["reliability"]["min"] == 1.0
+    assert churn["plumtree"]["rmr"]["mean"] < 0.2
+    assert churn["plumtree"]["reliability"]["mean"] > 0.99
+    assert churn["flood"]["reliability"]["mean"] > 0.99
+    assert stable["plumtree"]["ldh"]["mean"] >= stable["flood"]["ldh"]["mean"]
+
+
+def test_experiments_are_deterministic_per_seed() -> None:
+    def run(seed: int) -> str:
+        sim = build(60, seed, settle=30.0)
+        return json.dumps(
+            [failures(sim, (0.6,), cycles=2), plumtree(sim, broadcasts=6, churn_cycles=1)]
+        )
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_broadcast_layers_share_the_overlay() -> None:
+    sim = build(30, seed=9, settle=20.0)
+    origin = "n3"
+    tree = sim.broadcast(origin, BROADCAST)
+    flood = sim.broadcast(origin, FLOOD)
+    sim.run_for(5.0)
+    for id in (tree, flood):
+        metrics = sim.broadcasts[id].metrics()
+        assert metrics.reliability == 1.0
+        assert metrics.delivered == 30
+    assert sim.broadcasts[flood].hops[origin] == 0
+    with pytest.raises(TypeError):
+        sim.broadcast(origin, "membership")
+    sim.crash([origin])
+    with pytest.raises(ValueError):
+        sim.broadcast(origin, BROADCAST)
+
+
+def test_plot_writes_the_figures(base: Simulator, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    result = {
+        "nodes": 200,
+        "overlay": overlay(base, broadcasts=1, path_sources=10),
+        "failures": failures(base, (0.5,), cycles=1),
+        "plumtree": plumtree(base, broadcasts=4, warmup=1, churn_cycles=1),
+    }
+    paths = plot(result, tmp_path / "sim_200")
+    assert sorted(p.name for p in paths) == [
+        "sim_200_failures.png",
+        "sim_200_overlay.png",
+        "sim_200_plumtree.png",
+    ]
+    assert all(p.stat().st_size > 1000 for p in paths)

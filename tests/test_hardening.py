@@ -163,3 +163,14 @@ async def test_garbage_before_and_after_the_handshake_is_refused_and_counted(
         # Still serving, nothing leaked: the node's tasks are the usual ones.
         assert [p.id for p in a.active_view()] == ["b"]
         nursery.cancel_scope.cancel()
+
+
+async def test_open_node_cancelled_while_starting_returns_promptly() -> None:
+    from trio_replica.config import NodeConfig
+    from trio_replica.node import open_node
+
+    for delay in (0, 0.0001, 0.001, 0.01, 0.05):
+        with trio.fail_after(5):  # a hang here was a shielded task stuck in nursery.start
+            with trio.move_on_after(delay):
+                async with open_node(NodeConfig(name="a")):
+                    await trio.sleep_forever()

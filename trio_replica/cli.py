@@ -3,12 +3,14 @@
 * ``node``: run one node until SIGINT or SIGTERM, then leave gracefully and exit 0.
 * ``status``: ask a running node, over its authenticated control path, for its views and counters.
 * ``cluster``: start a small local cluster in this process and print the views it forms.
+* ``demo``: a local cluster that replicates a map, loses a node and heals (`trio_replica.demo`).
 * ``put``, ``get``, ``delete``, ``watch``: drive and observe a replicated map hosted by a
   running node (values are JSON on the command line; bytes print as ``{"$bytes": base64}``).
 
-Every command takes ``--log-level``. Errors a user can fix (a bad address, a missing
-secret file, a node that does not answer) end with a one-line message and exit status 2
-or 1, never a traceback.
+Every command takes ``--log-level`` and ``--log-json`` (`trio_replica.logs`); ``node`` takes
+``--metrics HOST:PORT`` to serve Prometheus metrics (`trio_replica.metrics`). Errors a
+user can fix (a bad address, a missing secret file, a node that does not answer) end with
+a one-line message and exit status 2 or 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import trio
 from .config import NodeConfig, normalize_address
 from .control import open_control
 from .errors import ConfigError, ReplicaError
+from .logs import LEVELS, node_context, setup_logging
 from .node import open_node
 
 log = logging.getLogger("trio_replica.cli")
@@ -49,8 +52,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level",
         default="WARNING",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        choices=LEVELS,
         help="logging level (default: WARNING)",
+    )
+    p.add_argument(
+        "--log-json",
+        action="store_true",
+        help="log one JSON object per line (time, level, logger, message, node, peer)",
     )
 
 
@@ -77,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--map", action="append", default=[], metavar="NAME", help="host this map (repeatable)"
     )
     p.add_argument("--data-dir", help="persist the hosted maps in SQLite files in this directory")
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
     _add_auth(p)
     _add_common(p)
 
@@ -109,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=5)
     p.add_argument("--timeout", type=float, default=30.0)
     _add_common(p)
+
+    p = sub.add_parser(
+        "demo", help="watch a local cluster replicate a map, lose a node and heal (~10 s)"
+    )
+    p.add_argument("--nodes", type=int, default=5, help="cluster size, at least 3 (default: 5)")
+    p.add_argument(
+        "--step-timeout", type=float, default=15.0, help="deadline of each step (default: 15 s)"
+    )
+    _add_common(p)
     return parser
 
 
@@ -122,15 +144,37 @@ async def _run_node(args: argparse.Namespace) -> int:
         secret=_read_secret(args.secret_file),
         data_dir=args.data_dir,
     )
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_node(config) as node:
+    metrics_at = _parse_metrics(args.metrics) if args.metrics else None
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        node_context(config.name),  # every record of the node's tasks names it
+    ):
+        async with open_node(config) as node, trio.open_nursery() as nursery:
             for name in args.map:
                 await node.open_map(name, persist=args.data_dir is not None)
+            bound = None
+            if metrics_at is not None:
+                from .metrics import metrics_registry, serve_metrics
+
+                bound = await nursery.start(serve_metrics, metrics_registry(node), *metrics_at)
+            # The first line is the readiness signal scripts wait for; keep it first.
             print(f"node {node.id} listening on {node.address}", flush=True)
+            if bound is not None:
+                print(f"metrics at http://{bound[0]}:{bound[1]}/metrics", flush=True)
             async for signum in signals:
                 log.info("received %s; leaving the cluster", signal.Signals(signum).name)
                 break
+            nursery.cancel_scope.cancel()
     return 0
+
+
+def _parse_metrics(text: str) -> tuple[str, int]:
+    from .metrics import parse_host_port
+
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise ConfigError(f"--metrics: {exc}") from None
 
 
 def _print_status(status: dict[str, Any]) -> None:
@@ -207,17 +251,21 @@ async def _run_cluster(args: argparse.Namespace) -> int:
     return await run_local_cluster(args.nodes, timeout=args.timeout)
 
 
+async def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return await run_demo(args.nodes, step_timeout=args.step_timeout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level, json_lines=args.log_json)
     runners = {
         "node": _run_node,
         "status": _run_status,
         "cluster": _run_cluster,
+        "demo": _run_demo,
         "put": _run_map_command,
         "get": _run_map_command,
         "delete": _run_map_command,

@@ -211,11 +211,15 @@ class Node:
 
     async def start_task(self, fn: Callable[..., Awaitable[object]], *args: object) -> Any:
         """Like `spawn`, for a task that reports readiness through ``task_status``."""
-        scope = self._new_task_scope()
-        return await self._nursery.start(self._in_scope_started, scope, fn, args)
+        # Shield only once started: a shielded task that is still starting when the caller
+        # is cancelled stays in trio's temporary start nursery, which then never exits.
+        scope = self._new_task_scope(shield=False)
+        value = await self._nursery.start(self._in_scope_started, scope, fn, args)
+        scope.shield = True
+        return value
 
-    def _new_task_scope(self) -> trio.CancelScope:
-        scope = trio.CancelScope(shield=True)
+    def _new_task_scope(self, *, shield: bool = True) -> trio.CancelScope:
+        scope = trio.CancelScope(shield=shield)
         if self._tasks_cancelled:
             scope.cancel()
         self._task_scopes.add(scope)

@@ -1,0 +1,64 @@
+"""The demo as a user runs it: a subprocess, plain output (not a terminal), exit status 0."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from trio_replica import demo
+from trio_replica.cli import main
+
+PY = [sys.executable, "-m", "trio_replica"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> Iterator[None]:
+    """`setup_logging` replaces the root logger's handlers; give pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_demo_replicates_crashes_restarts_and_exits_zero() -> None:
+    out = subprocess.run([*PY, "demo", "--nodes", "4"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    for expected in (
+        "started 4 nodes on 127.0.0.1",
+        "overlay connected",
+        "all 4 nodes hold the same 20 keys",
+        "crashed n4",
+        "saw PeerDown(n4, failed)",
+        "views repaired: n4 gone from every active view",
+        "the survivors hold the same 29 keys",
+        "restarted n4: recovered 20 keys",
+        "n4 caught up: all 4 nodes hold the same 29 keys",
+        "demo succeeded",
+    ):
+        assert expected in text, text
+    assert "\x1b[" not in text  # plain mode: no cursor movement when stdout is a pipe
+    assert "  n4    down" in text  # the table shows the crashed node
+    assert out.stderr == ""  # a random cluster secret: no loopback-only warnings
+
+
+def test_demo_step_deadline_fails_with_the_step_named(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An overlay that never looks connected: the first step misses its deadline, the demo
+    # names it and exits 1 (after stopping the nodes it started).
+    monkeypatch.setattr(demo, "overlay_ok", lambda nodes, min_active=1: False)
+    assert main(["demo", "--nodes", "3", "--step-timeout", "0.5"]) == 1
+    captured = capsys.readouterr()
+    assert "demo FAILED: step 'start' failed" in captured.out
+    assert "error: demo step 'start' failed" in captured.err
+
+
+def test_demo_refuses_too_few_nodes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--nodes", "2"]) == 2
+    assert "at least 3 nodes" in capsys.readouterr().out

@@ -167,6 +167,16 @@ async def _send_one(conn: Connection, message: Message) -> None:
     await conn.send(frame_from_parts([encode_message(message)]))
 
 
+async def _send_step(conn: Connection, message: Message) -> None:
+    """Send one handshake message; a closed connection is a failed handshake."""
+    try:
+        await _send_one(conn, message)
+    except TransportClosed:
+        raise HandshakeError(
+            "peer closed the connection during the handshake", reason="closed"
+        ) from None
+
+
 async def _receive_one(conn: Connection) -> Message:
     try:
         frame = await conn.receive()
@@ -220,12 +230,7 @@ async def handshake_as_dialer(
             secrets.token_bytes(NONCE_BYTES),
             b"",
         )
-        try:
-            await _send_one(conn, mine)
-        except TransportClosed:
-            raise HandshakeError(
-                "peer closed the connection during the handshake", reason="closed"
-            ) from None
+        await _send_step(conn, mine)
         reply = await _receive_one(conn)
         if isinstance(reply, Refuse):
             raise HandshakeError(f"peer refused us: {reply.reason}", reason="refused")
@@ -240,12 +245,7 @@ async def handshake_as_dialer(
                 raise HandshakeError("peer failed to prove the cluster secret", reason="secret")
         except HandshakeError as exc:
             raise await _refuse(conn, exc) from None
-        try:
-            await _send_one(conn, Proof(_proof(creds.secret, b"D", creds.cluster, mine, theirs)))
-        except TransportClosed:
-            raise HandshakeError(
-                "peer closed the connection during the handshake", reason="closed"
-            ) from None
+        await _send_step(conn, Proof(_proof(creds.secret, b"D", creds.cluster, mine, theirs)))
         final = await _receive_one(conn)
         if isinstance(final, Refuse):
             raise HandshakeError(f"peer refused us: {final.reason}", reason="refused")
@@ -288,12 +288,7 @@ async def handshake_as_listener(
             b"",
         )
         mine = attrs.evolve(mine, proof=_proof(creds.secret, b"L", creds.cluster, theirs, mine))
-        try:
-            await _send_one(conn, mine)
-        except TransportClosed:
-            raise HandshakeError(
-                "peer closed the connection during the handshake", reason="closed"
-            ) from None
+        await _send_step(conn, mine)
         answer = await _receive_one(conn)
         if isinstance(answer, Refuse):
             raise HandshakeError(f"peer refused us: {answer.reason}", reason="refused")
@@ -313,12 +308,7 @@ async def handshake_as_listener(
                 raise HandshakeError(reason, reason="rejected")
         except HandshakeError as exc:
             raise await _refuse(conn, exc) from None
-        try:
-            await _send_one(conn, Welcome())
-        except TransportClosed:
-            raise HandshakeError(
-                "peer closed the connection during the handshake", reason="closed"
-            ) from None
+        await _send_step(conn, Welcome())
         return Peer(theirs.node_id, theirs.address), theirs.role
     assert scope.cancelled_caught
     raise HandshakeError(f"handshake did not finish within {timeout} s", reason="timeout")

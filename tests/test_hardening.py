@@ -174,3 +174,26 @@ async def test_open_node_cancelled_while_starting_returns_promptly() -> None:
             with trio.move_on_after(delay):
                 async with open_node(NodeConfig(name="a")):
                     await trio.sleep_forever()
+
+
+async def test_subscribing_while_the_source_restarts_waits_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from trio_replica.events import Delivery, Resubscribed
+
+    net = MemoryNetwork(seed=34)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net)
+        a = await c.start("a")
+        b = await c.start("b", [a.address])
+        await wait_until(lambda: len(a.active_view()) == 1)
+        a.crash_component("broadcast")
+        await wait_until(lambda: not a.broadcaster.running.is_set(), poll=0.001)
+        async with a.subscribe("t") as sub:
+            with trio.fail_after(10):
+                assert isinstance(await sub.receive(), Resubscribed)
+            await b.broadcast("t", "after")
+            with trio.fail_after(10):
+                item = await sub.receive()
+            assert isinstance(item, Delivery) and item.payload == "after"
+        nursery.cancel_scope.cancel()

@@ -23,10 +23,6 @@ from .events import Event, Resubscribed
 T = TypeVar("T", bound=Event)
 
 
-class SourceGone(Exception):
-    """The source is shutting down for good (the node is closing)."""
-
-
 class Subscription(Generic[T]):
     """An async iterator of events from one source; re-subscribes after a source crash.
 
@@ -46,20 +42,19 @@ class Subscription(Generic[T]):
         self.source = source
         self._attach = attach
         self._closed = closed
-        channel = attach()
-        if channel is None:
-            raise SourceGone(f"{source} is not running")
-        self._channel: trio.MemoryReceiveChannel[T] = channel
+        # None while the source is restarting: the first receive() attaches then.
+        self._channel: trio.MemoryReceiveChannel[T] | None = attach()
         self.resubscriptions = 0
 
     async def receive(self) -> T | Resubscribed:
         """The next event, or a `Resubscribed` notice after the source restarted."""
-        try:
-            return await self._channel.receive()
-        except trio.EndOfChannel:
-            pass
-        if self._closed():
-            raise trio.EndOfChannel
+        if self._channel is not None:
+            try:
+                return await self._channel.receive()
+            except trio.EndOfChannel:
+                pass
+            if self._closed():
+                raise trio.EndOfChannel
         backoff = self.backoff_min
         while True:
             channel = self._attach()
@@ -82,4 +77,5 @@ class Subscription(Generic[T]):
             raise StopAsyncIteration from None
 
     def close(self) -> None:
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()

@@ -37,7 +37,7 @@ def test_demo_replicates_crashes_restarts_and_exits_zero() -> None:
         "saw PeerDown(n4, failed)",
         "views repaired: n4 gone from every active view",
         "the survivors hold the same 29 keys",
-        "restarted n4: recovered 20 keys",
+        "restarted n4: recovered ",  # how many depends on the store writes the crash cut short
         "n4 caught up: all 4 nodes hold the same 29 keys",
         "demo succeeded",
     ):

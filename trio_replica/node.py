@@ -42,6 +42,7 @@ from .link import (
     handshake_as_dialer,
     handshake_as_listener,
 )
+from .logs import PEER, node_context
 from .maps import DEFAULT_TOMBSTONE_TTL, Put, Removed, ReplicatedMap
 from .membership import Membership
 from .messages import (
@@ -697,6 +698,9 @@ class Node:
             d.queue.clear()
 
     async def _run_link(self, link: Link) -> None:
+        # This task serves one peer until the link ends: label its records (and its reader's
+        # and writer's) with that peer.
+        PEER.set(link.peer.id)
         reason = "closed"
         try:
             reason = await link.run()
@@ -875,6 +879,14 @@ async def open_node(
     """
     if transport is None:
         transport = default_transport(config)
+    # Every task the node starts copies this context: their log records carry the node id.
+    with node_context(config.name):
+        async with _open_node_tasks(config, transport) as node:
+            yield node
+
+
+@contextlib.asynccontextmanager
+async def _open_node_tasks(config: NodeConfig, transport: Transport) -> AsyncIterator[Node]:
     node: Node | None = None
     try:
         async with trio.open_nursery() as nursery:

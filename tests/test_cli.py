@@ -84,3 +84,64 @@ def test_cluster_command_forms_an_overlay(nodes: int) -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "overlay connected" in out.stdout
+
+
+def test_wss_nodes_with_mutual_tls_and_status_over_wss(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    for blob in cert.cert_chain_pems[1:]:
+        blob.write_to_path(str(tmp_path / "cert.pem"), append=True)
+    secret = tmp_path / "secret"
+    secret.write_text("a secret shared by the whole cluster\n")
+    tls = [
+        "--tls-ca", str(tmp_path / "ca.pem"),
+        "--tls-cert", str(tmp_path / "cert.pem"),
+        "--tls-key", str(tmp_path / "key.pem"),
+        "--secret-file", str(secret),
+    ]  # fmt: skip
+    a, a_addr = _start_node(tmp_path, "a", "--listen", "wss://127.0.0.1:0", *tls)
+    assert a_addr.startswith("wss://")
+    b, _ = _start_node(tmp_path, "b", "--listen", "wss://127.0.0.1:0", "--join", a_addr, *tls)
+    try:
+        for _ in range(50):
+            out = subprocess.run(
+                [*PY, "status", "--node", a_addr, "--json", *tls],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert out.returncode == 0, out.stderr
+            if json.loads(out.stdout)["active"]:
+                break
+        assert [p[0] for p in json.loads(out.stdout)["active"]] == ["b"]
+        # Without a client certificate the listener refuses the TLS handshake.
+        no_cert = subprocess.run(
+            [*PY, "status", "--node", a_addr, "--tls-ca", str(tmp_path / "ca.pem"),
+             "--secret-file", str(secret)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )  # fmt: skip
+        assert no_cert.returncode == 1
+    finally:
+        for proc in (b, a):
+            proc.send_signal(signal.SIGINT)
+        for proc in (b, a):
+            assert proc.wait(timeout=30) == 0
+
+
+def test_listening_on_all_interfaces_needs_an_advertised_address(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("a secret shared by the whole cluster\n")
+    out = subprocess.run(
+        [*PY, "node", "--listen", "0.0.0.0:0", "--secret-file", str(secret)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2 and "--advertise" in out.stderr

@@ -20,6 +20,7 @@ import base64
 import json
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +66,39 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_auth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", default="trio-replica", help="cluster name (default: trio-replica)")
     p.add_argument("--secret-file", help="file holding the cluster secret (at least 16 bytes)")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA bundle that signs the nodes' certificates")
+    p.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="this side's certificate chain (PEM, with --tls-key): a wss:// listener's "
+        "certificate, and the client certificate presented when dialing",
+    )
+    p.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
+
+
+def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """(server context, client context) from the --tls-* flags, or (None, None).
+
+    With --tls-ca on a listener, peers must present a certificate signed by that CA
+    (mutual TLS); dialers verify the listener against it.
+    """
+    if not (args.tls_ca or args.tls_cert):
+        return None, None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    try:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca)
+        server = None
+        if args.tls_cert:
+            client.load_cert_chain(args.tls_cert, args.tls_key)
+            server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            server.load_cert_chain(args.tls_cert, args.tls_key)
+            if args.tls_ca:
+                server.load_verify_locations(args.tls_ca)
+                server.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS files: {exc}") from None
+    return server, client
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run_node(args: argparse.Namespace) -> int:
+    server_ssl, client_ssl = _tls(args)
     config = NodeConfig(
         **({"name": args.name} if args.name else {}),
         listen=args.listen,
@@ -143,6 +178,8 @@ async def _run_node(args: argparse.Namespace) -> int:
         cluster=args.cluster,
         secret=_read_secret(args.secret_file),
         data_dir=args.data_dir,
+        server_ssl=server_ssl,
+        client_ssl=client_ssl,
     )
     metrics_at = _parse_metrics(args.metrics) if args.metrics else None
     with (
@@ -193,7 +230,11 @@ def _print_status(status: dict[str, Any]) -> None:
 async def _run_status(args: argparse.Namespace) -> int:
     address = normalize_address(args.node)
     async with open_control(
-        address, cluster=args.cluster, secret=_read_secret(args.secret_file), timeout=args.timeout
+        address,
+        cluster=args.cluster,
+        secret=_read_secret(args.secret_file),
+        client_ssl=_tls(args)[1],
+        timeout=args.timeout,
     ) as client:
         status = await client.call("status")
     if args.json:
@@ -224,7 +265,11 @@ async def _run_map_command(args: argparse.Namespace) -> int:
     address = normalize_address(args.node)
     value = _parse_json(args.value) if args.command == "put" else None
     async with open_control(
-        address, cluster=args.cluster, secret=_read_secret(args.secret_file), timeout=args.timeout
+        address,
+        cluster=args.cluster,
+        secret=_read_secret(args.secret_file),
+        client_ssl=_tls(args)[1],
+        timeout=args.timeout,
     ) as client:
         if args.command == "put":
             await client.call("map.put", [args.map, args.key, value])

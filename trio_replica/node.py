@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import logging
 import random
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -157,6 +159,11 @@ class Node:
         bound = await self.start_task(
             self.transport.serve, self.config.listen, self._handle_incoming
         )
+        if self.config.advertise is None and _unspecified_host(bound):
+            raise ConfigError(
+                f"listening on all interfaces ({bound}) but other nodes need an address to "
+                "dial: set advertise (--advertise HOST:PORT)"
+            )
         self.address = self.config.advertise or bound
         self.me = Peer(self.id, self.address)
         self._creds = Credentials(self.config.cluster, self.config.secret or b"", self.me)
@@ -862,6 +869,14 @@ class Node:
                     and now - link.last_activity > linger
                 ):
                     link.close_soon()
+
+
+def _unspecified_host(address: str) -> bool:
+    host = urllib.parse.urlsplit(address).hostname or ""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def _join(core: HyParView, contact: Peer, now: float) -> list[Effect]:

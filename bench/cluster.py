@@ -40,7 +40,6 @@ import collections
 import datetime
 import json
 import logging
-import math
 import os
 import platform
 import random
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from common import percentiles_ms, view_signature
 
 from transports.base import Connection, TransportClosed
 from transports.websocket import WebsocketTransport
@@ -83,25 +83,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def progress(message: str) -> None:
     print(f"[cluster] {message}", file=sys.stderr, flush=True)
-
-
-def percentiles_ms(samples: Sequence[float]) -> dict[str, float]:
-    """Count, p50/p90/p99/max and mean of `samples` (seconds) in ms, nearest-rank."""
-    if not samples:
-        return {"count": 0}
-    ordered = sorted(samples)
-
-    def rank(q: float) -> float:
-        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-    return {
-        "count": len(ordered),
-        "p50_ms": round(rank(0.50) * 1e3, 2),
-        "p90_ms": round(rank(0.90) * 1e3, 2),
-        "p99_ms": round(rank(0.99) * 1e3, 2),
-        "max_ms": round(ordered[-1] * 1e3, 2),
-        "mean_ms": round(sum(ordered) / len(ordered) * 1e3, 2),
-    }
 
 
 # --- the raw websocket ceiling ------------------------------------------------------------
@@ -233,10 +214,6 @@ def tree_totals(nodes: Sequence[Node]) -> collections.Counter[str]:
             if isinstance(value, int):
                 total[name] += value
     return total
-
-
-def view_signature(nodes: Sequence[Node]) -> tuple[tuple[str, ...], ...]:
-    return tuple(tuple(sorted(p.id for p in node.active_view())) for node in nodes)
 
 
 async def paced_broadcasts(

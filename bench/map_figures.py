@@ -42,7 +42,6 @@ import argparse
 import collections
 import datetime
 import json
-import math
 import os
 import platform
 import random
@@ -55,6 +54,7 @@ from typing import Any
 
 import cbor2
 import trio
+from common import percentiles_ms, view_signature
 
 from trio_replica.config import NodeConfig
 from trio_replica.events import Delivery
@@ -100,25 +100,6 @@ TREE_COUNTERS = (
 
 def progress(message: str) -> None:
     print(f"[map_figures] {message}", file=sys.stderr, flush=True)
-
-
-def percentiles_ms(samples: Sequence[float]) -> dict[str, float]:
-    """p50/p90/p99/max of `samples` (seconds) in ms, nearest-rank percentiles."""
-    if not samples:
-        return {}
-    ordered = sorted(samples)
-
-    def rank(q: float) -> float:
-        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-    return {
-        "count": len(ordered),
-        "p50_ms": round(rank(0.50) * 1e3, 2),
-        "p90_ms": round(rank(0.90) * 1e3, 2),
-        "p99_ms": round(rank(0.99) * 1e3, 2),
-        "max_ms": round(ordered[-1] * 1e3, 2),
-        "mean_ms": round(sum(ordered) / len(ordered) * 1e3, 2),
-    }
 
 
 def tree_counters(nodes: Sequence[Node]) -> collections.Counter[str]:
@@ -473,10 +454,6 @@ async def phase_sync(keys: int) -> dict[str, Any]:
             }
             progress(f"sync: open took {out['open']['seconds']} s")
     return out
-
-
-def view_signature(nodes: Sequence[Node]) -> tuple[tuple[str, ...], ...]:
-    return tuple(tuple(p.id for p in node.active_view()) for node in nodes)
 
 
 async def warm_up(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -13,16 +11,6 @@ from trio_replica import demo
 from trio_replica.cli import main
 
 PY = [sys.executable, "-m", "trio_replica"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_root_logger() -> Iterator[None]:
-    """`setup_logging` replaces the root logger's handlers; give pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_demo_replicates_crashes_restarts_and_exits_zero() -> None:

@@ -77,8 +77,9 @@ async def test_peer_supplied_bad_address_is_refused_at_the_boundary(
             await handshake_as_dialer(conn, creds, role=Role.NODE, timeout=5)
             bad = encode_frame([ForwardJoin(Peer("x", "ws://" + "a" * 70 + ".example:80"), 0)])
             await conn.send(bad)
-            await trio.sleep(1)
-        assert a.stats()["rejected"].get("field", 0) == 1
+            with trio.fail_after(5):
+                await wait_until(lambda: a.stats()["rejected"].get("field", 0) >= 1)
+        assert a.stats()["rejected"] == {"field": 1}
         b = await c.start("b", [a.address])  # still serving
         await wait_until(lambda: [p.id for p in a.active_view()] == ["b"])
         del b
@@ -126,9 +127,11 @@ async def test_garbage_before_and_after_the_handshake_is_refused_and_counted(
         # Before the handshake: random bytes, then silence (the handshake deadline).
         async with net.transport("x1").open_connection(a.address, timeout=5) as conn:
             await conn.send(rng.randbytes(100))
-            await trio.sleep(1)
+            with trio.fail_after(5):
+                await wait_until(lambda: "malformed" in a.stats()["handshakes_refused"])
         async with net.transport("x2").open_connection(a.address, timeout=5):
-            await trio.sleep(a.config.link.handshake_timeout + 1)
+            with trio.fail_after(a.config.link.handshake_timeout + 1):
+                await wait_until(lambda: "timeout" in a.stats()["handshakes_refused"])
         refused = a.stats()["handshakes_refused"]
         assert refused.get("malformed", 0) == 1 and refused.get("timeout", 0) == 1
         # After the handshake: random, truncated, mutated, deep and oversized frames.
@@ -147,7 +150,8 @@ async def test_garbage_before_and_after_the_handshake_is_refused_and_counted(
             await handshake_as_dialer(conn, creds, role=Role.NODE, timeout=5)
             for frame in frames:
                 await conn.send(frame)
-            await trio.sleep(1)
+            with trio.fail_after(5):
+                await wait_until(lambda: sum(a.stats()["rejected"].values()) >= len(frames))
         rejected = a.stats()["rejected"]
         assert sum(rejected.values()) == len(frames), rejected
         assert rejected.get("too_large", 0) == 1
@@ -196,4 +200,27 @@ async def test_subscribing_while_the_source_restarts_waits_for_it(
             with trio.fail_after(10):
                 item = await sub.receive()
             assert isinstance(item, Delivery) and item.payload == "after"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_put_peers_would_refuse_fails_for_its_writer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from trio_replica.errors import MessageTooLarge
+
+    net = MemoryNetwork(seed=35)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net)
+        a = await c.start("a")
+        the_map = await a.open_map("limits")
+        with pytest.raises(MessageTooLarge):
+            await the_map.put("big", "x" * 70_000)  # over the 64 KiB value limit
+        with pytest.raises(MessageTooLarge):
+            await the_map.put("k" * 2000, 1)  # over the 1 KiB key limit
+        with pytest.raises(TypeError):
+            await the_map.put(1.5, 1)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            await the_map.put("k", {1: "int keys inside values"})
+        assert len(the_map) == 0 and the_map.tombstones == 0
+        assert a.stats()["broadcast"]["broadcasts"] == 0  # nothing was sent either
         nursery.cancel_scope.cancel()

@@ -8,24 +8,12 @@ import logging
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 
-import pytest
 import trio
 
 from trio_replica.logs import NODE, JsonFormatter, node_context, setup_logging
 
 PY = [sys.executable, "-m", "trio_replica"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_root_logger() -> Iterator[None]:
-    """`setup_logging` replaces the root logger's handlers; give pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, object]]:

@@ -217,7 +217,13 @@ async def test_malformed_gossip_and_sync_are_rejected_and_change_nothing(
                 )
                 await conn.send(encode_frame([gossip, chunk]))
             await conn.send(encode_frame([SyncChunk("guarded", 99, 0, True, b"\xff\x00")]))
-            await trio.sleep(2)
+            with trio.fail_after(10):
+                await wait_until(
+                    lambda: (
+                        sum(target_map.stats.rejected.values()) >= 2 * (len(bad_deltas) - 1)
+                        and target_map.replica.stats.rejected["cbor"] >= 1
+                    )
+                )
         stats = target.stats()
         print("\nrejected:", stats["rejected"], target_map.stats.rejected)
         assert sum(target_map.stats.rejected.values()) >= 2 * (len(bad_deltas) - 1)

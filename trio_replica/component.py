@@ -66,14 +66,6 @@ class Component:
         """Queue an input, waiting while the inbox is full (backpressure on the caller)."""
         await self._send.send(item)
 
-    def post_nowait(self, item: Input) -> bool:
-        """Queue an input without waiting; False if the inbox is full (the caller counts it)."""
-        try:
-            self._send.send_nowait(item)
-        except trio.WouldBlock:
-            return False
-        return True
-
     def post_notice(self, item: Input) -> None:
         """Queue an input that must not be lost (a link down, a membership change).
 

@@ -324,10 +324,6 @@ class Node:
         Raises `MessageTooLarge` beyond `config.max_payload` bytes, `TypeError` for data
         that is not plain, `ValueError` for a bad tag, `NodeClosed` after the node closed.
         """
-        if self._closing:
-            raise NodeClosed("the node is closing")
-        if not isinstance(tag, str) or not 0 < len(tag) <= MAX_TAG:
-            raise ValueError(f"tag must be a string of 1 to {MAX_TAG} characters")
         encoded = encode_payload(payload, max_size=self.config.max_payload)
         return await self.broadcast_encoded(tag, encoded, payload)
 

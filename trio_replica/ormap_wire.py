@@ -97,8 +97,11 @@ class IngestResult:
 class _Rejected(Exception):
     """Internal: one entry failed a check (never escapes this module)."""
 
-    def __init__(self, reason: str, detail: str, key: Key | None = None) -> None:
+    def __init__(
+        self, reason: str, detail: str, key: Key | None = None, *, too_large: bool = False
+    ) -> None:
         super().__init__(detail)
+        self.too_large = too_large
         self.reason = reason
         self.detail = detail
         self.key = key
@@ -196,7 +199,9 @@ def _check_key(key: Any, limits: Limits) -> Key:
     else:
         raise _Rejected("key", f"key must be str, bytes or int, not {kind.__name__}")
     if size > limits.max_key_bytes:
-        raise _Rejected("key", f"key is {size} bytes, the limit is {limits.max_key_bytes}")
+        raise _Rejected(
+            "key", f"key is {size} bytes, the limit is {limits.max_key_bytes}", too_large=True
+        )
     return key  # type: ignore[no-any-return]
 
 
@@ -233,7 +238,10 @@ def _check_value(value: Any, key: Key, limits: Limits) -> None:
         raise _Rejected("value", f"value is not encodable: {exc}", key) from None
     if size > limits.max_value_bytes:
         raise _Rejected(
-            "value", f"value is {size} bytes, the limit is {limits.max_value_bytes}", key
+            "value",
+            f"value is {size} bytes, the limit is {limits.max_value_bytes}",
+            key,
+            too_large=True,
         )
 
 
@@ -247,7 +255,7 @@ def check_local_entry(key: Any, value: Any, limits: Limits = DEFAULT_LIMITS) -> 
         key = _check_key(key, limits)
         _check_value(value, key, limits)
     except _Rejected as exc:
-        if "the limit is" in exc.detail:
+        if exc.too_large:
             raise MessageTooLarge(exc.detail) from None
         raise TypeError(exc.detail) from None
 

@@ -364,18 +364,15 @@ class Replica:
     def _anti_entropy_pull(self) -> None:
         if not self.peers:
             return
-        peer = self._rng.choice(sorted(self.peers.values()))
         self.stats.anti_entropy_pulls += 1
-        self.stats.sync_requests_sent += 1
-        self.node.send_to(peer, SyncRequest(self.name))
+        self.request_sync(self._rng.choice(sorted(self.peers.values())))
 
     def _request_sync_from_all(self) -> None:
         for peer in list(self.peers.values()):
-            self.stats.sync_requests_sent += 1
-            self.node.send_to(peer, SyncRequest(self.name))
+            self.request_sync(peer)
 
-    async def request_sync(self, peer: Peer) -> None:
-        """Ask one peer for its full state (also used after a restart from disk)."""
+    def request_sync(self, peer: Peer) -> None:
+        """Ask one peer for its full state (never blocks; the peer answers in chunks)."""
         self.stats.sync_requests_sent += 1
         self.node.send_to(peer, SyncRequest(self.name))
 

@@ -390,17 +390,6 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
 }
 
 
-def register_kind(kind: int, field_count: int, decoder: _Decoder) -> None:
-    """Register the decoder of a message kind defined outside this module (replica, control).
-
-    `decoder(fields, max_payload)` returns the message or raises `WireError`. Registering a
-    kind twice is a programming error.
-    """
-    if kind in _DECODERS:
-        raise ValueError(f"message kind {kind} is already registered")
-    _DECODERS[kind] = (field_count, decoder)
-
-
 def _default(encoder: Any, value: Any) -> None:
     """cbor2 hook: encode our value objects as positional arrays."""
     if isinstance(value, Peer):

@@ -221,6 +221,16 @@ def test_duplicate_moves_sender_to_lazy_and_prunes_it() -> None:
     assert tree.stats.duplicates == 1 and tree.stats.prunes_sent == 1
 
 
+def test_without_pruning_every_link_stays_eager_and_forwards_every_first_copy() -> None:
+    # prune=False is flooding over the active view (the papers' baseline).
+    tree = core(eager=[A, B, C], config=attrs.evolve(CONFIG, prune=False))
+    effects = tree.handle_message(A, Gossip(mid(1), 1, "t", b"x"), 0.0)
+    assert {p for p, m in sends(effects) if isinstance(m, Gossip)} == {B, C}
+    assert tree.handle_message(B, Gossip(mid(1), 1, "t", b"x"), 0.01) == []
+    assert tree.eager == {A, B, C} and tree.lazy == set()
+    assert tree.stats.duplicates == 1 and tree.stats.prunes_sent == 0
+
+
 def test_prune_moves_sender_to_lazy() -> None:
     tree = core(eager=[A, B])
     assert tree.handle_message(A, Prune(), 0.0) == []

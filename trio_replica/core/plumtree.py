@@ -170,6 +170,12 @@ class PlumtreeConfig:
     missing_max_messages: int = 8192
     #: Most entries in one IHAVE; a fuller batch is sent at once (the wire limit by default).
     max_ihave_entries: int = MAX_IHAVE_ENTRIES
+    #: False turns Plumtree into flooding over the active view, the baseline of both papers
+    #: (HyParView section 5, SRDS 2007 section 4): a duplicate never prunes its link, so
+    #: every link stays eager and every node forwards each payload to all its neighbours
+    #: but the sender. For benchmarks (``bench/cluster.py`` measures both over the same
+    #: overlay); it costs about active_size - 1 redundant copies per delivery.
+    prune: bool = True
 
     def __attrs_post_init__(self) -> None:
         for name in ("ihave_timeout", "graft_timeout", "cache_max_age", "seen_max_age"):
@@ -432,7 +438,7 @@ class Plumtree:
                 # must stay.
                 seen.expect_copy_from = None
                 return []
-            if not neighbor:
+            if not neighbor or not self.config.prune:
                 return []
             self._make_lazy(sender)
             self.stats.prunes_sent += 1

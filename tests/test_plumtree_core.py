@@ -231,6 +231,19 @@ def test_without_pruning_every_link_stays_eager_and_forwards_every_first_copy() 
     assert tree.stats.duplicates == 1 and tree.stats.prunes_sent == 0
 
 
+def test_switching_pruning_off_makes_lazy_links_eager_and_ignores_late_prunes() -> None:
+    tree = core(eager=[A], lazy=[B])
+    tree.set_prune(False)
+    assert tree.eager == {A, B} and tree.lazy == set()
+    # A PRUNE sent before the peer switched arrives late: it must not undo the switch.
+    assert tree.handle_message(B, Prune(), 0.0) == []
+    assert tree.eager == {A, B}
+    tree.check_invariants()
+    tree.set_prune(True)
+    tree.handle_message(A, Gossip(mid(1), 1, "t", b"x"), 0.0)
+    assert tree.handle_message(B, Gossip(mid(1), 1, "t", b"x"), 0.01) == [Send(B, Prune())]
+
+
 def test_prune_moves_sender_to_lazy() -> None:
     tree = core(eager=[A, B])
     assert tree.handle_message(A, Prune(), 0.0) == []

@@ -342,6 +342,19 @@ class Plumtree:
         """Peers that receive only IHAVE announcements."""
         return frozenset(self._lazy)
 
+    def set_prune(self, enabled: bool) -> None:
+        """Switch between Plumtree (True) and flooding over the same links (False).
+
+        For benchmarks that compare both over one overlay. Turning pruning off makes every
+        lazy peer eager on our side; every node of the cluster is expected to switch, so
+        both ends of each link end up eager. Turning it back on lets duplicates prune the
+        links again, as after NeighborUp.
+        """
+        self.config = attrs.evolve(self.config, prune=enabled)
+        if not enabled:
+            for peer in list(self._lazy):
+                self._make_eager(peer)
+
     def has_seen(self, id: MessageId) -> bool:
         """Whether `id` was delivered here and is still remembered."""
         return id in self._seen
@@ -545,6 +558,9 @@ class Plumtree:
         self.stats.prunes_received += 1
         if not self._is_neighbor(sender):
             self.stats.from_non_neighbors += 1
+            return []
+        if not self.config.prune:
+            # Flooding: a PRUNE sent before the switch (`set_prune`) must not undo it.
             return []
         # Algorithm 1, PRUNE: the sender dropped the link from the tree; so do we.
         self._make_lazy(sender)

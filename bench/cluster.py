@@ -39,7 +39,6 @@ import argparse
 import collections
 import datetime
 import json
-import logging
 import os
 import platform
 import random
@@ -51,21 +50,21 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from common import percentiles_ms, view_signature
+from cluster_nodes import Cluster, open_inproc, open_procs, quiet_logs
+from common import payload_of, percentiles_ms
 
 from transports.base import Connection, TransportClosed
 from transports.websocket import WebsocketTransport
-from trio_replica.events import Delivery
-from trio_replica.localcluster import open_local_cluster, wait_for_views
-from trio_replica.node import Node
+from trio_replica.localcluster import views_ok
 from trio_replica.wire import encode_payload
 
 SEED = 20261126
-SIZES = (10, 25)
+SIZES = (10, 25, 50)
+#: Nodes of the replicated-map run (0 skips it).
+MAP_NODES = 10
 COUNT = 100
 PACE = 0.020
 PAYLOAD = 100
-TAG = "bench"
 MIN_ACTIVE = 2
 WARMUP_ROUND = 20
 WARMUP_MAX_S = 30.0
@@ -146,10 +145,12 @@ async def websocket_ceiling(
 
 
 class Watch:
-    """When and at what hop count each node received each broadcast (payload ``seq``)."""
+    """When each broadcast (payload ``seq``) started, and when and at what hop count each
+    node received it: the `cluster_nodes.Sink` of both modes."""
 
-    def __init__(self, nodes: Sequence[Node]) -> None:
-        self.nodes = list(nodes)
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.starts: dict[int, float] = {}
         self.arrivals: dict[int, list[tuple[float, int]]] = collections.defaultdict(list)
         self.expected: set[int] = set()
         #: Deliveries of the expected broadcasts still to come (a counter, not a scan: the
@@ -157,104 +158,83 @@ class Watch:
         self.missing = 0
         self.complete = trio.Event()
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            for node in self.nodes:
-                await nursery.start(self._watch, node)
-            task_status.started()
+    def started(self, seq: int, at: float) -> None:
+        if seq >= 0:
+            self.starts[seq] = at
 
-    async def _watch(
-        self, node: Node, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        async with node.subscribe(TAG, buffer=100_000) as sub:
-            task_status.started()
-            async for item in sub:
-                if not isinstance(item, Delivery):
-                    continue
-                seq = item.payload["seq"]
-                arrivals = self.arrivals[seq]
-                arrivals.append((trio.current_time(), item.hops))
-                if seq in self.expected and len(arrivals) < len(self.nodes):
-                    self.missing -= 1
-                    if self.missing == 0:
-                        self.complete.set()
+    def arrived(self, seq: int, at: float, hops: int) -> None:
+        if seq < 0:  # warm-up traffic
+            return
+        arrivals = self.arrivals[seq]
+        arrivals.append((at, hops))
+        # The origin does not deliver its own broadcast: N - 1 arrivals complete one.
+        if seq in self.expected and len(arrivals) < self.size:
+            self.missing -= 1
+            if self.missing == 0:
+                self.complete.set()
 
     def expect(self, seqs: Sequence[int]) -> None:
         self.expected = set(seqs)
-        self.missing = len(self.expected) * (len(self.nodes) - 1)
+        self.missing = len(self.expected) * (self.size - 1)
         self.complete = trio.Event()
 
 
-def payload_of(seq: int, size: int) -> dict[str, Any]:
-    """A payload whose CBOR encoding is `size` bytes (or the smallest possible, if larger)."""
-    bare = len(encode_payload({"seq": seq, "pad": b""}, max_size=1 << 20))
-    pad = max(0, size - bare)
-    # A byte string's length header grows at 24 and 256 bytes: trim to land on `size`.
-    while pad and len(encode_payload({"seq": seq, "pad": b"x" * pad}, max_size=1 << 20)) > size:
-        pad -= 1
-    return {"seq": seq, "pad": b"x" * pad}
+async def wait_views(cluster: Cluster, min_active: int, timeout: float) -> dict[str, set[str]]:
+    """Poll until the active views are symmetric, large enough and connected."""
+    with trio.fail_after(timeout):
+        while True:
+            views = await cluster.views()
+            if views_ok(views, min_active=min_active):
+                return views
+            await trio.sleep(0.1)
 
 
-def sent_by_kind(
-    nodes: Sequence[Node],
-) -> tuple[collections.Counter[str], collections.Counter[str]]:
-    messages: collections.Counter[str] = collections.Counter()
-    size: collections.Counter[str] = collections.Counter()
-    for node in nodes:
-        stats = node.stats()
-        messages.update(stats["messages_sent"])
-        size.update(stats["bytes_sent"])
-    return messages, size
+def signature(views: dict[str, set[str]]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(sorted(views[k])) for k in sorted(views))
 
 
-def tree_totals(nodes: Sequence[Node]) -> collections.Counter[str]:
-    total: collections.Counter[str] = collections.Counter()
-    for node in nodes:
-        for name, value in node.stats()["broadcast"].items():
-            if isinstance(value, int):
-                total[name] += value
-    return total
+async def send_broadcasts(
+    cluster: Cluster, seqs: Sequence[int], rng: random.Random, size: int, pace: float | None
+) -> None:
+    """`seqs` from random nodes: `pace` apart on an absolute schedule, or (None) all at once,
+    each node sending its share as fast as its `broadcast` returns."""
+    if pace is not None:
+        start = trio.current_time()
+        for i, seq in enumerate(seqs):
+            await trio.sleep_until(start + i * pace)
+            await cluster.broadcast(rng.randrange(cluster.size), [seq], size)
+        return
+    shares: dict[int, list[int]] = collections.defaultdict(list)
+    for seq in seqs:
+        shares[rng.randrange(cluster.size)].append(seq)
+    async with trio.open_nursery() as nursery:
+        for index, share in shares.items():
+            nursery.start_soon(cluster.broadcast, index, share, size)
 
 
-async def paced_broadcasts(
-    nodes: Sequence[Node], seqs: Sequence[int], rng: random.Random, size: int, pace: float
-) -> dict[int, float]:
-    """Broadcast `seqs` from random nodes `pace` apart on an absolute schedule; start times."""
-    payloads = [payload_of(seq, size) for seq in seqs]
-    started: dict[int, float] = {}
-    start = trio.current_time()
-    for i, (seq, payload) in enumerate(zip(seqs, payloads, strict=True)):
-        await trio.sleep_until(start + i * pace)
-        started[seq] = trio.current_time()
-        await nodes[rng.randrange(len(nodes))].broadcast(TAG, payload)
-    return started
-
-
-async def warm_up(
-    nodes: Sequence[Node], rng: random.Random, size: int, pace: float
-) -> dict[str, Any]:
+async def warm_up(cluster: Cluster, rng: random.Random, size: int, pace: float) -> dict[str, Any]:
     """Paced rounds until one causes no GRAFT and no duplicate and changes no active view."""
-    rounds: list[dict[str, int]] = []
+    rounds: list[dict[str, Any]] = []
     start = trio.current_time()
     steady = False
     while trio.current_time() - start < WARMUP_MAX_S:
-        before, views = tree_totals(nodes), view_signature(nodes)
-        await paced_broadcasts(nodes, [-1] * WARMUP_ROUND, rng, size, pace)
+        before, views = (await cluster.counters()).tree, signature(await cluster.views())
+        await send_broadcasts(cluster, [-1] * WARMUP_ROUND, rng, size, pace)
         await trio.sleep(TAIL_S)
-        after = tree_totals(nodes)
+        after = (await cluster.counters()).tree
         grafts = after["grafts_sent"] - before["grafts_sent"]
         duplicates = after["duplicates"] - before["duplicates"]
-        views_changed = view_signature(nodes) != views
+        views_changed = signature(await cluster.views()) != views
         rounds.append({"grafts": grafts, "duplicates": duplicates, "views_changed": views_changed})
         if grafts == 0 and duplicates == 0 and not views_changed:
             steady = True
             break
+    final_views = await cluster.views()
     return {
         "steady": steady,
         "seconds": round(trio.current_time() - start, 2),
         "rounds": rounds,
-        "active_sizes": sorted(len(n.active_view()) for n in nodes),
-        "eager_sizes": sorted(n.stats()["broadcast"]["eager_size"] for n in nodes),
+        "active_sizes": sorted(len(v) for v in final_views.values()),
     }
 
 
@@ -269,47 +249,30 @@ def per_broadcast(
     )
 
 
-async def broadcast_run(
-    n: int, count: int, pace: float, size: int, rng: random.Random
+async def measure(
+    cluster: Cluster,
+    watch: Watch,
+    seqs: Sequence[int],
+    rng: random.Random,
+    size: int,
+    pace: float | None,
+    idle_rate: float,
 ) -> dict[str, Any]:
-    t_start = trio.current_time()
-    async with open_local_cluster(n) as nodes:
-        with trio.fail_after(60):
-            await wait_for_views(nodes, min_active=MIN_ACTIVE)
-        formed = trio.current_time() - t_start
-        progress(f"N={n}: overlay formed in {formed:.2f} s")
-        async with trio.open_nursery() as nursery:
-            watch = Watch(nodes)
-            await nursery.start(watch.serve)
-            warm = await warm_up(nodes, rng, size, pace)
-            progress(
-                f"N={n}: warm-up steady {warm['steady']} after {warm['seconds']} s, "
-                f"{len(warm['rounds'])} rounds; active sizes {warm['active_sizes']}"
-            )
-
-            # The CPU of N idle nodes (timers, keepalives, shuffles), to net out of the window.
-            idle_cpu0, idle_t0 = time.process_time(), trio.current_time()
-            await trio.sleep(IDLE_S)
-            idle_rate = (time.process_time() - idle_cpu0) / (trio.current_time() - idle_t0)
-
-            seqs = list(range(count))
-            watch.expect(seqs)
-            frames0 = sum(node.stats()["frames_sent"] for node in nodes)
-            views = view_signature(nodes)
-            msgs0, bytes0 = sent_by_kind(nodes)
-            tree0 = tree_totals(nodes)
-            cpu0, t0 = time.process_time(), trio.current_time()
-            started = await paced_broadcasts(nodes, seqs, rng, size, pace)
-            with trio.move_on_after(DELIVERY_TIMEOUT_S):
-                await watch.complete.wait()
-            cpu_window, t_last = time.process_time() - cpu0, trio.current_time()
-            await trio.sleep(TAIL_S)
-            cpu_tail = time.process_time() - cpu0
-            msgs1, bytes1 = sent_by_kind(nodes)
-            frames = sum(node.stats()["frames_sent"] for node in nodes) - frames0
-            tree1 = tree_totals(nodes)
-            views_changed = view_signature(nodes) != views
-            nursery.cancel_scope.cancel()
+    """One phase: broadcast `seqs`, wait for every delivery, and compute its figures."""
+    n, count = cluster.size, len(seqs)
+    watch.expect(seqs)
+    views = signature(await cluster.views())
+    c0 = await cluster.counters()
+    t0 = time.monotonic()
+    await send_broadcasts(cluster, seqs, rng, size, pace)
+    sent_s = time.monotonic() - t0
+    with trio.move_on_after(DELIVERY_TIMEOUT_S):
+        await watch.complete.wait()
+    t_done = time.monotonic()
+    c1 = await cluster.counters()
+    await trio.sleep(TAIL_S)
+    c2 = await cluster.counters()
+    views_changed = signature(await cluster.views()) != views
 
     expected = count * (n - 1)
     delivered = sum(len(watch.arrivals[s]) for s in seqs)
@@ -320,30 +283,30 @@ async def broadcast_run(
     hops: collections.Counter[int] = collections.Counter()
     for seq in seqs:
         arrivals = watch.arrivals[seq]
-        if not arrivals:
+        if not arrivals or seq not in watch.starts:
             continue
-        delays = [t - started[seq] for t, _ in arrivals]
+        delays = [t - watch.starts[seq] for t, _ in arrivals]
         every.extend(delays)
         mean.append(sum(delays) / len(delays))
         if len(arrivals) >= n - 1:
             last.append(max(delays))
         ldh.append(max(h for _, h in arrivals))
         hops.update(h for _, h in arrivals)
-    first_send = min(started.values())
-    last_arrival = max((t for s in seqs for t, _ in watch.arrivals[s]), default=t_last)
-    kinds_msgs = {k: msgs1[k] - msgs0[k] for k in msgs1}
-    kinds_bytes = {k: bytes1[k] - bytes0[k] for k in bytes1}
+    first_send = min((watch.starts[s] for s in seqs if s in watch.starts), default=t0)
+    last_arrival = max((t for s in seqs for t, _ in watch.arrivals[s]), default=t_done)
+    kinds_msgs = {k: c2.messages[k] - c0.messages[k] for k in c2.messages}
+    kinds_bytes = {k: c2.bytes[k] - c0.bytes[k] for k in c2.bytes}
     msg_split, msg_kinds = per_broadcast(kinds_msgs, count)
     byte_split, byte_kinds = per_broadcast(kinds_bytes, count)
-    gossip_received = tree1["gossip_received"] - tree0["gossip_received"]
+    gossip_received = c2.tree["gossip_received"] - c0.tree["gossip_received"]
+    frames = c2.frames - c0.frames
     window = max(last_arrival - first_send, 1e-9)
+    cpu_window, cpu_tail = c1.cpu - c0.cpu, c2.cpu - c0.cpu
+    per = max(delivered, 1)
     return {
-        "nodes": n,
-        "formed_s": round(formed, 2),
-        "warmup": warm,
         "broadcasts": count,
-        "pace_ms": round(pace * 1e3, 3),
-        "payload_bytes": len(encode_payload(payload_of(0, size), max_size=1 << 20)),
+        "pace_ms": round(pace * 1e3, 3) if pace is not None else None,
+        "send_s": round(sent_s, 3),
         "expected_deliveries": expected,
         "deliveries": delivered,
         "lost_deliveries": expected - delivered,
@@ -360,65 +323,131 @@ async def broadcast_run(
         "messages_per_broadcast_by_kind": msg_kinds,
         "bytes_per_broadcast_by_kind": byte_kinds,
         "tree": {
-            k: tree1[k] - tree0[k]
+            k: c2.tree[k] - c0.tree[k]
             for k in ("grafts_sent", "duplicates", "prunes_sent", "ihave_sent", "graft_misses")
         },
         "active_views_changed": views_changed,
         "window_s": round(window, 3),
         "deliveries_per_s": round(delivered / window),
-        "cpu_us_per_delivery": round(cpu_window / max(delivered, 1) * 1e6, 2),
-        "cpu_us_per_delivery_with_tail": round(cpu_tail / max(delivered, 1) * 1e6, 2),
+        "cpu_us_per_delivery": round(cpu_window / per * 1e6, 2),
+        "cpu_us_per_delivery_with_tail": round(cpu_tail / per * 1e6, 2),
         "cpu_us_per_delivery_net_of_idle": round(
-            (cpu_window - idle_rate * (t_last - t0)) / max(delivered, 1) * 1e6, 2
+            (cpu_window - idle_rate * (t_done - t0)) / per * 1e6, 2
         ),
-        "idle_cpu_utilisation": round(idle_rate, 4),
-        "cpu_utilisation": round(cpu_window / max(t_last - t0, 1e-9), 3),
+        "cpu_utilisation": round(cpu_window / max(t_done - t0, 1e-9), 3),
         # Websocket frames of every kind (a link may batch several messages in one frame).
         "frames_sent": frames,
-        "frames_per_delivery": round(frames / max(delivered, 1), 2),
-        "cpu_us_per_frame_with_tail": round(cpu_tail / max(frames, 1) * 1e6, 2),
+        "frames_per_delivery": round(frames / per, 2),
         # Raw per-delivery delays for the distribution picture, in ms.
         "delays_ms": [round(d * 1e3, 3) for d in sorted(every)],
     }
 
 
-async def run(
-    sizes: Sequence[int], count: int, pace: float, size: int, seed: int
+PHASES = ("plumtree_paced", "plumtree_asap", "flood_paced", "flood_asap")
+
+
+async def size_run(
+    mode: str, n: int, count: int, pace: float, size: int, rng: random.Random, ws_cpu: float
 ) -> dict[str, Any]:
-    rng = random.Random(seed)
-    t_start = trio.current_time()
-    ceiling = await websocket_ceiling()
-    progress(
-        f"websocket ceiling: {ceiling['messages_per_s']} msg/s, "
-        f"{ceiling['cpu_us_per_message']} us CPU per message"
-    )
-    runs = []
-    for n in sizes:
-        figure = await broadcast_run(n, count, pace, size, rng)
-        ws = ceiling["cpu_us_per_message"]
-        figure["cpu_per_delivery_over_ws_message"] = round(figure["cpu_us_per_delivery"] / ws, 2)
-        figure["cpu_net_of_idle_over_ws_message"] = round(
-            figure["cpu_us_per_delivery_net_of_idle"] / ws, 2
-        )
-        runs.append(figure)
-        lat = figure["to_last_delivery"]
+    """Every broadcast phase on one N-node cluster: Plumtree, then flooding on its links."""
+    watch = Watch(n)
+    opener = open_inproc if mode == "inproc" else open_procs
+    t_start = time.monotonic()
+    async with opener(n, watch) as cluster:
+        started_s = time.monotonic() - t_start
+        await wait_views(cluster, MIN_ACTIVE, 60.0)
+        formed = time.monotonic() - t_start
+        progress(f"{mode} N={n}: started in {started_s:.2f} s, overlay formed in {formed:.2f} s")
+        warm = await warm_up(cluster, rng, size, pace)
         progress(
-            f"N={n}: last delivery p50 {lat.get('p50_ms')} ms p99 {lat.get('p99_ms')} ms, "
-            f"lost {figure['lost_deliveries']}, rmr {figure['rmr']}, ldh {figure['ldh_mean']}, "
-            f"{figure['cpu_us_per_delivery']} us CPU/delivery "
-            f"({figure['cpu_per_delivery_over_ws_message']}x ws; net of idle "
-            f"{figure['cpu_net_of_idle_over_ws_message']}x), "
-            f"{figure['frames_per_delivery']} frames/delivery"
+            f"{mode} N={n}: warm-up steady {warm['steady']} after {warm['seconds']} s, "
+            f"{len(warm['rounds'])} rounds; active sizes {warm['active_sizes']}"
         )
+        # The CPU of N idle nodes (timers, keepalives, shuffles), to net out of the windows.
+        c0, t0 = await cluster.counters(), time.monotonic()
+        await trio.sleep(IDLE_S)
+        idle_rate = ((await cluster.counters()).cpu - c0.cpu) / (time.monotonic() - t0)
+        phases: dict[str, Any] = {}
+        for k, phase in enumerate(PHASES):
+            if phase == "flood_paced":
+                # Same links, every one eager: flooding over the overlay Plumtree just used.
+                await cluster.set_flooding(True)
+                await trio.sleep(TAIL_S)
+            seqs = list(range(k * count, (k + 1) * count))
+            phase_pace = pace if phase.endswith("paced") else None
+            figure = await measure(cluster, watch, seqs, rng, size, phase_pace, idle_rate)
+            figure["cpu_per_delivery_over_ws_message"] = round(
+                figure["cpu_us_per_delivery"] / ws_cpu, 2
+            )
+            if not phase.endswith("paced"):
+                figure.pop("delays_ms")
+            phases[phase] = figure
+            lat = figure["to_last_delivery"]
+            progress(
+                f"{mode} N={n} {phase}: last delivery p50 {lat.get('p50_ms')} ms "
+                f"p99 {lat.get('p99_ms')} ms, lost {figure['lost_deliveries']}, "
+                f"rmr {figure['rmr']}, ldh {figure['ldh_mean']}, "
+                f"{figure['deliveries_per_s']} deliveries/s, "
+                f"{figure['cpu_us_per_delivery']} us CPU/delivery "
+                f"({figure['cpu_per_delivery_over_ws_message']}x ws), "
+                f"{figure['frames_per_delivery']} frames/delivery"
+            )
+        final = await cluster.counters()
+    rss = final.peak_rss_kib
     return {
-        "mode": "inproc",
-        "websocket_ceiling": ceiling,
-        "broadcast": runs,
-        "total_s": round(trio.current_time() - t_start, 1),
+        "mode": mode,
+        "nodes": n,
+        "payload_bytes": len(encode_payload(payload_of(0, size), max_size=1 << 20)),
+        "started_s": round(started_s, 2),
+        "formed_s": round(formed, 2),
+        "warmup": warm,
+        "idle_cpu_utilisation": round(idle_rate, 4),
+        "idle_cpu_utilisation_per_node": round(idle_rate / n, 5),
+        # procs: each node's own process; inproc: the one process holding every node
+        # (and every earlier cluster of the sweep: ru_maxrss never goes down).
+        "peak_rss_kib": {
+            "per_process": "node" if mode == "procs" else "all nodes",
+            "mean": round(sum(rss) / len(rss)),
+            "max": max(rss),
+        },
+        "phases": phases,
     }
 
 
-# --- pictures -----------------------------------------------------------------------------
+async def run(
+    modes: Sequence[str],
+    sizes: Sequence[int],
+    count: int,
+    pace: float,
+    size: int,
+    seed: int,
+    map_nodes: int,
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    t_start = time.monotonic()
+    ceiling = await websocket_ceiling()
+    ws_cpu = ceiling["cpu_us_per_message"]
+    progress(f"websocket ceiling: {ceiling['messages_per_s']} msg/s, {ws_cpu} us CPU per message")
+    runs = [
+        await size_run(mode, n, count, pace, size, rng, ws_cpu) for mode in modes for n in sizes
+    ]
+    maps: dict[str, Any] | None = None
+    if map_nodes:
+        from cluster_map import map_run
+
+        maps = await map_run(map_nodes, seed=seed, progress=progress)
+    return {
+        "websocket_ceiling": ceiling,
+        "broadcast": runs,
+        "map": maps,
+        "total_s": round(time.monotonic() - t_start, 1),
+    }
+
+
+# --- pictures and summary -----------------------------------------------------------------
+
+#: How each broadcast phase is drawn.
+STYLES = {"plumtree": "o-", "flood": "s--"}
 
 
 def pictures(result: dict[str, Any], stem: str) -> list[str]:
@@ -429,80 +458,135 @@ def pictures(result: dict[str, Any], stem: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     runs = result["broadcast"]
+    modes = sorted({r["mode"] for r in runs})
     written = []
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for figure in runs:
-        delays = figure["delays_ms"]
-        if not delays:
-            continue
-        ys = [(i + 1) / len(delays) for i in range(len(delays))]
-        ax.plot(delays, ys, label=f"N = {figure['nodes']}")
-    ax.set_xscale("log")
-    ax.set_xlabel("delivery time after broadcast (ms, log)")
-    ax.set_ylabel("fraction of deliveries")
-    ax.set_title(
-        f"Plumtree delivery times, inproc, {runs[0]['broadcasts']} broadcasts "
-        f"{runs[0]['pace_ms']:g} ms apart, {runs[0]['payload_bytes']} B"
-    )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4.6), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        for figure in (r for r in runs if r["mode"] == mode):
+            phase = figure["phases"]["plumtree_paced"]
+            delays = phase["delays_ms"]
+            if delays:
+                ys = [(i + 1) / len(delays) for i in range(len(delays))]
+                ax.plot(delays, ys, label=f"N = {figure['nodes']}")
+        ax.set_xscale("log")
+        ax.set_xlabel("delivery time after broadcast (ms, log)")
+        ax.set_ylabel("fraction of deliveries")
+        ax.set_title(f"Plumtree delivery times, {mode}, paced")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     path = RESULTS / f"{stem}_delivery.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(str(path))
 
-    ns = [f["nodes"] for f in runs]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    left.plot(ns, [f["rmr"] for f in runs], "o-", label="Plumtree")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    ws = result["websocket_ceiling"]["cpu_us_per_message"]
+    for mode in modes:
+        mine = [r for r in runs if r["mode"] == mode]
+        ns = [r["nodes"] for r in mine]
+        for protocol, style in STYLES.items():
+            phase = f"{protocol}_paced"
+            label = f"{protocol} ({mode})"
+            left.plot(ns, [r["phases"][phase]["rmr"] for r in mine], style, label=label)
+            right.plot(
+                ns, [r["phases"][phase]["cpu_us_per_delivery"] for r in mine], style, label=label
+            )
     left.axhline(0.1, color="grey", linestyle=":", label="target 0.1")
     left.set_xlabel("nodes")
     left.set_ylabel("RMR")
-    left.set_title("relative message redundancy")
+    left.set_title("relative message redundancy, paced broadcasts")
     left.legend()
     left.grid(True, alpha=0.3)
-    ws = result["websocket_ceiling"]["cpu_us_per_message"]
-    right.plot(ns, [f["cpu_us_per_delivery"] for f in runs], "o-", label="Plumtree delivery")
-    right.plot(
-        ns,
-        [f["cpu_us_per_delivery_net_of_idle"] for f in runs],
-        "s--",
-        label="net of idle nodes' CPU",
-    )
     right.axhline(ws, color="black", linestyle="-", label="raw websocket message")
     right.axhline(2 * ws, color="grey", linestyle=":", label="2x raw (target)")
     right.set_xlabel("nodes")
     right.set_ylabel("CPU us")
     right.set_ylim(bottom=0)
-    right.set_title("CPU per delivery (whole process)")
-    right.legend()
+    right.set_title("CPU per delivery, paced broadcasts")
+    right.legend(fontsize="small")
     right.grid(True, alpha=0.3)
     fig.tight_layout()
     path = RESULTS / f"{stem}_rmr_cpu.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(str(path))
+
+    if result.get("map"):
+        from cluster_map import map_pictures
+
+        written += map_pictures(result["map"], RESULTS, stem)
     return written
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The Markdown summary: one table of broadcast figures, then the map figures."""
+    ceiling = result["websocket_ceiling"]
+    lines = [
+        f"# Cluster benchmark, {result['date']}",
+        "",
+        f"`{result['command']}` on {result['machine']['cpus']} CPUs, "
+        f"Python {result['machine']['python']}, {result['machine']['platform']}.",
+        "",
+        f"Raw websocket ceiling (one connection, {ceiling['frame_bytes']}-byte frames): "
+        f"{ceiling['messages_per_s']:,} messages/s, {ceiling['cpu_us_per_message']} us CPU "
+        "per message (both ends).",
+        "",
+        "| mode | N | phase | last delivery p50 / p99 (ms) | lost | RMR | LDH | "
+        "deliveries/s | CPU us/delivery (x raw) | frames/delivery | peak RSS/node (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in result["broadcast"]:
+        rss = run["peak_rss_kib"]
+        rss_text = f"{rss['mean'] / 1024:.1f}" if rss["per_process"] == "node" else "-"
+        for phase, f in run["phases"].items():
+            lat = f["to_last_delivery"]
+            lines.append(
+                f"| {run['mode']} | {run['nodes']} | {phase.replace('_', ' ')} | "
+                f"{lat.get('p50_ms', '-')} / {lat.get('p99_ms', '-')} | "
+                f"{f['lost_deliveries']} | {f['rmr']} | {f['ldh_mean']} | "
+                f"{f['deliveries_per_s']:,} | {f['cpu_us_per_delivery']} "
+                f"({f['cpu_per_delivery_over_ws_message']}x) | {f['frames_per_delivery']} | "
+                f"{rss_text} |"
+            )
+    maps = result.get("map")
+    if maps:
+        from cluster_map import map_summary
+
+        lines += ["", *map_summary(maps)]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--sizes",
-        type=lambda s: tuple(int(x) for x in s.split(",")),
-        default=SIZES,
-        help="cluster sizes, comma-separated (default 10,25)",
-    )
-    parser.add_argument("--count", type=int, default=COUNT, help="broadcasts per size")
+
+    def ints(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split(","))
+
+    parser.add_argument("--modes", default="inproc,procs", help="inproc, procs or both")
+    parser.add_argument("--sizes", type=ints, default=SIZES, help="cluster sizes (10,25,50)")
+    parser.add_argument("--count", type=int, default=COUNT, help="broadcasts per phase")
     parser.add_argument("--pace-ms", type=float, default=PACE * 1e3)
     parser.add_argument("--payload", type=int, default=PAYLOAD, help="payload bytes")
+    parser.add_argument("--map-nodes", type=int, default=MAP_NODES, help="0: no map run")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--no-write", action="store_true", help="write no files")
     args = parser.parse_args(argv)
-    # Every in-process node warns that it listens on loopback only: expected here, noise.
-    logging.getLogger("trio_replica").setLevel(logging.ERROR)
-    figures = trio.run(run, args.sizes, args.count, args.pace_ms / 1e3, args.payload, args.seed)
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - {"inproc", "procs"}:
+        parser.error("--modes takes inproc, procs or both, comma-separated")
+    quiet_logs()
+    figures = trio.run(
+        run,
+        modes,
+        args.sizes,
+        args.count,
+        args.pace_ms / 1e3,
+        args.payload,
+        args.seed,
+        args.map_nodes,
+    )
     now = datetime.datetime.now(datetime.UTC)
     result = {
         "benchmark": "cluster",
@@ -519,16 +603,18 @@ def main(argv: list[str] | None = None) -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if args.no_write:
+        print(summary(result), file=sys.stderr)
         return
     RESULTS.mkdir(exist_ok=True)
     stem = f"cluster_{now.date().isoformat()}"
     (RESULTS / f"{stem}.json").write_text(text + "\n")
+    (RESULTS / f"{stem}.md").write_text(summary(result))
     try:
         written = pictures(result, stem)
     except ImportError:
         progress("matplotlib is not installed (the bench extra): no pictures")
     else:
-        progress("wrote " + ", ".join(written))
+        progress("wrote " + ", ".join([f"{stem}.json", f"{stem}.md", *written]))
 
 
 if __name__ == "__main__":

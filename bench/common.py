@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from trio_replica.node import Node
+from trio_replica.wire import encode_payload
+
+#: The broadcast tag of benchmark payloads.
+TAG = "bench"
 
 
 def percentiles_ms(samples: Sequence[float]) -> dict[str, float]:
@@ -30,3 +35,13 @@ def percentiles_ms(samples: Sequence[float]) -> dict[str, float]:
 def view_signature(nodes: Sequence[Node]) -> tuple[tuple[str, ...], ...]:
     """Every node's active view, as ids: equal signatures mean no membership change."""
     return tuple(tuple(sorted(p.id for p in node.active_view())) for node in nodes)
+
+
+def payload_of(seq: int, size: int) -> dict[str, Any]:
+    """A payload whose CBOR encoding is `size` bytes (or the smallest possible, if larger)."""
+    bare = len(encode_payload({"seq": seq, "pad": b""}, max_size=1 << 20))
+    pad = max(0, size - bare)
+    # A byte string's length header grows at 24 and 256 bytes: trim to land on `size`.
+    while pad and len(encode_payload({"seq": seq, "pad": b"x" * pad}, max_size=1 << 20)) > size:
+        pad -= 1
+    return {"seq": seq, "pad": b"x" * pad}

@@ -9,7 +9,7 @@ symmetric and the overlay is connected.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 
 import trio
 
@@ -38,23 +38,31 @@ async def open_local_cluster(
 
 def overlay_ok(nodes: Sequence[Node], *, min_active: int = 1) -> bool:
     """True when active views are symmetric, each has `min_active` peers, and all connect."""
-    by_id = {node.id: node for node in nodes}
-    for node in nodes:
-        active = {p.id for p in node.active_view()}
-        if len(active) < min(min_active, len(nodes) - 1):
+    return views_ok(
+        {node.id: {p.id for p in node.active_view()} for node in nodes}, min_active=min_active
+    )
+
+
+def views_ok(views: Mapping[str, Collection[str]], *, min_active: int = 1) -> bool:
+    """`overlay_ok` over active views given as ids (node id to its active peers' ids)."""
+    for node_id, active in views.items():
+        if len(active) < min(min_active, len(views) - 1):
             return False
         for peer_id in active:
-            other = by_id.get(peer_id)
-            if other is None or node.id not in {p.id for p in other.active_view()}:
+            other = views.get(peer_id)
+            if other is None or node_id not in other:
                 return False
-    seen = {nodes[0].id}
-    todo = [nodes[0]]
+    if not views:
+        return True
+    first = next(iter(views))
+    seen = {first}
+    todo = [first]
     while todo:
-        for peer in todo.pop().active_view():
-            if peer.id not in seen and peer.id in by_id:
-                seen.add(peer.id)
-                todo.append(by_id[peer.id])
-    return len(seen) == len(nodes)
+        for peer_id in views[todo.pop()]:
+            if peer_id not in seen and peer_id in views:
+                seen.add(peer_id)
+                todo.append(peer_id)
+    return len(seen) == len(views)
 
 
 async def wait_for_views(nodes: Sequence[Node], *, min_active: int = 1, poll: float = 0.05) -> None:

@@ -219,8 +219,12 @@ async def paced(
     rng: random.Random,
     send: Callable[[int, int], Awaitable[None]],
     pace: float = PACE,
+    *,
+    nodes: int = NODES,
 ) -> None:
     """Call `send(i, node_index)` `count` times, `pace` apart on an absolute schedule.
+
+    `node_index` is drawn from ``range(nodes)``.
 
     When a send takes longer than `pace` the schedule is not caught up in a burst later:
     the achieved rate is what the caller reports.
@@ -228,7 +232,7 @@ async def paced(
     start = trio.current_time()
     for i in range(count):
         await trio.sleep_until(start + i * pace)
-        await send(i, rng.randrange(NODES))
+        await send(i, rng.randrange(nodes))
 
 
 def value_of(i: int) -> dict[str, Any]:
@@ -267,7 +271,7 @@ async def phase_put_latency(
         await maps[writer].put(key, value_of(i))
         put_calls.append(trio.current_time() - t0)
 
-    await paced(count, rng, send, pace)
+    await paced(count, rng, send, pace, nodes=len(maps))
     offered_s = trio.current_time() - t0
     with trio.move_on_after(20):
         await watch.wait_phase(phase)
@@ -305,7 +309,7 @@ async def phase_broadcast(
         started[i] = trio.current_time()
         await nodes[origin].broadcast(TAG, {"seq": i})
 
-    await paced(PACED_COUNT, rng, send)
+    await paced(PACED_COUNT, rng, send, nodes=len(nodes))
     with trio.move_on_after(20):
         while not all(len(watch.arrivals[i]) >= len(nodes) - 1 for i in started):  # noqa: ASYNC110
             await trio.sleep(0.01)
@@ -342,9 +346,11 @@ async def phase_throughput(
     keys: int,
 ) -> dict[str, Any]:
     phase = f"tp{writers}"
+    # Every writer writes as many keys: `keys` rounded down to a multiple of `writers`.
+    per_writer = keys // writers
+    keys = per_writer * writers
     watch.expect(phase, keys)
     before_tree, before_drops = tree_counters(nodes), drops(nodes)
-    per_writer = keys // writers
     writes_done: list[float] = []
 
     async def write(w: int) -> None:
@@ -410,7 +416,9 @@ def sync_traffic(a: Node, b: Node, before: tuple[dict[str, Any], dict[str, Any]]
     }
 
 
-async def phase_sync(keys: int) -> dict[str, Any]:
+async def phase_sync(keys: int, *, report: Callable[[str], None] = progress) -> dict[str, Any]:
+    """Full sync of a `keys`-entry map to a fresh node (``join``) and to a reopened map
+    (``open``); `report` gets the progress lines."""
     out: dict[str, Any] = {"keys": keys, "value_bytes": len(cbor2.dumps(value_of(0)))}
     async with open_node(NodeConfig(name="sync-a")) as a:
         ma = await a.open_map("big")
@@ -419,7 +427,7 @@ async def phase_sync(keys: int) -> dict[str, Any]:
             await ma.put(f"k{i:06d}", value_of(i))
         out["fill_a_alone_s"] = round(trio.current_time() - t0, 3)
         out["fill_a_cpu_s"] = round(time.process_time() - cpu0, 3)
-        progress(f"sync: A filled with {keys} keys in {out['fill_a_alone_s']} s")
+        report(f"sync: A filled with {keys} keys in {out['fill_a_alone_s']} s")
 
         # join: B starts with A as seed and opens the map at once.
         b_config = NodeConfig(name="sync-b", seeds=(a.address,))
@@ -435,7 +443,7 @@ async def phase_sync(keys: int) -> dict[str, Any]:
                 "cpu_s": round(time.process_time() - cpu0, 3),
                 **sync_traffic(a, b, before),
             }
-            progress(f"sync: join took {out['join']['seconds']} s")
+            report(f"sync: join took {out['join']['seconds']} s")
             await settle(0.5)
 
             # open: B, linked to A, reopens the map empty and pulls A's state.
@@ -452,7 +460,7 @@ async def phase_sync(keys: int) -> dict[str, Any]:
                 "b_active_view": [p.id for p in b.active_view()],
                 **sync_traffic(a, b, before),
             }
-            progress(f"sync: open took {out['open']['seconds']} s")
+            report(f"sync: open took {out['open']['seconds']} s")
     return out
 
 
@@ -479,11 +487,11 @@ async def warm_up(
 
     async def warm(i: int, writer: int) -> None:
         await maps[writer].put(f"warm{label}:{len(rounds)}:{i}", value_of(i))
-        await nodes[rng.randrange(NODES)].broadcast(TAG, {"seq": -1})
+        await nodes[rng.randrange(len(nodes))].broadcast(TAG, {"seq": -1})
 
     while trio.current_time() - start < max_s:
         before = tree_counters(nodes)
-        await paced(WARMUP_ROUND, rng, warm)
+        await paced(WARMUP_ROUND, rng, warm, nodes=len(maps))
         await settle(1.0)
         delta = traffic(before, tree_counters(nodes), 2 * WARMUP_ROUND, len(nodes))
         now = trio.current_time()

@@ -198,10 +198,15 @@ def failures(
         sim.crash(victims)
         crashed_at = sim.now
         survivors = _alive_ids(sim)
+        # The overlay at the crash instant, before anyone detected anything: the first
+        # flood can reach at most its origin's component of it (see `origin_component`).
+        at_crash = components(active_graph(sim))
         sent: list[tuple[float, MessageId, MessageId]] = []
         steps = round(cycles * period / interval)
+        first_origin: str | None = None
         for _ in range(steps):
             origin = sim.rng.choice(survivors)
+            first_origin = first_origin or origin
             flood = sim.broadcast(origin, FLOOD)
             tree = sim.broadcast(origin, BROADCAST)
             sent.append((sim.now - crashed_at, flood, tree))
@@ -212,7 +217,19 @@ def failures(
             series["t"].append(round(t, 6))
             series["flood"].append(sim.broadcasts[flood].metrics().reliability)
             series["plumtree"].append(sim.broadcasts[tree].metrics().reliability)
-        row: dict[str, Any] = {"rate": rate, "survivors": len(survivors)}
+        row: dict[str, Any] = {
+            "rate": rate,
+            "survivors": len(survivors),
+            # Fraction of survivors in the first origin's component of the overlay at the
+            # crash: the most the first flood can reach. Plumtree can beat it: its lazy
+            # repair (IHAVE, then GRAFT after timeout1) runs after membership has replaced
+            # dead active entries, and the grafted node forwards over its new links.
+            "origin_component": next(
+                (len(c) / len(survivors) for c in at_crash if first_origin in c), 0.0
+            ),
+            "components_at_crash": len(at_crash),
+            "largest_component_at_crash": len(at_crash[0]) / len(survivors) if at_crash else 0.0,
+        }
         first_cycle = [i for i, t in enumerate(series["t"]) if t < period]
         for label in ("flood", "plumtree"):
             values = series[label]

@@ -75,6 +75,8 @@ TAIL_S = 1.0
 IDLE_S = 1.0
 CEILING_S = 2.0
 CEILING_FRAME = 100
+#: The paced floor: one frame per millisecond, each on its own wakeup.
+CEILING_PACE = 0.001
 #: The Plumtree message that carries payloads; every other kind counts as control.
 PAYLOAD_KIND = "Gossip"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,9 +90,14 @@ def progress(message: str) -> None:
 
 
 async def websocket_ceiling(
-    seconds: float = CEILING_S, size: int = CEILING_FRAME
+    seconds: float = CEILING_S, size: int = CEILING_FRAME, pace: float | None = None
 ) -> dict[str, Any]:
-    """Frames per second and CPU per frame over one websocket pair on 127.0.0.1."""
+    """Frames per second and CPU per frame over one websocket pair on 127.0.0.1.
+
+    With `pace`, one frame every `pace` seconds instead of back to back: each frame then
+    wakes both ends on its own (no batching in the kernel or in Trio), the floor to read
+    beside a paced broadcast, whose messages also travel one by one.
+    """
     transport = WebsocketTransport()
     frame = b"x" * size
     received = 0
@@ -122,6 +129,8 @@ async def websocket_ceiling(
             cpu0, t0 = time.process_time(), trio.current_time()
             deadline = t0 + seconds
             while trio.current_time() < deadline:
+                if pace is not None:
+                    await trio.sleep_until(t0 + sent * pace)
                 await conn.send(frame)
                 sent += 1
             sender_done = True
@@ -132,6 +141,7 @@ async def websocket_ceiling(
         nursery.cancel_scope.cancel()
     return {
         "frame_bytes": size,
+        "pace_ms": round(pace * 1e3, 3) if pace is not None else None,
         "messages": sent,
         "received": received,
         "seconds": round(wall, 3),
@@ -347,7 +357,14 @@ PHASES = ("plumtree_paced", "plumtree_asap", "flood_paced", "flood_asap")
 
 
 async def size_run(
-    mode: str, n: int, count: int, pace: float, size: int, rng: random.Random, ws_cpu: float
+    mode: str,
+    n: int,
+    count: int,
+    pace: float,
+    size: int,
+    rng: random.Random,
+    ws_cpu: float,
+    ws_paced_cpu: float,
 ) -> dict[str, Any]:
     """Every broadcast phase on one N-node cluster: Plumtree, then flooding on its links."""
     watch = Watch(n)
@@ -376,9 +393,13 @@ async def size_run(
             seqs = list(range(k * count, (k + 1) * count))
             phase_pace = pace if phase.endswith("paced") else None
             figure = await measure(cluster, watch, seqs, rng, size, phase_pace, idle_rate)
-            figure["cpu_per_delivery_over_ws_message"] = round(
-                figure["cpu_us_per_delivery"] / ws_cpu, 2
-            )
+            for key in ("cpu_us_per_delivery", "cpu_us_per_delivery_net_of_idle"):
+                ratio = key.replace("cpu_us_per_delivery", "cpu_per_delivery") + "_over_ws"
+                figure[ratio] = round(figure[key] / ws_cpu, 2)
+            if phase_pace is not None:
+                figure["cpu_per_delivery_over_ws_paced"] = round(
+                    figure["cpu_us_per_delivery"] / ws_paced_cpu, 2
+                )
             if not phase.endswith("paced"):
                 figure.pop("delays_ms")
             phases[phase] = figure
@@ -389,7 +410,8 @@ async def size_run(
                 f"rmr {figure['rmr']}, ldh {figure['ldh_mean']}, "
                 f"{figure['deliveries_per_s']} deliveries/s, "
                 f"{figure['cpu_us_per_delivery']} us CPU/delivery "
-                f"({figure['cpu_per_delivery_over_ws_message']}x ws), "
+                f"({figure['cpu_per_delivery_over_ws']}x ws; net of idle "
+                f"{figure['cpu_per_delivery_net_of_idle_over_ws']}x), "
                 f"{figure['frames_per_delivery']} frames/delivery"
             )
         final = await cluster.counters()
@@ -428,8 +450,15 @@ async def run(
     ceiling = await websocket_ceiling()
     ws_cpu = ceiling["cpu_us_per_message"]
     progress(f"websocket ceiling: {ceiling['messages_per_s']} msg/s, {ws_cpu} us CPU per message")
+    paced_ceiling = await websocket_ceiling(pace=CEILING_PACE)
+    progress(
+        f"websocket, one frame every {CEILING_PACE * 1e3:g} ms: "
+        f"{paced_ceiling['cpu_us_per_message']} us CPU per message"
+    )
     runs = [
-        await size_run(mode, n, count, pace, size, rng, ws_cpu) for mode in modes for n in sizes
+        await size_run(mode, n, count, pace, size, rng, ws_cpu, paced_ceiling["cpu_us_per_message"])
+        for mode in modes
+        for n in sizes
     ]
     maps: dict[str, Any] | None = None
     if map_nodes:
@@ -438,6 +467,7 @@ async def run(
         maps = await map_run(map_nodes, seed=seed, progress=progress)
     return {
         "websocket_ceiling": ceiling,
+        "websocket_paced": paced_ceiling,
         "broadcast": runs,
         "map": maps,
         "total_s": round(time.monotonic() - t_start, 1),
@@ -522,7 +552,7 @@ def pictures(result: dict[str, Any], stem: str) -> list[str]:
 
 def summary(result: dict[str, Any]) -> str:
     """The Markdown summary: one table of broadcast figures, then the map figures."""
-    ceiling = result["websocket_ceiling"]
+    ceiling, paced = result["websocket_ceiling"], result["websocket_paced"]
     lines = [
         f"# Cluster benchmark, {result['date']}",
         "",
@@ -531,25 +561,50 @@ def summary(result: dict[str, Any]) -> str:
         "",
         f"Raw websocket ceiling (one connection, {ceiling['frame_bytes']}-byte frames): "
         f"{ceiling['messages_per_s']:,} messages/s, {ceiling['cpu_us_per_message']} us CPU "
-        "per message (both ends).",
+        'per message (both ends), the "x raw" below; one frame every '
+        f"{paced['pace_ms']:g} ms: {paced['cpu_us_per_message']} us per message, the "
+        '"x paced raw" of the paced phases (each message wakes both ends on its own).',
         "",
         "| mode | N | phase | last delivery p50 / p99 (ms) | lost | RMR | LDH | "
-        "deliveries/s | CPU us/delivery (x raw) | frames/delivery | peak RSS/node (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "deliveries/s | CPU us/delivery (x raw) | net of idle (x raw) | frames/delivery | "
+        "peak RSS/node (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in result["broadcast"]:
         rss = run["peak_rss_kib"]
         rss_text = f"{rss['mean'] / 1024:.1f}" if rss["per_process"] == "node" else "-"
         for phase, f in run["phases"].items():
             lat = f["to_last_delivery"]
+            paced_ratio = ""
+            if "cpu_per_delivery_over_ws_paced" in f:
+                paced_ratio = f", {f['cpu_per_delivery_over_ws_paced']}x paced raw"
             lines.append(
                 f"| {run['mode']} | {run['nodes']} | {phase.replace('_', ' ')} | "
                 f"{lat.get('p50_ms', '-')} / {lat.get('p99_ms', '-')} | "
                 f"{f['lost_deliveries']} | {f['rmr']} | {f['ldh_mean']} | "
                 f"{f['deliveries_per_s']:,} | {f['cpu_us_per_delivery']} "
-                f"({f['cpu_per_delivery_over_ws_message']}x) | {f['frames_per_delivery']} | "
+                f"({f['cpu_per_delivery_over_ws']}x{paced_ratio}) | "
+                f"{f['cpu_us_per_delivery_net_of_idle']} "
+                f"({f['cpu_per_delivery_net_of_idle_over_ws']}x) | {f['frames_per_delivery']} | "
                 f"{rss_text} |"
             )
+    lines += [
+        "",
+        "| mode | N | started (s) | overlay formed (s) | warm-up (s) | idle CPU (cores) | "
+        "peak RSS (MiB): per node mean / max, or the whole process |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in result["broadcast"]:
+        rss = run["peak_rss_kib"]
+        rss_text = (
+            f"{rss['mean'] / 1024:.1f} / {rss['max'] / 1024:.1f}"
+            if rss["per_process"] == "node"
+            else f"{rss['max'] / 1024:.0f} (process)"
+        )
+        lines.append(
+            f"| {run['mode']} | {run['nodes']} | {run['started_s']} | {run['formed_s']} | "
+            f"{run['warmup']['seconds']} | {run['idle_cpu_utilisation']} | {rss_text} |"
+        )
     maps = result.get("map")
     if maps:
         from cluster_map import map_summary

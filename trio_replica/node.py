@@ -781,16 +781,27 @@ class Node:
             return
         kind = type(message)
         peer = link.peer
-        if kind in _MEMBERSHIP_KINDS:
-            core = self.membership.core
-            await self.membership.post(lambda now: core.handle_message(peer, message, now))
-        elif kind in _BROADCAST_KINDS:
+        # Inputs are queued without a checkpoint while the inbox has room (the reader
+        # checkpoints once per frame anyway); a full inbox makes the reader wait, which is
+        # the backpressure on a peer that floods us.
+        if kind in _BROADCAST_KINDS:
+            broadcaster = self.broadcaster
             if isinstance(message, Gossip):
-                run = self.broadcaster.receive_gossip(peer, message)
-                if run is not None:
-                    await self.broadcaster.post(run)
+                run = broadcaster.receive_gossip(peer, message)
+                if run is None:
+                    return
             else:
-                await self.broadcaster.post(self.broadcaster.receive(peer, message))
+                run = broadcaster.receive(peer, message)
+            if not broadcaster.post_nowait(run):
+                await broadcaster.post(run)
+        elif kind in _MEMBERSHIP_KINDS:
+            core = self.membership.core
+
+            def handle(now: float) -> list[Effect]:
+                return core.handle_message(peer, message, now)
+
+            if not self.membership.post_nowait(handle):
+                await self.membership.post(handle)
         elif kind in _REPLICA_KINDS:
             assert isinstance(message, SyncRequest | SyncChunk)
             replica = self._replicas.get(message.name)

@@ -90,9 +90,9 @@ from transports.base import Transport
 from transports.memory import MemoryNetwork
 from trio_replica.config import NodeConfig
 from trio_replica.events import PeerUp
-from trio_replica.localcluster import open_local_cluster, overlay_ok, wait_for_views
+from trio_replica.localcluster import open_local_cluster, overlay_ok, run_node, wait_for_views
 from trio_replica.maps import Put, Removed, ReplicatedMap
-from trio_replica.node import Node, open_node
+from trio_replica.node import Node
 from trio_replica.ormap import Entry, Key, supersedes
 from trio_replica.store import MapStore, StoreError
 
@@ -171,29 +171,12 @@ class Hosted:
         return self.stopped.is_set()
 
 
-async def _run_node(
-    config: NodeConfig,
-    transport: Transport | None,
-    scope: trio.CancelScope,
-    stopped: trio.Event,
-    *,
-    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    try:
-        with scope:
-            async with open_node(config, transport=transport) as node:
-                task_status.started(node)
-                await trio.sleep_forever()
-    finally:
-        stopped.set()
-
-
 async def host(
     nursery: trio.Nursery, config: NodeConfig, transport: Transport | None = None
 ) -> Hosted:
     """Start a node in `nursery`; it runs until `Hosted.stop` or the nursery ends."""
     scope, stopped = trio.CancelScope(), trio.Event()
-    node: Node = await nursery.start(_run_node, config, transport, scope, stopped)
+    node: Node = await nursery.start(run_node, config, transport, scope, stopped)
     return Hosted(node, scope, stopped)
 
 

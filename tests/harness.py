@@ -14,29 +14,11 @@ from typing import Any
 import attrs
 import trio
 
-from transports.base import Transport
 from transports.memory import MemoryNetwork
 from trio_replica.config import NodeConfig
 from trio_replica.link import LinkConfig
-from trio_replica.localcluster import overlay_ok
-from trio_replica.node import Node, open_node
-
-
-async def _run_node(
-    config: NodeConfig,
-    transport: Transport | None,
-    scope: trio.CancelScope,
-    stopped: trio.Event,
-    *,
-    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    try:
-        with scope:
-            async with open_node(config, transport=transport) as node:
-                task_status.started(node)
-                await trio.sleep_forever()
-    finally:
-        stopped.set()
+from trio_replica.localcluster import overlay_ok, run_node
+from trio_replica.node import Node
 
 
 @attrs.define
@@ -63,7 +45,7 @@ class Cluster:
         transport = self.net.transport(name) if self.net else None
         scope = trio.CancelScope()
         stopped = self.stopped[name] = trio.Event()
-        node: Node = await self.nursery.start(_run_node, config, transport, scope, stopped)
+        node: Node = await self.nursery.start(run_node, config, transport, scope, stopped)
         self.nodes[name] = node
         self.scopes[name] = scope
         return node

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 
 import trio
 
+from transports.base import Transport
+
 from .config import NodeConfig
 from .node import Node, open_node
 
@@ -34,6 +36,28 @@ async def open_local_cluster(
             config = attrs.evolve(base, name=f"{prefix}{i}", seeds=(first.address,))
             nodes.append(await stack.enter_async_context(open_node(config)))
         yield nodes
+
+
+async def run_node(
+    config: NodeConfig,
+    transport: Transport | None,
+    scope: trio.CancelScope,
+    stopped: trio.Event,
+    *,
+    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one node in a task until `scope` is cancelled; `stopped` is set once it is gone.
+
+    For harnesses that stop and restart nodes one by one (``nursery.start`` returns the
+    node): cancelling `scope` is a crash-like stop of that node only.
+    """
+    try:
+        with scope:
+            async with open_node(config, transport=transport) as node:
+                task_status.started(node)
+                await trio.sleep_forever()
+    finally:
+        stopped.set()
 
 
 def overlay_ok(nodes: Sequence[Node], *, min_active: int = 1) -> bool:

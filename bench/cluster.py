@@ -1,36 +1,40 @@
-"""Broadcast figures of websocket-linked clusters, with the raw websocket ceiling beside them.
+"""Broadcast and map figures of websocket-linked clusters, with the raw websocket beside them.
 
-A script, not a test: ``.venv/bin/python bench/cluster.py [--sizes 10,25,50]``. This module
-owns the cluster benchmark of issue 7 (first slice: the ``inproc`` mode only, every node in
-this one process over real websockets on 127.0.0.1, so all nodes share one Python thread and
-one core). One progress line per step goes to stderr; one JSON document goes to stdout and
-to ``bench/results/cluster_<date>.json``; with matplotlib (the ``bench`` extra) two PNGs
-``cluster_<date>_delivery.png`` and ``cluster_<date>_rmr_cpu.png`` go beside it.
+A script, not a test: ``./dev bench cluster`` or ``.venv/bin/python bench/cluster.py
+[--modes inproc,procs] [--sizes 10,25,50] [--count 100] [--pace-ms 20] [--map-nodes 10]``.
+This module owns the cluster benchmark of issue 7. The nodes run in one of two modes
+(`cluster_nodes`): ``inproc``, every node in this one process over real websockets on
+127.0.0.1 (one Python thread, one core), and ``procs``, one OS process per node. One
+progress line per step goes to stderr; one JSON document goes to stdout and to
+``bench/results/cluster_<date>.json``, a Markdown summary to ``cluster_<date>.md``; with
+matplotlib (the ``bench`` extra) PNGs ``cluster_<date>_*.png`` go beside them.
 
 Steps, in the order they run:
 
-* ``websocket_ceiling``: one websocket connection pair on 127.0.0.1
-  (`WebsocketTransport.serve` and `open_connection`); the client sends 100-byte frames as
-  fast as ``send`` returns for about 2 s, the server task receives them. Messages per second
-  and the process's CPU (`time.process_time`, both ends) per message. A Plumtree delivery
-  costs at least one such send and one such receive, so this is the floor of CPU per
-  delivery on this machine.
-* ``broadcast`` for each N of the sweep: `open_local_cluster`, wait for symmetric connected
-  views, then warm-up rounds of paced broadcasts until one round causes no GRAFT and no
-  duplicate (views that change cost Plumtree repairs at timeout1 that would be measured as
-  latency). Then M broadcasts of S-byte payloads from random nodes, paced on an absolute
-  schedule; per broadcast the time to its last delivery and its mean delivery time, lost
-  deliveries, RMR (Plumtree paper, section 4: gossip received / (M (N - 1)) - 1), LDH (the
-  largest `Delivery.hops` of each broadcast), messages and bytes sent per broadcast from
-  ``node.stats()`` deltas (``Gossip`` is payload, every other kind is control), CPU per
-  delivery and deliveries per second.
+* ``websocket_ceiling``: one websocket connection pair on 127.0.0.1; the client sends
+  100-byte frames as fast as ``send`` returns for about 2 s. Messages per second and the
+  process's CPU (both ends) per message: a delivery costs at least one such send and one
+  such receive. ``websocket_paced``: the same, one frame per millisecond, so that every
+  frame wakes both ends on its own as the messages of a paced broadcast do.
+* ``broadcast`` for each mode and N: start the cluster, wait for symmetric connected views,
+  warm up with paced rounds until one causes no GRAFT, no duplicate and no view change
+  (view changes cost Plumtree repairs at timeout1 that would be measured as latency),
+  measure the idle CPU, then four phases of M broadcasts of S bytes from random nodes:
+  Plumtree paced on an absolute schedule, Plumtree as fast as each node's ``broadcast``
+  returns, then flooding over the very same links (every core switched with
+  `Plumtree.set_prune`), paced and as fast as possible. Per phase: time to the last
+  delivery and mean delivery time, lost deliveries, RMR (SRDS 2007 section 4: payloads
+  received / (M (N - 1)) - 1), LDH, messages and bytes per broadcast by kind (``Gossip``
+  is payload, the rest control), deliveries per second, CPU per delivery and frames per
+  delivery. Per cluster: start and formation times, idle CPU, peak RSS per node.
+* ``map`` (`cluster_map.map_run`): writes per second applied on every node, put latency,
+  convergence after a partition heals and after a restart, full sync of 10,000 keys.
 
 CPU is counted from the first broadcast to the last delivery (``cpu_us_per_delivery``), and
 also up to the end of a quiet period after it (``..._with_tail``), which adds the lazy IHAVE
-batches those broadcasts cause and the idle timers of N nodes for that period. Before each
-measurement the nodes idle for a second; ``..._net_of_idle`` subtracts that idle rate over
-the window. ``frames_per_delivery`` counts websocket frames of every kind per delivery: the
-ratio to read beside the ceiling's CPU per frame.
+batches those broadcasts cause and the idle timers of N nodes for that period;
+``..._net_of_idle`` subtracts the idle rate over the window. In ``inproc`` mode it is this
+process's CPU (harness included), in ``procs`` mode the sum of the children's.
 """
 
 from __future__ import annotations

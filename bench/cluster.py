@@ -41,12 +41,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
-import os
-import platform
 import random
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -55,7 +51,7 @@ from typing import Any
 
 import trio
 from cluster_nodes import Cluster, open_inproc, open_procs, quiet_logs
-from common import payload_of, percentiles_ms
+from common import payload_of, percentiles_ms, run_header
 
 from transports.base import Connection, TransportClosed
 from transports.websocket import WebsocketTransport
@@ -646,26 +642,14 @@ def main(argv: list[str] | None = None) -> None:
         args.seed,
         args.map_nodes,
     )
-    now = datetime.datetime.now(datetime.UTC)
-    result = {
-        "benchmark": "cluster",
-        "date": now.isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-        },
-        "command": shlex.join(["python", *sys.argv]),
-        "seed": args.seed,
-        **figures,
-    }
+    result = {**run_header("cluster", seed=args.seed), **figures}
     text = json.dumps(result, indent=2)
     print(text)
     if args.no_write:
         print(summary(result), file=sys.stderr)
         return
     RESULTS.mkdir(exist_ok=True)
-    stem = f"cluster_{now.date().isoformat()}"
+    stem = f"cluster_{result['date'][:10]}"
     (RESULTS / f"{stem}.json").write_text(text + "\n")
     (RESULTS / f"{stem}.md").write_text(summary(result))
     try:

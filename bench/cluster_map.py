@@ -56,14 +56,10 @@ the OS, so two runs differ by machine noise and overlay shape.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import logging
-import os
-import platform
 import random
-import shlex
 import statistics
 import sys
 import tempfile
@@ -76,6 +72,7 @@ from typing import Any
 import attrs
 import trio
 import trio.testing
+from common import run_header
 from map_figures import (
     PACE,
     PACED_COUNT,
@@ -971,24 +968,13 @@ def main(argv: list[str] | None = None) -> None:
             map_run, args.nodes, seed=args.seed, keys_10k=args.keys_10k, progress=default_progress
         )
     )
-    now = datetime.datetime.now(datetime.UTC)
-    result = {
-        "benchmark": "cluster_map",
-        "date": now.isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-        },
-        "command": shlex.join(["python", *sys.argv]),
-        **figures,
-    }
+    result = {**run_header("cluster_map"), **figures}
     text = json.dumps(result, indent=2)
     print(text)
     if not args.write:
         return
     RESULTS.mkdir(exist_ok=True)
-    stem = f"cluster_map_{now.date().isoformat()}"
+    stem = f"cluster_map_{result['date'][:10]}"
     (RESULTS / f"{stem}.json").write_text(text + "\n")
     try:
         written = map_pictures(result, RESULTS, stem)

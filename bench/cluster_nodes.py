@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import attrs
 import trio
-from common import TAG, payload_of
+from common import TAG, json_lines, payload_of
 
 from trio_replica.config import NodeConfig
 from trio_replica.events import Delivery
@@ -236,25 +236,17 @@ async def read_child(
     child: Child, sink: Sink, ready: trio.Event, stdout: trio.abc.ReceiveStream
 ) -> None:
     """Route the child's lines: ready, answers, start times and deliveries."""
-    buffer = b""
     async with child.answers_in:
-        while True:
-            chunk = await stdout.receive_some(1 << 16)
-            if not chunk:
-                return
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                item = json.loads(line)
-                if "d" in item:
-                    sink.arrived(item["d"], item["t"], item["h"])
-                elif "b" in item:
-                    sink.started(item["b"], item["t"])
-                elif "ready" in item:
-                    child.id, child.address = item["ready"]["id"], item["ready"]["address"]
-                    ready.set()
-                else:
-                    await child.answers_in.send(item)
+        async for item in json_lines(stdout):
+            if "d" in item:
+                sink.arrived(item["d"], item["t"], item["h"])
+            elif "b" in item:
+                sink.started(item["b"], item["t"])
+            elif "ready" in item:
+                child.id, child.address = item["ready"]["id"], item["ready"]["address"]
+                ready.set()
+            else:
+                await child.answers_in.send(item)
 
 
 @attrs.define
@@ -323,11 +315,15 @@ async def start_child(
 async def stop_children(children: Sequence[Child]) -> None:
     """Ask every child to quit, wait with a deadline, kill the rest; reap them all."""
     with trio.CancelScope(shield=True):
-        for child in children:
-            if child.process.returncode is None:
-                with contextlib.suppress(ChildFailed):
-                    await child.send({"op": "quit"})
+        # One deadline for the polite part: a child that stopped reading its stdin could
+        # block the quit's write as well as its exit.
         with trio.move_on_after(QUIT_TIMEOUT_S):
+            for child in children:
+                if child.process.returncode is None:
+                    # A child whose stdin is closed has exited or is about to: it is
+                    # waited for (and killed if need be) below either way.
+                    with contextlib.suppress(ChildFailed):
+                        await child.send({"op": "quit"})
             for child in children:
                 await child.process.wait()
         for child in children:
@@ -388,47 +384,37 @@ async def child_main(name: str, seed: str | None) -> None:
             watch_node, node, lambda seq, at, hops: emit({"d": seq, "t": at, "h": hops})
         )
         emit({"ready": {"id": node.id, "address": node.address}})
-        buffer = b""
-        running = True
-        while running:
-            chunk = await stdin.receive_some(1 << 16)
-            if not chunk:
+        async for command in json_lines(stdin):
+            op = command["op"]
+            if op == "broadcast":
+                nursery.start_soon(
+                    broadcast_from,
+                    node,
+                    command["seqs"],
+                    command["size"],
+                    lambda seq, at: emit({"b": seq, "t": at}),
+                )
+            elif op == "views":
+                emit({"active": [p.id for p in node.active_view()]})
+            elif op == "counters":
+                stats = node.stats()
+                emit(
+                    {
+                        "stats": {
+                            k: stats[k]
+                            for k in ("messages_sent", "bytes_sent", "frames_sent", "broadcast")
+                        },
+                        "cpu": time.process_time(),
+                        "peak_rss_kib": peak_rss_kib(),
+                    }
+                )
+            elif op == "flood":
+                set_node_flooding(node, command["on"])
+                emit({"ok": True})
+            elif op == "quit":
                 break
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                command = json.loads(line)
-                op = command["op"]
-                if op == "broadcast":
-                    nursery.start_soon(
-                        broadcast_from,
-                        node,
-                        command["seqs"],
-                        command["size"],
-                        lambda seq, at: emit({"b": seq, "t": at}),
-                    )
-                elif op == "views":
-                    emit({"active": [p.id for p in node.active_view()]})
-                elif op == "counters":
-                    stats = node.stats()
-                    emit(
-                        {
-                            "stats": {
-                                k: stats[k]
-                                for k in ("messages_sent", "bytes_sent", "frames_sent", "broadcast")
-                            },
-                            "cpu": time.process_time(),
-                            "peak_rss_kib": peak_rss_kib(),
-                        }
-                    )
-                elif op == "flood":
-                    set_node_flooding(node, command["on"])
-                    emit({"ok": True})
-                elif op == "quit":
-                    running = False
-                    break
-                else:
-                    raise ValueError(f"unknown command {command!r}")
+            else:
+                raise ValueError(f"unknown command {command!r}")
         nursery.cancel_scope.cancel()
 
 

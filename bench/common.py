@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
-from collections.abc import Sequence
+import os
+import platform
+import shlex
+import sys
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
+
+import trio
 
 from trio_replica.node import Node
 from trio_replica.wire import encode_payload
@@ -45,3 +53,28 @@ def payload_of(seq: int, size: int) -> dict[str, Any]:
     while pad and len(encode_payload({"seq": seq, "pad": b"x" * pad}, max_size=1 << 20)) > size:
         pad -= 1
     return {"seq": seq, "pad": b"x" * pad}
+
+
+def run_header(benchmark: str, **extra: Any) -> dict[str, Any]:
+    """What every results file starts with: which benchmark, when, on what, by which command."""
+    return {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        },
+        "command": shlex.join(["python", *sys.argv]),
+        **extra,
+    }
+
+
+async def json_lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[Any]:
+    """Decoded JSON objects, one per line of `stream`, until it ends."""
+    buffer = b""
+    while chunk := await stream.receive_some(1 << 16):
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield json.loads(line)

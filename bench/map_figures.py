@@ -40,12 +40,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
-import os
-import platform
 import random
-import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -54,7 +50,7 @@ from typing import Any
 
 import cbor2
 import trio
-from common import percentiles_ms, view_signature
+from common import percentiles_ms, run_header, view_signature
 
 from trio_replica.config import NodeConfig
 from trio_replica.events import Delivery
@@ -631,18 +627,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     args = parser.parse_args(argv)
     figures = trio.run(run, args.throughput_keys, args.seed)
-    results = {
-        "benchmark": "map_figures",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-        },
-        "command": shlex.join(["python", *sys.argv]),
-        "seed": args.seed,
-        **figures,
-    }
+    results = {**run_header("map_figures", seed=args.seed), **figures}
     text = json.dumps(results, indent=2)
     print(text)
     if not args.no_write:

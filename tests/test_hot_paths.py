@@ -113,21 +113,24 @@ async def _pair(
     async def record(_link: Link, message: Message, _size: int) -> None:
         got.append(message)
 
+    def new_link(conn: Any, peer: str, *, outbound: bool, stats: NodeStats) -> Link:
+        return Link(
+            conn,
+            Peer(peer, f"mem://{peer}"),
+            role=Role.NODE,
+            outbound=outbound,
+            config=config,
+            stats=stats,
+            on_message=record,
+        )
+
     ready: list[Link] = []
     served = trio.Event()
     b_stats = stats()
 
     async def serve(conn: Any) -> None:
         await trio.sleep(b_starts)
-        link = Link(
-            conn,
-            Peer("a", "mem://a"),
-            role=Role.NODE,
-            outbound=False,
-            config=config,
-            stats=b_stats,
-            on_message=record,
-        )
+        link = new_link(conn, "a", outbound=False, stats=b_stats)
         ready.append(link)
         served.set()
         await link.run()
@@ -137,15 +140,7 @@ async def _pair(
 
     async def dial(task_status: trio.TaskStatus[Link]) -> None:
         async with net.transport("a").open_connection("mem://b", timeout=5) as conn:
-            link = Link(
-                conn,
-                Peer("b", "mem://b"),
-                role=Role.NODE,
-                outbound=True,
-                config=config,
-                stats=a_stats,
-                on_message=record,
-            )
+            link = new_link(conn, "b", outbound=True, stats=a_stats)
             task_status.started(link)
             await link.run()
 

@@ -23,13 +23,14 @@ import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from .config import NodeConfig, normalize_address
-from .control import open_control
+from .control import ControlClient, open_control
 from .errors import ConfigError, ReplicaError
 from .logs import LEVELS, node_context, setup_logging
 from .node import open_node
@@ -227,15 +228,19 @@ def _print_status(status: dict[str, Any]) -> None:
     )
 
 
-async def _run_status(args: argparse.Namespace) -> int:
-    address = normalize_address(args.node)
-    async with open_control(
-        address,
+def _open_control(args: argparse.Namespace) -> AbstractAsyncContextManager[ControlClient]:
+    """The control connection the client commands share, from their common options."""
+    return open_control(
+        normalize_address(args.node),
         cluster=args.cluster,
         secret=_read_secret(args.secret_file),
         client_ssl=_tls(args)[1],
         timeout=args.timeout,
-    ) as client:
+    )
+
+
+async def _run_status(args: argparse.Namespace) -> int:
+    async with _open_control(args) as client:
         status = await client.call("status")
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
@@ -262,15 +267,8 @@ def _parse_json(text: str) -> Any:
 
 
 async def _run_map_command(args: argparse.Namespace) -> int:
-    address = normalize_address(args.node)
     value = _parse_json(args.value) if args.command == "put" else None
-    async with open_control(
-        address,
-        cluster=args.cluster,
-        secret=_read_secret(args.secret_file),
-        client_ssl=_tls(args)[1],
-        timeout=args.timeout,
-    ) as client:
+    async with _open_control(args) as client:
         if args.command == "put":
             await client.call("map.put", [args.map, args.key, value])
         elif args.command == "delete":

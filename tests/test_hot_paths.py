@@ -26,6 +26,7 @@ from trio_replica.component import DRAIN_BATCH, Component
 from trio_replica.config import NodeConfig
 from trio_replica.core.effects import Effect, SetTimer
 from trio_replica.errors import WireError
+from trio_replica.flow import FlowConfig
 from trio_replica.link import PING_TICK, Link, LinkConfig
 from trio_replica.messages import Gossip, IHave, Message, MessageId, Peer, Ping, Pong, Role
 from trio_replica.stats import NodeStats
@@ -305,7 +306,7 @@ class _Recorder(Component):
     """A component that records inputs and timer firings, with a periodic timer."""
 
     def __init__(self, period: float) -> None:
-        super().__init__("recorder", inbox_size=8)
+        super().__init__("recorder", flow=FlowConfig(inbox_items_per_peer=8))
         self.period = period
         self.ran: list[int] = []
         self.fired: list[float] = []
@@ -346,12 +347,12 @@ async def test_inputs_queued_together_run_in_order_in_one_wake_up(
         await trio.testing.wait_all_tasks_blocked()
         count = Count()
         trio.lowlevel.add_instrument(count)
-        # The waiting task takes the first input at once, and the inbox holds 8 more.
-        assert all(comp.post_nowait(comp.input(i)) for i in range(9))
-        assert not comp.post_nowait(comp.input(9)), "a full inbox refuses, queues nothing"
+        # One source's share of the inbox is 8 inputs.
+        assert all(comp.post_nowait(comp.input(i)) for i in range(8))
+        assert not comp.post_nowait(comp.input(8)), "a full share refuses, queues nothing"
         await trio.testing.wait_all_tasks_blocked()
         trio.lowlevel.remove_instrument(count)
-        assert comp.ran == list(range(9))
+        assert comp.ran == list(range(8))
         assert steps == 1
         nursery.cancel_scope.cancel()
 

@@ -29,7 +29,7 @@ from trio_replica.core.plumtree import (
     PlumtreeConfig,
 )
 from trio_replica.errors import ConfigError
-from trio_replica.events import Delivered
+from trio_replica.events import Abandoned, Delivered
 from trio_replica.messages import (
     MAX_IHAVE_ENTRIES,
     MAX_ROUND,
@@ -326,8 +326,8 @@ def test_graft_goes_to_the_next_announcer_when_the_first_never_answers() -> None
     assert sends(effects) == [(D, Graft(mid(1), 3))]
     effects = tree.handle_timer(only_timer(effects), T1 + 2 * T2)
     assert sends(effects) == [(E, Graft(mid(1), 1))]
-    # Announcers exhausted: the entry is dropped after a last timeout2.
-    assert tree.handle_timer(only_timer(effects), T1 + 3 * T2) == []
+    # Announcers exhausted: the entry is dropped after a last timeout2, and said so.
+    assert tree.handle_timer(only_timer(effects), T1 + 3 * T2) == [Emit(Abandoned(mid(1)))]
     assert tree.stats.missing_size == 0 and tree.stats.missing_abandoned == 1
     assert tree.stats.grafts_sent == 3
     assert tree.eager == {A, C, D, E}
@@ -466,7 +466,8 @@ def test_stale_timers_are_ignored() -> None:
     tree2 = core(lazy=[C, D])
     first = only_timer(tree2.handle_message(C, IHave(((mid(1), 2),)), 0.0))
     second = only_timer(tree2.handle_timer(first, T1))
-    assert tree2.handle_timer(second, T1 + T2) == []  # no announcer left: dropped
+    # No announcer left: dropped, and reported for the layers above to repair.
+    assert tree2.handle_timer(second, T1 + T2) == [Emit(Abandoned(mid(1)))]
     assert tree2.stats.missing_size == 0
     renewed = only_timer(tree2.handle_message(D, IHave(((mid(1), 2),)), 2.0))
     assert tree2.handle_timer(first, 2.1) == []
@@ -475,6 +476,59 @@ def test_stale_timers_are_ignored() -> None:
 
     with pytest.raises(TypeError):
         tree.handle_timer(("not", "ours"), 0.0)
+
+
+# --- flow control -------------------------------------------------------------------------
+
+
+def test_a_deferred_push_is_announced_and_grafted_later() -> None:
+    """No loss without repair: a push the runtime could not queue reaches the peer lazily."""
+    sender = core(eager=[B])
+    (push,) = sends(sender.broadcast(mid(1, "me"), "t", b"x", 0.0))
+    assert push == (B, Gossip(mid(1, "me"), 1, "t", b"x"))
+    effects = sender.push_deferred(B, Gossip(mid(1, "me"), 1, "t", b"x"), 0.0)
+    assert sends(effects) == []  # batched like any IHAVE
+    flushed = sender.handle_timer(only_timer(effects), WINDOW)
+    assert sends(flushed) == [(B, IHave(((mid(1, "me"), 1),)))]
+    assert sender.eager == {B}, "a slow link stays in the tree"
+    assert sender.stats.pushes_deferred == 1
+
+    # The receiver grafts it after timeout1; the sender answers with the payload.
+    receiver = core(eager=[peer("me")])
+    timer = only_timer(receiver.handle_message(peer("me"), IHave(((mid(1, "me"), 1),)), 0.1))
+    graft = sends(receiver.handle_timer(timer, 0.1 + T1))
+    assert graft == [(peer("me"), Graft(mid(1, "me"), 1))]
+    answer = sends(sender.handle_message(B, Graft(mid(1, "me"), 1), 0.2 + T1))
+    assert answer == [(B, Gossip(mid(1, "me"), 1, "t", b"x"))]
+    got = receiver.handle_message(peer("me"), Gossip(mid(1, "me"), 1, "t", b"x"), 0.3 + T1)
+    assert [d.id for d in delivered(got)] == [mid(1, "me")]
+
+
+def test_an_announcer_that_defers_its_graft_answer_is_grafted_again() -> None:
+    tree = core(eager=[A], lazy=[C])
+    first = only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0))
+    effects = tree.handle_timer(first, T1)
+    assert sends(effects) == [(C, Graft(mid(1), 2))]
+    # C had no room for the payload: it announces again instead (push_deferred there).
+    assert tree.handle_message(C, IHave(((mid(1), 2),)), T1 + 0.1) == []
+    assert tree.stats.regraft_after_deferral == 1
+    again = tree.handle_timer(only_timer(effects), T1 + T2)
+    assert sends(again) == [(C, Graft(mid(1), 2))], "not abandoned: C still holds it"
+    tree.check_invariants()
+
+
+def test_the_payload_cache_is_bounded_in_bytes() -> None:
+    tree = core(eager=[A], config=attrs.evolve(CONFIG, cache_max_bytes=2500))
+    for n in range(5):
+        tree.broadcast(mid(n, "me"), "t", b"x" * 1000, float(n))
+        tree.check_invariants()
+    assert tree.stats.cache_size == 2 and tree.stats.cache_bytes == 2000
+    # A GRAFT for an evicted payload is a miss; the newest are still answered.
+    assert sends(tree.handle_message(A, Graft(mid(0, "me"), 1), 5.0)) == []
+    assert len(sends(tree.handle_message(A, Graft(mid(4, "me"), 1), 5.0))) == 1
+    # One payload larger than the bound is still kept (it may be grafted).
+    tree.broadcast(mid(9, "me"), "t", b"y" * 5000, 6.0)
+    assert tree.stats.cache_size == 1 and tree.stats.cache_bytes == 5000
 
 
 def test_delivery_happens_exactly_once_per_id() -> None:
@@ -636,7 +690,18 @@ def test_no_optimisation_for_own_broadcasts() -> None:
 # --- property: invariants under random inputs ----------------------------------------------
 
 POOL = [A, B, C, D]
-KINDS = ["up", "down", "gossip", "ihave", "graft", "prune", "broadcast", "timer", "wait"]
+KINDS = [
+    "up",
+    "down",
+    "gossip",
+    "ihave",
+    "graft",
+    "prune",
+    "broadcast",
+    "deferred",
+    "timer",
+    "wait",
+]
 # (kind, peer, small number: message or timer index, delay or round seed)
 op = st.tuples(
     st.sampled_from(KINDS), st.sampled_from(POOL), st.integers(0, 30), st.floats(0.0, 1.0)
@@ -670,6 +735,11 @@ def test_invariants_hold_under_random_inputs(ops: list[tuple[str, Peer, int, flo
             if tree.has_seen(mid(n, "me")):
                 continue
             effects = tree.broadcast(mid(n, "me"), "t", b"b", now)
+        elif kind == "deferred":
+            # The runtime could not queue a push: only for payloads the core just sent.
+            if not tree.has_seen(id):
+                continue
+            effects = tree.push_deferred(who, Gossip(id, rnd, "t", b"p"), now)
         elif kind == "timer" and armed:
             effects = tree.handle_timer(armed.pop(n % len(armed)), now)
         else:
@@ -683,6 +753,8 @@ def test_invariants_hold_under_random_inputs(ops: list[tuple[str, Peer, int, flo
             elif isinstance(e, SetTimer):
                 assert e.delay >= 0
                 armed.append(e.timer)
+            elif isinstance(e, Emit) and isinstance(e.event, Abandoned):
+                assert not tree.has_seen(e.event.id)
             else:
                 assert isinstance(e, Emit) and isinstance(e.event, Delivered)
                 delivered_ids[e.event.id] += 1

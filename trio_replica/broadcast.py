@@ -2,13 +2,19 @@
 
 Incoming GOSSIP payloads are decoded strictly *before* they reach the core, so a
 malformed payload is rejected (and counted) at the first hop instead of being forwarded
-through the tree. Each delivery is handed to the subscribers of its tag only, exactly
-once per message id: the set of delivered ids belongs to the component, not to the core,
-so it survives a crash of the task.
+through the tree. Each delivery is offered to the feeds of its tag only, exactly once per
+message id: the set of delivered ids belongs to the component, not to the core, so it
+survives a crash of the task.
+
+Flow control (`trio_replica.flow`): a payload the node cannot queue for a peer (its link is
+congested) is handed back to the core, which announces it to that peer lazily (an IHAVE, so
+the peer grafts it when it has room). A subscriber whose feed is full misses the delivery,
+counted, and then receives `Lagged`; so does every subscriber when the core gives up on a
+message it heard of but could not fetch (`Abandoned`: its tag is unknown).
 
 On a crash the core's state is rebuilt from the membership's active view (every peer
 starts eager again, as at NeighborUp) because the tree is cheap to regrow and a core
-left half-updated by a failing rule must not be trusted; subscribers' channels are closed
+left half-updated by a failing rule must not be trusted; subscribers' feeds are closed
 and they re-subscribe (`trio_replica.subscription`).
 """
 
@@ -27,7 +33,8 @@ from .component import Component
 from .core.effects import Effect, Emit, Send
 from .core.plumtree import Plumtree
 from .errors import WireError
-from .events import Delivered, Delivery, PeerDown, PeerUp
+from .events import Abandoned, Delivered, Delivery, PeerDown, PeerUp
+from .flow import BoundedCounter, Fanout, Feed, Pressure
 from .messages import Gossip, Message, MessageId, Peer
 from .wire import decode_payload
 
@@ -38,31 +45,46 @@ log = logging.getLogger("trio_replica.broadcast")
 
 #: How many delivered ids are remembered to keep delivery exactly-once across restarts.
 DELIVERED_MEMORY = 65_536
+#: Distinct tags counted in `unsubscribed` (peers choose tags; later ones count as "other").
+MAX_COUNTED_TAGS = 64
+#: Hop counts above this are counted together in the hops histogram.
+MAX_COUNTED_HOPS = 64
 
 
 _NO_VALUE = object()
 
 
 @attrs.define(eq=False)
-class _Subscriber:
-    send: trio.MemorySendChannel[Delivery]
-    receive: trio.MemoryReceiveChannel[Delivery]
-    include_own: bool
+class _TagFeeds:
+    """The subscribers of one tag: those that want the node's own broadcasts, and the rest."""
+
+    with_own: Fanout[Delivery] = attrs.Factory(Fanout)
+    others: Fanout[Delivery] = attrs.Factory(Fanout)
+
+    def __len__(self) -> int:
+        return len(self.with_own) + len(self.others)
+
+    def discard(self, feed: Feed[Delivery]) -> None:
+        self.with_own.discard(feed)
+        self.others.discard(feed)
+
+    def feeds(self) -> list[Feed[Delivery]]:
+        return [*self.with_own.feeds, *self.others.feeds]
 
 
 class Broadcast(Component):
     """Owns the Plumtree core of a node and routes deliveries to subscribers by tag."""
 
     def __init__(self, node: Node, make_core: Callable[[], Plumtree]) -> None:
-        super().__init__("broadcast")
+        super().__init__("broadcast", flow=node.config.flow)
         self.node = node
         self._make_core = make_core
         self.core = make_core()
-        self._subscribers: dict[str, list[_Subscriber]] = collections.defaultdict(list)
+        self._subscribers: dict[str, _TagFeeds] = {}
         self._values: dict[MessageId, Any] = {}
         self._delivered: collections.OrderedDict[MessageId, None] = collections.OrderedDict()
         #: Deliveries per tag that found no subscriber (not a drop: nobody asked for them).
-        self.unsubscribed: collections.Counter[str] = collections.Counter()
+        self.unsubscribed = BoundedCounter(MAX_COUNTED_TAGS)
         #: Hops of each delivery (for the Last Delivery Hop figure), bounded histogram.
         self.hops: collections.Counter[int] = collections.Counter()
 
@@ -83,16 +105,22 @@ class Broadcast(Component):
         return self.core.handle_timer(timer, now)
 
     def on_crash(self) -> None:
-        for subscribers in self._subscribers.values():
-            for sub in subscribers:
-                sub.send.close()
+        for feeds in self._subscribers.values():
+            feeds.with_own.close_all()
+            feeds.others.close_all()
         self._subscribers.clear()
 
     def execute(self, effect: Effect) -> None:
         if isinstance(effect, Send):
-            self.node.send_to(effect.peer, effect.message)
-        elif isinstance(effect, Emit) and isinstance(effect.event, Delivered):
-            self._deliver(effect.event)
+            message = effect.message
+            if not self.node.send_to(effect.peer, message) and isinstance(message, Gossip):
+                # The peer's link is congested: it hears of the message lazily instead.
+                self.apply(self.core.push_deferred(effect.peer, message, trio.current_time()))
+        elif isinstance(effect, Emit):
+            if isinstance(effect.event, Delivered):
+                self._deliver(effect.event)
+            elif isinstance(effect.event, Abandoned):
+                self._abandoned()
 
     # --- inputs (posted by the node) ------------------------------------------------------
 
@@ -135,21 +163,29 @@ class Broadcast(Component):
     # --- subscribers ----------------------------------------------------------------------
 
     def attach(
-        self, tag: str, include_own: bool, buffer: int
-    ) -> trio.MemoryReceiveChannel[Delivery] | None:
+        self,
+        tag: str,
+        *,
+        include_own: bool,
+        max_items: int,
+        max_bytes: int,
+        pressure: Pressure | None,
+    ) -> Feed[Delivery] | None:
+        """A new feed for `tag`, or None while the component is restarting."""
         if not self.running.is_set():
             return None
-        send, receive = trio.open_memory_channel[Delivery](buffer)
-        self._subscribers[tag].append(_Subscriber(send, receive, include_own))
-        return receive
+        feed = Feed[Delivery](max_items=max_items, max_bytes=max_bytes, pressure=pressure)
+        feeds = self._subscribers.setdefault(tag, _TagFeeds())
+        (feeds.with_own if include_own else feeds.others).add(feed)
+        return feed
 
-    def detach(self, tag: str, receive: trio.MemoryReceiveChannel[Delivery]) -> None:
-        """Forget the subscriber whose channel is `receive` (the subscription ended)."""
-        receive.close()
-        subscribers = self._subscribers.get(tag)
-        if subscribers:
-            subscribers[:] = [s for s in subscribers if s.receive is not receive]
-            if not subscribers:
+    def detach(self, tag: str, feed: Feed[Delivery]) -> None:
+        """Forget `feed` (its subscription ended)."""
+        feed.close()
+        feeds = self._subscribers.get(tag)
+        if feeds is not None:
+            feeds.discard(feed)
+            if not feeds:
                 del self._subscribers[tag]
 
     def _deliver(self, event: Delivered) -> None:
@@ -167,22 +203,24 @@ class Broadcast(Component):
             except WireError:
                 self.node.stats_counters.reject("payload_cbor")
                 return
-        self.hops[event.hops] += 1
-        own = event.sender is None
-        delivery = Delivery(event.tag, value, event.id.origin, event.id, event.hops)
-        subscribers = self._subscribers.get(event.tag)
-        if not subscribers:
+        self.hops[min(event.hops, MAX_COUNTED_HOPS)] += 1
+        feeds = self._subscribers.get(event.tag)
+        if not feeds:
             self.unsubscribed[event.tag] += 1
             return
-        for sub in list(subscribers):
-            if own and not sub.include_own:
-                continue
-            try:
-                sub.send.send_nowait(delivery)
-            except trio.WouldBlock:
-                self.node.stats_counters.drop("subscriber_full")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                subscribers.remove(sub)
+        delivery = Delivery(event.tag, value, event.id.origin, event.id, event.hops)
+        size = len(event.payload)
+        missed = feeds.with_own.publish(delivery, size)
+        if event.sender is not None:
+            missed += feeds.others.publish(delivery, size)
+        if missed:
+            self.node.stats_counters.drop("subscriber_full", count=missed)
+
+    def _abandoned(self) -> None:
+        """A message announced to us could not be fetched: every subscriber may lack it."""
+        for feeds in self._subscribers.values():
+            for feed in feeds.feeds():
+                feed.note_missed(1)
 
     def new_id(self, rng: random.Random) -> MessageId:
         ts = self.node.clock.now()

@@ -8,14 +8,17 @@ What a crash does lose is its subscribers' channels: they are closed, and subscr
 re-subscribe (SPEC section 9).
 
 Inputs are closures ``now -> effects`` posted to the inbox, so the same task runs every
-kind of input (a message, a link going down, a local call) in arrival order, and the core
-never sees two inputs at once.
+kind of input (a message, a link going down, a local call) and the core never sees two
+inputs at once. The inbox is a `FairInbox`: each source (a link, or the node's own callers)
+has a bounded share, in items and bytes, and the task serves the sources in turn, so one
+peer flooding the node delays the others by at most one input each (inputs from one source
+keep their order). A source over its share waits in `post` (a link's reader then stops
+reading: the peer is slowed, not dropped).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import heapq
 import itertools
 import logging
@@ -26,6 +29,7 @@ from typing import Any
 import trio
 
 from .core.effects import Effect, SetTimer
+from .flow import FairInbox, FlowConfig
 
 log = logging.getLogger("trio_replica.component")
 
@@ -34,9 +38,8 @@ Input = Callable[[float], Iterable[Effect]]
 #: Inputs run in one wake-up of a component's task before timers are checked again.
 DRAIN_BATCH = 64
 
-
-def _noop(_now: float) -> Iterable[Effect]:
-    return ()
+#: The source of inputs from the node itself (local calls, as opposed to a peer's link).
+LOCAL = "local"
 
 
 class ComponentCrash(Exception):
@@ -50,9 +53,13 @@ class Component:
     backoff_min = 0.05
     backoff_max = 2.0
 
-    def __init__(self, name: str, *, inbox_size: int = 4096) -> None:
+    def __init__(self, name: str, *, flow: FlowConfig) -> None:
         self.name = name
-        self._send, self._receive = trio.open_memory_channel[Input](inbox_size)
+        self._inbox = FairInbox[Input](
+            source_items=flow.inbox_items_per_peer,
+            source_bytes=flow.inbox_bytes_per_peer,
+            total_bytes=flow.inbox_bytes,
+        )
         self._timers: list[tuple[float, int, Hashable]] = []
         self._seq = itertools.count()
         self._crash_requested = False
@@ -65,37 +72,49 @@ class Component:
 
     # --- inputs ---------------------------------------------------------------------------
 
-    async def post(self, item: Input) -> None:
-        """Queue an input, waiting while the inbox is full (backpressure on the caller)."""
-        await self._send.send(item)
+    async def post(self, item: Input, *, source: Hashable = LOCAL, size: int = 0) -> None:
+        """Queue an input, waiting while `source` is over its share (backpressure on it)."""
+        await self._inbox.put(source, item, size)
 
-    def post_nowait(self, item: Input) -> bool:
-        """Queue an input if the inbox has room; return False (nothing queued) if it is full.
+    def post_nowait(self, item: Input, *, source: Hashable = LOCAL, size: int = 0) -> bool:
+        """Queue an input if `source` has room; return False (nothing queued) if not.
 
         For a caller that checkpoints anyway (a link's reader between two frames): `post`
         yields to the scheduler on every call, once per message, which this avoids.
         """
-        try:
-            self._send.send_nowait(item)
-        except trio.WouldBlock:
-            return False
-        return True
+        return self._inbox.put_nowait(source, item, size)
+
+    def post_forced(self, item: Input, *, source: Hashable = LOCAL, size: int = 0) -> None:
+        """Queue an input whatever the shares: for a caller that already waited for room."""
+        self._inbox.put_forced(source, item, size)
+
+    def has_room(self, source: Hashable = LOCAL, size: int = 0) -> bool:
+        return self._inbox.has_room(source, size)
+
+    async def wait_room(self, source: Hashable = LOCAL, size: int = 0) -> None:
+        """Return once `source` may queue an input of `size` bytes (a checkpoint either way)."""
+        await self._inbox.wait_room(source, size)
 
     def post_notice(self, item: Input) -> None:
         """Queue an input that must not be lost (a link down, a membership change).
 
-        Notices bypass the bounded inbox: a peer flooding us keeps the inbox full, and
+        Notices bypass the bounded inbox: a peer flooding us keeps its share full, and
         dropping the news that a link died would leave a dead peer in the views. They are
         few (one per membership change) and run before the next inbox item.
         """
         self._notices.append(item)
-        # Wake the task if it is waiting on an empty inbox; if the inbox is full the task
-        # is busy and drains the notices before its next item anyway.
-        with contextlib.suppress(trio.WouldBlock):
-            self._send.send_nowait(_noop)
+        self._inbox.wake()
 
     def inbox_depth(self) -> int:
-        return self._receive.statistics().current_buffer_used
+        return len(self._inbox) + len(self._notices)
+
+    def inbox_bytes(self) -> int:
+        return self._inbox.bytes
+
+    @property
+    def throttled(self) -> int:
+        """Inputs that had to wait for their source's share (or the inbox) to drain."""
+        return self._inbox.throttled
 
     # --- to implement ---------------------------------------------------------------------
 
@@ -126,8 +145,8 @@ class Component:
 
     async def _serve_inputs(self, wait: trio.CancelScope) -> None:
         """Run inputs as they come, and timers due between them, until `wait`'s deadline."""
-        receive = self._receive.receive
-        receive_nowait = self._receive.receive_nowait
+        inbox = self._inbox
+        get_nowait = inbox.get_nowait
         deadline = math.inf
         while True:
             self._run_notices()
@@ -135,18 +154,16 @@ class Component:
             next_timer = self._timers[0][0] if self._timers else math.inf
             if next_timer != deadline:
                 deadline = wait.deadline = next_timer
-            item = await receive()
-            self._run_notices()
-            self.apply(item(trio.current_time()))
+            await inbox.wait()
             # Everything already queued runs in this one wake-up: a frame of several
             # messages, or several links' messages, costs one task switch, not one each.
             # Bounded, so that timers due meanwhile are not starved.
             for _ in range(DRAIN_BATCH):
+                self._run_notices()
                 try:
-                    item = receive_nowait()
+                    item = get_nowait()
                 except trio.WouldBlock:
                     break
-                self._run_notices()
                 self.apply(item(trio.current_time()))
 
     def _run_timers(self) -> None:

@@ -20,6 +20,7 @@ import attrs
 from .core.hyparview import HyParViewConfig
 from .core.plumtree import PlumtreeConfig
 from .errors import ConfigError
+from .flow import FlowConfig
 from .link import LinkConfig
 from .messages import MAX_CLUSTER, MAX_NODE_ID
 from .replica import ReplicaConfig
@@ -94,6 +95,8 @@ class NodeConfig:
     membership: HyParViewConfig = attrs.field(factory=HyParViewConfig)
     broadcast: PlumtreeConfig = attrs.field(factory=PlumtreeConfig)
     replica: ReplicaConfig = attrs.field(factory=ReplicaConfig)
+    #: Bounds of inboxes, subscribers and dial queues; backpressure waits (README "Flow control").
+    flow: FlowConfig = attrs.field(factory=FlowConfig)
     #: Where persistent maps keep their SQLite files (needed for ``open_map(persist=True)``).
     data_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     #: Largest application payload accepted for a broadcast or a replicated value, in bytes.
@@ -101,7 +104,8 @@ class NodeConfig:
     #: Seed retry backoff while isolated: first delay and cap, in seconds.
     seed_retry_min: float = 0.5
     seed_retry_max: float = 10.0
-    #: Buffer of each event or delivery subscription; overflow is dropped and counted.
+    #: Events buffered for each subscription (and `flow.subscriber_bytes`); a subscriber
+    #: further behind misses events, counted, and is told with a `Lagged` notice.
     subscriber_buffer: int = 1024
     #: Seed for the protocol's random choices (None: from the OS); tests pin it.
     rng_seed: int | None = None

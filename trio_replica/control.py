@@ -24,7 +24,7 @@ import trio
 
 from transports.base import ConnectError, Transport
 
-from .errors import HandshakeError, ReplicaError, WireError
+from .errors import HandshakeError, LinkClosed, ReplicaError, WireError
 from .link import Credentials, Link, LinkConfig, handshake_as_dialer
 from .messages import ControlReply, ControlRequest, Message, Peer, Role
 from .stats import NodeStats
@@ -107,7 +107,12 @@ async def _stream_replies(
                 if not link.is_open:
                     break
                 reply = ControlReply(request.request_id, True, encode_payload(item, max_size=limit))
-                link.send_nowait(reply)
+                try:
+                    # Waits while the client reads slower than the stream: the stream's
+                    # source then counts what it cannot keep (a map watch says `lagged`).
+                    await link.send(reply)
+                except LinkClosed:
+                    break
         nursery.cancel_scope.cancel()
 
 

@@ -70,6 +70,18 @@ class Delivered(Event):
 
 
 @attrs.frozen
+class Abandoned(Event):
+    """A broadcast announced to this node could not be fetched (emitted by the Plumtree core).
+
+    Every announcer was grafted and none delivered, or the table of missing messages was
+    full. Its tag is unknown (announcements carry only ids), so every subscriber is told
+    with a `Lagged` notice; replicas then pull a sync.
+    """
+
+    id: MessageId
+
+
+@attrs.frozen
 class Delivery(Event):
     """A broadcast as a subscriber receives it: decoded payload and where it came from."""
 
@@ -78,6 +90,19 @@ class Delivery(Event):
     origin: str
     id: MessageId
     hops: int
+
+
+@attrs.frozen
+class Lagged(Event):
+    """This subscriber fell behind and `missed` events were not kept for it.
+
+    It comes in the stream exactly where the events went missing: everything before it was
+    delivered, then `missed` events were lost (the subscriber's buffer was full), then the
+    stream goes on. The source never waits for a slow subscriber; it counts what it could not
+    keep and says so here. A replica answers it with a sync pull.
+    """
+
+    missed: int
 
 
 @attrs.frozen

@@ -23,9 +23,9 @@ task):
   link after too many), and hands each message to the node;
 * the **writer** drains a bounded outbox, control messages ahead of payload messages,
   batching as many as fit in one frame; it sends a ping when the link has been quiet for
-  `ping_interval`, fails the link when nothing was received for `idle_timeout`, when one
-  send blocks for `send_timeout`, or when the outbox stays full for `outbox_full_timeout`
-  (the HyParView paper expels slow peers so blocking does not spread).
+  `ping_interval`, and fails the link when nothing was received for `idle_timeout` or when
+  one send blocks for `send_timeout` (the peer reads nothing: the HyParView paper expels
+  slow peers so blocking does not spread).
 
 Liveness is one-way per direction: each side pings only while it has nothing else to send,
 and any frame received proves the peer alive. A ping is therefore never answered: a pong
@@ -35,8 +35,17 @@ second). `Pong` stays a valid message, so a peer that still answers is not refus
 do not count as activity for `last_activity`, so a link that carries nothing but pings is
 idle and the node closes it once membership no longer needs it.
 
-`Link.send_nowait` never blocks the caller: a message that does not fit the outbox is
-dropped and counted (never silently), and a persistently full outbox fails the link.
+Flow control (`trio_replica.flow`). The outbox is bounded in bytes and in messages, for
+control and payload messages apart; a message is encoded when it is queued, so the bounds
+count real bytes. `send_nowait` never blocks: a payload message that does not fit is
+refused (False) and the caller decides what that means (the broadcast layer announces the
+message lazily instead; nothing is dropped here). A control message that does not fit
+means the peer has stopped reading our control traffic; dropping it would break a
+protocol exchange, so the link is failed instead. While the payload outbox is over its
+high-water mark the link holds the node's `Pressure`, which slows the node's writers; `send`
+waits for room instead. Before the node handles a frame that carries payload messages, the
+reader passes it through the node's `gate`, which may hold it while the links it would be
+forwarded on are congested: the peer is then slowed by not being read.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ import trio
 from transports.base import Connection, TransportClosed
 
 from .errors import ConfigError, HandshakeError, LinkClosed, MessageTooLarge, WireError
+from .flow import Pressure
 from .messages import (
     NONCE_BYTES,
     Hello,
@@ -119,12 +129,21 @@ class LinkConfig:
     idle_timeout: float = 4.0
     #: One frame send blocked this long: the peer is failed.
     send_timeout: float = 5.0
-    #: Most payload (gossip) messages waiting in one outbox.
+    #: Payload messages (gossip, sync chunks) waiting in one outbox, and their bytes: a
+    #: payload that would pass either bound is refused (the broadcast layer then announces
+    #: it lazily, so the peer grafts it later).
     outbox_payload: int = 1024
-    #: Most control messages waiting in one outbox (they are small and must not be starved).
+    outbox_payload_bytes: int = 4 * 1024 * 1024
+    #: High-water mark of the payload outbox: above either, the link holds the node's
+    #: pressure (writers wait, readers holding payloads wait a bounded time). A frame
+    #: carries every queued message that fits, so a few frames' worth keeps the link busy;
+    #: more only adds latency (a payload waiting here past timeout1 is grafted again).
+    outbox_high_items: int = 128
+    outbox_high_bytes: int = 1024 * 1024
+    #: Control messages waiting in one outbox, and their bytes. Reaching either means the
+    #: peer reads none of our control traffic: the link is failed (nothing is dropped).
     outbox_control: int = 4096
-    #: Outbox continuously full this long: the peer is too slow and is failed.
-    outbox_full_timeout: float = 3.0
+    outbox_control_bytes: int = 4 * 1024 * 1024
     #: Largest frame sent or accepted, in bytes.
     max_frame: int = DEFAULT_MAX_FRAME
     #: Malformed frames tolerated on one link before it is closed.
@@ -141,7 +160,6 @@ class LinkConfig:
             "ping_interval",
             "idle_timeout",
             "send_timeout",
-            "outbox_full_timeout",
             "linger",
             "close_timeout",
         ):
@@ -149,8 +167,21 @@ class LinkConfig:
                 raise ConfigError(f"link.{name} must be positive")
         if self.idle_timeout <= self.ping_interval:
             raise ConfigError("link.idle_timeout must exceed link.ping_interval")
-        if self.outbox_payload < 1 or self.outbox_control < 1:
-            raise ConfigError("link outbox sizes must be at least 1")
+        for name in (
+            "outbox_payload",
+            "outbox_payload_bytes",
+            "outbox_high_items",
+            "outbox_high_bytes",
+            "outbox_control",
+            "outbox_control_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"link.{name} must be at least 1")
+        if (
+            self.outbox_high_items > self.outbox_payload
+            or self.outbox_high_bytes > self.outbox_payload_bytes
+        ):
+            raise ConfigError("link outbox high-water marks must not exceed the outbox bounds")
         if self.max_frame < HANDSHAKE_MAX_FRAME:
             raise ConfigError(f"link.max_frame must be at least {HANDSHAKE_MAX_FRAME}")
 
@@ -351,6 +382,8 @@ class LinkFailure(Exception):
 
 
 MessageHandler = Callable[["Link", Message, int], Awaitable[None]]
+#: Called by the reader before it hands over a frame that carries payload messages.
+FrameGate = Callable[["Link"], Awaitable[None]]
 
 
 class Link:
@@ -358,6 +391,8 @@ class Link:
 
     Owned by the node: it runs `run()` in a task of the node's nursery and gets the reason
     back when the link ends. Cancelling `run()` closes the connection (shielded, bounded).
+    `pressure` (the node's) is held while the payload outbox is over its high-water mark;
+    `gate` is awaited before each frame that carries payload messages is handed over.
     """
 
     def __init__(
@@ -370,6 +405,8 @@ class Link:
         config: LinkConfig,
         stats: NodeStats,
         on_message: MessageHandler,
+        pressure: Pressure | None = None,
+        gate: FrameGate | None = None,
     ) -> None:
         self.conn = conn
         self.peer = peer
@@ -378,12 +415,19 @@ class Link:
         self.config = config
         self._stats = stats
         self._on_message = on_message
-        self._control: collections.deque[Message] = collections.deque()
-        self._payload: collections.deque[Message] = collections.deque()
+        self._pressure = pressure
+        self._gate = gate
+        # Queued messages with their encoding: the bounds count real bytes, and the writer
+        # only joins parts.
+        self._control: collections.deque[tuple[Message, bytes]] = collections.deque()
+        self._payload: collections.deque[tuple[Message, bytes]] = collections.deque()
+        self._control_bytes = 0
+        self._payload_bytes = 0
         self._wakeup = trio.Event()
+        #: Senders waiting for payload room (`send`, `wait_room`).
+        self._room = trio.lowlevel.ParkingLot()
         self._closing = False
         self._closed = False
-        self._full_since: float | None = None
         now = trio.current_time()
         self.established_at = now
         self.last_received = now
@@ -410,40 +454,113 @@ class Link:
     def queued(self) -> int:
         return len(self._control) + len(self._payload)
 
-    def send_nowait(self, message: Message) -> bool:
-        """Queue `message`; return False (counted as a drop) if it cannot be queued.
+    def queued_bytes(self) -> int:
+        return self._control_bytes + self._payload_bytes
 
-        Never blocks. Raises `LinkClosed` if the link is closing or closed.
+    @property
+    def congested(self) -> bool:
+        """The payload outbox is over its high-water mark."""
+        return (
+            len(self._payload) > self.config.outbox_high_items
+            or self._payload_bytes > self.config.outbox_high_bytes
+        )
+
+    def send_nowait(self, message: Message) -> bool:
+        """Queue `message`; return False if it does not fit (nothing queued, nothing counted).
+
+        Never blocks. A payload message that does not fit is the caller's to handle; a
+        control message that does not fit fails the link (see the module docstring). Raises
+        `LinkClosed` if the link is closing or closed.
         """
         if not self.is_open:
             raise LinkClosed(f"link to {self.peer} is closed")
-        queue, limit = (
-            (self._control, self.config.outbox_control)
-            if message.CONTROL
-            else (self._payload, self.config.outbox_payload)
-        )
-        if len(queue) >= limit:
-            self._stats.drop("outbox_full", message)
-            if self._full_since is None:
-                self._full_since = trio.current_time()
-            self._wakeup.set()
-            return False
-        queue.append(message)
+        return self._queue(message, encode_message(message))
+
+    async def send(self, message: Message) -> None:
+        """Queue `message`, waiting for room below the outbox's high-water mark.
+
+        For bulk senders (a full sync, a control stream): they never push the outbox past
+        its mark, so they never hold the node's pressure on their own, and a control stream
+        never fills the control outbox (control messages wait while it is half full).
+        Raises `LinkClosed` if the link is or becomes closed.
+        """
+        part = encode_message(message)
+        await self.wait_room(len(part), control=message.CONTROL)
+        if not self.is_open or not self._queue(message, part):
+            raise LinkClosed(f"link to {self.peer} is closed")
+
+    def _queue(self, message: Message, part: bytes) -> bool:
+        size = len(part)
+        cfg = self.config
+        if message.CONTROL:
+            if (
+                len(self._control) >= cfg.outbox_control
+                or self._control_bytes + size > cfg.outbox_control_bytes
+            ):
+                self._stats.drop("outbox_full", message)
+                log.warning(
+                    "link to %s: control outbox full (%d messages, %d bytes): failing the link",
+                    self.peer,
+                    len(self._control),
+                    self._control_bytes,
+                )
+                self.fail("outbox_full")
+                return False
+            self._control.append((message, part))
+            self._control_bytes += size
+        else:
+            # One payload always fits an empty outbox, whatever its size (up to a frame).
+            if self._payload and (
+                len(self._payload) >= cfg.outbox_payload
+                or self._payload_bytes + size > cfg.outbox_payload_bytes
+            ):
+                return False
+            self._payload.append((message, part))
+            self._payload_bytes += size
+            if self._pressure is not None and self.congested:
+                self._pressure.hold(self, "link")
         self.last_activity = trio.current_time()
         self._wakeup.set()
         return True
 
+    async def wait_room(self, size: int = 0, *, control: bool = False) -> None:
+        """Return once the outbox has room for `size` more bytes below its mark (for the
+        control outbox: below half its bounds); a checkpoint either way."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self.is_open and not self._has_room(size, control):
+            await self._room.park()
+        if not self.is_open:
+            raise LinkClosed(f"link to {self.peer} is closed")
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _has_room(self, size: int, control: bool) -> bool:
+        cfg = self.config
+        if control:
+            return (
+                2 * len(self._control) < cfg.outbox_control
+                and 2 * (self._control_bytes + size) <= cfg.outbox_control_bytes
+            )
+        if not self._payload:
+            return True
+        return (
+            len(self._payload) < cfg.outbox_high_items
+            and self._payload_bytes + size <= cfg.outbox_high_bytes
+        )
+
     def drain_queue(self) -> list[Message]:
         """Take every queued message out (to move them to another link to the same peer)."""
-        out = [*self._control, *self._payload]
+        out = [message for message, _ in (*self._control, *self._payload)]
         self._control.clear()
         self._payload.clear()
+        self._control_bytes = self._payload_bytes = 0
+        self._drained()
         return out
 
     def close_soon(self) -> None:
         """Flush what is queued, then close (used after a Disconnect or for idle links)."""
         self._closing = True
         self._wakeup.set()
+        self._room.unpark_all()
 
     async def run(self) -> str:
         """Run the reader and writer until the link ends; return why it ended."""
@@ -459,6 +576,9 @@ class Link:
         finally:
             self._closed = True
             self._closing = True
+            self._room.unpark_all()
+            if self._pressure is not None:
+                self._pressure.release(self)
             with trio.move_on_after(self.config.close_timeout) as cleanup:
                 cleanup.shield = True
                 await self.conn.aclose()
@@ -474,6 +594,7 @@ class Link:
         before it learned of the other link are still in flight and must be delivered.
         """
         self.retired = True
+        self._room.unpark_all()
         if self.close_reason is None:
             self.close_reason = reason
 
@@ -483,6 +604,7 @@ class Link:
             self.close_reason = reason
         self._closing = True
         self._wakeup.set()
+        self._room.unpark_all()
 
     async def _reader(self) -> None:
         while True:
@@ -506,50 +628,71 @@ class Link:
                         "bad_frames", f"{self._bad_frames} malformed frames"
                     ) from None
                 continue
-            for message, size in messages:
-                self._stats.message_received(message, size)
-                if type(message) in _LIVENESS:
-                    # The frame refreshed last_received; that is all a ping is for.
-                    continue
-                self.last_activity = now
-                self._handing_over = True
-                try:
+            self._handing_over = True
+            try:
+                if self._gate is not None and any(not m.CONTROL for m, _ in messages):
+                    # Payloads are forwarded on other links: while those are congested, not
+                    # reading is how this peer is slowed (bounded by the gate itself).
+                    await self._gate(self)
+                for message, size in messages:
+                    self._stats.message_received(message, size)
+                    if type(message) in _LIVENESS:
+                        # The frame refreshed last_received; that is all a ping is for.
+                        continue
+                    self.last_activity = now
                     await self._on_message(self, message, size)
-                finally:
-                    self._handing_over = False
-                    # Waiting for a busy component is our delay, not the peer's silence.
-                    self.last_received = trio.current_time()
+            finally:
+                self._handing_over = False
+                # Waiting for a busy component is our delay, not the peer's silence.
+                self.last_received = trio.current_time()
 
     def _take_batch(self) -> list[bytes]:
-        """Pop messages, control first, while their real encoded sizes fit in one frame.
+        """Pop messages, control first, while their encoded sizes fit in one frame.
 
-        A message that does not fit goes back to the head of its queue for the next frame
-        (it is encoded again then: this happens at most once per frame). A message too big
-        for any frame cannot have been queued by a caller that checks sizes; if one is, it is
-        dropped and counted rather than allowed to break the link.
+        A message that does not fit goes back to the head of its queue for the next frame.
+        A message too big for any frame cannot have been queued by a caller that checks
+        sizes; if one is, it is dropped and counted rather than allowed to break the link.
         """
         budget = self.config.max_frame - FRAME_OVERHEAD
         parts: list[bytes] = []
         for queue in (self._control, self._payload):
+            control = queue is self._control
             while queue:
-                message = queue.popleft()
-                part = encode_message(message)
-                if len(part) > budget:
+                message, part = queue[0]
+                size = len(part)
+                if size > budget:
                     if parts:
-                        queue.appendleft(message)
-                        return parts
+                        break
+                    queue.popleft()
+                    self._account_taken(control, size)
                     self._stats.drop("larger_than_frame", message)
                     log.error(
                         "dropped a %s of %d bytes for %s: larger than a frame",
                         type(message).__name__,
-                        len(part),
+                        size,
                         self.peer,
                     )
                     continue
-                budget -= len(part)
+                queue.popleft()
+                self._account_taken(control, size)
+                budget -= size
                 parts.append(part)
-                self._stats.message_sent(message, len(part))
+                self._stats.message_sent(message, size)
+        if parts:
+            self._drained()
         return parts
+
+    def _account_taken(self, control: bool, size: int) -> None:
+        if control:
+            self._control_bytes -= size
+        else:
+            self._payload_bytes -= size
+
+    def _drained(self) -> None:
+        """Messages left the outbox: wake senders waiting for room, release the pressure."""
+        self._room.unpark_all()
+        if self._pressure is not None and not self.congested:
+            self._pressure.release(self)
 
     async def _writer(self) -> None:
         # One cancel scope serves many frames: its deadline is moved (to the next ping or
@@ -573,14 +716,6 @@ class Link:
                 self.last_received = now
             if now >= self.last_received + cfg.idle_timeout:
                 raise LinkFailure("idle_timeout", f"nothing received for {cfg.idle_timeout} s")
-            if self._full_since is not None:
-                if (
-                    len(self._payload) < cfg.outbox_payload
-                    and len(self._control) < cfg.outbox_control
-                ):
-                    self._full_since = None
-                elif now - self._full_since > cfg.outbox_full_timeout:
-                    raise LinkFailure("outbox_full", f"outbox full for {cfg.outbox_full_timeout} s")
             parts = self._take_batch() if self._control or self._payload else []
             # The wait's deadline is never before this instant (`_on_grid`), so float
             # rounding cannot make the writer wake for a ping it then finds not due (a busy
@@ -621,6 +756,3 @@ class Link:
         self._sending = False
         self._stats.frame_sent(len(frame))
         self.last_sent = trio.current_time()
-        if not self._control and not self._payload:
-            # A drained outbox may mean a slow peer recovered.
-            self._full_since = None

@@ -24,6 +24,7 @@ import attrs
 import trio
 
 from .events import Event
+from .flow import Fanout, Feed
 from .ormap import Entry, Key, ORMap, Value
 from .ormap_wire import (
     DEFAULT_LIMITS,
@@ -101,7 +102,7 @@ class ReplicatedMap:
         self.tombstone_ttl = tombstone_ttl
         self.limits = limits
         self._store = store
-        self._subscribers: set[trio.MemorySendChannel[Event]] = set()
+        self._subscribers = Fanout[Event]()
         self.stats = MapStats()
         self.replica: Replica
 
@@ -176,26 +177,25 @@ class ReplicatedMap:
     # --- events -----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def subscribe(
-        self, *, buffer: int = 1024
-    ) -> AsyncIterator[trio.MemoryReceiveChannel[Event]]:
+    async def subscribe(self, *, buffer: int = 1024) -> AsyncIterator[Feed[Event]]:
         """`Put` and `Removed` events for local and remote changes of the visible value.
 
-        A subscriber more than `buffer` events behind loses the excess (counted in
-        ``stats.subscriber_drops``); the map never waits for it.
+        Yields a feed: iterate it or call ``await feed.receive()``. A subscriber more than
+        `buffer` events behind misses the excess (counted in ``stats.subscriber_drops``)
+        and then receives a `Lagged(missed)` notice where they went missing (read the map
+        again: reads are local); the map never waits for it. The feed ends when the map
+        closes.
         """
-        send, receive = trio.open_memory_channel[Event](buffer)
-        self._subscribers.add(send)
+        feed = Feed[Event](max_items=buffer, max_bytes=2**62)
+        self._subscribers.add(feed)
         try:
-            yield receive
+            yield feed
         finally:
-            self._subscribers.discard(send)
-            send.close()
+            self._subscribers.discard(feed)
+            feed.close()
 
     def _close_subscribers(self) -> None:
-        for send in self._subscribers:
-            send.close()
-        self._subscribers.clear()
+        self._subscribers.close_all()
 
     def _emit(self, keys: tuple[Key, ...]) -> None:
         for key in keys:
@@ -207,14 +207,10 @@ class ReplicatedMap:
                 if isinstance(entry, Value)
                 else Removed(key, entry.dot.node)
             )
-            for send in list(self._subscribers):
-                try:
-                    send.send_nowait(event)
-                except trio.WouldBlock:
-                    self.stats.subscriber_drops += 1
-                    self.node.stats_counters.drop("map_subscriber_full")
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._subscribers.discard(send)
+            missed = self._subscribers.publish(event)
+            if missed:
+                self.stats.subscriber_drops += missed
+                self.node.stats_counters.drop("map_subscriber_full", count=missed)
 
     # --- replica callbacks ------------------------------------------------------------------
 

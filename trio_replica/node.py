@@ -30,13 +30,15 @@ import trio
 from transports.base import ConnectError, Connection, Transport
 
 from .broadcast import Broadcast
+from .component import LOCAL
 from .config import NodeConfig
 from .control import ControlStream
 from .core.effects import Effect
 from .core.hyparview import HyParView
 from .core.plumtree import Plumtree
-from .errors import ConfigError, HandshakeError, MessageTooLarge, NodeClosed
-from .events import Delivery, Event, PeerDown, PeerUp
+from .errors import ConfigError, HandshakeError, LinkClosed, MessageTooLarge, NodeClosed
+from .events import Delivery, Event, Lagged, PeerDown, PeerUp
+from .flow import Fanout, Feed, Pressure
 from .hlc import HybridClock
 from .link import (
     Credentials,
@@ -66,11 +68,12 @@ from .ormap_wire import DEFAULT_LIMITS, Validator
 from .replica import Replica, ReplicaCallbacks
 from .stats import NodeStats
 from .subscription import Subscription
-from .wire import encode_payload
+from .wire import encode_message, encode_payload
 
 log = logging.getLogger("trio_replica.node")
 
-#: Messages queued for a peer while its link is being dialed; beyond this they are dropped.
+#: Messages queued for a peer while its link is being dialed (and `flow.dial_queue_bytes`);
+#: beyond either they are refused.
 PENDING_DIAL_LIMIT = 256
 #: Dials in flight at once; more are refused (counted) until some finish.
 MAX_DIALS = 64
@@ -91,6 +94,7 @@ class _Dial:
     address: str
     expected: Peer | None
     queue: list[Message] = attrs.Factory(list)
+    queued_bytes: int = 0
     done: trio.Event = attrs.Factory(trio.Event)
     peer: Peer | None = None
     error: str | None = None
@@ -125,7 +129,9 @@ class Node:
         self._links: dict[str, Link] = {}
         self._clients: set[Link] = set()
         self._dials: dict[str, _Dial] = {}
-        self._event_subs: set[trio.MemorySendChannel[Event]] = set()
+        #: Buffers over their high-water mark; writers and payload readers wait on it.
+        self.pressure = Pressure()
+        self._event_feeds = Fanout[Event]()
         self._ready = trio.Event()
         self._closing = False
         self._aborted = False
@@ -296,30 +302,37 @@ class Node:
         Yields a `Subscription`: iterate it or call `receive()`. If the membership
         component crashes and restarts, the subscription re-attaches by itself and yields a
         `Resubscribed` notice. It holds `config.subscriber_buffer` events; a subscriber
-        that falls further behind loses events, counted in
-        ``stats()["drops"]["subscriber_full"]``.
+        that falls further behind misses events (counted in
+        ``stats()["drops"]["subscriber_full"]``) and then receives `Lagged(missed)`.
         """
-        attached: list[trio.MemorySendChannel[Event]] = []
+        attached: list[Feed[Event]] = []
 
-        def attach() -> trio.MemoryReceiveChannel[Event] | None:
+        def attach() -> Feed[Event] | None:
             if not self.membership.running.is_set():
                 return None
-            send, receive = trio.open_memory_channel[Event](self.config.subscriber_buffer)
-            self._event_subs.add(send)
-            attached.append(send)
-            return receive
+            feed = Feed[Event](
+                max_items=self.config.subscriber_buffer,
+                max_bytes=self.config.flow.subscriber_bytes,
+            )
+            self._event_feeds.add(feed)
+            attached.append(feed)
+            return feed
 
         subscription = Subscription[Event]("membership", attach, lambda: self._closing)
         try:
             yield subscription
         finally:
-            for send in attached:
-                self._event_subs.discard(send)
-                send.close()
+            for feed in attached:
+                self._event_feeds.discard(feed)
+                feed.close()
 
     async def broadcast(self, tag: str, payload: Any) -> MessageId:
         """Broadcast `payload` (plain CBOR-encodable data) to every node, under `tag`.
 
+        Waits (a checkpoint, never a spin) while the node's outgoing budget is spent: a
+        link's outbox or a replica's delivery buffer over its high-water mark, or the node's
+        own broadcasts' share of the broadcast component full (README "Flow control"). Bound
+        the wait with your own cancel scope; a cancelled call has broadcast nothing.
         Returns the message id once the broadcast is handed to the broadcast component.
         Raises `MessageTooLarge` beyond `config.max_payload` bytes, `TypeError` for data
         that is not plain, `ValueError` for a bad tag, `NodeClosed` after the node closed.
@@ -330,6 +343,40 @@ class Node:
     async def broadcast_encoded(self, tag: str, encoded: bytes, payload: Any) -> MessageId:
         """`broadcast` for a payload already encoded with `wire.encode_payload` (`payload`
         is its decoded form, handed to local subscribers)."""
+        self._check_broadcast(tag, encoded)
+        await self.writable()
+        return self.broadcast_encoded_nowait(tag, encoded, payload)
+
+    async def writable(self) -> None:
+        """Return once the node can take another broadcast (its outgoing budget is not spent).
+
+        A checkpoint either way. For writers that must apply a write locally only once it
+        can be sent (`Replica.broadcast_update`): wait here, apply, then
+        `broadcast_encoded_nowait`. Raises `NodeClosed` if the node closes.
+        """
+        if self._closing:
+            raise NodeClosed("the node is closing")
+        await self.pressure.wait_clear("writer")
+        await self.broadcaster.wait_room(LOCAL)
+        if self._closing:
+            raise NodeClosed("the node is closing")
+
+    def broadcast_encoded_nowait(self, tag: str, encoded: bytes, payload: Any) -> MessageId:
+        """Hand a broadcast to the broadcast component now, whatever the budget.
+
+        Never blocks. Only for a caller that waited for `writable()` just before: the
+        budget is what keeps the node's memory bounded.
+        """
+        self._check_broadcast(tag, encoded)
+        message_id = self.broadcaster.new_id(self._rng)
+        self.broadcaster.post_forced(
+            self.broadcaster.originate(message_id, tag, encoded, payload),
+            source=LOCAL,
+            size=len(encoded),
+        )
+        return message_id
+
+    def _check_broadcast(self, tag: str, encoded: bytes) -> None:
         if self._closing:
             raise NodeClosed("the node is closing")
         if not isinstance(tag, str) or not 0 < len(tag) <= MAX_TAG:
@@ -338,37 +385,57 @@ class Node:
             raise MessageTooLarge(
                 f"payload is {len(encoded)} bytes, the limit is {self.config.max_payload}"
             )
-        message_id = self.broadcaster.new_id(self._rng)
-        await self.broadcaster.post(self.broadcaster.originate(message_id, tag, encoded, payload))
-        return message_id
 
     @contextlib.asynccontextmanager
     async def subscribe(
-        self, tag: str, *, include_own: bool = False, buffer: int | None = None
+        self,
+        tag: str,
+        *,
+        include_own: bool = False,
+        buffer: int | None = None,
+        buffer_bytes: int | None = None,
+        backpressure: bool = False,
     ) -> AsyncIterator[Subscription[Delivery]]:
         """Receive the broadcasts of `tag` as `Delivery` events, each message exactly once.
 
         Own broadcasts are delivered only with `include_own`. If the broadcast component
         crashes and restarts, the subscription re-attaches and yields `Resubscribed`
         (messages delivered while it was detached are missed: re-sync on that notice).
-        A subscriber that falls more than `buffer` deliveries behind loses the excess,
-        counted in ``stats()["drops"]["subscriber_full"]``; the node never waits for it.
-        """
-        size = buffer or self.config.subscriber_buffer
-        attached: list[trio.MemoryReceiveChannel[Delivery]] = []
+        The subscription holds `buffer` deliveries and `buffer_bytes` bytes of payload
+        (defaults: `config.subscriber_buffer`, `config.flow.subscriber_bytes`); a
+        subscriber further behind misses deliveries, counted in
+        ``stats()["drops"]["subscriber_full"]``, and then receives `Lagged(missed)` where
+        they went missing. It also receives `Lagged` when a broadcast announced to this
+        node could not be fetched (its tag is unknown, so every subscriber is told).
 
-        def attach() -> trio.MemoryReceiveChannel[Delivery] | None:
-            receive = self.broadcaster.attach(tag, include_own, size)
-            if receive is not None:
-                attached.append(receive)
-            return receive
+        With `backpressure=True`, a subscriber at half its buffer makes the node slow down
+        instead: its writers wait and its readers hold payloads (a bounded time), so a
+        consumer that is slower than the traffic slows the cluster rather than miss
+        deliveries. The node never waits for it indefinitely (see README "Flow control").
+        """
+        max_items = buffer or self.config.subscriber_buffer
+        max_bytes = buffer_bytes or self.config.flow.subscriber_bytes
+        pressure = self.pressure if backpressure else None
+        attached: list[Feed[Delivery]] = []
+
+        def attach() -> Feed[Delivery] | None:
+            feed = self.broadcaster.attach(
+                tag,
+                include_own=include_own,
+                max_items=max_items,
+                max_bytes=max_bytes,
+                pressure=pressure,
+            )
+            if feed is not None:
+                attached.append(feed)
+            return feed
 
         subscription = Subscription[Delivery]("broadcast", attach, lambda: self._closing)
         try:
             yield subscription
         finally:
-            for receive in attached:
-                self.broadcaster.detach(tag, receive)
+            for feed in attached:
+                self.broadcaster.detach(tag, feed)
 
     def stats(self) -> dict[str, Any]:
         """Every counter of the node, as plain data (see `NodeStats`)."""
@@ -391,11 +458,29 @@ class Node:
             "hops": {str(h): n for h, n in sorted(self.broadcaster.hops.items())},
             "unsubscribed": dict(self.broadcaster.unsubscribed),
         }
+        links = list(self._links.values())
         out["links"] = {
-            "open": len(self._links),
+            "open": len(links),
             "clients": len(self._clients),
             "dialing": len(self._dials),
-            "queued": sum(link.queued() for link in self._links.values()),
+            "queued": sum(link.queued() for link in links),
+            "queued_bytes": sum(link.queued_bytes() for link in links),
+            "congested": sum(link.congested for link in links),
+        }
+        pressure = self.pressure
+        out["flow"] = {
+            "pressure": dict(pressure.holders()),
+            "waits": dict(pressure.waits),
+            "waited_seconds": {who: round(t, 3) for who, t in pressure.waited.items()},
+            "inbox_bytes": {
+                "membership": self.membership.inbox_bytes(),
+                "broadcast": self.broadcaster.inbox_bytes(),
+            },
+            "throttled": {
+                "membership": self.membership.throttled,
+                "broadcast": self.broadcaster.throttled,
+            },
+            **self.stats_counters.flow,
         }
         return out
 
@@ -496,6 +581,11 @@ class Node:
             self._maps[name] = the_map
             return the_map
 
+    def forget_replica(self, replica: Replica) -> None:
+        """Called by a replica driver that stopped: its name is free again."""
+        if self._replicas.get(replica.name) is replica:
+            del self._replicas[replica.name]
+
     async def _run_in(self, scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:
         with scope:
             await fn()
@@ -547,6 +637,8 @@ class Node:
                     yield ["put", event.key, event.value, event.origin]
                 elif isinstance(event, Removed):
                     yield ["removed", event.key, event.origin]
+                elif isinstance(event, Lagged):
+                    yield ["lagged", event.missed]
 
     async def _op_status(self, _args: Any) -> dict[str, Any]:
         return self.status()
@@ -561,12 +653,17 @@ class Node:
 
     # --- used by components -------------------------------------------------------------
 
-    def send_to(self, peer: Peer, message: Message) -> None:
-        """Queue `message` for `peer`, dialing it if needed; never blocks."""
+    def send_to(self, peer: Peer, message: Message) -> bool:
+        """Queue `message` for `peer`, dialing it if needed; never blocks.
+
+        Returns False when it could not be queued: a payload message that does not fit the
+        link's outbox (or the queue of a dial in progress), which the caller must handle
+        (the broadcast component announces it lazily instead); or a control message on a
+        link that then failed (counted; membership hears of the link going down).
+        """
         link = self._links.get(peer.id)
         if link is not None and link.is_open:
-            link.send_nowait(message)
-            return
+            return link.send_nowait(message)
         dial = self._dials.get(peer.id)
         if dial is None:
             if len(self._dials) >= MAX_DIALS:
@@ -574,12 +671,32 @@ class Node:
                 # bound the sockets that costs. The core treats it as an unreachable peer.
                 self.stats_counters.drop("too_many_dials", message)
                 self._post_link_down(peer)
-                return
+                return False
             dial = self._start_dial(peer.address, peer)
-        if len(dial.queue) >= PENDING_DIAL_LIMIT:
+        size = len(encode_message(message))
+        if (
+            len(dial.queue) >= PENDING_DIAL_LIMIT
+            or dial.queued_bytes + size > self.config.flow.dial_queue_bytes
+        ):
             self.stats_counters.drop("dial_queue_full", message)
-            return
+            return False
         dial.queue.append(message)
+        dial.queued_bytes += size
+        return True
+
+    async def send_message(self, peer: Peer, message: Message) -> None:
+        """Queue `message` for `peer`, waiting for room on its link (bulk senders: syncs).
+
+        Dials the peer if no link is open. Raises `LinkClosed` if the message cannot be
+        queued (the link closed, or the dial's queue is full).
+        """
+        link = self._links.get(peer.id)
+        if link is not None and link.is_open:
+            await link.send(message)
+            return
+        await trio.lowlevel.checkpoint()
+        if not self.send_to(peer, message):
+            raise LinkClosed(f"no link to {peer} to send on")
 
     def close_link(self, peer: Peer) -> None:
         link = self._links.get(peer.id)
@@ -589,22 +706,13 @@ class Node:
     def publish_membership_event(self, event: Event) -> None:
         if isinstance(event, PeerUp | PeerDown):
             self.broadcaster.post_notice(self.broadcaster.membership_changed(event))
-        self._publish(self._event_subs, event)
+        missed = self._event_feeds.publish(event)
+        if missed:
+            self.stats_counters.drop("subscriber_full", count=missed)
 
     def close_subscriptions(self, source: str) -> None:
         if source == "membership":
-            for send in list(self._event_subs):
-                send.close()
-            self._event_subs.clear()
-
-    def _publish(self, subscribers: set[trio.MemorySendChannel[Event]], event: Event) -> None:
-        for send in list(subscribers):
-            try:
-                send.send_nowait(event)
-            except trio.WouldBlock:
-                self.stats_counters.drop("subscriber_full")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                subscribers.discard(send)
+            self._event_feeds.close_all()
 
     # --- links --------------------------------------------------------------------------
 
@@ -658,6 +766,7 @@ class Node:
             for message in dial.queue:
                 self.stats_counters.drop("unreachable", message)
             dial.queue.clear()
+            dial.queued_bytes = 0
             link = self._links.get(dial.expected.id)
             if link is None or not link.is_open:
                 self._post_link_down(dial.expected)
@@ -669,6 +778,7 @@ class Node:
         self.membership.post_notice(lambda now: core.handle_link_down(peer, now))
 
     def _new_link(self, conn: Connection, peer: Peer, *, role: str, outbound: bool) -> Link:
+        node_link = role == Role.NODE
         return Link(
             conn,
             peer,
@@ -677,7 +787,25 @@ class Node:
             config=self.config.link,
             stats=self.stats_counters,
             on_message=self._on_message,
+            pressure=self.pressure if node_link else None,
+            gate=self._gate if node_link else None,
         )
+
+    async def _gate(self, link: Link) -> None:
+        """Hold a frame of payloads while the links they go to are congested (bounded).
+
+        The payloads would be forwarded on every eager link but `link` itself: while one of
+        those (or a replica's delivery buffer) is over its mark, not reading `link` is what
+        slows its peer down, hop by hop back to the writers. The bound breaks the cycles in
+        which congested peers would wait for each other; what then does not fit a link is
+        announced lazily (README "Flow control").
+        """
+        if self.pressure.is_clear(exclude=link):
+            return
+        with trio.move_on_after(self.config.flow.forward_wait_max) as scope:
+            await self.pressure.wait_clear("forward", exclude=link)
+        if scope.cancelled_caught:
+            self.stats_counters.flow["forward_wait_expired"] += 1
 
     def _register(self, link: Link, dial: _Dial | None = None) -> None:
         """Make `link` the link to its peer, resolving a duplicate, and flush queued sends."""
@@ -792,16 +920,16 @@ class Node:
                     return
             else:
                 run = broadcaster.receive(peer, message)
-            if not broadcaster.post_nowait(run):
-                await broadcaster.post(run)
+            if not broadcaster.post_nowait(run, source=link, size=size):
+                await broadcaster.post(run, source=link, size=size)
         elif kind in _MEMBERSHIP_KINDS:
             core = self.membership.core
 
             def handle(now: float) -> list[Effect]:
                 return core.handle_message(peer, message, now)
 
-            if not self.membership.post_nowait(handle):
-                await self.membership.post(handle)
+            if not self.membership.post_nowait(handle, source=link, size=size):
+                await self.membership.post(handle, source=link, size=size)
         elif kind in _REPLICA_KINDS:
             assert isinstance(message, SyncRequest | SyncChunk)
             replica = self._replicas.get(message.name)
@@ -809,7 +937,7 @@ class Node:
                 # Not an error of the peer: it hosts a map this node does not (yet) open.
                 self.stats_counters.drop(f"no_such_replica:{kind.__name__}")
             else:
-                replica.deliver_direct(peer, message)
+                await replica.deliver_direct(link, peer, message, size)
         else:
             self.stats_counters.reject("unexpected_kind")
             log.warning("node %s: unexpected %s from %s", self.id, kind.__name__, peer)

@@ -7,11 +7,13 @@ first, so one owner object can back many instances.
 
 What the driver does (SPEC section 8, with the seed's flaws fixed):
 
-* **Updates**: `broadcast_update(Add(key, value) | Remove(key))` mints one HLC dot for the
-  write, hands the delta to the owner's `merge_delta` first (so the local state holds
-  exactly the entry the cluster gets, and a persistent owner acknowledges only once it is
-  durable), then broadcasts it on the instance's tag. `broadcast_custom(payload)` carries
-  an owner-specific payload to `merge_custom` on every other node.
+* **Updates**: `broadcast_update(Add(key, value) | Remove(key))` first waits for the node's
+  outgoing budget (flow control: a writer faster than the cluster is slowed here, before
+  anything is applied), then mints one HLC dot for the write, hands the delta to the
+  owner's `merge_delta` (so the local state holds exactly the entry the cluster gets, and a
+  persistent owner acknowledges only once it is durable), then queues its broadcast on the
+  instance's tag without waiting again. `broadcast_custom(payload)` carries an
+  owner-specific payload to `merge_custom` on every other node.
 * **Peers**: seeded from the active view at start, then kept from `PeerUp` / `PeerDown`.
   At start the driver pulls the state of every peer (so an instance opened after the
   cluster formed still syncs), and it pushes a full sync to each new peer.
@@ -19,33 +21,43 @@ What the driver does (SPEC section 8, with the seed's flaws fixed):
   never when a live peer was merely evicted from the active view (barrel_p2p drops a live
   node's data there).
 * **Recovery**: when a subscription reports `Resubscribed` (its source crashed and came
-  back), the driver asks every peer for a full sync to recover what it missed.
+  back) or `Lagged` (deliveries were lost: the driver fell behind, or a broadcast could not
+  be fetched), the driver asks every peer for a full sync to recover what it missed;
+  several such notices within `resync_interval` cost one round of pulls.
 * **Anti-entropy** (when the owner asks for it): every interval, with +-25% integer jitter
   so nodes do not sync in lockstep, pull a full sync from one random peer.
 * **Full sync** travels as direct `SyncRequest` / `SyncChunk` messages, not through
   Plumtree, so it works while the broadcast component restarts. A snapshot is a list of
-  items; it is sent in chunks of at most `sync_chunk_bytes`, each applied on arrival. A
-  chunk is a snapshot of some keys, so a partial sync never implies a removal.
+  items; a sender task per peer encodes it in chunks of at most `sync_chunk_bytes` and
+  queues each only when the link has room (it never holds the node's pressure), so a large
+  map streams instead of flooding the outbox. One sync per peer runs at a time; requests
+  that arrive meanwhile are folded into one more. Each chunk is applied on arrival. A chunk
+  is a snapshot of some keys, so a partial sync never implies a removal.
 
 Everything the driver receives (deliveries, membership events, direct messages, timer
-ticks) goes through one queue and is handled in order by one task, so callbacks never run
-concurrently for one instance.
+ticks) goes through one `FairInbox` (bounded per source: deliveries, membership, each peer's
+direct messages) and is handled by one task, so callbacks never run concurrently for one
+instance. Its deliveries come from a subscription with backpressure: a driver that falls
+behind slows the node's writers and readers before it loses anything, and a loss is told
+(`Lagged`) and repaired by a sync.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 import cbor2
 import trio
 
-from .errors import MessageTooLarge, NodeClosed, WireError
-from .events import Delivery, DownReason, PeerDown, PeerUp, Resubscribed
+from .errors import LinkClosed, MessageTooLarge, NodeClosed, WireError
+from .events import Delivery, DownReason, Lagged, PeerDown, PeerUp, Resubscribed
+from .flow import FairInbox
 from .hlc import Timestamp
 from .messages import MAX_TAG, Peer, SyncChunk, SyncRequest
 from .ormap import Dot
@@ -110,9 +122,17 @@ class ReplicaConfig:
     anti_entropy_interval: float = 30.0
     #: Largest chunk of a full sync, in bytes of CBOR.
     sync_chunk_bytes: int = 256 * 1024
-    #: Inputs waiting for the driver task; direct messages beyond it are dropped and counted
-    #: (anti-entropy repairs what a dropped chunk carried).
-    inbox_size: int = 4096
+    #: Inputs of one source (deliveries, membership events, one peer's direct messages)
+    #: waiting for the driver task; a source beyond it waits (a peer is then not read).
+    inbox_size: int = 1024
+    #: Bytes waiting for the driver task, all sources together (one source with nothing
+    #: waiting is always admitted one input).
+    inbox_bytes: int = 8 * 1024 * 1024
+    #: Deliveries buffered between the broadcast component and the driver; at half of it
+    #: the node slows down (backpressure) before the driver would miss any.
+    delivery_buffer: int = 1024
+    #: Shortest time between two rounds of sync pulls after `Lagged` or `Resubscribed`.
+    resync_interval: float = 1.0
 
     def __attrs_post_init__(self) -> None:
         from .errors import ConfigError
@@ -121,8 +141,11 @@ class ReplicaConfig:
             raise ConfigError("replica.anti_entropy_interval must be positive")
         if self.sync_chunk_bytes < 1024:
             raise ConfigError("replica.sync_chunk_bytes must be at least 1024")
-        if self.inbox_size < 1:
-            raise ConfigError("replica.inbox_size must be at least 1")
+        for name in ("inbox_size", "inbox_bytes", "delivery_buffer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"replica.{name} must be at least 1")
+        if not (math.isfinite(self.resync_interval) and self.resync_interval >= 0):
+            raise ConfigError("replica.resync_interval must be >= 0")
 
 
 def jitter_ms(interval_ms: int, rng: random.Random) -> int:
@@ -133,21 +156,25 @@ def jitter_ms(interval_ms: int, rng: random.Random) -> int:
     return interval_ms - quarter + rng.randint(1, 2 * quarter)
 
 
-def chunk_items(items: Sequence[Any], max_bytes: int) -> list[bytes]:
-    """Encode `items` as CBOR arrays of at most `max_bytes` each (one item may exceed alone)."""
-    chunks: list[bytes] = []
+def iter_chunks(items: Sequence[Any], max_bytes: int) -> Iterator[bytes]:
+    """Encode `items` as CBOR arrays of at most `max_bytes` each (one item may exceed alone),
+    one chunk at a time (a sender yields to other tasks between chunks)."""
     parts: list[bytes] = []
     size = 0
     for item in items:
         part = bytes(cbor2.dumps(item))
         if parts and size + len(part) + 9 > max_bytes:
-            chunks.append(cbor_array(parts))
+            yield cbor_array(parts)
             parts, size = [], 0
         parts.append(part)
         size += len(part)
     if parts:
-        chunks.append(cbor_array(parts))
-    return chunks
+        yield cbor_array(parts)
+
+
+def chunk_items(items: Sequence[Any], max_bytes: int) -> list[bytes]:
+    """`iter_chunks` as a list."""
+    return list(iter_chunks(items, max_bytes))
 
 
 @attrs.define
@@ -163,6 +190,13 @@ class ReplicaStats:
     chunks_received: int = 0
     anti_entropy_pulls: int = 0
     resyncs_after_resubscribe: int = 0
+    #: Rounds of sync pulls after `Lagged` notices, and the deliveries they reported lost.
+    resyncs_after_lag: int = 0
+    deliveries_missed: int = 0
+    #: Sync requests folded into a sync already running for the same peer.
+    syncs_coalesced: int = 0
+    #: Full syncs cut short because the peer's link closed.
+    syncs_aborted: int = 0
     nodes_removed: int = 0
     callback_errors: int = 0
     rejected: Counter[str] = attrs.Factory(Counter)
@@ -189,11 +223,19 @@ class Replica:
         self._rng = rng
         self.peers: dict[str, Peer] = {}
         self.stats = ReplicaStats()
-        self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](config.inbox_size)
+        self._inbox = FairInbox[tuple[str, Any]](
+            source_items=config.inbox_size,
+            source_bytes=config.inbox_bytes,
+            total_bytes=config.inbox_bytes,
+        )
         self._sync_ids = 0
         self.anti_entropy = bool(getattr(callbacks, "anti_entropy", False))
         self._scope = trio.CancelScope()
         self.closed = trio.Event()
+        #: Full syncs being sent, by peer id; True when another was asked for meanwhile.
+        self._sending: dict[str, bool] = {}
+        self._resync_wanted = trio.Event()
+        self._nursery: trio.Nursery | None = None
 
     # --- API used by owners ---------------------------------------------------------------
 
@@ -211,6 +253,9 @@ class Replica:
         from .ormap_wire import to_wire
 
         self._check_open()
+        # Flow control first: once applied here, the write must go out without waiting.
+        await self.node.writable()
+        self._check_open()
         dot = self.new_dot()
         entry = Value(update.value, dot) if isinstance(update, Add) else Tombstone(dot)
         delta = to_wire([(update.key, entry)])
@@ -218,7 +263,7 @@ class Replica:
         # Encode before the local merge: a write that cannot travel must not be applied here.
         encoded = encode_payload(body, max_size=self.node.config.max_payload)
         await self.callbacks.merge_delta(self.name, delta)
-        await self.node.broadcast_encoded(self.tag, encoded, body)
+        self.node.broadcast_encoded_nowait(self.tag, encoded, body)
         self.stats.deltas_sent += 1
         return dot
 
@@ -234,12 +279,17 @@ class Replica:
 
     # --- inputs from the node -------------------------------------------------------------
 
-    def deliver_direct(self, peer: Peer, message: SyncRequest | SyncChunk) -> None:
-        """A direct message for this instance arrived (never blocks; overflow is counted)."""
-        try:
-            self._send.send_nowait(("direct", (peer, message)))
-        except trio.WouldBlock:
-            self.node.stats_counters.drop(f"replica_inbox_full:{type(message).__name__}")
+    async def deliver_direct(
+        self, source: Hashable, peer: Peer, message: SyncRequest | SyncChunk, size: int
+    ) -> None:
+        """A direct message for this instance arrived on `source` (a link).
+
+        Waits while that link's share of the inbox is full: its reader stops, and the peer
+        is slowed rather than its sync chunks dropped.
+        """
+        item = ("direct", (peer, message))
+        if not self._inbox.put_nowait(source, item, size):
+            await self._inbox.put(source, item, size)
 
     # --- running --------------------------------------------------------------------------
 
@@ -248,8 +298,10 @@ class Replica:
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     await nursery.start(self._pump_broadcast)
                     await nursery.start(self._pump_membership)
+                    nursery.start_soon(self._resyncs)
                     if self.anti_entropy:
                         nursery.start_soon(self._anti_entropy_ticks)
                     # Seed peers from the active view and pull their state: PeerUp fires
@@ -262,11 +314,11 @@ class Replica:
                     for peer in list(self.peers.values()):
                         await self._send_full_sync(peer)
                     task_status.started()
-                    async for kind, data in self._receive:
+                    while True:
+                        kind, data = await self._inbox.get()
                         await self._handle(kind, data)
         finally:
-            if self.node._replicas.get(self.name) is self:
-                del self.node._replicas[self.name]
+            self.node.forget_replica(self)
             self.closed.set()
 
     async def aclose(self) -> None:
@@ -275,22 +327,34 @@ class Replica:
         await self.closed.wait()
 
     async def _pump_broadcast(self, *, task_status: trio.TaskStatus[None]) -> None:
-        async with self.node.subscribe(self.tag, buffer=self.config.inbox_size) as sub:
+        # Backpressure: a driver that falls behind slows the node before it misses anything.
+        async with self.node.subscribe(
+            self.tag, buffer=self.config.delivery_buffer, backpressure=True
+        ) as sub:
             task_status.started()
             async for item in sub:
-                await self._send.send(("delivery", item))
+                size = len(item.payload) if isinstance(item, Delivery) else 0
+                await self._inbox.put("delivery", ("delivery", item), size)
 
     async def _pump_membership(self, *, task_status: trio.TaskStatus[None]) -> None:
         async with self.node.events() as events:
             task_status.started()
             async for event in events:
-                await self._send.send(("membership", event))
+                await self._inbox.put("membership", ("membership", event), 0)
 
     async def _anti_entropy_ticks(self) -> None:
         interval_ms = max(1, round(self.config.anti_entropy_interval * 1000))
         while True:
             await trio.sleep(jitter_ms(interval_ms, self._rng) / 1000)
-            await self._send.send(("anti_entropy", None))
+            await self._inbox.put("tick", ("anti_entropy", None), 0)
+
+    async def _resyncs(self) -> None:
+        """Pull from every peer after notices of loss, at most once per `resync_interval`."""
+        while True:
+            await self._resync_wanted.wait()
+            self._resync_wanted = trio.Event()
+            await self._inbox.put("tick", ("resync", None), 0)
+            await trio.sleep(self.config.resync_interval)
 
     async def _handle(self, kind: str, data: Any) -> None:
         try:
@@ -302,6 +366,10 @@ class Replica:
                 await self._on_direct(*data)
             elif kind == "anti_entropy":
                 self._anti_entropy_pull()
+            elif kind == "resync":
+                self._request_sync_from_all()
+            elif kind == "push":
+                await self._send_full_sync(data)
         except (WireError, MessageTooLarge) as exc:
             self.stats.rejected[getattr(exc, "reason", "too_large")] += 1
             log.warning("replica %s: rejected input (%s): %s", self.name, kind, exc)
@@ -311,11 +379,18 @@ class Replica:
             self.stats.callback_errors += 1
             log.exception("replica %s: callback failed while handling %s", self.name, kind)
 
-    async def _on_delivery(self, item: Delivery | Resubscribed) -> None:
+    async def _on_delivery(self, item: Delivery | Lagged | Resubscribed) -> None:
         if isinstance(item, Resubscribed):
             # The broadcast source restarted: deltas may have been missed. Recover them.
             self.stats.resyncs_after_resubscribe += 1
             self._request_sync_from_all()
+            return
+        if isinstance(item, Lagged):
+            # Deltas were lost on the way to us (we fell behind, or a broadcast could not
+            # be fetched): pull them, coalesced with other notices (`_resyncs`).
+            self.stats.deliveries_missed += item.missed
+            self.stats.resyncs_after_lag += 1
+            self._resync_wanted.set()
             return
         body = item.payload
         if type(body) is not list or len(body) != 2 or body[0] not in ("d", "c"):
@@ -332,6 +407,10 @@ class Replica:
                 await merge_custom(self.name, body[1])
 
     async def _on_membership(self, event: Any) -> None:
+        if isinstance(event, Lagged):
+            # Membership events were lost: the peer set may be stale. Rebuild it.
+            self.peers.update((p.id, p) for p in self.node.active_view())
+            return
         if isinstance(event, Resubscribed):
             self.stats.resyncs_after_resubscribe += 1
             self.peers.update((p.id, p) for p in self.node.active_view())
@@ -377,17 +456,47 @@ class Replica:
         self.node.send_to(peer, SyncRequest(self.name))
 
     async def _send_full_sync(self, peer: Peer) -> None:
+        """Take a snapshot now and stream it to `peer` from a task of its own.
+
+        One sync per peer at a time: asked again meanwhile, the running one is followed by
+        one more with a fresh snapshot (requests are folded, never queued up).
+        """
+        if peer.id in self._sending:
+            self._sending[peer.id] = True
+            self.stats.syncs_coalesced += 1
+            return
         snapshot = await self.callbacks.full_sync_snapshot(self.name)
         if not snapshot:
             return
-        chunks = chunk_items(snapshot, self.config.sync_chunk_bytes)
+        assert self._nursery is not None
+        self._sending[peer.id] = False
+        self._nursery.start_soon(self._stream_sync, peer, snapshot)
+
+    async def _stream_sync(self, peer: Peer, snapshot: list[Any]) -> None:
+        try:
+            await self._stream_chunks(peer, snapshot)
+        except LinkClosed:
+            self.stats.syncs_aborted += 1
+            log.info("replica %s: full sync to %s cut short: link closed", self.name, peer)
+        finally:
+            again = self._sending.pop(peer.id, False)
+        if again and peer.id in self.peers:
+            await self._inbox.put("tick", ("push", peer), 0)
+
+    async def _stream_chunks(self, peer: Peer, snapshot: list[Any]) -> None:
         self._sync_ids += 1
         sync_id = (self._rng.getrandbits(32) << 32) | (self._sync_ids & 0xFFFFFFFF)
-        for seq, chunk in enumerate(chunks):
+        chunks = iter_chunks(snapshot, self.config.sync_chunk_bytes)
+        chunk = next(chunks, None)
+        seq = 0
+        while chunk is not None:
+            following = next(chunks, None)
             if len(chunk) > self.node.config.max_payload:
                 self.node.stats_counters.drop("sync_item_too_large")
-                continue
-            last = seq == len(chunks) - 1
-            self.node.send_to(peer, SyncChunk(self.name, sync_id, seq, last, chunk))
-            self.stats.chunks_sent += 1
+            else:
+                message = SyncChunk(self.name, sync_id, seq, following is None, chunk)
+                # Waits for room on the link: a large snapshot streams, it does not flood.
+                await self.node.send_message(peer, message)
+                self.stats.chunks_sent += 1
+            chunk, seq = following, seq + 1
         self.stats.syncs_sent += 1

@@ -44,6 +44,8 @@ class NodeStats:
     dial_failures: collections.Counter[str] = attrs.field(factory=_counter)
     #: Messages not sent or not delivered, by reason; nothing is dropped without a count here.
     drops: collections.Counter[str] = attrs.field(factory=_counter)
+    #: Flow-control events of the runtime (waits that expired, ...), by kind.
+    flow: collections.Counter[str] = attrs.field(factory=_counter)
     links_established: int = 0
 
     def message_sent(self, message: Message, size: int) -> None:
@@ -67,9 +69,9 @@ class NodeStats:
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
 
-    def drop(self, reason: str, message: Message | None = None) -> None:
+    def drop(self, reason: str, message: Message | None = None, *, count: int = 1) -> None:
         key = reason if message is None else f"{reason}:{type(message).__name__}"
-        self.drops[key] += 1
+        self.drops[key] += count
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -1,14 +1,14 @@
-"""Subscriptions that survive the restart of their source.
+"""Subscriptions that survive the restart of their source and say what they missed.
 
-A source (the membership or the broadcast component) hands each subscriber a bounded
-memory channel. When the source crashes it closes every channel it handed out (SPEC
-section 9: the subscriber *sees* its source die). A `Subscription` is the subscriber side:
-on that close it re-subscribes, retrying with bounded backoff until the source runs again,
-and yields a `Resubscribed` notice so the application can recover what it may have missed
-(a replica asks its peers for a full sync). The application never has to write the retry.
-
-A subscriber that does not keep up loses events once its buffer is full; each loss is
-counted by the source (``drops["subscriber_full"]``), and the source is never stalled.
+A source (the membership or the broadcast component, a map) hands each subscriber a
+bounded `Feed` (`trio_replica.flow`). The source never waits for a subscriber: an event
+that does not fit is counted, and the subscriber receives a `Lagged(missed)` notice exactly
+where events went missing. When the source crashes it closes every feed it handed out
+(SPEC section 9: the subscriber *sees* its source die). A `Subscription` is the subscriber
+side: on that close it re-subscribes, retrying with bounded backoff until the source runs
+again, and yields a `Resubscribed` notice so the application can recover what it may have
+missed (a replica asks its peers for a sync on either notice). The application never has
+to write the retry.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Generic, TypeVar
 
 import trio
 
-from .events import Event, Resubscribed
+from .events import Event, Lagged, Resubscribed
+from .flow import Feed
 
 T = TypeVar("T", bound=Event)
 
@@ -26,8 +27,10 @@ T = TypeVar("T", bound=Event)
 class Subscription(Generic[T]):
     """An async iterator of events from one source; re-subscribes after a source crash.
 
-    `attach()` returns a fresh receive channel from the running source, or None while the
-    source is down; `closed()` tells whether the whole node is closing (then iteration ends).
+    `attach()` returns a fresh feed from the running source, or None while the source is
+    down; `closed()` tells whether the whole node is closing (then iteration ends). Besides
+    the source's events it yields `Lagged` (this subscriber fell behind and lost events)
+    and `Resubscribed` (the source restarted) notices.
     """
 
     backoff_min = 0.01
@@ -36,30 +39,35 @@ class Subscription(Generic[T]):
     def __init__(
         self,
         source: str,
-        attach: Callable[[], trio.MemoryReceiveChannel[T] | None],
+        attach: Callable[[], Feed[T] | None],
         closed: Callable[[], bool],
     ) -> None:
         self.source = source
         self._attach = attach
         self._closed = closed
         # None while the source is restarting: the first receive() attaches then.
-        self._channel: trio.MemoryReceiveChannel[T] | None = attach()
+        self._feed: Feed[T] | None = attach()
         self.resubscriptions = 0
 
-    async def receive(self) -> T | Resubscribed:
-        """The next event, or a `Resubscribed` notice after the source restarted."""
-        if self._channel is not None:
+    @property
+    def missed(self) -> int:
+        """Events this subscription lost on its current feed (each run was told by `Lagged`)."""
+        return self._feed.missed_total if self._feed is not None else 0
+
+    async def receive(self) -> T | Lagged | Resubscribed:
+        """The next event, a `Lagged` notice, or a `Resubscribed` notice after a restart."""
+        if self._feed is not None:
             try:
-                return await self._channel.receive()
+                return await self._feed.receive()
             except trio.EndOfChannel:
                 pass
             if self._closed():
                 raise trio.EndOfChannel
         backoff = self.backoff_min
         while True:
-            channel = self._attach()
-            if channel is not None:
-                self._channel = channel
+            feed = self._attach()
+            if feed is not None:
+                self._feed = feed
                 self.resubscriptions += 1
                 return Resubscribed(self.source)
             if self._closed():
@@ -70,12 +78,12 @@ class Subscription(Generic[T]):
     def __aiter__(self) -> Subscription[T]:
         return self
 
-    async def __anext__(self) -> T | Resubscribed:
+    async def __anext__(self) -> T | Lagged | Resubscribed:
         try:
             return await self.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
+        if self._feed is not None:
+            self._feed.close()

@@ -77,8 +77,19 @@ is valid data), a duplicate is counted but not pruned, and IHAVE, GRAFT and PRUN
 ignored, because answering or grafting would make the driver dial a peer that is not a
 neighbour. Counted in `stats.from_non_neighbors`.
 
-Memory is bounded everywhere a peer can make it grow: payload cache (count and age), seen
-ids (count and age, kept longer than payloads so late duplicates are still recognised), the
+Flow control. The runtime may be unable to queue an eager push (the peer's link is
+congested; `trio_replica.flow`). It then calls `push_deferred`, and the peer gets the
+message lazily instead: an IHAVE in its next batch, so it grafts the payload when its link
+has room. The peer stays eager (the link is slow, not redundant). A GRAFT answer that
+cannot be queued is deferred the same way, and an announcer that answers a GRAFT with an
+IHAVE goes back among the announcers to graft (`_on_ihave`). No push is ever dropped
+without the peer hearing of the message; what a node gives up on (every announcer grafted
+in vain, or the missing table full) is reported with an `Abandoned` event so that the
+layers above repair it (a replica pulls a sync).
+
+Memory is bounded everywhere a peer can make it grow: payload cache (count, bytes and
+age), seen ids (count and age, kept longer than payloads so late duplicates are still
+recognised), the
 missing table (count, and each entry lives at most timeout1 + k * timeout2 for k announcers,
 at most one per neighbour), IHAVE batches (flushed by a timer or when full). Timers are
 never cancelled: each carries a token, and a timer whose token no longer matches the state
@@ -95,7 +106,7 @@ from collections.abc import Hashable, Iterable
 import attrs
 
 from ..errors import ConfigError
-from ..events import Delivered
+from ..events import Abandoned, Delivered
 from ..messages import (
     MAX_IHAVE_ENTRIES,
     MAX_ROUND,
@@ -159,6 +170,9 @@ class PlumtreeConfig:
     #: the count bounds memory under bursts.
     cache_max_messages: int = 4096
     cache_max_age: float = 30.0
+    #: Bytes of cached payloads: with large payloads the count alone would let the cache
+    #: hold gigabytes (4,096 x 1 MiB). At 1 MiB per payload this still keeps the last 32.
+    cache_max_bytes: int = 32 * 1024 * 1024
     #: Ids of delivered messages, kept longer than payloads so that a late duplicate (a slow
     #: path, a graft answered late) is recognised and pruned instead of being delivered twice
     #: (iroh-gossip keeps ids 90 s, three times the payloads). About 200 bytes each.
@@ -190,6 +204,7 @@ class PlumtreeConfig:
             "optimization_threshold",
             "optimization_streak",
             "cache_max_messages",
+            "cache_max_bytes",
             "missing_max_messages",
         ):
             if getattr(self, name) < 1:
@@ -240,11 +255,18 @@ class PlumtreeStats:
     missing_abandoned: int = 0
     #: IHAVE entries dropped because the missing table was full.
     missing_dropped: int = 0
+    #: Eager pushes the runtime could not queue, announced lazily instead.
+    pushes_deferred: int = 0
+    #: Deferred pushes whose payload had already left the cache (announced to nobody).
+    deferred_uncached: int = 0
+    #: Announcers grafted again because they answered a GRAFT with an IHAVE (no room).
+    regraft_after_deferral: int = 0
     from_non_neighbors: int = 0
     stale_timers: int = 0
     #: Largest hop count delivered so far (last delivery hop, LDH).
     max_hops: int = 0
     cache_size: int = 0
+    cache_bytes: int = 0
     seen_size: int = 0
     missing_size: int = 0
 
@@ -323,6 +345,7 @@ class Plumtree:
     _lazy: dict[Peer, None] = attrs.field(init=False, factory=dict)
     _seen: OrderedDict[MessageId, _Seen] = attrs.field(init=False, factory=OrderedDict)
     _cache: OrderedDict[MessageId, _Cached] = attrs.field(init=False, factory=OrderedDict)
+    _cache_bytes: int = attrs.field(init=False, default=0)
     _missing: dict[MessageId, _Missing] = attrs.field(init=False, factory=dict)
     _batches: dict[Peer, list[tuple[MessageId, int]]] = attrs.field(init=False, factory=dict)
     _flush_token: int | None = attrs.field(init=False, default=None)
@@ -429,6 +452,30 @@ class Plumtree:
             raise TypeError(f"not a Plumtree timer: {timer!r}")
         return self._done(effects)
 
+    def push_deferred(self, peer: Peer, message: Gossip, now: float) -> list[Effect]:
+        """The runtime could not queue `message` (a payload we pushed) for `peer`.
+
+        The peer hears of it lazily instead: an IHAVE with the round the push carried, in
+        its next batch, so that it grafts the payload once its link has room (module
+        docstring, flow control). The peer stays eager: its link is slow, not redundant.
+        """
+        self._expire(now)
+        self.stats.pushes_deferred += 1
+        if not self._is_neighbor(peer):
+            return self._done([])
+        if message.id not in self._cache:
+            # Cannot happen for a push made this instant; counted should it ever.
+            self.stats.deferred_uncached += 1
+            return self._done([])
+        effects: list[Effect] = []
+        batch = self._batches.setdefault(peer, [])
+        batch.append((message.id, message.round))
+        if len(batch) >= self.config.max_ihave_entries:
+            del self._batches[peer]
+            effects.append(self._ihave(peer, batch))
+        effects += self._arm_flush()
+        return self._done(effects)
+
     # --- message rules --------------------------------------------------------------------
 
     def _on_gossip(self, sender: Peer, message: Gossip, now: float) -> list[Effect]:
@@ -512,6 +559,7 @@ class Plumtree:
             if entry is None:
                 if len(self._missing) >= self.config.missing_max_messages:
                     self.stats.missing_dropped += 1
+                    effects.append(Emit(Abandoned(id)))
                     continue
                 # Algorithm 1, IHAVE for an unknown id: remember the announcer and give the
                 # eager copy timeout1 to arrive.
@@ -525,6 +573,13 @@ class Plumtree:
                 # flight, can cut the tree again.
                 jitter = 1.0 + self.config.ihave_timeout_jitter * self.rng.random()
                 effects.append(SetTimer(self.config.ihave_timeout * jitter, GraftTimer(id, token)))
+            elif sender in entry.grafted:
+                # We grafted it and it announced instead of sending: its link had no room
+                # for the payload (`push_deferred`). It holds the message: graft it again,
+                # after the announcers not yet tried.
+                self.stats.regraft_after_deferral += 1
+                entry.grafted.remove(sender)
+                entry.pending.append((sender, round))
             elif not entry.knows(sender):
                 # Every announcer, in arrival order: each is a fallback for the one before.
                 entry.pending.append((sender, round))
@@ -578,7 +633,7 @@ class Plumtree:
             # over with timeout1; anti-entropy above us covers what is lost for good.
             del self._missing[timer.id]
             self.stats.missing_abandoned += 1
-            return []
+            return [Emit(Abandoned(timer.id))]
         # Algorithm 1, Timer(mID): GRAFT the first remaining announcer, make the link eager,
         # and give it timeout2 before the next one. The same GRAFT goes for every other
         # missing message that announcer announced: a broken link leaves a run of messages
@@ -627,12 +682,17 @@ class Plumtree:
                 # A full batch goes now: waiting would only grow it past the wire limit.
                 del self._batches[peer]
                 effects.append(self._ihave(peer, batch))
-        if self.config.ihave_batch_window == 0:
-            effects += self._flush_all()
-        elif self._batches and self._flush_token is None:
-            self._flush_token = self._token()
-            effects.append(SetTimer(self.config.ihave_batch_window, FlushTimer(self._flush_token)))
+        effects += self._arm_flush()
         return effects
+
+    def _arm_flush(self) -> list[Effect]:
+        """Send queued IHAVEs at the end of the batch window (or now, without a window)."""
+        if self.config.ihave_batch_window == 0:
+            return self._flush_all()
+        if self._batches and self._flush_token is None:
+            self._flush_token = self._token()
+            return [SetTimer(self.config.ihave_batch_window, FlushTimer(self._flush_token))]
+        return []
 
     def _flush_all(self) -> list[Effect]:
         batches, self._batches = self._batches, {}
@@ -704,12 +764,20 @@ class Plumtree:
         seen = _Seen(now)
         self._seen[id] = seen
         self._cache[id] = _Cached(now, tag, payload, hops)
+        self._cache_bytes += len(payload)
         # Evict oldest first: both tables are in arrival order, which is time order.
         while len(self._seen) > self.config.seen_max_messages:
             self._seen.popitem(last=False)
-        while len(self._cache) > self.config.cache_max_messages:
-            self._cache.popitem(last=False)
+        config = self.config
+        while len(self._cache) > config.cache_max_messages or (
+            self._cache_bytes > config.cache_max_bytes and len(self._cache) > 1
+        ):
+            self._evict_oldest_payload()
         return seen
+
+    def _evict_oldest_payload(self) -> None:
+        _, cached = self._cache.popitem(last=False)
+        self._cache_bytes -= len(cached.payload)
 
     def _expire(self, now: float) -> None:
         """Drop what outlived its age; amortised O(1), both tables being in time order."""
@@ -718,7 +786,7 @@ class Plumtree:
             first = next(iter(self._cache.values()))
             if first.at > cache_limit:
                 break
-            self._cache.popitem(last=False)
+            self._evict_oldest_payload()
         seen_limit = now - self.config.seen_max_age
         while self._seen:
             oldest = next(iter(self._seen.values()))
@@ -743,6 +811,7 @@ class Plumtree:
 
     def _done(self, effects: list[Effect]) -> list[Effect]:
         self.stats.cache_size = len(self._cache)
+        self.stats.cache_bytes = self._cache_bytes
         self.stats.seen_size = len(self._seen)
         self.stats.missing_size = len(self._missing)
         return effects
@@ -771,6 +840,10 @@ class Plumtree:
             problems.append("a cached payload whose id is not remembered")
         if len(self._cache) > self.config.cache_max_messages:
             problems.append("cache over its bound")
+        if self._cache_bytes != sum(len(c.payload) for c in self._cache.values()):
+            problems.append("cache bytes miscounted")
+        if self._cache_bytes > self.config.cache_max_bytes and len(self._cache) > 1:
+            problems.append("cache over its byte bound")
         if len(self._seen) > self.config.seen_max_messages:
             problems.append("seen ids over their bound")
         if len(self._missing) > self.config.missing_max_messages:

@@ -13,6 +13,7 @@ from trio_replica.control import ControlError, open_control
 from trio_replica.link import Credentials, Link, LinkConfig, handshake_as_dialer
 from trio_replica.maps import ValidationError
 from trio_replica.messages import (
+    Credit,
     ForwardJoin,
     IHave,
     MessageId,
@@ -49,6 +50,8 @@ async def test_batches_never_exceed_the_frame_limit(autojump_clock: trio.testing
                 stats=NodeStats(),
                 on_message=ignore,
             )
+            # The peer's grant: payloads travel on credit (link.py).
+            link._on_credit(Credit(1000, 10**9))
             ids = tuple((MessageId("x", i, i), 1) for i in range(60))
             link.send_nowait(IHave(ids))
             for i in range(10):

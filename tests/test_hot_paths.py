@@ -30,7 +30,13 @@ from trio_replica.flow import FlowConfig
 from trio_replica.link import PING_TICK, Link, LinkConfig
 from trio_replica.messages import Gossip, IHave, Message, MessageId, Peer, Ping, Pong, Role
 from trio_replica.stats import NodeStats
-from trio_replica.wire import decode_frame, encode_frame, encode_message, message_fields
+from trio_replica.wire import (
+    PROTOCOL_VERSION,
+    decode_frame,
+    encode_frame,
+    encode_message,
+    message_fields,
+)
 
 from .harness import FAST_LINKS, Cluster, wait_until
 from .test_wire import messages
@@ -77,7 +83,7 @@ def test_hot_kinds_encode_to_the_generic_bytes() -> None:
     ],
 )
 def test_simple_values_are_refused_at_any_depth(bad: Any) -> None:
-    frame = bytes.fromhex("8201") + cbor2.dumps([20, bad])
+    frame = bytes([0x82]) + cbor2.dumps(PROTOCOL_VERSION) + cbor2.dumps([20, bad])
     with pytest.raises(WireError) as info:
         decode_frame(frame)
     assert info.value.reason == "cbor"

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from trio_replica.core.effects import Effect, Emit, Send, SetTimer
 from trio_replica.core.plumtree import (
+    AbandonTimer,
     FlushTimer,
     GraftTimer,
     Plumtree,
@@ -71,7 +72,7 @@ def core(
     for p in (*eager, *lazy):
         assert tree.neighbor_up(p, 0.0) == []
     for p in lazy:
-        assert tree.handle_message(p, Prune(), 0.0) == []
+        assert tree.handle_message(p, Prune("O"), 0.0) == []
     tree.check_invariants()
     return tree
 
@@ -179,27 +180,26 @@ def test_first_receipt_forwards_to_eager_and_announces_to_lazy() -> None:
 def test_first_copy_from_a_lazy_peer_regrafts_the_link_on_both_ends() -> None:
     # We pruned C while its copy was in flight: C has processed our PRUNE, so making C
     # eager on our side only (Algorithm 1) would leave a one-way link. A link-only GRAFT
-    # (IHAVE first, so C knows we hold the payload) restores it on C's side too.
+    # (we hold the payload) restores it on C's side too, in this origin's tree.
     tree = core(eager=[A], lazy=[C, D])
     effects = tree.handle_message(C, Gossip(mid(1), 1, "t", b"x"), 0.0)
     assert tree.eager == {A, C} and tree.lazy == {D}
     assert sends(effects) == [
-        (C, IHave(((mid(1), 2),))),
-        (C, Graft(mid(1), 1)),
+        (C, Graft(mid(1), 1, link_only=True)),
         (A, Gossip(mid(1), 2, "t", b"x")),
     ]
     assert tree.stats.regrafts == 1
     assert sends(tree.handle_timer(only_timer(effects), WINDOW)) == [(D, IHave(((mid(1), 2),)))]
 
-    # C's side: it sent the copy, got our PRUNE, then our IHAVE and GRAFT: eager again,
-    # and no payload sent back.
+    # C's side: it sent the copy, got our PRUNE, then our GRAFT: eager again, and no
+    # payload sent back.
     c = Plumtree("C", CONFIG, random.Random(3))
     me = peer("me")
     c.neighbor_up(me, 0.0)
     c.broadcast(mid(1), "t", b"x", 0.0)
-    c.handle_message(me, Prune(), 0.01)
+    c.handle_message(me, Prune("O"), 0.01)
     assert c.lazy == {me}
-    answers = [e for _, m in sends(effects)[:2] for e in c.handle_message(me, m, 0.02)]
+    answers = [e for _, m in sends(effects)[:1] for e in c.handle_message(me, m, 0.02)]
     assert answers == [] and c.eager == {me}
 
 
@@ -216,7 +216,7 @@ def test_duplicate_moves_sender_to_lazy_and_prunes_it() -> None:
     tree.handle_message(A, Gossip(mid(1), 1, "t", b"x"), 0.0)
 
     effects = tree.handle_message(B, Gossip(mid(1), 1, "t", b"x"), 0.01)
-    assert effects == [Send(B, Prune())]
+    assert effects == [Send(B, Prune("O"))]
     assert tree.eager == {A} and tree.lazy == {B}
     assert tree.stats.duplicates == 1 and tree.stats.prunes_sent == 1
 
@@ -236,21 +236,21 @@ def test_switching_pruning_off_makes_lazy_links_eager_and_ignores_late_prunes() 
     tree.set_prune(False)
     assert tree.eager == {A, B} and tree.lazy == set()
     # A PRUNE sent before the peer switched arrives late: it must not undo the switch.
-    assert tree.handle_message(B, Prune(), 0.0) == []
+    assert tree.handle_message(B, Prune("O"), 0.0) == []
     assert tree.eager == {A, B}
     tree.check_invariants()
     tree.set_prune(True)
     tree.handle_message(A, Gossip(mid(1), 1, "t", b"x"), 0.0)
-    assert tree.handle_message(B, Gossip(mid(1), 1, "t", b"x"), 0.01) == [Send(B, Prune())]
+    assert tree.handle_message(B, Gossip(mid(1), 1, "t", b"x"), 0.01) == [Send(B, Prune("O"))]
 
 
 def test_prune_moves_sender_to_lazy() -> None:
     tree = core(eager=[A, B])
-    assert tree.handle_message(A, Prune(), 0.0) == []
+    assert tree.handle_message(A, Prune("O"), 0.0) == []
     assert tree.eager == {B} and tree.lazy == {A}
     assert tree.stats.prunes_received == 1
     # Idempotent: a second PRUNE changes nothing.
-    tree.handle_message(A, Prune(), 0.0)
+    tree.handle_message(A, Prune("O"), 0.0)
     assert tree.eager == {B} and tree.lazy == {A}
 
 
@@ -270,7 +270,8 @@ def test_ihave_for_an_unknown_id_grafts_the_announcer_after_timeout1() -> None:
 
     # The grafted peer answers: delivered, the missing entry is gone, timeout2 goes stale.
     effects2 = tree.handle_message(C, Gossip(mid(1), 4, "t", b"x"), 1.0 + T1 + 0.01)
-    assert delivered(effects2) == [Delivered(mid(1), "t", b"x", 4, C)]
+    # Marked repaired: its delay includes our timeout1 (not a queueing sample).
+    assert delivered(effects2) == [Delivered(mid(1), "t", b"x", 4, C, repaired=True)]
     assert tree.stats.missing_size == 0
     assert tree.handle_timer(only_timer(effects), 1.0 + T1 + T2) == []
     assert tree.stats.stale_timers == 1
@@ -326,8 +327,12 @@ def test_graft_goes_to_the_next_announcer_when_the_first_never_answers() -> None
     assert sends(effects) == [(D, Graft(mid(1), 3))]
     effects = tree.handle_timer(only_timer(effects), T1 + 2 * T2)
     assert sends(effects) == [(E, Graft(mid(1), 1))]
-    # Announcers exhausted: the entry is dropped after a last timeout2, and said so.
-    assert tree.handle_timer(only_timer(effects), T1 + 3 * T2) == [Emit(Abandoned(mid(1)))]
+    # Announcers exhausted: the entry is dropped after a last timeout2, and reported lost
+    # if it has not come by the end of the grace period.
+    grace = tree.handle_timer(only_timer(effects), T1 + 3 * T2)
+    assert grace == [SetTimer(CONFIG.abandon_grace, AbandonTimer(mid(1)))]
+    assert tree.handle_timer(AbandonTimer(mid(1)), 20.0) == [Emit(Abandoned(mid(1)))]
+    assert tree.stats.reported_lost == 1
     assert tree.stats.missing_size == 0 and tree.stats.missing_abandoned == 1
     assert tree.stats.grafts_sent == 3
     assert tree.eager == {A, C, D, E}
@@ -403,7 +408,7 @@ def test_cache_is_bounded_by_count_but_ids_are_remembered_longer() -> None:
     ]
     # Its id is still known: a late copy is a duplicate, not a second delivery.
     effects = tree.handle_message(C, Gossip(mid(1), 5, "t", b"1"), 0.0)
-    assert effects == [Send(C, Prune())]
+    assert effects == [Send(C, Prune("O"))]
 
     # The seen ids are bounded too, oldest first.
     for n in range(4, 7):
@@ -424,7 +429,7 @@ def test_cache_is_bounded_by_age() -> None:
     assert tree.handle_message(C, Graft(mid(2), 2), 10.0) != []
 
     # Past seen_max_age the id itself is forgotten (the documented limit of any bound).
-    tree.handle_message(A, Prune(), 19.0)
+    tree.handle_message(A, Prune("O"), 19.0)
     assert tree.has_seen(mid(1))
     tree.neighbor_up(A, 20.0)
     assert not tree.has_seen(mid(1)) and tree.stats.seen_size == 1
@@ -466,8 +471,10 @@ def test_stale_timers_are_ignored() -> None:
     tree2 = core(lazy=[C, D])
     first = only_timer(tree2.handle_message(C, IHave(((mid(1), 2),)), 0.0))
     second = only_timer(tree2.handle_timer(first, T1))
-    # No announcer left: dropped, and reported for the layers above to repair.
-    assert tree2.handle_timer(second, T1 + T2) == [Emit(Abandoned(mid(1)))]
+    # No announcer left: dropped (reported later, unless it arrives meanwhile).
+    assert timers(tree2.handle_timer(second, T1 + T2)) == [
+        SetTimer(CONFIG.abandon_grace, AbandonTimer(mid(1)))
+    ]
     assert tree2.stats.missing_size == 0
     renewed = only_timer(tree2.handle_message(D, IHave(((mid(1), 2),)), 2.0))
     assert tree2.handle_timer(first, 2.1) == []
@@ -517,6 +524,20 @@ def test_an_announcer_that_defers_its_graft_answer_is_grafted_again() -> None:
     tree.check_invariants()
 
 
+def test_a_message_given_up_on_is_not_reported_if_it_arrives_late() -> None:
+    """Under load a payload can arrive after its repair timers gave up: not a loss."""
+    tree = core(eager=[A], lazy=[C])
+    first = only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0))
+    second = only_timer(tree.handle_timer(first, T1))
+    assert timers(tree.handle_timer(second, T1 + T2)) == [
+        SetTimer(CONFIG.abandon_grace, AbandonTimer(mid(1)))
+    ]
+    assert delivered(tree.handle_message(A, Gossip(mid(1), 4, "t", b"x"), 3.0))
+    assert tree.handle_timer(AbandonTimer(mid(1)), 20.0) == []
+    assert tree.stats.late_after_abandon == 1 and tree.stats.reported_lost == 0
+    tree.check_invariants()
+
+
 def test_the_payload_cache_is_bounded_in_bytes() -> None:
     tree = core(eager=[A], config=attrs.evolve(CONFIG, cache_max_bytes=2500))
     for n in range(5):
@@ -560,7 +581,7 @@ def test_messages_from_non_neighbors_change_no_set_and_get_no_answer() -> None:
     assert tree.handle_message(stranger, Gossip(mid(1), 1, "t", b"x"), 0.0) == []
     assert tree.handle_message(stranger, Graft(mid(1), 1), 0.0) == []
     assert tree.handle_message(stranger, IHave(((mid(2), 1),)), 0.0) == []
-    assert tree.handle_message(stranger, Prune(), 0.0) == []
+    assert tree.handle_message(stranger, Prune("O"), 0.0) == []
     assert tree.eager == {A} and tree.lazy == {C}
     assert tree.stats.missing_size == 0 and tree.stats.from_non_neighbors == 5
     with pytest.raises(TypeError):
@@ -570,8 +591,13 @@ def test_messages_from_non_neighbors_change_no_set_and_get_no_answer() -> None:
 def test_missing_table_is_bounded() -> None:
     tree = core(lazy=[C], config=PlumtreeConfig(missing_max_messages=2))
     effects = tree.handle_message(C, IHave(tuple((mid(n), 1) for n in range(5))), 0.0)
-    assert len(timers(effects)) == 2
+    # Two tracked (timeout1 each); three dropped, of which two wait out the grace period
+    # (bounded like the table) and the last is reported lost at once.
+    graft_timers = [t for t in timers(effects) if isinstance(t.timer, GraftTimer)]
+    assert len(graft_timers) == 2
     assert tree.stats.missing_size == 2 and tree.stats.missing_dropped == 3
+    assert [e.event for e in effects if isinstance(e, Emit)] == [Abandoned(mid(4))]
+    tree.check_invariants()
 
 
 # --- Algorithm 2: tree optimisation --------------------------------------------------------
@@ -584,14 +610,13 @@ def test_optimisation_grafts_an_announcer_that_beat_the_eager_copy() -> None:
     tree.handle_message(E, IHave(((mid(1), 2),)), 0.0)
     effects = tree.handle_message(A, Gossip(mid(1), 5, "t", b"x"), 0.1)
     # Three hops shorter: the first announcer with the smallest round is grafted and the
-    # sender of the long path pruned. The GRAFT follows an IHAVE on the same link, so D
-    # knows we hold the payload: the paper's GRAFT(null), on our wire. The announcers get
-    # no other IHAVE (they have the message); B gets the payload as usual.
+    # sender of the long path pruned. The GRAFT asks for the link only: the paper's
+    # GRAFT(null). The announcers get no IHAVE (they have the message); B gets the payload
+    # as usual.
     assert sends(effects) == [
         (B, Gossip(mid(1), 6, "t", b"x")),
-        (D, IHave(((mid(1), 6),))),
-        (D, Graft(mid(1), 2)),
-        (A, Prune()),
+        (D, Graft(mid(1), 2, link_only=True)),
+        (A, Prune("O")),
     ]
     assert timers(effects) == []
     assert delivered(effects) == [Delivered(mid(1), "t", b"x", 5, A)]
@@ -602,7 +627,7 @@ def test_optimisation_grafts_an_announcer_that_beat_the_eager_copy() -> None:
     # optimisation). A second copy from D is an ordinary duplicate again.
     assert tree.handle_message(D, Gossip(mid(1), 3, "t", b"x"), 0.2) == []
     assert tree.eager == {B, D} and tree.stats.duplicates == 1
-    assert tree.handle_message(D, Gossip(mid(1), 3, "t", b"x"), 0.3) == [Send(D, Prune())]
+    assert tree.handle_message(D, Gossip(mid(1), 3, "t", b"x"), 0.3) == [Send(D, Prune("O"))]
 
 
 def test_no_optimisation_below_the_threshold() -> None:
@@ -641,8 +666,8 @@ def test_optimisation_round_trip_between_two_cores() -> None:
         x.neighbor_up(p, 0.0)
     for p in (Q, X):
         y.neighbor_up(p, 0.0)
-    x.handle_message(Y, Prune(), 0.0)
-    y.handle_message(X, Prune(), 0.0)
+    x.handle_message(Y, Prune("O"), 0.0)
+    y.handle_message(X, Prune("O"), 0.0)
     flush = only_timer(y.handle_message(Q, Gossip(mid(1), 1, "t", b"x"), 0.0))
     (announce,) = sends(y.handle_timer(flush, WINDOW))
     assert announce == (X, IHave(((mid(1), 2),)))
@@ -677,7 +702,8 @@ def test_optimisation_waits_for_a_streak_of_wins_by_one_announcer() -> None:
         assert tree.stats.optimisations == 0
         payload_after_ihave(n, C, 2)
     effects = payload_after_ihave(7, C, 2)
-    assert (C, Graft(mid(7), 2)) in sends(effects) and (A, Prune()) in sends(effects)
+    assert (C, Graft(mid(7), 2, link_only=True)) in sends(effects)
+    assert (A, Prune("O")) in sends(effects)
     assert tree.stats.optimisations == 1 and tree.eager == {C}
 
 
@@ -730,7 +756,7 @@ def test_invariants_hold_under_random_inputs(ops: list[tuple[str, Peer, int, flo
         elif kind == "graft":
             effects = tree.handle_message(who, Graft(id, rnd), now)
         elif kind == "prune":
-            effects = tree.handle_message(who, Prune(), now)
+            effects = tree.handle_message(who, Prune(id.origin), now)
         elif kind == "broadcast":
             if tree.has_seen(mid(n, "me")):
                 continue

@@ -17,6 +17,7 @@ from trio_replica.messages import (
     PROOF_BYTES,
     ControlReply,
     ControlRequest,
+    Credit,
     Disconnect,
     ForwardJoin,
     Gossip,
@@ -64,6 +65,7 @@ mids = st.builds(MessageId, ids, u64, u64)
 messages = st.one_of(
     st.builds(Ping, u64),
     st.builds(Pong, u64),
+    st.builds(Credit, st.integers(0, 2**32 - 1), st.integers(0, 2**48)),
     st.just(Join()),
     st.builds(ForwardJoin, peers, st.integers(0, 255)),
     st.builds(Neighbor, st.booleans()),
@@ -74,7 +76,7 @@ messages = st.one_of(
     st.builds(Gossip, mids, st.integers(0, 65535), ids, st.binary(max_size=64)),
     st.builds(IHave, st.lists(st.tuples(mids, st.integers(0, 65535)), max_size=5).map(tuple)),
     st.builds(Graft, mids, st.integers(0, 65535)),
-    st.just(Prune()),
+    st.builds(Prune, ids),
     st.builds(ControlRequest, u64, st.text(min_size=1, max_size=10), st.binary(max_size=20)),
     st.builds(ControlReply, u64, st.booleans(), st.binary(max_size=20)),
     st.builds(
@@ -163,13 +165,13 @@ def _frame(*items: object) -> bytes:
         (_frame([60, 1, "c", "n", "", "root", b"x" * NONCE_BYTES, b""]), "field"),
         (_frame([60, 1, "c", "n", "", "node", b"short", b""]), "field"),
         (bytes.fromhex("829f01ff"), "cbor"),  # indefinite-length array
-        (bytes.fromhex("8201") + cbor2.dumps(cbor2.CBORTag(1, 0)), "cbor"),  # a date tag
-        (bytes.fromhex("8201") + cbor2.dumps(cbor2.CBORTag(40000, 0)), "cbor"),  # unknown tag
+        (bytes.fromhex("8202") + cbor2.dumps(cbor2.CBORTag(1, 0)), "cbor"),  # a date tag
+        (bytes.fromhex("8202") + cbor2.dumps(cbor2.CBORTag(40000, 0)), "cbor"),  # unknown tag
         (bytes.fromhex("9bffffffffffffffff"), "cbor"),  # huge length prefix
-        (bytes.fromhex("8201") + bytes.fromhex("5bffffffffffffffff"), "cbor"),  # huge bytes
-        (bytes.fromhex("8201") + bytes.fromhex("f7"), "cbor"),  # undefined
-        (bytes.fromhex("8201a2616101616102"), "cbor"),  # duplicate map key
-        (bytes.fromhex("8201a1010a"), "cbor"),  # integer map key
+        (bytes.fromhex("8202") + bytes.fromhex("5bffffffffffffffff"), "cbor"),  # huge bytes
+        (bytes.fromhex("8202") + bytes.fromhex("f7"), "cbor"),  # undefined
+        (bytes.fromhex("8202a2616101616102"), "cbor"),  # duplicate map key
+        (bytes.fromhex("8202a1010a"), "cbor"),  # integer map key
     ],
 )
 def test_malformed_frames_are_refused_with_a_reason(blob: bytes, reason: str) -> None:

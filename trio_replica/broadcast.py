@@ -34,7 +34,7 @@ from .core.effects import Effect, Emit, Send
 from .core.plumtree import Plumtree
 from .errors import WireError
 from .events import Abandoned, Delivered, Delivery, PeerDown, PeerUp
-from .flow import BoundedCounter, Fanout, Feed, Pressure
+from .flow import BoundedCounter, Fanout, Feed, Pressure, QueueingDelay, WritePacer
 from .messages import Gossip, Message, MessageId, Peer
 from .wire import decode_payload
 
@@ -76,7 +76,14 @@ class Broadcast(Component):
     """Owns the Plumtree core of a node and routes deliveries to subscribers by tag."""
 
     def __init__(self, node: Node, make_core: Callable[[], Plumtree]) -> None:
-        super().__init__("broadcast", flow=node.config.flow)
+        # Its backlog slows the node's writers (the membership component's does not: its
+        # inputs are few, and writers must not wait on a peer's shuffles).
+        super().__init__(
+            "broadcast",
+            flow=node.config.flow,
+            pressure=node.pressure,
+            on_taken=node.input_processed,
+        )
         self.node = node
         self._make_core = make_core
         self.core = make_core()
@@ -87,6 +94,15 @@ class Broadcast(Component):
         self.unsubscribed = BoundedCounter(MAX_COUNTED_TAGS)
         #: Hops of each delivery (for the Last Delivery Hop figure), bounded histogram.
         self.hops: collections.Counter[int] = collections.Counter()
+        flow, seed = node.config.flow, node.config.rng_seed
+        #: Queueing delay of deliveries, and the pacing of the node's writes it drives.
+        self.delay = QueueingDelay()
+        self.pacer = WritePacer(
+            target=flow.delay_target,
+            max_interval=flow.pace_max_interval,
+            # Its own generator: drawing from the node's would shift every seeded sequence.
+            rng=random.Random(None if seed is None else f"pacer:{seed}"),
+        )
 
     # --- component ------------------------------------------------------------------------
 
@@ -204,6 +220,16 @@ class Broadcast(Component):
                 self.node.stats_counters.reject("payload_cbor")
                 return
         self.hops[min(event.hops, MAX_COUNTED_HOPS)] += 1
+        if event.sender is not None and not event.repaired:
+            # A repaired delivery waited for our repair timers: that is not queueing.
+            # The id's stamp is the origin's HLC: wall milliseconds above 16 bits.
+            ms = self.delay.observe(
+                event.id.origin, event.id.stamp >> 16, self.node.clock.read_physical()
+            )
+            self.pacer.sample(ms / 1000)
+            # Repair timers allow for the queueing (twice the recent worst: a payload queued
+            # that long is on its way, and grafting it would only duplicate it).
+            self.core.set_delay_allowance(2 * self.delay.recent_max_ms / 1000)
         feeds = self._subscribers.get(event.tag)
         if not feeds:
             self.unsubscribed[event.tag] += 1

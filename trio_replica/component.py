@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from .core.effects import Effect, SetTimer
-from .flow import FairInbox, FlowConfig
+from .flow import FairInbox, FlowConfig, OnTaken, Pressure
 
 log = logging.getLogger("trio_replica.component")
 
@@ -53,12 +53,22 @@ class Component:
     backoff_min = 0.05
     backoff_max = 2.0
 
-    def __init__(self, name: str, *, flow: FlowConfig) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        flow: FlowConfig,
+        pressure: Pressure | None = None,
+        on_taken: OnTaken | None = None,
+    ) -> None:
         self.name = name
         self._inbox = FairInbox[Input](
             source_items=flow.inbox_items_per_peer,
             source_bytes=flow.inbox_bytes_per_peer,
             total_bytes=flow.inbox_bytes,
+            pressure=pressure,
+            high_items=flow.inbox_high_items,
+            on_taken=on_taken,
         )
         self._timers: list[tuple[float, int, Hashable]] = []
         self._seq = itertools.count()
@@ -72,17 +82,25 @@ class Component:
 
     # --- inputs ---------------------------------------------------------------------------
 
-    async def post(self, item: Input, *, source: Hashable = LOCAL, size: int = 0) -> None:
-        """Queue an input, waiting while `source` is over its share (backpressure on it)."""
-        await self._inbox.put(source, item, size)
+    async def post(
+        self, item: Input, *, source: Hashable = LOCAL, size: int = 0, credit: int = 0
+    ) -> None:
+        """Queue an input, waiting while `source` is over its share (backpressure on it).
 
-    def post_nowait(self, item: Input, *, source: Hashable = LOCAL, size: int = 0) -> bool:
+        `credit`: the input is a payload message of that many bytes whose link grants
+        credit back once the input has been taken (`FairInbox`).
+        """
+        await self._inbox.put(source, item, size, credit)
+
+    def post_nowait(
+        self, item: Input, *, source: Hashable = LOCAL, size: int = 0, credit: int = 0
+    ) -> bool:
         """Queue an input if `source` has room; return False (nothing queued) if not.
 
         For a caller that checkpoints anyway (a link's reader between two frames): `post`
         yields to the scheduler on every call, once per message, which this avoids.
         """
-        return self._inbox.put_nowait(source, item, size)
+        return self._inbox.put_nowait(source, item, size, credit)
 
     def post_forced(self, item: Input, *, source: Hashable = LOCAL, size: int = 0) -> None:
         """Queue an input whatever the shares: for a caller that already waited for room."""

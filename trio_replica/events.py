@@ -67,6 +67,8 @@ class Delivered(Event):
     payload: bytes
     hops: int
     sender: Peer | None
+    #: It came after this node grafted it (its delay includes our repair timers).
+    repaired: bool = False
 
 
 @attrs.frozen

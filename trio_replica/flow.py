@@ -7,17 +7,31 @@ buffer is full instead of having its data thrown away. There are three kinds of 
 and each is slowed the way it can be:
 
 * **Local writers** (``node.broadcast``, ``Replica.broadcast_update``, map writes) wait.
-  Before a write is applied, the writer waits on the node's `Pressure` until no link outbox
-  and no flow-controlled subscriber of the node is over its high-water mark. The wait is a
-  checkpoint (never a spin) and the writer may bound it with its own cancel scope.
+  Before a write is applied, the writer waits on the node's `Pressure` until nothing of the
+  node is over its high-water mark: no link outbox, no flow-controlled subscriber (a
+  replica's deliveries), not the broadcast component's backlog. The wait is a checkpoint
+  (never a spin) and the writer may bound it with its own cancel scope.
 * **Peers** are slowed by not being read, the TCP way. Each peer's inputs wait in a
   `FairInbox` of the component that handles them, bounded per peer; a reader whose peer's
   share is full stops reading until the component takes one, so the peer's own writer
-  blocks. The component serves the peers round-robin, so a flooding peer gets its share of
-  the work and no more. A reader holding a frame of payloads also waits (a bounded time)
-  while the links the payloads would be forwarded on are congested, which carries a slow
-  consumer's backpressure hop by hop back to the writers; the bound breaks the wait cycles
-  a graph of links can form.
+  blocks, its outbox to us fills, and its own writers wait: a node that falls behind slows
+  the writers upstream of it, hop by hop. The component serves the peers round-robin, so a
+  flooding peer gets its share of the work and no more.
+
+* **Every writer of the cluster** yields to queueing delay, as LEDBAT does (RFC 6817). A
+  message id carries its origin's clock, so each delivery gives a one-way delay; its excess
+  over the smallest delay seen recently from that origin is time spent in queues (clock
+  offsets cancel out). The node spaces its writes (`WritePacer`) so that this stays near
+  `delay_target`. Under a uniform load every node sees it, so every writer backs off
+  before queues grow past Plumtree's timeout1: otherwise IHAVEs, which never queue behind
+  payloads, overtake eager copies stuck in queues, and the repair GRAFTs turn into
+  duplicate payloads (RMR 1.1-1.4 in a 10-node cluster with a writer per node). The same
+  measure lengthens Plumtree's repair timers (`Plumtree.set_delay_allowance`).
+
+  Readers do not wait for the *outboxes* of their node (an earlier design held a frame of
+  payloads while the links it would be forwarded on were congested): with traffic on every
+  link some outbox is always congested, every reader waited on every other, and a 10-node
+  cluster fell to 36 writes/s with links failing on send timeouts.
 * **The node's own components** never block (they run protocol rules synchronously). What
   they cannot queue is reported, not dropped: an eager push that does not fit its link's
   outbox becomes a lazy push (the Plumtree core announces the message with an IHAVE, so the
@@ -33,7 +47,9 @@ from __future__ import annotations
 
 import collections
 import enum
-from collections.abc import Hashable
+import math
+import random
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 import attrs
@@ -84,11 +100,15 @@ class FlowConfig:
     inbox_bytes_per_peer: int = 2 * 1024 * 1024
     #: Bytes of every peer's waiting inputs together, per component.
     inbox_bytes: int = 16 * 1024 * 1024
-    #: Local broadcasts waiting in the broadcast component (the node's own writers' share).
-    local_items: int = 256
-    #: Longest a reader holds a frame of payloads while the links they go to are congested
-    #: (then forwards anyway; what does not fit is announced lazily). Breaks wait cycles.
-    forward_wait_max: float = 0.5
+    #: Inputs waiting in the broadcast component (all sources) at which the node's writers
+    #: wait: the node is behind on forwarding, and new broadcasts would only queue.
+    inbox_high_items: int = 256
+    #: Queueing delay of deliveries (seconds) the node's writers are paced to (module
+    #: docstring; 0 turns pacing off). Well under Plumtree's timeout1 (0.5 s): a payload
+    #: that queues longer than that on its way to a node gets grafted (and so duplicated).
+    delay_target: float = 0.05
+    #: Longest interval the pacing puts between two writes of the node.
+    pace_max_interval: float = 1.0
     #: Default bytes buffered for one subscription (deliveries or events); beyond it, and
     #: beyond `NodeConfig.subscriber_buffer` items, events are counted as missed.
     subscriber_bytes: int = 4 * 1024 * 1024
@@ -100,14 +120,14 @@ class FlowConfig:
             "inbox_items_per_peer",
             "inbox_bytes_per_peer",
             "inbox_bytes",
-            "local_items",
+            "inbox_high_items",
             "subscriber_bytes",
             "dial_queue_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"flow.{name} must be at least 1")
-        if not self.forward_wait_max >= 0:
-            raise ConfigError("flow.forward_wait_max must be >= 0")
+        if not (0 <= self.delay_target < 10 and 0 < self.pace_max_interval <= 60):
+            raise ConfigError("flow.delay_target must be in [0, 10) s, pace_max_interval (0, 60] s")
         if self.inbox_bytes < self.inbox_bytes_per_peer:
             raise ConfigError("flow.inbox_bytes must be at least flow.inbox_bytes_per_peer")
 
@@ -119,14 +139,13 @@ class Pressure:
     """The node's buffers that are over their high-water mark right now.
 
     A buffer `hold`s the pressure when it crosses its mark and `release`s it when it drains
-    below; writers `wait_clear` before they produce. `exclude` lets a link's reader ignore
-    its own outbox: what it reads is never forwarded back on the link it came from, and
-    waiting on it would make two busy peers wait for each other.
+    below; writers `wait_clear` before they produce.
     """
 
     def __init__(self) -> None:
         self._holders: dict[Hashable, str] = {}
         self._changed = ParkingLot()
+
         #: Waits that found the node congested, by who waited.
         self.waits: collections.Counter[str] = collections.Counter()
         #: Seconds spent waiting, by who waited.
@@ -139,35 +158,150 @@ class Pressure:
         if self._holders.pop(key, None) is not None:
             self._changed.unpark_all()
 
-    def is_clear(self, exclude: Hashable | None = None) -> bool:
-        holders = self._holders
-        return not holders or (len(holders) == 1 and exclude is not None and exclude in holders)
+    def is_clear(self) -> bool:
+        return not self._holders
 
     def holders(self) -> collections.Counter[str]:
         """How many buffers hold the pressure, by kind (for `stats`)."""
         return collections.Counter(self._holders.values())
 
-    async def wait_clear(self, who: str, exclude: Hashable | None = None) -> None:
-        """Return once nothing but `exclude` is over its mark; a checkpoint either way."""
+    async def wait_clear(self, who: str) -> None:
+        """Return once nothing is over its mark; a checkpoint either way."""
         await checkpoint_if_cancelled()
-        if self.is_clear(exclude):
+        if self.is_clear():
             await cancel_shielded_checkpoint()
             return
         self.waits[who] += 1
         start = trio.current_time()
         try:
-            while not self.is_clear(exclude):
+            while self._holders:
                 await self._changed.park()
         finally:
             self.waited[who] += trio.current_time() - start
 
 
+class QueueingDelay:
+    """Queueing delay of deliveries, from one-way delays (module docstring; LEDBAT's method).
+
+    `observe(origin, sent_ms, now_ms)` takes a delivery's origin, the wall time in its id
+    and the local wall time; the delay minus the smallest one from that origin in the last
+    one to two `history` periods is that delivery's queueing. As in LEDBAT, the delay the
+    node acts on is the *minimum* of the last `window` samples: when queues build, every
+    sample grows; a burst of late messages from one origin (repaired upstream, after a
+    GRAFT's timeout) does not make the others late. `observe` returns that filtered value
+    (ms), `recent_max_ms` its largest value of the last second or so. Sans-IO: times come
+    from the caller. At most `max_origins` origins are tracked.
+    """
+
+    def __init__(self, *, history: float = 60.0, window: int = 16, max_origins: int = 1024) -> None:
+        self._history_ms = history * 1000
+        self._max_origins = max_origins
+        #: origin -> (minimum this period, minimum last period, period number).
+        self._base: collections.OrderedDict[str, tuple[float, float, int]] = (
+            collections.OrderedDict()
+        )
+        self._recent: collections.deque[float] = collections.deque(maxlen=window)
+        #: The filtered queueing delay, in ms.
+        self.current_ms = 0.0
+        # Largest filtered delay in the current and the previous half second.
+        self._max_now = self._max_before = 0.0
+        self._max_slot = 0
+        self.samples = 0
+
+    @property
+    def recent_max_ms(self) -> float:
+        """The largest filtered queueing delay of the last half second to second."""
+        return max(self._max_now, self._max_before)
+
+    def observe(self, origin: str, sent_ms: int, now_ms: int) -> float:
+        delay = float(now_ms - sent_ms)
+        period = int(now_ms // self._history_ms)
+        entry = self._base.get(origin)
+        if entry is None:
+            if len(self._base) >= self._max_origins:
+                self._base.popitem(last=False)
+            current = previous = delay
+        else:
+            current, previous, seen = entry
+            if period != seen:
+                previous = current if period == seen + 1 else delay
+                current = delay
+            current = min(current, delay)
+            self._base.move_to_end(origin)
+        self._base[origin] = (current, previous, period)
+        self._recent.append(delay - min(current, previous))
+        self.samples += 1
+        filtered = self.current_ms = min(self._recent)
+        slot = int(now_ms // 500)
+        if slot != self._max_slot:
+            self._max_before = self._max_now if slot == self._max_slot + 1 else 0.0
+            self._max_now, self._max_slot = 0.0, slot
+        self._max_now = max(self._max_now, filtered)
+        return filtered
+
+
+class WritePacer:
+    """Spaces the node's writes so that the queueing delay of deliveries stays near `target`.
+
+    Each delivery's filtered queueing delay (`QueueingDelay`) stretches the interval
+    between two local writes in proportion to how far it is above the target, and shrinks
+    it as far as it is below, a little per sample (LEDBAT adjusts its window the same way);
+    the interval is 0 (no pacing) until the delay first passes the target. A write waits
+    for its turn in `wait_turn`. Smooth on purpose: the delay shows only once the queue has
+    formed, and stop-and-go pauses overshoot both ways.
+    """
+
+    #: Per-sample gain: at twice the target, 35 samples double the interval.
+    GAIN = 0.02
+    MIN_INTERVAL = 0.0001
+
+    def __init__(self, *, target: float, max_interval: float, rng: random.Random) -> None:
+        self.target = target
+        self.max_interval = max_interval
+        self._rng = rng
+        self.interval = 0.0
+        self._next = -math.inf
+        #: Seconds writes waited for their turn, in all.
+        self.waited = 0.0
+
+    def sample(self, queueing: float) -> None:
+        """One delivery's filtered queueing delay, in seconds."""
+        if self.target <= 0:
+            return
+        ratio = min(max((queueing - self.target) / self.target, -1.0), 4.0)
+        if ratio > 0:
+            interval = max(self.interval, self.MIN_INTERVAL) * (1 + self.GAIN * ratio)
+            self.interval = min(interval, self.max_interval)
+        elif self.interval:
+            self.interval *= 1 + self.GAIN * ratio
+            if self.interval < self.MIN_INTERVAL:
+                self.interval = 0.0
+
+    async def wait_turn(self) -> None:
+        """Return at this write's turn (a checkpoint either way)."""
+        now = trio.current_time()
+        turn = max(now, self._next)
+        # Jittered +-50%: paced alike, the writers of all nodes would fall into step and
+        # broadcast all at once.
+        self._next = turn + self.interval * (0.5 + self._rng.random())
+        if turn > now:
+            self.waited += turn - now
+            await trio.sleep_until(turn)
+        else:
+            await trio.lowlevel.checkpoint()
+
+
 # --- fair inbox ----------------------------------------------------------------------------
+
+
+#: Told when an input that carried link credit leaves a `FairInbox` (source, credit).
+OnTaken = Callable[[Hashable, int], None]
 
 
 @attrs.define(eq=False)
 class _SourceQueue(Generic[T]):
-    items: collections.deque[tuple[T, int]] = attrs.Factory(collections.deque)
+    #: (input, size, credit) in arrival order.
+    items: collections.deque[tuple[T, int, int]] = attrs.Factory(collections.deque)
     bytes: int = 0
     room: ParkingLot = attrs.Factory(ParkingLot)
 
@@ -181,13 +315,29 @@ class FairInbox(Generic[T]):
     with nothing waiting is always admitted one input (so one large frame always fits).
     `put_forced` admits regardless, for producers that already waited elsewhere. `get`
     takes from the sources in turn, so one busy source cannot delay the others by more
-    than one input each.
+    than one input each. An input may carry `credit` (the bytes of a payload message whose
+    link grants credit back once it is processed): `on_taken(source, credit)` is called
+    when it leaves the inbox.
     """
 
-    def __init__(self, *, source_items: int, source_bytes: int, total_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        source_items: int,
+        source_bytes: int,
+        total_bytes: int,
+        pressure: Pressure | None = None,
+        high_items: int = 0,
+        on_taken: OnTaken | None = None,
+    ) -> None:
+        self._on_taken = on_taken
         self.source_items = source_items
         self.source_bytes = source_bytes
         self.total_bytes = total_bytes
+        #: With `pressure`: held while `high_items` or more inputs wait (the consumer is
+        #: behind: producers that can wait should).
+        self._pressure = pressure
+        self._high_items = high_items
         self._queues: dict[Hashable, _SourceQueue[T]] = {}
         #: Sources with inputs waiting, in serving order.
         self._turns: collections.deque[Hashable] = collections.deque()
@@ -223,17 +373,17 @@ class FairInbox(Generic[T]):
             and self._bytes + size <= self.total_bytes
         )
 
-    def put_nowait(self, source: Hashable, item: T, size: int) -> bool:
+    def put_nowait(self, source: Hashable, item: T, size: int, credit: int = 0) -> bool:
         if not self.has_room(source, size):
             self.throttled += 1
             return False
-        self.put_forced(source, item, size)
+        self.put_forced(source, item, size, credit)
         return True
 
-    async def put(self, source: Hashable, item: T, size: int) -> None:
+    async def put(self, source: Hashable, item: T, size: int, credit: int = 0) -> None:
         """Queue `item`, waiting while `source` is over its share or the inbox is full."""
         await self.wait_room(source, size)
-        self.put_forced(source, item, size)
+        self.put_forced(source, item, size, credit)
 
     async def wait_room(self, source: Hashable, size: int = 0) -> None:
         """Return once `source` may queue an input of `size` bytes; a checkpoint either way.
@@ -255,24 +405,26 @@ class FairInbox(Generic[T]):
             else:
                 await self._room.park()
 
-    def put_forced(self, source: Hashable, item: T, size: int) -> None:
+    def put_forced(self, source: Hashable, item: T, size: int, credit: int = 0) -> None:
         queue = self._queues.get(source)
         if queue is None:
             queue = self._queues[source] = _SourceQueue()
         if not queue.items:
             self._turns.append(source)
-        queue.items.append((item, size))
+        queue.items.append((item, size, credit))
         queue.bytes += size
         self._items += 1
         self._bytes += size
         self._readable.unpark()
+        if self._pressure is not None and self._items >= self._high_items:
+            self._pressure.hold(self, "inbox")
 
     def get_nowait(self) -> T:
         if not self._turns:
             raise trio.WouldBlock
         source = self._turns.popleft()
         queue = self._queues[source]
-        item, size = queue.items.popleft()
+        item, size, credit = queue.items.popleft()
         queue.bytes -= size
         self._items -= 1
         was_full = self._bytes > self.total_bytes - self.source_bytes
@@ -286,6 +438,10 @@ class FairInbox(Generic[T]):
             queue.room.unpark()
         if was_full and self._room:
             self._room.unpark_all()
+        if self._pressure is not None and self._items < self._high_items:
+            self._pressure.release(self)
+        if credit and self._on_taken is not None:
+            self._on_taken(source, credit)
         return item
 
     async def get(self) -> T:

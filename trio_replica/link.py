@@ -35,17 +35,31 @@ second). `Pong` stays a valid message, so a peer that still answers is not refus
 do not count as activity for `last_activity`, so a link that carries nothing but pings is
 idle and the node closes it once membership no longer needs it.
 
-Flow control (`trio_replica.flow`). The outbox is bounded in bytes and in messages, for
-control and payload messages apart; a message is encoded when it is queued, so the bounds
-count real bytes. `send_nowait` never blocks: a payload message that does not fit is
-refused (False) and the caller decides what that means (the broadcast layer announces the
-message lazily instead; nothing is dropped here). A control message that does not fit
-means the peer has stopped reading our control traffic; dropping it would break a
-protocol exchange, so the link is failed instead. While the payload outbox is over its
-high-water mark the link holds the node's `Pressure`, which slows the node's writers; `send`
-waits for room instead. Before the node handles a frame that carries payload messages, the
-reader passes it through the node's `gate`, which may hold it while the links it would be
-forwarded on are congested: the peer is then slowed by not being read.
+Flow control (`trio_replica.flow`). Payload messages (gossip, sync chunks: the ones that
+make work at the receiver; `Message.CREDITED`) travel on credit, as HTTP/2 and QUIC streams
+do: each side grants the other a window (`window_messages`, `window_bytes`) with a `Credit` message when the link
+starts, and grants more as its node *processes* what arrived (not as it reads it). A
+sender never has more than the window unprocessed at the receiver, so the backlog waits in
+the sender's outbox, where it is counted and slows the sender's writers, instead of in
+kernel socket buffers (on loopback they grow to megabytes: with only TCP's backpressure a
+10-node cluster queued seconds of work there, and Plumtree's repair timers fired on
+payloads that were merely queued). A peer that sends payloads beyond what it was granted
+breaks the protocol and the link is failed (`flow_violation`): that is the budget that
+stops one member from flooding a node's inbox.
+
+The outbox has two queues, bounded in bytes and in messages: control messages, sent first,
+and the rest (payloads, and IHAVE announcements, which must not overtake the payloads
+queued before them: an IHAVE that did would get them grafted while they merely wait for
+credit, a duplicate each; measured in a 10-node cluster under load, it broke the tree). A
+message is encoded when it is queued, so the bounds count real bytes. `send_nowait` never
+blocks: a payload message that does not fit is refused (False) and the caller decides what
+that means (the broadcast layer announces the message lazily instead; nothing is dropped
+here; the announcement itself is never refused). A control message that does not fit
+means the peer has stopped reading our control traffic; dropping it would break a protocol exchange, so the link is failed instead. While
+the payload outbox is over its high-water mark the link holds the node's `Pressure`, which
+slows the node's writers; `send` waits for room instead. Control messages are not
+credited; a peer that floods them is slowed by not being read (the node makes the reader
+wait while that peer's share of a component's inbox is full).
 """
 
 from __future__ import annotations
@@ -69,6 +83,7 @@ from .errors import ConfigError, HandshakeError, LinkClosed, MessageTooLarge, Wi
 from .flow import Pressure
 from .messages import (
     NONCE_BYTES,
+    Credit,
     Hello,
     Message,
     Peer,
@@ -144,6 +159,13 @@ class LinkConfig:
     #: peer reads none of our control traffic: the link is failed (nothing is dropped).
     outbox_control: int = 4096
     outbox_control_bytes: int = 4 * 1024 * 1024
+    #: Payload messages and bytes a peer may have sent us and we have not processed yet
+    #: (the credit window we grant; module docstring). Small: on one machine or a LAN the
+    #: link needs little in flight to stay busy, and anything beyond is queueing delay that
+    #: Plumtree's timeout1 reads as a missing payload. A message larger than the byte window
+    #: still goes, alone.
+    window_messages: int = 64
+    window_bytes: int = 1024 * 1024
     #: Largest frame sent or accepted, in bytes.
     max_frame: int = DEFAULT_MAX_FRAME
     #: Malformed frames tolerated on one link before it is closed.
@@ -174,6 +196,8 @@ class LinkConfig:
             "outbox_high_bytes",
             "outbox_control",
             "outbox_control_bytes",
+            "window_messages",
+            "window_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"link.{name} must be at least 1")
@@ -382,8 +406,6 @@ class LinkFailure(Exception):
 
 
 MessageHandler = Callable[["Link", Message, int], Awaitable[None]]
-#: Called by the reader before it hands over a frame that carries payload messages.
-FrameGate = Callable[["Link"], Awaitable[None]]
 
 
 class Link:
@@ -391,8 +413,7 @@ class Link:
 
     Owned by the node: it runs `run()` in a task of the node's nursery and gets the reason
     back when the link ends. Cancelling `run()` closes the connection (shielded, bounded).
-    `pressure` (the node's) is held while the payload outbox is over its high-water mark;
-    `gate` is awaited before each frame that carries payload messages is handed over.
+    `pressure` (the node's) is held while the payload outbox is over its high-water mark.
     """
 
     def __init__(
@@ -406,7 +427,6 @@ class Link:
         stats: NodeStats,
         on_message: MessageHandler,
         pressure: Pressure | None = None,
-        gate: FrameGate | None = None,
     ) -> None:
         self.conn = conn
         self.peer = peer
@@ -416,13 +436,22 @@ class Link:
         self._stats = stats
         self._on_message = on_message
         self._pressure = pressure
-        self._gate = gate
         # Queued messages with their encoding: the bounds count real bytes, and the writer
         # only joins parts.
         self._control: collections.deque[tuple[Message, bytes]] = collections.deque()
         self._payload: collections.deque[tuple[Message, bytes]] = collections.deque()
         self._control_bytes = 0
         self._payload_bytes = 0
+        # Credit (module docstring). Ours to spend: granted by the peer, not yet used.
+        self._credit_messages = 0
+        self._credit_bytes = 0
+        # The peer's: granted to it and not yet used; received and not yet processed; and
+        # processed since our last grant.
+        self._grant_messages = config.window_messages
+        self._grant_bytes = config.window_bytes
+        self._unprocessed = 0
+        self._processed_messages = 0
+        self._processed_bytes = 0
         self._wakeup = trio.Event()
         #: Senders waiting for payload room (`send`, `wait_room`).
         self._room = trio.lowlevel.ParkingLot()
@@ -510,9 +539,14 @@ class Link:
             self._control_bytes += size
         else:
             # One payload always fits an empty outbox, whatever its size (up to a frame).
-            if self._payload and (
-                len(self._payload) >= cfg.outbox_payload
-                or self._payload_bytes + size > cfg.outbox_payload_bytes
+            # An announcement always fits: it is what a refused payload becomes.
+            if (
+                message.CREDITED
+                and self._payload
+                and (
+                    len(self._payload) >= cfg.outbox_payload
+                    or self._payload_bytes + size > cfg.outbox_payload_bytes
+                )
             ):
                 return False
             self._payload.append((message, part))
@@ -547,6 +581,57 @@ class Link:
             and self._payload_bytes + size <= cfg.outbox_high_bytes
         )
 
+    def processed(self, size: int) -> None:
+        """The node is done with one payload message of `size` bytes from this peer (handled,
+        or discarded): it may send another. Grants go back in batches (module docstring)."""
+        cfg = self.config
+        self._unprocessed -= 1
+        self._processed_messages += 1
+        self._processed_bytes += size
+        if (
+            4 * self._processed_messages >= cfg.window_messages
+            or 4 * self._processed_bytes >= cfg.window_bytes
+            or (
+                # Nothing of the peer's left here and its grant is running low: it may be
+                # waiting for this grant, so it goes now rather than with the next batch.
+                self._unprocessed == 0
+                and (
+                    2 * self._grant_messages < cfg.window_messages
+                    or 2 * self._grant_bytes < cfg.window_bytes
+                )
+            )
+        ):
+            self._grant(self._processed_messages, self._processed_bytes)
+            self._processed_messages = self._processed_bytes = 0
+
+    def _grant(self, messages: int, size: int) -> None:
+        if self._closed:
+            return
+        self._grant_messages += messages
+        self._grant_bytes += size
+        # Straight into the control queue: a retired link (no longer sent on) must still
+        # grant credit, since the peer may still be sending on it.
+        credit = Credit(messages, size)
+        part = encode_message(credit)
+        self._control.append((credit, part))
+        self._control_bytes += len(part)
+        self._wakeup.set()
+
+    def _spend_grant(self, size: int) -> None:
+        """The peer sent us a payload message: it must have had the credit for it."""
+        self._grant_messages -= 1
+        self._grant_bytes -= size
+        self._unprocessed += 1
+        # A message may overdraw the byte grant by less than one frame (the sender needs
+        # only some credit left to send it), never the message grant.
+        if self._grant_messages < 0 or self._grant_bytes <= -self.config.max_frame:
+            self._stats.reject("flow_violation")
+            raise LinkFailure(
+                "flow_violation",
+                f"{self.peer} sent payloads beyond the credit we granted "
+                f"({-self._grant_messages} messages, {-self._grant_bytes} bytes over)",
+            )
+
     def drain_queue(self) -> list[Message]:
         """Take every queued message out (to move them to another link to the same peer)."""
         out = [message for message, _ in (*self._control, *self._payload)]
@@ -565,6 +650,9 @@ class Link:
     async def run(self) -> str:
         """Run the reader and writer until the link ends; return why it ended."""
         reason = "closed"
+        # Our window, granted before anything else goes out.
+        self._grant_messages = self._grant_bytes = 0
+        self._grant(self.config.window_messages, self.config.window_bytes)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader)
@@ -579,6 +667,11 @@ class Link:
             self._room.unpark_all()
             if self._pressure is not None:
                 self._pressure.release(self)
+            for message, _ in self._payload:
+                # Waiting for credit the peer never gave: the link is gone, so are they.
+                self._stats.drop("link_closed", message)
+            self._payload.clear()
+            self._payload_bytes = 0
             with trio.move_on_after(self.config.close_timeout) as cleanup:
                 cleanup.shield = True
                 await self.conn.aclose()
@@ -630,21 +723,30 @@ class Link:
                 continue
             self._handing_over = True
             try:
-                if self._gate is not None and any(not m.CONTROL for m, _ in messages):
-                    # Payloads are forwarded on other links: while those are congested, not
-                    # reading is how this peer is slowed (bounded by the gate itself).
-                    await self._gate(self)
                 for message, size in messages:
                     self._stats.message_received(message, size)
-                    if type(message) in _LIVENESS:
+                    kind = type(message)
+                    if kind in _LIVENESS:
                         # The frame refreshed last_received; that is all a ping is for.
                         continue
+                    if kind is Credit:
+                        assert isinstance(message, Credit)
+                        self._on_credit(message)
+                        continue
+                    if message.CREDITED:
+                        self._spend_grant(size)
                     self.last_activity = now
                     await self._on_message(self, message, size)
             finally:
                 self._handing_over = False
                 # Waiting for a busy component is our delay, not the peer's silence.
                 self.last_received = trio.current_time()
+
+    def _on_credit(self, credit: Credit) -> None:
+        self._credit_messages += credit.messages
+        self._credit_bytes += credit.size
+        if self._payload:
+            self._wakeup.set()
 
     def _take_batch(self) -> list[bytes]:
         """Pop messages, control first, while their encoded sizes fit in one frame.
@@ -660,6 +762,8 @@ class Link:
             while queue:
                 message, part = queue[0]
                 size = len(part)
+                if message.CREDITED and (self._credit_messages < 1 or self._credit_bytes <= 0):
+                    break  # no credit: the rest waits here, counted, until the peer grants
                 if size > budget:
                     if parts:
                         break
@@ -675,6 +779,9 @@ class Link:
                     continue
                 queue.popleft()
                 self._account_taken(control, size)
+                if message.CREDITED:
+                    self._credit_messages -= 1
+                    self._credit_bytes -= size
                 budget -= size
                 parts.append(part)
                 self._stats.message_sent(message, size)

@@ -22,7 +22,7 @@ class Membership(Component):
     """Owns the HyParView core of a node; its task is supervised (see `Component`)."""
 
     def __init__(self, node: Node, core: HyParView) -> None:
-        super().__init__("membership", flow=node.config.flow)
+        super().__init__("membership", flow=node.config.flow, on_taken=node.input_processed)
         self.node = node
         self.core = core
 

@@ -68,13 +68,16 @@ class MessageId:
 
 
 class Message:
-    """Base class of every message; `KIND` is its wire number, `CONTROL` its priority.
+    """Base class of every message; `KIND` is its wire number.
 
-    Control messages go ahead of payload messages in a link's outbox (SPEC section 3).
+    `CONTROL` is its priority: control messages go ahead of the others in a link's outbox
+    (SPEC section 3). `CREDITED` messages (payloads: they make real work at the receiver)
+    are sent only on the receiver's credit (flow control, link.py).
     """
 
     KIND: ClassVar[int]
     CONTROL: ClassVar[bool] = True
+    CREDITED: ClassVar[bool] = False
     __slots__ = ()
 
 
@@ -95,6 +98,17 @@ class Pong(Message):
 
     KIND: ClassVar[int] = 2
     nonce: int
+
+
+@attrs.frozen
+class Credit(Message):
+    """Flow control: the sender may send us `messages` more payload messages and `size`
+    more bytes of them (link.py). Sent once at the start of a link (the window), then as we
+    process what arrived."""
+
+    KIND: ClassVar[int] = 3
+    messages: int
+    size: int
 
 
 # --- HyParView ------------------------------------------------------------------------
@@ -178,6 +192,7 @@ class Gossip(Message):
 
     KIND: ClassVar[int] = 20
     CONTROL: ClassVar[bool] = False
+    CREDITED: ClassVar[bool] = True
     id: MessageId
     round: int
     tag: str
@@ -186,26 +201,38 @@ class Gossip(Message):
 
 @attrs.frozen
 class IHave(Message):
-    """Lazy announcements, batched: each entry is a message id and the round it was seen at."""
+    """Lazy announcements, batched: each entry is a message id and the round it was seen at.
+
+    Not a control message: it waits behind the payloads queued before it on its link, so
+    that it never overtakes them (an announcement that did would get them grafted while
+    they only queue: link.py). It needs no credit and is never refused.
+    """
 
     KIND: ClassVar[int] = 21
+    CONTROL: ClassVar[bool] = False
     entries: tuple[tuple[MessageId, int], ...]
 
 
 @attrs.frozen
 class Graft(Message):
-    """Ask the peer to send the payload of `id` and to put us back in its eager set."""
+    """Ask the peer to put us back in its eager set and to send the payload of `id`.
+
+    With `link_only`, the sender holds the payload and asks for the link alone, in the tree
+    of `id`'s origin (the paper's GRAFT(null) of its optimisation, and our regraft).
+    """
 
     KIND: ClassVar[int] = 22
     id: MessageId
     round: int
+    link_only: bool = False
 
 
 @attrs.frozen
 class Prune(Message):
-    """The sender moved us to its lazy set; we do the same with it."""
+    """The sender moved us to its lazy set for `origin`'s messages; we do the same with it."""
 
     KIND: ClassVar[int] = 23
+    origin: str
 
 
 # --- replica instances (direct messages, not broadcast) -------------------------------------
@@ -231,6 +258,7 @@ class SyncChunk(Message):
 
     KIND: ClassVar[int] = 31
     CONTROL: ClassVar[bool] = False
+    CREDITED: ClassVar[bool] = True
     name: str
     sync_id: int
     seq: int

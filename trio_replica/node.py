@@ -358,6 +358,7 @@ class Node:
             raise NodeClosed("the node is closing")
         await self.pressure.wait_clear("writer")
         await self.broadcaster.wait_room(LOCAL)
+        await self.broadcaster.pacer.wait_turn()
         if self._closing:
             raise NodeClosed("the node is closing")
 
@@ -480,6 +481,9 @@ class Node:
                 "membership": self.membership.throttled,
                 "broadcast": self.broadcaster.throttled,
             },
+            "queueing_delay_ms": round(self.broadcaster.delay.current_ms, 1),
+            "write_interval_ms": round(self.broadcaster.pacer.interval * 1000, 3),
+            "paced_seconds": round(self.broadcaster.pacer.waited, 3),
             **self.stats_counters.flow,
         }
         return out
@@ -788,24 +792,7 @@ class Node:
             stats=self.stats_counters,
             on_message=self._on_message,
             pressure=self.pressure if node_link else None,
-            gate=self._gate if node_link else None,
         )
-
-    async def _gate(self, link: Link) -> None:
-        """Hold a frame of payloads while the links they go to are congested (bounded).
-
-        The payloads would be forwarded on every eager link but `link` itself: while one of
-        those (or a replica's delivery buffer) is over its mark, not reading `link` is what
-        slows its peer down, hop by hop back to the writers. The bound breaks the cycles in
-        which congested peers would wait for each other; what then does not fit a link is
-        announced lazily (README "Flow control").
-        """
-        if self.pressure.is_clear(exclude=link):
-            return
-        with trio.move_on_after(self.config.flow.forward_wait_max) as scope:
-            await self.pressure.wait_clear("forward", exclude=link)
-        if scope.cancelled_caught:
-            self.stats_counters.flow["forward_wait_expired"] += 1
 
     def _register(self, link: Link, dial: _Dial | None = None) -> None:
         """Make `link` the link to its peer, resolving a duplicate, and flush queued sends."""
@@ -914,14 +901,17 @@ class Node:
         # the backpressure on a peer that floods us.
         if kind in _BROADCAST_KINDS:
             broadcaster = self.broadcaster
+            credit = 0
             if isinstance(message, Gossip):
                 run = broadcaster.receive_gossip(peer, message)
                 if run is None:
+                    link.processed(size)  # refused: done with it
                     return
+                credit = size
             else:
                 run = broadcaster.receive(peer, message)
-            if not broadcaster.post_nowait(run, source=link, size=size):
-                await broadcaster.post(run, source=link, size=size)
+            if not broadcaster.post_nowait(run, source=link, size=size, credit=credit):
+                await broadcaster.post(run, source=link, size=size, credit=credit)
         elif kind in _MEMBERSHIP_KINDS:
             core = self.membership.core
 
@@ -936,11 +926,18 @@ class Node:
             if replica is None:
                 # Not an error of the peer: it hosts a map this node does not (yet) open.
                 self.stats_counters.drop(f"no_such_replica:{kind.__name__}")
+                if isinstance(message, SyncChunk):
+                    link.processed(size)
             else:
                 await replica.deliver_direct(link, peer, message, size)
         else:
             self.stats_counters.reject("unexpected_kind")
             log.warning("node %s: unexpected %s from %s", self.id, kind.__name__, peer)
+
+    def input_processed(self, source: object, credit: int) -> None:
+        """A payload input from `source` left a component's inbox: grant its link credit."""
+        if isinstance(source, Link):
+            source.processed(credit)
 
     # --- background tasks ---------------------------------------------------------------
 

@@ -21,9 +21,10 @@ What the driver does (SPEC section 8, with the seed's flaws fixed):
   never when a live peer was merely evicted from the active view (barrel_p2p drops a live
   node's data there).
 * **Recovery**: when a subscription reports `Resubscribed` (its source crashed and came
-  back) or `Lagged` (deliveries were lost: the driver fell behind, or a broadcast could not
-  be fetched), the driver asks every peer for a full sync to recover what it missed;
-  several such notices within `resync_interval` cost one round of pulls.
+  back), the driver asks every peer for a full sync to recover what it missed. On `Lagged`
+  (deliveries were lost: the driver fell behind, or a broadcast could not be fetched) it
+  pulls from one random peer, which holds what the cluster broadcast; several such notices
+  within `resync_interval` cost one pull.
 * **Anti-entropy** (when the owner asks for it): every interval, with +-25% integer jitter
   so nodes do not sync in lockstep, pull a full sync from one random peer.
 * **Full sync** travels as direct `SyncRequest` / `SyncChunk` messages, not through
@@ -70,6 +71,9 @@ log = logging.getLogger("trio_replica.replica")
 
 #: Broadcast tags of replica instances start with this; applications should not use it.
 TAG_PREFIX = "replica/"
+#: Inputs handled (and deliveries moved to the inbox) per wake-up of a driver's tasks: a
+#: wake-up per delivery made a busy driver fall behind its own broadcast component.
+DRAIN_BATCH = 64
 
 
 @runtime_checkable
@@ -227,6 +231,7 @@ class Replica:
             source_items=config.inbox_size,
             source_bytes=config.inbox_bytes,
             total_bytes=config.inbox_bytes,
+            on_taken=node.input_processed,
         )
         self._sync_ids = 0
         self.anti_entropy = bool(getattr(callbacks, "anti_entropy", False))
@@ -288,8 +293,10 @@ class Replica:
         is slowed rather than its sync chunks dropped.
         """
         item = ("direct", (peer, message))
-        if not self._inbox.put_nowait(source, item, size):
-            await self._inbox.put(source, item, size)
+        # A sync chunk is a payload: its link grants credit once the driver takes it.
+        credit = size if isinstance(message, SyncChunk) else 0
+        if not self._inbox.put_nowait(source, item, size, credit):
+            await self._inbox.put(source, item, size, credit)
 
     # --- running --------------------------------------------------------------------------
 
@@ -314,9 +321,16 @@ class Replica:
                     for peer in list(self.peers.values()):
                         await self._send_full_sync(peer)
                     task_status.started()
+                    inbox = self._inbox
                     while True:
-                        kind, data = await self._inbox.get()
+                        kind, data = await inbox.get()
                         await self._handle(kind, data)
+                        for _ in range(DRAIN_BATCH):
+                            try:
+                                kind, data = inbox.get_nowait()
+                            except trio.WouldBlock:
+                                break
+                            await self._handle(kind, data)
         finally:
             self.node.forget_replica(self)
             self.closed.set()
@@ -332,9 +346,23 @@ class Replica:
             self.tag, buffer=self.config.delivery_buffer, backpressure=True
         ) as sub:
             task_status.started()
-            async for item in sub:
-                size = len(item.payload) if isinstance(item, Delivery) else 0
-                await self._inbox.put("delivery", ("delivery", item), size)
+            inbox = self._inbox
+            while True:
+                try:
+                    batch = [await sub.receive()]
+                except trio.EndOfChannel:
+                    return
+                # What is already buffered moves in the same wake-up.
+                while len(batch) < DRAIN_BATCH:
+                    try:
+                        batch.append(sub.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                for item in batch:
+                    size = len(item.payload) if isinstance(item, Delivery) else 0
+                    entry = ("delivery", item)
+                    if not inbox.put_nowait("delivery", entry, size):
+                        await inbox.put("delivery", entry, size)
 
     async def _pump_membership(self, *, task_status: trio.TaskStatus[None]) -> None:
         async with self.node.events() as events:
@@ -349,7 +377,7 @@ class Replica:
             await self._inbox.put("tick", ("anti_entropy", None), 0)
 
     async def _resyncs(self) -> None:
-        """Pull from every peer after notices of loss, at most once per `resync_interval`."""
+        """Pull from a peer after notices of loss, at most once per `resync_interval`."""
         while True:
             await self._resync_wanted.wait()
             self._resync_wanted = trio.Event()
@@ -367,7 +395,8 @@ class Replica:
             elif kind == "anti_entropy":
                 self._anti_entropy_pull()
             elif kind == "resync":
-                self._request_sync_from_all()
+                # Deltas the cluster had were lost on the way here: any one peer holds them.
+                self._pull_from_one()
             elif kind == "push":
                 await self._send_full_sync(data)
         except (WireError, MessageTooLarge) as exc:
@@ -441,10 +470,14 @@ class Replica:
         await self.callbacks.apply_full_sync(self.name, items)
 
     def _anti_entropy_pull(self) -> None:
+        if self._pull_from_one():
+            self.stats.anti_entropy_pulls += 1
+
+    def _pull_from_one(self) -> bool:
         if not self.peers:
-            return
-        self.stats.anti_entropy_pulls += 1
+            return False
         self.request_sync(self._rng.choice(sorted(self.peers.values())))
+        return True
 
     def _request_sync_from_all(self) -> None:
         for peer in list(self.peers.values()):

@@ -75,6 +75,16 @@ class Subscription(Generic[T]):
             await trio.sleep(backoff)
             backoff = min(backoff * 2, self.backoff_max)
 
+    def receive_nowait(self) -> T | Lagged:
+        """An event already buffered, or `trio.WouldBlock` (also while re-attaching: the
+        async `receive` does that)."""
+        if self._feed is None:
+            raise trio.WouldBlock
+        try:
+            return self._feed.receive_nowait()
+        except trio.EndOfChannel:
+            raise trio.WouldBlock from None
+
     def __aiter__(self) -> Subscription[T]:
         return self
 

@@ -41,6 +41,7 @@ from .messages import (
     U64,
     ControlReply,
     ControlRequest,
+    Credit,
     Disconnect,
     ForwardJoin,
     Gossip,
@@ -67,7 +68,9 @@ from .messages import (
 )
 
 #: Version of the message protocol; a frame with another version is refused.
-PROTOCOL_VERSION = 1
+#: 2: payload messages are flow-controlled by `Credit` (a version 1 peer sends none, so a
+#: version 2 node would never send it payloads: the handshake refuses the mismatch).
+PROTOCOL_VERSION = 2
 #: Default largest frame accepted or sent, in bytes (one payload plus a little framing).
 DEFAULT_MAX_FRAME = 1024 * 1024 + 4096
 #: Nesting allowed in a frame: frame > message > field > entry > id, plus payload headroom.
@@ -341,6 +344,12 @@ _Decoder = Callable[[list[Any], int], Message]
 _DECODERS: dict[int, tuple[int, _Decoder]] = {
     Ping.KIND: (1, lambda f, _: Ping(check_int(f[0], 0, U64, "nonce"))),
     Pong.KIND: (1, lambda f, _: Pong(check_int(f[0], 0, U64, "nonce"))),
+    Credit.KIND: (
+        2,
+        lambda f, _: Credit(
+            check_int(f[0], 0, 2**32 - 1, "messages"), check_int(f[1], 0, 2**48, "size")
+        ),
+    ),
     Join.KIND: (0, lambda f, _: Join()),
     ForwardJoin.KIND: (
         2,
@@ -373,10 +382,14 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
     ),
     IHave.KIND: (1, lambda f, _: IHave(_ihave_entries(f[0]))),
     Graft.KIND: (
-        2,
-        lambda f, _: Graft(check_message_id(f[0]), check_int(f[1], 0, MAX_ROUND, "round")),
+        3,
+        lambda f, _: Graft(
+            check_message_id(f[0]),
+            check_int(f[1], 0, MAX_ROUND, "round"),
+            check_bool(f[2], "link only"),
+        ),
     ),
-    Prune.KIND: (0, lambda f, _: Prune()),
+    Prune.KIND: (1, lambda f, _: Prune(check_str(f[0], MAX_NODE_ID, "origin"))),
     SyncRequest.KIND: (1, lambda f, _: SyncRequest(check_str(f[0], MAX_TAG, "name"))),
     SyncChunk.KIND: (
         5,

@@ -62,13 +62,11 @@ with the published rule), while evenly spread origins rarely do (11 runs in 16 a
 and all 16 on 1-3 ms links; none with the published rule).
 
 The paper's optimisation GRAFT carries no message id, because the grafted peer must not
-resend a payload we hold. Our `Graft` has a mandatory id, so we get the same effect on the
-existing wire: the optimising node first sends the announcer an IHAVE for the id (with
-anything else queued for it), then the GRAFT, on the same FIFO link; a node that receives a
-GRAFT for an id the grafter announced to it restores the link and sends no payload. Should
-the payload come anyway (a driver that reorders control messages), that one copy is
-recognised and dropped without a PRUNE, which would undo the optimisation. A nullable
-`Graft.id` on the wire would make this explicit.
+resend a payload we hold. Ours says so with `Graft.link_only`, and keeps the id, whose
+origin names the tree the link joins. (It used to be implied by an IHAVE for the id sent
+just before on the same link; IHAVEs now wait behind payloads, so the GRAFT overtook it.)
+Should a payload come anyway, that one copy is recognised and dropped without a PRUNE,
+which would undo the optimisation.
 
 Peers outside the sets. The driver adds and removes neighbours from membership events, and
 a message can race with them. A message from a peer in neither set is handled without
@@ -84,8 +82,39 @@ has room. The peer stays eager (the link is slow, not redundant). A GRAFT answer
 cannot be queued is deferred the same way, and an announcer that answers a GRAFT with an
 IHAVE goes back among the announcers to graft (`_on_ihave`). No push is ever dropped
 without the peer hearing of the message; what a node gives up on (every announcer grafted
-in vain, or the missing table full) is reported with an `Abandoned` event so that the
-layers above repair it (a replica pulls a sync).
+in vain, or the missing table full) and still lacks `abandon_grace` later is reported with
+an `Abandoned` event so that the layers above repair it (a replica pulls a sync). The grace
+matters under load: repair timers then give up on payloads that are only slow, and most of
+them arrive after all (a 10-node cluster at full write rate gave up on thousands).
+
+One tree per origin. The paper's nodes keep one eager set for every sender, and evaluate
+it with one broadcast at a time. When broadcasts from several origins overlap, each
+prunes the link that was slower *for it*: in a cycle of the overlay, messages entering
+from different sides prune different links, and together they cut the tree apart, which
+GRAFTs then repair with duplicates (Riak's broadcast, which keeps one tree per root, met
+the same: basho/riak_core#378). A 10-node cluster with a writer on every node ran at RMR
+0.8-1.0 this way with no queue anywhere. So each origin has its own eager and lazy sets
+(`_Tree`), and PRUNE names the origin whose tree the link leaves: a prune is the one rule
+by which origins interfere, and it applies to that origin's tree only. A repair GRAFT
+(timeout1 fired: the grafter lacks the payload) restores connectivity, which every tree
+needs, so it applies to every tree on both ends: one repair after a failure serves all
+origins, as with one shared tree, and the cycles it may add to other origins' trees are
+pruned by their own next duplicates. A link-only GRAFT (a regraft, or the optimisation;
+the receiver knows it by the IHAVE for the id that precedes it) adjusts one origin's tree
+and applies to it alone: made global, the regrafts of a busy cluster added a cycle to
+every tree each, and cost about one duplicate per origin. A shared tree is kept
+as before, changed by every prune and graft: it is what a new origin's tree starts from
+(so with one broadcast at a time, the paper's setting, nothing changes), and what `eager`
+and `lazy` report. At most `max_origin_trees` origins have a tree of their own, the least
+recently used forgotten first.
+
+Queueing is not loss. Under load a payload can spend longer in queues (outboxes waiting for
+credit, inboxes) than timeout1, while IHAVEs, which are small and never wait behind
+payloads, arrive on time: every such payload is then grafted as well, each graft answer is
+one more payload in the same queues, and the delay feeds itself (a 10-node cluster with a
+writer per node: as many GRAFTs as deliveries, queueing growing to seconds, RMR 1.3). The
+runtime measures the queueing delay of deliveries and hands it to `set_delay_allowance`;
+timeout1 and timeout2 armed from then on are longer by that allowance.
 
 Memory is bounded everywhere a peer can make it grow: payload cache (count, bytes and
 age), seen ids (count and age, kept longer than payloads so late duplicates are still
@@ -121,6 +150,7 @@ from ..messages import (
 from .effects import Effect, Emit, Send, SetTimer
 
 __all__ = [
+    "AbandonTimer",
     "FlushTimer",
     "GraftTimer",
     "Plumtree",
@@ -182,8 +212,17 @@ class PlumtreeConfig:
     #: most timeout1 + (announcers * timeout2); a flood of bogus IHAVEs beyond this bound is
     #: dropped and counted rather than allowed to grow memory and timers.
     missing_max_messages: int = 8192
+    #: A message given up on (every announcer grafted in vain, or no room to track it) is
+    #: reported `Abandoned` only if it is still missing this long after: under load a
+    #: payload can arrive after its repair timers gave up. Ids waiting for this are bounded
+    #: by `missing_max_messages`; beyond it they are reported at once.
+    abandon_grace: float = 10.0
     #: Most entries in one IHAVE; a fuller batch is sent at once (the wire limit by default).
     max_ihave_entries: int = MAX_IHAVE_ENTRIES
+    #: Origins with a tree of their own (module docstring); the least recently used beyond
+    #: this bound fall back to a copy of the shared tree when they broadcast again. Each
+    #: costs two small sets of neighbours.
+    max_origin_trees: int = 1024
     #: False turns Plumtree into flooding over the active view, the baseline of both papers
     #: (HyParView section 5, SRDS 2007 section 4): a duplicate never prunes its link, so
     #: every link stays eager and every node forwards each payload to all its neighbours
@@ -192,7 +231,13 @@ class PlumtreeConfig:
     prune: bool = True
 
     def __attrs_post_init__(self) -> None:
-        for name in ("ihave_timeout", "graft_timeout", "cache_max_age", "seen_max_age"):
+        for name in (
+            "ihave_timeout",
+            "graft_timeout",
+            "cache_max_age",
+            "seen_max_age",
+            "abandon_grace",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"plumtree {name} must be a positive number, got {value!r}")
@@ -206,6 +251,7 @@ class PlumtreeConfig:
             "cache_max_messages",
             "cache_max_bytes",
             "missing_max_messages",
+            "max_origin_trees",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"plumtree {name} must be >= 1, got {getattr(self, name)!r}")
@@ -253,6 +299,10 @@ class PlumtreeStats:
     grafts_without_payload: int = 0
     #: Missing messages given up on: every announcer was grafted and none answered.
     missing_abandoned: int = 0
+    #: Of those (and of the dropped ones), delivered within `abandon_grace` after all...
+    late_after_abandon: int = 0
+    #: ... and still missing then: reported with an `Abandoned` event.
+    reported_lost: int = 0
     #: IHAVE entries dropped because the missing table was full.
     missing_dropped: int = 0
     #: Eager pushes the runtime could not queue, announced lazily instead.
@@ -261,12 +311,17 @@ class PlumtreeStats:
     deferred_uncached: int = 0
     #: Announcers grafted again because they answered a GRAFT with an IHAVE (no room).
     regraft_after_deferral: int = 0
+    #: Copies that arrived after we had repaired their message with a GRAFT: the repair was
+    #: premature (the payload was on its way), a sign that timeout1 is short for the load.
+    copies_after_repair: int = 0
     from_non_neighbors: int = 0
     stale_timers: int = 0
     #: Largest hop count delivered so far (last delivery hop, LDH).
     max_hops: int = 0
     cache_size: int = 0
     cache_bytes: int = 0
+    #: Origins with a tree of their own.
+    origin_trees: int = 0
     seen_size: int = 0
     missing_size: int = 0
 
@@ -286,7 +341,14 @@ class FlushTimer:
     token: int
 
 
-PlumtreeTimer = GraftTimer | FlushTimer
+@attrs.frozen
+class AbandonTimer:
+    """End of `abandon_grace` for a message given up on."""
+
+    id: MessageId
+
+
+PlumtreeTimer = GraftTimer | FlushTimer | AbandonTimer
 
 
 @attrs.define
@@ -298,6 +360,8 @@ class _Seen:
     first_from: Peer | None = None
     #: A peer we grafted for the optimisation, whose one resent copy is expected, not pruned.
     expect_copy_from: Peer | None = None
+    #: The first copy answered our repair GRAFT.
+    repaired: bool = False
 
 
 @attrs.define
@@ -326,6 +390,36 @@ class _Missing:
 
 
 @attrs.define(eq=False)
+class _Tree:
+    """The eager and lazy neighbours for the messages of one origin (or the shared ones).
+
+    Dicts as insertion-ordered sets: iteration order (hence effect order) is reproducible,
+    unlike a set of str-keyed objects under hash randomisation.
+    """
+
+    eager: dict[Peer, None] = attrs.Factory(dict)
+    lazy: dict[Peer, None] = attrs.Factory(dict)
+    #: Per announcer: consecutive payloads its earlier IHAVE beat by the threshold.
+    streaks: dict[Peer, int] = attrs.Factory(dict)
+
+    def make_eager(self, peer: Peer) -> None:
+        self.lazy.pop(peer, None)
+        self.eager[peer] = None
+
+    def make_lazy(self, peer: Peer) -> None:
+        self.eager.pop(peer, None)
+        self.lazy[peer] = None
+
+    def forget(self, peer: Peer) -> None:
+        self.eager.pop(peer, None)
+        self.lazy.pop(peer, None)
+        self.streaks.pop(peer, None)
+
+    def copy(self) -> _Tree:
+        return _Tree(dict(self.eager), dict(self.lazy))
+
+
+@attrs.define(eq=False)
 class Plumtree:
     """The Plumtree state of one node. Not thread-safe; driven by one task.
 
@@ -339,31 +433,38 @@ class Plumtree:
     config: PlumtreeConfig
     rng: random.Random = attrs.field(repr=False)
     stats: PlumtreeStats = attrs.field(init=False, factory=PlumtreeStats)
-    # dicts as insertion-ordered sets: iteration order (hence effect order) is reproducible,
-    # unlike a set of str-keyed objects under hash randomisation.
-    _eager: dict[Peer, None] = attrs.field(init=False, factory=dict)
-    _lazy: dict[Peer, None] = attrs.field(init=False, factory=dict)
+    #: The shared tree: every neighbour, eager or lazy (module docstring).
+    _shared: _Tree = attrs.field(init=False, factory=_Tree)
+    #: One tree per origin, least recently used first.
+    _trees: OrderedDict[str, _Tree] = attrs.field(init=False, factory=OrderedDict)
     _seen: OrderedDict[MessageId, _Seen] = attrs.field(init=False, factory=OrderedDict)
     _cache: OrderedDict[MessageId, _Cached] = attrs.field(init=False, factory=OrderedDict)
     _cache_bytes: int = attrs.field(init=False, default=0)
     _missing: dict[MessageId, _Missing] = attrs.field(init=False, factory=dict)
+    #: Messages given up on, waiting for `abandon_grace` before they are reported.
+    _given_up: dict[MessageId, None] = attrs.field(init=False, factory=dict)
     _batches: dict[Peer, list[tuple[MessageId, int]]] = attrs.field(init=False, factory=dict)
     _flush_token: int | None = attrs.field(init=False, default=None)
     _last_token: int = attrs.field(init=False, default=0)
-    #: Per announcer: consecutive payloads its earlier IHAVE beat by the threshold.
-    _streaks: dict[Peer, int] = attrs.field(init=False, factory=dict)
+    #: Added to timeout1 and timeout2 (`set_delay_allowance`).
+    _allowance: float = attrs.field(init=False, default=0.0)
 
     # --- read-only views ------------------------------------------------------------------
 
     @property
     def eager(self) -> frozenset[Peer]:
-        """Peers that receive whole payloads (the tree links)."""
-        return frozenset(self._eager)
+        """Peers that receive whole payloads in the shared tree (module docstring)."""
+        return frozenset(self._shared.eager)
 
     @property
     def lazy(self) -> frozenset[Peer]:
-        """Peers that receive only IHAVE announcements."""
-        return frozenset(self._lazy)
+        """Peers that receive only IHAVE announcements in the shared tree."""
+        return frozenset(self._shared.lazy)
+
+    def eager_for(self, origin: str) -> frozenset[Peer]:
+        """The eager peers for the messages of `origin` (its tree, or the shared one)."""
+        tree = self._trees.get(origin, self._shared)
+        return frozenset(tree.eager)
 
     def set_prune(self, enabled: bool) -> None:
         """Switch between Plumtree (True) and flooding over the same links (False).
@@ -375,8 +476,16 @@ class Plumtree:
         """
         self.config = attrs.evolve(self.config, prune=enabled)
         if not enabled:
-            for peer in list(self._lazy):
-                self._make_eager(peer)
+            for tree in (self._shared, *self._trees.values()):
+                for peer in list(tree.lazy):
+                    tree.make_eager(peer)
+
+    def set_delay_allowance(self, seconds: float) -> None:
+        """Lengthen timeout1 and timeout2 armed from now on by `seconds` (module docstring):
+        the queueing delay the runtime measures, so that queued payloads are not grafted."""
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"delay allowance must be a finite number >= 0, got {seconds!r}")
+        self._allowance = seconds
 
     def has_seen(self, id: MessageId) -> bool:
         """Whether `id` was delivered here and is still remembered."""
@@ -387,7 +496,8 @@ class Plumtree:
     def neighbor_up(self, peer: Peer, now: float) -> list[Effect]:
         """`peer` entered the active view: it starts eager (Algorithm 1, NeighborUp)."""
         self._expire(now)
-        self._make_eager(peer)
+        for tree in (self._shared, *self._trees.values()):
+            tree.make_eager(peer)
         return self._done([])
 
     def neighbor_down(self, peer: Peer, now: float) -> list[Effect]:
@@ -398,10 +508,9 @@ class Plumtree:
         until its timer fires, so an announcer arriving meanwhile is still grafted.
         """
         self._expire(now)
-        self._eager.pop(peer, None)
-        self._lazy.pop(peer, None)
+        for tree in (self._shared, *self._trees.values()):
+            tree.forget(peer)
         self._batches.pop(peer, None)
-        self._streaks.pop(peer, None)
         for entry in self._missing.values():
             if entry.knows(peer):
                 entry.pending = deque((p, r) for p, r in entry.pending if p != peer)
@@ -436,7 +545,7 @@ class Plumtree:
         elif isinstance(message, Graft):
             effects = self._on_graft(sender, message)
         elif isinstance(message, Prune):
-            effects = self._on_prune(sender)
+            effects = self._on_prune(sender, message)
         else:
             raise TypeError(f"not a Plumtree message: {type(message).__name__}")
         return self._done(effects)
@@ -448,6 +557,8 @@ class Plumtree:
             effects = self._on_graft_timer(timer)
         elif isinstance(timer, FlushTimer):
             effects = self._on_flush_timer(timer)
+        elif isinstance(timer, AbandonTimer):
+            effects = self._on_abandon_timer(timer)
         else:
             raise TypeError(f"not a Plumtree timer: {timer!r}")
         return self._done(effects)
@@ -488,6 +599,8 @@ class Plumtree:
             # Algorithm 1, GOSSIP already received: the link closes a cycle of the tree.
             # Both ends make it lazy: we move the sender, PRUNE makes the sender move us.
             self.stats.duplicates += 1
+            if seen.repaired:
+                self.stats.copies_after_repair += 1
             if sender == seen.first_from:
                 # A second copy over the link that brought the first (a GRAFT answer
                 # crossing the eager copy): it proves no redundant path, and pruning would
@@ -500,11 +613,15 @@ class Plumtree:
                 return []
             if not neighbor or not self.config.prune:
                 return []
-            self._make_lazy(sender)
+            origin = message.id.origin
+            self._make_lazy(sender, origin)
             self.stats.prunes_sent += 1
-            return [Send(sender, Prune())]
+            return [Send(sender, Prune(origin))]
 
         # Algorithm 1, first receipt: deliver, remember, forward, keep the sender eager.
+        if message.id in self._given_up:
+            del self._given_up[message.id]
+            self.stats.late_after_abandon += 1
         hops = message.round
         self.stats.delivered += 1
         self.stats.max_hops = max(self.stats.max_hops, hops)
@@ -518,7 +635,7 @@ class Plumtree:
             holders = (*entry.grafted, *(p for p, _ in entry.pending))
             self._cache[message.id].holders.update(holders)
         effects: list[Effect] = []
-        if sender in self._lazy:
+        if sender in self._tree(message.id.origin).lazy:
             # A first copy from a lazy peer: we pruned this link while the copy was in
             # flight (the only way a lazy peer sends a payload unasked). Algorithm 1 makes
             # the sender eager again on our side only, but the sender has processed our
@@ -527,15 +644,18 @@ class Plumtree:
             # timeout1 repair. Tell the sender too (a link-only GRAFT); a later duplicate
             # prunes the cycle this may leave.
             self.stats.regrafts += 1
-            effects += self._graft_link(sender, message.id, hops + 1, hops)
+            effects += self._graft_link(sender, message.id, hops)
         if neighbor:
-            self._make_eager(sender)
+            self._make_eager(sender, message.id.origin)
         effects += self._push(forward, exclude=sender, holders=holders)
         if entry is not None and entry.pending:
             effects += self._optimise(message.id, seen, sender, hops, entry.pending)
         # Delivered goes last: the forwards are queued before the application sees the
         # message, so a slow subscriber never delays the tree.
-        effects.append(Emit(Delivered(message.id, message.tag, message.payload, hops, sender)))
+        repaired = seen.repaired = entry is not None and bool(entry.grafted)
+        effects.append(
+            Emit(Delivered(message.id, message.tag, message.payload, hops, sender, repaired))
+        )
         return effects
 
     def _on_ihave(self, sender: Peer, message: IHave) -> list[Effect]:
@@ -550,7 +670,9 @@ class Plumtree:
                 # Delivered already, so this announcer's path was not the faster one: its
                 # streak for the optimisation ends (module docstring). It holds the
                 # payload, which a GRAFT from it will tell us.
-                self._streaks.pop(sender, None)
+                tree = self._trees.get(id.origin)
+                if tree is not None:
+                    tree.streaks.pop(sender, None)
                 cached = self._cache.get(id)
                 if cached is not None:
                     cached.holders.add(sender)
@@ -559,7 +681,7 @@ class Plumtree:
             if entry is None:
                 if len(self._missing) >= self.config.missing_max_messages:
                     self.stats.missing_dropped += 1
-                    effects.append(Emit(Abandoned(id)))
+                    effects += self._give_up(id)
                     continue
                 # Algorithm 1, IHAVE for an unknown id: remember the announcer and give the
                 # eager copy timeout1 to arrive.
@@ -572,7 +694,8 @@ class Plumtree:
                 # the duplicates on those cycles, pruned concurrently by the messages in
                 # flight, can cut the tree again.
                 jitter = 1.0 + self.config.ihave_timeout_jitter * self.rng.random()
-                effects.append(SetTimer(self.config.ihave_timeout * jitter, GraftTimer(id, token)))
+                delay = self.config.ihave_timeout * jitter + self._allowance
+                effects.append(SetTimer(delay, GraftTimer(id, token)))
             elif sender in entry.grafted:
                 # We grafted it and it announced instead of sending: its link had no room
                 # for the payload (`push_deferred`). It holds the message: graft it again,
@@ -593,14 +716,20 @@ class Plumtree:
             self.stats.from_non_neighbors += 1
             return []
         # Algorithm 1, GRAFT: the link rejoins the tree; send the payload if we still have it.
-        self._make_eager(sender)
+        if message.link_only:
+            # The optimisation's GRAFT(null) of Algorithm 2, or a regraft: the grafter holds
+            # the payload and asks for the link, in this origin's tree (module docstring).
+            self._make_eager(sender, message.id.origin)
+            self.stats.grafts_without_payload += 1
+            return []
+        # A repair: the link rejoins every origin's tree (module docstring).
+        self._graft_everywhere(sender)
         cached = self._cache.get(message.id)
         if cached is None:
             self.stats.graft_misses += 1
             return []
         if sender in cached.holders:
-            # The grafter announced this id to us, so it has the payload: this is the
-            # optimisation's GRAFT(null) of Algorithm 2, asking only for the link.
+            # It announced this id to us, so it holds the payload after all.
             self.stats.grafts_without_payload += 1
             return []
         self.stats.gossip_sent += 1
@@ -609,7 +738,7 @@ class Plumtree:
         round = min(cached.hops + 1, MAX_ROUND)
         return [Send(sender, Gossip(message.id, round, cached.tag, cached.payload))]
 
-    def _on_prune(self, sender: Peer) -> list[Effect]:
+    def _on_prune(self, sender: Peer, message: Prune) -> list[Effect]:
         self.stats.prunes_received += 1
         if not self._is_neighbor(sender):
             self.stats.from_non_neighbors += 1
@@ -617,8 +746,8 @@ class Plumtree:
         if not self.config.prune:
             # Flooding: a PRUNE sent before the switch (`set_prune`) must not undo it.
             return []
-        # Algorithm 1, PRUNE: the sender dropped the link from the tree; so do we.
-        self._make_lazy(sender)
+        # Algorithm 1, PRUNE: the sender dropped the link from the origin's tree; so do we.
+        self._make_lazy(sender, message.origin)
         return []
 
     # --- timer rules ----------------------------------------------------------------------
@@ -633,26 +762,46 @@ class Plumtree:
             # over with timeout1; anti-entropy above us covers what is lost for good.
             del self._missing[timer.id]
             self.stats.missing_abandoned += 1
-            return [Emit(Abandoned(timer.id))]
+            return self._give_up(timer.id)
         # Algorithm 1, Timer(mID): GRAFT the first remaining announcer, make the link eager,
         # and give it timeout2 before the next one. The same GRAFT goes for every other
         # missing message that announcer announced: a broken link leaves a run of messages
         # missing at once, and fetching them all through the one link being restored adds
         # no second new link (each would close a cycle; see _on_ihave).
         peer = entry.pending[0][0]
-        self._make_eager(peer)
         effects: list[Effect] = []
         for id, missing in self._missing.items():
             round = next((r for p, r in missing.pending if p == peer), None)
             if round is None:
                 continue
+            self._graft_everywhere(peer)
             missing.pending = deque((p, r) for p, r in missing.pending if p != peer)
             missing.grafted.append(peer)
             missing.token = self._token()
             self.stats.grafts_sent += 1
             effects.append(Send(peer, Graft(id, round)))
-            effects.append(SetTimer(self.config.graft_timeout, GraftTimer(id, missing.token)))
+            delay = self.config.graft_timeout + self._allowance
+            effects.append(SetTimer(delay, GraftTimer(id, missing.token)))
         return effects
+
+    def _on_abandon_timer(self, timer: AbandonTimer) -> list[Effect]:
+        if timer.id not in self._given_up:
+            return []  # delivered meanwhile (counted then)
+        del self._given_up[timer.id]
+        if timer.id in self._seen or timer.id in self._missing:
+            return []  # being fetched again: its own timers decide
+        self.stats.reported_lost += 1
+        return [Emit(Abandoned(timer.id))]
+
+    def _give_up(self, id: MessageId) -> list[Effect]:
+        """Stop fetching `id`; report it lost unless it arrives within `abandon_grace`."""
+        if id in self._given_up:
+            return []
+        if len(self._given_up) >= self.config.missing_max_messages:
+            self.stats.reported_lost += 1
+            return [Emit(Abandoned(id))]
+        self._given_up[id] = None
+        return [SetTimer(self.config.abandon_grace, AbandonTimer(id))]
 
     def _on_flush_timer(self, timer: FlushTimer) -> list[Effect]:
         if timer.token != self._flush_token:
@@ -665,7 +814,8 @@ class Plumtree:
 
     def _push(self, gossip: Gossip, exclude: Peer | None, holders: Iterable[Peer]) -> list[Effect]:
         """EagerPush and LazyPush of Algorithm 1 for one message (`exclude`: its sender)."""
-        targets = [peer for peer in self._eager if peer != exclude]
+        tree = self._tree(gossip.id.origin)
+        targets = [peer for peer in tree.eager if peer != exclude]
         self.rng.shuffle(targets)
         effects: list[Effect] = [Send(peer, gossip) for peer in targets]
         self.stats.gossip_sent += len(targets)
@@ -673,7 +823,7 @@ class Plumtree:
         if exclude is not None:
             skip.add(exclude)
         entry = (gossip.id, gossip.round)
-        for peer in self._lazy:
+        for peer in tree.lazy:
             if peer in skip:
                 continue
             batch = self._batches.setdefault(peer, [])
@@ -716,42 +866,38 @@ class Plumtree:
         was `optimization_threshold` hops shorter on `optimization_streak` payloads in a row.
         """
         threshold = self.config.optimization_threshold
+        tree = self._tree(id.origin)
+        streaks = tree.streaks
         best: tuple[Peer, int] | None = None
         for peer, round in announced:
             if hops - round >= threshold:
-                self._streaks[peer] = self._streaks.get(peer, 0) + 1
+                streaks[peer] = streaks.get(peer, 0) + 1
                 if best is None or round < best[1]:
                     best = (peer, round)
             else:
-                self._streaks.pop(peer, None)
+                streaks.pop(peer, None)
         if best is None or best[0] == sender:
             return []
         announcer, round = best
-        if self._streaks[announcer] < self.config.optimization_streak:
+        if streaks[announcer] < self.config.optimization_streak:
             return []
         # The tree changes: the evidence gathered on the old one no longer holds.
-        self._streaks.clear()
+        streaks.clear()
         self.stats.optimisations += 1
-        effects = self._graft_link(announcer, id, hops + 1, round)
-        if sender in self._eager:
-            self._make_lazy(sender)
+        effects = self._graft_link(announcer, id, round)
+        if sender in tree.eager:
+            self._make_lazy(sender, id.origin)
             self.stats.prunes_sent += 1
-            effects.append(Send(sender, Prune()))
+            effects.append(Send(sender, Prune(id.origin)))
         seen.expect_copy_from = announcer
         return effects
 
-    def _graft_link(self, peer: Peer, id: MessageId, our_round: int, round: int) -> list[Effect]:
-        """GRAFT(null) of Algorithm 2 without a nullable id: make `peer` eager on both ends
-        without asking for the payload of `id`, which we hold.
-
-        The IHAVE for `id` (with whatever else is queued for `peer`) goes first on the same
-        FIFO link, so `peer` knows we hold it and answers the GRAFT with the link only.
-        """
+    def _graft_link(self, peer: Peer, id: MessageId, round: int) -> list[Effect]:
+        """GRAFT(null) of Algorithm 2: make `peer` eager on both ends, in the tree of `id`'s
+        origin, without asking for the payload of `id`, which we hold."""
         self.stats.grafts_sent += 1
-        self._make_eager(peer)
-        batch = self._batches.pop(peer, [])
-        batch.append((id, min(our_round, MAX_ROUND)))
-        return [self._ihave(peer, batch), Send(peer, Graft(id, round))]
+        self._make_eager(peer, id.origin)
+        return [Send(peer, Graft(id, round, link_only=True))]
 
     def _remember(
         self,
@@ -795,15 +941,33 @@ class Plumtree:
             self._seen.popitem(last=False)
 
     def _is_neighbor(self, peer: Peer) -> bool:
-        return peer in self._eager or peer in self._lazy
+        return peer in self._shared.eager or peer in self._shared.lazy
 
-    def _make_eager(self, peer: Peer) -> None:
-        self._lazy.pop(peer, None)
-        self._eager[peer] = None
+    def _tree(self, origin: str) -> _Tree:
+        """The tree of `origin`, started from the shared one if it has none (module docstring)."""
+        tree = self._trees.get(origin)
+        if tree is None:
+            tree = self._trees[origin] = self._shared.copy()
+            if len(self._trees) > self.config.max_origin_trees:
+                self._trees.popitem(last=False)
+        else:
+            self._trees.move_to_end(origin)
+        return tree
 
-    def _make_lazy(self, peer: Peer) -> None:
-        self._eager.pop(peer, None)
-        self._lazy[peer] = None
+    def _make_eager(self, peer: Peer, origin: str) -> None:
+        """`peer` is a tree link for `origin`'s messages (and in the shared tree)."""
+        self._tree(origin).make_eager(peer)
+        self._shared.make_eager(peer)
+
+    def _graft_everywhere(self, peer: Peer) -> None:
+        """`peer` is a tree link again for every origin (a GRAFT: module docstring)."""
+        for tree in (self._shared, *self._trees.values()):
+            tree.make_eager(peer)
+
+    def _make_lazy(self, peer: Peer, origin: str) -> None:
+        """`peer` leaves `origin`'s tree (and the shared tree)."""
+        self._tree(origin).make_lazy(peer)
+        self._shared.make_lazy(peer)
 
     def _token(self) -> int:
         self._last_token += 1
@@ -814,19 +978,26 @@ class Plumtree:
         self.stats.cache_bytes = self._cache_bytes
         self.stats.seen_size = len(self._seen)
         self.stats.missing_size = len(self._missing)
+        self.stats.origin_trees = len(self._trees)
         return effects
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the bookkeeping disagrees with itself (tests, simulations)."""
         problems: list[str] = []
-        both = self._eager.keys() & self._lazy.keys()
-        if both:
-            problems.append(f"eager and lazy at once: {sorted(both)}")
-        neighbors = self._eager.keys() | self._lazy.keys()
+        shared = self._shared
+        neighbors = shared.eager.keys() | shared.lazy.keys()
+        for origin, tree in (("shared", shared), *self._trees.items()):
+            both = tree.eager.keys() & tree.lazy.keys()
+            if both:
+                problems.append(f"eager and lazy at once in {origin}'s tree: {sorted(both)}")
+            if tree.eager.keys() | tree.lazy.keys() != neighbors:
+                problems.append(f"{origin}'s tree does not span exactly the neighbours")
+            if not tree.streaks.keys() <= neighbors:
+                problems.append("an optimisation streak kept for a non-neighbour")
+        if len(self._trees) > self.config.max_origin_trees:
+            problems.append("origin trees over their bound")
         if not self._batches.keys() <= neighbors:
             problems.append("IHAVEs queued for a non-neighbour")
-        if not self._streaks.keys() <= neighbors:
-            problems.append("an optimisation streak kept for a non-neighbour")
         if any(not batch for batch in self._batches.values()):
             problems.append("an empty IHAVE batch is queued")
         if self._batches and self._flush_token is None:
@@ -848,5 +1019,9 @@ class Plumtree:
             problems.append("seen ids over their bound")
         if len(self._missing) > self.config.missing_max_messages:
             problems.append("missing table over its bound")
+        if len(self._given_up) > self.config.missing_max_messages:
+            problems.append("given-up ids over their bound")
+        if any(id in self._seen for id in self._given_up):
+            problems.append("a delivered message is still given up")
         if problems:
             raise AssertionError(f"plumtree {self.me}: " + "; ".join(problems))

@@ -8,7 +8,7 @@ until the test's nursery ends.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import attrs
@@ -16,9 +16,11 @@ import trio
 
 from transports.memory import MemoryNetwork
 from trio_replica.config import NodeConfig
-from trio_replica.link import LinkConfig
+from trio_replica.link import Link, LinkConfig
 from trio_replica.localcluster import overlay_ok, run_node
+from trio_replica.messages import Message, Peer, Role
 from trio_replica.node import Node
+from trio_replica.stats import NodeStats
 
 
 @attrs.define
@@ -87,4 +89,83 @@ def full_views(nodes: list[Node], size: int) -> float:
 
 FAST_LINKS = LinkConfig(ping_interval=0.5, idle_timeout=2.0, linger=1.0)
 
-__all__ = ["FAST_LINKS", "Cluster", "full_views", "overlay_ok", "wait_until"]
+
+@attrs.define
+class LinkPair:
+    a: Link
+    b: Link
+    a_stats: NodeStats
+    b_stats: NodeStats
+    #: What b received (a's messages), unless another handler was given.
+    got: list[Message]
+
+
+MessageHandler = Callable[[Link, Message, int], Awaitable[None]]
+
+
+async def link_pair(
+    nursery: trio.Nursery,
+    net: MemoryNetwork,
+    config: LinkConfig,
+    *,
+    b_starts: float = 0.0,
+    stats: type[NodeStats] = NodeStats,
+    on_message: MessageHandler | None = None,
+) -> LinkPair:
+    """Two links over one memory connection, each run in `nursery`; b's may start later.
+
+    By default each side records what it receives in `got` and processes payloads at once
+    (grants their credit back); `on_message` replaces that on both sides.
+    """
+    got: list[Message] = []
+
+    async def record(link: Link, message: Message, size: int) -> None:
+        got.append(message)
+        if message.CREDITED:
+            link.processed(size)
+
+    def new_link(conn: Any, peer: str, *, outbound: bool, stats: NodeStats) -> Link:
+        return Link(
+            conn,
+            Peer(peer, f"mem://{peer}"),
+            role=Role.NODE,
+            outbound=outbound,
+            config=config,
+            stats=stats,
+            on_message=on_message or record,
+        )
+
+    ready: list[Link] = []
+    served = trio.Event()
+    b_stats = stats()
+
+    async def serve(conn: Any) -> None:
+        await trio.sleep(b_starts)
+        link = new_link(conn, "a", outbound=False, stats=b_stats)
+        ready.append(link)
+        served.set()
+        await link.run()
+
+    await nursery.start(net.transport("b").serve, "mem://b", serve)
+    a_stats = stats()
+
+    async def dial(task_status: trio.TaskStatus[Link]) -> None:
+        async with net.transport("a").open_connection("mem://b", timeout=5) as conn:
+            link = new_link(conn, "b", outbound=True, stats=a_stats)
+            task_status.started(link)
+            await link.run()
+
+    a = await nursery.start(dial)
+    await served.wait()
+    return LinkPair(a, ready[0], a_stats, b_stats, got)
+
+
+__all__ = [
+    "FAST_LINKS",
+    "Cluster",
+    "LinkPair",
+    "full_views",
+    "link_pair",
+    "overlay_ok",
+    "wait_until",
+]

@@ -38,7 +38,7 @@ from trio_replica.wire import (
     message_fields,
 )
 
-from .harness import FAST_LINKS, Cluster, wait_until
+from .harness import FAST_LINKS, Cluster, link_pair, wait_until
 from .test_wire import messages
 
 # --- wire ----------------------------------------------------------------------------------
@@ -97,71 +97,12 @@ def test_frames_of_several_messages_round_trip_with_their_sizes() -> None:
 # --- links ---------------------------------------------------------------------------------
 
 
-@attrs.define
-class _Pair:
-    a: Link
-    b: Link
-    a_stats: NodeStats
-    b_stats: NodeStats
-    got: list[Message]
-
-
-async def _pair(
-    nursery: trio.Nursery,
-    net: MemoryNetwork,
-    config: LinkConfig,
-    *,
-    b_starts: float = 0.0,
-    stats: type[NodeStats] = NodeStats,
-) -> _Pair:
-    """Two links over one memory connection, each run in `nursery`; b's may start later."""
-    got: list[Message] = []
-
-    async def record(_link: Link, message: Message, _size: int) -> None:
-        got.append(message)
-
-    def new_link(conn: Any, peer: str, *, outbound: bool, stats: NodeStats) -> Link:
-        return Link(
-            conn,
-            Peer(peer, f"mem://{peer}"),
-            role=Role.NODE,
-            outbound=outbound,
-            config=config,
-            stats=stats,
-            on_message=record,
-        )
-
-    ready: list[Link] = []
-    served = trio.Event()
-    b_stats = stats()
-
-    async def serve(conn: Any) -> None:
-        await trio.sleep(b_starts)
-        link = new_link(conn, "a", outbound=False, stats=b_stats)
-        ready.append(link)
-        served.set()
-        await link.run()
-
-    await nursery.start(net.transport("b").serve, "mem://b", serve)
-    a_stats = stats()
-
-    async def dial(task_status: trio.TaskStatus[Link]) -> None:
-        async with net.transport("a").open_connection("mem://b", timeout=5) as conn:
-            link = new_link(conn, "b", outbound=True, stats=a_stats)
-            task_status.started(link)
-            await link.run()
-
-    a = await nursery.start(dial)
-    await served.wait()
-    return _Pair(a, ready[0], a_stats, b_stats, got)
-
-
 async def test_pings_are_not_answered_and_keep_an_idle_link_alive(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     config = LinkConfig()
     async with trio.open_nursery() as nursery:
-        pair = await _pair(nursery, MemoryNetwork(seed=41), config)
+        pair = await link_pair(nursery, MemoryNetwork(seed=41), config)
         await trio.sleep(10 * config.idle_timeout)
         assert pair.a.is_open and pair.b.is_open
         for stats in (pair.a_stats, pair.b_stats):
@@ -179,7 +120,7 @@ async def test_a_pong_from_an_older_peer_is_accepted_and_not_delivered(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        pair = await _pair(nursery, MemoryNetwork(seed=42), LinkConfig())
+        pair = await link_pair(nursery, MemoryNetwork(seed=42), LinkConfig())
         pair.a.send_nowait(Pong(5))
         pair.a.send_nowait(Gossip(MessageId("a", 1, 1), 1, "t", b"\xa0"))
         await trio.sleep(1)
@@ -205,7 +146,9 @@ async def test_idle_links_ping_on_a_shared_grid(autojump_clock: trio.testing.Moc
     config = LinkConfig()
     async with trio.open_nursery() as nursery:
         # b's side starts 0.37 s after a's: without the grid their pings would never align.
-        pair = await _pair(nursery, MemoryNetwork(seed=43), config, b_starts=0.37, stats=_PingTimes)
+        pair = await link_pair(
+            nursery, MemoryNetwork(seed=43), config, b_starts=0.37, stats=_PingTimes
+        )
         await trio.sleep(6.0)
         nursery.cancel_scope.cancel()
     for stats in (pair.a_stats, pair.b_stats):
@@ -224,7 +167,7 @@ async def test_a_silent_peer_is_failed_within_the_idle_timeout_and_one_tick(
     config = LinkConfig()
     net = MemoryNetwork(seed=44)
     async with trio.open_nursery() as nursery:
-        pair = await _pair(nursery, net, config)
+        pair = await link_pair(nursery, net, config)
         await trio.sleep(3.0)
         cut = trio.current_time()
         net.partition(["a"], ["b"])

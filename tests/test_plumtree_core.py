@@ -347,8 +347,9 @@ def test_graft_is_answered_from_the_cache() -> None:
     tree.handle_message(A, Gossip(mid(1), 2, "t", b"x"), 0.0)
 
     effects = tree.handle_message(C, Graft(mid(1), 3), 0.5)
-    # The answer carries our own hop count + 1, like a forward would.
-    assert effects == [Send(C, Gossip(mid(1), 3, "t", b"x"))]
+    # The answer carries our own hop count + 1, like a forward would; it is a repair, which
+    # ordinary pushes must not crowd out of the outbox.
+    assert effects == [Send(C, Gossip(mid(1), 3, "t", b"x"), repair=True)]
     assert C in tree.eager
     assert tree.stats.grafts_received == 1
 

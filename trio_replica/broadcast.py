@@ -129,7 +129,8 @@ class Broadcast(Component):
     def execute(self, effect: Effect) -> None:
         if isinstance(effect, Send):
             message = effect.message
-            if not self.node.send_to(effect.peer, message) and isinstance(message, Gossip):
+            sent = self.node.send_to(effect.peer, message, repair=effect.repair)
+            if not sent and isinstance(message, Gossip):
                 # The peer's link is congested: it hears of the message lazily instead.
                 self.apply(self.core.push_deferred(effect.peer, message, trio.current_time()))
         elif isinstance(effect, Emit):

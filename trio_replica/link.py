@@ -37,15 +37,15 @@ idle and the node closes it once membership no longer needs it.
 
 Flow control (`trio_replica.flow`). Payload messages (gossip, sync chunks: the ones that
 make work at the receiver; `Message.CREDITED`) travel on credit, as HTTP/2 and QUIC streams
-do: each side grants the other a window (`window_messages`, `window_bytes`) with a `Credit` message when the link
-starts, and grants more as its node *processes* what arrived (not as it reads it). A
-sender never has more than the window unprocessed at the receiver, so the backlog waits in
-the sender's outbox, where it is counted and slows the sender's writers, instead of in
-kernel socket buffers (on loopback they grow to megabytes: with only TCP's backpressure a
-10-node cluster queued seconds of work there, and Plumtree's repair timers fired on
-payloads that were merely queued). A peer that sends payloads beyond what it was granted
-breaks the protocol and the link is failed (`flow_violation`): that is the budget that
-stops one member from flooding a node's inbox.
+do: each side grants the other a window (`window_messages`, `window_bytes`) with a `Credit`
+message when the link starts, and grants more as its node *processes* what arrived (not as
+it reads it). A sender never has more than the window unprocessed at the receiver, so the
+backlog waits in the sender's outbox, where it is counted and slows the sender's writers,
+instead of in kernel socket buffers (on loopback they grow to megabytes: with only TCP's
+backpressure a 10-node cluster queued seconds of work there, and Plumtree's repair timers
+fired on payloads that were merely queued). A peer that sends payloads beyond what it was
+granted breaks the protocol and the link is failed (`flow_violation`): that is the budget
+that stops one member from flooding a node's inbox.
 
 The outbox has two queues, bounded in bytes and in messages: control messages, sent first,
 and the rest (payloads, and IHAVE announcements, which must not overtake the payloads
@@ -54,12 +54,13 @@ credit, a duplicate each; measured in a 10-node cluster under load, it broke the
 message is encoded when it is queued, so the bounds count real bytes. `send_nowait` never
 blocks: a payload message that does not fit is refused (False) and the caller decides what
 that means (the broadcast layer announces the message lazily instead; nothing is dropped
-here; the announcement itself is never refused). A control message that does not fit
-means the peer has stopped reading our control traffic; dropping it would break a protocol exchange, so the link is failed instead. While
-the payload outbox is over its high-water mark the link holds the node's `Pressure`, which
-slows the node's writers; `send` waits for room instead. Control messages are not
-credited; a peer that floods them is slowed by not being read (the node makes the reader
-wait while that peer's share of a component's inbox is full).
+here; the announcement itself is never refused). A control message that does not fit means
+the peer has stopped reading our control traffic; dropping it would break a protocol
+exchange, so the link is failed instead. While the payload outbox is over its high-water
+mark the link holds the node's `Pressure`, which slows the node's writers; `send` waits for
+room instead. Control messages are not credited; a peer that floods them is slowed by not
+being read (the node makes the reader wait while that peer's share of a component's inbox
+is full).
 """
 
 from __future__ import annotations
@@ -494,16 +495,19 @@ class Link:
             or self._payload_bytes > self.config.outbox_high_bytes
         )
 
-    def send_nowait(self, message: Message) -> bool:
+    def send_nowait(self, message: Message, *, repair: bool = False) -> bool:
         """Queue `message`; return False if it does not fit (nothing queued, nothing counted).
 
         Never blocks. A payload message that does not fit is the caller's to handle; a
-        control message that does not fit fails the link (see the module docstring). Raises
-        `LinkClosed` if the link is closing or closed.
+        control message that does not fit fails the link (see the module docstring). A
+        `repair` (a payload the peer asked for with a GRAFT) may fill the outbox to twice
+        its bounds: refused at the usual bound, answers to GRAFTs lost every race for a
+        free slot to the continuous eager pushes, until their payloads left the cache.
+        Raises `LinkClosed` if the link is closing or closed.
         """
         if not self.is_open:
             raise LinkClosed(f"link to {self.peer} is closed")
-        return self._queue(message, encode_message(message))
+        return self._queue(message, encode_message(message), 2 if repair else 1)
 
     async def send(self, message: Message) -> None:
         """Queue `message`, waiting for room below the outbox's high-water mark.
@@ -518,7 +522,7 @@ class Link:
         if not self.is_open or not self._queue(message, part):
             raise LinkClosed(f"link to {self.peer} is closed")
 
-    def _queue(self, message: Message, part: bytes) -> bool:
+    def _queue(self, message: Message, part: bytes, allowance: int = 1) -> bool:
         size = len(part)
         cfg = self.config
         if message.CONTROL:
@@ -544,8 +548,8 @@ class Link:
                 message.CREDITED
                 and self._payload
                 and (
-                    len(self._payload) >= cfg.outbox_payload
-                    or self._payload_bytes + size > cfg.outbox_payload_bytes
+                    len(self._payload) >= allowance * cfg.outbox_payload
+                    or self._payload_bytes + size > allowance * cfg.outbox_payload_bytes
                 )
             ):
                 return False
@@ -631,6 +635,26 @@ class Link:
                 f"{self.peer} sent payloads beyond the credit we granted "
                 f"({-self._grant_messages} messages, {-self._grant_bytes} bytes over)",
             )
+
+    def take_over(self, messages: list[Message]) -> None:
+        """Queue messages already accepted for this peer elsewhere (the other of two links to
+        it, or the queue of a dial): whatever the bounds, since refusing them now would
+        lose them. They are bounded by where they came from."""
+        for message in messages:
+            if not self.is_open:
+                self._stats.drop("link_closed", message)
+                continue
+            part = encode_message(message)
+            queue = self._control if message.CONTROL else self._payload
+            queue.append((message, part))
+            if message.CONTROL:
+                self._control_bytes += len(part)
+            else:
+                self._payload_bytes += len(part)
+        if messages:
+            if self._pressure is not None and self.congested:
+                self._pressure.hold(self, "link")
+            self._wakeup.set()
 
     def drain_queue(self) -> list[Message]:
         """Take every queued message out (to move them to another link to the same peer)."""

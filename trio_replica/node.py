@@ -657,17 +657,18 @@ class Node:
 
     # --- used by components -------------------------------------------------------------
 
-    def send_to(self, peer: Peer, message: Message) -> bool:
+    def send_to(self, peer: Peer, message: Message, *, repair: bool = False) -> bool:
         """Queue `message` for `peer`, dialing it if needed; never blocks.
 
         Returns False when it could not be queued: a payload message that does not fit the
         link's outbox (or the queue of a dial in progress), which the caller must handle
         (the broadcast component announces it lazily instead); or a control message on a
-        link that then failed (counted; membership hears of the link going down).
+        link that then failed (counted; membership hears of the link going down). A
+        `repair` (`Link.send_nowait`) has room beyond the outbox's usual bound.
         """
         link = self._links.get(peer.id)
         if link is not None and link.is_open:
-            return link.send_nowait(message)
+            return link.send_nowait(message, repair=repair)
         dial = self._dials.get(peer.id)
         if dial is None:
             if len(self._dials) >= MAX_DIALS:
@@ -804,16 +805,15 @@ class Node:
             # Keep the connection dialed by the smaller id; the peer makes the same choice.
             keep_new = link.outbound == (self.id < peer_id)
             winner, loser = (link, old) if keep_new else (old, link)
-            for message in loser.drain_queue():
-                winner.send_nowait(message)
+            winner.take_over(loser.drain_queue())
             loser.retire("superseded")
             self._retired.add(loser)
         self._links[peer_id] = winner
         pending = self._dials.pop(peer_id, None)
         for d in {id(x): x for x in (pending, dial) if x is not None}.values():
-            for message in d.queue:
-                winner.send_nowait(message)
+            winner.take_over(d.queue)
             d.queue.clear()
+            d.queued_bytes = 0
 
     async def _run_link(self, link: Link) -> None:
         # This task serves one peer until the link ends: label its records (and its reader's

@@ -20,11 +20,13 @@ class Send:
     """Send `message` to `peer`, dialing `peer.address` first if no link is open.
 
     If the peer cannot be reached the driver reports it back with the core's
-    `handle_link_down(peer, now)`.
+    `handle_link_down(peer, now)`. A `repair` (a payload the peer asked for) may use room
+    beyond the outbox's usual bound: ordinary traffic must not starve it.
     """
 
     peer: Peer
     message: Message
+    repair: bool = False
 
 
 @attrs.frozen

@@ -736,7 +736,7 @@ class Plumtree:
         # Our own hop count + 1, as a forward would carry: `message.round` is what the
         # grafter was told, our cache is what we know.
         round = min(cached.hops + 1, MAX_ROUND)
-        return [Send(sender, Gossip(message.id, round, cached.tag, cached.payload))]
+        return [Send(sender, Gossip(message.id, round, cached.tag, cached.payload), repair=True)]
 
     def _on_prune(self, sender: Peer, message: Prune) -> list[Effect]:
         self.stats.prunes_received += 1

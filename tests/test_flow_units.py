@@ -221,21 +221,37 @@ def test_counters_fed_by_peers_keep_a_bounded_set_of_keys() -> None:
 def test_queueing_delay_is_the_excess_over_each_origins_best_and_ignores_clock_offsets() -> None:
     delay = QueueingDelay(window=1)
     # Origin "far" runs 5 s ahead of us and is 30 ms away; "near" is in step, 2 ms away.
-    assert delay.observe("far", 10_000 - 5_000, 10_030 - 5_000 + 5_000) == 0.0
-    assert delay.observe("near", 20_000, 20_002) == 0.0
-    assert delay.observe("far", 11_000 - 5_000, 11_030 + 40) == 40.0
-    assert delay.observe("near", 21_000, 21_002 + 25) == 25.0
+    assert delay.observe("far", 10_000 + 5_000, 10_030) == 0.0
+    assert delay.observe("near", 10_050, 10_052) == 0.0
+    delay.observe("far", 10_100 + 5_000, 10_130 + 40)
+    delay.observe("near", 10_150, 10_152 + 25)
+    assert delay.observe("far", 10_200 + 5_000, 10_230 + 40) == 25.0, "the smaller of both"
+    assert delay.observe("near", 10_250, 10_252 + 45) == 40.0
 
 
-def test_the_filter_keeps_the_minimum_of_recent_samples() -> None:
+def test_a_burst_of_late_messages_from_one_origin_is_not_queueing() -> None:
     delay = QueueingDelay(window=4)
-    delay.observe("a", 0, 10)  # base 10
-    for t in range(1, 4):
-        delay.observe("a", t * 1000, t * 1000 + 10 + 500)  # a burst of late ones
-    assert delay.current_ms == 0.0, "one origin's late burst is not queueing everywhere"
-    delay.observe("a", 5000, 5000 + 10 + 300)
-    assert delay.current_ms == 300.0, "all recent samples late: that is queueing"
-    assert delay.recent_max_ms == 300.0
+    delay.observe("a", 0, 10)
+    delay.observe("b", 0, 10)
+    for t in range(1, 5):
+        delay.observe("a", t * 100, t * 100 + 10 + 500)  # repaired upstream, late
+    delay.observe("b", 600, 610)
+    assert delay.current_ms == 0.0
+    for t in range(7, 12):  # now everything is late: that is queueing
+        delay.observe("a", t * 100, t * 100 + 10 + 300)
+        delay.observe("b", t * 100, t * 100 + 10 + 300)
+    assert delay.current_ms == 300.0 and delay.recent_max_ms == 300.0
+
+
+def test_an_origin_that_stamps_in_the_past_cannot_slow_this_node_down() -> None:
+    """A member flooding messages stamped long ago used to make every writer here wait."""
+    delay = QueueingDelay()
+    for t in range(0, 5000, 10):
+        delay.observe("honest", t, t + 5)
+        delay.observe("liar", 0, t + 5)  # its stamp never advances: 'late' more and more
+        delay.observe("ancient", -(10**9), t + 5)  # beyond any clock skew: not a sample
+    assert delay.current_ms == 0.0
+    assert delay.implausible == 500
 
 
 async def test_the_pacer_spaces_writes_while_delay_is_over_target_and_lets_go_after(

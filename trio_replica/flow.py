@@ -180,33 +180,59 @@ class Pressure:
             self.waited[who] += trio.current_time() - start
 
 
+@attrs.define
+class _Origin:
+    """What `QueueingDelay` keeps per origin."""
+
+    #: Smallest delay this history period, and in the one before.
+    base_now: float
+    base_before: float
+    period: int
+    #: Its last few queueing samples, and when the last came (local ms).
+    recent: collections.deque[float]
+    last_ms: int
+
+
 class QueueingDelay:
     """Queueing delay of deliveries, from one-way delays (module docstring; LEDBAT's method).
 
     `observe(origin, sent_ms, now_ms)` takes a delivery's origin, the wall time in its id
     and the local wall time; the delay minus the smallest one from that origin in the last
-    one to two `history` periods is that delivery's queueing. As in LEDBAT, the delay the
-    node acts on is the *minimum* of the last `window` samples: when queues build, every
-    sample grows; a burst of late messages from one origin (repaired upstream, after a
-    GRAFT's timeout) does not make the others late. `observe` returns that filtered value
-    (ms), `recent_max_ms` its largest value of the last second or so. Sans-IO: times come
-    from the caller. At most `max_origins` origins are tracked.
+    one to two `history` periods is that delivery's queueing. As in LEDBAT, samples are
+    filtered by taking minima: per origin over its last `window` samples, then over the
+    origins heard from in the last `recent` ms. When queues build here every origin's
+    deliveries are late; a burst of late messages from one origin (repaired upstream) is
+    not, and neither is an origin that stamps its messages in the past to make this node's
+    writers slow down: one origin can only raise its own value. Delays beyond `max_skew`
+    either way are not samples (a stamp that far off is a clock problem or a lie).
+    `current_ms` is the filtered delay, `recent_max_ms` its largest value of the last
+    second or so. Sans-IO: times come from the caller; at most `max_origins` origins.
     """
 
-    def __init__(self, *, history: float = 60.0, window: int = 16, max_origins: int = 1024) -> None:
+    def __init__(
+        self,
+        *,
+        history: float = 60.0,
+        window: int = 4,
+        recent: float = 1.0,
+        max_skew: float = 60.0,
+        max_origins: int = 1024,
+    ) -> None:
         self._history_ms = history * 1000
+        self._window = window
+        self._recent_ms = recent * 1000
+        self._max_skew_ms = max_skew * 1000
         self._max_origins = max_origins
-        #: origin -> (minimum this period, minimum last period, period number).
-        self._base: collections.OrderedDict[str, tuple[float, float, int]] = (
-            collections.OrderedDict()
-        )
-        self._recent: collections.deque[float] = collections.deque(maxlen=window)
+        self._origins: collections.OrderedDict[str, _Origin] = collections.OrderedDict()
         #: The filtered queueing delay, in ms.
         self.current_ms = 0.0
+        self._computed_ms = -math.inf
         # Largest filtered delay in the current and the previous half second.
         self._max_now = self._max_before = 0.0
         self._max_slot = 0
         self.samples = 0
+        #: Deliveries whose stamp was too far from our clock to be a sample.
+        self.implausible = 0
 
     @property
     def recent_max_ms(self) -> float:
@@ -215,29 +241,43 @@ class QueueingDelay:
 
     def observe(self, origin: str, sent_ms: int, now_ms: int) -> float:
         delay = float(now_ms - sent_ms)
+        if abs(delay) > self._max_skew_ms:
+            self.implausible += 1
+            return self.current_ms
         period = int(now_ms // self._history_ms)
-        entry = self._base.get(origin)
-        if entry is None:
-            if len(self._base) >= self._max_origins:
-                self._base.popitem(last=False)
-            current = previous = delay
+        state = self._origins.get(origin)
+        if state is None:
+            if len(self._origins) >= self._max_origins:
+                self._origins.popitem(last=False)
+            state = _Origin(delay, delay, period, collections.deque(maxlen=self._window), now_ms)
+            self._origins[origin] = state
         else:
-            current, previous, seen = entry
-            if period != seen:
-                previous = current if period == seen + 1 else delay
-                current = delay
-            current = min(current, delay)
-            self._base.move_to_end(origin)
-        self._base[origin] = (current, previous, period)
-        self._recent.append(delay - min(current, previous))
+            if period != state.period:
+                state.base_before = state.base_now if period == state.period + 1 else delay
+                state.base_now, state.period = delay, period
+            state.base_now = min(state.base_now, delay)
+            self._origins.move_to_end(origin)
+        state.recent.append(delay - min(state.base_now, state.base_before))
+        state.last_ms = now_ms
         self.samples += 1
-        filtered = self.current_ms = min(self._recent)
+        # The minimum over origins costs one pass over them: at most every 20 ms.
+        if now_ms - self._computed_ms >= 20:
+            self._computed_ms = now_ms
+            horizon = now_ms - self._recent_ms
+            lowest = math.inf
+            # Most recently heard first (the dict is kept in that order): stop at the first
+            # origin not heard from lately.
+            for state in reversed(self._origins.values()):
+                if state.last_ms < horizon:
+                    break
+                lowest = min(lowest, min(state.recent))
+            self.current_ms = lowest if lowest != math.inf else 0.0
         slot = int(now_ms // 500)
         if slot != self._max_slot:
             self._max_before = self._max_now if slot == self._max_slot + 1 else 0.0
             self._max_now, self._max_slot = 0.0, slot
-        self._max_now = max(self._max_now, filtered)
-        return filtered
+        self._max_now = max(self._max_now, self.current_ms)
+        return self.current_ms
 
 
 class WritePacer:

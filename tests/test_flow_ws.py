@@ -1,0 +1,171 @@
+"""Flow control over real websockets on 127.0.0.1: writers slowed, members that flood bounded.
+
+Figures (rates, RMR, memory, the share of honest deliveries kept during a flood) are measured
+by ``bench/flow.py``, not asserted here; these tests check what must hold whatever the
+machine's speed: nothing lost, a peer that ignores its credit failed, honest traffic served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from transports.base import TransportClosed
+from transports.websocket import WebsocketTransport
+from trio_replica.config import NodeConfig
+from trio_replica.events import Delivery
+from trio_replica.link import Credentials, Link, LinkConfig, handshake_as_dialer
+from trio_replica.messages import Gossip, Message, MessageId, Peer, Role
+from trio_replica.node import Node
+from trio_replica.replica import Add, ReplicaConfig
+from trio_replica.stats import NodeStats
+from trio_replica.wire import encode_frame, encode_payload
+
+from .harness import Cluster, overlay_ok, wait_until
+from .test_flow_memory import KeySet
+
+NO_ANTI_ENTROPY = ReplicaConfig(anti_entropy_interval=3600)
+
+
+async def _cluster(c: Cluster, n: int, prefix: str) -> list[Node]:
+    seed = await c.start(f"{prefix}0")
+    for i in range(1, n):
+        await c.start(f"{prefix}{i}", [seed.address])
+    with trio.fail_after(60):
+        await wait_until(lambda: overlay_ok(c.live(), min_active=min(2, n - 1)), poll=0.02)
+    return c.live()
+
+
+async def test_20000_updates_over_websockets_are_all_merged() -> None:
+    async with trio.open_nursery() as nursery:
+        a, b = await _cluster(Cluster(nursery), 2, "u")
+        sender, receiver = KeySet(), KeySet()
+        replica = await a.open_replica("r", sender)
+        await b.open_replica("r", receiver)
+        for i in range(20_000):
+            await replica.broadcast_update(Add(i, i))
+        with trio.fail_after(120):
+            await wait_until(lambda: len(receiver.keys) == 20_000, poll=0.05)
+        assert a.stats()["drops"] == {} and b.stats()["drops"] == {}
+        nursery.cancel_scope.cancel()
+
+
+async def test_ten_writers_as_fast_as_put_returns_reach_every_node() -> None:
+    base = NodeConfig(name="x", replica=NO_ANTI_ENTROPY)
+    async with trio.open_nursery() as nursery:
+        nodes = await _cluster(Cluster(nursery, base=base), 10, "w")
+        maps = [await node.open_map("kv") for node in nodes]
+
+        async def write(i: int) -> None:
+            for k in range(100):
+                await maps[i].put(f"{i}/{k}", k)
+
+        async with trio.open_nursery() as writers:
+            for i in range(len(maps)):
+                writers.start_soon(write, i)
+        # Without anti-entropy (an hour away): only the broadcasts can have brought them.
+        with trio.fail_after(60):
+            await wait_until(lambda: all(len(m) == 1000 for m in maps), poll=0.05)
+        for node in nodes:
+            assert node.stats()["broadcast"]["reported_lost"] == 0
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def member_link(node: Node, name: str) -> AsyncIterator[Any]:
+    """An authenticated connection to `node` as a cluster member called `name` (it knows
+    the secret): yields the raw connection after the handshake."""
+    transport = WebsocketTransport()
+    creds = Credentials(node.config.cluster, node.config.secret or b"", Peer(name, "ws://x:1"))
+    async with transport.open_connection(node.address, timeout=5) as conn:
+        await handshake_as_dialer(conn, creds, role=Role.NODE, timeout=5)
+        yield conn
+
+
+def flood_gossip(n: int, size: int = 8) -> Gossip:
+    payload = encode_payload("x" * size, max_size=1 << 20)
+    return Gossip(MessageId("flooder", n, n), 1, "flood", payload)
+
+
+async def _paced_deliveries(sender: Node, receiver: Node, count: int, flood: Any) -> list[int]:
+    """`sender` broadcasts `count` messages 20 ms apart while `flood()` runs; what
+    `receiver` delivered of them."""
+    got: list[int] = []
+    async with receiver.subscribe("honest") as sub, trio.open_nursery() as nursery:
+
+        async def follow() -> None:
+            async for item in sub:
+                if isinstance(item, Delivery):
+                    got.append(item.payload)
+
+        nursery.start_soon(follow)
+        nursery.start_soon(flood)
+        for i in range(count):
+            await sender.broadcast("honest", i)
+            await trio.sleep(0.02)
+        with trio.fail_after(30):
+            await wait_until(lambda: len(got) == count, poll=0.05)
+        nursery.cancel_scope.cancel()
+    return got
+
+
+async def test_a_member_that_ignores_its_credit_is_failed_and_honest_peers_are_served() -> None:
+    async with trio.open_nursery() as nursery:
+        a, b, _c = await _cluster(Cluster(nursery), 3, "f")
+
+        async def flood() -> None:
+            async with member_link(b, "flooder") as conn:
+                counter = itertools.count()
+                with contextlib.suppress(TransportClosed):  # b fails the link: done
+                    while True:
+                        frame = encode_frame([flood_gossip(next(counter)) for _ in range(200)])
+                        await conn.send(frame)
+
+        got = await _paced_deliveries(a, b, 50, flood)
+        assert sorted(got) == list(range(50))
+        assert b.stats()["links_closed"].get("flow_violation", 0) >= 1
+        assert b.stats()["rejected"]["flow_violation"] >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_member_flooding_within_its_credit_does_not_starve_honest_peers() -> None:
+    async with trio.open_nursery() as nursery:
+        a, b, _c = await _cluster(Cluster(nursery), 3, "g")
+        flooded = 0
+
+        async def flood() -> None:
+            nonlocal flooded
+            async with member_link(b, "flooder") as conn:
+
+                async def processed(link: Link, message: Message, size: int) -> None:
+                    if message.CREDITED:
+                        link.processed(size)
+
+                link = Link(
+                    conn,
+                    Peer(b.id, b.address),
+                    role=Role.NODE,
+                    outbound=True,
+                    config=LinkConfig(),
+                    stats=NodeStats(),
+                    on_message=processed,
+                )
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(link.run)
+                    for n in itertools.count():
+                        # As fast as its link takes them: it never exceeds its credit.
+                        await link.send(flood_gossip(n))
+                        flooded += 1
+
+        got = await _paced_deliveries(a, b, 50, flood)
+        assert sorted(got) == list(range(50))
+        assert flooded > 50, "the flood did not run"
+        closed = b.stats()["links_closed"]
+        assert "flow_violation" not in closed and "send_timeout" not in closed
+        assert b.stats()["broadcast"]["unsubscribed"]["flood"] >= 1
+        nursery.cancel_scope.cancel()

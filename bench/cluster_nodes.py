@@ -15,7 +15,8 @@ unchanged in both modes:
   sends ``quit`` to every child, waits for each with a deadline and kills what is left:
   every child is reaped, also when the harness is cancelled or fails. The CPU figure is
   the sum of the children's `time.process_time` (the harness is not counted) and each
-  child reports its own peak RSS (``ru_maxrss``).
+  child reports its own peak RSS (VmHWM). ``probe`` asks a child how fast its node answers
+  `status` and a metrics scrape, with its memory and flow counters.
 
 Every time is `time.monotonic()`, which on Linux is one clock for all processes of the
 machine, so a start time taken in one child and a delivery time taken in another compare.
@@ -40,11 +41,14 @@ from typing import Any, Protocol
 import attrs
 import trio
 from common import TAG, json_lines, payload_of
+from prometheus_client import generate_latest
 
 from trio_replica.config import NodeConfig
 from trio_replica.events import Delivery
 from trio_replica.localcluster import open_local_cluster
+from trio_replica.metrics import metrics_registry
 from trio_replica.node import Node, open_node
+from trio_replica.wire import encode_payload
 
 #: A child must say it is ready within this time (imports, then opening its node).
 READY_TIMEOUT_S = 60.0
@@ -123,6 +127,39 @@ def peak_rss_kib() -> int:
                 return int(line.split()[1])
     # Elsewhere, the best there is (KiB on Linux and BSDs, bytes on macOS).
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def rss_kib() -> int:
+    """This process's resident set size now, in KiB (VmRSS; 0 where /proc is missing)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def probe(node: Node) -> dict[str, Any]:
+    """How long the node takes to answer `status` (encoded, as the control path sends it)
+    and a metrics scrape, with its memory and flow counters: is it still serving?"""
+    t0 = time.perf_counter()
+    status = encode_payload(node.status(), max_size=node.config.max_payload)
+    t1 = time.perf_counter()
+    metrics = generate_latest(metrics_registry(node))
+    t2 = time.perf_counter()
+    stats = node.stats()
+    return {
+        "status_ms": round((t1 - t0) * 1e3, 2),
+        "status_bytes": len(status),
+        "metrics_ms": round((t2 - t1) * 1e3, 2),
+        "metrics_bytes": len(metrics),
+        "rss_kib": rss_kib(),
+        "peak_rss_kib": peak_rss_kib(),
+        "links_closed": stats["links_closed"],
+        "rejected": stats["rejected"],
+        "drops": stats["drops"],
+        "flow": stats["flow"],
+        "cpu": time.process_time(),
+    }
 
 
 def quiet_logs() -> None:
@@ -411,6 +448,8 @@ async def child_main(name: str, seed: str | None) -> None:
             elif op == "flood":
                 set_node_flooding(node, command["on"])
                 emit({"ok": True})
+            elif op == "probe":
+                emit(probe(node))
             elif op == "quit":
                 break
             else:

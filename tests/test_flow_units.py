@@ -16,6 +16,7 @@ from trio_replica.flow import (
     Fanout,
     Feed,
     Offer,
+    OriginationLimit,
     Pressure,
     QueueingDelay,
     WritePacer,
@@ -270,3 +271,25 @@ async def test_the_pacer_spaces_writes_while_delay_is_over_target_and_lets_go_af
     for _ in range(2000):
         pacer.sample(0.0)
     assert pacer.interval == 0.0
+
+
+async def test_a_peer_originating_beyond_its_limit_waits_others_do_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limit = OriginationLimit(rate=10, bytes_rate=1000)
+    start = trio.current_time()
+    for _ in range(10):  # a second's worth goes at once
+        await limit.admit("flooder", 10)
+    assert trio.current_time() == start
+    for _ in range(10):  # then at the rate
+        await limit.admit("flooder", 10)
+    assert trio.current_time() - start == pytest.approx(1.0, abs=0.01)
+    await limit.admit("honest", 10)
+    assert trio.current_time() - start == pytest.approx(1.0, abs=0.01)
+    # Bytes are limited too; one broadcast larger than a second's worth goes when full.
+    big = OriginationLimit(rate=1000, bytes_rate=1000)
+    t0 = trio.current_time()
+    await big.admit("p", 5000)
+    await big.admit("p", 500)
+    assert trio.current_time() - t0 == pytest.approx(0.5, abs=0.01)
+    assert big.limited == 1

@@ -34,7 +34,15 @@ from .core.effects import Effect, Emit, Send
 from .core.plumtree import Plumtree
 from .errors import WireError
 from .events import Abandoned, Delivered, Delivery, PeerDown, PeerUp
-from .flow import BoundedCounter, Fanout, Feed, Pressure, QueueingDelay, WritePacer
+from .flow import (
+    BoundedCounter,
+    Fanout,
+    Feed,
+    OriginationLimit,
+    Pressure,
+    QueueingDelay,
+    WritePacer,
+)
 from .messages import Gossip, Message, MessageId, Peer
 from .wire import decode_payload
 
@@ -102,6 +110,10 @@ class Broadcast(Component):
             max_interval=flow.pace_max_interval,
             # Its own generator: drawing from the node's would shift every seeded sequence.
             rng=random.Random(None if seed is None else f"pacer:{seed}"),
+        )
+        #: What each peer may originate through this node.
+        self.origination = OriginationLimit(
+            rate=flow.peer_broadcast_rate, bytes_rate=flow.peer_broadcast_bytes_rate
         )
 
     # --- component ------------------------------------------------------------------------

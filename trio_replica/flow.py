@@ -26,7 +26,17 @@ and each is slowed the way it can be:
   before queues grow past Plumtree's timeout1: otherwise IHAVEs, which never queue behind
   payloads, overtake eager copies stuck in queues, and the repair GRAFTs turn into
   duplicate payloads (RMR 1.1-1.4 in a 10-node cluster with a writer per node). The same
-  measure lengthens Plumtree's repair timers (`Plumtree.set_delay_allowance`).
+  measure lengthens Plumtree's repair timers (`Plumtree.set_delay_allowance`). Pacing by
+  delay yields to traffic that does not yield (LEDBAT is a scavenger by design): a member
+  that floods its own broadcasts takes the capacity the paced writers leave (honest
+  deliveries waited seconds under a flood of tiny gossips). So the first hop caps what each
+  peer *originates* (`OriginationLimit`: broadcasts and bytes per second, token buckets)
+  while it is congested itself (its pressure held, or its writers paced): beyond the cap
+  the peer's frames wait unread and its credit runs out. An idle first hop lets a single
+  busy writer run at full speed; forwarded traffic is never capped (it was admitted at
+  its own first hop). (Admitting a peer's broadcasts only
+  at the victim's own pace did not work: one hop from their origin, the flooder's messages
+  are the least delayed the victim sees, so its pace stayed at full speed.)
 
   Readers do not wait for the *outboxes* of their node (an earlier design held a frame of
   payloads while the links it would be forwarded on were congested): with traffic on every
@@ -109,6 +119,12 @@ class FlowConfig:
     delay_target: float = 0.05
     #: Longest interval the pacing puts between two writes of the node.
     pace_max_interval: float = 1.0
+    #: Broadcasts per second, and their bytes, that one peer may originate through this
+    #: node while the node is congested (module docstring; 0 turns the limit off). Paced
+    #: writers stay far below it then; a member flooding its own broadcasts is held to it
+    #: at its first hop.
+    peer_broadcast_rate: float = 1000.0
+    peer_broadcast_bytes_rate: float = 8 * 1024 * 1024
     #: Default bytes buffered for one subscription (deliveries or events); beyond it, and
     #: beyond `NodeConfig.subscriber_buffer` items, events are counted as missed.
     subscriber_bytes: int = 4 * 1024 * 1024
@@ -126,6 +142,10 @@ class FlowConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"flow.{name} must be at least 1")
+        if self.peer_broadcast_rate < 0 or self.peer_broadcast_bytes_rate < 0:
+            raise ConfigError("flow.peer_broadcast_rate and its bytes rate must be >= 0")
+        if bool(self.peer_broadcast_rate) != bool(self.peer_broadcast_bytes_rate):
+            raise ConfigError("flow.peer_broadcast_rate and its bytes rate are off together")
         if not (0 <= self.delay_target < 10 and 0 < self.pace_max_interval <= 60):
             raise ConfigError("flow.delay_target must be in [0, 10) s, pace_max_interval (0, 60] s")
         if self.inbox_bytes < self.inbox_bytes_per_peer:
@@ -329,6 +349,59 @@ class WritePacer:
             await trio.sleep_until(turn)
         else:
             await trio.lowlevel.checkpoint()
+
+
+@attrs.define
+class _Bucket:
+    messages: float
+    bytes: float
+    at: float
+
+
+class OriginationLimit:
+    """How fast each peer may originate broadcasts through this node (module docstring).
+
+    Token buckets per peer, one for broadcasts and one for their bytes, each holding one
+    second of its rate. `admit(peer, size)` returns at once while the peer is within both,
+    and otherwise sleeps until it is (its reader then reads nothing meanwhile). Sans-IO but
+    for that sleep; `rate` 0 turns the limit off.
+    """
+
+    def __init__(self, *, rate: float, bytes_rate: float) -> None:
+        self.rate = rate
+        self.bytes_rate = bytes_rate
+        self._buckets: dict[Hashable, _Bucket] = {}
+        #: Broadcasts that had to wait, and the seconds they waited, in all.
+        self.limited = 0
+        self.waited = 0.0
+
+    async def admit(self, peer: Hashable, size: int) -> None:
+        if not self.rate:
+            return
+        now = trio.current_time()
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            bucket = self._buckets[peer] = _Bucket(self.rate, self.bytes_rate, now)
+        elapsed = now - bucket.at
+        bucket.messages = min(self.rate, bucket.messages + elapsed * self.rate)
+        bucket.bytes = min(self.bytes_rate, bucket.bytes + elapsed * self.bytes_rate)
+        bucket.at = now
+        # A broadcast larger than a second's bytes goes once the bucket is full.
+        need_bytes = min(size, self.bytes_rate)
+        wait = max(
+            (1 - bucket.messages) / self.rate,
+            (need_bytes - bucket.bytes) / self.bytes_rate,
+            0.0,
+        )
+        bucket.messages -= 1
+        bucket.bytes -= need_bytes
+        if wait > 0:
+            self.limited += 1
+            self.waited += wait
+            await trio.sleep(wait)
+
+    def forget(self, peer: Hashable) -> None:
+        self._buckets.pop(peer, None)
 
 
 # --- fair inbox ----------------------------------------------------------------------------

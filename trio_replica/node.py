@@ -484,6 +484,8 @@ class Node:
             "queueing_delay_ms": round(self.broadcaster.delay.current_ms, 1),
             "write_interval_ms": round(self.broadcaster.pacer.interval * 1000, 3),
             "paced_seconds": round(self.broadcaster.pacer.waited, 3),
+            "origination_limited": self.broadcaster.origination.limited,
+            "origination_waited_seconds": round(self.broadcaster.origination.waited, 3),
             **self.stats_counters.flow,
         }
         return out
@@ -824,6 +826,7 @@ class Node:
             reason = await link.run()
         finally:
             self._retired.discard(link)
+            self.broadcaster.origination.forget(link)
             self.stats_counters.links_closed[reason] += 1
             if self._links.get(link.peer.id) is link:
                 del self._links[link.peer.id]
@@ -903,6 +906,12 @@ class Node:
             broadcaster = self.broadcaster
             credit = 0
             if isinstance(message, Gossip):
+                if message.id.origin == peer.id and (
+                    broadcaster.pacer.interval or not self.pressure.is_clear()
+                ):
+                    # The peer's own broadcast entering the tree at a congested node: held
+                    # to its limit (flow.OriginationLimit).
+                    await broadcaster.origination.admit(link, size)
                 run = broadcaster.receive_gossip(peer, message)
                 if run is None:
                     link.processed(size)  # refused: done with it

@@ -78,7 +78,7 @@ async def test_put_waits_for_its_own_share_and_resumes_as_it_drains() -> None:
     assert [inbox.get_nowait(), inbox.get_nowait()] == [1, 2]
 
 
-def test_credit_is_reported_when_an_input_is_taken_and_pressure_follows_the_backlog() -> None:
+async def test_credit_is_reported_when_an_input_is_taken_and_pressure_follows_the_backlog() -> None:
     taken: list[tuple[object, int]] = []
     pressure = Pressure()
     inbox = FairInbox[str](
@@ -154,7 +154,7 @@ async def test_the_end_of_a_feed_comes_after_what_it_buffered() -> None:
     assert [event async for event in other] == ["x", "y"]
 
 
-def test_a_feed_with_backpressure_holds_the_pressure_at_half_full() -> None:
+async def test_a_feed_with_backpressure_holds_the_pressure_at_half_full() -> None:
     pressure = Pressure()
     feed = Feed[str](max_items=4, max_bytes=10**6, pressure=pressure)
     feed.offer("a")
@@ -293,3 +293,31 @@ async def test_a_peer_originating_beyond_its_limit_waits_others_do_not(
     await big.admit("p", 500)
     assert trio.current_time() - t0 == pytest.approx(0.5, abs=0.01)
     assert big.limited == 1
+
+
+async def test_congestion_is_remembered_for_a_while_after_the_pressure_drops(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pressure = Pressure()
+    assert not pressure.held_within(1.0)
+    pressure.hold("link", "link")
+    assert pressure.held_within(0.0)
+    pressure.release("link")
+    await trio.sleep(0.5)
+    assert pressure.held_within(1.0)
+    await trio.sleep(0.6)
+    assert not pressure.held_within(1.0)
+
+
+def test_the_congestion_others_meet_excludes_one_origin() -> None:
+    """Near its first hop, a flooder's own messages are the least delayed of all."""
+    delay = QueueingDelay(window=1)
+    for t in range(0, 200, 10):
+        delay.observe("flooder", t, t + 1)
+        delay.observe("honest", t, t + 1)
+    for t in range(200, 400, 10):
+        delay.observe("flooder", t, t + 1)  # fresh, one hop away
+        delay.observe("honest", t, t + 1 + 80)  # queued downstream
+    assert delay.current_ms == 0.0
+    assert delay.excluding("flooder") == 80.0
+    assert delay.excluding("honest") == 0.0

@@ -1,56 +1,59 @@
-"""Flow control inside a node: who is over its high-water mark, fair inboxes, subscriber feeds.
+"""Flow control inside a node: budgets, pressure, fair inboxes, subscriber feeds, admission.
 
 Theory of operation
 -------------------
-Every buffer in a node is bounded in bytes and in items, and every producer learns when a
-buffer is full instead of having its data thrown away. There are three kinds of producer,
-and each is slowed the way it can be:
+Every buffer of a node is bounded in bytes and in items, and every producer learns when a
+buffer is full instead of having its data thrown away. Producers are slowed the way each
+can be:
 
-* **Local writers** (``node.broadcast``, ``Replica.broadcast_update``, map writes) wait.
-  Before a write is applied, the writer waits on the node's `Pressure` until nothing of the
-  node is over its high-water mark: no link outbox, no flow-controlled subscriber (a
-  replica's deliveries), not the broadcast component's backlog. The wait is a checkpoint
-  (never a spin) and the writer may bound it with its own cancel scope.
-* **Peers** are slowed by not being read, the TCP way. Each peer's inputs wait in a
-  `FairInbox` of the component that handles them, bounded per peer; a reader whose peer's
-  share is full stops reading until the component takes one, so the peer's own writer
-  blocks, its outbox to us fills, and its own writers wait: a node that falls behind slows
-  the writers upstream of it, hop by hop. The component serves the peers round-robin, so a
-  flooding peer gets its share of the work and no more.
-
-* **Every writer of the cluster** yields to queueing delay, as LEDBAT does (RFC 6817). A
-  message id carries its origin's clock, so each delivery gives a one-way delay; its excess
-  over the smallest delay seen recently from that origin is time spent in queues (clock
-  offsets cancel out). The node spaces its writes (`WritePacer`) so that this stays near
-  `delay_target`. Under a uniform load every node sees it, so every writer backs off
-  before queues grow past Plumtree's timeout1: otherwise IHAVEs, which never queue behind
-  payloads, overtake eager copies stuck in queues, and the repair GRAFTs turn into
-  duplicate payloads (RMR 1.1-1.4 in a 10-node cluster with a writer per node). The same
-  measure lengthens Plumtree's repair timers (`Plumtree.set_delay_allowance`). Pacing by
-  delay yields to traffic that does not yield (LEDBAT is a scavenger by design): a member
-  that floods its own broadcasts takes the capacity the paced writers leave (honest
-  deliveries waited seconds under a flood of tiny gossips). So the first hop caps what each
-  peer *originates* (`OriginationLimit`: broadcasts and bytes per second, token buckets)
-  while it is congested itself (its pressure held, or its writers paced): beyond the cap
-  the peer's frames wait unread and its credit runs out. An idle first hop lets a single
-  busy writer run at full speed; forwarded traffic is never capped (it was admitted at
-  its own first hop). (Admitting a peer's broadcasts only
-  at the victim's own pace did not work: one hop from their origin, the flooder's messages
-  are the least delayed the victim sees, so its pace stayed at full speed.)
-
-  Readers do not wait for the *outboxes* of their node (an earlier design held a frame of
-  payloads while the links it would be forwarded on were congested): with traffic on every
-  link some outbox is always congested, every reader waited on every other, and a 10-node
-  cluster fell to 36 writes/s with links failing on send timeouts.
-* **The node's own components** never block (they run protocol rules synchronously). What
-  they cannot queue is reported, not dropped: an eager push that does not fit its link's
-  outbox becomes a lazy push (the Plumtree core announces the message with an IHAVE, so the
+* **Local writers** (``node.broadcast``, ``Replica.broadcast_update``, map writes) wait,
+  before anything is applied, on the node's `Pressure`: until nothing of the node is over
+  its high-water mark (no link outbox, no flow-controlled subscriber such as a replica's
+  deliveries, not the broadcast component's backlog). The wait is a checkpoint, never a
+  spin, and the writer may bound it with its own cancel scope.
+* **Peers** are slowed by credit and by not being read. Payloads travel on credit granted
+  as the receiver processes them (link.py), so a peer never has more than its window
+  unprocessed here and the backlog waits in its own outbox, where it slows its own
+  writers; a peer that sends beyond its credit is failed. Control messages are bounded by
+  the peer's share of a component's `FairInbox`: past it, its reader stops reading. A
+  component serves its sources round-robin, so one busy peer delays the others by at most
+  one input each. A node that falls behind thus slows the writers upstream of it, hop by
+  hop.
+* **A member's own broadcasts** are limited where they enter the tree. A node caps what
+  each peer *originates* through it (`OriginationLimit`: broadcasts and bytes per second)
+  while the cluster is congested as the node sees it: its pressure held now or within
+  `congestion_hold`, or the queueing delay of the *other* origins' deliveries over
+  `congestion_delay`. Downstream congestion reaches a first hop as credit that comes back
+  slowly, so its pressure comes and goes: a cap that followed it instant by instant let a
+  flood through between two holds (6 nodes on 2 cores, a member flooding tiny gossips
+  within its credit: 83-90% of honest deliveries within 2 s, p99 3-6 s; with the hold:
+  100%, p99 37 ms). An uncongested cluster lets a single busy writer run at full speed;
+  forwarded traffic is never capped (it was admitted at its own first hop).
+* **The node's own components** never block: they run protocol rules synchronously.
+  What they cannot queue is reported, not dropped: an eager push that does not fit its
+  link's outbox becomes a lazy push (the Plumtree core announces it with an IHAVE and the
   peer grafts it when it has room), and a subscriber that does not keep up loses events
-  counted in its `Feed`, then receives a `Lagged(missed)` notice where they went missing
-  (a replica answers it with a sync pull).
+  counted in its `Feed`, then receives `Lagged(missed)` where they went missing (a replica
+  answers it with a sync pull).
 
-This module holds the three mechanisms; the link, node, broadcast and replica modules use
-them. Nothing here does I/O; waits are plain Trio checkpoints.
+Queueing delay. A message id carries its origin's clock, so each delivery gives a one-way
+delay; its excess over the smallest delay seen recently from that origin is time spent in
+queues, clock offsets cancelling out (LEDBAT's method, RFC 6817). `QueueingDelay` filters
+it with minima, per origin and then over origins, so that neither a burst of late messages
+from one origin nor a member stamping its messages in the past moves it. It lengthens
+Plumtree's repair timers (`Plumtree.set_delay_allowance`: a payload that is only queued
+must not be grafted, or it is duplicated), tells a first hop the cluster is congested,
+and can pace the node's writers (`WritePacer`, `delay_target`). Pacing is off by default:
+with one tree per origin and timers that allow for queueing it is not what keeps the tree
+whole (10 writers at full speed: RMR 0.01-0.02 after a warm-up either way), and writers
+that yield to delay only leave more room to a member that does not.
+
+What was tried and measured, and why it is not here: readers that held frames of payloads
+while the links they would be forwarded on were congested (some link is always congested
+under load: every reader waited on the others, 36 writes/s, links failing on send
+timeouts); admitting a peer's broadcasts at the first hop's own pace (one hop from their
+origin, a flooder's messages are the least delayed the victim sees: its pace stayed at
+full speed).
 """
 
 from __future__ import annotations
@@ -113,16 +116,26 @@ class FlowConfig:
     #: Inputs waiting in the broadcast component (all sources) at which the node's writers
     #: wait: the node is behind on forwarding, and new broadcasts would only queue.
     inbox_high_items: int = 256
-    #: Queueing delay of deliveries (seconds) the node's writers are paced to (module
-    #: docstring; 0 turns pacing off). Well under Plumtree's timeout1 (0.5 s): a payload
-    #: that queues longer than that on its way to a node gets grafted (and so duplicated).
-    delay_target: float = 0.05
+    #: Queueing delay of deliveries (seconds) the node's writers are paced to; 0 (the
+    #: default) turns pacing off. It yields to members that do not pace (module docstring),
+    #: and with one tree per origin and repair timers that allow for queueing it is not
+    #: what keeps the tree whole (10 writers at full speed: RMR 0.01-0.02 either way). For
+    #: clusters of trusted members that prefer latency to throughput; keep it well under
+    #: Plumtree's timeout1 (0.5 s).
+    delay_target: float = 0.0
     #: Longest interval the pacing puts between two writes of the node.
     pace_max_interval: float = 1.0
+    #: Queueing delay (seconds) of the other origins' deliveries past which the node counts
+    #: as congested and holds each peer to `peer_broadcast_rate` (module docstring).
+    congestion_delay: float = 0.05
+    #: A node whose pressure was held counts as congested for this long after (seconds):
+    #: downstream congestion reaches a first hop as credit that comes back slowly, so its
+    #: pressure comes and goes, and a cap that followed it instant by instant let a flood
+    #: through between two holds.
+    congestion_hold: float = 1.0
     #: Broadcasts per second, and their bytes, that one peer may originate through this
-    #: node while the node is congested (module docstring; 0 turns the limit off). Paced
-    #: writers stay far below it then; a member flooding its own broadcasts is held to it
-    #: at its first hop.
+    #: node while the node is congested (module docstring; 0 turns the limit off). A
+    #: member flooding its own broadcasts is held to it at its first hop.
     peer_broadcast_rate: float = 1000.0
     peer_broadcast_bytes_rate: float = 8 * 1024 * 1024
     #: Default bytes buffered for one subscription (deliveries or events); beyond it, and
@@ -146,6 +159,8 @@ class FlowConfig:
             raise ConfigError("flow.peer_broadcast_rate and its bytes rate must be >= 0")
         if bool(self.peer_broadcast_rate) != bool(self.peer_broadcast_bytes_rate):
             raise ConfigError("flow.peer_broadcast_rate and its bytes rate are off together")
+        if not (0 < self.congestion_delay < 10 and 0 <= self.congestion_hold <= 60):
+            raise ConfigError("flow.congestion_delay must be in (0, 10) s, hold in [0, 60] s")
         if not (0 <= self.delay_target < 10 and 0 < self.pace_max_interval <= 60):
             raise ConfigError("flow.delay_target must be in [0, 10) s, pace_max_interval (0, 60] s")
         if self.inbox_bytes < self.inbox_bytes_per_peer:
@@ -165,6 +180,7 @@ class Pressure:
     def __init__(self) -> None:
         self._holders: dict[Hashable, str] = {}
         self._changed = ParkingLot()
+        self._released_at = -math.inf
 
         #: Waits that found the node congested, by who waited.
         self.waits: collections.Counter[str] = collections.Counter()
@@ -176,10 +192,16 @@ class Pressure:
 
     def release(self, key: Hashable) -> None:
         if self._holders.pop(key, None) is not None:
+            if not self._holders:
+                self._released_at = trio.current_time()
             self._changed.unpark_all()
 
     def is_clear(self) -> bool:
         return not self._holders
+
+    def held_within(self, seconds: float) -> bool:
+        """Held now, or released less than `seconds` ago."""
+        return bool(self._holders) or trio.current_time() - self._released_at < seconds
 
     def holders(self) -> collections.Counter[str]:
         """How many buffers hold the pressure, by kind (for `stats`)."""
@@ -247,6 +269,9 @@ class QueueingDelay:
         #: The filtered queueing delay, in ms.
         self.current_ms = 0.0
         self._computed_ms = -math.inf
+        # The origin with the lowest value, and the next lowest value (`excluding`).
+        self._lowest_origin = ""
+        self._second_ms = 0.0
         # Largest filtered delay in the current and the previous half second.
         self._max_now = self._max_before = 0.0
         self._max_slot = 0
@@ -258,6 +283,12 @@ class QueueingDelay:
     def recent_max_ms(self) -> float:
         """The largest filtered queueing delay of the last half second to second."""
         return max(self._max_now, self._max_before)
+
+    def excluding(self, origin: str) -> float:
+        """The filtered delay without `origin`'s deliveries (ms): the congestion the others'
+        traffic meets. Near its first hop a flooding origin's own messages are the least
+        delayed of all, and would hide the congestion it causes."""
+        return self._second_ms if origin == self._lowest_origin else self.current_ms
 
     def observe(self, origin: str, sent_ms: int, now_ms: int) -> float:
         delay = float(now_ms - sent_ms)
@@ -284,14 +315,20 @@ class QueueingDelay:
         if now_ms - self._computed_ms >= 20:
             self._computed_ms = now_ms
             horizon = now_ms - self._recent_ms
-            lowest = math.inf
+            lowest, lowest_origin, second = math.inf, "", math.inf
             # Most recently heard first (the dict is kept in that order): stop at the first
             # origin not heard from lately.
-            for state in reversed(self._origins.values()):
+            for name, state in reversed(self._origins.items()):
                 if state.last_ms < horizon:
                     break
-                lowest = min(lowest, min(state.recent))
+                value = min(state.recent)
+                if value < lowest:
+                    lowest, lowest_origin, second = value, name, lowest
+                elif value < second:
+                    second = value
             self.current_ms = lowest if lowest != math.inf else 0.0
+            self._lowest_origin = lowest_origin
+            self._second_ms = second if second != math.inf else self.current_ms
         slot = int(now_ms // 500)
         if slot != self._max_slot:
             self._max_before = self._max_now if slot == self._max_slot + 1 else 0.0

@@ -131,6 +131,7 @@ class Node:
         self._dials: dict[str, _Dial] = {}
         #: Buffers over their high-water mark; writers and payload readers wait on it.
         self.pressure = Pressure()
+        self._congestion_ms = config.flow.congestion_delay * 1000
         self._event_feeds = Fanout[Event]()
         self._ready = trio.Event()
         self._closing = False
@@ -907,10 +908,11 @@ class Node:
             credit = 0
             if isinstance(message, Gossip):
                 if message.id.origin == peer.id and (
-                    broadcaster.pacer.interval or not self.pressure.is_clear()
+                    self.pressure.held_within(self.config.flow.congestion_hold)
+                    or broadcaster.delay.excluding(peer.id) > self._congestion_ms
                 ):
-                    # The peer's own broadcast entering the tree at a congested node: held
-                    # to its limit (flow.OriginationLimit).
+                    # The peer's own broadcast entering the tree while the cluster is
+                    # congested: held to its limit (flow.OriginationLimit).
                     await broadcaster.origination.admit(link, size)
                 run = broadcaster.receive_gossip(peer, message)
                 if run is None:

@@ -133,39 +133,62 @@ async def test_a_member_that_ignores_its_credit_is_failed_and_honest_peers_are_s
         nursery.cancel_scope.cancel()
 
 
+async def _flood_within_credit(node: Node, size: int, count: list[int]) -> None:
+    """A member sending `size`-byte gossips to `node` as fast as its credit allows."""
+    async with member_link(node, "flooder") as conn:
+
+        async def processed(link: Link, message: Message, size: int) -> None:
+            if message.CREDITED:
+                link.processed(size)
+
+        link = Link(
+            conn,
+            Peer(node.id, node.address),
+            role=Role.NODE,
+            outbound=True,
+            config=LinkConfig(),
+            stats=NodeStats(),
+            on_message=processed,
+        )
+        async with trio.open_nursery() as inner:
+            inner.start_soon(link.run)
+            for n in itertools.count():
+                await link.send(flood_gossip(n, size))
+                count[0] += 1
+
+
 async def test_a_member_flooding_within_its_credit_does_not_starve_honest_peers() -> None:
     async with trio.open_nursery() as nursery:
         a, b, _c = await _cluster(Cluster(nursery), 3, "g")
-        flooded = 0
+        count = [0]
 
         async def flood() -> None:
-            nonlocal flooded
-            async with member_link(b, "flooder") as conn:
-
-                async def processed(link: Link, message: Message, size: int) -> None:
-                    if message.CREDITED:
-                        link.processed(size)
-
-                link = Link(
-                    conn,
-                    Peer(b.id, b.address),
-                    role=Role.NODE,
-                    outbound=True,
-                    config=LinkConfig(),
-                    stats=NodeStats(),
-                    on_message=processed,
-                )
-                async with trio.open_nursery() as inner:
-                    inner.start_soon(link.run)
-                    for n in itertools.count():
-                        # As fast as its link takes them: it never exceeds its credit.
-                        await link.send(flood_gossip(n))
-                        flooded += 1
+            await _flood_within_credit(b, 8, count)
 
         got = await _paced_deliveries(a, b, 50, flood)
         assert sorted(got) == list(range(50))
-        assert flooded > 50, "the flood did not run"
+        assert count[0] > 50, "the flood did not run"
         closed = b.stats()["links_closed"]
         assert "flow_violation" not in closed and "send_timeout" not in closed
         assert b.stats()["broadcast"]["unsubscribed"]["flood"] >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_member_flooding_megabyte_payloads_does_not_starve_honest_peers() -> None:
+    async with trio.open_nursery() as nursery:
+        a, b, _c = await _cluster(Cluster(nursery), 3, "h")
+        count = [0]
+
+        async def flood() -> None:
+            await _flood_within_credit(b, 1024 * 1024 - 64, count)
+
+        got = await _paced_deliveries(a, b, 50, flood)
+        assert sorted(got) == list(range(50))
+        assert count[0] >= 5, "the flood did not run"
+        # The victim still answers (status encodes within the frame limit) and holds a
+        # bounded cache of those payloads.
+        encode_payload(b.status(), max_size=b.config.max_payload)
+        assert b.stats()["broadcast"]["cache_bytes"] <= b.config.broadcast.cache_max_bytes + (
+            1 << 20
+        )
         nursery.cancel_scope.cancel()

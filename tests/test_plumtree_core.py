@@ -72,7 +72,7 @@ def core(
     for p in (*eager, *lazy):
         assert tree.neighbor_up(p, 0.0) == []
     for p in lazy:
-        assert tree.handle_message(p, Prune("O"), 0.0) == []
+        assert tree.handle_message(p, Prune(""), 0.0) == []
     tree.check_invariants()
     return tree
 
@@ -197,7 +197,7 @@ def test_first_copy_from_a_lazy_peer_regrafts_the_link_on_both_ends() -> None:
     me = peer("me")
     c.neighbor_up(me, 0.0)
     c.broadcast(mid(1), "t", b"x", 0.0)
-    c.handle_message(me, Prune("O"), 0.01)
+    c.handle_message(me, Prune(""), 0.01)
     assert c.lazy == {me}
     answers = [e for _, m in sends(effects)[:1] for e in c.handle_message(me, m, 0.02)]
     assert answers == [] and c.eager == {me}
@@ -216,7 +216,7 @@ def test_duplicate_moves_sender_to_lazy_and_prunes_it() -> None:
     tree.handle_message(A, Gossip(mid(1), 1, "t", b"x"), 0.0)
 
     effects = tree.handle_message(B, Gossip(mid(1), 1, "t", b"x"), 0.01)
-    assert effects == [Send(B, Prune("O"))]
+    assert effects == [Send(B, Prune(""))]
     assert tree.eager == {A} and tree.lazy == {B}
     assert tree.stats.duplicates == 1 and tree.stats.prunes_sent == 1
 
@@ -236,21 +236,21 @@ def test_switching_pruning_off_makes_lazy_links_eager_and_ignores_late_prunes() 
     tree.set_prune(False)
     assert tree.eager == {A, B} and tree.lazy == set()
     # A PRUNE sent before the peer switched arrives late: it must not undo the switch.
-    assert tree.handle_message(B, Prune("O"), 0.0) == []
+    assert tree.handle_message(B, Prune(""), 0.0) == []
     assert tree.eager == {A, B}
     tree.check_invariants()
     tree.set_prune(True)
     tree.handle_message(A, Gossip(mid(1), 1, "t", b"x"), 0.0)
-    assert tree.handle_message(B, Gossip(mid(1), 1, "t", b"x"), 0.01) == [Send(B, Prune("O"))]
+    assert tree.handle_message(B, Gossip(mid(1), 1, "t", b"x"), 0.01) == [Send(B, Prune(""))]
 
 
 def test_prune_moves_sender_to_lazy() -> None:
     tree = core(eager=[A, B])
-    assert tree.handle_message(A, Prune("O"), 0.0) == []
+    assert tree.handle_message(A, Prune(""), 0.0) == []
     assert tree.eager == {B} and tree.lazy == {A}
     assert tree.stats.prunes_received == 1
     # Idempotent: a second PRUNE changes nothing.
-    tree.handle_message(A, Prune("O"), 0.0)
+    tree.handle_message(A, Prune(""), 0.0)
     assert tree.eager == {B} and tree.lazy == {A}
 
 
@@ -409,7 +409,7 @@ def test_cache_is_bounded_by_count_but_ids_are_remembered_longer() -> None:
     ]
     # Its id is still known: a late copy is a duplicate, not a second delivery.
     effects = tree.handle_message(C, Gossip(mid(1), 5, "t", b"1"), 0.0)
-    assert effects == [Send(C, Prune("O"))]
+    assert effects == [Send(C, Prune(""))]
 
     # The seen ids are bounded too, oldest first.
     for n in range(4, 7):
@@ -430,14 +430,17 @@ def test_cache_is_bounded_by_age() -> None:
     assert tree.handle_message(C, Graft(mid(2), 2), 10.0) != []
 
     # Past seen_max_age the id itself is forgotten (the documented limit of any bound).
-    tree.handle_message(A, Prune("O"), 19.0)
+    tree.handle_message(A, Prune(""), 19.0)
     assert tree.has_seen(mid(1))
     tree.neighbor_up(A, 20.0)
     assert not tree.has_seen(mid(1)) and tree.stats.seen_size == 1
 
 
 def test_ihave_batch_is_split_at_max_entries() -> None:
-    tree = core(eager=[A], lazy=[C], config=PlumtreeConfig(max_ihave_entries=2))
+    # Five broadcasts at once would make this node busy, with a tree of its own: keep the
+    # shared tree, where C is lazy.
+    config = PlumtreeConfig(max_ihave_entries=2, origin_tree_messages=10**6)
+    tree = core(eager=[A], lazy=[C], config=config)
     all_effects: list[Effect] = []
     for n in range(1, 6):
         all_effects += tree.broadcast(mid(n), "t", b"x", 0.0)
@@ -582,7 +585,7 @@ def test_messages_from_non_neighbors_change_no_set_and_get_no_answer() -> None:
     assert tree.handle_message(stranger, Gossip(mid(1), 1, "t", b"x"), 0.0) == []
     assert tree.handle_message(stranger, Graft(mid(1), 1), 0.0) == []
     assert tree.handle_message(stranger, IHave(((mid(2), 1),)), 0.0) == []
-    assert tree.handle_message(stranger, Prune("O"), 0.0) == []
+    assert tree.handle_message(stranger, Prune(""), 0.0) == []
     assert tree.eager == {A} and tree.lazy == {C}
     assert tree.stats.missing_size == 0 and tree.stats.from_non_neighbors == 5
     with pytest.raises(TypeError):
@@ -617,7 +620,7 @@ def test_optimisation_grafts_an_announcer_that_beat_the_eager_copy() -> None:
     assert sends(effects) == [
         (B, Gossip(mid(1), 6, "t", b"x")),
         (D, Graft(mid(1), 2, link_only=True)),
-        (A, Prune("O")),
+        (A, Prune("")),
     ]
     assert timers(effects) == []
     assert delivered(effects) == [Delivered(mid(1), "t", b"x", 5, A)]
@@ -628,7 +631,7 @@ def test_optimisation_grafts_an_announcer_that_beat_the_eager_copy() -> None:
     # optimisation). A second copy from D is an ordinary duplicate again.
     assert tree.handle_message(D, Gossip(mid(1), 3, "t", b"x"), 0.2) == []
     assert tree.eager == {B, D} and tree.stats.duplicates == 1
-    assert tree.handle_message(D, Gossip(mid(1), 3, "t", b"x"), 0.3) == [Send(D, Prune("O"))]
+    assert tree.handle_message(D, Gossip(mid(1), 3, "t", b"x"), 0.3) == [Send(D, Prune(""))]
 
 
 def test_no_optimisation_below_the_threshold() -> None:
@@ -667,8 +670,8 @@ def test_optimisation_round_trip_between_two_cores() -> None:
         x.neighbor_up(p, 0.0)
     for p in (Q, X):
         y.neighbor_up(p, 0.0)
-    x.handle_message(Y, Prune("O"), 0.0)
-    y.handle_message(X, Prune("O"), 0.0)
+    x.handle_message(Y, Prune(""), 0.0)
+    y.handle_message(X, Prune(""), 0.0)
     flush = only_timer(y.handle_message(Q, Gossip(mid(1), 1, "t", b"x"), 0.0))
     (announce,) = sends(y.handle_timer(flush, WINDOW))
     assert announce == (X, IHave(((mid(1), 2),)))
@@ -704,7 +707,7 @@ def test_optimisation_waits_for_a_streak_of_wins_by_one_announcer() -> None:
         payload_after_ihave(n, C, 2)
     effects = payload_after_ihave(7, C, 2)
     assert (C, Graft(mid(7), 2, link_only=True)) in sends(effects)
-    assert (A, Prune("O")) in sends(effects)
+    assert (A, Prune("")) in sends(effects)
     assert tree.stats.optimisations == 1 and tree.eager == {C}
 
 
@@ -751,13 +754,15 @@ def test_invariants_hold_under_random_inputs(ops: list[tuple[str, Peer, int, flo
         elif kind == "down":
             effects = tree.neighbor_down(who, now)
         elif kind == "gossip":
-            effects = tree.handle_message(who, Gossip(id, rnd, "t", b"p"), now)
+            # Half the origins' messages follow a tree of their own (own_tree).
+            own = n % 2 == 0
+            effects = tree.handle_message(who, Gossip(id, rnd, "t", b"p", own), now)
         elif kind == "ihave":
             effects = tree.handle_message(who, IHave(((id, rnd),)), now)
         elif kind == "graft":
             effects = tree.handle_message(who, Graft(id, rnd), now)
         elif kind == "prune":
-            effects = tree.handle_message(who, Prune(id.origin), now)
+            effects = tree.handle_message(who, Prune(id.origin if x < 0.5 else ""), now)
         elif kind == "broadcast":
             if tree.has_seen(mid(n, "me")):
                 continue
@@ -1060,12 +1065,17 @@ def test_optimisation_shortens_the_tree_for_a_dominant_origin() -> None:
     """Section 3.8: the first flood, from node 0, leaves the tree of first arrivals from
     node 0; a steady stream from the node farthest from it then pulls the tree towards
     that origin's shortest paths (5-20 ms links, a broadcast every 50 ms: tree paths are
-    slow enough for announcements on short lazy paths to beat them). RMR stays 0."""
+    slow enough for announcements on short lazy paths to beat them). RMR stays 0.
+
+    On the shared tree, that is; a stream this steady makes the origin busy, and its own
+    tree is made of its own first arrivals from the start: at least as short."""
     n = 100
     mean_hops = {}
+    shared = attrs.evolve(DEFAULTS, origin_tree_messages=10**6)
     for name, config in (
-        ("off", attrs.evolve(DEFAULTS, optimization_threshold=MAX_ROUND + 1)),
-        ("on", DEFAULTS),
+        ("off", attrs.evolve(shared, optimization_threshold=MAX_ROUND + 1)),
+        ("on", shared),
+        ("own tree", DEFAULTS),
     ):
         net = overlapping_network(n, 0.005, 0.02, config)
         origin = farthest_from(net.graph, 0)
@@ -1079,3 +1089,34 @@ def test_optimisation_shortens_the_tree_for_a_dominant_origin() -> None:
         hops = [h for id in ids for h in net.hops[id]]
         mean_hops[name] = sum(hops) / len(hops)
     assert mean_hops["on"] < mean_hops["off"] - 0.5
+    assert mean_hops["own tree"] <= mean_hops["on"] + 0.1
+
+
+def test_a_busy_origin_gets_a_tree_of_its_own_and_its_prunes_stay_there() -> None:
+    """Overlapping broadcasts from different origins must not cut each other's trees."""
+    config = attrs.evolve(CONFIG, origin_tree_messages=3, origin_tree_window=2.0)
+    tree = core(eager=[A, B], config=config)
+    # This node's own broadcasts: the third within 2 s says it follows its own tree.
+    flags = [
+        next(m.own_tree for _, m in sends(tree.broadcast(mid(n, "me"), "t", b"x", 0.1 * n)))
+        for n in range(4)
+    ]
+    assert flags == [False, False, True, True]
+    # A busy origin's message prunes its own tree only; the shared tree keeps the link.
+    tree.handle_message(A, Gossip(mid(1, "X"), 1, "t", b"x", own_tree=True), 1.0)
+    effects = tree.handle_message(B, Gossip(mid(1, "X"), 2, "t", b"x", own_tree=True), 1.0)
+    assert sends(effects) == [(B, Prune("X"))]
+    assert tree.eager_for("X") == {A} and tree.eager == {A, B}
+    # The shared tree's message from another origin still goes to both.
+    out = sends(tree.handle_message(A, Gossip(mid(2, "Y"), 1, "t", b"x"), 1.1))
+    assert [p for p, m in out if isinstance(m, Gossip)] == [B]
+    # A PRUNE names its tree: "" prunes the shared one.
+    tree.handle_message(B, Prune(""), 1.2)
+    assert tree.eager == {A} and tree.eager_for("X") == {A}
+    tree.check_invariants()
+    # A neighbour that comes up joins every tree, eager.
+    tree.neighbor_up(C, 1.3)
+    assert C in tree.eager and C in tree.eager_for("X")
+    # Idle trees are dropped.
+    tree.handle_timer(FlushTimer(999), 1.0 + config.origin_tree_idle + 1)
+    assert tree.stats.origin_trees == 0

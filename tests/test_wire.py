@@ -73,10 +73,10 @@ messages = st.one_of(
     st.builds(Disconnect, st.booleans()),
     st.builds(Shuffle, peers, st.integers(0, 255), st.lists(peers, max_size=8).map(tuple), u64),
     st.builds(ShuffleReply, st.lists(peers, max_size=8).map(tuple), u64),
-    st.builds(Gossip, mids, st.integers(0, 65535), ids, st.binary(max_size=64)),
+    st.builds(Gossip, mids, st.integers(0, 65535), ids, st.binary(max_size=64), st.booleans()),
     st.builds(IHave, st.lists(st.tuples(mids, st.integers(0, 65535)), max_size=5).map(tuple)),
     st.builds(Graft, mids, st.integers(0, 65535)),
-    st.builds(Prune, ids),
+    st.builds(Prune, st.one_of(st.just(""), ids)),
     st.builds(ControlRequest, u64, st.text(min_size=1, max_size=10), st.binary(max_size=20)),
     st.builds(ControlReply, u64, st.booleans(), st.binary(max_size=20)),
     st.builds(
@@ -160,7 +160,8 @@ def _frame(*items: object) -> bytes:
         (_frame([11, ["a", "http://x:1"], 3]), "field"),
         (_frame([11, ["a", "ws://x"], 3]), "field"),  # no port
         (_frame([11, ["a"], 3]), "field"),
-        (_frame([20, ["a", 1, 2], 0, "t", "not bytes"]), "field"),
+        (_frame([20, ["a", 1, 2], 0, "t", "not bytes", False]), "field"),
+        (_frame([20, ["a", 1, 2], 0, "t", b"x", "not a bool"]), "field"),
         (_frame([21, [[["a", 1, 2], 0]] * (MAX_IHAVE_ENTRIES + 1)]), "field"),
         (_frame([60, 1, "c", "n", "", "root", b"x" * NONCE_BYTES, b""]), "field"),
         (_frame([60, 1, "c", "n", "", "node", b"short", b""]), "field"),

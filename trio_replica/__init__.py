@@ -19,11 +19,13 @@ from .events import (
     Delivery,
     DownReason,
     Event,
+    Lagged,
     Left,
     PeerDown,
     PeerUp,
     Resubscribed,
 )
+from .flow import FlowConfig
 from .link import LinkConfig
 from .maps import Put, Removed, ReplicatedMap, ValidationError
 from .messages import MessageId, Peer
@@ -37,7 +39,9 @@ __all__ = [
     "Delivery",
     "DownReason",
     "Event",
+    "FlowConfig",
     "HandshakeError",
+    "Lagged",
     "Left",
     "LinkClosed",
     "LinkConfig",

@@ -197,6 +197,8 @@ class Gossip(Message):
     round: int
     tag: str
     payload: bytes
+    #: Its origin broadcasts often: it follows the origin's own tree (core/plumtree.py).
+    own_tree: bool = False
 
 
 @attrs.frozen
@@ -229,7 +231,8 @@ class Graft(Message):
 
 @attrs.frozen
 class Prune(Message):
-    """The sender moved us to its lazy set for `origin`'s messages; we do the same with it."""
+    """The sender moved us to its lazy set in `origin`'s tree (`""`: the shared tree, which
+    the messages of origins without a tree of their own follow); we do the same with it."""
 
     KIND: ClassVar[int] = 23
     origin: str

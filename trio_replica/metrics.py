@@ -71,6 +71,8 @@ _MAP_COUNTERS = (
 _MEMBERSHIP_NOT_COUNTERS = {"active_size", "passive_size", "inbox", "crashes"}
 _BROADCAST_GAUGES = {
     "cache_size": ("broadcast_cache_size", "Payloads kept to answer GRAFTs."),
+    "cache_bytes": ("broadcast_cache_bytes", "Bytes of the payloads kept to answer GRAFTs."),
+    "origin_trees": ("broadcast_origin_trees", "Origins with a Plumtree tree of their own."),
     "seen_size": ("broadcast_seen_size", "Message ids remembered as delivered."),
     "missing_size": ("broadcast_missing_size", "Announced messages not yet received."),
     "max_hops": ("broadcast_max_hops", "Largest hop count of a delivered broadcast."),
@@ -91,7 +93,17 @@ METRIC_NAMES = (
     PREFIX + "lazy_peers",
     *(PREFIX + name for name, _help in _BROADCAST_GAUGES.values()),
     PREFIX + "inbox_depth",
+    PREFIX + "inbox_bytes",
+    PREFIX + "inbox_throttled",
     PREFIX + "queued_messages",
+    PREFIX + "queued_bytes",
+    PREFIX + "congested_links",
+    PREFIX + "flow_pressure",
+    PREFIX + "flow_waits",
+    PREFIX + "flow_wait_seconds",
+    PREFIX + "queueing_delay_ms",
+    PREFIX + "origination_limited",
+    PREFIX + "origination_wait_seconds",
     PREFIX + "links_open",
     PREFIX + "control_clients",
     PREFIX + "dials_in_progress",
@@ -196,11 +208,71 @@ class NodeCollector(Collector):
         yield _gauge(
             "queued_messages", "Messages queued on links, not yet written.", links["queued"]
         )
+        yield from self._flow(stats["flow"], links)
         yield _gauge("links_open", "Open peer links.", links["open"])
         yield _gauge("control_clients", "Open control connections (CLI clients).", links["clients"])
         yield _gauge("dials_in_progress", "Outbound connections being set up.", links["dialing"])
 
         yield from self._maps()
+
+    def _flow(self, flow: dict[str, Any], links: dict[str, int]) -> Iterator[Metric]:
+        """Flow control (README "Flow control"): every label set here is fixed."""
+        inbox_bytes = GaugeMetricFamily(
+            PREFIX + "inbox_bytes", "Bytes waiting in a component's inbox.", labels=["component"]
+        )
+        throttled = CounterMetricFamily(
+            PREFIX + "inbox_throttled",
+            "Inputs that waited for their source's share of a component's inbox.",
+            labels=["component"],
+        )
+        for component in ("membership", "broadcast"):
+            inbox_bytes.add_metric([component], flow["inbox_bytes"][component])
+            throttled.add_metric([component], flow["throttled"][component])
+        yield inbox_bytes
+        yield throttled
+        yield _gauge(
+            "queued_bytes", "Bytes queued on links, not yet written.", links["queued_bytes"]
+        )
+        yield _gauge(
+            "congested_links", "Links whose outbox is over its high-water mark.", links["congested"]
+        )
+        pressure = GaugeMetricFamily(
+            PREFIX + "flow_pressure",
+            "Buffers over their high-water mark now, by kind: writers wait while any is.",
+            labels=["kind"],
+        )
+        for kind in ("link", "subscriber", "inbox"):
+            pressure.add_metric([kind], flow["pressure"].get(kind, 0))
+        yield pressure
+        yield _counter(
+            "flow_waits",
+            "Writes that found the node's outgoing budget spent and waited.",
+            {"writer": flow["waits"].get("writer", 0)},
+            label="who",
+        )
+        seconds = CounterMetricFamily(
+            PREFIX + "flow_wait_seconds",
+            "Seconds writes spent waiting for the outgoing budget, or paced.",
+            labels=["who"],
+        )
+        seconds.add_metric(["writer"], flow["waited_seconds"].get("writer", 0.0))
+        seconds.add_metric(["paced"], flow["paced_seconds"])
+        yield seconds
+        yield _gauge(
+            "queueing_delay_ms",
+            "Queueing delay of deliveries (one-way delay over its minimum, filtered).",
+            flow["queueing_delay_ms"],
+        )
+        yield _counter(
+            "origination_limited",
+            "Peers' own broadcasts held to their limit at this first hop.",
+            value=flow["origination_limited"],
+        )
+        yield CounterMetricFamily(
+            PREFIX + "origination_wait_seconds",
+            "Seconds peers' own broadcasts waited for their limit here.",
+            value=flow["origination_waited_seconds"],
+        )
 
     def _maps(self) -> Iterator[Metric]:
         maps = sorted(self.node.maps().items())

@@ -129,7 +129,8 @@ class Node:
         self._links: dict[str, Link] = {}
         self._clients: set[Link] = set()
         self._dials: dict[str, _Dial] = {}
-        #: Buffers over their high-water mark; writers and payload readers wait on it.
+        #: Buffers over their high-water mark: writers wait on it, and while it is held
+        #: peers' own broadcasts entering here are held to their limit.
         self.pressure = Pressure()
         self._congestion_ms = config.flow.congestion_delay * 1000
         self._event_feeds = Fanout[Event]()
@@ -331,9 +332,9 @@ class Node:
         """Broadcast `payload` (plain CBOR-encodable data) to every node, under `tag`.
 
         Waits (a checkpoint, never a spin) while the node's outgoing budget is spent: a
-        link's outbox or a replica's delivery buffer over its high-water mark, or the node's
-        own broadcasts' share of the broadcast component full (README "Flow control"). Bound
-        the wait with your own cancel scope; a cancelled call has broadcast nothing.
+        link's outbox or a replica's delivery buffer over its high-water mark, or the
+        broadcast component behind (README "Flow control"). Bound the wait with your own
+        cancel scope; a cancelled call has broadcast nothing.
         Returns the message id once the broadcast is handed to the broadcast component.
         Raises `MessageTooLarge` beyond `config.max_payload` bytes, `TypeError` for data
         that is not plain, `ValueError` for a bad tag, `NodeClosed` after the node closed.
@@ -410,10 +411,11 @@ class Node:
         they went missing. It also receives `Lagged` when a broadcast announced to this
         node could not be fetched (its tag is unknown, so every subscriber is told).
 
-        With `backpressure=True`, a subscriber at half its buffer makes the node slow down
-        instead: its writers wait and its readers hold payloads (a bounded time), so a
-        consumer that is slower than the traffic slows the cluster rather than miss
-        deliveries. The node never waits for it indefinitely (see README "Flow control").
+        With `backpressure=True`, a subscriber at half its buffer holds the node's pressure:
+        the node's writers wait, and peers' own broadcasts entering here are held to their
+        limit, so a consumer slower than the traffic slows it down before it misses
+        anything. The node itself never waits for it: one that stops reading still misses
+        deliveries, and is told (README "Flow control").
         """
         max_items = buffer or self.config.subscriber_buffer
         max_bytes = buffer_bytes or self.config.flow.subscriber_bytes

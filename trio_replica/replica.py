@@ -39,8 +39,8 @@ Everything the driver receives (deliveries, membership events, direct messages, 
 ticks) goes through one `FairInbox` (bounded per source: deliveries, membership, each peer's
 direct messages) and is handled by one task, so callbacks never run concurrently for one
 instance. Its deliveries come from a subscription with backpressure: a driver that falls
-behind slows the node's writers and readers before it loses anything, and a loss is told
-(`Lagged`) and repaired by a sync.
+behind slows the node's writers (and the peers' own broadcasts entering through the node)
+before it loses anything, and a loss is told (`Lagged`) and repaired by a sync.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class ReplicaConfig:
     #: Deliveries buffered between the broadcast component and the driver; at half of it
     #: the node slows down (backpressure) before the driver would miss any.
     delivery_buffer: int = 1024
-    #: Shortest time between two rounds of sync pulls after `Lagged` or `Resubscribed`.
+    #: Shortest time between two sync pulls after `Lagged` notices.
     resync_interval: float = 1.0
 
     def __attrs_post_init__(self) -> None:
@@ -174,11 +174,6 @@ def iter_chunks(items: Sequence[Any], max_bytes: int) -> Iterator[bytes]:
         size += len(part)
     if parts:
         yield cbor_array(parts)
-
-
-def chunk_items(items: Sequence[Any], max_bytes: int) -> list[bytes]:
-    """`iter_chunks` as a list."""
-    return list(iter_chunks(items, max_bytes))
 
 
 @attrs.define

@@ -49,11 +49,6 @@ class Subscription(Generic[T]):
         self._feed: Feed[T] | None = attach()
         self.resubscriptions = 0
 
-    @property
-    def missed(self) -> int:
-        """Events this subscription lost on its current feed (each run was told by `Lagged`)."""
-        return self._feed.missed_total if self._feed is not None else 0
-
     async def receive(self) -> T | Lagged | Resubscribed:
         """The next event, a `Lagged` notice, or a `Resubscribed` notice after a restart."""
         if self._feed is not None:

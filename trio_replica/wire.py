@@ -372,12 +372,13 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
         lambda f, _: ShuffleReply(_peers(f[0]), check_int(f[1], 0, U64, "nonce")),
     ),
     Gossip.KIND: (
-        4,
+        5,
         lambda f, max_payload: Gossip(
             check_message_id(f[0]),
             check_int(f[1], 0, MAX_ROUND, "round"),
             check_str(f[2], MAX_TAG, "tag"),
             check_bytes(f[3], max_payload, "payload"),
+            check_bool(f[4], "own tree"),
         ),
     ),
     IHave.KIND: (1, lambda f, _: IHave(_ihave_entries(f[0]))),
@@ -389,7 +390,10 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
             check_bool(f[2], "link only"),
         ),
     ),
-    Prune.KIND: (1, lambda f, _: Prune(check_str(f[0], MAX_NODE_ID, "origin"))),
+    Prune.KIND: (
+        1,
+        lambda f, _: Prune(check_str(f[0], MAX_NODE_ID, "origin", allow_empty=True)),
+    ),
     SyncRequest.KIND: (1, lambda f, _: SyncRequest(check_str(f[0], MAX_TAG, "name"))),
     SyncChunk.KIND: (
         5,
@@ -448,7 +452,7 @@ def _positional(message: Message) -> list[Any]:
 
 def _gossip_positional(m: Gossip) -> list[Any]:
     i = m.id
-    return [Gossip.KIND, [i.origin, i.stamp, i.nonce], m.round, m.tag, m.payload]
+    return [Gossip.KIND, [i.origin, i.stamp, i.nonce], m.round, m.tag, m.payload, m.own_tree]
 
 
 def _ihave_positional(m: IHave) -> list[Any]:

@@ -87,26 +87,30 @@ an `Abandoned` event so that the layers above repair it (a replica pulls a sync)
 matters under load: repair timers then give up on payloads that are only slow, and most of
 them arrive after all (a 10-node cluster at full write rate gave up on thousands).
 
-One tree per origin. The paper's nodes keep one eager set for every sender, and evaluate
-it with one broadcast at a time. When broadcasts from several origins overlap, each
-prunes the link that was slower *for it*: in a cycle of the overlay, messages entering
+One tree per busy origin. The paper's nodes keep one eager set for every sender, and
+evaluate it with one broadcast at a time. When broadcasts from several origins overlap,
+each prunes the link that was slower *for it*: in a cycle of the overlay, messages entering
 from different sides prune different links, and together they cut the tree apart, which
-GRAFTs then repair with duplicates (Riak's broadcast, which keeps one tree per root, met
-the same: basho/riak_core#378). A 10-node cluster with a writer on every node ran at RMR
-0.8-1.0 this way with no queue anywhere. So each origin has its own eager and lazy sets
-(`_Tree`), and PRUNE names the origin whose tree the link leaves: a prune is the one rule
-by which origins interfere, and it applies to that origin's tree only. A repair GRAFT
-(timeout1 fired: the grafter lacks the payload) restores connectivity, which every tree
-needs, so it applies to every tree on both ends: one repair after a failure serves all
-origins, as with one shared tree, and the cycles it may add to other origins' trees are
-pruned by their own next duplicates. A link-only GRAFT (a regraft, or the optimisation;
-the receiver knows it by the IHAVE for the id that precedes it) adjusts one origin's tree
-and applies to it alone: made global, the regrafts of a busy cluster added a cycle to
-every tree each, and cost about one duplicate per origin. A shared tree is kept
-as before, changed by every prune and graft: it is what a new origin's tree starts from
-(so with one broadcast at a time, the paper's setting, nothing changes), and what `eager`
-and `lazy` report. At most `max_origin_trees` origins have a tree of their own, the least
-recently used forgotten first.
+GRAFTs then repair with duplicates (Riak's broadcast, which keeps one tree per root, met the
+same: basho/riak_core#378). A 10-node cluster with a writer on every node ran at RMR 0.8-1.0
+this way with no queue anywhere. So an origin that broadcasts often (`origin_tree_messages`
+within `origin_tree_window`) says so in its messages (`Gossip.own_tree`), and every node
+then keeps a tree for that origin's messages alone (`_Tree`), started with every neighbour
+eager as at bootstrap, so that it is made of this origin's own first arrivals. The other
+origins share one tree, as in the paper. A message's rules (prune, graft, regraft,
+optimisation) change only the tree it follows, and PRUNE names that tree; membership
+changes (a neighbour up or down) change every tree. One origin's overlap with another thus
+never cuts its tree, and after a failure a busy origin's tree repairs itself at its next
+message (soon: it is busy). The origin decides, not each node from the deliveries it
+counts: nodes counting for themselves crossed the threshold at different moments, and the
+prunes of one tree landed in another (RMR 0.3-0.5). Only busy origins get trees because
+each pays for every change of the overlay, a new link entering every tree and each tree
+pruning it with a duplicate of its own (with a tree for every origin, 1,000 simulated nodes
+under 0.5% churn per cycle, origins drawn at random, went from RMR 0.0085, max 0.065, to
+0.14, max 2.0), and its first message floods. An origin stays busy until it has not
+broadcast for `origin_tree_idle`; a tree unused that long is dropped, and at most
+`max_origin_trees` are kept, the least recently used dropped first. `eager` and `lazy`
+report the shared tree.
 
 Queueing is not loss. Under load a payload can spend longer in queues (outboxes waiting for
 credit, inboxes) than timeout1, while IHAVEs, which are small and never wait behind
@@ -219,9 +223,18 @@ class PlumtreeConfig:
     abandon_grace: float = 10.0
     #: Most entries in one IHAVE; a fuller batch is sent at once (the wire limit by default).
     max_ihave_entries: int = MAX_IHAVE_ENTRIES
-    #: Origins with a tree of their own (module docstring); the least recently used beyond
-    #: this bound fall back to a copy of the shared tree when they broadcast again. Each
-    #: costs two small sets of neighbours.
+    #: This node's messages follow a tree of their own (module docstring) once it has
+    #: broadcast `origin_tree_messages` times within `origin_tree_window` seconds, until
+    #: it has not broadcast for `origin_tree_idle`; trees of other origins unused that long
+    #: are dropped, and at most `max_origin_trees` kept. A tree costs two small sets of
+    #: neighbours, and its first message floods (it starts all eager): worth it for an
+    #: origin that keeps broadcasting several times a second, not for one that broadcast
+    #: twice by chance (200 nodes, origins drawn at random 20 times a second: with 2 in
+    #: 2 s, RMR 0.42; with 4, 0). 10 writers at full speed after a warm-up: with 4, RMR
+    #: 0.001-0.004; with 8 (the warm-up stays below it), 0.045-0.06.
+    origin_tree_messages: int = 4
+    origin_tree_window: float = 2.0
+    origin_tree_idle: float = 60.0
     max_origin_trees: int = 1024
     #: False turns Plumtree into flooding over the active view, the baseline of both papers
     #: (HyParView section 5, SRDS 2007 section 4): a duplicate never prunes its link, so
@@ -237,6 +250,8 @@ class PlumtreeConfig:
             "cache_max_age",
             "seen_max_age",
             "abandon_grace",
+            "origin_tree_window",
+            "origin_tree_idle",
         ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -251,6 +266,7 @@ class PlumtreeConfig:
             "cache_max_messages",
             "cache_max_bytes",
             "missing_max_messages",
+            "origin_tree_messages",
             "max_origin_trees",
         ):
             if getattr(self, name) < 1:
@@ -351,6 +367,11 @@ class AbandonTimer:
 PlumtreeTimer = GraftTimer | FlushTimer | AbandonTimer
 
 
+def _key(message: Gossip) -> str:
+    """The tree a payload follows: its origin's own, or "" for the shared one."""
+    return message.id.origin if message.own_tree else ""
+
+
 @attrs.define
 class _Seen:
     """What we remember of a delivered message after its payload may be gone."""
@@ -372,6 +393,8 @@ class _Cached:
     tag: str
     payload: bytes
     hops: int
+    #: The tree it follows: its origin's, or "" for the shared one.
+    key: str
     #: Peers that announced this id to us: a GRAFT from one of them asks for the link, not
     #: for the payload (a link-only GRAFT, see `_graft_link`).
     holders: set[Peer] = attrs.Factory(set)
@@ -401,6 +424,8 @@ class _Tree:
     lazy: dict[Peer, None] = attrs.Factory(dict)
     #: Per announcer: consecutive payloads its earlier IHAVE beat by the threshold.
     streaks: dict[Peer, int] = attrs.Factory(dict)
+    #: When a message last followed it (for dropping idle trees).
+    used: float = 0.0
 
     def make_eager(self, peer: Peer) -> None:
         self.lazy.pop(peer, None)
@@ -415,8 +440,9 @@ class _Tree:
         self.lazy.pop(peer, None)
         self.streaks.pop(peer, None)
 
-    def copy(self) -> _Tree:
-        return _Tree(dict(self.eager), dict(self.lazy))
+    def flooded(self, now: float) -> _Tree:
+        """A new tree over the same neighbours, all of them eager (as after NeighborUp)."""
+        return _Tree({peer: None for peer in (*self.eager, *self.lazy)}, {}, used=now)
 
 
 @attrs.define(eq=False)
@@ -435,8 +461,16 @@ class Plumtree:
     stats: PlumtreeStats = attrs.field(init=False, factory=PlumtreeStats)
     #: The shared tree: every neighbour, eager or lazy (module docstring).
     _shared: _Tree = attrs.field(init=False, factory=_Tree)
-    #: One tree per origin, least recently used first.
+    #: One tree per busy origin, least recently used first.
     _trees: OrderedDict[str, _Tree] = attrs.field(init=False, factory=OrderedDict)
+    #: This node's own broadcasts: when the current window began, how many it holds, when
+    #: the last was, and whether they follow a tree of their own.
+    _own_window: float = attrs.field(init=False, default=-math.inf)
+    _own_count: int = attrs.field(init=False, default=0)
+    _own_last: float = attrs.field(init=False, default=-math.inf)
+    _own_tree: bool = attrs.field(init=False, default=False)
+    #: The time of the input being handled (set by `_expire`, which every input runs).
+    _now: float = attrs.field(init=False, default=0.0)
     _seen: OrderedDict[MessageId, _Seen] = attrs.field(init=False, factory=OrderedDict)
     _cache: OrderedDict[MessageId, _Cached] = attrs.field(init=False, factory=OrderedDict)
     _cache_bytes: int = attrs.field(init=False, default=0)
@@ -529,8 +563,9 @@ class Plumtree:
             raise ValueError(f"message id {id} was already broadcast or received")
         self.stats.broadcasts += 1
         self._missing.pop(id, None)
-        self._remember(id, tag, payload, 0, now)
-        effects = self._push(Gossip(id, 1, tag, payload), exclude=None, holders=())
+        own_tree = self._busy(now)
+        self._remember(id, tag, payload, 0, now, own_tree)
+        effects = self._push(Gossip(id, 1, tag, payload, own_tree), exclude=None, holders=())
         self.stats.delivered += 1
         effects.append(Emit(Delivered(id, tag, payload, 0, None)))
         return self._done(effects)
@@ -613,10 +648,10 @@ class Plumtree:
                 return []
             if not neighbor or not self.config.prune:
                 return []
-            origin = message.id.origin
-            self._make_lazy(sender, origin)
+            key = _key(message)
+            self._make_lazy(sender, key)
             self.stats.prunes_sent += 1
-            return [Send(sender, Prune(origin))]
+            return [Send(sender, Prune(key))]
 
         # Algorithm 1, first receipt: deliver, remember, forward, keep the sender eager.
         if message.id in self._given_up:
@@ -626,16 +661,17 @@ class Plumtree:
         self.stats.delivered += 1
         self.stats.max_hops = max(self.stats.max_hops, hops)
         entry = self._missing.pop(message.id, None)
-        seen = self._remember(message.id, message.tag, message.payload, hops, now)
+        key = _key(message)
+        seen = self._remember(message.id, message.tag, message.payload, hops, now, message.own_tree)
         seen.first_from = sender
-        forward = Gossip(message.id, min(hops + 1, MAX_ROUND), message.tag, message.payload)
+        forward = attrs.evolve(message, round=min(hops + 1, MAX_ROUND))
         # Announcers already have the message: announcing it back to them is waste.
         holders: tuple[Peer, ...] = ()
         if entry is not None:
             holders = (*entry.grafted, *(p for p, _ in entry.pending))
             self._cache[message.id].holders.update(holders)
         effects: list[Effect] = []
-        if sender in self._tree(message.id.origin).lazy:
+        if sender in self._tree(key).lazy:
             # A first copy from a lazy peer: we pruned this link while the copy was in
             # flight (the only way a lazy peer sends a payload unasked). Algorithm 1 makes
             # the sender eager again on our side only, but the sender has processed our
@@ -646,10 +682,10 @@ class Plumtree:
             self.stats.regrafts += 1
             effects += self._graft_link(sender, message.id, hops)
         if neighbor:
-            self._make_eager(sender, message.id.origin)
+            self._make_eager(sender, key)
         effects += self._push(forward, exclude=sender, holders=holders)
         if entry is not None and entry.pending:
-            effects += self._optimise(message.id, seen, sender, hops, entry.pending)
+            effects += self._optimise(message.id, key, seen, sender, hops, entry.pending)
         # Delivered goes last: the forwards are queued before the application sees the
         # message, so a slow subscriber never delays the tree.
         repaired = seen.repaired = entry is not None and bool(entry.grafted)
@@ -670,9 +706,7 @@ class Plumtree:
                 # Delivered already, so this announcer's path was not the faster one: its
                 # streak for the optimisation ends (module docstring). It holds the
                 # payload, which a GRAFT from it will tell us.
-                tree = self._trees.get(id.origin)
-                if tree is not None:
-                    tree.streaks.pop(sender, None)
+                self._tree(self._guess_key(id)).streaks.pop(sender, None)
                 cached = self._cache.get(id)
                 if cached is not None:
                     cached.holders.add(sender)
@@ -716,15 +750,15 @@ class Plumtree:
             self.stats.from_non_neighbors += 1
             return []
         # Algorithm 1, GRAFT: the link rejoins the tree; send the payload if we still have it.
+        cached = self._cache.get(message.id)
+        key = self._guess_key(message.id) if cached is None else cached.key
+        # The link rejoins the tree the message follows (module docstring).
+        self._make_eager(sender, key)
         if message.link_only:
             # The optimisation's GRAFT(null) of Algorithm 2, or a regraft: the grafter holds
-            # the payload and asks for the link, in this origin's tree (module docstring).
-            self._make_eager(sender, message.id.origin)
+            # the payload and asks for the link only.
             self.stats.grafts_without_payload += 1
             return []
-        # A repair: the link rejoins every origin's tree (module docstring).
-        self._graft_everywhere(sender)
-        cached = self._cache.get(message.id)
         if cached is None:
             self.stats.graft_misses += 1
             return []
@@ -736,9 +770,11 @@ class Plumtree:
         # Our own hop count + 1, as a forward would carry: `message.round` is what the
         # grafter was told, our cache is what we know.
         round = min(cached.hops + 1, MAX_ROUND)
-        return [Send(sender, Gossip(message.id, round, cached.tag, cached.payload), repair=True)]
+        answer = Gossip(message.id, round, cached.tag, cached.payload, bool(cached.key))
+        return [Send(sender, answer, repair=True)]
 
     def _on_prune(self, sender: Peer, message: Prune) -> list[Effect]:
+        # `message.origin` names the tree: an origin's own, or "" for the shared one.
         self.stats.prunes_received += 1
         if not self._is_neighbor(sender):
             self.stats.from_non_neighbors += 1
@@ -774,7 +810,9 @@ class Plumtree:
             round = next((r for p, r in missing.pending if p == peer), None)
             if round is None:
                 continue
-            self._graft_everywhere(peer)
+            # The payload has not come, so whether it follows its origin's tree is unknown:
+            # its origin's tree if we keep one (module docstring).
+            self._make_eager(peer, self._guess_key(id))
             missing.pending = deque((p, r) for p, r in missing.pending if p != peer)
             missing.grafted.append(peer)
             missing.token = self._token()
@@ -814,7 +852,7 @@ class Plumtree:
 
     def _push(self, gossip: Gossip, exclude: Peer | None, holders: Iterable[Peer]) -> list[Effect]:
         """EagerPush and LazyPush of Algorithm 1 for one message (`exclude`: its sender)."""
-        tree = self._tree(gossip.id.origin)
+        tree = self._tree(_key(gossip))
         targets = [peer for peer in tree.eager if peer != exclude]
         self.rng.shuffle(targets)
         effects: list[Effect] = [Send(peer, gossip) for peer in targets]
@@ -856,6 +894,7 @@ class Plumtree:
     def _optimise(
         self,
         id: MessageId,
+        key: str,
         seen: _Seen,
         sender: Peer,
         hops: int,
@@ -866,7 +905,7 @@ class Plumtree:
         was `optimization_threshold` hops shorter on `optimization_streak` payloads in a row.
         """
         threshold = self.config.optimization_threshold
-        tree = self._tree(id.origin)
+        tree = self._tree(key)
         streaks = tree.streaks
         best: tuple[Peer, int] | None = None
         for peer, round in announced:
@@ -886,9 +925,9 @@ class Plumtree:
         self.stats.optimisations += 1
         effects = self._graft_link(announcer, id, round)
         if sender in tree.eager:
-            self._make_lazy(sender, id.origin)
+            self._make_lazy(sender, key)
             self.stats.prunes_sent += 1
-            effects.append(Send(sender, Prune(id.origin)))
+            effects.append(Send(sender, Prune(key)))
         seen.expect_copy_from = announcer
         return effects
 
@@ -896,7 +935,8 @@ class Plumtree:
         """GRAFT(null) of Algorithm 2: make `peer` eager on both ends, in the tree of `id`'s
         origin, without asking for the payload of `id`, which we hold."""
         self.stats.grafts_sent += 1
-        self._make_eager(peer, id.origin)
+        cached = self._cache.get(id)
+        self._make_eager(peer, self._guess_key(id) if cached is None else cached.key)
         return [Send(peer, Graft(id, round, link_only=True))]
 
     def _remember(
@@ -906,10 +946,11 @@ class Plumtree:
         payload: bytes,
         hops: int,
         now: float,
+        own_tree: bool,
     ) -> _Seen:
         seen = _Seen(now)
         self._seen[id] = seen
-        self._cache[id] = _Cached(now, tag, payload, hops)
+        self._cache[id] = _Cached(now, tag, payload, hops, id.origin if own_tree else "")
         self._cache_bytes += len(payload)
         # Evict oldest first: both tables are in arrival order, which is time order.
         while len(self._seen) > self.config.seen_max_messages:
@@ -926,7 +967,13 @@ class Plumtree:
         self._cache_bytes -= len(cached.payload)
 
     def _expire(self, now: float) -> None:
-        """Drop what outlived its age; amortised O(1), both tables being in time order."""
+        """Drop what outlived its age; amortised O(1), the tables being in time order."""
+        self._now = now
+        idle = now - self.config.origin_tree_idle
+        while self._trees:
+            if next(iter(self._trees.values())).used > idle:
+                break
+            self._trees.popitem(last=False)
         cache_limit = now - self.config.cache_max_age
         while self._cache:
             first = next(iter(self._cache.values()))
@@ -943,31 +990,45 @@ class Plumtree:
     def _is_neighbor(self, peer: Peer) -> bool:
         return peer in self._shared.eager or peer in self._shared.lazy
 
-    def _tree(self, origin: str) -> _Tree:
-        """The tree of `origin`, started from the shared one if it has none (module docstring)."""
-        tree = self._trees.get(origin)
+    def _tree(self, key: str) -> _Tree:
+        """The tree named `key`: an origin's own (started all eager if new), or, for "",
+        the shared one (module docstring)."""
+        if not key:
+            return self._shared
+        tree = self._trees.get(key)
         if tree is None:
-            tree = self._trees[origin] = self._shared.copy()
+            tree = self._trees[key] = self._shared.flooded(self._now)
             if len(self._trees) > self.config.max_origin_trees:
                 self._trees.popitem(last=False)
         else:
-            self._trees.move_to_end(origin)
+            tree.used = self._now
+            self._trees.move_to_end(key)
         return tree
 
-    def _make_eager(self, peer: Peer, origin: str) -> None:
-        """`peer` is a tree link for `origin`'s messages (and in the shared tree)."""
-        self._tree(origin).make_eager(peer)
-        self._shared.make_eager(peer)
+    def _guess_key(self, id: MessageId) -> str:
+        """The tree `id` most likely follows when we do not hold its message."""
+        return id.origin if id.origin in self._trees else ""
 
-    def _graft_everywhere(self, peer: Peer) -> None:
-        """`peer` is a tree link again for every origin (a GRAFT: module docstring)."""
-        for tree in (self._shared, *self._trees.values()):
-            tree.make_eager(peer)
+    def _busy(self, now: float) -> bool:
+        """Whether this node's next broadcast follows its own tree (module docstring)."""
+        config = self.config
+        if now - self._own_last > config.origin_tree_idle:
+            self._own_tree = False
+        if now - self._own_window > config.origin_tree_window:
+            self._own_window, self._own_count = now, 0
+        self._own_count += 1
+        self._own_last = now
+        if self._own_count >= config.origin_tree_messages:
+            self._own_tree = True
+        return self._own_tree
 
-    def _make_lazy(self, peer: Peer, origin: str) -> None:
-        """`peer` leaves `origin`'s tree (and the shared tree)."""
-        self._tree(origin).make_lazy(peer)
-        self._shared.make_lazy(peer)
+    def _make_eager(self, peer: Peer, key: str) -> None:
+        """`peer` is a link of the tree named `key`."""
+        self._tree(key).make_eager(peer)
+
+    def _make_lazy(self, peer: Peer, key: str) -> None:
+        """`peer` leaves the tree named `key`."""
+        self._tree(key).make_lazy(peer)
 
     def _token(self) -> int:
         self._last_token += 1

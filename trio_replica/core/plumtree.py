@@ -230,10 +230,12 @@ class PlumtreeConfig:
     #: neighbours, and its first message floods (it starts all eager): worth it for an
     #: origin that keeps broadcasting several times a second, not for one that broadcast
     #: twice by chance (200 nodes, origins drawn at random 20 times a second: with 2 in
-    #: 2 s, RMR 0.42; with 4, 0). 10 writers at full speed after a warm-up: with 4, RMR
-    #: 0.001-0.004; with 8 (the warm-up stays below it), 0.045-0.06.
-    origin_tree_messages: int = 4
-    origin_tree_window: float = 2.0
+    #: 2 s, RMR 0.42; with 4, 0). In the cluster benchmark (50 broadcasts a second from
+    #: random origins) 4 in 2 s made most of 25 origins fork a tree, each fork a flood:
+    #: paced RMR 0.22-0.41 at N = 25-50; with 8 in 1 s, 0.0-0.0006, and 10 writers at
+    #: full speed from a cold start keep RMR 0.08-0.09 (0.05-0.06 with 4 in 2 s).
+    origin_tree_messages: int = 8
+    origin_tree_window: float = 1.0
     origin_tree_idle: float = 60.0
     max_origin_trees: int = 1024
     #: False turns Plumtree into flooding over the active view, the baseline of both papers

@@ -16,6 +16,7 @@ import trio
 
 from transports.memory import MemoryNetwork
 from trio_replica.config import NodeConfig
+from trio_replica.health import LoopHealth
 from trio_replica.link import Link, LinkConfig
 from trio_replica.localcluster import overlay_ok, run_node
 from trio_replica.messages import Message, Peer, Role
@@ -111,6 +112,8 @@ async def link_pair(
     b_starts: float = 0.0,
     stats: type[NodeStats] = NodeStats,
     on_message: MessageHandler | None = None,
+    health_a: LoopHealth | None = None,
+    health_b: LoopHealth | None = None,
 ) -> LinkPair:
     """Two links over one memory connection, each run in `nursery`; b's may start later.
 
@@ -133,6 +136,7 @@ async def link_pair(
             config=config,
             stats=stats,
             on_message=on_message or record,
+            health=health_a if outbound else health_b,
         )
 
     ready: list[Link] = []

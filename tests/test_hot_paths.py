@@ -174,7 +174,9 @@ async def test_a_silent_peer_is_failed_within_the_idle_timeout_and_one_tick(
         with trio.fail_after(60):
             reason = await _closed(pair.a)
         assert reason == "idle_timeout"
-        assert trio.current_time() - cut <= config.idle_timeout + PING_TICK + 0.01
+        # Suspected after the idle timeout, failed after the suspicion timeout more.
+        silent = config.idle_timeout + config.suspicion_timeout
+        assert silent - 1.0 <= trio.current_time() - cut <= silent + PING_TICK + 0.01
         nursery.cancel_scope.cancel()
 
 

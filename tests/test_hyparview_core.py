@@ -319,7 +319,7 @@ def test_accepted_neighbor_request_adds_the_peer() -> None:
 
 
 def test_refusal_keeps_the_rejecter_passive_and_tries_another_passive_peer() -> None:
-    core = make(active_size=2)
+    core = make(active_size=2, refusals_before_backoff=0)
     link_up(core, A, B)
     learn(core, C, D)
     out = core.handle_message(B, Disconnect(alive=True), 2.0)
@@ -327,13 +327,17 @@ def test_refusal_keeps_the_rejecter_passive_and_tries_another_passive_peer() -> 
     assert isinstance(asked, Send) and asked.message == Neighbor(high=False)
     other = D if asked.peer == C else C
     out = core.handle_message(asked.peer, NeighborReply(accepted=False), 2.1)
+    # The refill backs off first (deviation 8): backoff_base after one refusal.
+    assert len(out) == 1 and isinstance(out[0], SetTimer)
+    assert isinstance(out[0].timer, RefillTimer) and out[0].delay == pytest.approx(2.0)
+    assert core.is_passive(asked.peer.id)
+    assert core.stats.neighbor_refused == 1
+    out = core.handle_timer(timer_of(out[0]), 4.1)
     token = timer_of(out[1]).token  # type: ignore[attr-defined]
-    assert out == [
+    assert out[:2] == [
         Send(other, Neighbor(high=False)),
         SetTimer(5.0, NeighborTimeout(other.id, token)),
     ]
-    assert core.is_passive(asked.peer.id)
-    assert core.stats.neighbor_refused == 1
 
 
 def test_several_free_slots_are_refilled_at_once() -> None:
@@ -488,8 +492,10 @@ def test_shuffle_walk_ends_with_a_reply_to_the_origin_and_integration() -> None:
     out = core.handle_message(A, Shuffle(ORIGIN, 1, (ORIGIN, E), 42), 1.0)
     assert len(out) == 1
     reply = out[0]
-    assert isinstance(reply, Send) and reply.peer == ORIGIN
+    # Back along the walk, to the hop it came from (deviation 7), naming the origin.
+    assert isinstance(reply, Send) and reply.peer == A
     assert isinstance(reply.message, ShuffleReply) and reply.message.nonce == 42
+    assert reply.message.origin == ORIGIN.id
     assert ids(reply.message.peers) == {"c", "d"}  # as many as received, from passive
     assert ids(core.passive) == {"c", "d", "o", "e"}
     assert core.stats.shuffles_received == 1
@@ -499,7 +505,98 @@ def test_shuffle_walk_ends_at_a_node_with_a_single_neighbor() -> None:
     core = make()
     link_up(core, A)
     out = core.handle_message(A, Shuffle(ORIGIN, 5, (ORIGIN,), 1), 1.0)
-    assert out == [Send(ORIGIN, ShuffleReply((), 1))]
+    assert out == [Send(A, ShuffleReply((), 1, ORIGIN.id))]
+
+
+def test_a_forwarded_walk_routes_its_reply_back_to_the_hop_it_came_from() -> None:
+    core = make()
+    link_up(core, A, B)
+    out = core.handle_message(A, Shuffle(ORIGIN, 3, (ORIGIN,), 9), 1.0)
+    assert out == [Send(B, Shuffle(ORIGIN, 2, (ORIGIN,), 9))]
+    reply = ShuffleReply((N,), 9, ORIGIN.id)
+    assert core.handle_message(B, reply, 2.0) == [Send(A, reply)]
+    assert core.stats.shuffle_replies_routed == 1
+    # Each way back serves once, and a reply for a walk we never saw goes nowhere.
+    assert core.handle_message(B, reply, 2.1) == []
+    assert core.stats.shuffle_replies_unroutable == 1
+    assert N.id not in {p.id for p in core.passive}
+
+
+def test_a_way_back_expires_with_the_shuffle_timeout_and_needs_the_hop_active() -> None:
+    core = make(shuffle_timeout=5.0)
+    link_up(core, A, B, C)
+    core.handle_message(A, Shuffle(ORIGIN, 3, (ORIGIN,), 1), 1.0)
+    core.handle_message(A, Shuffle(ORIGIN, 3, (ORIGIN,), 2), 1.0)
+    assert core.handle_message(B, ShuffleReply((), 1, ORIGIN.id), 6.5) == []
+    core.handle_message(A, Disconnect(alive=True), 2.0)
+    assert core.handle_message(B, ShuffleReply((), 2, ORIGIN.id), 2.5) == []
+    assert core.stats.shuffle_replies_unroutable == 2
+
+
+def test_remembered_ways_back_are_bounded() -> None:
+    core = make(shuffle_routes=2)
+    link_up(core, A, B)
+    for nonce in range(3):
+        core.handle_message(A, Shuffle(ORIGIN, 3, (ORIGIN,), nonce), 1.0)
+    assert core.handle_message(B, ShuffleReply((), 0, ORIGIN.id), 1.5) == []  # oldest gone
+    assert core.handle_message(B, ShuffleReply((), 2, ORIGIN.id), 1.5) != []
+
+
+def test_refusals_in_a_row_back_the_whole_refill_off_exponentially() -> None:
+    core = make(
+        active_size=2,
+        min_active=1,
+        refusal_backoff=0.5,
+        refill_backoff_max=5.0,
+        refusals_before_backoff=0,
+    )
+    link_up(core, A, B)
+    learn(core, C)
+    out = core.handle_message(B, Disconnect(alive=True), 0.0)
+    now, delays = 0.0, []
+    for _ in range(4):
+        asked = next(e for e in out if isinstance(e, Send) and isinstance(e.message, Neighbor))
+        out = core.handle_message(asked.peer, NeighborReply(accepted=False), now)
+        timer = next(e for e in out if isinstance(e, SetTimer))
+        delays.append(timer.delay)
+        now += timer.delay
+        out = core.handle_timer(timer.timer, now)
+    assert delays == [2.0, 4.0, 5.0, 5.0]
+    assert core.stats.refills_backed_off >= 4
+    # An acceptance resets it.
+    asked = next(e for e in out if isinstance(e, Send) and isinstance(e.message, Neighbor))
+    core.handle_message(asked.peer, NeighborReply(accepted=True), now)
+    assert core._refusals == 0
+
+
+def test_a_view_under_min_active_asks_with_high_priority_after_the_grace() -> None:
+    core = make(min_active=2, low_view_grace=10.0, refusal_backoff=5.0)
+    link_up(core, A, B)
+    learn(core, C, D, E)
+    # B goes: one neighbour left, under min_active; a low request first.
+    out = core.handle_message(B, Disconnect(alive=False), 1.0)
+    sends = [e for e in out if isinstance(e, Send)]
+    assert sends and all(e.message == Neighbor(high=False) for e in sends)
+    # A refill is armed for the end of the grace.
+    timer = next(e for e in out if isinstance(e, SetTimer) and isinstance(e.timer, RefillTimer))
+    assert timer.delay == pytest.approx(10.0)
+    timers = [(1.0 + timer.delay, timer.timer)]
+    for e in sends:
+        out = core.handle_message(e.peer, NeighborReply(accepted=False), 1.1)
+        timers += [(1.1 + t.delay, t.timer) for t in out if isinstance(t, SetTimer)]
+    # Refill timers chain (each re-arms the next); by the end of the grace a request goes
+    # with high priority, whatever the refill's backoff.
+    highs: list[Effect] = []
+    while timers and not highs:
+        timers.sort(key=lambda t: t[0])
+        at, fired = timers.pop(0)
+        out = core.handle_timer(fired, at)
+        timers += [(at + t.delay, t.timer) for t in out if isinstance(t, SetTimer)]
+        highs = [e for e in out if isinstance(e, Send) and e.message == Neighbor(high=True)]
+        if highs:
+            assert at >= 11.0
+    assert len(highs) == 1
+    assert core.stats.low_view_escalations == 1
 
 
 def test_shuffle_integration_evicts_the_ids_just_sent_first() -> None:

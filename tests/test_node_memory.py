@@ -61,9 +61,12 @@ async def test_partitioned_peer_is_failed_within_idle_timeout(
                 event = await events.receive()
             detected = trio.current_time() - cut
         assert event == PeerDown(b.me, DownReason.FAILED)
-        # The default idle timeout is 4 s; the writer checks it twice per ping interval.
-        assert detected <= a.config.link.idle_timeout + a.config.link.ping_interval
+        # Suspected after the idle timeout (4 s), failed 2 s later; the writer checks on a
+        # grid of a quarter ping interval.
+        link = a.config.link
+        assert detected <= link.idle_timeout + link.suspicion_timeout + link.ping_interval
         assert a.stats()["links_closed"].get("idle_timeout", 0) >= 1
+        assert a.stats()["flow"]["suspicions"] >= 1
         nursery.cancel_scope.cancel()
 
 

@@ -404,3 +404,26 @@ async def test_wss_client_certificate_required(ca: trustme.CA) -> None:
 async def test_wss_listener_needs_a_context() -> None:
     with pytest.raises(ValueError, match="server_ssl"):
         await WebsocketTransport().serve("wss://127.0.0.1:0", echo)
+
+
+async def test_a_dial_failing_as_its_owner_is_cancelled_raises_connect_error_not_a_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A node closing while its dials time out: the dial's ConnectError and the owner's
+    # cancellation land together. The owner must see a ConnectError it can catch (it used
+    # to see an ExceptionGroup, which escaped `open_node`).
+    transport = WebsocketTransport()
+    owner = trio.CancelScope()
+
+    async def failing_dial(
+        self: WebsocketTransport, nursery: trio.Nursery, target: object, time_limit: float
+    ) -> None:
+        nursery.start_soon(trio.sleep_forever)
+        await trio.lowlevel.checkpoint()
+        owner.cancel()
+        raise ConnectError("no websocket connection after 5.0 s")
+
+    monkeypatch.setattr(WebsocketTransport, "_dial", failing_dial)
+    with owner, pytest.raises(ConnectError):
+        async with transport.open_connection("ws://127.0.0.1:9", timeout=5):
+            pass

@@ -137,6 +137,10 @@ def _frame(*items: object) -> bytes:
     return bytes(cbor2.dumps([PROTOCOL_VERSION, *items]))
 
 
+#: An array of two items, the first our protocol version: what every frame starts with.
+_HEAD = bytes([0x82, PROTOCOL_VERSION])
+
+
 @pytest.mark.parametrize(
     ("blob", "reason"),
     [
@@ -145,12 +149,12 @@ def _frame(*items: object) -> bytes:
         (cbor2.dumps([PROTOCOL_VERSION]), "shape"),
         (cbor2.dumps([99, [1, 5]]), "version"),
         (cbor2.dumps([True, [1, 5]]), "version"),
-        (_frame([1, 5]) + b"\x00", "cbor"),  # trailing byte
-        (_frame([1, True]), "field"),  # bool where an int belongs
-        (_frame([1, -1]), "field"),
-        (_frame([1, 2**64]), "cbor"),  # bignum: a semantic tag
-        (_frame([1]), "shape"),
-        (_frame([1, 1, 2]), "shape"),
+        (_frame([2, 5]) + b"\x00", "cbor"),  # trailing byte
+        (_frame([2, True]), "field"),  # bool where an int belongs
+        (_frame([2, -1]), "field"),
+        (_frame([2, 2**64]), "cbor"),  # bignum: a semantic tag
+        (_frame([2]), "shape"),
+        (_frame([2, 1, 2]), "shape"),
         (_frame([999]), "kind"),
         (_frame(["ping", 1]), "shape"),
         (_frame([11, ["a", "b"], 256]), "field"),  # ttl out of range
@@ -166,13 +170,13 @@ def _frame(*items: object) -> bytes:
         (_frame([60, 1, "c", "n", "", "root", b"x" * NONCE_BYTES, b""]), "field"),
         (_frame([60, 1, "c", "n", "", "node", b"short", b""]), "field"),
         (bytes.fromhex("829f01ff"), "cbor"),  # indefinite-length array
-        (bytes.fromhex("8202") + cbor2.dumps(cbor2.CBORTag(1, 0)), "cbor"),  # a date tag
-        (bytes.fromhex("8202") + cbor2.dumps(cbor2.CBORTag(40000, 0)), "cbor"),  # unknown tag
+        (_HEAD + cbor2.dumps(cbor2.CBORTag(1, 0)), "cbor"),  # a date tag
+        (_HEAD + cbor2.dumps(cbor2.CBORTag(40000, 0)), "cbor"),  # unknown tag
         (bytes.fromhex("9bffffffffffffffff"), "cbor"),  # huge length prefix
-        (bytes.fromhex("8202") + bytes.fromhex("5bffffffffffffffff"), "cbor"),  # huge bytes
-        (bytes.fromhex("8202") + bytes.fromhex("f7"), "cbor"),  # undefined
-        (bytes.fromhex("8202a2616101616102"), "cbor"),  # duplicate map key
-        (bytes.fromhex("8202a1010a"), "cbor"),  # integer map key
+        (_HEAD + bytes.fromhex("5bffffffffffffffff"), "cbor"),  # huge bytes
+        (_HEAD + bytes.fromhex("f7"), "cbor"),  # undefined
+        (_HEAD + bytes.fromhex("a2616101616102"), "cbor"),  # duplicate map key
+        (_HEAD + bytes.fromhex("a1010a"), "cbor"),  # integer map key
     ],
 )
 def test_malformed_frames_are_refused_with_a_reason(blob: bytes, reason: str) -> None:

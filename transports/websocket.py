@@ -317,6 +317,12 @@ class WebsocketTransport:
                 if rest is not None:
                     logger.error("unexpected errors closing %s", address, exc_info=rest)
                 _reraise(body_error)
+            # The dial failed as its owner was cancelled (a node closing while dials time
+            # out): the ConnectError is the outcome; the cancellation is re-delivered at
+            # the owner's next checkpoint anyway. Anything else stays a group.
+            failed, rest = group.split(ConnectError)
+            if failed is not None and (rest is None or rest.split(trio.Cancelled)[1] is None):
+                _reraise(_first_leaf(failed))
             raise
 
     async def _dial(
@@ -494,6 +500,11 @@ class WebsocketTransport:
 async def _discard(stream: _Stream | None) -> None:
     if stream is not None:
         await trio.aclose_forcefully(stream)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _reraise(exc: BaseException) -> NoReturn:

@@ -149,6 +149,10 @@ class Component:
     def on_crash(self) -> None:
         """Called after the task died: close subscriber channels, reset derived state."""
 
+    def timer_delay(self, effect: SetTimer) -> float:
+        """The delay to arm `effect` with (a component may stretch its timeouts)."""
+        return effect.delay
+
     # --- running --------------------------------------------------------------------------
 
     def apply(self, effects: Iterable[Effect]) -> None:
@@ -156,7 +160,7 @@ class Component:
             if isinstance(effect, SetTimer):
                 heapq.heappush(
                     self._timers,
-                    (trio.current_time() + effect.delay, next(self._seq), effect.timer),
+                    (trio.current_time() + self.timer_delay(effect), next(self._seq), effect.timer),
                 )
             else:
                 self.execute(effect)

@@ -21,6 +21,7 @@ from .core.hyparview import HyParViewConfig
 from .core.plumtree import PlumtreeConfig
 from .errors import ConfigError
 from .flow import FlowConfig
+from .health import HealthConfig
 from .link import LinkConfig
 from .messages import MAX_CLUSTER, MAX_NODE_ID
 from .replica import ReplicaConfig
@@ -97,6 +98,9 @@ class NodeConfig:
     replica: ReplicaConfig = attrs.field(factory=ReplicaConfig)
     #: Bounds of inboxes, subscribers and dial queues; backpressure waits (README "Flow control").
     flow: FlowConfig = attrs.field(factory=FlowConfig)
+    #: How the event loop's lag is sampled and stretches timeouts (health.py). Nodes in
+    #: one process share one loop and one measure: the first node's setting holds.
+    health: HealthConfig = attrs.field(factory=HealthConfig)
     #: Where persistent maps keep their SQLite files (needed for ``open_map(persist=True)``).
     data_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     #: Largest application payload accepted for a broadcast or a replicated value, in bytes.

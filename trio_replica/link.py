@@ -106,6 +106,7 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
+    from .health import LoopHealth
     from .stats import NodeStats
 
 log = logging.getLogger("trio_replica.link")
@@ -140,9 +141,13 @@ class LinkConfig:
     #: up to a quarter second later). Pings are not answered: the peer's own pings carry the
     #: other direction.
     ping_interval: float = 1.0
-    #: Nothing received for this long: the peer is failed. Three to four missed pings (SPEC 3:
-    #: a few seconds, not the ~60 s barrel_p2p inherits from Erlang distribution ticks).
+    #: Nothing received for this long: the peer is suspected. Three to four missed pings
+    #: (SPEC 3: a few seconds, not the ~60 s barrel_p2p inherits from Erlang distribution
+    #: ticks). Stretched while our loop or the peer's lags (health.py).
     idle_timeout: float = 4.0
+    #: A suspected peer still silent this much longer is failed; any frame from it first
+    #: clears the suspicion (counted: `suspicions_cleared`). Also stretched with lag.
+    suspicion_timeout: float = 2.0
     #: One frame send blocked this long: the peer is failed.
     send_timeout: float = 5.0
     #: Payload messages (gossip, sync chunks) waiting in one outbox, and their bytes: a
@@ -175,6 +180,16 @@ class LinkConfig:
     linger: float = 2.0
     #: Bound on the shielded close of a link.
     close_timeout: float = 1.0
+    #: Dials a node starts per second, and in one burst (dialing.py); 0 is no limit. A
+    #: forming node needs a handful; more is a storm that starves live links.
+    dial_rate: float = 5.0
+    dial_burst: int = 10
+    #: Dials in progress at once (peers can make us dial addresses they name), and messages
+    #: queued for one of them.
+    max_dials: int = 64
+    dial_queue_messages: int = 256
+    #: Incoming handshakes in progress at once; more are refused (`too_many`).
+    max_handshakes: int = 128
 
     def __attrs_post_init__(self) -> None:
         for name in (
@@ -182,12 +197,18 @@ class LinkConfig:
             "connect_timeout",
             "ping_interval",
             "idle_timeout",
+            "suspicion_timeout",
             "send_timeout",
             "linger",
             "close_timeout",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"link.{name} must be positive")
+        if not (math.isfinite(self.dial_rate) and self.dial_rate >= 0):
+            raise ConfigError("link.dial_rate must be >= 0")
+        for name in ("dial_burst", "max_dials", "dial_queue_messages", "max_handshakes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"link.{name} must be at least 1")
         if self.idle_timeout <= self.ping_interval:
             raise ConfigError("link.idle_timeout must exceed link.ping_interval")
         for name in (
@@ -428,6 +449,7 @@ class Link:
         stats: NodeStats,
         on_message: MessageHandler,
         pressure: Pressure | None = None,
+        health: LoopHealth | None = None,
     ) -> None:
         self.conn = conn
         self.peer = peer
@@ -437,6 +459,11 @@ class Link:
         self._stats = stats
         self._on_message = on_message
         self._pressure = pressure
+        self._health = health
+        #: The peer's loop lag as its last ping said (seconds), and whether its silence
+        #: has made it suspect.
+        self.peer_lag = 0.0
+        self.suspected = False
         # Queued messages with their encoding: the bounds count real bytes, and the writer
         # only joins parts.
         self._control: collections.deque[tuple[Message, bytes]] = collections.deque()
@@ -733,6 +760,10 @@ class Link:
                 raise LinkFailure(self.close_reason or "peer_closed") from None
             now = trio.current_time()
             self.last_received = now
+            if self.suspected:
+                self.suspected = False
+                self._stats.flow["suspicions_cleared"] += 1
+                log.info("link to %s: suspicion cleared, the peer spoke", self.peer)
             self._stats.frame_received(len(frame))
             try:
                 messages = decode_frame_sized(frame, max_frame=self.config.max_frame)
@@ -751,7 +782,11 @@ class Link:
                     self._stats.message_received(message, size)
                     kind = type(message)
                     if kind in _LIVENESS:
-                        # The frame refreshed last_received; that is all a ping is for.
+                        # The frame refreshed last_received; that is all a ping is for,
+                        # with the peer's word on its own loop.
+                        if kind is Ping:
+                            assert isinstance(message, Ping)
+                            self.peer_lag = message.lag_ms / 1000
                         continue
                     if kind is Credit:
                         assert isinstance(message, Credit)
@@ -845,15 +880,29 @@ class Link:
             now = trio.current_time()
             if self._handing_over:
                 self.last_received = now
-            if now >= self.last_received + cfg.idle_timeout:
-                raise LinkFailure("idle_timeout", f"nothing received for {cfg.idle_timeout} s")
+            silent_until = self._silence_deadline(now)
+            if now >= silent_until:
+                if not self.suspected:
+                    self.suspected = True
+                    self._stats.flow["suspicions"] += 1
+                    log.info(
+                        "link to %s: suspected, silent for %.1f s",
+                        self.peer,
+                        now - self.last_received,
+                    )
+                    silent_until = self._silence_deadline(now)
+                if now >= silent_until:
+                    raise LinkFailure(
+                        "idle_timeout", f"nothing received for {now - self.last_received:.1f} s"
+                    )
             parts = self._take_batch() if self._control or self._payload else []
             # The wait's deadline is never before this instant (`_on_grid`), so float
             # rounding cannot make the writer wake for a ping it then finds not due (a busy
             # loop on a mock clock).
             if not parts and not self._closing and now >= self.last_sent + cfg.ping_interval:
                 self._ping_nonce += 1
-                ping = Ping(self._ping_nonce)
+                lag = self._health.recent_lag(now) if self._health is not None else 0.0
+                ping = Ping(self._ping_nonce, min(round(lag * 1000), 2**32))
                 part = encode_message(ping)
                 self._stats.message_sent(ping, len(part))
                 parts = [part]
@@ -868,14 +917,26 @@ class Link:
             # links go out together: one scheduler wake-up (and one on the receiving side)
             # serves many links instead of one each.
             self._wakeup = trio.Event()
-            scope.deadline = _on_grid(
-                min(self.last_sent + cfg.ping_interval, self.last_received + cfg.idle_timeout),
-                tick,
-            )
+            scope.deadline = _on_grid(min(self.last_sent + cfg.ping_interval, silent_until), tick)
             await self._wakeup.wait()
 
+    def _timeout(self, base: float, now: float) -> float:
+        """`base` stretched while our loop or the peer's lags (health.py)."""
+        if self._health is None:
+            return base
+        return self._health.timeout(base, self.peer_lag, now)
+
+    def _silence_deadline(self, now: float) -> float:
+        """When the peer's silence makes it suspect, or, once suspected, failed."""
+        cfg = self.config
+        deadline = self.last_received + self._timeout(cfg.idle_timeout, now)
+        if self.suspected:
+            deadline += self._timeout(cfg.suspicion_timeout, now)
+        return deadline
+
     async def _send_frame(self, scope: trio.CancelScope, frame: bytes) -> None:
-        scope.deadline = trio.current_time() + self.config.send_timeout
+        now = trio.current_time()
+        scope.deadline = now + self._timeout(self.config.send_timeout, now)
         self._sending = True
         try:
             await self.conn.send(frame)

@@ -27,15 +27,23 @@ async def open_local_cluster(
     import attrs
 
     base = base or NodeConfig()
+    nodes: list[Node] = []
     async with contextlib.AsyncExitStack() as stack:
-        first = await stack.enter_async_context(
-            open_node(attrs.evolve(base, name=f"{prefix}1", seeds=()))
-        )
-        nodes = [first]
-        for i in range(2, n + 1):
-            config = attrs.evolve(base, name=f"{prefix}{i}", seeds=(first.address,))
-            nodes.append(await stack.enter_async_context(open_node(config)))
-        yield nodes
+        try:
+            first = await stack.enter_async_context(
+                open_node(attrs.evolve(base, name=f"{prefix}1", seeds=()))
+            )
+            nodes.append(first)
+            for i in range(2, n + 1):
+                config = attrs.evolve(base, name=f"{prefix}{i}", seeds=(first.address,))
+                nodes.append(await stack.enter_async_context(open_node(config)))
+            yield nodes
+        finally:
+            # Every node leaves at once (each leave is shielded and bounded): closing them
+            # one after another cost up to 2 s each.
+            async with trio.open_nursery() as nursery:
+                for node in nodes:
+                    nursery.start_soon(node.leave)
 
 
 async def run_node(

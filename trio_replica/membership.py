@@ -11,11 +11,14 @@ from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING
 
 from .component import Component
-from .core.effects import CloseLink, Effect, Emit, Send
-from .core.hyparview import HyParView
+from .core.effects import CloseLink, Effect, Emit, Send, SetTimer
+from .core.hyparview import HyParView, JoinTimeout, NeighborTimeout, ShuffleTimeout
 
 if TYPE_CHECKING:
     from .node import Node
+
+#: Timers that end an exchange waiting for a peer's answer.
+_TIMEOUTS = (JoinTimeout, NeighborTimeout, ShuffleTimeout)
 
 
 class Membership(Component):
@@ -36,6 +39,13 @@ class Membership(Component):
 
     def on_crash(self) -> None:
         self.node.close_subscriptions("membership")
+
+    def timer_delay(self, effect: SetTimer) -> float:
+        # An answer that does not come while our own loop lags may be sitting unread in
+        # our socket: the exchange's deadline stretches with the lag (health.py).
+        if isinstance(effect.timer, _TIMEOUTS):
+            return self.node.health.timeout(effect.delay)
+        return effect.delay
 
     def execute(self, effect: Effect) -> None:
         if isinstance(effect, Send):

@@ -86,10 +86,15 @@ class Message:
 
 @attrs.frozen
 class Ping(Message):
-    """Keep-alive probe; the peer answers with a `Pong` carrying the same nonce."""
+    """Keep-alive, sent on a link quiet in our direction; never answered (link.py).
+
+    `lag_ms` is the sender's recent event-loop lag (health.py): a peer that says its loop
+    is late gets longer before its silence counts as failure.
+    """
 
     KIND: ClassVar[int] = 1
     nonce: int
+    lag_ms: int = 0
 
 
 @attrs.frozen
@@ -171,11 +176,17 @@ class Shuffle(Message):
 
 @attrs.frozen
 class ShuffleReply(Message):
-    """Sent straight to the shuffle's origin, over a temporary link, with a sample of ours."""
+    """A sample of the replier's passive view, for the shuffle's `origin` (a node id).
+
+    It travels back along the walk, hop by hop over active links (each hop remembers where
+    the shuffle came from), so that no link is opened for it; "" means the receiver is the
+    origin.
+    """
 
     KIND: ClassVar[int] = 16
     peers: tuple[Peer, ...]
     nonce: int
+    origin: str = ""
 
 
 # --- Plumtree ---------------------------------------------------------------------------

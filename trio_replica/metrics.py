@@ -23,8 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from .health import LAG_BUCKETS
 
 if TYPE_CHECKING:
     from .node import Node
@@ -104,6 +111,12 @@ METRIC_NAMES = (
     PREFIX + "queueing_delay_ms",
     PREFIX + "origination_limited",
     PREFIX + "origination_wait_seconds",
+    PREFIX + "loop_lag_seconds",
+    PREFIX + "loop_lag_recent_seconds",
+    PREFIX + "timeout_stretch",
+    PREFIX + "suspicions",
+    PREFIX + "suspicions_cleared",
+    PREFIX + "dials_delayed",
     PREFIX + "links_open",
     PREFIX + "control_clients",
     PREFIX + "dials_in_progress",
@@ -209,6 +222,7 @@ class NodeCollector(Collector):
             "queued_messages", "Messages queued on links, not yet written.", links["queued"]
         )
         yield from self._flow(stats["flow"], links)
+        yield from self._health(stats)
         yield _gauge("links_open", "Open peer links.", links["open"])
         yield _gauge("control_clients", "Open control connections (CLI clients).", links["clients"])
         yield _gauge("dials_in_progress", "Outbound connections being set up.", links["dialing"])
@@ -272,6 +286,47 @@ class NodeCollector(Collector):
             PREFIX + "origination_wait_seconds",
             "Seconds peers' own broadcasts waited for their limit here.",
             value=flow["origination_waited_seconds"],
+        )
+
+    def _health(self, stats: dict[str, Any]) -> Iterator[Metric]:
+        """The loop's lag and what it does to failure detection (health.py)."""
+        loop = stats["loop"]
+        histogram = HistogramMetricFamily(
+            PREFIX + "loop_lag_seconds",
+            "How late the event loop ran each sample (shared by the nodes of one process).",
+        )
+        cumulative, buckets = 0, []
+        for bound, count in zip(LAG_BUCKETS, loop["buckets"], strict=False):
+            cumulative += count
+            buckets.append((repr(bound), cumulative))
+        buckets.append(("+Inf", loop["samples"]))
+        histogram.add_metric([], buckets, sum_value=loop["lag_sum_s"])
+        yield histogram
+        yield _gauge(
+            "loop_lag_recent_seconds",
+            "The loop's recent lag (largest sample, halved every half-life).",
+            loop["lag_ms"] / 1000,
+        )
+        yield _gauge(
+            "timeout_stretch",
+            "How many times failure-detection timeouts are stretched by the loop's lag now.",
+            loop["stretch"],
+        )
+        flow = stats["flow"]
+        yield _counter(
+            "suspicions",
+            "Peers suspected after the idle timeout (failed only if still silent).",
+            value=flow.get("suspicions", 0),
+        )
+        yield _counter(
+            "suspicions_cleared",
+            "Suspected peers that spoke again before the suspicion timeout (failures avoided).",
+            value=flow.get("suspicions_cleared", 0),
+        )
+        yield _counter(
+            "dials_delayed",
+            "Dials that waited for the node's dial budget.",
+            value=stats["dials"]["delayed"],
         )
 
     def _maps(self) -> Iterator[Metric]:

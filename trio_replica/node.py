@@ -36,9 +36,11 @@ from .control import ControlStream
 from .core.effects import Effect
 from .core.hyparview import HyParView
 from .core.plumtree import Plumtree
+from .dialing import DialBudget
 from .errors import ConfigError, HandshakeError, LinkClosed, MessageTooLarge, NodeClosed
 from .events import Delivery, Event, Lagged, PeerDown, PeerUp
 from .flow import Fanout, Feed, Pressure
+from .health import loop_health
 from .hlc import HybridClock
 from .link import (
     Credentials,
@@ -71,14 +73,6 @@ from .subscription import Subscription
 from .wire import encode_message, encode_payload
 
 log = logging.getLogger("trio_replica.node")
-
-#: Messages queued for a peer while its link is being dialed (and `flow.dial_queue_bytes`);
-#: beyond either they are refused.
-PENDING_DIAL_LIMIT = 256
-#: Dials in flight at once; more are refused (counted) until some finish.
-MAX_DIALS = 64
-#: Handshakes in progress at once on the listener; more connections are closed at once.
-MAX_HANDSHAKES = 128
 
 _MEMBERSHIP_KINDS = frozenset(HYPARVIEW_KINDS)
 _BROADCAST_KINDS = frozenset(PLUMTREE_KINDS)
@@ -132,9 +126,16 @@ class Node:
         #: Buffers over their high-water mark: writers wait on it, and while it is held
         #: peers' own broadcasts entering here are held to their limit.
         self.pressure = Pressure()
+        #: The loop's lag, shared with every node of this process (health.py).
+        self.health = loop_health(config.health)
+        self.dial_budget = DialBudget(
+            rate=config.link.dial_rate, burst=config.link.dial_burst, rng=self._rng
+        )
         self._congestion_ms = config.flow.congestion_delay * 1000
         self._event_feeds = Fanout[Event]()
         self._ready = trio.Event()
+        #: Set (and replaced) whenever the active view changes: `wait_ready` waits on it.
+        self._view_changed = trio.Event()
         self._closing = False
         self._aborted = False
         self._task_scopes: set[trio.CancelScope] = set()
@@ -192,6 +193,7 @@ class Node:
         await self.start_task(self.membership.serve)
         await self.start_task(self.broadcaster.serve)
         self._ready.set()
+        self.spawn(self.health.serve)
         self.spawn(self._seeder)
         self.spawn(self._janitor)
         log.info("node %s listening on %s", self.id, self.address)
@@ -284,6 +286,24 @@ class Node:
                 await link.closed.wait()
 
     # --- public API ---------------------------------------------------------------------
+
+    async def wait_ready(self, min_active: int = 1) -> None:
+        """Wait until this node is part of the overlay: `min_active` peers in its active
+        view (at most the active view's size). Bound it with your own deadline
+        (``with trio.fail_after(10): await node.wait_ready()``); a node with no seeds waits
+        until another node joins through it."""
+        wanted = min(max(1, min_active), self.config.membership.active_size)
+        while len(self.membership.core.active) < wanted:
+            await self._view_changed.wait()
+
+    async def leave(self) -> None:
+        """Leave the cluster gracefully now: tell the active peers, flush, within about 2 s.
+
+        The node keeps running until its ``open_node`` block exits, which leaves by itself
+        if this was not called; calling it first lets many nodes leave at once (each
+        leave waits for its links to flush). Idempotent.
+        """
+        await self._stop()
 
     def active_view(self) -> list[Peer]:
         """The peers of this node's active view (symmetric, with open links)."""
@@ -491,6 +511,11 @@ class Node:
             "origination_waited_seconds": round(self.broadcaster.origination.waited, 3),
             **self.stats_counters.flow,
         }
+        out["loop"] = self.health.snapshot()
+        out["dials"] = {
+            "delayed": self.dial_budget.delayed,
+            "waited_seconds": round(self.dial_budget.waited, 3),
+        }
         return out
 
     def status(self) -> dict[str, Any]:
@@ -676,7 +701,7 @@ class Node:
             return link.send_nowait(message, repair=repair)
         dial = self._dials.get(peer.id)
         if dial is None:
-            if len(self._dials) >= MAX_DIALS:
+            if len(self._dials) >= self.config.link.max_dials:
                 # Peers can make us dial addresses they name (shuffles, forward joins):
                 # bound the sockets that costs. The core treats it as an unreachable peer.
                 self.stats_counters.drop("too_many_dials", message)
@@ -685,7 +710,7 @@ class Node:
             dial = self._start_dial(peer.address, peer)
         size = len(encode_message(message))
         if (
-            len(dial.queue) >= PENDING_DIAL_LIMIT
+            len(dial.queue) >= self.config.link.dial_queue_messages
             or dial.queued_bytes + size > self.config.flow.dial_queue_bytes
         ):
             self.stats_counters.drop("dial_queue_full", message)
@@ -716,6 +741,8 @@ class Node:
     def publish_membership_event(self, event: Event) -> None:
         if isinstance(event, PeerUp | PeerDown):
             self.broadcaster.post_notice(self.broadcaster.membership_changed(event))
+            self._view_changed.set()
+            self._view_changed = trio.Event()
         missed = self._event_feeds.publish(event)
         if missed:
             self.stats_counters.drop("subscriber_full", count=missed)
@@ -735,13 +762,18 @@ class Node:
 
     async def _dial_task(self, dial: _Dial) -> None:
         cfg = self.config.link
+        await self.dial_budget.acquire()
+        health = self.health
         try:
             async with self.transport.open_connection(
-                dial.address, timeout=cfg.connect_timeout
+                dial.address, timeout=health.timeout(cfg.connect_timeout)
             ) as conn:
                 try:
                     peer = await handshake_as_dialer(
-                        conn, self._creds, role=Role.NODE, timeout=cfg.handshake_timeout
+                        conn,
+                        self._creds,
+                        role=Role.NODE,
+                        timeout=health.timeout(cfg.handshake_timeout),
                     )
                 except HandshakeError as exc:
                     self.stats_counters.handshakes_refused[exc.reason] += 1
@@ -798,6 +830,7 @@ class Node:
             stats=self.stats_counters,
             on_message=self._on_message,
             pressure=self.pressure if node_link else None,
+            health=self.health,
         )
 
     def _register(self, link: Link, dial: _Dial | None = None) -> None:
@@ -845,13 +878,16 @@ class Node:
             await self._ready.wait()
         if not self._ready.is_set() or self._closing:
             return
-        if self._handshaking >= MAX_HANDSHAKES:
+        if self._handshaking >= cfg.max_handshakes:
             self.stats_counters.handshakes_refused["too_many"] += 1
             return
         self._handshaking += 1
         try:
             peer, role = await handshake_as_listener(
-                conn, self._creds, timeout=cfg.handshake_timeout, accept=self._accept
+                conn,
+                self._creds,
+                timeout=self.health.timeout(cfg.handshake_timeout),
+                accept=self._accept,
             )
         except HandshakeError as exc:
             self.stats_counters.handshakes_refused[exc.reason] += 1

@@ -70,7 +70,9 @@ from .messages import (
 #: Version of the message protocol; a frame with another version is refused.
 #: 2: payload messages are flow-controlled by `Credit` (a version 1 peer sends none, so a
 #: version 2 node would never send it payloads: the handshake refuses the mismatch).
-PROTOCOL_VERSION = 2
+#: 3: `Ping` carries the sender's loop lag; `ShuffleReply` names the shuffle's origin and
+#: travels back along the walk.
+PROTOCOL_VERSION = 3
 #: Default largest frame accepted or sent, in bytes (one payload plus a little framing).
 DEFAULT_MAX_FRAME = 1024 * 1024 + 4096
 #: Nesting allowed in a frame: frame > message > field > entry > id, plus payload headroom.
@@ -342,7 +344,10 @@ def _hello(f: list[Any]) -> Hello:
 _Decoder = Callable[[list[Any], int], Message]
 
 _DECODERS: dict[int, tuple[int, _Decoder]] = {
-    Ping.KIND: (1, lambda f, _: Ping(check_int(f[0], 0, U64, "nonce"))),
+    Ping.KIND: (
+        2,
+        lambda f, _: Ping(check_int(f[0], 0, U64, "nonce"), check_int(f[1], 0, 2**32, "lag_ms")),
+    ),
     Pong.KIND: (1, lambda f, _: Pong(check_int(f[0], 0, U64, "nonce"))),
     Credit.KIND: (
         2,
@@ -368,8 +373,12 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
         ),
     ),
     ShuffleReply.KIND: (
-        2,
-        lambda f, _: ShuffleReply(_peers(f[0]), check_int(f[1], 0, U64, "nonce")),
+        3,
+        lambda f, _: ShuffleReply(
+            _peers(f[0]),
+            check_int(f[1], 0, U64, "nonce"),
+            check_str(f[2], MAX_NODE_ID, "origin", allow_empty=True),
+        ),
     ),
     Gossip.KIND: (
         5,
@@ -460,7 +469,7 @@ def _ihave_positional(m: IHave) -> list[Any]:
 
 
 def _ping_positional(m: Ping) -> list[Any]:
-    return [Ping.KIND, m.nonce]
+    return [Ping.KIND, m.nonce, m.lag_ms]
 
 
 #: Hand-written positional forms of the kinds sent per broadcast or per idle second; they

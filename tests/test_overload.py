@@ -1,0 +1,220 @@
+"""Overload is not failure: loop health, stretched timeouts, suspicion, the dial budget."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from transports.memory import MemoryNetwork
+from trio_replica.dialing import DialBudget
+from trio_replica.errors import ConfigError
+from trio_replica.events import DownReason, PeerDown
+from trio_replica.health import HealthConfig, LoopHealth, loop_health
+from trio_replica.link import LinkConfig
+
+from .harness import Cluster, link_pair
+
+# --- LoopHealth ----------------------------------------------------------------------------
+
+
+def test_a_healthy_loop_leaves_timeouts_alone() -> None:
+    health = LoopHealth()
+    for i in range(100):
+        health.record(0.002, i * 0.05)
+    assert health.timeout(4.0, now=5.0) == 4.0
+    assert health.stretch(now=5.0) == 1.0
+
+
+def test_a_stall_stretches_timeouts_then_decays_with_the_half_life() -> None:
+    health = LoopHealth(HealthConfig(slack=4.0, half_life=5.0, max_stretch=8.0))
+    health.record(1.5, 10.0)
+    assert health.recent_lag(10.0) == pytest.approx(1.5)
+    assert health.timeout(4.0, now=10.0) == pytest.approx(4.0 + 4 * 1.5)
+    assert health.recent_lag(15.0) == pytest.approx(0.75)
+    assert health.timeout(4.0, now=15.0) == pytest.approx(4.0 + 4 * 0.75)
+    # Capped at max_stretch times the base.
+    health.record(30.0, 20.0)
+    assert health.timeout(4.0, now=20.0) == pytest.approx(32.0)
+    # Long after, back to the base.
+    assert health.timeout(4.0, now=200.0) == 4.0
+    assert health.max_lag == 30.0
+    assert sum(health.buckets) == 2
+
+
+def test_a_peer_that_says_it_lags_gets_the_same_slack() -> None:
+    health = LoopHealth()
+    assert health.timeout(4.0, peer_lag=1.0, now=0.0) == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"sample_interval": 0}, {"tolerance": -1}, {"slack": -1}, {"max_stretch": 0.5}],
+)
+def test_bad_health_settings_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        HealthConfig(**kwargs)
+
+
+async def test_the_sampler_sees_a_stall_of_the_real_loop() -> None:
+    # Real time: a task that holds the loop for 300 ms shows as a lag sample that large.
+    health = LoopHealth(HealthConfig(sample_interval=0.01))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(health.serve)
+        await trio.sleep(0.05)
+        time.sleep(0.3)  # noqa: ASYNC251 - the stall under test: no checkpoint
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert health.max_lag >= 0.25
+    assert health.recent_lag() >= 0.2
+
+
+async def test_one_sampler_per_run_and_another_takes_over_when_it_ends() -> None:
+    health = loop_health()
+    assert loop_health() is health
+    async with trio.open_nursery() as outer:
+        first = trio.CancelScope()
+
+        async def run_first() -> None:
+            with first:
+                await health.serve()
+
+        outer.start_soon(run_first)
+        outer.start_soon(health.serve)
+        await trio.sleep(0.2)
+        samples = health.samples
+        assert samples > 0
+        first.cancel()
+        await trio.sleep(0.2)
+        # Still sampled, by the second task, and never by two at once.
+        assert health.samples > samples
+        assert health.samples <= 2 + (0.4 / health.config.sample_interval)
+        outer.cancel_scope.cancel()
+
+
+# --- links: stretched idle timeout and suspicion --------------------------------------------
+
+
+async def test_a_lagging_loop_does_not_fail_a_silent_peer_at_the_base_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = LinkConfig()
+    net = MemoryNetwork(seed=45)
+    health = LoopHealth()
+    async with trio.open_nursery() as nursery:
+        pair = await link_pair(nursery, net, config, health_a=health)
+        await trio.sleep(2.0)
+        net.partition(["a"], ["b"])
+        cut = trio.current_time()
+        # Our loop just stalled for 2 s: 4 s + 4 x 2 s before suspicion, and the
+        # suspicion's 2 s stretched as well (capped at 8x).
+        health.record(2.0, cut)
+        await pair.a.closed.wait()
+        took = trio.current_time() - cut
+        assert pair.a.close_reason == "idle_timeout"
+        assert took > config.idle_timeout + config.suspicion_timeout + 2.0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_suspected_peer_that_speaks_again_is_cleared_not_failed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = LinkConfig()
+    net = MemoryNetwork(seed=46)
+    async with trio.open_nursery() as nursery:
+        pair = await link_pair(nursery, net, config)
+        await trio.sleep(1.0)
+        net.partition(["a"], ["b"])
+        # Polling is right here: the link has no event for its suspicion.
+        while not pair.a.suspected:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+        net.heal()
+        await trio.sleep(config.suspicion_timeout + 2.0)
+        assert pair.a.is_open and not pair.a.suspected, (pair.a.close_reason, pair.b.close_reason)
+        assert pair.a_stats.flow["suspicions"] >= 1
+        assert pair.a_stats.flow["suspicions_cleared"] >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_pings_carry_the_senders_lag(autojump_clock: trio.testing.MockClock) -> None:
+    config = LinkConfig()
+    net = MemoryNetwork(seed=47)
+    health_b = LoopHealth()
+    async with trio.open_nursery() as nursery:
+        pair = await link_pair(nursery, net, config, health_b=health_b)
+        health_b.record(1.0, trio.current_time())
+        await trio.sleep(3 * config.ping_interval)
+        # b said so in its pings; a now allows b 4 x its lag more.
+        assert 0.5 < pair.a.peer_lag <= 1.0
+        nursery.cancel_scope.cancel()
+
+
+# --- the dial budget ------------------------------------------------------------------------
+
+
+async def test_the_dial_budget_lets_a_burst_through_then_paces(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    budget = DialBudget(rate=5.0, burst=10, rng=random.Random(1))
+    start = trio.current_time()
+    for _ in range(10):
+        await budget.acquire()
+    assert trio.current_time() == start
+    for _ in range(10):
+        await budget.acquire()
+    took = trio.current_time() - start
+    # 10 more at 5 a second, each with up to one interval of jitter.
+    assert 2.0 <= took <= 2.0 + 0.2 * 10
+    assert budget.delayed == 10
+
+
+async def test_a_zero_rate_is_no_limit(autojump_clock: trio.testing.MockClock) -> None:
+    budget = DialBudget(rate=0, burst=1, rng=random.Random(1))
+    start = trio.current_time()
+    for _ in range(100):
+        await budget.acquire()
+    assert trio.current_time() == start and budget.delayed == 0
+
+
+# --- waiting for the overlay, leaving ---------------------------------------------------------
+
+
+async def test_wait_ready_returns_once_the_node_has_joined(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork(seed=48)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net)
+        a = await c.start("a")
+        with trio.move_on_after(5) as alone:
+            await a.wait_ready()
+        assert alone.cancelled_caught  # nobody joined through it yet
+        b = await c.start("b", [a.address])
+        nodes = [a, b, *(await c.start_many(["c", "d", "e"], a))]
+        with trio.fail_after(30):
+            for node in nodes:
+                await node.wait_ready(min_active=2)
+        assert all(len(node.active_view()) >= 2 for node in nodes)
+        nursery.cancel_scope.cancel()
+
+
+async def test_leave_is_graceful_idempotent_and_peers_see_left(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork(seed=49)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net)
+        a = await c.start("a")
+        b = await c.start("b", [a.address])
+        with trio.fail_after(30):
+            await b.wait_ready()
+        async with a.events() as events:
+            await b.leave()
+            await b.leave()
+            with trio.fail_after(10):
+                event = await events.receive()
+        assert event == PeerDown(b.me, DownReason.LEFT)
+        nursery.cancel_scope.cancel()

@@ -28,13 +28,24 @@ from trio_replica.core.effects import Effect, SetTimer
 from trio_replica.errors import WireError
 from trio_replica.flow import FlowConfig
 from trio_replica.link import PING_TICK, Link, LinkConfig
-from trio_replica.messages import Gossip, IHave, Message, MessageId, Peer, Ping, Pong, Role
+from trio_replica.messages import (
+    Gossip,
+    IHave,
+    Message,
+    MessageId,
+    Neighbor,
+    Peer,
+    Ping,
+    Pong,
+    Role,
+)
 from trio_replica.stats import NodeStats
 from trio_replica.wire import (
     PROTOCOL_VERSION,
     decode_frame,
     encode_frame,
     encode_message,
+    frame_from_parts,
     message_fields,
 )
 
@@ -225,6 +236,57 @@ async def test_a_blocked_send_still_ends_the_link(autojump_clock: trio.testing.M
     assert await link.run() == "send_timeout"
     assert trio.current_time() - start == pytest.approx(config.send_timeout)
     assert conn.closed
+
+
+class _TalkingButNotReading(_StuckConnection):
+    """A peer that sends us a ping every second but never reads (busy, or hostile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nonce = 0
+
+    async def receive(self) -> bytes:
+        await trio.sleep(1.0)
+        self.nonce += 1
+        return frame_from_parts([encode_message(Ping(self.nonce))])
+
+
+async def test_a_blocked_send_is_not_a_failure_while_the_peer_talks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Overload is not failure: a peer whose reader waits (its inbox is full) still sends.
+    # It is failed only when it fills our control outbox, i.e. when it reads nothing at all.
+    config = LinkConfig(outbox_control=50)
+
+    async def ignore(*_: Any) -> None:
+        return None
+
+    conn = _TalkingButNotReading()
+    link = Link(
+        conn,
+        Peer("b", "mem://b"),
+        role=Role.NODE,
+        outbound=True,
+        config=config,
+        stats=NodeStats(),
+        on_message=ignore,
+    )
+    start = trio.current_time()
+
+    async def keep_sending() -> None:
+        for _ in range(60):
+            await trio.sleep(1.0)
+            if not link.is_open:
+                return
+            link.send_nowait(Neighbor(high=False))
+
+    with trio.fail_after(300):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_sending)
+            reason = await link.run()
+            nursery.cancel_scope.cancel()
+    assert reason == "outbox_full"
+    assert trio.current_time() - start > 3 * config.send_timeout
 
 
 async def test_a_link_carrying_only_pings_is_closed_once_unwanted(

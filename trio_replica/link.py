@@ -148,7 +148,10 @@ class LinkConfig:
     #: A suspected peer still silent this much longer is failed; any frame from it first
     #: clears the suspicion (counted: `suspicions_cleared`). Also stretched with lag.
     suspicion_timeout: float = 2.0
-    #: One frame send blocked this long: the peer is failed.
+    #: One frame send blocked this long with nothing received from the peer meanwhile: the
+    #: peer is failed. A peer that keeps talking but reads slowly is busy, not dead (its
+    #: inbox makes its readers wait: backpressure); one that never reads fills our control
+    #: outbox and is failed for that (`outbox_full`).
     send_timeout: float = 5.0
     #: Payload messages (gossip, sync chunks) waiting in one outbox, and their bytes: a
     #: payload that would pass either bound is refused (the broadcast layer then announces
@@ -493,6 +496,9 @@ class Link:
         self._ping_nonce = 0
         #: True while the writer is in a send: a deadline firing then is a send timeout.
         self._sending = False
+        #: The writer's cancel scope, whose deadline the reader pushes on while a send is
+        #: blocked and the peer still talks (`send_timeout`).
+        self._write_scope: trio.CancelScope | None = None
         self._bad_frames = 0
         self._handing_over = False
         self.retired = False
@@ -749,6 +755,9 @@ class Link:
         self._closing = True
         self._wakeup.set()
         self._room.unpark_all()
+        if self._sending and self._write_scope is not None:
+            # A send blocked on a peer that reads nothing would hold the link open.
+            self._write_scope.cancel()
 
     async def _reader(self) -> None:
         while True:
@@ -760,6 +769,11 @@ class Link:
                 raise LinkFailure(self.close_reason or "peer_closed") from None
             now = trio.current_time()
             self.last_received = now
+            if self._sending and self._write_scope is not None and not self._closing:
+                # The peer talks while our send is blocked: it is slow, not gone.
+                self._write_scope.deadline = max(
+                    self._write_scope.deadline, now + self._timeout(self.config.send_timeout, now)
+                )
             if self.suspected:
                 self.suspected = False
                 self._stats.flow["suspicions_cleared"] += 1
@@ -874,6 +888,7 @@ class Link:
                 )
 
     async def _write_frames(self, scope: trio.CancelScope) -> None:
+        self._write_scope = scope
         cfg = self.config
         tick = min(PING_TICK, cfg.ping_interval / 4)
         while True:

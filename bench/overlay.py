@@ -16,6 +16,12 @@ the first, as the README's embedding example does. Phases, in order:
    the event loop's lag.
 4. the paced series again, and whether the overlay is still connected.
 
+`--pace 0` sends the series as fast as `broadcast` returns (flow control paces it); then
+`missing_abandoned` (broadcasts given up on) is the figure to watch. `--hogs K` runs K
+busy-looping processes beside the cluster for the whole run (on this 2-core machine, one
+hog takes a core's share away from the cluster), to count false failures under a CPU
+that is not ours.
+
 Beside every figure, the raw websocket ceiling of the same run (`bench/cluster.py`).
 Results: ``bench/results/overlay_<date>.json`` and ``.md``.
 """
@@ -124,9 +130,10 @@ async def paced_series(
         for seq in range(count):
             sent_at[seq] = time.monotonic()
             await rng.choice(nodes).broadcast(TAG, {"seq": seq, "pad": "x" * 80})
-            await trio.sleep(pace)
+            if pace:
+                await trio.sleep(pace)
         expected = count * (len(nodes) - 1)
-        with trio.move_on_after(30):
+        with trio.move_on_after(60):
             while sum(received.values()) < expected:  # noqa: ASYNC110 - a bench's wait
                 await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
@@ -151,11 +158,30 @@ def loop_figures(node: Node) -> dict[str, Any]:
     return {k: loop[k] for k in ("lag_ms", "max_lag_ms", "samples", "stretch")}
 
 
+HOG = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass\n"
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
-    result = run_header("overlay", seed=args.seed, nodes=args.nodes)
+    result = run_header(
+        "overlay", seed=args.seed, nodes=args.nodes, hogs=args.hogs, pace_s=args.pace
+    )
     progress("raw websocket ceiling")
     result["ceiling"] = await websocket_ceiling()
+    async with trio.open_nursery() as hogs:
+        for _ in range(args.hogs):
+            # Bounded by their own clock, and killed with the nursery if we end first.
+            script = HOG.format(seconds=args.idle + 600)
+            hogs.start_soon(trio.run_process, [sys.executable, "-c", script])
+        try:
+            return await run_cluster(args, rng, result)
+        finally:
+            hogs.cancel_scope.cancel()
+
+
+async def run_cluster(
+    args: argparse.Namespace, rng: random.Random, result: dict[str, Any]
+) -> dict[str, Any]:
     n = args.nodes
     base = NodeConfig()
     cpu0, wall0 = time.process_time(), time.monotonic()
@@ -218,10 +244,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def summary(r: dict[str, Any]) -> str:
     c, f, i = r["ceiling"], r["formation"], r["idle"]
     s1, s2 = r["series_1"], r["series_2"]
+    hogs = f", {r['hogs']} CPU hogs beside it" if r.get("hogs") else ""
     rows = [
         f"# Overlay under load, {r['date']}",
         "",
-        f"`{r['command']}`: {r['nodes']} nodes in one process.",
+        f"`{r['command']}`: {r['nodes']} nodes in one process{hogs}.",
         "",
         f"Raw websocket (same run): {c['messages_per_s']:,} messages/s, "
         f"{c['cpu_us_per_message']} us CPU per message.",
@@ -247,6 +274,8 @@ def summary(r: dict[str, Any]) -> str:
         f"| paced broadcasts, second series | completeness {s2['completeness']} "
         f"({s2['complete_broadcasts']}/{s2['broadcasts']}), latency {s2['latency_ms']} |",
         f"| false failures, whole run | {r['false_failures_total']} |",
+        f"| broadcasts given up on (missing_abandoned), whole run | "
+        f"{r['final']['missing_abandoned']} |",
         f"| leaving all nodes at once | {r['leave_s']} s |",
     ]
     return "\n".join(rows)
@@ -259,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--broadcasts", type=int, default=100)
     parser.add_argument("--pace", type=float, default=0.1, help="seconds between broadcasts")
     parser.add_argument("--form-timeout", type=float, default=180.0)
+    parser.add_argument("--hogs", type=int, default=0, help="busy processes beside")
     parser.add_argument("--seed", type=int, default=20261129)
     parser.add_argument("--out", type=Path, default=None, help="results stem (default: dated)")
     args = parser.parse_args(argv)

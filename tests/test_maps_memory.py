@@ -267,3 +267,40 @@ async def test_a_put_that_cannot_be_made_durable_is_undone_and_not_sent(
         await trio.sleep(2)
         assert local.get("k") == "v1" and remote.get("k") == "v1"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_large_snapshot_is_built_and_merged_in_slices(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # No step of a full sync holds the event loop for the whole map (issue 13): another
+    # task gets its turn between slices of the snapshot and of the merge.
+    from trio_replica.maps import INGEST_SLICE, SNAPSHOT_SLICE
+    from trio_replica.ormap import Dot, Value
+
+    net = MemoryNetwork(seed=29)
+    async with trio.open_nursery() as nursery:
+        nodes = await _cluster(Cluster(nursery, net), 2)
+        a, b = [await n.open_map("big") for n in nodes]
+        keys = 3 * SNAPSHOT_SLICE + 7
+        for i in range(keys):
+            a._map.merge_entry(f"k{i}", Value(i, Dot(nodes[0].id, nodes[0].clock.now())))
+        turns = 0
+
+        async def other_task() -> None:
+            nonlocal turns
+            while True:
+                await trio.lowlevel.checkpoint()
+                turns += 1
+
+        nursery.start_soon(other_task)
+        await trio.lowlevel.checkpoint()
+        turns = 0
+        snapshot = await a.full_sync_snapshot("big")
+        assert snapshot is not None and len(snapshot) == keys
+        assert turns >= 2  # without slices: 0
+        turns = 0
+        await b.apply_full_sync("big", snapshot)
+        assert len(b) == keys
+        assert turns >= keys // INGEST_SLICE // 2
+        assert sorted(b.items()) == sorted(a.items())
+        nursery.cancel_scope.cancel()

@@ -31,6 +31,7 @@ from .ormap_wire import (
     IngestResult,
     Limits,
     Validator,
+    check_delta,
     check_local_entry,
     ingest,
     to_wire,
@@ -46,6 +47,10 @@ log = logging.getLogger("trio_replica.maps")
 
 #: Default tombstone lifetime: a week, far longer than any partition we expect to heal from.
 DEFAULT_TOMBSTONE_TTL = 7 * 24 * 3600.0
+#: Entries merged, or put into a snapshot, between two checkpoints: each step holds the
+#: event loop for a few milliseconds at most, whatever the size of the map or the chunk.
+INGEST_SLICE = 512
+SNAPSHOT_SLICE = 4096
 
 
 @attrs.frozen
@@ -221,7 +226,16 @@ class ReplicatedMap:
         await self._ingest(snapshot, remote=True)
 
     async def full_sync_snapshot(self, name: str) -> list[Any] | None:
-        snapshot = to_wire(self._map.entries())
+        # Built a slice at a time with checkpoints between: a million entries took seconds
+        # of loop time in one go, and every link timed out meanwhile (issue 13).
+        keys = list(self._map.keys())
+        entry = self._map.entry
+        snapshot: list[Any] = []
+        for start in range(0, len(keys), SNAPSHOT_SLICE):
+            if start:
+                await trio.lowlevel.checkpoint()
+            part = keys[start : start + SNAPSHOT_SLICE]
+            snapshot += to_wire((k, e) for k in part if (e := entry(k)) is not None)
         return snapshot or None
 
     async def remove_node(self, name: str, node: str) -> None:
@@ -229,7 +243,16 @@ class ReplicatedMap:
         # that fails or leaves takes nothing with it. (Registries and leases differ.)
         return None
 
-    async def _ingest(self, raw: Any, *, remote: bool) -> IngestResult:
+    async def _ingest(self, raw: Any, *, remote: bool) -> None:
+        """Merge a delta or a sync chunk from a peer, `INGEST_SLICE` entries at a time with
+        a checkpoint between (merges commute, so other tasks may run in between)."""
+        entries = check_delta(raw, self.limits)
+        for start in range(0, len(entries), INGEST_SLICE):
+            if start:
+                await trio.lowlevel.checkpoint()
+            await self._ingest_slice(entries[start : start + INGEST_SLICE], remote=remote)
+
+    async def _ingest_slice(self, raw: Any, *, remote: bool) -> IngestResult:
         result = ingest(
             self._map, raw, self.node.clock, validator=self._validator, limits=self.limits
         )

@@ -1002,13 +1002,23 @@ class Node:
         seeds = [s for s in cfg.seeds if s != self.address]
         if not seeds:
             return
+        if len(seeds) < len(cfg.seeds):
+            # Our own address is among the seeds: we are one (`should_rejoin` on a seed).
+            self.seed_ids.add(self.id)
         backoff = cfg.seed_retry_min
         rejoin = cfg.membership.rejoin_interval
         next_rejoin = trio.current_time() + rejoin if rejoin > 0 else float("inf")
         core = self.membership.core
         while True:
             now = trio.current_time()
-            rejoin_due = now >= next_rejoin and core.should_rejoin(self.seed_ids)
+            rejoin_due = (
+                now >= next_rejoin
+                and (
+                    self.id in self.seed_ids
+                    or self._rng.random() < cfg.membership.rejoin_chance
+                )
+                and core.should_rejoin(self.seed_ids)
+            )
             if core.needs_join() or rejoin_due:
                 if rejoin_due:
                     next_rejoin = now + rejoin

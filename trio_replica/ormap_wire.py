@@ -140,6 +140,11 @@ def from_wire(raw: Any, *, limits: Limits = DEFAULT_LIMITS) -> list[tuple[Key, E
 # --- validation ----------------------------------------------------------------------------
 
 
+def check_delta(raw: Any, limits: Limits = DEFAULT_LIMITS) -> list[Any] | tuple[Any, ...]:
+    """The entries of a delta, or `WireError` if it is not an array or has too many."""
+    return _check_delta(raw, limits)
+
+
 def _check_delta(raw: Any, limits: Limits) -> list[Any] | tuple[Any, ...]:
     if type(raw) is not list and type(raw) is not tuple:
         raise WireError("a delta must be an array of entries", reason="shape")

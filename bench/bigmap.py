@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import sys
 import time
@@ -37,8 +38,36 @@ def progress(message: str) -> None:
     print(f"[bigmap] {message}", file=sys.stderr, flush=True)
 
 
+class GcPauses:
+    """The garbage collector's pauses: with millions of objects a full collection holds
+    the loop for hundreds of ms, which no slicing of ours can prevent."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.pauses: list[tuple[int, float]] = []
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self.started))
+
+    def longest_ms(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for gen, seconds in self.pauses:
+            out[f"gen{gen}"] = max(out.get(f"gen{gen}", 0.0), round(seconds * 1000, 1))
+        return out
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    result: dict[str, Any] = {"keys": args.keys, "date": datetime.datetime.now().isoformat()}
+    result: dict[str, Any] = {
+        "keys": args.keys,
+        "freeze": args.freeze,
+        "no_gc": args.no_gc,
+        "date": datetime.datetime.now().isoformat(),
+    }
+    gc_pauses = GcPauses()
+    gc.callbacks.append(gc_pauses)
     result["ceiling"] = await websocket_ceiling()
     sampler = LoopHealth(HealthConfig(sample_interval=0.01))
     async with trio.open_nursery() as nursery:
@@ -55,6 +84,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await trio.sleep(0.5)
             lag_before = sampler.max_lag
             sampler.max_lag = 0.0
+            gc_pauses.pauses.clear()
+            if args.no_gc:
+                # To tell our own longest step from the collector's pauses.
+                gc.disable()
+            if args.freeze:
+                # What an embedder holding millions of entries can do: long-lived objects
+                # out of the collector's sight, so no full pass walks them again.
+                gc.freeze()
             progress("b joins and opens the map")
             start = time.monotonic()
             cpu0 = time.process_time()
@@ -77,6 +114,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "cpu_s": round(cpu, 2),
                     "cpu_us_per_key": round(cpu / max(len(copy), 1) * 1e6, 2),
                     "max_loop_stall_ms": round(sampler.max_lag * 1000, 1),
+                    "longest_gc_pause_ms": gc_pauses.longest_ms(),
                     "stall_buckets": sampler.buckets,
                     "links_closed_a": dict(a.stats()["links_closed"]),
                     "links_closed_b": dict(b.stats()["links_closed"]),
@@ -93,18 +131,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=1_000_000)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--freeze", action="store_true", help="gc.freeze() after loading")
+    parser.add_argument("--no-gc", action="store_true", help="no garbage collection meanwhile")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     quiet_logs()
     result = trio.run(run, args)
     RESULTS.mkdir(exist_ok=True)
-    stem = args.out or RESULTS / f"bigmap_{args.keys}_{datetime.date.today().isoformat()}"
+    frozen = ("_freeze" if args.freeze else "") + ("_nogc" if args.no_gc else "")
+    stem = args.out or RESULTS / f"bigmap_{args.keys}{frozen}_{datetime.date.today().isoformat()}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     sync, ceiling = result["sync"], result["ceiling"]
     print(
         f"{args.keys:,} keys: complete {sync['complete']} ({sync['held']:,}) in "
         f"{sync['seconds']} s, {sync['keys_per_s']:,} keys/s, {sync['cpu_us_per_key']} us CPU "
-        f"per key; longest loop stall {sync['max_loop_stall_ms']} ms; links closed "
+        f"per key; longest loop stall {sync['max_loop_stall_ms']} ms (longest GC pauses "
+        f"{sync['longest_gc_pause_ms']}); links closed "
         f"a {sync['links_closed_a']} b {sync['links_closed_b']}; raw websocket "
         f"{ceiling['messages_per_s']:,} msg/s, {ceiling['cpu_us_per_message']} us"
     )

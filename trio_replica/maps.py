@@ -228,7 +228,7 @@ class ReplicatedMap:
     async def full_sync_snapshot(self, name: str) -> list[Any] | None:
         # Built a slice at a time with checkpoints between: a million entries took seconds
         # of loop time in one go, and every link timed out meanwhile (issue 13).
-        keys = list(self._map.keys())
+        keys = self._map.entry_keys()
         entry = self._map.entry
         snapshot: list[Any] = []
         for start in range(0, len(keys), SNAPSHOT_SLICE):

@@ -1013,10 +1013,7 @@ class Node:
             now = trio.current_time()
             rejoin_due = (
                 now >= next_rejoin
-                and (
-                    self.id in self.seed_ids
-                    or self._rng.random() < cfg.membership.rejoin_chance
-                )
+                and (self.id in self.seed_ids or self._rng.random() < cfg.membership.rejoin_chance)
                 and core.should_rejoin(self.seed_ids)
             )
             if core.needs_join() or rejoin_due:

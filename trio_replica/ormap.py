@@ -262,6 +262,11 @@ class ORMap:
         """The stored entry for `key` (value or tombstone), or None."""
         return self._entries.get(key)
 
+    def entry_keys(self) -> list[Key]:
+        """Every key with a stored entry, tombstones included, as a list (one C-level copy:
+        a caller may then walk it in slices while the map changes)."""
+        return list(self._entries)
+
     def entries(self) -> Iterator[tuple[Key, Entry]]:
         """Every stored entry, tombstones included: what a full snapshot carries."""
         return iter(self._entries.items())

@@ -73,6 +73,7 @@ def totals(nodes: list[Node]) -> dict[str, Any]:
         out["neighbor_requests"] += stats["membership"]["neighbor_requests"]
         out["shuffle_replies_routed"] += stats["membership"]["shuffle_replies_routed"]
         out["missing_abandoned"] += stats["broadcast"].get("missing_abandoned", 0)
+        out["reported_lost"] += stats["broadcast"].get("reported_lost", 0)
         refused.update(stats["handshakes_refused"])
         dials.update(stats["dial_failures"])
         closed.update(stats["links_closed"])
@@ -275,7 +276,8 @@ def summary(r: dict[str, Any]) -> str:
         f"({s2['complete_broadcasts']}/{s2['broadcasts']}), latency {s2['latency_ms']} |",
         f"| false failures, whole run | {r['false_failures_total']} |",
         f"| broadcasts given up on (missing_abandoned), whole run | "
-        f"{r['final']['missing_abandoned']} |",
+        f"{r['final']['missing_abandoned']}; still missing 10 s later (reported lost): "
+        f"{r['final'].get('reported_lost', 'n/a')} |",
         f"| leaving all nodes at once | {r['leave_s']} s |",
     ]
     return "\n".join(rows)

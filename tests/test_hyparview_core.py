@@ -104,6 +104,12 @@ def test_config_defaults_are_the_papers() -> None:
         {"backoff_base": 10.0, "backoff_max": 5.0},
         {"max_failures": 0},
         {"rejoin_interval": -1.0},
+        {"rejoin_chance": 1.5},
+        {"min_active": 0},
+        {"low_view_grace": 0},
+        {"refill_backoff_max": 0},
+        {"refusals_before_backoff": -1},
+        {"shuffle_routes": -1},
     ],
 )
 def test_config_rejects_invalid_values(bad: dict[str, object]) -> None:

@@ -218,3 +218,26 @@ async def test_leave_is_graceful_idempotent_and_peers_see_left(
                 event = await events.receive()
         assert event == PeerDown(b.me, DownReason.LEFT)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_node_listed_among_its_own_seeds_is_a_seed_and_keeps_a_seed_neighbour(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Seeds re-join each interval until another seed is a neighbour (`should_rejoin`);
+    # a node knows it is a seed when its own address is in its seed list.
+    net = MemoryNetwork(seed=50)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net)
+        seeds = ["mem://s1", "mem://s2"]
+        s1 = await c.start("s1", seeds)
+        s2 = await c.start("s2", seeds)
+        with trio.fail_after(30):
+            await s1.wait_ready()
+            await s2.wait_ready()
+        assert "s1" in s1.seed_ids and "s2" in s2.seed_ids
+        others = [await c.start(f"n{i}", seeds) for i in range(4)]
+        with trio.fail_after(30):
+            for node in others:
+                await node.wait_ready()
+        assert all(node.id not in node.seed_ids for node in others)
+        nursery.cancel_scope.cancel()

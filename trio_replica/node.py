@@ -292,6 +292,7 @@ class Node:
         view (at most the active view's size). Bound it with your own deadline
         (``with trio.fail_after(10): await node.wait_ready()``); a node with no seeds waits
         until another node joins through it."""
+        await trio.lowlevel.checkpoint()
         wanted = min(max(1, min_active), self.config.membership.active_size)
         while len(self.membership.core.active) < wanted:
             await self._view_changed.wait()

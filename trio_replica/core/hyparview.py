@@ -808,6 +808,8 @@ class HyParView:
             self._evict(victim, out, now)
         self._passive.pop(peer.id, None)
         self._active[peer.id] = peer
+        if len(self._active) >= min(self.config.min_active, self.config.active_size):
+            self._low_since = None  # a later drop starts a new grace
         out.append(Emit(PeerUp(peer)))
 
     def _evict(self, victim: Peer, out: list[Effect], now: float) -> None:

@@ -892,6 +892,12 @@ class Link:
         cfg = self.config
         tick = min(PING_TICK, cfg.ping_interval / 4)
         while True:
+            if scope.cancel_called:
+                # The wait's deadline passed after something had already woken us (a
+                # lagging loop runs us late): a cancelled scope stays cancelled even if its
+                # deadline moves, so the next send would be cut at once and read as a send
+                # timeout. Start a new scope instead.
+                return
             now = trio.current_time()
             if self._handing_over:
                 self.last_received = now

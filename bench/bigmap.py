@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster import RESULTS, websocket_ceiling
 from cluster_nodes import quiet_logs
+from common import write_results
 
 from trio_replica import NodeConfig, open_node
 from trio_replica.health import HealthConfig, LoopHealth
@@ -137,10 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     quiet_logs()
     result = trio.run(run, args)
-    RESULTS.mkdir(exist_ok=True)
     frozen = ("_freeze" if args.freeze else "") + ("_nogc" if args.no_gc else "")
     stem = args.out or RESULTS / f"bigmap_{args.keys}{frozen}_{datetime.date.today().isoformat()}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    write_results(stem, result)
     sync, ceiling = result["sync"], result["ceiling"]
     print(
         f"{args.keys:,} keys: complete {sync['complete']} ({sync['held']:,}) in "

@@ -10,6 +10,7 @@ import platform
 import shlex
 import sys
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -38,6 +39,17 @@ def percentiles_ms(samples: Sequence[float]) -> dict[str, float]:
         "max_ms": round(ordered[-1] * 1e3, 2),
         "mean_ms": round(sum(ordered) / len(ordered) * 1e3, 2),
     }
+
+
+def write_results(stem: Path, result: dict[str, Any], summary: str | None = None) -> list[Path]:
+    """Write `result` as ``<stem>.json`` (and `summary` as ``<stem>.md``); the paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".json")]
+    paths[0].write_text(json.dumps(result, indent=1) + "\n")
+    if summary is not None:
+        paths.append(stem.with_suffix(".md"))
+        paths[1].write_text(summary + "\n")
+    return paths
 
 
 def view_signature(nodes: Sequence[Node]) -> tuple[tuple[str, ...], ...]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
 import random
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Any
 import trio
 from cluster import Watch, send_broadcasts, wait_views, warm_up, websocket_ceiling
 from cluster_nodes import ProcsCluster, open_procs, quiet_logs
-from common import percentiles_ms, run_header
+from common import percentiles_ms, run_header, write_results
 
 from transports.base import TransportClosed
 from transports.websocket import WebsocketTransport
@@ -520,15 +519,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     quiet_logs()
     result = trio.run(run, args)
-    RESULTS.mkdir(exist_ok=True)
     stem = args.out or RESULTS / f"flow_{datetime.date.today().isoformat()}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(summary(result) + "\n")
-    for path in [
-        str(stem.with_suffix(".json")),
-        str(stem.with_suffix(".md")),
-        *pictures(result, stem),
-    ]:
+    for path in [*write_results(stem, result, summary(result)), *pictures(result, stem)]:
         progress(f"wrote {path}")
     print(summary(result))
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import random
 import sys
 import time
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster import RESULTS, websocket_ceiling
 from cluster_nodes import quiet_logs
-from common import run_header
+from common import percentiles_ms, run_header, write_results
 
 from trio_replica import NodeConfig
 from trio_replica.events import DownReason, PeerDown
@@ -138,19 +137,14 @@ async def paced_series(
             while sum(received.values()) < expected:  # noqa: ASYNC110 - a bench's wait
                 await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
-    latencies.sort()
     got = sum(received.values())
-
-    def pct(q: float) -> float:
-        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 1)
-
     return {
         "broadcasts": count,
         "expected": expected,
         "delivered": got,
         "completeness": round(got / expected, 4) if expected else 1.0,
         "complete_broadcasts": sum(1 for s in range(count) if received[s] == len(nodes) - 1),
-        "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)} if latencies else {},
+        "latency": percentiles_ms(latencies),
     }
 
 
@@ -242,6 +236,13 @@ async def run_cluster(
     return result
 
 
+def _latency(series: dict[str, Any]) -> str:
+    lat = series["latency"]
+    if not lat.get("count"):
+        return "-"
+    return f"p50 {lat['p50_ms']} / p99 {lat['p99_ms']} / max {lat['max_ms']} ms"
+
+
 def summary(r: dict[str, Any]) -> str:
     c, f, i = r["ceiling"], r["formation"], r["idle"]
     s1, s2 = r["series_1"], r["series_2"]
@@ -263,7 +264,7 @@ def summary(r: dict[str, Any]) -> str:
         f"{f['dials_delayed']} |",
         f"| paced broadcasts, first series | completeness {s1['completeness']} "
         f"({s1['complete_broadcasts']}/{s1['broadcasts']} reached all), "
-        f"latency {s1['latency_ms']} |",
+        f"latency {_latency(s1)} |",
         f"| idle {i['seconds']} s: CPU | {i['cpu_cores']} cores "
         f"({i['cpu_cores_per_node'] * 1000:.2f} ms/s per node) |",
         f"| idle: link churn | {i['links_per_minute']} links established per minute |",
@@ -273,7 +274,7 @@ def summary(r: dict[str, Any]) -> str:
         f"| after idle: still formed | {i['still_formed']}; active sizes "
         f"{Counter(i['active_sizes'])} |",
         f"| paced broadcasts, second series | completeness {s2['completeness']} "
-        f"({s2['complete_broadcasts']}/{s2['broadcasts']}), latency {s2['latency_ms']} |",
+        f"({s2['complete_broadcasts']}/{s2['broadcasts']}), latency {_latency(s2)} |",
         f"| false failures, whole run | {r['false_failures_total']} |",
         f"| broadcasts given up on (missing_abandoned), whole run | "
         f"{r['final']['missing_abandoned']}; still missing 10 s later (reported lost): "
@@ -296,10 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     quiet_logs()
     result = trio.run(run, args)
-    RESULTS.mkdir(exist_ok=True)
     stem = args.out or RESULTS / f"overlay_{args.nodes}_{datetime.date.today().isoformat()}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(summary(result) + "\n")
+    write_results(stem, result, summary(result))
     print(summary(result))
 
 

@@ -321,3 +321,13 @@ def test_the_congestion_others_meet_excludes_one_origin() -> None:
     assert delay.current_ms == 0.0
     assert delay.excluding("flooder") == 80.0
     assert delay.excluding("honest") == 0.0
+
+
+def test_token_bucket_saves_up_to_its_capacity_and_says_how_long_a_debt_lasts() -> None:
+    from trio_replica.flow import TokenBucket
+
+    bucket = TokenBucket(rate=2.0, capacity=3.0)
+    assert [bucket.take(1, 0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take(1, 0.0) == pytest.approx(0.5)  # one in debt: half a second at 2/s
+    assert bucket.take(1, 100.0) == 0.0  # refilled, but never past the capacity
+    assert bucket.tokens == pytest.approx(2.0)

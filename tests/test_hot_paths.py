@@ -215,14 +215,13 @@ class _StuckConnection:
         self.closed = True
 
 
-async def test_a_blocked_send_still_ends_the_link(autojump_clock: trio.testing.MockClock) -> None:
-    config = LinkConfig()
+def _lone_link(conn: _StuckConnection, config: LinkConfig) -> Link:
+    """A link over `conn` to a peer "b", ignoring what it receives."""
 
     async def ignore(*_: Any) -> None:
         return None
 
-    conn = _StuckConnection()
-    link = Link(
+    return Link(
         conn,
         Peer("b", "mem://b"),
         role=Role.NODE,
@@ -231,6 +230,12 @@ async def test_a_blocked_send_still_ends_the_link(autojump_clock: trio.testing.M
         stats=NodeStats(),
         on_message=ignore,
     )
+
+
+async def test_a_blocked_send_still_ends_the_link(autojump_clock: trio.testing.MockClock) -> None:
+    config = LinkConfig()
+    conn = _StuckConnection()
+    link = _lone_link(conn, config)
     start = trio.current_time()
     link.send_nowait(Gossip(MessageId("a", 1, 1), 1, "t", b"\xa0"))
     assert await link.run() == "send_timeout"
@@ -257,20 +262,7 @@ async def test_a_blocked_send_is_not_a_failure_while_the_peer_talks(
     # Overload is not failure: a peer whose reader waits (its inbox is full) still sends.
     # It is failed only when it fills our control outbox, i.e. when it reads nothing at all.
     config = LinkConfig(outbox_control=50)
-
-    async def ignore(*_: Any) -> None:
-        return None
-
-    conn = _TalkingButNotReading()
-    link = Link(
-        conn,
-        Peer("b", "mem://b"),
-        role=Role.NODE,
-        outbound=True,
-        config=config,
-        stats=NodeStats(),
-        on_message=ignore,
-    )
+    link = _lone_link(_TalkingButNotReading(), config)
     start = trio.current_time()
 
     async def keep_sending() -> None:

@@ -73,9 +73,12 @@ async def test_the_sampler_sees_a_stall_of_the_real_loop() -> None:
     assert health.recent_lag() >= 0.2
 
 
-async def test_one_sampler_per_run_and_another_takes_over_when_it_ends() -> None:
+async def test_one_sampler_per_run_and_another_takes_over_when_it_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     health = loop_health()
     assert loop_health() is health
+    period = health.config.sample_interval
     async with trio.open_nursery() as outer:
         first = trio.CancelScope()
 
@@ -85,14 +88,14 @@ async def test_one_sampler_per_run_and_another_takes_over_when_it_ends() -> None
 
         outer.start_soon(run_first)
         outer.start_soon(health.serve)
-        await trio.sleep(0.2)
-        samples = health.samples
-        assert samples > 0
+        await trio.sleep(10 * period + period / 2)
+        # Two tasks serve, one samples: one sample per period, not two.
+        assert health.samples == 10
         first.cancel()
-        await trio.sleep(0.2)
-        # Still sampled, by the second task, and never by two at once.
-        assert health.samples > samples
-        assert health.samples <= 2 + (0.4 / health.config.sample_interval)
+        await trio.sleep(10 * period)
+        # The other task took over at once: its first sample one period after, then one
+        # per period (9 more by now, the old task's pending one cancelled).
+        assert health.samples == 19
         outer.cancel_scope.cancel()
 
 

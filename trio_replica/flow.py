@@ -388,11 +388,23 @@ class WritePacer:
             await trio.lowlevel.checkpoint()
 
 
-@attrs.define
-class _Bucket:
-    messages: float
-    bytes: float
-    at: float
+class TokenBucket:
+    """`rate` tokens a second, at most `capacity` saved (full at first). Sans-IO: the caller
+    gives the time. A take may run into debt; it returns how long until the debt is paid,
+    which is how long the taker should wait."""
+
+    def __init__(self, *, rate: float, capacity: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self._at: float | None = None
+
+    def take(self, amount: float, now: float) -> float:
+        if self._at is not None:
+            self.tokens = min(self.capacity, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+        self.tokens -= amount
+        return max(0.0, -self.tokens / self.rate)
 
 
 class OriginationLimit:
@@ -407,7 +419,8 @@ class OriginationLimit:
     def __init__(self, *, rate: float, bytes_rate: float) -> None:
         self.rate = rate
         self.bytes_rate = bytes_rate
-        self._buckets: dict[Hashable, _Bucket] = {}
+        #: Per peer: (broadcasts, bytes), each holding one second of its rate.
+        self._buckets: dict[Hashable, tuple[TokenBucket, TokenBucket]] = {}
         #: Broadcasts that had to wait, and the seconds they waited, in all.
         self.limited = 0
         self.waited = 0.0
@@ -416,22 +429,15 @@ class OriginationLimit:
         if not self.rate:
             return
         now = trio.current_time()
-        bucket = self._buckets.get(peer)
-        if bucket is None:
-            bucket = self._buckets[peer] = _Bucket(self.rate, self.bytes_rate, now)
-        elapsed = now - bucket.at
-        bucket.messages = min(self.rate, bucket.messages + elapsed * self.rate)
-        bucket.bytes = min(self.bytes_rate, bucket.bytes + elapsed * self.bytes_rate)
-        bucket.at = now
+        buckets = self._buckets.get(peer)
+        if buckets is None:
+            buckets = self._buckets[peer] = (
+                TokenBucket(rate=self.rate, capacity=self.rate),
+                TokenBucket(rate=self.bytes_rate, capacity=self.bytes_rate),
+            )
+        messages, octets = buckets
         # A broadcast larger than a second's bytes goes once the bucket is full.
-        need_bytes = min(size, self.bytes_rate)
-        wait = max(
-            (1 - bucket.messages) / self.rate,
-            (need_bytes - bucket.bytes) / self.bytes_rate,
-            0.0,
-        )
-        bucket.messages -= 1
-        bucket.bytes -= need_bytes
+        wait = max(messages.take(1, now), octets.take(min(size, self.bytes_rate), now))
         if wait > 0:
             self.limited += 1
             self.waited += wait

@@ -92,7 +92,8 @@ async def test_one_sampler_per_run_and_another_takes_over_when_it_ends(
         # Two tasks serve, one samples: one sample per period, not two.
         assert health.samples == 10
         first.cancel()
-        await trio.sleep(10 * period)
+        # Half a period off every sample time, so that no sample ties with our wake-up.
+        await trio.sleep(10 * period - period / 2)
         # The other task took over at once: its first sample one period after, then one
         # per period (9 more by now, the old task's pending one cancelled).
         assert health.samples == 19

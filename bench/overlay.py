@@ -73,6 +73,18 @@ def totals(nodes: list[Node]) -> dict[str, Any]:
         out["shuffle_replies_routed"] += stats["membership"]["shuffle_replies_routed"]
         out["missing_abandoned"] += stats["broadcast"].get("missing_abandoned", 0)
         out["reported_lost"] += stats["broadcast"].get("reported_lost", 0)
+        for name in (
+            "late_after_abandon",
+            "graft_waits",
+            "abandoned_announcers_left",
+            "abandoned_after_patience",
+            "grafts_sent",
+            "graft_misses",
+            "regraft_after_deferral",
+            "pushes_deferred",
+            "copies_after_repair",
+        ):
+            out[name] += stats["broadcast"].get(name, 0)
         refused.update(stats["handshakes_refused"])
         dials.update(stats["dial_failures"])
         closed.update(stats["links_closed"])

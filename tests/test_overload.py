@@ -10,12 +10,14 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
+from trio_replica.core.effects import SetTimer
+from trio_replica.core.plumtree import FlushTimer, GraftTimer
 from trio_replica.dialing import DialBudget
 from trio_replica.errors import ConfigError
 from trio_replica.events import DownReason, PeerDown
 from trio_replica.health import HealthConfig, LoopHealth, loop_health
 from trio_replica.link import LinkConfig
-from trio_replica.messages import Neighbor
+from trio_replica.messages import MessageId, Neighbor
 
 from .harness import Cluster, link_pair
 
@@ -268,4 +270,21 @@ async def test_a_late_wake_up_is_not_read_as_a_send_timeout(
         await trio.sleep(1.0)
         assert pair.a.is_open, pair.a.close_reason
         assert sum(isinstance(m, Neighbor) for m in pair.got) == 20
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lagging_loop_stretches_plumtree_repair_timers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # timeout1 and timeout2 wait for payloads that may sit unread in our socket while our
+    # loop lags: they stretch like the link timeouts; the IHAVE batch window does not.
+    net = MemoryNetwork(seed=51)
+    async with trio.open_nursery() as nursery:
+        a = await Cluster(nursery, net).start("a")
+        graft = SetTimer(0.25, GraftTimer(MessageId("o", 1, 1), 1))
+        flush = SetTimer(0.05, FlushTimer(1))
+        assert a.broadcaster.timer_delay(graft) == 0.25
+        a.health.record(0.2, trio.current_time())
+        assert a.broadcaster.timer_delay(graft) == pytest.approx(0.25 + 4 * 0.2)
+        assert a.broadcaster.timer_delay(flush) == 0.05
         nursery.cancel_scope.cancel()

@@ -110,6 +110,7 @@ def test_default_config_follows_the_paper_and_spec() -> None:
     [
         {"ihave_timeout": 0.0},
         {"graft_timeout": -1.0},
+        {"graft_patience": 0.0},
         {"ihave_timeout": float("nan")},
         {"cache_max_age": float("inf")},
         {"ihave_batch_window": -0.01},
@@ -327,19 +328,103 @@ def test_graft_goes_to_the_next_announcer_when_the_first_never_answers() -> None
     assert sends(effects) == [(D, Graft(mid(1), 3))]
     effects = tree.handle_timer(only_timer(effects), T1 + 2 * T2)
     assert sends(effects) == [(E, Graft(mid(1), 1))]
-    # Announcers exhausted: the entry is dropped after a last timeout2, and reported lost
-    # if it has not come by the end of the grace period.
-    grace = tree.handle_timer(only_timer(effects), T1 + 3 * T2)
+    # Announcers exhausted and silent: each is grafted once more, in the same order...
+    for n, (p, round) in enumerate([(C, 2), (D, 3), (E, 1)], start=3):
+        effects = tree.handle_timer(only_timer(effects), T1 + n * T2)
+        assert sends(effects) == [(p, Graft(mid(1), round))]
+    assert tree.stats.graft_retries == 1
+    # ... then the entry is dropped after a last timeout2, and reported lost if it has not
+    # come by the end of the grace period.
+    grace = tree.handle_timer(only_timer(effects), T1 + 6 * T2)
     assert grace == [SetTimer(CONFIG.abandon_grace, AbandonTimer(mid(1)))]
     assert tree.handle_timer(AbandonTimer(mid(1)), 20.0) == [Emit(Abandoned(mid(1)))]
     assert tree.stats.reported_lost == 1
     assert tree.stats.missing_size == 0 and tree.stats.missing_abandoned == 1
-    assert tree.stats.grafts_sent == 3
+    assert tree.stats.grafts_sent == 6
     assert tree.eager == {A, C, D, E}
 
     # A new announcement starts over with timeout1.
     effects = tree.handle_message(C, IHave(((mid(1), 2),)), 2.0)
     assert [t.delay for t in timers(effects)] == [T1]
+
+
+def test_a_grafted_announcer_still_sending_payloads_is_waited_for() -> None:
+    # It keeps talking to us, so its link is up and the GRAFT or the answer is queued
+    # between us: no give-up while we hear from it.
+    tree = core(eager=[A], lazy=[C])
+    effects = tree.handle_timer(only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0)), T1)
+    assert sends(effects) == [(C, Graft(mid(1), 2))]
+    timer = only_timer(effects)
+    now = T1
+    for n in range(2, 6):
+        now += T2
+        # C sends a payload (a duplicate of what A sent) or an IHAVE before each timeout2.
+        tree.handle_message(A, Gossip(mid(n), 1, "t", b"x"), now - 0.01)
+        heard = Gossip(mid(n), 2, "t", b"x") if n % 2 else IHave(((mid(n), 2),))
+        tree.handle_message(C, heard, now - 0.01)
+        effects = tree.handle_timer(timer, now)
+        # No second GRAFT: a second answer would queue behind the first.
+        assert sends(effects) == [] and [t.delay for t in timers(effects)] == [T2]
+        timer = only_timer(effects)
+    assert tree.stats.graft_waits == 4 and tree.stats.missing_abandoned == 0
+    # The answer arrives: delivered as a repair, nothing given up.
+    got = delivered(tree.handle_message(C, Gossip(mid(1), 2, "t", b"y"), now + 0.1))
+    assert [d.id for d in got] == [mid(1)] and got[0].repaired
+    assert tree.handle_timer(timer, now + T2) == []
+    assert tree.stats.missing_abandoned == 0 and tree.stats.late_after_abandon == 0
+    tree.check_invariants()
+
+
+def test_a_silent_grafted_announcer_is_given_up_on_and_patience_is_bounded() -> None:
+    config = attrs.evolve(CONFIG, graft_patience=1.0)
+    tree = core(eager=[A], lazy=[C], config=config)
+    first = only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0))
+    timer = only_timer(tree.handle_timer(first, T1))
+    # Silent since the GRAFT: grafted once more, then given up on at its timeout2.
+    effects = tree.handle_timer(timer, T1 + T2)
+    assert sends(effects) == [(C, Graft(mid(1), 2))]
+    assert timers(tree.handle_timer(only_timer(effects), T1 + 2 * T2)) == [
+        SetTimer(config.abandon_grace, AbandonTimer(mid(1)))
+    ]
+    assert tree.stats.missing_abandoned == 1 and tree.stats.graft_waits == 0
+
+    # Streaming forever: waited for at most graft_patience after the first wait.
+    first = only_timer(tree.handle_message(C, IHave(((mid(2), 2),)), 2.0))
+    timer = only_timer(tree.handle_timer(first, 2.0 + T1))
+    now, n = 2.0 + T1, 10
+    while True:
+        now += T2
+        n += 1
+        tree.handle_message(C, Gossip(mid(n), 2, "t", b"x"), now - 0.01)
+        effects = tree.handle_timer(timer, now)
+        if sends(effects):
+            break
+        timer = only_timer(effects)
+    # The first wait began one timeout2 after the GRAFT; patience ends 1 s after it, and
+    # then C is grafted once more, and given up on at once after that timeout2 though it
+    # still talks (patience is spent).
+    assert 2.0 + T1 + T2 + config.graft_patience <= now < 2.0 + T1 + 3 * T2 + config.graft_patience
+    assert sends(effects) == [(C, Graft(mid(2), 2))]
+    tree.handle_message(C, IHave(((mid(99), 2),)), now + 0.1)
+    effects = tree.handle_timer(only_timer(effects), now + T2)
+    assert timers(effects) == [SetTimer(config.abandon_grace, AbandonTimer(mid(2)))]
+    assert tree.stats.missing_abandoned == 2 and tree.stats.abandoned_after_patience == 1
+    tree.check_invariants()
+
+
+def test_graft_patience_forgets_a_neighbour_that_left() -> None:
+    tree = core(eager=[A], lazy=[C])
+    timer = only_timer(
+        tree.handle_timer(only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0)), T1)
+    )
+    tree.handle_message(C, Gossip(mid(2), 2, "t", b"x"), T1 + 0.1)
+    tree.neighbor_down(C, T1 + 0.2)
+    tree.check_invariants()
+    # C is gone, so we hear from no grafted peer and have nobody to retry: give up.
+    assert tree.handle_timer(timer, T1 + T2) == [
+        SetTimer(CONFIG.abandon_grace, AbandonTimer(mid(1)))
+    ]
+    assert tree.stats.abandoned_announcers_left == 1
 
 
 def test_graft_is_answered_from_the_cache() -> None:
@@ -475,14 +560,16 @@ def test_stale_timers_are_ignored() -> None:
     tree2 = core(lazy=[C, D])
     first = only_timer(tree2.handle_message(C, IHave(((mid(1), 2),)), 0.0))
     second = only_timer(tree2.handle_timer(first, T1))
-    # No announcer left: dropped (reported later, unless it arrives meanwhile).
-    assert timers(tree2.handle_timer(second, T1 + T2)) == [
+    # C silent: grafted once more, then dropped (reported later, unless it arrives).
+    retry = only_timer(tree2.handle_timer(second, T1 + T2))
+    assert timers(tree2.handle_timer(retry, T1 + 2 * T2)) == [
         SetTimer(CONFIG.abandon_grace, AbandonTimer(mid(1)))
     ]
     assert tree2.stats.missing_size == 0
     renewed = only_timer(tree2.handle_message(D, IHave(((mid(1), 2),)), 2.0))
     assert tree2.handle_timer(first, 2.1) == []
     assert tree2.handle_timer(second, 2.1) == []
+    assert tree2.handle_timer(retry, 2.1) == []
     assert sends(tree2.handle_timer(renewed, 2.0 + T1)) == [(D, Graft(mid(1), 2))]
 
     with pytest.raises(TypeError):
@@ -533,7 +620,8 @@ def test_a_message_given_up_on_is_not_reported_if_it_arrives_late() -> None:
     tree = core(eager=[A], lazy=[C])
     first = only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0))
     second = only_timer(tree.handle_timer(first, T1))
-    assert timers(tree.handle_timer(second, T1 + T2)) == [
+    retry = only_timer(tree.handle_timer(second, T1 + T2))
+    assert timers(tree.handle_timer(retry, T1 + 2 * T2)) == [
         SetTimer(CONFIG.abandon_grace, AbandonTimer(mid(1)))
     ]
     assert delivered(tree.handle_message(A, Gossip(mid(1), 4, "t", b"x"), 3.0))

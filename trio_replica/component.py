@@ -123,6 +123,10 @@ class Component:
         self._notices.append(item)
         self._inbox.wake()
 
+    def queued(self, source: Hashable) -> int:
+        """Inputs from `source` waiting in the inbox."""
+        return self._inbox.depth(source)
+
     def inbox_depth(self) -> int:
         return len(self._inbox) + len(self._notices)
 

@@ -318,6 +318,10 @@ class Node:
         """Peers with an open link right now (active peers plus temporary links)."""
         return sorted(link.peer for link in self._links.values() if link.is_open)
 
+    def link_to(self, peer: Peer) -> Link | None:
+        """The link to the node `peer` names (open or closing), if there is one."""
+        return self._links.get(peer.id)
+
     @contextlib.asynccontextmanager
     async def events(self) -> AsyncIterator[Subscription[Event]]:
         """Subscribe to membership events (`PeerUp`, `PeerDown`, `Left`).

@@ -80,7 +80,12 @@ congested; `trio_replica.flow`). It then calls `push_deferred`, and the peer get
 message lazily instead: an IHAVE in its next batch, so it grafts the payload when its link
 has room. The peer stays eager (the link is slow, not redundant). A GRAFT answer that
 cannot be queued is deferred the same way, and an announcer that answers a GRAFT with an
-IHAVE goes back among the announcers to graft (`_on_ihave`). No push is ever dropped
+IHAVE goes back among the announcers to graft (`_on_ihave`), and a grafted announcer we
+keep hearing from is waited for, not given up on (`graft_patience`): its link is up, so
+the GRAFT or its answer is queued. When none answers, each is grafted once more before we
+give up (a GRAFT can be lost: ignored by a peer that does not yet count us as a
+neighbour). The runtime also stretches timeout1 and timeout2 while its own loop lags
+(`Broadcast.timer_delay`). No push is ever dropped
 without the peer hearing of the message; what a node gives up on (every announcer grafted
 in vain, or the missing table full) and still lacks `abandon_grace` later is reported with
 an `Abandoned` event so that the layers above repair it (a replica pulls a sync). The grace
@@ -122,11 +127,10 @@ timeout1 and timeout2 armed from then on are longer by that allowance.
 
 Memory is bounded everywhere a peer can make it grow: payload cache (count, bytes and
 age), seen ids (count and age, kept longer than payloads so late duplicates are still
-recognised), the
-missing table (count, and each entry lives at most timeout1 + k * timeout2 for k announcers,
-at most one per neighbour), IHAVE batches (flushed by a timer or when full). Timers are
-never cancelled: each carries a token, and a timer whose token no longer matches the state
-it was armed for is ignored.
+recognised), the missing table (count, and each entry lives at most timeout1 + k * timeout2
++ graft_patience for k announcers, at most one per neighbour), IHAVE batches (flushed by a
+timer or when full). Timers are never cancelled: each carries a token, and a timer whose
+token no longer matches the state it was armed for is ignored.
 """
 
 from __future__ import annotations
@@ -134,7 +138,7 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 import attrs
 
@@ -187,6 +191,15 @@ class PlumtreeConfig:
     #: to a neighbour; the answer is a payload that may queue behind other payloads on the
     #: link, hence a few round trips rather than one.
     graft_timeout: float = 0.25
+    #: A grafted announcer that keeps talking to us after our GRAFT is alive and
+    #: backlogged, not failed: the GRAFT or its answer waits in a queue between us (module
+    #: docstring, queueing is not loss). Once every announcer is grafted, we wait
+    #: `graft_timeout` more at a time while we still hear from one of them, for at most
+    #: this long in all, before giving up. Under load a give-up was nearly always such a
+    #: payload (50 nodes, 2,000 broadcasts as fast as flow control allowed: 10,530
+    #: give-ups, all delivered within the grace). The cost: a GRAFT the peer could not
+    #: answer (payload no longer cached) is given up on up to this much later.
+    graft_patience: float = 10.0
     #: IHAVEs are batched per peer over this window (SPEC section 5): one frame carries many
     #: announcements, which matters on websockets (about 55 us per frame, STYLE.md). It also
     #: gives the eager copy a head start over the announcement. 0 sends them at once.
@@ -249,6 +262,7 @@ class PlumtreeConfig:
         for name in (
             "ihave_timeout",
             "graft_timeout",
+            "graft_patience",
             "cache_max_age",
             "seen_max_age",
             "abandon_grace",
@@ -315,8 +329,18 @@ class PlumtreeStats:
     regrafts: int = 0
     #: GRAFTs from a peer that announced the id to us: the link is restored, no payload sent.
     grafts_without_payload: int = 0
-    #: Missing messages given up on: every announcer was grafted and none answered.
+    #: Missing messages given up on: every announcer was grafted twice and none answered,
+    #: none of them still talking to us (or `graft_patience` ran out).
     missing_abandoned: int = 0
+    #: Of those, given up on because every announcer left the active view...
+    abandoned_announcers_left: int = 0
+    #: ... or because `graft_patience` ran out while one was still talking to us.
+    abandoned_after_patience: int = 0
+    #: Extra `graft_timeout` waits for an answer from a grafted peer still talking to us.
+    graft_waits: int = 0
+    #: Missing messages whose announcers were all grafted a second time, none having
+    #: answered the first GRAFT.
+    graft_retries: int = 0
     #: Of those (and of the dropped ones), delivered within `abandon_grace` after all...
     late_after_abandon: int = 0
     #: ... and still missing then: reported with an `Abandoned` event.
@@ -409,6 +433,14 @@ class _Missing:
     token: int
     pending: deque[tuple[Peer, int]]
     grafted: list[Peer] = attrs.Factory(list)
+    #: Per grafted announcer: messages heard from it when last grafted or waited on.
+    marks: dict[Peer, int] = attrs.Factory(dict)
+    #: End of `graft_patience`, set at the first wait.
+    patient_until: float | None = None
+    #: The round each grafted announcer announced (for a retry's GRAFT).
+    rounds: dict[Peer, int] = attrs.Factory(dict)
+    #: Whether the announcers were grafted a second time (once per entry).
+    retried: bool = False
 
     def knows(self, peer: Peer) -> bool:
         return peer in self.grafted or any(p == peer for p, _ in self.pending)
@@ -460,6 +492,13 @@ class Plumtree:
     me: str
     config: PlumtreeConfig
     rng: random.Random = attrs.field(repr=False)
+    #: Whether input from `peer` waits in the runtime's queue, not yet handed to us. The
+    #: runtime sets it: a grafted peer whose messages wait there is still being heard from
+    #: (`_on_graft_timer`), and its answer may be among them. A query, not an input,
+    #: because only a graft timer with every announcer tried asks it.
+    queued_from: Callable[[Peer], bool] = attrs.field(
+        default=lambda peer: False, repr=False, kw_only=True
+    )
     stats: PlumtreeStats = attrs.field(init=False, factory=PlumtreeStats)
     #: The shared tree: every neighbour, eager or lazy (module docstring).
     _shared: _Tree = attrs.field(init=False, factory=_Tree)
@@ -479,6 +518,9 @@ class Plumtree:
     _missing: dict[MessageId, _Missing] = attrs.field(init=False, factory=dict)
     #: Messages given up on, waiting for `abandon_grace` before they are reported.
     _given_up: dict[MessageId, None] = attrs.field(init=False, factory=dict)
+    #: Messages received per neighbour: a grafted peer whose count moves is alive and
+    #: talking to us (`_on_graft_timer`).
+    _heard_from: dict[Peer, int] = attrs.field(init=False, factory=dict)
     _batches: dict[Peer, list[tuple[MessageId, int]]] = attrs.field(init=False, factory=dict)
     _flush_token: int | None = attrs.field(init=False, default=None)
     _last_token: int = attrs.field(init=False, default=0)
@@ -547,6 +589,7 @@ class Plumtree:
         for tree in (self._shared, *self._trees.values()):
             tree.forget(peer)
         self._batches.pop(peer, None)
+        self._heard_from.pop(peer, None)
         for entry in self._missing.values():
             if entry.knows(peer):
                 entry.pending = deque((p, r) for p, r in entry.pending if p != peer)
@@ -575,6 +618,8 @@ class Plumtree:
     def handle_message(self, sender: Peer, message: Message, now: float) -> list[Effect]:
         """A Plumtree message from `sender`, the authenticated peer of the link it came on."""
         self._expire(now)
+        if self._is_neighbor(sender):
+            self._heard_from[sender] = self._heard_from.get(sender, 0) + 1
         if isinstance(message, Gossip):
             effects = self._on_gossip(sender, message, now)
         elif isinstance(message, IHave):
@@ -796,11 +841,39 @@ class Plumtree:
             self.stats.stale_timers += 1
             return []
         if not entry.pending:
-            # Every announcer was grafted (or left) and no payload came. A new IHAVE starts
-            # over with timeout1; anti-entropy above us covers what is lost for good.
-            del self._missing[timer.id]
-            self.stats.missing_abandoned += 1
-            return self._give_up(timer.id)
+            if self._still_hearing(entry):
+                # A grafted announcer is still talking to us, so its link is up: our GRAFT
+                # or its answer waits in a queue between us (its inbox, its outbox waiting
+                # for credit, ours). Wait; do not graft again (a second answer would be one
+                # more payload in the same queues).
+                if entry.patient_until is None:
+                    entry.patient_until = self._now + self.config.graft_patience
+                if self._now < entry.patient_until:
+                    for peer in entry.grafted:
+                        entry.marks[peer] = self._heard_from.get(peer, 0)
+                    entry.token = self._token()
+                    self.stats.graft_waits += 1
+                    delay = self.config.graft_timeout + self._allowance
+                    return [SetTimer(delay, GraftTimer(timer.id, entry.token))]
+            if entry.grafted and not entry.retried:
+                # Silent, or patience ran out: the GRAFT may have been lost (ignored by a
+                # peer that had not yet seen us as a neighbour, or cut with a link that was
+                # replaced). Each announcer still a neighbour is grafted once more.
+                entry.retried = True
+                entry.pending = deque((p, entry.rounds.get(p, 1)) for p in entry.grafted)
+                entry.grafted = []
+                self.stats.graft_retries += 1
+            else:
+                if not entry.grafted:
+                    self.stats.abandoned_announcers_left += 1
+                elif entry.patient_until is not None and self._now >= entry.patient_until:
+                    self.stats.abandoned_after_patience += 1
+                # Every announcer was grafted (or left) and no payload came. A new IHAVE
+                # starts over with timeout1; anti-entropy above us covers what is lost for
+                # good.
+                del self._missing[timer.id]
+                self.stats.missing_abandoned += 1
+                return self._give_up(timer.id)
         # Algorithm 1, Timer(mID): GRAFT the first remaining announcer, make the link eager,
         # and give it timeout2 before the next one. The same GRAFT goes for every other
         # missing message that announcer announced: a broken link leaves a run of messages
@@ -817,12 +890,22 @@ class Plumtree:
             self._make_eager(peer, self._guess_key(id))
             missing.pending = deque((p, r) for p, r in missing.pending if p != peer)
             missing.grafted.append(peer)
+            missing.marks[peer] = self._heard_from.get(peer, 0)
+            missing.rounds[peer] = round
             missing.token = self._token()
             self.stats.grafts_sent += 1
             effects.append(Send(peer, Graft(id, round)))
             delay = self.config.graft_timeout + self._allowance
             effects.append(SetTimer(delay, GraftTimer(id, missing.token)))
         return effects
+
+    def _still_hearing(self, entry: _Missing) -> bool:
+        """Whether a grafted announcer sent us anything since we grafted or last checked, or
+        has input waiting in the runtime's queue."""
+        return any(
+            self._heard_from.get(peer, 0) > entry.marks.get(peer, 0) or self.queued_from(peer)
+            for peer in entry.grafted
+        )
 
     def _on_abandon_timer(self, timer: AbandonTimer) -> list[Effect]:
         if timer.id not in self._given_up:
@@ -1084,6 +1167,8 @@ class Plumtree:
             problems.append("missing table over its bound")
         if len(self._given_up) > self.config.missing_max_messages:
             problems.append("given-up ids over their bound")
+        if not all(self._is_neighbor(peer) for peer in self._heard_from):
+            problems.append("payload counts kept for a peer that is not a neighbour")
         if any(id in self._seen for id in self._given_up):
             problems.append("a delivered message is still given up")
         if problems:

@@ -420,11 +420,14 @@ def test_graft_patience_forgets_a_neighbour_that_left() -> None:
     tree.handle_message(C, Gossip(mid(2), 2, "t", b"x"), T1 + 0.1)
     tree.neighbor_down(C, T1 + 0.2)
     tree.check_invariants()
-    # C is gone, so we hear from no grafted peer and have nobody to retry: give up.
-    assert tree.handle_timer(timer, T1 + T2) == [
+    # C is gone, so we hear from no grafted peer: the neighbours left are asked instead...
+    effects = tree.handle_timer(timer, T1 + T2)
+    assert sends(effects) == [(A, Graft(mid(1), 1))]
+    # ... and when they do not answer either, the message is given up on.
+    assert tree.handle_timer(only_timer(effects), T1 + 2 * T2) == [
         SetTimer(CONFIG.abandon_grace, AbandonTimer(mid(1)))
     ]
-    assert tree.stats.abandoned_announcers_left == 1
+    assert tree.stats.abandoned_announcers_left == 1 and tree.stats.graft_retries == 1
 
 
 def test_graft_is_answered_from_the_cache() -> None:

@@ -410,3 +410,20 @@ class Replicas(RuleBasedStateMachine):
 
 TestReplicas = Replicas.TestCase
 TestReplicas.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_stored_entries_of_plain_values_are_not_tracked_by_the_collector() -> None:
+    # The point of the stored form (ormap.Packed): a million keys must not mean millions
+    # of objects for every full collection to walk while the event loop waits.
+    import gc
+
+    m = ORMap()
+    m.add("a", 1, d("n", 1))
+    m.add("b", b"x", d("n", 2))
+    m.remove("c", d("n", 3))
+    m.add("d", [1, 2], d("n", 4))
+    gc.collect()
+    stored = m._entries
+    assert not any(gc.is_tracked(stored[k]) for k in "abc")
+    assert gc.is_tracked(stored["d"])  # a list value keeps its entry tracked
+    assert m.entry("a") == Value(1, d("n", 1)) and m.entry("c") == Tombstone(d("n", 3))

@@ -34,7 +34,6 @@ from .ormap_wire import (
     check_delta,
     check_local_entry,
     ingest,
-    to_wire,
 )
 from .replica import Add, Remove, Replica
 from .store import StoreError
@@ -229,13 +228,11 @@ class ReplicatedMap:
         # Built a slice at a time with checkpoints between: a million entries took seconds
         # of loop time in one go, and every link timed out meanwhile (issue 13).
         keys = self._map.entry_keys()
-        entry = self._map.entry
         snapshot: list[Any] = []
         for start in range(0, len(keys), SNAPSHOT_SLICE):
             if start:
                 await trio.lowlevel.checkpoint()
-            part = keys[start : start + SNAPSHOT_SLICE]
-            snapshot += to_wire((k, e) for k in part if (e := entry(k)) is not None)
+            snapshot += self._map.wire_entries(keys[start : start + SNAPSHOT_SLICE])
         return snapshot or None
 
     async def remove_node(self, name: str, node: str) -> None:

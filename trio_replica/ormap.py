@@ -37,7 +37,7 @@ to heal by sync rather than by rejoining from scratch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -47,6 +47,9 @@ from .hlc import HybridClock, Timestamp
 
 #: A map key: plain CBOR scalars that hash the same on every node.
 Key = str | bytes | int
+#: An entry's kind on the wire (`ormap_wire`): ``[key, kind, node, wall, logical, value?]``.
+WIRE_TOMBSTONE = 0
+WIRE_VALUE = 1
 
 
 @attrs.frozen(order=False)
@@ -134,32 +137,81 @@ def visible_change(old: Entry | None, new: Entry | None) -> bool:
     return old.value is not new.value and _canonical(old.value) != _canonical(new.value)
 
 
-@attrs.define
+#: How an entry is stored: an exact tuple of plain fields, ``(wall, logical, node)`` for a
+#: tombstone and ``(wall, logical, node, value)`` for a value. CPython's collector stops
+#: tracking such a tuple once it sees that every field is untracked (numbers, strings,
+#: bytes, None), where a `Value` with its `Dot` and `Timestamp` is three tracked objects
+#: per key for ever: with a million keys a full collection walked three million objects,
+#: 629 ms during which the event loop stood still (bench/bigmap.py, issue 13). A value
+#: that is itself a list or a map keeps its tuple tracked; that costs what it costs.
+Packed = tuple[Any, ...]
+
+
+def pack(entry: Entry) -> Packed:
+    ts = entry.dot.ts
+    if type(entry) is Value:
+        return (ts.wall, ts.logical, entry.dot.node, entry.value)
+    return (ts.wall, ts.logical, entry.dot.node)
+
+
+def unpack(packed: Packed) -> Entry:
+    dot = Dot(packed[2], Timestamp(packed[0], packed[1]))
+    return Value(packed[3], dot) if len(packed) == 4 else Tombstone(dot)
+
+
+def _packed_supersedes(new: Packed, old: Packed) -> bool:
+    """`supersedes` on the stored form (the merge's inner loop: no objects built)."""
+    if new[0] != old[0]:
+        return bool(new[0] > old[0])
+    if new[1] != old[1]:
+        return bool(new[1] > old[1])
+    if len(new) != len(old):
+        return len(new) == 4  # same HLC: the value beats the tombstone
+    if new[2] != old[2]:
+        return bool(new[2] > old[2])
+    if len(new) == 3:
+        return False
+    return new[3] is not old[3] and _canonical(new[3]) > _canonical(old[3])
+
+
 class ORMap:
     """One replica's entries, mutable in place; reads are plain dict lookups.
 
     Visible reads (`get`, `keys`, `items`, `len`, `in`) see values only; `entry` and
-    `entries` also show tombstones. Keys must be str, bytes or int and values plain CBOR
-    data; entries from peers are checked by `trio_replica.ormap_wire.ingest`, local writes
-    by their caller.
+    `entries` also show tombstones (built on demand from the stored form, `Packed`). Keys
+    must be str, bytes or int and values plain CBOR data; entries from peers are checked
+    by `trio_replica.ormap_wire.ingest`, local writes by their caller.
     """
 
-    _entries: dict[Key, Entry] = attrs.field(factory=dict, alias="entries")
-    # Count of visible values, kept up to date so that len() is O(1).
-    _live: int = attrs.field(default=0, init=False, eq=False)
+    __slots__ = ("_entries", "_live")
 
-    def __attrs_post_init__(self) -> None:
-        self._live = sum(1 for e in self._entries.values() if type(e) is Value)
+    _entries: dict[Key, Packed]
+    #: Count of visible values, kept up to date so that len() is O(1).
+    _live: int
+
+    def __init__(self, entries: dict[Key, Entry] | None = None) -> None:
+        self._entries = {k: pack(e) for k, e in (entries or {}).items()}
+        self._live = sum(1 for e in self._entries.values() if len(e) == 4)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ORMap):
+            return NotImplemented
+        return self._entries == other._entries
+
+    __hash__ = None  # type: ignore[assignment]
 
     # --- writes ---------------------------------------------------------------------------
 
     def merge_entry(self, key: Key, entry: Entry) -> bool:
         """Merge one entry; return whether it replaced the stored one (state changed)."""
+        return self._merge_packed(key, pack(entry))
+
+    def _merge_packed(self, key: Key, new: Packed) -> bool:
         old = self._entries.get(key)
-        if old is not None and not supersedes(entry, old):
+        if old is not None and not _packed_supersedes(new, old):
             return False
-        self._entries[key] = entry
-        self._live += (type(entry) is Value) - (old is not None and type(old) is Value)
+        self._entries[key] = new
+        self._live += (len(new) == 4) - (old is not None and len(old) == 4)
         return True
 
     def restore(self, key: Key, entry: Entry | None) -> None:
@@ -169,10 +221,10 @@ class ORMap:
         state backwards, which a merge never does.
         """
         old = self._entries.pop(key, None)
-        self._live -= old is not None and type(old) is Value
+        self._live -= old is not None and len(old) == 4
         if entry is not None:
-            self._entries[key] = entry
-            self._live += type(entry) is Value
+            packed = self._entries[key] = pack(entry)
+            self._live += len(packed) == 4
 
     def add(self, key: Key, value: Any, dot: Dot) -> bool:
         """Write `value` under `key` with a freshly minted `dot`; True if it took effect."""
@@ -193,13 +245,13 @@ class ORMap:
         """
         changed: list[Key] = []
         entries = self._entries
-        for key, entry in other._entries.items():
+        for key, new in other._entries.items():
             old = entries.get(key)
-            if old is not None and not supersedes(entry, old):
+            if old is not None and not _packed_supersedes(new, old):
                 continue
-            entries[key] = entry
-            self._live += (type(entry) is Value) - (old is not None and type(old) is Value)
-            if visible_change(old, entry):
+            entries[key] = new
+            self._live += (len(new) == 4) - (old is not None and len(old) == 4)
+            if _packed_visible_change(old, new):
                 changed.append(key)
         return changed
 
@@ -208,11 +260,7 @@ class ORMap:
         if len(self._entries) == self._live:
             return []
         horizon = now_ms - ttl_ms
-        return [
-            key
-            for key, entry in self._entries.items()
-            if type(entry) is Tombstone and entry.dot.ts.wall < horizon
-        ]
+        return [key for key, e in self._entries.items() if len(e) == 3 and e[0] < horizon]
 
     def gc_tombstones(self, now_ms: int, ttl_ms: int) -> int:
         """Drop tombstones whose HLC wall is more than `ttl_ms` before `now_ms`.
@@ -232,35 +280,38 @@ class ORMap:
         bound: the local physical clock went back further than the bound allows.
         """
         if self._entries:
-            clock.update(max(entry.dot.ts for entry in self._entries.values()))
+            wall, logical = max((e[0], e[1]) for e in self._entries.values())
+            clock.update(Timestamp(wall, logical))
 
     # --- reads ----------------------------------------------------------------------------
 
     def get(self, key: Key, default: Any = None) -> Any:
-        entry = self._entries.get(key)
-        return entry.value if type(entry) is Value else default
+        e = self._entries.get(key)
+        return e[3] if e is not None and len(e) == 4 else default
 
     def __getitem__(self, key: Key) -> Any:
-        entry = self._entries.get(key)
-        if type(entry) is not Value:
+        e = self._entries.get(key)
+        if e is None or len(e) != 4:
             raise KeyError(key)
-        return entry.value
+        return e[3]
 
     def __contains__(self, key: object) -> bool:
-        return type(self._entries.get(key)) is Value  # type: ignore[call-overload]
+        e = self._entries.get(key)  # type: ignore[call-overload]
+        return e is not None and len(e) == 4
 
     def __len__(self) -> int:
         return self._live
 
     def keys(self) -> Iterator[Key]:
-        return (k for k, e in self._entries.items() if type(e) is Value)
+        return (k for k, e in self._entries.items() if len(e) == 4)
 
     def items(self) -> Iterator[tuple[Key, Any]]:
-        return ((k, e.value) for k, e in self._entries.items() if type(e) is Value)
+        return ((k, e[3]) for k, e in self._entries.items() if len(e) == 4)
 
     def entry(self, key: Key) -> Entry | None:
         """The stored entry for `key` (value or tombstone), or None."""
-        return self._entries.get(key)
+        e = self._entries.get(key)
+        return None if e is None else unpack(e)
 
     def entry_keys(self) -> list[Key]:
         """Every key with a stored entry, tombstones included, as a list (one C-level copy:
@@ -269,7 +320,23 @@ class ORMap:
 
     def entries(self) -> Iterator[tuple[Key, Entry]]:
         """Every stored entry, tombstones included: what a full snapshot carries."""
-        return iter(self._entries.items())
+        return ((k, unpack(e)) for k, e in self._entries.items())
+
+    def wire_entries(self, keys: Iterable[Key]) -> list[list[Any]]:
+        """`ormap_wire.to_wire` of the entries stored under `keys` (absent keys skipped),
+        straight from the stored form: a snapshot of a million keys builds no entry
+        objects."""
+        out: list[list[Any]] = []
+        get = self._entries.get
+        for key in keys:
+            e = get(key)
+            if e is None:
+                continue
+            if len(e) == 4:
+                out.append([key, WIRE_VALUE, e[2], e[0], e[1], e[3]])
+            else:
+                out.append([key, WIRE_TOMBSTONE, e[2], e[0], e[1]])
+        return out
 
     @property
     def tombstones(self) -> int:
@@ -282,3 +349,12 @@ class ORMap:
         twin._entries = dict(self._entries)
         twin._live = self._live
         return twin
+
+    def __repr__(self) -> str:
+        return f"ORMap({dict(self.entries())!r})"
+
+
+def _packed_visible_change(old: Packed | None, new: Packed) -> bool:
+    if old is None or len(old) != 4 or len(new) != 4:
+        return (old is not None and len(old) == 4) != (len(new) == 4)
+    return old[3] is not new[3] and _canonical(old[3]) != _canonical(new[3])

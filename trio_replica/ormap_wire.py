@@ -32,10 +32,10 @@ import cbor2
 from .errors import MessageTooLarge, WireError
 from .hlc import ClockExhausted, ClockSkewError, HybridClock, InvalidTimestamp, Timestamp
 from .messages import MAX_NODE_ID, U64
+from .ormap import WIRE_TOMBSTONE as _TOMBSTONE
+from .ormap import WIRE_VALUE as _VALUE
 from .ormap import Dot, Entry, Key, ORMap, Tombstone, Value, visible_change
 
-_TOMBSTONE = 0
-_VALUE = 1
 _INT_MIN = -(2**64)
 
 #: Signature of a per-value validator: ``validator(key, value)``; a false result or an

@@ -307,3 +307,60 @@ async def test_a_large_snapshot_is_built_and_merged_in_slices(
         assert turns >= keys // INGEST_SLICE // 2
         assert sorted(b.items()) == sorted(a.items())
         nursery.cancel_scope.cancel()
+
+
+async def test_a_large_map_syncs_as_a_stream_walked_slice_by_slice(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A map opened late pulls a full sync; the sender walks its map a slice at a time as
+    # the chunks go (`full_sync_stream`), never a snapshot of every entry at once.
+    from trio_replica.maps import SNAPSHOT_SLICE
+    from trio_replica.ormap import Dot, Tombstone, Value
+
+    net = MemoryNetwork(seed=30)
+    async with trio.open_nursery() as nursery:
+        nodes = await _cluster(Cluster(nursery, net), 2)
+        a = await nodes[0].open_map("big")
+        keys = 3 * SNAPSHOT_SLICE + 7
+        for i in range(keys):
+            a._map.merge_entry(f"k{i}", Value(i, Dot(nodes[0].id, nodes[0].clock.now())))
+        for i in range(0, keys, 97):
+            a._map.merge_entry(f"k{i}", Tombstone(Dot(nodes[0].id, nodes[0].clock.now())))
+        batches = [len(batch) async for batch in a.full_sync_stream("big")]
+        assert sum(batches) == keys and max(batches) <= SNAPSHOT_SLICE and len(batches) > 3
+        b = await nodes[1].open_map("big")
+        with trio.fail_after(60):
+            await wait_until(lambda: len(b) == len(a) and b.tombstones == a.tombstones)
+        assert sorted(b.items()) == sorted(a.items())
+        # One sync, in chunks filled across batch boundaries, the last one marked.
+        assert a.replica.stats.syncs_sent >= 1
+        assert a.replica.stats.chunks_sent >= 2
+        nursery.cancel_scope.cancel()
+
+
+def test_chunks_fill_across_batches_and_stay_under_the_bound() -> None:
+    import cbor2
+
+    from trio_replica.replica import Chunker, iter_chunks
+
+    items = [[f"k{i}", 1, "n", i, 0, "v" * (i % 50)] for i in range(3000)]
+    whole = list(iter_chunks(items, 4096))
+    # The same items in batches of 7 pack into the very same chunks.
+    chunker, streamed = Chunker(4096), []
+    for start in range(0, len(items), 7):
+        for item in items[start : start + 7]:
+            if (chunk := chunker.add(item)) is not None:
+                streamed.append(chunk)
+    if (last := chunker.flush()) is not None:
+        streamed.append(last)
+    assert streamed == whole and len(whole) > 10
+    assert all(len(c) <= 4096 for c in whole)
+    assert [x for c in whole for x in cbor2.loads(c)] == items
+    # One item larger than the bound travels alone.
+    big = ["big", 1, "n", 1, 0, "x" * 10_000]
+    assert [cbor2.loads(c) for c in iter_chunks([["a"], big, ["b"]], 4096)] == [
+        [["a"]],
+        [big],
+        [["b"]],
+    ]
+    assert Chunker(4096).flush() is None

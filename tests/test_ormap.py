@@ -423,7 +423,7 @@ def test_stored_entries_of_plain_values_are_not_tracked_by_the_collector() -> No
     m.remove("c", d("n", 3))
     m.add("d", [1, 2], d("n", 4))
     gc.collect()
-    stored = m._entries
+    stored = dict(m._stored())
     assert not any(gc.is_tracked(stored[k]) for k in "abc")
     assert gc.is_tracked(stored["d"])  # a list value keeps its entry tracked
     assert m.entry("a") == Value(1, d("n", 1)) and m.entry("c") == Tombstone(d("n", 3))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -234,6 +234,14 @@ class ReplicatedMap:
                 await trio.lowlevel.checkpoint()
             snapshot += self._map.wire_entries(keys[start : start + SNAPSHOT_SLICE])
         return snapshot or None
+
+    async def full_sync_stream(self, name: str) -> AsyncGenerator[list[Any], None]:
+        # The map walked slice by slice as the sync streams: a snapshot of a million
+        # entries held whole was a million objects for every full garbage collection to
+        # walk, 15-20 ms each time, on top of building and freeing it (issue 13).
+        for keys in self._map.key_slices(SNAPSHOT_SLICE):
+            yield self._map.wire_entries(keys)
+            await trio.lowlevel.checkpoint()
 
     async def remove_node(self, name: str, node: str) -> None:
         # Last-writer-wins data belongs to the map, not to the node that wrote it: a node

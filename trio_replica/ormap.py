@@ -146,6 +146,14 @@ def visible_change(old: Entry | None, new: Entry | None) -> bool:
 #: that is itself a list or a map keeps its tuple tracked; that costs what it costs.
 Packed = tuple[Any, ...]
 
+#: The entries are spread over this many dicts by key hash. A dict grows by copying itself
+#: whole, in one step: at 1.4 million keys that step took 43 ms on an idle machine and
+#: 100 ms under load (bench/bigmap.py), time in which the event loop stands still. Spread
+#: over 64 dicts, each copy is a 64th of that, at the cost of one hash per access and a few
+#: kilobytes of empty tables for a small map.
+SHARDS = 64
+_SHARD_MASK = SHARDS - 1
+
 
 def pack(entry: Entry) -> Packed:
     ts = entry.dot.ts
@@ -183,20 +191,30 @@ class ORMap:
     by `trio_replica.ormap_wire.ingest`, local writes by their caller.
     """
 
-    __slots__ = ("_entries", "_live")
+    __slots__ = ("_count", "_live", "_shards")
 
-    _entries: dict[Key, Packed]
-    #: Count of visible values, kept up to date so that len() is O(1).
+    #: The entries, spread over `SHARDS` dicts by key hash (see `SHARDS`).
+    _shards: tuple[dict[Key, Packed], ...]
+    #: Count of stored entries and of visible values, so that len() is O(1).
+    _count: int
     _live: int
 
     def __init__(self, entries: dict[Key, Entry] | None = None) -> None:
-        self._entries = {k: pack(e) for k, e in (entries or {}).items()}
-        self._live = sum(1 for e in self._entries.values() if len(e) == 4)
+        self._shards = tuple({} for _ in range(SHARDS))
+        self._count = self._live = 0
+        for key, entry in (entries or {}).items():
+            self.restore(key, entry)
+
+    def _stored(self) -> Iterator[tuple[Key, Packed]]:
+        for shard in self._shards:
+            yield from shard.items()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ORMap):
             return NotImplemented
-        return self._entries == other._entries
+        return self._count == other._count and all(
+            other._shards[hash(k) & _SHARD_MASK].get(k) == e for k, e in self._stored()
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -207,10 +225,12 @@ class ORMap:
         return self._merge_packed(key, pack(entry))
 
     def _merge_packed(self, key: Key, new: Packed) -> bool:
-        old = self._entries.get(key)
+        shard = self._shards[hash(key) & _SHARD_MASK]
+        old = shard.get(key)
         if old is not None and not _packed_supersedes(new, old):
             return False
-        self._entries[key] = new
+        shard[key] = new
+        self._count += old is None
         self._live += (len(new) == 4) - (old is not None and len(old) == 4)
         return True
 
@@ -220,10 +240,13 @@ class ORMap:
         Only for undoing a local write that could not be made durable: it may move the
         state backwards, which a merge never does.
         """
-        old = self._entries.pop(key, None)
+        shard = self._shards[hash(key) & _SHARD_MASK]
+        old = shard.pop(key, None)
+        self._count -= old is not None
         self._live -= old is not None and len(old) == 4
         if entry is not None:
-            packed = self._entries[key] = pack(entry)
+            packed = shard[key] = pack(entry)
+            self._count += 1
             self._live += len(packed) == 4
 
     def add(self, key: Key, value: Any, dot: Dot) -> bool:
@@ -244,12 +267,14 @@ class ORMap:
         Return the keys whose visible value changed, for change events.
         """
         changed: list[Key] = []
-        entries = self._entries
-        for key, new in other._entries.items():
-            old = entries.get(key)
+        shards = self._shards
+        for key, new in other._stored():
+            shard = shards[hash(key) & _SHARD_MASK]
+            old = shard.get(key)
             if old is not None and not _packed_supersedes(new, old):
                 continue
-            entries[key] = new
+            shard[key] = new
+            self._count += old is None
             self._live += (len(new) == 4) - (old is not None and len(old) == 4)
             if _packed_visible_change(old, new):
                 changed.append(key)
@@ -257,10 +282,10 @@ class ORMap:
 
     def expired_tombstones(self, now_ms: int, ttl_ms: int) -> list[Key]:
         """Keys whose tombstone's HLC wall is more than `ttl_ms` before `now_ms`."""
-        if len(self._entries) == self._live:
+        if self._count == self._live:
             return []
         horizon = now_ms - ttl_ms
-        return [key for key, e in self._entries.items() if len(e) == 3 and e[0] < horizon]
+        return [key for key, e in self._stored() if len(e) == 3 and e[0] < horizon]
 
     def gc_tombstones(self, now_ms: int, ttl_ms: int) -> int:
         """Drop tombstones whose HLC wall is more than `ttl_ms` before `now_ms`.
@@ -269,7 +294,7 @@ class ORMap:
         """
         expired = self.expired_tombstones(now_ms, ttl_ms)
         for key in expired:
-            del self._entries[key]
+            self.restore(key, None)
         return len(expired)
 
     def absorb_clock(self, clock: HybridClock) -> None:
@@ -279,75 +304,91 @@ class ORMap:
         Raises `ClockSkewError` (clock unmoved) if that HLC is beyond the clock's skew
         bound: the local physical clock went back further than the bound allows.
         """
-        if self._entries:
-            wall, logical = max((e[0], e[1]) for e in self._entries.values())
+        if self._count:
+            wall, logical = max((e[0], e[1]) for _, e in self._stored())
             clock.update(Timestamp(wall, logical))
 
     # --- reads ----------------------------------------------------------------------------
 
     def get(self, key: Key, default: Any = None) -> Any:
-        e = self._entries.get(key)
+        e = self._shards[hash(key) & _SHARD_MASK].get(key)
         return e[3] if e is not None and len(e) == 4 else default
 
     def __getitem__(self, key: Key) -> Any:
-        e = self._entries.get(key)
+        e = self._shards[hash(key) & _SHARD_MASK].get(key)
         if e is None or len(e) != 4:
             raise KeyError(key)
         return e[3]
 
     def __contains__(self, key: object) -> bool:
-        e = self._entries.get(key)  # type: ignore[call-overload]
+        try:
+            e = self._shards[hash(key) & _SHARD_MASK].get(key)  # type: ignore[call-overload]
+        except TypeError:  # unhashable: not a key
+            return False
         return e is not None and len(e) == 4
 
     def __len__(self) -> int:
         return self._live
 
     def keys(self) -> Iterator[Key]:
-        return (k for k, e in self._entries.items() if len(e) == 4)
+        return (k for k, e in self._stored() if len(e) == 4)
 
     def items(self) -> Iterator[tuple[Key, Any]]:
-        return ((k, e[3]) for k, e in self._entries.items() if len(e) == 4)
+        return ((k, e[3]) for k, e in self._stored() if len(e) == 4)
 
     def entry(self, key: Key) -> Entry | None:
         """The stored entry for `key` (value or tombstone), or None."""
-        e = self._entries.get(key)
+        e = self._shards[hash(key) & _SHARD_MASK].get(key)
         return None if e is None else unpack(e)
 
     def entry_keys(self) -> list[Key]:
-        """Every key with a stored entry, tombstones included, as a list (one C-level copy:
-        a caller may then walk it in slices while the map changes)."""
-        return list(self._entries)
+        """Every key with a stored entry, tombstones included, as a list (C-level copies: a
+        caller may then walk it in slices while the map changes)."""
+        keys: list[Key] = []
+        for shard in self._shards:
+            keys += shard
+        return keys
+
+    def key_slices(self, size: int) -> Iterator[list[Key]]:
+        """Every key with a stored entry, in lists of at most `size`, taken from one shard
+        at a time when the walk reaches it: no list of every key is ever built. A key
+        added meanwhile may or may not be included."""
+        for shard in self._shards:
+            keys = list(shard)
+            for start in range(0, len(keys), size):
+                yield keys[start : start + size]
 
     def entries(self) -> Iterator[tuple[Key, Entry]]:
         """Every stored entry, tombstones included: what a full snapshot carries."""
-        return ((k, unpack(e)) for k, e in self._entries.items())
+        return ((k, unpack(e)) for k, e in self._stored())
 
-    def wire_entries(self, keys: Iterable[Key]) -> list[list[Any]]:
-        """`ormap_wire.to_wire` of the entries stored under `keys` (absent keys skipped),
-        straight from the stored form: a snapshot of a million keys builds no entry
-        objects."""
-        out: list[list[Any]] = []
-        get = self._entries.get
+    def wire_entries(self, keys: Iterable[Key]) -> list[tuple[Any, ...]]:
+        """The wire form (`ormap_wire.to_wire`) of the entries stored under `keys` (absent
+        keys skipped), straight from the stored form and as tuples, which encode the same
+        and which the collector stops tracking too: a snapshot of a million keys is held
+        for the whole sync."""
+        out: list[tuple[Any, ...]] = []
+        shards = self._shards
         for key in keys:
-            e = get(key)
+            e = shards[hash(key) & _SHARD_MASK].get(key)
             if e is None:
                 continue
             if len(e) == 4:
-                out.append([key, WIRE_VALUE, e[2], e[0], e[1], e[3]])
+                out.append((key, WIRE_VALUE, e[2], e[0], e[1], e[3]))
             else:
-                out.append([key, WIRE_TOMBSTONE, e[2], e[0], e[1]])
+                out.append((key, WIRE_TOMBSTONE, e[2], e[0], e[1]))
         return out
 
     @property
     def tombstones(self) -> int:
         """How many tombstones are stored."""
-        return len(self._entries) - self._live
+        return self._count - self._live
 
     def copy(self) -> ORMap:
         """An independent map with the same entries (entries are immutable and shared)."""
         twin = ORMap()
-        twin._entries = dict(self._entries)
-        twin._live = self._live
+        twin._shards = tuple(dict(shard) for shard in self._shards)
+        twin._count, twin._live = self._count, self._live
         return twin
 
     def __repr__(self) -> str:

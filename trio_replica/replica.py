@@ -45,11 +45,12 @@ before it loses anything, and a loss is told (`Lagged`) and repaired by a sync.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
@@ -86,8 +87,12 @@ class ReplicaCallbacks(Protocol):
     and counted in the driver's `callback_errors`; the driver keeps running.
 
     Optional members: ``async def merge_custom(name, payload)`` for `broadcast_custom`
-    payloads, and a boolean attribute ``anti_entropy`` that turns periodic anti-entropy on
-    (for value-carrying stores with a full-state snapshot and tombstones).
+    payloads; a boolean attribute ``anti_entropy`` that turns periodic anti-entropy on
+    (for value-carrying stores with a full-state snapshot and tombstones); and
+    ``full_sync_stream(name)``, an async generator of lists of items, used instead of
+    `full_sync_snapshot` when present: it walks the state as the sync streams (a batch is
+    built when the link has room for the one before), so a large state is never copied
+    whole; state that changes meanwhile travels as deltas anyway.
     """
 
     async def merge_delta(self, name: str, delta: Any) -> None:
@@ -97,7 +102,8 @@ class ReplicaCallbacks(Protocol):
         """Apply one chunk of a peer's full snapshot (never implies removal of other keys)."""
 
     async def full_sync_snapshot(self, name: str) -> list[Any] | None:
-        """The owner's whole state as a list of items, or None when there is nothing to send."""
+        """The owner's whole state as a new list of items, or None when there is nothing to
+        send. The replica owns the list: it empties it once the snapshot has been sent."""
 
     async def remove_node(self, name: str, node: str) -> None:
         """Drop what `node` owned: it failed or left the cluster."""
@@ -165,17 +171,59 @@ def jitter_ms(interval_ms: int, rng: random.Random) -> int:
 def iter_chunks(items: Sequence[Any], max_bytes: int) -> Iterator[bytes]:
     """Encode `items` as CBOR arrays of at most `max_bytes` each (one item may exceed alone),
     one chunk at a time (a sender yields to other tasks between chunks)."""
-    parts: list[bytes] = []
-    size = 0
+    chunker = Chunker(max_bytes)
     for item in items:
+        chunk = chunker.add(item)
+        if chunk is not None:
+            yield chunk
+    last = chunker.flush()
+    if last is not None:
+        yield last
+
+
+class Chunker:
+    """Packs items into CBOR arrays of at most `max_bytes` (one item may exceed alone), as
+    they come: a snapshot streamed in batches fills each chunk across batch boundaries."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def add(self, item: Any) -> bytes | None:
+        """Take `item`; return the chunk it closed, if it did not fit in the open one."""
         part = bytes(cbor2.dumps(item))
-        if parts and size + len(part) + 9 > max_bytes:
-            yield cbor_array(parts)
-            parts, size = [], 0
-        parts.append(part)
-        size += len(part)
-    if parts:
-        yield cbor_array(parts)
+        full = None
+        if self._parts and self._size + len(part) + 9 > self.max_bytes:
+            full = self.flush()
+        self._parts.append(part)
+        self._size += len(part)
+        return full
+
+    def flush(self) -> bytes | None:
+        """The open chunk, if it holds anything."""
+        if not self._parts:
+            return None
+        chunk = cbor_array(self._parts)
+        self._parts, self._size = [], 0
+        return chunk
+
+
+#: Items per batch when a snapshot list is streamed, and freed per step after.
+RELEASE_SLICE = 8192
+
+
+async def _batches_of(snapshot: list[Any]) -> AsyncGenerator[list[Any], None]:
+    """A snapshot list as a stream of batches; emptied a slice at a time once sent
+    (freeing a million entries in one go held the loop for 112 ms, bench/bigmap.py)."""
+    try:
+        for start in range(0, len(snapshot), RELEASE_SLICE):
+            yield snapshot[start : start + RELEASE_SLICE]
+    finally:
+        with trio.CancelScope(shield=True):
+            while snapshot:
+                del snapshot[-RELEASE_SLICE:]
+                await trio.lowlevel.checkpoint()
 
 
 @attrs.define
@@ -495,16 +543,22 @@ class Replica:
             self._sending[peer.id] = True
             self.stats.syncs_coalesced += 1
             return
-        snapshot = await self.callbacks.full_sync_snapshot(self.name)
-        if not snapshot:
-            return
+        stream = getattr(self.callbacks, "full_sync_stream", None)
+        if stream is not None:
+            batches = stream(self.name)
+        else:
+            snapshot = await self.callbacks.full_sync_snapshot(self.name)
+            if not snapshot:
+                return
+            batches = _batches_of(snapshot)
         assert self._nursery is not None
         self._sending[peer.id] = False
-        self._nursery.start_soon(self._stream_sync, peer, snapshot)
+        self._nursery.start_soon(self._stream_sync, peer, batches)
 
-    async def _stream_sync(self, peer: Peer, snapshot: list[Any]) -> None:
+    async def _stream_sync(self, peer: Peer, batches: AsyncGenerator[list[Any], None]) -> None:
         try:
-            await self._stream_chunks(peer, snapshot)
+            async with contextlib.aclosing(batches):
+                await self._stream_chunks(peer, batches)
         except LinkClosed:
             self.stats.syncs_aborted += 1
             log.info("replica %s: full sync to %s cut short: link closed", self.name, peer)
@@ -513,20 +567,38 @@ class Replica:
         if again and peer.id in self.peers:
             await self._inbox.put("tick", ("push", peer), 0)
 
-    async def _stream_chunks(self, peer: Peer, snapshot: list[Any]) -> None:
+    async def _stream_chunks(self, peer: Peer, batches: AsyncGenerator[list[Any], None]) -> None:
         self._sync_ids += 1
         sync_id = (self._rng.getrandbits(32) << 32) | (self._sync_ids & 0xFFFFFFFF)
-        chunks = iter_chunks(snapshot, self.config.sync_chunk_bytes)
-        chunk = next(chunks, None)
+        chunker = Chunker(self.config.sync_chunk_bytes)
+        pending: bytes | None = None  # held back until we know whether it is the last
         seq = 0
-        while chunk is not None:
-            following = next(chunks, None)
-            if len(chunk) > self.node.config.max_payload:
-                self.node.stats_counters.drop("sync_item_too_large")
-            else:
-                message = SyncChunk(self.name, sync_id, seq, following is None, chunk)
-                # Waits for room on the link: a large snapshot streams, it does not flood.
-                await self.node.send_message(peer, message)
-                self.stats.chunks_sent += 1
-            chunk, seq = following, seq + 1
+        async for batch in batches:
+            for item in batch:
+                chunk = chunker.add(item)
+                if chunk is None:
+                    continue
+                if pending is not None:
+                    await self._send_chunk(peer, sync_id, seq, False, pending)
+                    seq += 1
+                pending = chunk
+        last = chunker.flush()
+        if last is not None:
+            if pending is not None:
+                await self._send_chunk(peer, sync_id, seq, False, pending)
+                seq += 1
+            pending = last
+        if pending is None:
+            return
+        await self._send_chunk(peer, sync_id, seq, True, pending)
         self.stats.syncs_sent += 1
+
+    async def _send_chunk(
+        self, peer: Peer, sync_id: int, seq: int, last: bool, chunk: bytes
+    ) -> None:
+        if len(chunk) > self.node.config.max_payload:
+            self.node.stats_counters.drop("sync_item_too_large")
+            return
+        # Waits for room on the link: a large snapshot streams, it does not flood.
+        await self.node.send_message(peer, SyncChunk(self.name, sync_id, seq, last, chunk))
+        self.stats.chunks_sent += 1

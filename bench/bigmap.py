@@ -39,8 +39,9 @@ def progress(message: str) -> None:
 
 
 class GcPauses:
-    """The garbage collector's pauses: with millions of objects a full collection holds
-    the loop for hundreds of ms, which no slicing of ours can prevent."""
+    """The garbage collector's pauses: a full collection walks every tracked container, and
+    a step of ours that it lands in lasts that much longer (map entries are stored so that
+    the collector stops tracking them; the dicts holding them it still walks)."""
 
     def __init__(self) -> None:
         self.started = 0.0

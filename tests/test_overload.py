@@ -273,18 +273,21 @@ async def test_a_late_wake_up_is_not_read_as_a_send_timeout(
         nursery.cancel_scope.cancel()
 
 
-async def test_a_lagging_loop_stretches_plumtree_repair_timers(
+async def test_a_lagging_loop_stretches_the_wait_for_a_graft_answer(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # timeout1 and timeout2 wait for payloads that may sit unread in our socket while our
-    # loop lags: they stretch like the link timeouts; the IHAVE batch window does not.
+    # timeout2 waits for a GRAFT's answer, which may sit unread in our socket while our
+    # loop lags: it stretches like the link timeouts; timeout1 (the latency of repairing
+    # a broken tree) and the IHAVE batch window do not.
     net = MemoryNetwork(seed=51)
     async with trio.open_nursery() as nursery:
         a = await Cluster(nursery, net).start("a")
-        graft = SetTimer(0.25, GraftTimer(MessageId("o", 1, 1), 1))
+        answer = SetTimer(0.25, GraftTimer(MessageId("o", 1, 1), 1, answer=True))
+        first = SetTimer(0.5, GraftTimer(MessageId("o", 1, 1), 1))
         flush = SetTimer(0.05, FlushTimer(1))
-        assert a.broadcaster.timer_delay(graft) == 0.25
+        assert a.broadcaster.timer_delay(answer) == 0.25
         a.health.record(0.2, trio.current_time())
-        assert a.broadcaster.timer_delay(graft) == pytest.approx(0.25 + 4 * 0.2)
+        assert a.broadcaster.timer_delay(answer) == pytest.approx(0.25 + 4 * 0.2)
+        assert a.broadcaster.timer_delay(first) == 0.5
         assert a.broadcaster.timer_delay(flush) == 0.05
         nursery.cancel_scope.cancel()

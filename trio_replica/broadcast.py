@@ -133,13 +133,13 @@ class Broadcast(Component):
         return self.core.handle_timer(timer, now)
 
     def timer_delay(self, effect: SetTimer) -> float:
-        # timeout1 and timeout2 wait for a payload; while our loop lags, the copy or the
-        # answer may already sit unread in our socket, and a GRAFT sent then is premature
-        # (one more payload in the same queues) or, at timeout2, a give-up on a payload
-        # that is only slow (health.py). Measured: 50 nodes in one process, 2,000
-        # broadcasts as fast as flow control allowed, loop lag 0.26-0.5 s: 1,309 give-ups
-        # at timeout2, all delivered later.
-        if isinstance(effect.timer, GraftTimer):
+        # timeout2 waits for the answer to a GRAFT; while our loop lags, the answer may
+        # already sit unread in our socket, and giving up on it, or grafting the next
+        # announcer, answers slowness with one more payload in the same queues (health.py).
+        # Measured: 50 nodes in one process, 2,000 broadcasts as fast as flow control
+        # allowed, loop lag 0.26-0.5 s: 1,309 give-ups at timeout2, all delivered later.
+        # timeout1 is not stretched: it is the latency of repairing a broken tree.
+        if isinstance(effect.timer, GraftTimer) and effect.timer.answer:
             return self.node.health.timeout(effect.delay)
         return effect.delay
 

@@ -374,10 +374,14 @@ class PlumtreeStats:
 
 @attrs.frozen
 class GraftTimer:
-    """timeout1 or timeout2 for a missing message; stale unless `token` is the entry's."""
+    """timeout1 or timeout2 for a missing message; stale unless `token` is the entry's.
+
+    `answer` marks timeout2: a wait for the answer to a GRAFT (the runtime stretches only
+    those while its loop lags: timeout1 guards the latency of a broken tree)."""
 
     id: MessageId
     token: int
+    answer: bool = False
 
 
 @attrs.frozen
@@ -860,7 +864,7 @@ class Plumtree:
                     entry.token = self._token()
                     self.stats.graft_waits += 1
                     delay = self.config.graft_timeout + self._allowance
-                    return [SetTimer(delay, GraftTimer(timer.id, entry.token))]
+                    return [SetTimer(delay, GraftTimer(timer.id, entry.token, answer=True))]
             retry = [] if entry.retried else entry.grafted or self._all_neighbors()
             if retry:
                 # Silent, or patience ran out: the GRAFT may have been lost (ignored by a
@@ -906,7 +910,7 @@ class Plumtree:
             self.stats.grafts_sent += 1
             effects.append(Send(peer, Graft(id, round)))
             delay = self.config.graft_timeout + self._allowance
-            effects.append(SetTimer(delay, GraftTimer(id, missing.token)))
+            effects.append(SetTimer(delay, GraftTimer(id, missing.token, answer=True)))
         return effects
 
     def _still_hearing(self, entry: _Missing) -> bool:

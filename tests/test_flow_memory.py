@@ -7,6 +7,7 @@ by a sync pull, and what peers choose (tags) cannot grow what a node reports.
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import trio
@@ -203,4 +204,35 @@ async def test_what_peers_choose_cannot_grow_status_or_metrics(
         encode_payload(b.status(), max_size=b.config.max_payload)
         text = generate_latest(metrics_registry(b)).decode()
         assert text.count("trio_replica_broadcast_unsubscribed_total{") == MAX_COUNTED_TAGS
+        nursery.cancel_scope.cancel()
+
+
+class BrokenStream(KeySet):
+    """Streams its state, and fails after the first batch (a bug in application code)."""
+
+    async def full_sync_stream(self, name: str) -> AsyncGenerator[list[Any], None]:
+        dot = Dot("owner", Timestamp(1, 0))
+        yield to_wire([(key, Value(True, dot)) for key in sorted(self.keys)[:10]])
+        raise RuntimeError("owner bug")
+
+
+async def test_a_failing_full_sync_stream_is_counted_and_replication_goes_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork(seed=31)
+    async with trio.open_nursery() as nursery:
+        a, b = await _pair(Cluster(nursery, net))
+        owner = BrokenStream()
+        owner.keys = {f"k{i}" for i in range(20)}
+        replica = await a.open_replica("r", owner)
+        receiver = KeySet()
+        await b.open_replica("r", receiver)
+        with trio.fail_after(30):
+            await wait_until(lambda: replica.stats.callback_errors >= 1)
+        assert replica.stats.syncs_aborted >= 1
+        # The sync was cut (the chunk held back for its `last` flag never went); the
+        # driver still runs and still replicates.
+        await replica.broadcast_update(Add("later", True))
+        with trio.fail_after(30):
+            await wait_until(lambda: "later" in receiver.keys)
         nursery.cancel_scope.cancel()

@@ -573,7 +573,19 @@ class Replica:
         chunker = Chunker(self.config.sync_chunk_bytes)
         pending: bytes | None = None  # held back until we know whether it is the last
         seq = 0
-        async for batch in batches:
+        while True:
+            try:
+                batch = await anext(batches)
+            except StopAsyncIteration:
+                break
+            except Exception:
+                # The owner's generator is application code (the class docstring).
+                self.stats.callback_errors += 1
+                self.stats.syncs_aborted += 1
+                log.exception(
+                    "replica %s: full_sync_stream failed; sync to %s cut", self.name, peer
+                )
+                return
             for item in batch:
                 chunk = chunker.add(item)
                 if chunk is None:

@@ -93,7 +93,7 @@ active view meanwhile. What a node still gives up on (or what overflows the miss
 table) and still lacks `abandon_grace` later is reported with an `Abandoned` event so that
 the layers above repair it (a replica pulls a sync). Before these rules, 50 nodes in one
 process sending 2,000 broadcasts as fast as flow control allowed gave up on 10,530
-payloads, all delivered within the grace; with them, 0 to 2 (bench/overlay.py).
+payloads, all delivered within the grace; with them, none (bench/overlay.py).
 
 One tree per busy origin. The paper's nodes keep one eager set for every sender, and
 evaluate it with one broadcast at a time. When broadcasts from several origins overlap,

@@ -25,6 +25,16 @@ async def _cluster(c: Cluster, n: int, prefix: str = "m") -> list[Node]:
     return c.live()
 
 
+def _fill_with_tombstones(m: ReplicatedMap, node: Node, keys: int) -> None:
+    """`keys` entries straight into the map (not broadcast), every 97th a tombstone."""
+    from trio_replica.ormap import Dot, Tombstone, Value
+
+    for i in range(keys):
+        m._map.merge_entry(f"k{i}", Value(i, Dot(node.id, node.clock.now())))
+    for i in range(0, keys, 97):
+        m._map.merge_entry(f"k{i}", Tombstone(Dot(node.id, node.clock.now())))
+
+
 def converged(maps: list[ReplicatedMap]) -> bool:
     first = sorted(maps[0].items())
     return all(sorted(m.items()) == first for m in maps[1:])
@@ -275,18 +285,14 @@ async def test_a_large_snapshot_is_built_and_merged_in_slices(
     # No step of a full sync holds the event loop for the whole map (issue 13): another
     # task gets its turn between slices of the snapshot and of the merge.
     from trio_replica.maps import INGEST_SLICE, SNAPSHOT_SLICE
-    from trio_replica.ormap import Dot, Tombstone, Value
 
     net = MemoryNetwork(seed=29)
     async with trio.open_nursery() as nursery:
         nodes = await _cluster(Cluster(nursery, net), 2)
         a, b = [await n.open_map("big") for n in nodes]
         keys = 3 * SNAPSHOT_SLICE + 7
-        for i in range(keys):
-            a._map.merge_entry(f"k{i}", Value(i, Dot(nodes[0].id, nodes[0].clock.now())))
         # Tombstones travel in a snapshot too (a snapshot never implies a removal).
-        for i in range(0, keys, 97):
-            a._map.merge_entry(f"k{i}", Tombstone(Dot(nodes[0].id, nodes[0].clock.now())))
+        _fill_with_tombstones(a, nodes[0], keys)
         turns = 0
 
         async def other_task() -> None:
@@ -315,17 +321,13 @@ async def test_a_large_map_syncs_as_a_stream_walked_slice_by_slice(
     # A map opened late pulls a full sync; the sender walks its map a slice at a time as
     # the chunks go (`full_sync_stream`), never a snapshot of every entry at once.
     from trio_replica.maps import SNAPSHOT_SLICE
-    from trio_replica.ormap import Dot, Tombstone, Value
 
     net = MemoryNetwork(seed=30)
     async with trio.open_nursery() as nursery:
         nodes = await _cluster(Cluster(nursery, net), 2)
         a = await nodes[0].open_map("big")
         keys = 3 * SNAPSHOT_SLICE + 7
-        for i in range(keys):
-            a._map.merge_entry(f"k{i}", Value(i, Dot(nodes[0].id, nodes[0].clock.now())))
-        for i in range(0, keys, 97):
-            a._map.merge_entry(f"k{i}", Tombstone(Dot(nodes[0].id, nodes[0].clock.now())))
+        _fill_with_tombstones(a, nodes[0], keys)
         batches = [len(batch) async for batch in a.full_sync_stream("big")]
         assert sum(batches) == keys and max(batches) <= SNAPSHOT_SLICE and len(batches) > 3
         b = await nodes[1].open_map("big")
@@ -341,26 +343,25 @@ async def test_a_large_map_syncs_as_a_stream_walked_slice_by_slice(
 def test_chunks_fill_across_batches_and_stay_under_the_bound() -> None:
     import cbor2
 
-    from trio_replica.replica import Chunker, iter_chunks
+    from trio_replica.replica import Chunker
+
+    def chunks(items: list[Any], batch: int) -> list[bytes]:
+        chunker, out = Chunker(4096), []
+        for start in range(0, len(items), batch):
+            for item in items[start : start + batch]:
+                if (chunk := chunker.add(item)) is not None:
+                    out.append(chunk)
+        if (last := chunker.flush()) is not None:
+            out.append(last)
+        return out
 
     items = [[f"k{i}", 1, "n", i, 0, "v" * (i % 50)] for i in range(3000)]
-    whole = list(iter_chunks(items, 4096))
+    whole = chunks(items, len(items))
     # The same items in batches of 7 pack into the very same chunks.
-    chunker, streamed = Chunker(4096), []
-    for start in range(0, len(items), 7):
-        for item in items[start : start + 7]:
-            if (chunk := chunker.add(item)) is not None:
-                streamed.append(chunk)
-    if (last := chunker.flush()) is not None:
-        streamed.append(last)
-    assert streamed == whole and len(whole) > 10
+    assert chunks(items, 7) == whole and len(whole) > 10
     assert all(len(c) <= 4096 for c in whole)
     assert [x for c in whole for x in cbor2.loads(c)] == items
     # One item larger than the bound travels alone.
     big = ["big", 1, "n", 1, 0, "x" * 10_000]
-    assert [cbor2.loads(c) for c in iter_chunks([["a"], big, ["b"]], 4096)] == [
-        [["a"]],
-        [big],
-        [["b"]],
-    ]
+    assert [cbor2.loads(c) for c in chunks([["a"], big, ["b"]], 3)] == [[["a"]], [big], [["b"]]]
     assert Chunker(4096).flush() is None

@@ -225,14 +225,12 @@ class ReplicatedMap:
         await self._ingest(snapshot, remote=True)
 
     async def full_sync_snapshot(self, name: str) -> list[Any] | None:
-        # Built a slice at a time with checkpoints between: a million entries took seconds
-        # of loop time in one go, and every link timed out meanwhile (issue 13).
-        keys = self._map.entry_keys()
+        # The replica streams (`full_sync_stream`); this whole-state form is the protocol's
+        # required member, built from the same walk.
         snapshot: list[Any] = []
-        for start in range(0, len(keys), SNAPSHOT_SLICE):
-            if start:
-                await trio.lowlevel.checkpoint()
-            snapshot += self._map.wire_entries(keys[start : start + SNAPSHOT_SLICE])
+        async with contextlib.aclosing(self.full_sync_stream(name)) as batches:
+            async for batch in batches:
+                snapshot += batch
         return snapshot or None
 
     async def full_sync_stream(self, name: str) -> AsyncGenerator[list[Any], None]:

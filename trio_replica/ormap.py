@@ -341,14 +341,6 @@ class ORMap:
         e = self._shards[hash(key) & _SHARD_MASK].get(key)
         return None if e is None else unpack(e)
 
-    def entry_keys(self) -> list[Key]:
-        """Every key with a stored entry, tombstones included, as a list (C-level copies: a
-        caller may then walk it in slices while the map changes)."""
-        keys: list[Key] = []
-        for shard in self._shards:
-            keys += shard
-        return keys
-
     def key_slices(self, size: int) -> Iterator[list[Key]]:
         """Every key with a stored entry, in lists of at most `size`, taken from one shard
         at a time when the walk reaches it: no list of every key is ever built. A key

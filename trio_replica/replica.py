@@ -50,7 +50,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import AsyncGenerator, Hashable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Hashable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
@@ -166,19 +166,6 @@ def jitter_ms(interval_ms: int, rng: random.Random) -> int:
     if quarter == 0:
         return interval_ms
     return interval_ms - quarter + rng.randint(1, 2 * quarter)
-
-
-def iter_chunks(items: Sequence[Any], max_bytes: int) -> Iterator[bytes]:
-    """Encode `items` as CBOR arrays of at most `max_bytes` each (one item may exceed alone),
-    one chunk at a time (a sender yields to other tasks between chunks)."""
-    chunker = Chunker(max_bytes)
-    for item in items:
-        chunk = chunker.add(item)
-        if chunk is not None:
-            yield chunk
-    last = chunker.flush()
-    if last is not None:
-        yield last
 
 
 class Chunker:

@@ -26,7 +26,10 @@ Steps, in the order they run:
   delivery and mean delivery time, lost deliveries, RMR (SRDS 2007 section 4: payloads
   received / (M (N - 1)) - 1), LDH, messages and bytes per broadcast by kind (``Gossip``
   is payload, the rest control), deliveries per second, CPU per delivery and frames per
-  delivery. Per cluster: start and formation times, idle CPU, peak RSS per node.
+  delivery. Per cluster: start and formation times, peak RSS per node, and an idle window
+  (``--idle-s``, 1 s by default) after the warm-up: idle CPU, links established per
+  minute, false failures (`PeerDown(FAILED)`: every node is alive) and whether the overlay
+  is still formed; false failures are also counted over the whole run.
 * ``map`` (`cluster_map.map_run`): writes per second applied on every node, put latency,
   convergence after a partition heals and after a restart, full sync of 10,000 keys.
 
@@ -365,6 +368,7 @@ async def size_run(
     rng: random.Random,
     ws_cpu: float,
     ws_paced_cpu: float,
+    idle_s: float = IDLE_S,
 ) -> dict[str, Any]:
     """Every broadcast phase on one N-node cluster: Plumtree, then flooding on its links."""
     watch = Watch(n)
@@ -374,16 +378,33 @@ async def size_run(
         started_s = time.monotonic() - t_start
         await wait_views(cluster, MIN_ACTIVE, 60.0)
         formed = time.monotonic() - t_start
+        at_formation = await cluster.counters()
         progress(f"{mode} N={n}: started in {started_s:.2f} s, overlay formed in {formed:.2f} s")
         warm = await warm_up(cluster, rng, size, pace)
         progress(
             f"{mode} N={n}: warm-up steady {warm['steady']} after {warm['seconds']} s, "
             f"{len(warm['rounds'])} rounds; active sizes {warm['active_sizes']}"
         )
-        # The CPU of N idle nodes (timers, keepalives, shuffles), to net out of the windows.
+        # The CPU of N idle nodes (timers, keepalives, shuffles), to net out of the windows,
+        # and whether the overlay holds while idle: link churn and false failures.
         c0, t0 = await cluster.counters(), time.monotonic()
-        await trio.sleep(IDLE_S)
-        idle_rate = ((await cluster.counters()).cpu - c0.cpu) / (time.monotonic() - t0)
+        await trio.sleep(idle_s)
+        c1 = await cluster.counters()
+        wall = time.monotonic() - t0
+        idle_rate = (c1.cpu - c0.cpu) / wall
+        idle = {
+            "seconds": round(wall, 1),
+            "cpu_cores": round(idle_rate, 4),
+            "links_per_minute": round((c1.links_established - c0.links_established) / wall * 60, 1),
+            "false_failures": c1.false_failures - c0.false_failures,
+            "suspicions": c1.suspicions - c0.suspicions,
+            "still_formed": views_ok(await cluster.views(), min_active=MIN_ACTIVE),
+        }
+        progress(
+            f"{mode} N={n}: idle {idle['seconds']} s: {idle['cpu_cores']} cores, "
+            f"{idle['links_per_minute']} links/min, {idle['false_failures']} false failures, "
+            f"still formed {idle['still_formed']}"
+        )
         phases: dict[str, Any] = {}
         for k, phase in enumerate(PHASES):
             if phase == "flood_paced":
@@ -425,6 +446,11 @@ async def size_run(
         "warmup": warm,
         "idle_cpu_utilisation": round(idle_rate, 4),
         "idle_cpu_utilisation_per_node": round(idle_rate / n, 5),
+        "links_at_formation": at_formation.links_established,
+        "false_failures_at_formation": at_formation.false_failures,
+        "idle": idle,
+        "false_failures_total": final.false_failures,
+        "suspicions_total": final.suspicions,
         # procs: each node's own process; inproc: the one process holding every node
         # (and every earlier cluster of the sweep: ru_maxrss never goes down).
         "peak_rss_kib": {
@@ -444,6 +470,7 @@ async def run(
     size: int,
     seed: int,
     map_nodes: int,
+    idle_s: float = IDLE_S,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     t_start = time.monotonic()
@@ -456,7 +483,9 @@ async def run(
         f"{paced_ceiling['cpu_us_per_message']} us CPU per message"
     )
     runs = [
-        await size_run(mode, n, count, pace, size, rng, ws_cpu, paced_ceiling["cpu_us_per_message"])
+        await size_run(
+            mode, n, count, pace, size, rng, ws_cpu, paced_ceiling["cpu_us_per_message"], idle_s
+        )
         for mode in modes
         for n in sizes
     ]
@@ -591,11 +620,12 @@ def summary(result: dict[str, Any]) -> str:
     lines += [
         "",
         "| mode | N | started (s) | overlay formed (s) | warm-up (s) | idle CPU (cores) | "
+        "idle: links/min, false failures, still formed | false failures, whole run | "
         "peak RSS (MiB): per node mean / max, or the whole process |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in result["broadcast"]:
-        rss = run["peak_rss_kib"]
+        rss, idle = run["peak_rss_kib"], run["idle"]
         rss_text = (
             f"{rss['mean'] / 1024:.1f} / {rss['max'] / 1024:.1f}"
             if rss["per_process"] == "node"
@@ -603,7 +633,9 @@ def summary(result: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {run['mode']} | {run['nodes']} | {run['started_s']} | {run['formed_s']} | "
-            f"{run['warmup']['seconds']} | {run['idle_cpu_utilisation']} | {rss_text} |"
+            f"{run['warmup']['seconds']} | {run['idle_cpu_utilisation']} | "
+            f"{idle['links_per_minute']}, {idle['false_failures']}, {idle['still_formed']} "
+            f"({idle['seconds']} s) | {run['false_failures_total']} | {rss_text} |"
         )
     maps = result.get("map")
     if maps:
@@ -626,6 +658,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--payload", type=int, default=PAYLOAD, help="payload bytes")
     parser.add_argument("--map-nodes", type=int, default=MAP_NODES, help="0: no map run")
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument(
+        "--idle-s", type=float, default=IDLE_S, help="idle window after the warm-up (1 s)"
+    )
+    parser.add_argument("--stem", default="cluster", help="result file names start with this")
     parser.add_argument("--no-write", action="store_true", help="write no files")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -641,6 +677,7 @@ def main(argv: list[str] | None = None) -> None:
         args.payload,
         args.seed,
         args.map_nodes,
+        args.idle_s,
     )
     result = {**run_header("cluster", seed=args.seed), **figures}
     text = json.dumps(result, indent=2)
@@ -649,7 +686,7 @@ def main(argv: list[str] | None = None) -> None:
         print(summary(result), file=sys.stderr)
         return
     RESULTS.mkdir(exist_ok=True)
-    stem = f"cluster_{result['date'][:10]}"
+    stem = f"{args.stem}_{result['date'][:10]}"
     (RESULTS / f"{stem}.json").write_text(text + "\n")
     (RESULTS / f"{stem}.md").write_text(summary(result))
     try:

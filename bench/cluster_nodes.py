@@ -44,7 +44,7 @@ from common import TAG, json_lines, payload_of
 from prometheus_client import generate_latest
 
 from trio_replica.config import NodeConfig
-from trio_replica.events import Delivery
+from trio_replica.events import Delivery, DownReason, PeerDown
 from trio_replica.localcluster import open_local_cluster
 from trio_replica.metrics import metrics_registry
 from trio_replica.node import Node, open_node
@@ -73,6 +73,11 @@ class Counters:
     bytes: collections.Counter[str] = attrs.field(factory=collections.Counter)
     tree: collections.Counter[str] = attrs.field(factory=collections.Counter)
     frames: int = 0
+    #: Links established, suspicions raised, and `PeerDown(FAILED)` events: every node of
+    #: a benchmark cluster is alive, so each of those is a false failure.
+    links_established: int = 0
+    suspicions: int = 0
+    false_failures: int = 0
     #: CPU seconds of the nodes (inproc: this process, harness included).
     cpu: float = 0.0
     #: Peak resident set size of each node's process, in KiB (inproc: one shared figure).
@@ -82,6 +87,8 @@ class Counters:
         self.messages.update(stats["messages_sent"])
         self.bytes.update(stats["bytes_sent"])
         self.frames += stats["frames_sent"]
+        self.links_established += stats["links_established"]
+        self.suspicions += stats["flow"].get("suspicions", 0)
         for name, value in stats["broadcast"].items():
             if isinstance(value, int):
                 self.tree[name] += value
@@ -162,6 +169,30 @@ def probe(node: Node) -> dict[str, Any]:
     }
 
 
+class FailureCount:
+    """`PeerDown(FAILED)` events seen by the nodes it watches."""
+
+    def __init__(self) -> None:
+        self.failed = 0
+
+    async def watch(
+        self, node: Node, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with node.events() as events:
+            task_status.started()
+            async for event in events:
+                if isinstance(event, PeerDown) and event.reason is DownReason.FAILED:
+                    self.failed += 1
+
+
+def counter_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """The part of `node.stats()` that `Counters.add` reads."""
+    keep = ("messages_sent", "bytes_sent", "frames_sent", "broadcast", "links_established")
+    out = {k: stats[k] for k in keep}
+    out["flow"] = {"suspicions": stats["flow"].get("suspicions", 0)}
+    return out
+
+
 def quiet_logs() -> None:
     # Every node warns that it listens on loopback only: expected here, noise.
     logging.getLogger("trio_replica").setLevel(logging.ERROR)
@@ -204,6 +235,7 @@ class InprocCluster:
     nodes: list[Node]
     sink: Sink
     nursery: trio.Nursery
+    failures: FailureCount
     mode: str = "inproc"
 
     @property
@@ -220,6 +252,7 @@ class InprocCluster:
         counters = Counters(cpu=time.process_time(), peak_rss_kib=[peak_rss_kib()])
         for node in self.nodes:
             counters.add(node.stats())
+        counters.false_failures = self.failures.failed
         return counters
 
     async def set_flooding(self, on: bool) -> None:
@@ -230,9 +263,11 @@ class InprocCluster:
 @contextlib.asynccontextmanager
 async def open_inproc(n: int, sink: Sink) -> AsyncIterator[InprocCluster]:
     async with open_local_cluster(n) as nodes, trio.open_nursery() as nursery:
+        failures = FailureCount()
         for node in nodes:
             await nursery.start(watch_node, node, sink.arrived)
-        yield InprocCluster(nodes, sink, nursery)
+            await nursery.start(failures.watch, node)
+        yield InprocCluster(nodes, sink, nursery, failures)
         nursery.cancel_scope.cancel()
 
 
@@ -320,6 +355,7 @@ class ProcsCluster:
         counters = Counters()
         for answer in await self._ask_all({"op": "counters"}):
             counters.add(answer["stats"])
+            counters.false_failures += answer["false_failures"]
             counters.cpu += answer["cpu"]
             counters.peak_rss_kib.append(answer["peak_rss_kib"])
         return counters
@@ -415,8 +451,10 @@ async def child_main(name: str, seed: str | None) -> None:
             await stdout.send_all(b"".join(lines))
 
     config = NodeConfig(name=name, seeds=(seed,) if seed else ())
+    failures = FailureCount()
     async with open_node(config) as node, trio.open_nursery() as nursery:
         nursery.start_soon(write_out)
+        await nursery.start(failures.watch, node)
         await nursery.start(
             watch_node, node, lambda seq, at, hops: emit({"d": seq, "t": at, "h": hops})
         )
@@ -434,13 +472,10 @@ async def child_main(name: str, seed: str | None) -> None:
             elif op == "views":
                 emit({"active": [p.id for p in node.active_view()]})
             elif op == "counters":
-                stats = node.stats()
                 emit(
                     {
-                        "stats": {
-                            k: stats[k]
-                            for k in ("messages_sent", "bytes_sent", "frames_sent", "broadcast")
-                        },
+                        "stats": counter_stats(node.stats()),
+                        "false_failures": failures.failed,
                         "cpu": time.process_time(),
                         "peak_rss_kib": peak_rss_kib(),
                     }

@@ -55,7 +55,13 @@ def test_a_peer_that_says_it_lags_gets_the_same_slack() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"sample_interval": 0}, {"tolerance": -1}, {"slack": -1}, {"max_stretch": 0.5}],
+    [
+        {"sample_interval": 0},
+        {"quiet_interval": 0},
+        {"tolerance": -1},
+        {"slack": -1},
+        {"max_stretch": 0.5},
+    ],
 )
 def test_bad_health_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
@@ -64,7 +70,7 @@ def test_bad_health_settings_are_refused(kwargs: dict[str, float]) -> None:
 
 async def test_the_sampler_sees_a_stall_of_the_real_loop() -> None:
     # Real time: a task that holds the loop for 300 ms shows as a lag sample that large.
-    health = LoopHealth(HealthConfig(sample_interval=0.01))
+    health = LoopHealth(HealthConfig(sample_interval=0.01, quiet_interval=0.01))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(health.serve)
         await trio.sleep(0.05)
@@ -78,7 +84,8 @@ async def test_the_sampler_sees_a_stall_of_the_real_loop() -> None:
 async def test_one_sampler_per_run_and_another_takes_over_when_it_ends(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    health = loop_health()
+    # One period throughout (a healthy loop would otherwise sample at the quiet period).
+    health = loop_health(HealthConfig(sample_interval=0.1, quiet_interval=0.1))
     assert loop_health() is health
     period = health.config.sample_interval
     async with trio.open_nursery() as outer:
@@ -100,6 +107,27 @@ async def test_one_sampler_per_run_and_another_takes_over_when_it_ends(
         # per period (9 more by now, the old task's pending one cancelled).
         assert health.samples == 19
         outer.cancel_scope.cancel()
+
+
+async def test_a_healthy_loop_is_sampled_at_the_quiet_period_a_lagging_one_more_often(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    health = LoopHealth(HealthConfig(sample_interval=0.1, quiet_interval=0.25, tolerance=0.05))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(health.serve)
+        # The first sample after 0.1 s, then every 0.25 s while none is late.
+        await trio.sleep(0.1 + 4 * 0.25 + 0.01)
+        assert health.samples == 5
+        # A stall: the clock jumps while the sampler sleeps, so its next sample is late...
+        autojump_clock.jump(0.5)
+        await trio.sleep(0.01)
+        assert health.samples == 6
+        assert health.max_lag >= 0.25
+        # ...and the next one comes 0.1 s after it, not 0.25 s.
+        before = health.samples
+        await trio.sleep(0.15)
+        assert health.samples == before + 1
+        nursery.cancel_scope.cancel()
 
 
 # --- links: stretched idle timeout and suspicion --------------------------------------------

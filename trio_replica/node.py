@@ -1039,7 +1039,14 @@ class Node:
                 backoff = cfg.seed_retry_min
                 if now >= next_rejoin:
                     next_rejoin = now + rejoin
-                await trio.sleep(cfg.seed_retry_min)
+                if core.active:
+                    # In the overlay: nothing to do until the view changes (losing the
+                    # last peer is a PeerDown) or a re-join is due; no idle polling.
+                    with trio.move_on_at(min(next_rejoin, now + cfg.seed_retry_max)):
+                        await self._view_changed.wait()
+                else:
+                    # A JOIN is pending: its timeout clears it without any view change.
+                    await trio.sleep(cfg.seed_retry_min)
 
     async def _janitor(self) -> None:
         """Close links membership no longer wants once they have been idle for `linger`."""

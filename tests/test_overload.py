@@ -10,7 +10,9 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
+from trio_replica.config import NodeConfig
 from trio_replica.core.effects import SetTimer
+from trio_replica.core.hyparview import HyParViewConfig
 from trio_replica.core.plumtree import FlushTimer, GraftTimer
 from trio_replica.dialing import DialBudget
 from trio_replica.errors import ConfigError
@@ -19,7 +21,7 @@ from trio_replica.health import HealthConfig, LoopHealth, loop_health
 from trio_replica.link import LinkConfig
 from trio_replica.messages import MessageId, Neighbor
 
-from .harness import Cluster, link_pair
+from .harness import Cluster, link_pair, wait_until
 
 # --- LoopHealth ----------------------------------------------------------------------------
 
@@ -275,6 +277,47 @@ async def test_a_node_listed_among_its_own_seeds_is_a_seed_and_keeps_a_seed_neig
             for node in others:
                 await node.wait_ready()
         assert all(node.id not in node.seed_ids for node in others)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("chance", [1.0, 0.0])
+async def test_a_node_that_knows_no_live_seed_rejoins_by_chance(
+    autojump_clock: trio.testing.MockClock, chance: float
+) -> None:
+    # The only way back for a group that holds no seed and remembers none is the
+    # ordinary nodes' periodic re-join, taken with `rejoin_chance` per interval.
+    interval = 30.0
+    membership = HyParViewConfig(rejoin_interval=interval, rejoin_chance=chance)
+    net = MemoryNetwork(seed=52)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net, base=NodeConfig(name="base", membership=membership))
+        seed = await c.start("s")
+        others = [await c.start(name, [seed.address]) for name in "abc"]
+        with trio.fail_after(30):
+            for node in others:
+                await node.wait_ready(min_active=2)
+        seed_id = seed.id
+        c.crash("s")
+        await c.wait_stopped("s")
+
+        def nobody_knows_the_seed() -> bool:
+            return all(
+                seed_id not in {p.id for p in (*n.active_view(), *n.membership.core.passive)}
+                for n in others
+            )
+
+        # Refills try the crashed seed until it has failed `max_failures` times.
+        with trio.fail_after(600):
+            await wait_until(nobody_knows_the_seed)
+        # The seed comes back empty (no seeds of its own): only a JOIN reaches it.
+        seed = await c.start("s")
+        if chance == 1.0:
+            with trio.fail_after(2 * interval + 10):
+                await seed.wait_ready()
+            assert sum(n.stats()["membership"]["joins"] for n in others) >= 1
+        else:
+            await trio.sleep(5 * interval)
+            assert seed.active_view() == []
         nursery.cancel_scope.cancel()
 
 

@@ -37,6 +37,8 @@ to heal by sync rather than by rejoining from scratch.
 
 from __future__ import annotations
 
+import hashlib
+import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -146,13 +148,52 @@ def visible_change(old: Entry | None, new: Entry | None) -> bool:
 #: that is itself a list or a map keeps its tuple tracked; that costs what it costs.
 Packed = tuple[Any, ...]
 
-#: The entries are spread over this many dicts by key hash. A dict grows by copying itself
-#: whole, in one step: at 1.4 million keys that step took 43 ms on an idle machine and
-#: 100 ms under load (bench/bigmap.py), time in which the event loop stands still. Spread
-#: over 64 dicts, each copy is a 64th of that, at the cost of one hash per access and a few
-#: kilobytes of empty tables for a small map.
-SHARDS = 64
-_SHARD_MASK = SHARDS - 1
+#: Where a key lives: every node puts a key in the same one of ``2**LEAF_BITS`` leaves (a
+#: CRC-32 of the key's bytes, `key_leaf`, not Python's per-process `hash`). Each leaf is a
+#: dict of its own, so (1) no dict ever grows by copying a big table in one step (at 1.4
+#: million keys one dict's growth took 43-100 ms, time in which the event loop stood
+#: still: bench/bigmap.py, issue 13), and (2) the digest below can name a range of keys
+#: that means the same on every node and list it without walking the map.
+LEAF_BITS = 16
+#: The digest is a tree over the leaves: each level splits a range into ``2**FANOUT_BITS``.
+FANOUT_BITS = 4
+#: Levels of the digest tree: 0 is the whole map, `LEAF_LEVEL` the single leaves.
+LEAF_LEVEL = LEAF_BITS // FANOUT_BITS
+#: Sums and counts are kept per leaf and per range of this level (256 ranges); the other
+#: levels are summed from them when asked (at most 256 additions per range asked): two
+#: updates per write instead of five.
+_MID_LEVEL = 2
+_MID_SHIFT = FANOUT_BITS * (LEAF_LEVEL - _MID_LEVEL)
+_MASK64 = (1 << 64) - 1
+
+
+def key_bytes(key: Key) -> bytes:
+    """The bytes a key is hashed by, the same on every node (str, bytes or int; an int
+    and the bool equal to it hash alike, as they are the same dict key)."""
+    if isinstance(key, str):
+        return key.encode("utf-8", "surrogatepass")
+    if isinstance(key, bytes):
+        return b"\x00b" + key
+    return b"\x00i" + str(int(key)).encode()
+
+
+def key_leaf(key: Key) -> int:
+    """The leaf that holds `key` on every node."""
+    return zlib.crc32(key_bytes(key)) >> (32 - LEAF_BITS)
+
+
+def entry_hash(kb: bytes, packed: Packed) -> int:
+    """A 64-bit hash of one stored entry's identity: its key and its dot and kind (not its
+    value: a dot names one write). A range's digest is the sum of these modulo 2**64, so
+    it is kept up to date by adding and subtracting one entry's hash per change."""
+    ident = b"%b\0%d:%d:%d:%b" % (
+        kb,
+        packed[0],
+        packed[1],
+        len(packed),
+        packed[2].encode("utf-8", "surrogatepass"),
+    )
+    return int.from_bytes(hashlib.blake2b(ident, digest_size=8).digest(), "little")
 
 
 def pack(entry: Entry) -> Packed:
@@ -189,49 +230,110 @@ class ORMap:
     `entries` also show tombstones (built on demand from the stored form, `Packed`). Keys
     must be str, bytes or int and values plain CBOR data; entries from peers are checked
     by `trio_replica.ormap_wire.ingest`, local writes by their caller.
+
+    Digest. The map keeps, for every range of the leaf tree (level ``l`` splits the
+    ``2**LEAF_BITS`` leaves into ``16**l`` ranges by their leading bits), the count of
+    entries in it and the sum of their `entry_hash` modulo 2**64, updated on every change.
+    Two replicas whose sums differ in a range differ in it; equal sums mean equal entries
+    there unless 64-bit hashes collide. `range_digests` reads them, `range_keys` lists a
+    range's keys; anti-entropy compares ranges from the top and moves only the entries of
+    the ranges that differ (`trio_replica.core.antientropy`). The hash leaves the value out
+    (a dot names one write): two replicas that hold the same dot with different values,
+    which only a node reusing its id after its clock went back can cause (rule 4), look
+    equal to the digest; their deltas and full syncs still settle it.
     """
 
-    __slots__ = ("_count", "_live", "_shards")
+    __slots__ = ("_count", "_leaf_sums", "_leaves", "_live", "_mid_counts", "_mid_sums")
 
-    #: The entries, spread over `SHARDS` dicts by key hash (see `SHARDS`).
-    _shards: tuple[dict[Key, Packed], ...]
+    #: The entries, one dict per non-empty leaf (see `LEAF_BITS`).
+    _leaves: dict[int, dict[Key, Packed]]
+    #: Digest sums per non-empty leaf, and sums and entry counts per non-empty range of
+    #: `_MID_LEVEL` (a leaf's count is its dict's length).
+    _leaf_sums: dict[int, int]
+    _mid_sums: dict[int, int]
+    _mid_counts: dict[int, int]
     #: Count of stored entries and of visible values, so that len() is O(1).
     _count: int
     _live: int
 
     def __init__(self, entries: dict[Key, Entry] | None = None) -> None:
-        self._shards = tuple({} for _ in range(SHARDS))
+        self._leaves = {}
+        self._leaf_sums, self._mid_sums, self._mid_counts = {}, {}, {}
         self._count = self._live = 0
         for key, entry in (entries or {}).items():
             self.restore(key, entry)
 
     def _stored(self) -> Iterator[tuple[Key, Packed]]:
-        for shard in self._shards:
-            yield from shard.items()
+        for leaf in list(self._leaves.values()):
+            yield from leaf.items()
+
+    def _find(self, key: Key) -> Packed | None:
+        leaf = self._leaves.get(key_leaf(key))
+        return None if leaf is None else leaf.get(key)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ORMap):
             return NotImplemented
-        return self._count == other._count and all(
-            other._shards[hash(k) & _SHARD_MASK].get(k) == e for k, e in self._stored()
-        )
+        return self._count == other._count and all(other._find(k) == e for k, e in self._stored())
 
     __hash__ = None  # type: ignore[assignment]
 
     # --- writes ---------------------------------------------------------------------------
+
+    def _set(
+        self, key: Key, new: Packed | None, kb: bytes | None = None, index: int = -1
+    ) -> Packed | None:
+        """Store `new` under `key` (None: drop the key) unconditionally and keep the counts
+        and the digest; return what was stored before. `kb` and `index` are the key's
+        bytes and leaf when the caller has them already."""
+        if kb is None:
+            kb = key_bytes(key)
+            index = zlib.crc32(kb) >> (32 - LEAF_BITS)
+        leaf = self._leaves.get(index)
+        if leaf is None:
+            if new is None:
+                return None
+            leaf = self._leaves[index] = {}
+        old = leaf.get(key)
+        if new is None:
+            if old is None:
+                return None
+            del leaf[key]
+        else:
+            leaf[key] = new
+        delta = (entry_hash(kb, new) if new is not None else 0) - (
+            entry_hash(kb, old) if old is not None else 0
+        )
+        grown = (new is not None) - (old is not None)
+        self._count += grown
+        self._live += (new is not None and len(new) == 4) - (old is not None and len(old) == 4)
+        mid = index >> _MID_SHIFT
+        mid_count = self._mid_counts.get(mid, 0) + grown
+        if mid_count:
+            self._mid_counts[mid] = mid_count
+            self._mid_sums[mid] = (self._mid_sums.get(mid, 0) + delta) & _MASK64
+        else:
+            self._mid_counts.pop(mid, None)
+            self._mid_sums.pop(mid, None)
+        if leaf:
+            self._leaf_sums[index] = (self._leaf_sums.get(index, 0) + delta) & _MASK64
+        else:
+            del self._leaves[index]
+            self._leaf_sums.pop(index, None)
+        return old
 
     def merge_entry(self, key: Key, entry: Entry) -> bool:
         """Merge one entry; return whether it replaced the stored one (state changed)."""
         return self._merge_packed(key, pack(entry))
 
     def _merge_packed(self, key: Key, new: Packed) -> bool:
-        shard = self._shards[hash(key) & _SHARD_MASK]
-        old = shard.get(key)
+        kb = key_bytes(key)
+        index = zlib.crc32(kb) >> (32 - LEAF_BITS)
+        leaf = self._leaves.get(index)
+        old = None if leaf is None else leaf.get(key)
         if old is not None and not _packed_supersedes(new, old):
             return False
-        shard[key] = new
-        self._count += old is None
-        self._live += (len(new) == 4) - (old is not None and len(old) == 4)
+        self._set(key, new, kb, index)
         return True
 
     def restore(self, key: Key, entry: Entry | None) -> None:
@@ -240,14 +342,7 @@ class ORMap:
         Only for undoing a local write that could not be made durable: it may move the
         state backwards, which a merge never does.
         """
-        shard = self._shards[hash(key) & _SHARD_MASK]
-        old = shard.pop(key, None)
-        self._count -= old is not None
-        self._live -= old is not None and len(old) == 4
-        if entry is not None:
-            packed = shard[key] = pack(entry)
-            self._count += 1
-            self._live += len(packed) == 4
+        self._set(key, None if entry is None else pack(entry))
 
     def add(self, key: Key, value: Any, dot: Dot) -> bool:
         """Write `value` under `key` with a freshly minted `dot`; True if it took effect."""
@@ -267,15 +362,11 @@ class ORMap:
         Return the keys whose visible value changed, for change events.
         """
         changed: list[Key] = []
-        shards = self._shards
         for key, new in other._stored():
-            shard = shards[hash(key) & _SHARD_MASK]
-            old = shard.get(key)
+            old = self._find(key)
             if old is not None and not _packed_supersedes(new, old):
                 continue
-            shard[key] = new
-            self._count += old is None
-            self._live += (len(new) == 4) - (old is not None and len(old) == 4)
+            self._set(key, new)
             if _packed_visible_change(old, new):
                 changed.append(key)
         return changed
@@ -294,7 +385,7 @@ class ORMap:
         """
         expired = self.expired_tombstones(now_ms, ttl_ms)
         for key in expired:
-            self.restore(key, None)
+            self._set(key, None)
         return len(expired)
 
     def absorb_clock(self, clock: HybridClock) -> None:
@@ -311,20 +402,19 @@ class ORMap:
     # --- reads ----------------------------------------------------------------------------
 
     def get(self, key: Key, default: Any = None) -> Any:
-        e = self._shards[hash(key) & _SHARD_MASK].get(key)
+        e = self._find(key)
         return e[3] if e is not None and len(e) == 4 else default
 
     def __getitem__(self, key: Key) -> Any:
-        e = self._shards[hash(key) & _SHARD_MASK].get(key)
+        e = self._find(key)
         if e is None or len(e) != 4:
             raise KeyError(key)
         return e[3]
 
     def __contains__(self, key: object) -> bool:
-        try:
-            e = self._shards[hash(key) & _SHARD_MASK].get(key)  # type: ignore[call-overload]
-        except TypeError:  # unhashable: not a key
+        if not isinstance(key, str | bytes | int):
             return False
+        e = self._find(key)
         return e is not None and len(e) == 4
 
     def __len__(self) -> int:
@@ -338,17 +428,73 @@ class ORMap:
 
     def entry(self, key: Key) -> Entry | None:
         """The stored entry for `key` (value or tombstone), or None."""
-        e = self._shards[hash(key) & _SHARD_MASK].get(key)
+        e = self._find(key)
         return None if e is None else unpack(e)
 
     def key_slices(self, size: int) -> Iterator[list[Key]]:
-        """Every key with a stored entry, in lists of at most `size`, taken from one shard
-        at a time when the walk reaches it: no list of every key is ever built. A key
-        added meanwhile may or may not be included."""
-        for shard in self._shards:
-            keys = list(shard)
-            for start in range(0, len(keys), size):
-                yield keys[start : start + size]
+        """Every key with a stored entry, in lists of at most `size`, taken leaf by leaf
+        as the walk reaches them: no list of every key is ever built. A key added
+        meanwhile may or may not be included."""
+        return self.range_keys(0, 0, size)
+
+    def range_keys(self, level: int, index: int, size: int) -> Iterator[list[Key]]:
+        """The keys stored in range `index` of `level`, in lists of at most `size`, taken
+        leaf by leaf as the walk reaches them (a key added meanwhile may or may not be
+        included)."""
+        shift = FANOUT_BITS * (LEAF_LEVEL - level)
+        first, end = index << shift, (index + 1) << shift
+        leaves = self._leaves
+        batch: list[Key] = []
+        if end - first > len(leaves):
+            # A wide range of a sparse map: walk the leaves that exist, in order.
+            indexes: Iterable[int] = sorted(i for i in leaves if first <= i < end)
+        else:
+            indexes = range(first, end)
+        for i in indexes:
+            leaf = leaves.get(i)
+            if not leaf:
+                continue
+            batch.extend(leaf)
+            while len(batch) >= size:
+                yield batch[:size]
+                batch = batch[size:]
+        if batch:
+            yield batch
+
+    def range_digest(self, level: int, index: int) -> tuple[int, int]:
+        """``(sum, count)`` of range `index` of `level` (``0, 0`` when it holds nothing)."""
+        if level == LEAF_LEVEL:
+            return self._leaf_sums.get(index, 0), len(self._leaves.get(index, ()))
+        if level == _MID_LEVEL:
+            return self._mid_sums.get(index, 0), self._mid_counts.get(index, 0)
+        if level < _MID_LEVEL:
+            sums, counts, shift = self._mid_sums, self._mid_counts, _MID_SHIFT
+        else:
+            sums, counts, shift = self._leaf_sums, None, 0
+        width = FANOUT_BITS * (LEAF_LEVEL - level) - shift
+        first = index << width
+        total = count = 0
+        for i in range(first, first + (1 << width)):
+            part = sums.get(i)
+            if part is not None:
+                total += part
+                count += counts[i] if counts is not None else len(self._leaves[i])
+        return total & _MASK64, count
+
+    def range_digests(self, level: int, indexes: Iterable[int]) -> list[tuple[int, int, int]]:
+        """``(index, sum, count)`` of each of `indexes` at `level`."""
+        return [(i, *self.range_digest(level, i)) for i in indexes]
+
+    def child_digests(self, level: int, index: int) -> list[tuple[int, int, int]]:
+        """``(index, sum, count)`` of the non-empty ranges of ``level + 1`` inside range
+        `index` of `level`."""
+        first = index << FANOUT_BITS
+        out = []
+        for i in range(first, first + (1 << FANOUT_BITS)):
+            total, count = self.range_digest(level + 1, i)
+            if count:
+                out.append((i, total, count))
+        return out
 
     def entries(self) -> Iterator[tuple[Key, Entry]]:
         """Every stored entry, tombstones included: what a full snapshot carries."""
@@ -360,9 +506,9 @@ class ORMap:
         and which the collector stops tracking too: a snapshot of a million keys is held
         for the whole sync."""
         out: list[tuple[Any, ...]] = []
-        shards = self._shards
+        find = self._find
         for key in keys:
-            e = shards[hash(key) & _SHARD_MASK].get(key)
+            e = find(key)
             if e is None:
                 continue
             if len(e) == 4:
@@ -379,7 +525,9 @@ class ORMap:
     def copy(self) -> ORMap:
         """An independent map with the same entries (entries are immutable and shared)."""
         twin = ORMap()
-        twin._shards = tuple(dict(shard) for shard in self._shards)
+        twin._leaves = {i: dict(leaf) for i, leaf in self._leaves.items()}
+        twin._leaf_sums = dict(self._leaf_sums)
+        twin._mid_sums, twin._mid_counts = dict(self._mid_sums), dict(self._mid_counts)
         twin._count, twin._live = self._count, self._live
         return twin
 

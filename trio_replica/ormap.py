@@ -45,6 +45,7 @@ from typing import Any
 import attrs
 import cbor2
 
+from .core.antientropy import FANOUT_BITS, LEAF_BITS, LEAF_LEVEL
 from .hlc import HybridClock, Timestamp
 
 #: A map key: plain CBOR scalars that hash the same on every node.
@@ -148,23 +149,20 @@ def visible_change(old: Entry | None, new: Entry | None) -> bool:
 #: that is itself a list or a map keeps its tuple tracked; that costs what it costs.
 Packed = tuple[Any, ...]
 
-#: Where a key lives: every node puts a key in the same one of ``2**LEAF_BITS`` leaves (a
-#: CRC-32 of the key's bytes, `key_leaf`, not Python's per-process `hash`). Each leaf is a
-#: dict of its own, so (1) no dict ever grows by copying a big table in one step (at 1.4
-#: million keys one dict's growth took 43-100 ms, time in which the event loop stood
-#: still: bench/bigmap.py, issue 13), and (2) the digest below can name a range of keys
-#: that means the same on every node and list it without walking the map.
-LEAF_BITS = 16
-#: The digest is a tree over the leaves: each level splits a range into ``2**FANOUT_BITS``.
-FANOUT_BITS = 4
-#: Levels of the digest tree: 0 is the whole map, `LEAF_LEVEL` the single leaves.
-LEAF_LEVEL = LEAF_BITS // FANOUT_BITS
+_MASK64 = (1 << 64) - 1
 #: Sums and counts are kept per leaf and per range of this level (256 ranges); the other
 #: levels are summed from them when asked (at most 256 additions per range asked): two
 #: updates per write instead of five.
 _MID_LEVEL = 2
 _MID_SHIFT = FANOUT_BITS * (LEAF_LEVEL - _MID_LEVEL)
-_MASK64 = (1 << 64) - 1
+
+
+# Where a key lives: every node puts a key in the same one of ``2**LEAF_BITS`` leaves (a
+# CRC-32 of the key's bytes, `key_leaf`, not Python's per-process `hash`). Each leaf is a
+# dict of its own, so (1) no dict ever grows by copying a big table in one step (at 1.4
+# million keys one dict's growth took 43-100 ms, time in which the event loop stood
+# still: bench/bigmap.py, issue 13), and (2) the digest (`core.antientropy`) can name a
+# range of keys that means the same on every node and list it without walking the map.
 
 
 def key_bytes(key: Key) -> bytes:

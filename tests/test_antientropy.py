@@ -42,7 +42,7 @@ def compare(a: ORMap, b: ORMap, config: AntiEntropyConfig | None = None) -> Exch
         stats.digests += len(round_.digests)
         here, there = maps[to], maps["a" if to == "b" else "b"]
         replies, send = answer(here, round_, config)
-        assert replies or round_.final
+        assert replies or round_.bare
         for level, index in ranges_in(send):
             for keys in here.range_keys(level, index, 50):
                 for key in keys:

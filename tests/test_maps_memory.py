@@ -318,8 +318,9 @@ async def test_a_large_snapshot_is_built_and_merged_in_slices(
 async def test_a_large_map_syncs_as_a_stream_walked_slice_by_slice(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # A map opened late pulls a full sync; the sender walks its map a slice at a time as
-    # the chunks go (`full_sync_stream`), never a snapshot of every entry at once.
+    # A map opened late compares digests with its peer: empty, it is sent every range in
+    # one exchange, each walked a slice at a time as the chunks go (`range_stream`), never
+    # a snapshot of every entry at once.
     from trio_replica.maps import SNAPSHOT_SLICE
 
     net = MemoryNetwork(seed=30)
@@ -334,9 +335,13 @@ async def test_a_large_map_syncs_as_a_stream_walked_slice_by_slice(
         with trio.fail_after(60):
             await wait_until(lambda: len(b) == len(a) and b.tombstones == a.tombstones)
         assert sorted(b.items()) == sorted(a.items())
-        # One sync, in chunks filled across batch boundaries, the last one marked.
-        assert a.replica.stats.syncs_sent >= 1
-        assert a.replica.stats.chunks_sent >= 2
+        # One comparison, opened by the new node, every entry sent once, no full sync.
+        assert b.replica.digest is not None and a.replica.digest is not None
+        assert b.replica.digest.stats.sessions_completed == 1
+        assert a.replica.digest.stats.items_sent == keys
+        assert a.replica.stats.syncs_sent == 0
+        ranges = [len(k) for level1 in range(16) for k in a._map.range_keys(1, level1, 10**6)]
+        assert sum(ranges) == keys and a.replica.digest.stats.ranges_sent == len(ranges)
         nursery.cancel_scope.cancel()
 
 

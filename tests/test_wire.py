@@ -36,6 +36,9 @@ from trio_replica.messages import (
     Refuse,
     Shuffle,
     ShuffleReply,
+    SyncChunk,
+    SyncDigest,
+    SyncRequest,
     Welcome,
 )
 from trio_replica.wire import (
@@ -61,6 +64,27 @@ addresses = st.one_of(
 )
 peers = st.builds(Peer, ids, addresses)
 mids = st.builds(MessageId, ids, u64, u64)
+
+
+@st.composite
+def digest_rounds(draw: st.DrawFn) -> SyncDigest:
+    level = draw(st.integers(1, 4))
+    parents = draw(st.lists(st.integers(0, 16 ** (level - 1) - 1), max_size=4).map(tuple))
+    digests = draw(
+        st.lists(
+            st.tuples(st.integers(0, 16**level - 1), u64, st.integers(1, 2**64 - 1)), max_size=4
+        ).map(tuple)
+    )
+    want = draw(
+        st.lists(
+            st.integers(1, 4).flatmap(
+                lambda lv: st.tuples(st.just(lv), st.integers(0, 16**lv - 1))
+            ),
+            max_size=4,
+        ).map(tuple)
+    )
+    return SyncDigest(draw(ids), draw(u64), level, parents, digests, want)
+
 
 messages = st.one_of(
     st.builds(Ping, u64),
@@ -92,6 +116,9 @@ messages = st.one_of(
     st.builds(Proof, st.binary(min_size=PROOF_BYTES, max_size=PROOF_BYTES)),
     st.just(Welcome()),
     st.builds(Refuse, st.text(min_size=1, max_size=50)),
+    st.builds(SyncRequest, ids),
+    st.builds(SyncChunk, ids, u64, st.integers(0, 2**32 - 1), st.booleans(), st.binary(max_size=9)),
+    digest_rounds(),
 )
 
 
@@ -167,6 +194,15 @@ _HEAD = bytes([0x82, PROTOCOL_VERSION])
         (_frame([20, ["a", 1, 2], 0, "t", "not bytes", False]), "field"),
         (_frame([20, ["a", 1, 2], 0, "t", b"x", "not a bool"]), "field"),
         (_frame([21, [[["a", 1, 2], 0]] * (MAX_IHAVE_ENTRIES + 1)]), "field"),
+        (_frame([32, "m", 1, 0, [0], [], []]), "field"),  # level 0: nothing to compare
+        (_frame([32, "m", 1, 5, [0], [], []]), "field"),  # below the leaves
+        (_frame([32, "m", 1, 2, [16], [], []]), "field"),  # parent beyond level 1
+        (_frame([32, "m", 1, 1, [0], [[16, 1, 1]], []]), "field"),  # index beyond level 1
+        (_frame([32, "m", 1, 1, [0], [[3, 1, 0]], []]), "field"),  # an empty digest
+        (_frame([32, "m", 1, 1, [0], [[3, 1]], []]), "field"),
+        (_frame([32, "m", 1, 1, [0], [], [[0, 0]]]), "field"),  # want the whole state
+        (_frame([32, "m", 1, 1, [0], [], [[2, 256]]]), "field"),
+        (_frame([32, "m", 1, 4, list(range(257)), [], []]), "field"),  # too many parents
         (_frame([60, 1, "c", "n", "", "root", b"x" * NONCE_BYTES, b""]), "field"),
         (_frame([60, 1, "c", "n", "", "node", b"short", b""]), "field"),
         (bytes.fromhex("829f01ff"), "cbor"),  # indefinite-length array

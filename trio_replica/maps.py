@@ -241,6 +241,18 @@ class ReplicatedMap:
             yield self._map.wire_entries(keys)
             await trio.lowlevel.checkpoint()
 
+    def digest_source(self, name: str) -> ORMap:
+        # The map keeps its digest up to date on every change (ormap.ORMap): anti-entropy
+        # compares digests and moves only the entries of the ranges that differ.
+        return self._map
+
+    async def range_stream(
+        self, name: str, level: int, index: int
+    ) -> AsyncGenerator[list[Any], None]:
+        for keys in self._map.range_keys(level, index, SNAPSHOT_SLICE):
+            yield self._map.wire_entries(keys)
+            await trio.lowlevel.checkpoint()
+
     async def remove_node(self, name: str, node: str) -> None:
         # Last-writer-wins data belongs to the map, not to the node that wrote it: a node
         # that fails or leaves takes nothing with it. (Registries and leases differ.)

@@ -280,7 +280,39 @@ class SyncChunk(Message):
     items: bytes
 
 
-REPLICA_KINDS: tuple[type[Message], ...] = (SyncRequest, SyncChunk)
+#: Ranges descended in one digest round (`core.antientropy.AntiEntropyConfig.max_parents`
+#: may not exceed it), their digests (16 per parent), and ranges wanted in one round.
+MAX_DIGEST_PARENTS = 256
+MAX_DIGESTS = 16 * MAX_DIGEST_PARENTS
+MAX_WANTS = 16 * MAX_DIGEST_PARENTS
+#: Deepest level of the digest tree (`core.antientropy.LEAF_LEVEL`).
+MAX_DIGEST_LEVEL = 4
+
+
+@attrs.frozen
+class SyncDigest(Message):
+    """One round of a digest comparison of instance `name` (`core.antientropy`).
+
+    `session` is chosen by the node that opened the comparison and echoed by both sides.
+    `parents` are ranges at ``level - 1``; `digests` the sender's ``(index, sum, count)``
+    for the non-empty children of those parents; `want` the ``(level, index)`` ranges
+    whose entries the receiver should send. A payload, not control: it travels in order
+    with the `SyncChunk` streams of the same comparison, so a round that follows entries
+    arrives after them.
+    """
+
+    KIND: ClassVar[int] = 32
+    CONTROL: ClassVar[bool] = False
+    CREDITED: ClassVar[bool] = True
+    name: str
+    session: int
+    level: int
+    parents: tuple[int, ...]
+    digests: tuple[tuple[int, int, int], ...]
+    want: tuple[tuple[int, int], ...]
+
+
+REPLICA_KINDS: tuple[type[Message], ...] = (SyncRequest, SyncChunk, SyncDigest)
 
 
 # --- control path (command-line client to node) -------------------------------------------

@@ -64,6 +64,7 @@ from .messages import (
     Peer,
     Role,
     SyncChunk,
+    SyncDigest,
     SyncRequest,
 )
 from .ormap_wire import DEFAULT_LIMITS, Validator
@@ -975,13 +976,17 @@ class Node:
             if not self.membership.post_nowait(handle, source=link, size=size):
                 await self.membership.post(handle, source=link, size=size)
         elif kind in _REPLICA_KINDS:
-            assert isinstance(message, SyncRequest | SyncChunk)
+            assert isinstance(message, SyncRequest | SyncChunk | SyncDigest)
             replica = self._replicas.get(message.name)
             if replica is None:
                 # Not an error of the peer: it hosts a map this node does not (yet) open.
                 self.stats_counters.drop(f"no_such_replica:{kind.__name__}")
-                if isinstance(message, SyncChunk):
+                if message.CREDITED:
                     link.processed(size)
+                if isinstance(message, SyncDigest) and (message.parents or message.want):
+                    # A bare answer ends the peer's comparison: nothing here to compare.
+                    bare = SyncDigest(message.name, message.session, 1, (), (), ())
+                    self.send_to(peer, bare)
             else:
                 await replica.deliver_direct(link, peer, message, size)
         else:

@@ -57,11 +57,12 @@ import attrs
 import cbor2
 import trio
 
+from .digestsync import DigestSync, DigestSyncConfig
 from .errors import LinkClosed, MessageTooLarge, NodeClosed, WireError
 from .events import Delivery, DownReason, Lagged, PeerDown, PeerUp, Resubscribed
 from .flow import FairInbox
 from .hlc import Timestamp
-from .messages import MAX_TAG, Peer, SyncChunk, SyncRequest
+from .messages import MAX_TAG, Peer, SyncChunk, SyncDigest, SyncRequest
 from .ormap import Dot
 from .wire import cbor_array, decode_payload, encode_payload
 
@@ -145,6 +146,11 @@ class ReplicaConfig:
     delivery_buffer: int = 1024
     #: Shortest time between two sync pulls after `Lagged` notices.
     resync_interval: float = 1.0
+    #: Digest anti-entropy (for owners that offer a digest: `digestsync`).
+    digest: DigestSyncConfig = attrs.field(factory=DigestSyncConfig)
+    #: A full sync (owners without a digest) served to one peer is not served to it again
+    #: sooner than this: requests meanwhile wait, folded into one.
+    full_sync_again_after: float = 10.0
 
     def __attrs_post_init__(self) -> None:
         from .errors import ConfigError
@@ -273,6 +279,13 @@ class Replica:
         self._sending: dict[str, bool] = {}
         self._resync_wanted = trio.Event()
         self._nursery: trio.Nursery | None = None
+        #: Digest anti-entropy, when the owner offers a digest (`digestsync`).
+        self.digest: DigestSync | None = None
+        self._digest_owner = callable(getattr(callbacks, "digest_source", None)) and callable(
+            getattr(callbacks, "range_stream", None)
+        )
+        #: When the last full sync to each peer ended (`full_sync_again_after`).
+        self._full_sync_done: dict[str, float] = {}
 
     # --- API used by owners ---------------------------------------------------------------
 
@@ -317,7 +330,11 @@ class Replica:
     # --- inputs from the node -------------------------------------------------------------
 
     async def deliver_direct(
-        self, source: Hashable, peer: Peer, message: SyncRequest | SyncChunk, size: int
+        self,
+        source: Hashable,
+        peer: Peer,
+        message: SyncRequest | SyncChunk | SyncDigest,
+        size: int,
     ) -> None:
         """A direct message for this instance arrived on `source` (a link).
 
@@ -326,7 +343,7 @@ class Replica:
         """
         item = ("direct", (peer, message))
         # A sync chunk is a payload: its link grants credit once the driver takes it.
-        credit = size if isinstance(message, SyncChunk) else 0
+        credit = size if message.CREDITED else 0
         if not self._inbox.put_nowait(source, item, size, credit):
             await self._inbox.put(source, item, size, credit)
 
@@ -341,17 +358,32 @@ class Replica:
                     await nursery.start(self._pump_broadcast)
                     await nursery.start(self._pump_membership)
                     nursery.start_soon(self._resyncs)
+                    if self._digest_owner:
+                        self.digest = DigestSync(
+                            self.name,
+                            self.callbacks,  # type: ignore[arg-type]
+                            self.node.send_message,
+                            lambda: Chunker(self.config.sync_chunk_bytes),
+                            nursery,
+                            self._rng,
+                            self.config.digest,
+                        )
                     if self.anti_entropy:
                         nursery.start_soon(self._anti_entropy_ticks)
-                    # Seed peers from the active view and pull their state: PeerUp fires
+                    # Seed peers from the active view and sync with them: PeerUp fires
                     # only for future peers, so an instance opened late would never sync.
                     for peer in self.node.active_view():
                         self.peers[peer.id] = peer
-                    self._request_sync_from_all()
-                    # An owner that starts with state (recovered from disk) may hold writes
-                    # it acknowledged but never got to broadcast: offer them right away.
-                    for peer in list(self.peers.values()):
-                        await self._send_full_sync(peer)
+                    if self.digest is not None:
+                        # Both ways at once, and an owner that starts with state (recovered
+                        # from disk) offers what it may never have broadcast.
+                        self._compare_with_all()
+                    else:
+                        self._request_sync_from_all()
+                        # An owner that starts with state (recovered from disk) may hold
+                        # writes it acknowledged but never got to broadcast: offer them.
+                        for peer in list(self.peers.values()):
+                            await self._send_full_sync(peer)
                     task_status.started()
                     inbox = self._inbox
                     while True:
@@ -444,7 +476,7 @@ class Replica:
         if isinstance(item, Resubscribed):
             # The broadcast source restarted: deltas may have been missed. Recover them.
             self.stats.resyncs_after_resubscribe += 1
-            self._request_sync_from_all()
+            self._recover_from_all()
             return
         if isinstance(item, Lagged):
             # Deltas were lost on the way to us (we fell behind, or a broadcast could not
@@ -475,22 +507,39 @@ class Replica:
         if isinstance(event, Resubscribed):
             self.stats.resyncs_after_resubscribe += 1
             self.peers.update((p.id, p) for p in self.node.active_view())
-            self._request_sync_from_all()
+            self._recover_from_all()
         elif isinstance(event, PeerUp):
             # Compare whole peers: a node restarted under the same id at another address is
             # a new incarnation that needs our state even if its old one was still listed.
             if self.peers.get(event.peer.id) != event.peer:
                 self.peers[event.peer.id] = event.peer
-                # Push only: the peer sees us come up too and pushes its state to us.
-                await self._send_full_sync(event.peer)
+                if self.digest is not None:
+                    # One comparison moves both ways: the smaller id opens it (the other
+                    # side sees the same PeerUp and waits).
+                    if self.node.id < event.peer.id:
+                        self.digest.open(event.peer)
+                else:
+                    # Push only: the peer sees us come up too and pushes its state to us.
+                    await self._send_full_sync(event.peer)
         elif isinstance(event, PeerDown):
             self.peers.pop(event.peer.id, None)
+            if self.digest is not None:
+                self.digest.peer_gone(event.peer.id)
             # Only a peer that is gone loses its data; an evicted peer is alive and well.
             if event.reason in (DownReason.FAILED, DownReason.LEFT):
                 self.stats.nodes_removed += 1
                 await self.callbacks.remove_node(self.name, event.peer.id)
 
-    async def _on_direct(self, peer: Peer, message: SyncRequest | SyncChunk) -> None:
+    async def _on_direct(self, peer: Peer, message: SyncRequest | SyncChunk | SyncDigest) -> None:
+        if isinstance(message, SyncDigest):
+            if self.digest is not None:
+                self.digest.on_round(peer, message)
+            elif message.parents or message.want:
+                # This owner has no digest: a bare answer ends the peer's comparison
+                # instead of letting it wait for its timeout.
+                self.stats.rejected["no_digest"] += 1
+                self.node.send_to(peer, SyncDigest(self.name, message.session, 1, (), (), ()))
+            return
         if isinstance(message, SyncRequest):
             self.stats.sync_requests_received += 1
             await self._send_full_sync(peer)
@@ -508,8 +557,23 @@ class Replica:
     def _pull_from_one(self) -> bool:
         if not self.peers:
             return False
-        self.request_sync(self._rng.choice(sorted(self.peers.values())))
+        peer = self._rng.choice(sorted(self.peers.values()))
+        if self.digest is not None:
+            self.digest.open(peer)
+        else:
+            self.request_sync(peer)
         return True
+
+    def _compare_with_all(self) -> None:
+        assert self.digest is not None
+        for peer in sorted(self.peers.values()):
+            self.digest.open(peer)
+
+    def _recover_from_all(self) -> None:
+        if self.digest is not None:
+            self._compare_with_all()
+        else:
+            self._request_sync_from_all()
 
     def _request_sync_from_all(self) -> None:
         for peer in list(self.peers.values()):

@@ -28,6 +28,9 @@ from .errors import MessageTooLarge, WireError
 from .messages import (
     MAX_ADDRESS,
     MAX_CLUSTER,
+    MAX_DIGEST_LEVEL,
+    MAX_DIGEST_PARENTS,
+    MAX_DIGESTS,
     MAX_IHAVE_ENTRIES,
     MAX_NODE_ID,
     MAX_OP,
@@ -36,6 +39,7 @@ from .messages import (
     MAX_SHUFFLE_PEERS,
     MAX_TAG,
     MAX_TTL,
+    MAX_WANTS,
     NONCE_BYTES,
     PROOF_BYTES,
     U64,
@@ -63,6 +67,7 @@ from .messages import (
     Shuffle,
     ShuffleReply,
     SyncChunk,
+    SyncDigest,
     SyncRequest,
     Welcome,
 )
@@ -314,6 +319,40 @@ def _ihave_entries(v: Any) -> tuple[tuple[MessageId, int], ...]:
     return tuple(out)
 
 
+def _digest_round(f: list[Any]) -> SyncDigest:
+    level = check_int(f[2], 1, MAX_DIGEST_LEVEL, "level")
+    parent_limit = 16 ** (level - 1) - 1
+    parents = tuple(
+        check_int(p, 0, parent_limit, "parent")
+        for p in check_list(f[3], MAX_DIGEST_PARENTS, "parents")
+    )
+    digests = []
+    for d in check_list(f[4], MAX_DIGESTS, "digests"):
+        if type(d) is not list or len(d) != 3:
+            _fail("digest must be [index, sum, count]")
+        digests.append(
+            (
+                check_int(d[0], 0, 16**level - 1, "digest index"),
+                check_int(d[1], 0, U64, "digest sum"),
+                check_int(d[2], 1, U64, "digest count"),
+            )
+        )
+    want = []
+    for w in check_list(f[5], MAX_WANTS, "want"):
+        if type(w) is not list or len(w) != 2:
+            _fail("wanted range must be [level, index]")
+        want_level = check_int(w[0], 1, MAX_DIGEST_LEVEL, "wanted level")
+        want.append((want_level, check_int(w[1], 0, 16**want_level - 1, "wanted index")))
+    return SyncDigest(
+        check_str(f[0], MAX_TAG, "name"),
+        check_int(f[1], 0, U64, "session"),
+        level,
+        parents,
+        tuple(digests),
+        tuple(want),
+    )
+
+
 def _fixed_bytes(v: Any, size: int, name: str) -> bytes:
     if type(v) is not bytes or len(v) != size:
         _fail(f"{name} must be exactly {size} bytes")
@@ -414,6 +453,7 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
             check_bytes(f[4], max_payload, "items"),
         ),
     ),
+    SyncDigest.KIND: (6, lambda f, _: _digest_round(f)),
     ControlRequest.KIND: (
         3,
         lambda f, max_payload: ControlRequest(

@@ -30,10 +30,12 @@ finds the ranges that arrived equal and moves only the rest, so a full sync resu
 instead of starting over.
 
 The receiver of a round keeps no state: a round carries everything needed to answer it,
-every answer is bounded (`max_parents` ranges descended per round), and a round with no
-range to compare ends the exchange. The runtime keeps the initiator's session (one at a
-time per peer and instance, with a deadline) and bounds what it serves (`want`s are
-coalesced and rate-limited per peer).
+every answer is bounded (`max_parents` ranges descended per round), and a *bare* round
+(nothing to compare, nothing wanted) ends the exchange. Entries go out before the round
+that follows them, on one ordered stream: whoever receives the bare round holds all the
+other side sent, and whoever sends it has received all it asked for. The runtime keeps
+the initiator's session (one at a time per peer and instance, with a deadline) and bounds
+what it serves (`want`s are coalesced and rate-limited per peer).
 """
 
 from __future__ import annotations
@@ -108,9 +110,9 @@ class DigestRound:
     want: tuple[Range, ...] = ()
 
     @property
-    def final(self) -> bool:
-        """Nothing to compare: the receiver serves `want` and does not answer."""
-        return not self.parents
+    def bare(self) -> bool:
+        """Nothing to compare and nothing wanted: the comparison is over, no answer."""
+        return not self.parents and not self.want
 
 
 def opening(source: DigestSource) -> DigestRound:
@@ -149,14 +151,18 @@ def answer(
 ) -> tuple[list[DigestRound], list[Range]]:
     """Compare a received (checked) round with our state.
 
-    Returns the rounds to send back (none when `received` is final; otherwise at least one,
-    possibly final itself, so that the sender learns the comparison is over) and the ranges
-    whose entries we send: those it wanted, and our side of the ranges exchanged here.
+    Returns the rounds to send back and the ranges whose entries we send (those wanted,
+    and our side of the ranges exchanged here). Every round gets an answer but a bare one:
+    the runtime sends the entries first and the rounds after them on the same ordered
+    stream, so a node that receives a bare round holds everything the other side sent.
     """
     config = config or AntiEntropyConfig()
     send: list[Range] = list(received.want)
-    if received.final:
+    if received.bare:
         return [], send
+    if not received.parents:
+        # Only wants: served above; the bare answer says they were sent.
+        return [DigestRound(received.level, (), ())], send
     level = received.level
     theirs = {index: (total, count) for index, total, count in received.digests}
     descend: list[int] = []

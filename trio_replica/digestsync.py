@@ -18,10 +18,12 @@ Rounds of comparisons the peer opened are answered without any state kept here.
 Limits, against a peer that floods (a stateless receiver must not become an amplifier):
 rounds from one peer are rate-limited (`rounds_per_s`, with a burst); at most
 `peer_queue` answers wait for one peer (a flood's extra rounds are dropped, counted);
-a range whose entries were streamed to a peer completely is not streamed to it again
-within `serve_again_after` (counted as refused; the peer's next comparison asks again).
-So what a peer can make us send is bounded by what differs and by time, not by how much
-it asks.
+and the entries streamed to one peer come out of an allowance of the whole state (at
+least `min_allowance` entries) per `serve_window`, refilled continuously: a new node gets
+everything at once, small differences pass at any time, and a peer that asks for
+everything again and again gets it once per window (a range beyond what is left is
+refused, counted; the peer's next comparison asks again). What a peer can make us send
+is bounded by the state's size and by time, not by how much it asks.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import attrs
 import trio
 
 from .core.antientropy import (
-    FANOUT_BITS,
     AntiEntropyConfig,
     DigestRound,
     DigestSource,
@@ -76,8 +77,10 @@ class DigestSyncConfig:
     rounds_burst: int = 40
     #: Answers (streams and rounds) waiting to go to one peer; more are dropped.
     peer_queue: int = 8
-    #: A range streamed completely to a peer is not streamed to it again for this long.
-    serve_again_after: float = 10.0
+    #: Entries streamed to one peer per this many seconds: the whole state, or
+    #: `min_allowance` entries if that is more.
+    serve_window: float = 10.0
+    min_allowance: int = 4096
 
 
 @attrs.define
@@ -92,7 +95,7 @@ class DigestStats:
     #: Rounds refused: over the rate, the queue full, or malformed.
     rounds_refused: collections.Counter[str] = attrs.Factory(collections.Counter)
     ranges_sent: int = 0
-    #: Ranges not streamed again because they went to that peer within the window.
+    #: Ranges not streamed: more entries than the peer's allowance had left.
     ranges_refused: int = 0
     items_sent: int = 0
     #: Digests (range summaries) sent in rounds.
@@ -150,8 +153,8 @@ class DigestSync:
         self._waiting: dict[str, Peer] = {}  # peers to compare with next, in order
         self._outboxes: dict[str, _Outbox] = {}
         self._buckets: dict[str, _Bucket] = {}
-        #: Per peer, when each range was last streamed to it completely.
-        self._served: dict[str, dict[Range, float]] = {}
+        #: Per peer, the entries it may still be sent (`serve_window`).
+        self._allowances: dict[str, _Bucket] = {}
         self._watchdog_running = False
 
     # --- sessions this node opens ---------------------------------------------------------
@@ -207,7 +210,7 @@ class DigestSync:
     def peer_gone(self, peer_id: str) -> None:
         """The peer left our peer set: forget its session, its queue and its limits."""
         self._waiting.pop(peer_id, None)
-        self._served.pop(peer_id, None)
+        self._allowances.pop(peer_id, None)
         self._buckets.pop(peer_id, None)
         outbox = self._outboxes.get(peer_id)
         if outbox is not None:
@@ -274,7 +277,7 @@ class DigestSync:
             while outbox.items:
                 session, ranges, rounds = outbox.items.popleft()
                 for level, index in ranges_in(ranges):
-                    if self._recently_served(peer.id, level, index):
+                    if not self._allow(peer.id, self.source.range_digest(level, index)[1]):
                         self.stats.ranges_refused += 1
                         continue
                     await self._stream_range(peer, session, level, index)
@@ -294,16 +297,21 @@ class DigestSync:
             if self._outboxes.get(peer.id) is outbox and not outbox.items:
                 del self._outboxes[peer.id]
 
-    def _recently_served(self, peer_id: str, level: int, index: int) -> bool:
-        served = self._served.get(peer_id)
-        if not served:
+    def _allow(self, peer_id: str, entries: int) -> bool:
+        """Take `entries` from the peer's allowance if it has them (module docstring)."""
+        cfg = self.config
+        capacity = max(cfg.min_allowance, self.source.range_digest(0, 0)[1])
+        now = trio.current_time()
+        allowance = self._allowances.get(peer_id)
+        if allowance is None:
+            allowance = self._allowances[peer_id] = _Bucket(float(capacity), now)
+        refill = (now - allowance.at) * capacity / cfg.serve_window
+        allowance.tokens = min(float(capacity), allowance.tokens + refill)
+        allowance.at = now
+        if entries > allowance.tokens:
             return False
-        horizon = trio.current_time() - self.config.serve_again_after
-        for up in range(level + 1):
-            at = served.get((up, index >> (FANOUT_BITS * (level - up))))
-            if at is not None and at >= horizon:
-                return True
-        return False
+        allowance.tokens -= entries
+        return True
 
     async def _stream_range(self, peer: Peer, session: int, level: int, index: int) -> None:
         chunker = self._chunker()
@@ -323,12 +331,6 @@ class DigestSync:
             await self._send(peer, SyncChunk(self.name, session, seq, True, last))
         self.stats.ranges_sent += 1
         self.stats.items_sent += items
-        served = self._served.setdefault(peer.id, {})
-        if len(served) > 4096:
-            horizon = trio.current_time() - self.config.serve_again_after
-            for key in [k for k, at in served.items() if at < horizon]:
-                del served[key]
-        served[(level, index)] = trio.current_time()
 
     async def _send_round(self, peer: Peer, session: int, round_: DigestRound) -> None:
         message = SyncDigest(

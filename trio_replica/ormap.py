@@ -181,17 +181,25 @@ def key_leaf(key: Key) -> int:
 
 
 def entry_hash(kb: bytes, packed: Packed) -> int:
-    """A 64-bit hash of one stored entry's identity: its key and its dot and kind (not its
-    value: a dot names one write). A range's digest is the sum of these modulo 2**64, so
-    it is kept up to date by adding and subtracting one entry's hash per change."""
-    ident = b"%b\0%d:%d:%d:%b" % (
-        kb,
-        packed[0],
-        packed[1],
-        len(packed),
-        packed[2].encode("utf-8", "surrogatepass"),
+    """A 64-bit hash of one stored entry: its key, dot, kind and value (the value by its
+    canonical encoding, the form the merge order compares: two replicas that hold one dot
+    with different values, which a node reusing its id after its clock went back can
+    cause, differ in the digest too and settle by rule 4). A range's digest is the sum of
+    these modulo 2**64, kept up to date by adding and subtracting one hash per change."""
+    h = hashlib.blake2b(
+        b"%b\0%d:%d:%d:%b\0"
+        % (
+            kb,
+            packed[0],
+            packed[1],
+            len(packed),
+            packed[2].encode("utf-8", "surrogatepass"),
+        ),
+        digest_size=8,
     )
-    return int.from_bytes(hashlib.blake2b(ident, digest_size=8).digest(), "little")
+    if len(packed) == 4:
+        h.update(_canonical(packed[3]))
+    return int.from_bytes(h.digest(), "little")
 
 
 def pack(entry: Entry) -> Packed:
@@ -235,10 +243,7 @@ class ORMap:
     Two replicas whose sums differ in a range differ in it; equal sums mean equal entries
     there unless 64-bit hashes collide. `range_digests` reads them, `range_keys` lists a
     range's keys; anti-entropy compares ranges from the top and moves only the entries of
-    the ranges that differ (`trio_replica.core.antientropy`). The hash leaves the value out
-    (a dot names one write): two replicas that hold the same dot with different values,
-    which only a node reusing its id after its clock went back can cause (rule 4), look
-    equal to the digest; their deltas and full syncs still settle it.
+    the ranges that differ (`trio_replica.core.antientropy`).
     """
 
     __slots__ = ("_count", "_leaf_sums", "_leaves", "_live", "_mid_counts", "_mid_sums")

@@ -235,8 +235,10 @@ class ReplicaStats:
     #: Rounds of sync pulls after `Lagged` notices, and the deliveries they reported lost.
     resyncs_after_lag: int = 0
     deliveries_missed: int = 0
-    #: Sync requests folded into a sync already running for the same peer.
+    #: Sync requests folded into a sync already running or waiting for the same peer.
     syncs_coalesced: int = 0
+    #: Full syncs put off because the peer had one within `full_sync_again_after`.
+    syncs_deferred: int = 0
     #: Full syncs cut short because the peer's link closed.
     syncs_aborted: int = 0
     nodes_removed: int = 0
@@ -284,8 +286,10 @@ class Replica:
         self._digest_owner = callable(getattr(callbacks, "digest_source", None)) and callable(
             getattr(callbacks, "range_stream", None)
         )
-        #: When the last full sync to each peer ended (`full_sync_again_after`).
+        #: When the last full sync to each peer ended (`full_sync_again_after`), and the
+        #: peers whose next one waits for that window.
         self._full_sync_done: dict[str, float] = {}
+        self._deferred: set[str] = set()
 
     # --- API used by owners ---------------------------------------------------------------
 
@@ -523,6 +527,7 @@ class Replica:
                     await self._send_full_sync(event.peer)
         elif isinstance(event, PeerDown):
             self.peers.pop(event.peer.id, None)
+            self._full_sync_done.pop(event.peer.id, None)
             if self.digest is not None:
                 self.digest.peer_gone(event.peer.id)
             # Only a peer that is gone loses its data; an evicted peer is alive and well.
@@ -590,9 +595,20 @@ class Replica:
         One sync per peer at a time: asked again meanwhile, the running one is followed by
         one more with a fresh snapshot (requests are folded, never queued up).
         """
-        if peer.id in self._sending:
-            self._sending[peer.id] = True
+        if peer.id in self._sending or peer.id in self._deferred:
+            if peer.id in self._sending:
+                self._sending[peer.id] = True
             self.stats.syncs_coalesced += 1
+            return
+        done = self._full_sync_done.get(peer.id)
+        allowed = -math.inf if done is None else done + self.config.full_sync_again_after
+        if trio.current_time() < allowed:
+            # Served a moment ago: one more, later, whatever the peer asks meanwhile (a
+            # peer asking in a loop gets one full state per window, not one per request).
+            assert self._nursery is not None
+            self._deferred.add(peer.id)
+            self.stats.syncs_deferred += 1
+            self._nursery.start_soon(self._push_later, peer, allowed)
             return
         stream = getattr(self.callbacks, "full_sync_stream", None)
         if stream is not None:
@@ -606,10 +622,17 @@ class Replica:
         self._sending[peer.id] = False
         self._nursery.start_soon(self._stream_sync, peer, batches)
 
+    async def _push_later(self, peer: Peer, when: float) -> None:
+        await trio.sleep_until(when)
+        self._deferred.discard(peer.id)
+        if peer.id in self.peers:
+            await self._inbox.put("tick", ("push", peer), 0)
+
     async def _stream_sync(self, peer: Peer, batches: AsyncGenerator[list[Any], None]) -> None:
         try:
             async with contextlib.aclosing(batches):
                 await self._stream_chunks(peer, batches)
+            self._full_sync_done[peer.id] = trio.current_time()
         except LinkClosed:
             self.stats.syncs_aborted += 1
             log.info("replica %s: full sync to %s cut short: link closed", self.name, peer)

@@ -110,8 +110,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             mb.replica.digest.stats.sessions_completed
         )
         converge = await wait_for(
-            lambda: mb.get("key-0000007") == "changed on a"
-            and ma.get("key-0500000") == "changed on b",
+            lambda: (
+                mb.get("key-0000007") == "changed on a" and ma.get("key-0500000") == "changed on b"
+            ),
             4 * args.interval,
         )
         # The comparison that found them ends just after: count all of its bytes.

@@ -108,6 +108,7 @@ class DigestStats:
 class _Session:
     id: int
     peer: Peer
+    opened: float
     heard: float
 
 
@@ -139,6 +140,7 @@ class DigestSync:
         nursery: trio.Nursery,
         rng: Any,
         config: DigestSyncConfig | None = None,
+        on_synced: Callable[[float], None] | None = None,
     ) -> None:
         self.name = name
         self.owner = owner
@@ -147,6 +149,9 @@ class DigestSync:
         self.stats = DigestStats()
         self._send = send
         self._chunker = chunker
+        #: Told, for each comparison this node opened that completed, how many seconds ago
+        #: it was opened (the map's sync mark, `maps.ReplicatedMap.sync_completed`).
+        self._on_synced = on_synced
         self._nursery = nursery
         self._rng = rng
         self._sessions: dict[str, _Session] = {}
@@ -167,7 +172,8 @@ class DigestSync:
         if len(self._sessions) >= self.config.max_sessions:
             self._waiting[peer.id] = peer
             return
-        session = _Session(self._rng.getrandbits(63), peer, trio.current_time())
+        now = trio.current_time()
+        session = _Session(self._rng.getrandbits(63), peer, now, now)
         self._sessions[peer.id] = session
         self.stats.sessions_opened += 1
         self._queue(peer, session.id, [], [opening(self.source)])
@@ -180,10 +186,13 @@ class DigestSync:
         return bool(self._sessions or self._waiting)
 
     def _end(self, peer_id: str, *, completed: bool) -> None:
-        if self._sessions.pop(peer_id, None) is None:
+        session = self._sessions.pop(peer_id, None)
+        if session is None:
             return
         if completed:
             self.stats.sessions_completed += 1
+            if self._on_synced is not None:
+                self._on_synced(trio.current_time() - session.opened)
         else:
             self.stats.sessions_timed_out += 1
         while self._waiting and len(self._sessions) < self.config.max_sessions:

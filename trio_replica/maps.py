@@ -82,6 +82,9 @@ class MapStats:
     tombstones_collected: int = 0
     subscriber_drops: int = 0
     store_errors: int = 0
+    #: Entries dropped before a sync because this replica had been out of touch for longer
+    #: than the tombstone TTL (`before_sync`), so that a forgotten delete stays deleted.
+    stale_entries_dropped: int = 0
 
 
 class ReplicatedMap:
@@ -109,6 +112,10 @@ class ReplicatedMap:
         self._subscribers = Fanout[Event]()
         self.stats = MapStats()
         self.replica: Replica
+        #: Wall-clock ms at which the last comparison this replica completed began: every
+        #: entry older than that was known to a peer then (`before_sync`). None: never.
+        self.last_synced_ms: int | None = None
+        self._mark_saved_ms: int | None = None
 
     # --- reads (local, never blocking) ----------------------------------------------------
 
@@ -253,6 +260,72 @@ class ReplicatedMap:
             yield self._map.wire_entries(keys)
             await trio.lowlevel.checkpoint()
 
+    async def before_sync(self, name: str) -> None:
+        # No resurrection (README "Deletes stay deleted"). Peers forget a tombstone
+        # `tombstone_ttl` after the delete. A replica out of touch for longer may hold
+        # values whose delete the cluster no longer remembers; sending them would bring
+        # the keys back everywhere. Such a value is older than the horizon (a delete is
+        # newer than what it deletes) and was known to a peer at our last sync (older than
+        # that mark). Those entries are dropped here, before the first exchange: the
+        # comparison then brings back the ones that still live elsewhere, and the deleted
+        # ones stay deleted. Entries written since the last sync are ours alone: kept.
+        now_ms = self.node.clock.read_physical()
+        ttl_ms = round(self.tombstone_ttl * 1000)
+        mark = self.last_synced_ms
+        if mark is None or now_ms - mark <= ttl_ms:
+            return
+        # A peer whose clock runs ahead (within the skew bound) collects a little sooner.
+        horizon = min(now_ms - ttl_ms + self.node.clock.max_offset_ms, mark)
+        stale: list[Key] = []
+        dropped_values: list[Key] = []
+        for key, entry in self._map.entries():
+            if entry.dot.ts.wall < horizon:
+                stale.append(key)
+                if isinstance(entry, Value):
+                    dropped_values.append(key)
+        log.warning(
+            "map %s: out of touch for %.0f s (tombstones live %.0f s): dropping %d entries "
+            "older than that before syncing, so that no forgotten delete is undone",
+            self.name,
+            (now_ms - mark) / 1000,
+            self.tombstone_ttl,
+            len(stale),
+        )
+        if stale and self._store is not None:
+            # Off the disk first: a crash in between leaves them in memory only, and the
+            # next start drops them again (the mark has not moved).
+            await self._store.delete(stale)
+        for start in range(0, len(stale), INGEST_SLICE):
+            for key in stale[start : start + INGEST_SLICE]:
+                self._map.restore(key, None)
+            await trio.lowlevel.checkpoint()
+        self.stats.stale_entries_dropped += len(stale)
+        # Readers see the values go (those still alive elsewhere come back as puts).
+        for key in dropped_values:
+            missed = self._subscribers.publish(Removed(key, self.node.id))
+            if missed:
+                self.stats.subscriber_drops += missed
+        # Done once per time out of touch: the sync that follows sets a new mark.
+        self.last_synced_ms = now_ms - ttl_ms
+
+    async def sync_completed(self, name: str, started_ms: int) -> None:
+        # A comparison begun at `started_ms` completed: every entry older than that is
+        # known to that peer. Saved at most once a minute (precision that matters is the
+        # tombstone TTL, days), and never moved back.
+        if self.last_synced_ms is not None and started_ms <= self.last_synced_ms:
+            return
+        self.last_synced_ms = started_ms
+        if self._store is not None and (
+            self._mark_saved_ms is None or started_ms - self._mark_saved_ms >= 60_000
+        ):
+            try:
+                await self._store.set_sync_mark(started_ms)
+            except StoreError:
+                self.stats.store_errors += 1
+                log.exception("map %s: could not save the sync mark; next sync", self.name)
+            else:
+                self._mark_saved_ms = started_ms
+
     async def remove_node(self, name: str, node: str) -> None:
         # Last-writer-wins data belongs to the map, not to the node that wrote it: a node
         # that fails or leaves takes nothing with it. (Registries and leases differ.)
@@ -296,6 +369,7 @@ class ReplicatedMap:
         if self._store is None:
             return 0
         entries = await self._store.load()
+        self.last_synced_ms = self._mark_saved_ms = await self._store.sync_mark()
         for key, entry in entries:
             self._map.merge_entry(key, entry)
         if entries:

@@ -29,10 +29,9 @@ duplication or loss-then-resend of deltas converges to the same map. A delta or 
 only ever carries entries, never absences: a partial sync cannot remove a key.
 
 Tombstone collection: `gc_tombstones(now_ms, ttl_ms)` drops tombstones older than a TTL.
-Caveat, inherent to every TTL-collected tombstone scheme: a peer that was partitioned for
-longer than the TTL and still holds a value older than the (now forgotten) remove will
-resurrect that key when it syncs again. Choose a TTL longer than any partition you expect
-to heal by sync rather than by rejoining from scratch.
+On its own that lets a peer out of touch for longer than the TTL resurrect a key whose
+remove was forgotten; `trio_replica.maps.ReplicatedMap.before_sync` closes that gap (such
+a peer drops its old entries before it syncs again).
 """
 
 from __future__ import annotations
@@ -384,7 +383,7 @@ class ORMap:
     def gc_tombstones(self, now_ms: int, ttl_ms: int) -> int:
         """Drop tombstones whose HLC wall is more than `ttl_ms` before `now_ms`.
 
-        Return how many were dropped. See the module doc for the resurrection caveat.
+        Return how many were dropped. See the module doc on resurrection.
         """
         expired = self.expired_tombstones(now_ms, ttl_ms)
         for key in expired:

@@ -89,11 +89,19 @@ class ReplicaCallbacks(Protocol):
 
     Optional members: ``async def merge_custom(name, payload)`` for `broadcast_custom`
     payloads; a boolean attribute ``anti_entropy`` that turns periodic anti-entropy on
-    (for value-carrying stores with a full-state snapshot and tombstones); and
+    (for value-carrying stores with a full-state snapshot and tombstones);
     ``full_sync_stream(name)``, an async generator of lists of items, used instead of
     `full_sync_snapshot` when present: it walks the state as the sync streams (a batch is
     built when the link has room for the one before), so a large state is never copied
     whole; state that changes meanwhile travels as deltas anyway.
+
+    Digest anti-entropy (`trio_replica.digestsync`), when the owner has both
+    ``digest_source(name)`` (a `core.antientropy.DigestSource`) and
+    ``range_stream(name, level, index)`` (an async generator of item batches): the state
+    is compared with peers by range digests and only differing ranges move; full-state
+    sync is then not used. With it, ``async def before_sync(name)`` runs before every
+    comparison (the map drops stale entries there) and ``async def sync_completed(name,
+    started_ms)`` after each comparison this node opened completes.
     """
 
     async def merge_delta(self, name: str, delta: Any) -> None:
@@ -371,6 +379,7 @@ class Replica:
                             nursery,
                             self._rng,
                             self.config.digest,
+                            self._synced,
                         )
                     if self.anti_entropy:
                         nursery.start_soon(self._anti_entropy_ticks)
@@ -381,7 +390,7 @@ class Replica:
                     if self.digest is not None:
                         # Both ways at once, and an owner that starts with state (recovered
                         # from disk) offers what it may never have broadcast.
-                        self._compare_with_all()
+                        await self._compare_with_all()
                     else:
                         self._request_sync_from_all()
                         # An owner that starts with state (recovered from disk) may hold
@@ -461,10 +470,14 @@ class Replica:
             elif kind == "direct":
                 await self._on_direct(*data)
             elif kind == "anti_entropy":
-                self._anti_entropy_pull()
+                await self._anti_entropy_pull()
             elif kind == "resync":
                 # Deltas the cluster had were lost on the way here: any one peer holds them.
-                self._pull_from_one()
+                await self._pull_from_one()
+            elif kind == "synced":
+                sync_completed = getattr(self.callbacks, "sync_completed", None)
+                if sync_completed is not None:
+                    await sync_completed(self.name, data)
             elif kind == "push":
                 await self._send_full_sync(data)
         except (WireError, MessageTooLarge) as exc:
@@ -480,7 +493,7 @@ class Replica:
         if isinstance(item, Resubscribed):
             # The broadcast source restarted: deltas may have been missed. Recover them.
             self.stats.resyncs_after_resubscribe += 1
-            self._recover_from_all()
+            await self._recover_from_all()
             return
         if isinstance(item, Lagged):
             # Deltas were lost on the way to us (we fell behind, or a broadcast could not
@@ -511,7 +524,7 @@ class Replica:
         if isinstance(event, Resubscribed):
             self.stats.resyncs_after_resubscribe += 1
             self.peers.update((p.id, p) for p in self.node.active_view())
-            self._recover_from_all()
+            await self._recover_from_all()
         elif isinstance(event, PeerUp):
             # Compare whole peers: a node restarted under the same id at another address is
             # a new incarnation that needs our state even if its old one was still listed.
@@ -521,6 +534,7 @@ class Replica:
                     # One comparison moves both ways: the smaller id opens it (the other
                     # side sees the same PeerUp and waits).
                     if self.node.id < event.peer.id:
+                        await self._before_sync()
                         self.digest.open(event.peer)
                 else:
                     # Push only: the peer sees us come up too and pushes its state to us.
@@ -538,6 +552,7 @@ class Replica:
     async def _on_direct(self, peer: Peer, message: SyncRequest | SyncChunk | SyncDigest) -> None:
         if isinstance(message, SyncDigest):
             if self.digest is not None:
+                await self._before_sync()
                 self.digest.on_round(peer, message)
             elif message.parents or message.want:
                 # This owner has no digest: a bare answer ends the peer's comparison
@@ -555,30 +570,46 @@ class Replica:
             raise WireError("a sync chunk must carry a list", reason="shape")
         await self.callbacks.apply_full_sync(self.name, items)
 
-    def _anti_entropy_pull(self) -> None:
-        if self._pull_from_one():
+    async def _anti_entropy_pull(self) -> None:
+        if await self._pull_from_one():
             self.stats.anti_entropy_pulls += 1
 
-    def _pull_from_one(self) -> bool:
+    async def _pull_from_one(self) -> bool:
         if not self.peers:
             return False
         peer = self._rng.choice(sorted(self.peers.values()))
         if self.digest is not None:
+            await self._before_sync()
             self.digest.open(peer)
         else:
             self.request_sync(peer)
         return True
 
-    def _compare_with_all(self) -> None:
+    async def _compare_with_all(self) -> None:
         assert self.digest is not None
+        await self._before_sync()
         for peer in sorted(self.peers.values()):
             self.digest.open(peer)
 
-    def _recover_from_all(self) -> None:
+    async def _recover_from_all(self) -> None:
         if self.digest is not None:
-            self._compare_with_all()
+            await self._compare_with_all()
         else:
             self._request_sync_from_all()
+
+    async def _before_sync(self) -> None:
+        """Let the owner prepare its state before it is compared (`before_sync`: a map out
+        of touch for longer than its tombstone TTL drops what a forgotten delete hit)."""
+        before_sync = getattr(self.callbacks, "before_sync", None)
+        if before_sync is not None:
+            await before_sync(self.name)
+
+    def _synced(self, ago: float) -> None:
+        """A comparison this node opened `ago` seconds ago completed (`digestsync`)."""
+        started_ms = self.node.clock.read_physical() - round(ago * 1000)
+        # The tick source holds `inbox_size` items: full, this mark is skipped and the
+        # next completed comparison sets a later one.
+        self._inbox.put_nowait("tick", ("synced", started_ms), 0)
 
     def _request_sync_from_all(self) -> None:
         for peer in list(self.peers.values()):

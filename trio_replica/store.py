@@ -69,7 +69,14 @@ CREATE TABLE entries (
     entry BLOB NOT NULL,
     crc INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE sync_mark (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    last_synced_ms INTEGER NOT NULL
+);
 """
+#: Added after schema version 1 shipped; created at open in a store that lacks it (an
+#: extra table does not bother an older reader, so the version stays).
+_SYNC_MARK_TABLE = _SCHEMA[_SCHEMA.index("CREATE TABLE sync_mark") :].strip().rstrip(";")
 
 _T = TypeVar("_T")
 
@@ -201,6 +208,8 @@ def _connect(path: Path, name: str) -> sqlite3.Connection:
         conn.execute("PRAGMA fullfsync=ON")
         # Take the exclusive lock now, not at the first write.
         conn.execute("BEGIN IMMEDIATE")
+        if "sync_mark" not in tables:
+            conn.execute(_SYNC_MARK_TABLE)
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         conn.close()
@@ -298,6 +307,30 @@ class MapStore(trio.abc.AsyncResource):
             lambda: self._transaction("deleting", "DELETE FROM entries WHERE key = ?", rows)
         )
         self.entries_deleted += len(rows)
+
+    async def sync_mark(self) -> int | None:
+        """The wall-clock time (ms) saved by `set_sync_mark`, or None if never saved."""
+
+        def read() -> int | None:
+            try:
+                row = self._live().execute("SELECT last_synced_ms FROM sync_mark").fetchone()
+            except sqlite3.Error as exc:
+                raise _describe_failure(self._path, "loading", exc) from exc
+            if row is None:
+                return None
+            if type(row[0]) is not int:
+                raise _corrupt(self._path, f"its sync mark is {row[0]!r:.40}, not an integer")
+            return int(row[0])
+
+        return await self._run(read)
+
+    async def set_sync_mark(self, ms: int) -> None:
+        """Durably remember when this map last completed a sync with a peer (`maps`)."""
+        await self._run(
+            lambda: self._transaction(
+                "writing", "INSERT OR REPLACE INTO sync_mark VALUES (0, ?)", [(int(ms),)]
+            )
+        )
 
     async def aclose(self) -> None:
         """Close the connection (after any call in progress); idempotent.

@@ -98,7 +98,9 @@ async def test_a_new_replica_is_filled_by_one_peer_then_compared_with_the_others
         entries = len(list(maps[0]._map.entries()))
         assert sent == entries, (sent, entries)
         stats = fresh.replica.digest.stats  # type: ignore[union-attr]
-        assert stats.sessions_completed == len(late.active_view())
+        # One comparison with every host (the directory names all four; "late" < "s*",
+        # so it opens them all), not only with its neighbours.
+        assert stats.sessions_completed == len(late.hosts.hosts("m")) == 4
         nursery.cancel_scope.cancel()
 
 
@@ -196,4 +198,55 @@ async def test_a_store_without_a_digest_serves_full_syncs_once_per_window(
         # The requests folded into one more sync after the window, not 500.
         assert replica.stats.syncs_sent <= sent + 2
         assert replica.stats.syncs_deferred + replica.stats.syncs_coalesced >= 498
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_map_hosted_by_3_of_30_nodes_syncs_between_its_hosts_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Sync peers come from the host directory, not from the overlay's neighbours: a host
+    # whose neighbours host nothing still gets its initial sync and anti-entropy.
+    base = _base(ReplicaConfig(anti_entropy_interval=10.0))
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, MemoryNetwork(seed=66), base=base)
+        seed = await c.start("n00")
+        for i in range(1, 30):
+            await c.start(f"n{i:02d}", [seed.address])
+        nodes = c.live()
+        with trio.fail_after(60):
+            await wait_until(lambda: overlay_ok(nodes, min_active=2))
+        # Three hosts, no two of them neighbours.
+        hosts: list[Node] = []
+        for node in nodes[1:]:
+            near = {p.id for p in node.active_view()}
+            if all(
+                h.id not in near and node.id not in {p.id for p in h.active_view()} for h in hosts
+            ):
+                hosts.append(node)
+            if len(hosts) == 3:
+                break
+        first, second, late = hosts
+        m1, m2 = await first.open_map("m"), await second.open_map("m")
+        for i in range(200):
+            await (m1 if i % 2 else m2).put(f"k{i}", i)
+        with trio.fail_after(60):
+            await wait_until(lambda: len(m1) == len(m2) == 200)
+        m3 = await late.open_map("m")
+        with trio.fail_after(120):
+            await wait_until(lambda: m3._map == m1._map)
+        others = [n for n in nodes if n not in hosts]
+
+        def asked_non_hosts() -> int:
+            # Only the first host, which knew no other, fell back to its neighbours.
+            return sum(n.stats()["drops"].get("no_such_replica:SyncDigest", 0) for n in others)
+
+        before = asked_non_hosts()
+        # A write only `first` holds (its delta lost) reaches both others by anti-entropy,
+        # which compares with hosts only.
+        _write_quietly(m1, first, "quiet", "only on first")
+        with trio.fail_after(300):
+            await wait_until(lambda: m2.get("quiet") == m3.get("quiet") == "only on first")
+        assert asked_non_hosts() == before
+        assert m3.replica.digest is not None
+        assert m3.replica.digest.stats.sessions_completed >= 1
         nursery.cancel_scope.cancel()

@@ -116,6 +116,7 @@ class ReplicatedMap:
         #: entry older than that was known to a peer then (`before_sync`). None: never.
         self.last_synced_ms: int | None = None
         self._mark_saved_ms: int | None = None
+        self._dropped_at_mark: int | None = None
 
     # --- reads (local, never blocking) ----------------------------------------------------
 
@@ -272,7 +273,7 @@ class ReplicatedMap:
         now_ms = self.node.clock.read_physical()
         ttl_ms = round(self.tombstone_ttl * 1000)
         mark = self.last_synced_ms
-        if mark is None or now_ms - mark <= ttl_ms:
+        if mark is None or now_ms - mark <= ttl_ms or mark == self._dropped_at_mark:
             return
         # A peer whose clock runs ahead (within the skew bound) collects a little sooner.
         horizon = min(now_ms - ttl_ms + self.node.clock.max_offset_ms, mark)
@@ -305,8 +306,9 @@ class ReplicatedMap:
             missed = self._subscribers.publish(Removed(key, self.node.id))
             if missed:
                 self.stats.subscriber_drops += missed
-        # Done once per time out of touch: the sync that follows sets a new mark.
-        self.last_synced_ms = now_ms - ttl_ms
+        # Once per time out of touch (the sync that follows sets a new mark): entries that
+        # come back meanwhile, and ours written since the mark, must not be dropped again.
+        self._dropped_at_mark = mark
 
     async def sync_completed(self, name: str, started_ms: int) -> None:
         # A comparison begun at `started_ms` completed: every entry older than that is

@@ -42,6 +42,7 @@ from .events import Delivery, Event, Lagged, PeerDown, PeerUp
 from .flow import Fanout, Feed, Pressure
 from .health import loop_health
 from .hlc import HybridClock
+from .hosts import HostDirectory
 from .link import (
     Credentials,
     Link,
@@ -150,6 +151,7 @@ class Node:
         self._creds = Credentials(config.cluster, config.secret or b"", self.me)
         self.membership: Membership
         self._replicas: dict[str, Replica] = {}
+        self.hosts = HostDirectory(self)
         self._maps: dict[str, ReplicatedMap] = {}
         self._map_tasks: dict[str, trio.CancelScope] = {}
         self._map_lock = trio.Lock()
@@ -194,6 +196,8 @@ class Node:
         await self.start_task(self.membership.serve)
         await self.start_task(self.broadcaster.serve)
         self._ready.set()
+        # Who hosts which instance: a map every node hosts (hosts.py).
+        await self.hosts.start()
         self.spawn(self.health.serve)
         self.spawn(self._seeder)
         self.spawn(self._janitor)
@@ -535,7 +539,7 @@ class Node:
             "stats": self.stats(),
             "maps": {
                 name: {"size": len(m), "tombstones": m.tombstones}
-                for name, m in sorted(self._maps.items())
+                for name, m in sorted(self.maps().items())
             },
         }
 
@@ -576,6 +580,20 @@ class Node:
         in `config.data_dir`: a put returns once it is durable, and reopening the map after
         a restart recovers it, then pulls what it missed from the peers.
         """
+        if name.startswith("_"):
+            raise ValueError("map names starting with '_' are reserved for the node")
+        return await self._open_map_unchecked(
+            name, validator=validator, persist=persist, tombstone_ttl=tombstone_ttl
+        )
+
+    async def _open_map_unchecked(
+        self,
+        name: str,
+        *,
+        validator: Validator | None = None,
+        persist: bool = False,
+        tombstone_ttl: float = DEFAULT_TOMBSTONE_TTL,
+    ) -> ReplicatedMap:
         async with self._map_lock:
             existing = self._maps.get(name)
             if existing is not None:
@@ -642,13 +660,14 @@ class Node:
                 await the_map._store.aclose()
 
     def maps(self) -> dict[str, ReplicatedMap]:
-        """The maps open on this node, by name."""
-        return dict(self._maps)
+        """The maps open on this node, by name (not the node's own, such as the host
+        directory: names starting with ``_``)."""
+        return {name: m for name, m in self._maps.items() if not name.startswith("_")}
 
     def _hosted_map(self, args: Any, arity: int) -> tuple[ReplicatedMap, list[Any]]:
         if type(args) is not list or len(args) != arity or not isinstance(args[0], str):
             raise ValueError(f"expected [map, ...] with {arity} items")
-        the_map = self._maps.get(args[0])
+        the_map = self.maps().get(args[0])
         if the_map is None:
             raise KeyError(f"map {args[0]!r} is not open on node {self.id}")
         return the_map, args[1:]

@@ -294,6 +294,10 @@ class Replica:
         self._digest_owner = callable(getattr(callbacks, "digest_source", None)) and callable(
             getattr(callbacks, "range_stream", None)
         )
+        #: The host directory itself is hosted by every node: it syncs with neighbours.
+        from .hosts import DIRECTORY
+
+        self._everywhere = name == DIRECTORY
         #: When the last full sync to each peer ended (`full_sync_again_after`), and the
         #: peers whose next one waits for that window.
         self._full_sync_done: dict[str, float] = {}
@@ -388,9 +392,13 @@ class Replica:
                     for peer in self.node.active_view():
                         self.peers[peer.id] = peer
                     if self.digest is not None:
+                        if not self._everywhere:
+                            # Sync with the hosts of this instance, wherever they are.
+                            self.node.hosts.listen(self.name, self._host_changed)
+                            await self.node.hosts.announce(self.name)
                         # Both ways at once, and an owner that starts with state (recovered
                         # from disk) offers what it may never have broadcast.
-                        await self._compare_with_all()
+                        await self._compare_at_start()
                     else:
                         self._request_sync_from_all()
                         # An owner that starts with state (recovered from disk) may hold
@@ -409,11 +417,17 @@ class Replica:
                                 break
                             await self._handle(kind, data)
         finally:
+            if self.digest is not None and not self._everywhere:
+                self.node.hosts.unlisten(self.name)
             self.node.forget_replica(self)
             self.closed.set()
 
     async def aclose(self) -> None:
-        """Stop the driver task; queued inputs are discarded."""
+        """Stop the driver task (queued inputs are discarded) and tell the other nodes
+        that this one no longer hosts the instance (within a second, best effort)."""
+        if self.digest is not None and not self._everywhere and not self.closed.is_set():
+            with trio.move_on_after(1.0), contextlib.suppress(NodeClosed):
+                await self.node.hosts.withdraw(self.name)
         self._scope.cancel()
         await self.closed.wait()
 
@@ -474,6 +488,12 @@ class Replica:
             elif kind == "resync":
                 # Deltas the cluster had were lost on the way here: any one peer holds them.
                 await self._pull_from_one()
+            elif kind == "host":
+                peer, added = data
+                # One comparison per pair: the node with the smaller id opens it.
+                if added and self.digest is not None and self.node.id < peer.id:
+                    await self._before_sync()
+                    self.digest.open(peer)
             elif kind == "synced":
                 sync_completed = getattr(self.callbacks, "sync_completed", None)
                 if sync_completed is not None:
@@ -532,8 +552,11 @@ class Replica:
                 self.peers[event.peer.id] = event.peer
                 if self.digest is not None:
                     # One comparison moves both ways: the smaller id opens it (the other
-                    # side sees the same PeerUp and waits).
-                    if self.node.id < event.peer.id:
+                    # side sees the same PeerUp and waits). Only with a host, once hosts
+                    # are known: a neighbour that does not host the instance has nothing.
+                    hosts = self._hosts()
+                    is_host = not hosts or any(p.id == event.peer.id for p in hosts)
+                    if is_host and self.node.id < event.peer.id:
                         await self._before_sync()
                         self.digest.open(event.peer)
                 else:
@@ -575,9 +598,10 @@ class Replica:
             self.stats.anti_entropy_pulls += 1
 
     async def _pull_from_one(self) -> bool:
-        if not self.peers:
+        peers = self._sync_peers()
+        if not peers:
             return False
-        peer = self._rng.choice(sorted(self.peers.values()))
+        peer = self._rng.choice(peers)
         if self.digest is not None:
             await self._before_sync()
             self.digest.open(peer)
@@ -588,8 +612,31 @@ class Replica:
     async def _compare_with_all(self) -> None:
         assert self.digest is not None
         await self._before_sync()
-        for peer in sorted(self.peers.values()):
+        for peer in self._sync_peers():
             self.digest.open(peer)
+
+    async def _compare_at_start(self) -> None:
+        """Compare with the known hosts whose ids are greater than ours (the others hear
+        of us from the directory and open the comparison), or, while no host is known,
+        with every neighbour."""
+        assert self.digest is not None
+        await self._before_sync()
+        hosts = self._hosts()
+        for peer in [p for p in hosts if p.id > self.node.id] if hosts else self._sync_peers():
+            self.digest.open(peer)
+
+    def _hosts(self) -> list[Peer]:
+        return [] if self._everywhere else self.node.hosts.hosts(self.name)
+
+    def _sync_peers(self) -> list[Peer]:
+        """Whom to sync with: the instance's hosts, or the neighbours while no host is known
+        (and always for the host directory, which every node hosts)."""
+        return self._hosts() or sorted(self.peers.values())
+
+    def _host_changed(self, peer: Peer, added: bool) -> None:
+        # Called by the directory's follower: never blocks. The tick source holds
+        # `inbox_size` items; full, this one is skipped and anti-entropy finds the host.
+        self._inbox.put_nowait("tick", ("host", (peer, added)), 0)
 
     async def _recover_from_all(self) -> None:
         if self.digest is not None:

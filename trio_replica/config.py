@@ -19,6 +19,7 @@ import attrs
 
 from .core.hyparview import HyParViewConfig
 from .core.plumtree import PlumtreeConfig
+from .departures import DeparturesConfig
 from .errors import ConfigError
 from .flow import FlowConfig
 from .health import HealthConfig
@@ -101,6 +102,8 @@ class NodeConfig:
     #: How the event loop's lag is sampled and stretches timeouts (health.py). Nodes in
     #: one process share one loop and one measure: the first node's setting holds.
     health: HealthConfig = attrs.field(factory=HealthConfig)
+    #: When a node that left the active view counts as gone for the cluster (departures.py).
+    departures: DeparturesConfig = attrs.field(factory=DeparturesConfig)
     #: Where persistent maps keep their SQLite files (needed for ``open_map(persist=True)``).
     data_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     #: Largest application payload accepted for a broadcast or a replicated value, in bytes.

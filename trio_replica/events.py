@@ -50,6 +50,17 @@ class PeerDown(Event):
 
 
 @attrs.frozen
+class NodeRemoved(Event):
+    """`node` is gone for the cluster: it left (LEFT), or its failure was confirmed
+    (FAILED: reported by several of its neighbours, or by one and never refuted; see
+    `trio_replica.departures`). Told once per departure on every node; replicas call
+    `remove_node` for it. A peer that merely left the active view is not removed."""
+
+    node: str
+    reason: DownReason
+
+
+@attrs.frozen
 class Left(Event):
     """This node left the cluster gracefully; no more membership events follow."""
 

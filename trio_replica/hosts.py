@@ -83,6 +83,8 @@ class HostDirectory:
         self.map: ReplicatedMap | None = None
         self._index: dict[str, dict[str, Peer]] = {}
         self._listeners: dict[str, HostListener] = {}
+        #: Nodes gone for the cluster: their entries are left out of the index.
+        self._forgotten: set[str] = set()
         self._incarnation = random.Random(node._rng.getrandbits(64)).getrandbits(48)
 
     async def start(self) -> None:
@@ -116,6 +118,23 @@ class HostDirectory:
         assert self.map is not None
         await self.map.delete(directory_key(instance, self.node.id))
 
+    def forget_node(self, node_id: str) -> None:
+        """`node_id` is gone for the cluster (`departures`): no longer a host of anything
+        here until it is heard of again (`remember_node`). Its entries stay in the map."""
+        self._forgotten.add(node_id)
+        for instance in [i for i, hosts in self._index.items() if node_id in hosts]:
+            peer = self._index[instance].pop(node_id)
+            if not self._index[instance]:
+                del self._index[instance]
+            self._tell(instance, peer, added=False)
+
+    def remember_node(self, node_id: str) -> None:
+        """A node once forgotten is heard of again (a partition healed, it refuted a
+        suspicion, it restarted): its entries count again."""
+        if node_id in self._forgotten:
+            self._forgotten.discard(node_id)
+            self._rebuild()
+
     # --- following the map --------------------------------------------------------------
 
     async def _follow(
@@ -139,7 +158,7 @@ class HostDirectory:
         self._index = {}
         for key, value in self.map.items():
             parsed = parse_entry(key, value)
-            if parsed is not None:
+            if parsed is not None and parsed[1].id not in self._forgotten:
                 self._index.setdefault(parsed[0], {})[parsed[1].id] = parsed[1]
         for name in set(old) | set(self._index):
             before, after = old.get(name, {}), self._index.get(name, {})
@@ -155,6 +174,8 @@ class HostDirectory:
         if parsed is None:
             return
         instance, peer = parsed
+        # Its own announcement: it is alive (a restart after it was removed).
+        self._forgotten.discard(peer.id)
         # A new host, or one that restarted (a put is a visible change: a new address or
         # incarnation): either way it needs a comparison.
         self._index.setdefault(instance, {})[peer.id] = peer

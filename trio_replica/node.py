@@ -36,6 +36,7 @@ from .control import ControlStream
 from .core.effects import Effect
 from .core.hyparview import HyParView
 from .core.plumtree import Plumtree
+from .departures import Departures
 from .dialing import DialBudget
 from .errors import ConfigError, HandshakeError, LinkClosed, MessageTooLarge, NodeClosed
 from .events import Delivery, Event, Lagged, PeerDown, PeerUp
@@ -152,6 +153,7 @@ class Node:
         self.membership: Membership
         self._replicas: dict[str, Replica] = {}
         self.hosts = HostDirectory(self)
+        self.departures = Departures(self, config.departures)
         self._maps: dict[str, ReplicatedMap] = {}
         self._map_tasks: dict[str, trio.CancelScope] = {}
         self._map_lock = trio.Lock()
@@ -198,6 +200,8 @@ class Node:
         self._ready.set()
         # Who hosts which instance: a map every node hosts (hosts.py).
         await self.hosts.start()
+        # Which nodes are gone for the cluster (departures.py): what replicas remove.
+        await self.start_task(self.departures.serve)
         self.spawn(self.health.serve)
         self.spawn(self._seeder)
         self.spawn(self._janitor)
@@ -522,6 +526,7 @@ class Node:
             **self.stats_counters.flow,
         }
         out["loop"] = self.health.snapshot()
+        out["departures"] = self.departures.snapshot()
         out["dials"] = {
             "delayed": self.dial_budget.delayed,
             "waited_seconds": round(self.dial_budget.waited, 3),

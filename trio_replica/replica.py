@@ -17,9 +17,10 @@ What the driver does (SPEC section 8, with the seed's flaws fixed):
 * **Peers**: seeded from the active view at start, then kept from `PeerUp` / `PeerDown`.
   At start the driver pulls the state of every peer (so an instance opened after the
   cluster formed still syncs), and it pushes a full sync to each new peer.
-* **Removal of a node's data** (`remove_node`) happens only when a peer failed or left,
-  never when a live peer was merely evicted from the active view (barrel_p2p drops a live
-  node's data there).
+* **Removal of a node's data** (`remove_node`) happens once per departure, on every node,
+  when the node is gone for the cluster (`NodeRemoved`: it left, or its failure was
+  confirmed, `trio_replica.departures`); never when a live peer was merely evicted from the
+  active view or one link to it was lost (barrel_p2p drops a live node's data there).
 * **Recovery**: when a subscription reports `Resubscribed` (its source crashed and came
   back), the driver asks every peer for a full sync to recover what it missed. On `Lagged`
   (deliveries were lost: the driver fell behind, or a broadcast could not be fetched) it
@@ -59,7 +60,7 @@ import trio
 
 from .digestsync import DigestSync, DigestSyncConfig
 from .errors import LinkClosed, MessageTooLarge, NodeClosed, WireError
-from .events import Delivery, DownReason, Lagged, PeerDown, PeerUp, Resubscribed
+from .events import Delivery, Lagged, NodeRemoved, PeerDown, PeerUp, Resubscribed
 from .flow import FairInbox
 from .hlc import Timestamp
 from .messages import MAX_TAG, Peer, SyncChunk, SyncDigest, SyncRequest
@@ -567,10 +568,12 @@ class Replica:
             self._full_sync_done.pop(event.peer.id, None)
             if self.digest is not None:
                 self.digest.peer_gone(event.peer.id)
-            # Only a peer that is gone loses its data; an evicted peer is alive and well.
-            if event.reason in (DownReason.FAILED, DownReason.LEFT):
-                self.stats.nodes_removed += 1
-                await self.callbacks.remove_node(self.name, event.peer.id)
+        elif isinstance(event, NodeRemoved):
+            # Gone for the cluster (left, or its failure confirmed: departures.py), told
+            # once on every node. A peer that only left our active view (evicted, or a
+            # link lost while others still reach it) keeps its data.
+            self.stats.nodes_removed += 1
+            await self.callbacks.remove_node(self.name, event.node)
 
     async def _on_direct(self, peer: Peer, message: SyncRequest | SyncChunk | SyncDigest) -> None:
         if isinstance(message, SyncDigest):

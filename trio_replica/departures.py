@@ -1,0 +1,215 @@
+"""When a node is gone for the cluster: departures and confirmed failures, told once to all.
+
+This module owns the decision behind `NodeRemoved`, the event on which replicas call
+`remove_node`. A peer leaving one node's active view says little: an eviction, a link
+that timed out between two live nodes that a third still reaches, a node that is slow.
+Only these count (ideas from SWIM's suspicion and refutation):
+
+* **Left.** A neighbour that saw a peer leave gracefully (`PeerDown(LEFT)`) broadcasts
+  ``node/departed``: every node removes it at once.
+* **Failed, confirmed.** A neighbour whose link to a peer failed (`PeerDown(FAILED)`)
+  broadcasts a suspicion, ``node/suspect``. A suspected node that is alive hears it (the
+  overlay still reaches it through others) and refutes it with ``node/alive``, which
+  clears the suspicion everywhere. A node is removed when `observers` distinct nodes
+  suspect it and `confirm_delay` passed without a refutation, or when one did and nothing
+  refuted it for `lone_timeout`. Two nodes that lose their direct link while a third
+  reaches both each suspect the other once, are refuted, and nothing is removed.
+
+Every node decides from the same broadcasts, so each one removes a dead node once. A node
+removed and then heard of again (it comes back, or refutes late) can be removed again
+later. Suspicion reports come as broadcasts, so their cost is a broadcast per failed link.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from .errors import ConfigError, MessageTooLarge, NodeClosed
+from .events import Delivery, DownReason, NodeRemoved, PeerDown, PeerUp
+from .messages import MAX_NODE_ID
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("trio_replica.departures")
+
+DEPARTED_TAG = "node/departed"
+SUSPECT_TAG = "node/suspect"
+ALIVE_TAG = "node/alive"
+TAGS = (DEPARTED_TAG, SUSPECT_TAG, ALIVE_TAG)
+
+
+@attrs.frozen
+class DeparturesConfig:
+    """When a suspected node counts as failed (module docstring)."""
+
+    #: Distinct nodes whose link to it failed.
+    observers: int = 2
+    #: Time left for a refutation once enough nodes suspect it.
+    confirm_delay: float = 3.0
+    #: A suspicion that nothing refutes this long confirms with one observer.
+    lone_timeout: float = 30.0
+    #: Refutations of suspicions about this node: at most one per this many seconds.
+    refute_interval: float = 1.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.observers < 1:
+            raise ConfigError("departures.observers must be at least 1")
+        for name in ("confirm_delay", "lone_timeout", "refute_interval"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"departures.{name} must be >= 0")
+
+
+@attrs.define
+class _Suspicion:
+    since: float
+    observers: set[str] = attrs.Factory(set)
+
+
+@attrs.define
+class DepartureStats:
+    suspicions_sent: int = 0
+    suspicions_received: int = 0
+    refutations_sent: int = 0
+    refutations_received: int = 0
+    removed_left: int = 0
+    removed_failed: int = 0
+    malformed: int = 0
+
+
+class Departures:
+    """Decides which nodes are gone for the cluster (module docstring)."""
+
+    def __init__(self, node: Node, config: DeparturesConfig | None = None) -> None:
+        self.node = node
+        self.config = config or DeparturesConfig()
+        self.stats = DepartureStats()
+        self._suspects: dict[str, _Suspicion] = {}
+        self._removed: set[str] = set()
+        self._last_refutation = -float("inf")
+        self._changed = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for tag in TAGS:
+                await nursery.start(self._listen, tag)
+            await nursery.start(self._watch_links)
+            task_status.started()
+            await self._confirm_loop()
+
+    # --- inputs -------------------------------------------------------------------------
+
+    async def _watch_links(self, *, task_status: trio.TaskStatus[None]) -> None:
+        async with self.node.events() as events:
+            task_status.started()
+            async for event in events:
+                if isinstance(event, PeerDown):
+                    tag = {DownReason.LEFT: DEPARTED_TAG, DownReason.FAILED: SUSPECT_TAG}.get(
+                        event.reason
+                    )
+                    if tag is not None:
+                        if tag == SUSPECT_TAG:
+                            self.stats.suspicions_sent += 1
+                        await self._tell(tag, event.peer.id)
+                elif isinstance(event, PeerUp):
+                    self._heard_of(event.peer.id)
+
+    async def _listen(self, tag: str, *, task_status: trio.TaskStatus[None]) -> None:
+        async with self.node.subscribe(tag, include_own=True) as sub:
+            task_status.started()
+            async for item in sub:
+                if not isinstance(item, Delivery):
+                    continue  # a lost report is repaired by the next one (or the timeout)
+                target = item.payload
+                if type(target) is not str or not 0 < len(target) <= MAX_NODE_ID:
+                    self.stats.malformed += 1
+                    continue
+                if tag == DEPARTED_TAG:
+                    self._remove(target, DownReason.LEFT)
+                elif tag == SUSPECT_TAG:
+                    self.stats.suspicions_received += 1
+                    await self._suspected(target, item.origin)
+                else:
+                    self.stats.refutations_received += 1
+                    self._heard_of(target)
+
+    async def _suspected(self, target: str, observer: str) -> None:
+        if target == self.node.id:
+            now = trio.current_time()
+            if now - self._last_refutation >= self.config.refute_interval:
+                self._last_refutation = now
+                self.stats.refutations_sent += 1
+                await self._tell(ALIVE_TAG, self.node.id)
+            return
+        if target in self._removed:
+            return
+        suspicion = self._suspects.get(target)
+        if suspicion is None:
+            suspicion = self._suspects[target] = _Suspicion(trio.current_time())
+        suspicion.observers.add(observer)
+        self._changed.set()
+
+    async def _tell(self, tag: str, target: str) -> None:
+        try:
+            await self.node.broadcast(tag, target)
+        except (NodeClosed, MessageTooLarge):
+            return
+
+    # --- decisions ----------------------------------------------------------------------
+
+    def _heard_of(self, node_id: str) -> None:
+        """`node_id` is alive after all: no suspicion; a later death is a new one."""
+        self._clear(node_id)
+        if node_id in self._removed:
+            self._removed.discard(node_id)
+            self.node.hosts.remember_node(node_id)
+
+    def _clear(self, target: str) -> None:
+        self._suspects.pop(target, None)
+
+    def _remove(self, target: str, reason: DownReason) -> None:
+        self._clear(target)
+        if target == self.node.id or target in self._removed:
+            return
+        self._removed.add(target)
+        if reason is DownReason.LEFT:
+            self.stats.removed_left += 1
+        else:
+            self.stats.removed_failed += 1
+        log.info(
+            "node %s: node %s is gone for the cluster (%s)", self.node.id, target, reason.value
+        )
+        self.node.hosts.forget_node(target)
+        self.node.publish_membership_event(NodeRemoved(target, reason))
+
+    async def _confirm_loop(self) -> None:
+        cfg = self.config
+        while True:
+            if not self._suspects:
+                await self._changed.wait()
+                self._changed = trio.Event()
+                continue
+            now = trio.current_time()
+            wake = float("inf")
+            for target, suspicion in list(self._suspects.items()):
+                enough = len(suspicion.observers) >= cfg.observers
+                # One expression for the test and the wake-up: a deadline compared in two
+                # forms can disagree by a rounding error, and the loop would spin.
+                due = suspicion.since + (cfg.confirm_delay if enough else cfg.lone_timeout)
+                if now >= due:
+                    self._remove(target, DownReason.FAILED)
+                else:
+                    wake = min(wake, due)
+            if wake < float("inf"):
+                with trio.move_on_at(wake):
+                    await self._changed.wait()
+                self._changed = trio.Event()
+
+    def snapshot(self) -> dict[str, Any]:
+        out = attrs.asdict(self.stats)
+        out["suspected"] = len(self._suspects)
+        return out

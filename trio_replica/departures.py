@@ -41,6 +41,9 @@ DEPARTED_TAG = "node/departed"
 SUSPECT_TAG = "node/suspect"
 ALIVE_TAG = "node/alive"
 TAGS = (DEPARTED_TAG, SUSPECT_TAG, ALIVE_TAG)
+#: Suspected nodes tracked at once, and removed nodes remembered (the oldest forgotten
+#: first): the ids come from peers.
+MAX_TRACKED = 4096
 
 
 @attrs.frozen
@@ -79,6 +82,8 @@ class DepartureStats:
     removed_left: int = 0
     removed_failed: int = 0
     malformed: int = 0
+    #: Suspicions not tracked: `MAX_TRACKED` suspects at once already.
+    suspicions_refused: int = 0
 
 
 class Departures:
@@ -89,8 +94,8 @@ class Departures:
         self.config = config or DeparturesConfig()
         self.stats = DepartureStats()
         self._suspects: dict[str, _Suspicion] = {}
-        self._removed: set[str] = set()
-        self._last_refutation = -float("inf")
+        self._removed: dict[str, None] = {}
+        self._refute = trio.Event()
         self._changed = trio.Event()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -98,8 +103,23 @@ class Departures:
             for tag in TAGS:
                 await nursery.start(self._listen, tag)
             await nursery.start(self._watch_links)
+            nursery.start_soon(self._refuter)
             task_status.started()
             await self._confirm_loop()
+
+    async def _refuter(self) -> None:
+        """Say we are alive: once we are in the overlay (nodes that removed an earlier
+        life of ours count us again), and after every suspicion of us, at most once per
+        `refute_interval`; a suspicion that comes meanwhile is answered right after it,
+        never dropped (a later one alone would be left unrefuted)."""
+        await self.node.wait_ready()
+        self._refute.set()
+        while True:
+            await self._refute.wait()
+            self._refute = trio.Event()
+            self.stats.refutations_sent += 1
+            await self._tell(ALIVE_TAG, self.node.id)
+            await trio.sleep(self.config.refute_interval)
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -139,16 +159,16 @@ class Departures:
 
     async def _suspected(self, target: str, observer: str) -> None:
         if target == self.node.id:
-            now = trio.current_time()
-            if now - self._last_refutation >= self.config.refute_interval:
-                self._last_refutation = now
-                self.stats.refutations_sent += 1
-                await self._tell(ALIVE_TAG, self.node.id)
+            self._refute.set()
             return
         if target in self._removed:
             return
         suspicion = self._suspects.get(target)
         if suspicion is None:
+            if len(self._suspects) >= MAX_TRACKED:
+                # Ids come from peers: a bounded table, the excess counted.
+                self.stats.suspicions_refused += 1
+                return
             suspicion = self._suspects[target] = _Suspicion(trio.current_time())
         suspicion.observers.add(observer)
         self._changed.set()
@@ -165,7 +185,7 @@ class Departures:
         """`node_id` is alive after all: no suspicion; a later death is a new one."""
         self._clear(node_id)
         if node_id in self._removed:
-            self._removed.discard(node_id)
+            del self._removed[node_id]
             self.node.hosts.remember_node(node_id)
 
     def _clear(self, target: str) -> None:
@@ -175,7 +195,9 @@ class Departures:
         self._clear(target)
         if target == self.node.id or target in self._removed:
             return
-        self._removed.add(target)
+        self._removed[target] = None
+        if len(self._removed) > MAX_TRACKED:
+            del self._removed[next(iter(self._removed))]
         if reason is DownReason.LEFT:
             self.stats.removed_left += 1
         else:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -82,6 +83,24 @@ class DigestSyncConfig:
     serve_window: float = 10.0
     min_allowance: int = 4096
 
+    def __attrs_post_init__(self) -> None:
+        from .errors import ConfigError
+        from .messages import MAX_DIGEST_PARENTS
+
+        for name in ("session_timeout", "rounds_per_s", "serve_window"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"replica.digest.{name} must be positive, not {value}")
+        for name in ("max_sessions", "rounds_burst", "peer_queue", "min_allowance"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"replica.digest.{name} must be at least 1")
+        if not 1 <= self.compare.max_parents <= MAX_DIGEST_PARENTS:
+            raise ConfigError(
+                f"replica.digest.compare.max_parents must be 1 to {MAX_DIGEST_PARENTS}"
+            )
+        if self.compare.exchange_below < 0:
+            raise ConfigError("replica.digest.compare.exchange_below must be >= 0")
+
 
 @attrs.define
 class DigestStats:
@@ -102,6 +121,8 @@ class DigestStats:
     digests_sent: int = 0
     #: Streams cut because the owner's `range_stream` raised.
     stream_errors: int = 0
+    #: Comparisons we stopped answering because a range was refused (allowance).
+    sessions_cut: int = 0
 
 
 @attrs.define
@@ -217,14 +238,20 @@ class DigestSync:
             self._watchdog_running = False
 
     def peer_gone(self, peer_id: str) -> None:
-        """The peer left our peer set: forget its session, its queue and its limits."""
+        """The peer is out of reach or no longer a host: end our session with it and drop
+        what waits for it. Its limits stay (a peer whose link flaps gets no fresh
+        allowance); they expire when unused (`_prune`)."""
         self._waiting.pop(peer_id, None)
-        self._allowances.pop(peer_id, None)
-        self._buckets.pop(peer_id, None)
         outbox = self._outboxes.get(peer_id)
         if outbox is not None:
             outbox.items.clear()
         self._end(peer_id, completed=False)
+
+    def chunk_from(self, peer_id: str, session: int) -> None:
+        """A chunk of entries for `session` arrived: a long transfer is progress too."""
+        mine = self._sessions.get(peer_id)
+        if mine is not None and mine.id == session:
+            mine.heard = trio.current_time()
 
     # --- rounds from peers ----------------------------------------------------------------
 
@@ -257,9 +284,19 @@ class DigestSync:
         replies, ranges = answer(self.source, round_, self.config.compare)
         self._queue(peer, message.session, ranges, replies)
 
+    def _prune(self, table: dict[str, _Bucket], idle: float) -> None:
+        """Forget limits unused for `idle` seconds once there are many (they would be
+        full again by then anyway)."""
+        if len(table) < 1024:
+            return
+        horizon = trio.current_time() - idle
+        for key in [k for k, b in table.items() if b.at < horizon]:
+            del table[key]
+
     def _take_token(self, peer_id: str) -> bool:
         cfg = self.config
         now = trio.current_time()
+        self._prune(self._buckets, cfg.rounds_burst / cfg.rounds_per_s)
         bucket = self._buckets.get(peer_id)
         if bucket is None:
             bucket = self._buckets[peer_id] = _Bucket(float(cfg.rounds_burst), now)
@@ -285,11 +322,18 @@ class DigestSync:
         try:
             while outbox.items:
                 session, ranges, rounds = outbox.items.popleft()
+                refused = False
                 for level, index in ranges_in(ranges):
                     if not self._allow(peer.id, self.source.range_digest(level, index)[1]):
                         self.stats.ranges_refused += 1
+                        refused = True
                         continue
                     await self._stream_range(peer, session, level, index)
+                if refused:
+                    # The comparison must not look complete (the peer's sync mark would
+                    # move past entries it never got): no more rounds, it times out.
+                    self.stats.sessions_cut += 1
+                    continue
                 for round_ in rounds:
                     await self._send_round(peer, session, round_)
         except LinkClosed:
@@ -311,6 +355,7 @@ class DigestSync:
         cfg = self.config
         capacity = max(cfg.min_allowance, self.source.range_digest(0, 0)[1])
         now = trio.current_time()
+        self._prune(self._allowances, cfg.serve_window)
         allowance = self._allowances.get(peer_id)
         if allowance is None:
             allowance = self._allowances[peer_id] = _Bucket(float(capacity), now)

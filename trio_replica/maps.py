@@ -295,7 +295,14 @@ class ReplicatedMap:
         if stale and self._store is not None:
             # Off the disk first: a crash in between leaves them in memory only, and the
             # next start drops them again (the mark has not moved).
-            await self._store.delete(stale)
+            try:
+                await self._store.delete(stale)
+            except StoreError:
+                # Nothing dropped. Syncing now could bring deleted keys back, so this
+                # sync does not happen (the error reaches the driver, which counts it);
+                # the next one tries again.
+                self.stats.store_errors += 1
+                raise
         for start in range(0, len(stale), INGEST_SLICE):
             for key in stale[start : start + INGEST_SLICE]:
                 self._map.restore(key, None)

@@ -329,7 +329,11 @@ class Replica:
         body = ["d", delta]
         # Encode before the local merge: a write that cannot travel must not be applied here.
         encoded = encode_payload(body, max_size=self.node.config.max_payload)
-        await self.callbacks.merge_delta(self.name, delta)
+        # The owner gets the delta as every peer does, decoded from these bytes: a value the
+        # caller mutates after the write can change neither the local state nor its digest
+        # (an entry's hash is added at merge and subtracted at its replacement).
+        local = decode_payload(encoded, max_size=self.node.config.max_payload)[1]
+        await self.callbacks.merge_delta(self.name, local)
         self.node.broadcast_encoded_nowait(self.tag, encoded, body)
         self.stats.deltas_sent += 1
         return dot
@@ -491,8 +495,14 @@ class Replica:
                 await self._pull_from_one()
             elif kind == "host":
                 peer, added = data
-                # One comparison per pair: the node with the smaller id opens it.
-                if added and self.digest is not None and self.node.id < peer.id:
+                if self.digest is None:
+                    pass
+                elif not added:
+                    # No longer a host (withdrawn, or gone for the cluster): a session
+                    # with it would only wait for its timeout.
+                    self.digest.peer_gone(peer.id)
+                elif self.node.id < peer.id:
+                    # One comparison per pair: the node with the smaller id opens it.
                     await self._before_sync()
                     self.digest.open(peer)
             elif kind == "synced":
@@ -573,6 +583,8 @@ class Replica:
             # once on every node. A peer that only left our active view (evicted, or a
             # link lost while others still reach it) keeps its data.
             self.stats.nodes_removed += 1
+            if self.digest is not None:
+                self.digest.peer_gone(event.node)
             await self.callbacks.remove_node(self.name, event.node)
 
     async def _on_direct(self, peer: Peer, message: SyncRequest | SyncChunk | SyncDigest) -> None:
@@ -591,6 +603,8 @@ class Replica:
             await self._send_full_sync(peer)
             return
         self.stats.chunks_received += 1
+        if self.digest is not None:
+            self.digest.chunk_from(peer.id, message.sync_id)
         items = decode_payload(message.items, max_size=self.node.config.max_payload)
         if type(items) is not list:
             raise WireError("a sync chunk must carry a list", reason="shape")

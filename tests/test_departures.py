@@ -116,3 +116,21 @@ async def test_a_node_that_leaves_is_removed_once_on_every_node(
         assert all(recorders[n.id].removed == Counter({leaving.id: 1}) for n in survivors)
         assert sum(n.departures.snapshot()["removed_left"] for n in survivors) == len(survivors)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_node_two_neighbours_lose_at_once_refutes_both_and_stays(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Two suspicions of one live node within the refutation interval: both are answered
+    # (a dropped second answer left a one-observer suspicion to confirm unrefuted).
+    net = MemoryNetwork(seed=83)
+    async with trio.open_nursery() as nursery:
+        nodes, recorders = await _cluster(Cluster(nursery, net), ["a", "b", "c", "x"])
+        x = nodes[3]
+        assert all(x.me in n.active_view() for n in nodes[:3])
+        net.set_link("x", "a", loss=1.0)
+        net.set_link("x", "b", loss=1.0)
+        await trio.sleep(2 * x.config.departures.lone_timeout)
+        assert all(not r.removed for r in recorders.values()), recorders
+        assert x.departures.snapshot()["refutations_sent"] >= 2
+        nursery.cancel_scope.cancel()

@@ -8,11 +8,12 @@ Only these count (ideas from SWIM's suspicion and refutation):
 * **Left.** A neighbour that saw a peer leave gracefully (`PeerDown(LEFT)`) broadcasts
   ``node/departed``: every node removes it at once.
 * **Failed, confirmed.** A neighbour whose link to a peer failed (`PeerDown(FAILED)`)
-  broadcasts a suspicion, ``node/suspect``. A suspected node that is alive hears it (the
-  overlay still reaches it through others) and refutes it with ``node/alive``, which
-  clears the suspicion everywhere. A node is removed when `observers` distinct nodes
-  suspect it and `confirm_delay` passed without a refutation, or when one did and nothing
-  refuted it for `lone_timeout`. Two nodes that lose their direct link while a third
+  broadcasts a suspicion, ``node/suspect``, named by a random nonce. A suspected node that
+  is alive hears it (the overlay still reaches it through others) and refutes it with
+  ``node/alive`` naming the suspicions it answers, which clears them everywhere, also
+  where a copy of a suspicion arrives after its refutation. A node is removed when
+  `observers` distinct nodes suspect it and `confirm_delay` passed without a refutation,
+  or when one did and nothing refuted it for `lone_timeout`. Two nodes that lose their direct link while a third
   reaches both each suspect the other once, are refuted, and nothing is removed.
 
 Every node decides from the same broadcasts, so each one removes a dead node once. A node
@@ -23,6 +24,7 @@ later. Suspicion reports come as broadcasts, so their cost is a broadcast per fa
 from __future__ import annotations
 
 import logging
+import random
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -44,6 +46,8 @@ TAGS = (DEPARTED_TAG, SUSPECT_TAG, ALIVE_TAG)
 #: Suspected nodes tracked at once, and removed nodes remembered (the oldest forgotten
 #: first): the ids come from peers.
 MAX_TRACKED = 4096
+#: Suspicions answered by one refutation at most.
+MAX_REFS = 64
 
 
 @attrs.frozen
@@ -70,7 +74,35 @@ class DeparturesConfig:
 @attrs.define
 class _Suspicion:
     since: float
-    observers: set[str] = attrs.Factory(set)
+    #: Who suspects the node, with the nonce of that suspicion.
+    observers: dict[str, int] = attrs.Factory(dict)
+
+
+def _parse(payload: Any, *, refs: bool) -> tuple[str, int | list[tuple[str, int]]] | None:
+    """``[node, nonce]`` (departed, suspect) or ``[node, [[observer, nonce], ...]]``
+    (alive), checked; None if malformed."""
+    if type(payload) is not list or len(payload) != 2:
+        return None
+    target, detail = payload
+    if type(target) is not str or not 0 < len(target) <= MAX_NODE_ID:
+        return None
+    if not refs:
+        if type(detail) is not int or not 0 <= detail < 2**63:
+            return None
+        return target, detail
+    if type(detail) is not list or len(detail) > MAX_REFS:
+        return None
+    out: list[tuple[str, int]] = []
+    for ref in detail:
+        if type(ref) is not list or len(ref) != 2:
+            return None
+        observer, nonce = ref
+        if type(observer) is not str or not 0 < len(observer) <= MAX_NODE_ID:
+            return None
+        if type(nonce) is not int or not 0 <= nonce < 2**63:
+            return None
+        out.append((observer, nonce))
+    return target, out
 
 
 @attrs.define
@@ -97,6 +129,11 @@ class Departures:
         self._removed: dict[str, None] = {}
         self._refute = trio.Event()
         self._changed = trio.Event()
+        self._rng = random.Random(node._rng.getrandbits(64))
+        #: Suspicions of this node still to answer, as (observer, nonce).
+        self._to_refute: list[tuple[str, int]] = []
+        #: Suspicions of other nodes that they answered (bounded, oldest dropped first).
+        self._answered: dict[tuple[str, str, int], None] = {}
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -117,8 +154,12 @@ class Departures:
         while True:
             await self._refute.wait()
             self._refute = trio.Event()
+            refs = [[observer, nonce] for observer, nonce in self._to_refute[:MAX_REFS]]
+            del self._to_refute[:MAX_REFS]
+            if self._to_refute:
+                self._refute.set()
             self.stats.refutations_sent += 1
-            await self._tell(ALIVE_TAG, self.node.id)
+            await self._tell(ALIVE_TAG, [self.node.id, refs])
             await trio.sleep(self.config.refute_interval)
 
     # --- inputs -------------------------------------------------------------------------
@@ -131,10 +172,14 @@ class Departures:
                     tag = {DownReason.LEFT: DEPARTED_TAG, DownReason.FAILED: SUSPECT_TAG}.get(
                         event.reason
                     )
-                    if tag is not None:
-                        if tag == SUSPECT_TAG:
-                            self.stats.suspicions_sent += 1
-                        await self._tell(tag, event.peer.id)
+                    if tag == DEPARTED_TAG:
+                        await self._tell(tag, [event.peer.id, 0])
+                    elif tag == SUSPECT_TAG:
+                        # The nonce names this suspicion: the suspect's refutation names it
+                        # back, so a copy that arrives after the refutation counts for
+                        # nothing, while a later suspicion (a new nonce) counts again.
+                        self.stats.suspicions_sent += 1
+                        await self._tell(tag, [event.peer.id, self._rng.getrandbits(63)])
                 elif isinstance(event, PeerUp):
                     self._heard_of(event.peer.id)
 
@@ -144,24 +189,29 @@ class Departures:
             async for item in sub:
                 if not isinstance(item, Delivery):
                     continue  # a lost report is repaired by the next one (or the timeout)
-                target = item.payload
-                if type(target) is not str or not 0 < len(target) <= MAX_NODE_ID:
+                parsed = _parse(item.payload, refs=tag == ALIVE_TAG)
+                if parsed is None:
                     self.stats.malformed += 1
                     continue
+                target, detail = parsed
                 if tag == DEPARTED_TAG:
                     self._remove(target, DownReason.LEFT)
                 elif tag == SUSPECT_TAG:
                     self.stats.suspicions_received += 1
-                    await self._suspected(target, item.origin)
+                    assert isinstance(detail, int)
+                    self._suspected(target, item.origin, detail)
                 else:
                     self.stats.refutations_received += 1
-                    self._heard_of(target)
+                    assert isinstance(detail, list)
+                    self._refuted(target, detail)
 
-    async def _suspected(self, target: str, observer: str) -> None:
+    def _suspected(self, target: str, observer: str, nonce: int) -> None:
         if target == self.node.id:
+            if len(self._to_refute) < MAX_TRACKED:
+                self._to_refute.append((observer, nonce))
             self._refute.set()
             return
-        if target in self._removed:
+        if target in self._removed or (target, observer, nonce) in self._answered:
             return
         suspicion = self._suspects.get(target)
         if suspicion is None:
@@ -170,12 +220,32 @@ class Departures:
                 self.stats.suspicions_refused += 1
                 return
             suspicion = self._suspects[target] = _Suspicion(trio.current_time())
-        suspicion.observers.add(observer)
+        suspicion.observers[observer] = nonce
         self._changed.set()
 
-    async def _tell(self, tag: str, target: str) -> None:
+    def _refuted(self, target: str, refs: list[tuple[str, int]]) -> None:
+        """`target` says it is alive, answering the suspicions `refs` (none: it joined)."""
+        if not refs:
+            self._heard_of(target)
+            return
+        for observer, nonce in refs:
+            self._answered[(target, observer, nonce)] = None
+            if len(self._answered) > MAX_TRACKED:
+                del self._answered[next(iter(self._answered))]
+        suspicion = self._suspects.get(target)
+        if suspicion is not None:
+            for observer, nonce in refs:
+                if suspicion.observers.get(observer) == nonce:
+                    del suspicion.observers[observer]
+            if not suspicion.observers:
+                self._clear(target)
+        if target in self._removed:
+            del self._removed[target]
+            self.node.hosts.remember_node(target)
+
+    async def _tell(self, tag: str, payload: Any) -> None:
         try:
-            await self.node.broadcast(tag, target)
+            await self.node.broadcast(tag, payload)
         except (NodeClosed, MessageTooLarge):
             return
 

@@ -13,8 +13,9 @@ Only these count (ideas from SWIM's suspicion and refutation):
   ``node/alive`` naming the suspicions it answers, which clears them everywhere, also
   where a copy of a suspicion arrives after its refutation. A node is removed when
   `observers` distinct nodes suspect it and `confirm_delay` passed without a refutation,
-  or when one did and nothing refuted it for `lone_timeout`. Two nodes that lose their direct link while a third
-  reaches both each suspect the other once, are refuted, and nothing is removed.
+  or when one did and nothing refuted it for `lone_timeout`. Two nodes that lose their
+  direct link while a third reaches both each suspect the other once, are refuted, and
+  nothing is removed.
 
 Every node decides from the same broadcasts, so each one removes a dead node once. A node
 removed and then heard of again (it comes back, or refutes late) can be removed again

@@ -247,6 +247,8 @@ async def test_a_map_hosted_by_3_of_30_nodes_syncs_between_its_hosts_only(
         with trio.fail_after(300):
             await wait_until(lambda: m2.get("quiet") == m3.get("quiet") == "only on first")
         assert asked_non_hosts() == before
-        assert m3.replica.digest is not None
-        assert m3.replica.digest.stats.sessions_completed >= 1
+        # One comparison per pair of hosts (whichever id is smaller opened it), whatever
+        # the ids: the late host was compared with both others.
+        digests = [m.replica.digest for m in (m1, m2, m3)]
+        assert sum(d.stats.sessions_completed for d in digests if d is not None) >= 2
         nursery.cancel_scope.cancel()

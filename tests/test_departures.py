@@ -134,3 +134,21 @@ async def test_a_node_two_neighbours_lose_at_once_refutes_both_and_stays(
         assert all(not r.removed for r in recorders.values()), recorders
         assert x.departures.snapshot()["refutations_sent"] >= 2
         nursery.cancel_scope.cancel()
+
+
+async def test_a_replica_that_missed_a_removal_makes_up_for_it_after_lagged(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from trio_replica.events import Lagged
+
+    net = MemoryNetwork(seed=84)
+    async with trio.open_nursery() as nursery:
+        nodes, recorders = await _cluster(Cluster(nursery, net), ["a", "b", "c"])
+        a = nodes[0]
+        replica = a._replicas["r"]
+        # The node removed "ghost" but the replica's event feed overflowed meanwhile.
+        a.departures._removed["ghost"] = None
+        await replica._on_membership(Lagged(1))
+        await replica._on_membership(Lagged(1))
+        assert recorders["a"].removed == Counter({"ghost": 1})
+        nursery.cancel_scope.cancel()

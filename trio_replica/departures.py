@@ -302,6 +302,10 @@ class Departures:
                     await self._changed.wait()
                 self._changed = trio.Event()
 
+    def removed(self) -> list[str]:
+        """The nodes removed and not heard of since (oldest first)."""
+        return list(self._removed)
+
     def snapshot(self) -> dict[str, Any]:
         out = attrs.asdict(self.stats)
         out["suspected"] = len(self._suspects)

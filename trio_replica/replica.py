@@ -303,6 +303,8 @@ class Replica:
         #: peers whose next one waits for that window.
         self._full_sync_done: dict[str, float] = {}
         self._deferred: set[str] = set()
+        #: Nodes whose data this instance removed, until they are heard of again.
+        self._removed: dict[str, None] = {}
 
     # --- API used by owners ---------------------------------------------------------------
 
@@ -549,14 +551,23 @@ class Replica:
 
     async def _on_membership(self, event: Any) -> None:
         if isinstance(event, Lagged):
-            # Membership events were lost: the peer set may be stale. Rebuild it.
-            self.peers.update((p.id, p) for p in self.node.active_view())
+            # Membership events were lost: the peer set may be stale, and a `NodeRemoved`
+            # may be among them. Rebuild the one, and remove what the node has removed
+            # and this replica has not (`remove_node` stays once per departure).
+            active = {p.id: p for p in self.node.active_view()}
+            for peer_id in [i for i in self.peers if i not in active]:
+                del self.peers[peer_id]
+            self.peers.update(active)
+            for node_id in self.node.departures.removed():
+                if node_id not in self._removed:
+                    await self._remove_node(node_id)
             return
         if isinstance(event, Resubscribed):
             self.stats.resyncs_after_resubscribe += 1
             self.peers.update((p.id, p) for p in self.node.active_view())
             await self._recover_from_all()
         elif isinstance(event, PeerUp):
+            self._removed.pop(event.peer.id, None)  # heard of again
             # Compare whole peers: a node restarted under the same id at another address is
             # a new incarnation that needs our state even if its old one was still listed.
             if self.peers.get(event.peer.id) != event.peer:
@@ -582,10 +593,19 @@ class Replica:
             # Gone for the cluster (left, or its failure confirmed: departures.py), told
             # once on every node. A peer that only left our active view (evicted, or a
             # link lost while others still reach it) keeps its data.
-            self.stats.nodes_removed += 1
-            if self.digest is not None:
-                self.digest.peer_gone(event.node)
-            await self.callbacks.remove_node(self.name, event.node)
+            await self._remove_node(event.node)
+
+    async def _remove_node(self, node_id: str) -> None:
+        """Call the owner's `remove_node` for `node_id` (each `NodeRemoved` is one departure:
+        `departures` dedupes them) and remember it for the reconciliation after `Lagged`."""
+        self._removed.pop(node_id, None)
+        self._removed[node_id] = None
+        if len(self._removed) > 4096:
+            del self._removed[next(iter(self._removed))]
+        self.stats.nodes_removed += 1
+        if self.digest is not None:
+            self.digest.peer_gone(node_id)
+        await self.callbacks.remove_node(self.name, node_id)
 
     async def _on_direct(self, peer: Peer, message: SyncRequest | SyncChunk | SyncDigest) -> None:
         if isinstance(message, SyncDigest):

@@ -84,7 +84,8 @@ async def test_peer_supplied_bad_address_is_refused_at_the_boundary(
                 await wait_until(lambda: a.stats()["rejected"].get("field", 0) >= 1)
         assert a.stats()["rejected"] == {"field": 1}
         b = await c.start("b", [a.address])  # still serving
-        await wait_until(lambda: [p.id for p in a.active_view()] == ["b"])
+        with trio.fail_after(30):
+            await wait_until(lambda: [p.id for p in a.active_view()] == ["b"])
         del b
         nursery.cancel_scope.cancel()
 
@@ -193,9 +194,11 @@ async def test_subscribing_while_the_source_restarts_waits_for_it(
         c = Cluster(nursery, net)
         a = await c.start("a")
         b = await c.start("b", [a.address])
-        await wait_until(lambda: len(a.active_view()) == 1)
+        with trio.fail_after(30):
+            await wait_until(lambda: len(a.active_view()) == 1)
         a.crash_component("broadcast")
-        await wait_until(lambda: not a.broadcaster.running.is_set(), poll=0.001)
+        with trio.fail_after(30):
+            await wait_until(lambda: not a.broadcaster.running.is_set(), poll=0.001)
         async with a.subscribe("t") as sub:
             with trio.fail_after(10):
                 assert isinstance(await sub.receive(), Resubscribed)

@@ -36,7 +36,8 @@ async def test_graceful_leave_is_reported_as_left(autojump_clock: trio.testing.M
         c = Cluster(nursery, net)
         a = await c.start("a")
         b = await c.start("b", [a.address])
-        await wait_until(lambda: len(a.active_view()) == 1)
+        with trio.fail_after(30):
+            await wait_until(lambda: len(a.active_view()) == 1)
         async with a.events() as events:
             c.stop("b")
             with trio.fail_after(5):
@@ -53,7 +54,8 @@ async def test_partitioned_peer_is_failed_within_idle_timeout(
         c = Cluster(nursery, net)
         a = await c.start("a")
         b = await c.start("b", [a.address])
-        await wait_until(lambda: len(a.active_view()) == 1)
+        with trio.fail_after(30):
+            await wait_until(lambda: len(a.active_view()) == 1)
         async with a.events() as events:
             net.partition(["a"], ["b"])
             cut = trio.current_time()
@@ -81,12 +83,13 @@ async def test_wrong_secret_and_wrong_cluster_are_refused(
         b = await bad_secret.start("b", [a.address])
         other = Cluster(nursery, net, base=NodeConfig(name="x", secret=b"s" * 16, cluster="other"))
         d = await other.start("d", [a.address])
-        await wait_until(
-            lambda: (
-                sum(a.stats()["handshakes_refused"].values()) >= 2
-                and b.stats()["handshakes_refused"]
+        with trio.fail_after(30):
+            await wait_until(
+                lambda: (
+                    sum(a.stats()["handshakes_refused"].values()) >= 2
+                    and b.stats()["handshakes_refused"]
+                )
             )
-        )
         assert a.active_view() == [] and b.active_view() == [] and d.active_view() == []
         assert a.stats()["handshakes_refused"].get("cluster", 0) >= 1
         # The dialer with the wrong secret is the one that finds out first: the listener's
@@ -94,7 +97,8 @@ async def test_wrong_secret_and_wrong_cluster_are_refused(
         assert b.stats()["handshakes_refused"].get("secret", 0) >= 1
         # The node keeps serving: a good peer still joins.
         e = await good.start("e", [a.address])
-        await wait_until(lambda: [p.id for p in e.active_view()] == ["a"])
+        with trio.fail_after(30):
+            await wait_until(lambda: [p.id for p in e.active_view()] == ["a"])
         nursery.cancel_scope.cancel()
 
 
@@ -106,7 +110,11 @@ async def test_crashed_node_is_replaced_from_the_passive_view(
         c = Cluster(nursery, net)
         seed = await c.start("n0")
         await c.start_many([f"n{i}" for i in range(1, 12)], seed)
-        await wait_until(lambda: all(len(n.active_view()) >= 3 for n in c.live()))
+        # Every view at the protocol's floor (`membership.min_active`, 2) or above; 3 for
+        # all was not guaranteed (a node at 2 among full views can stay there) and, with
+        # no deadline, such a run waited forever in virtual time.
+        with trio.fail_after(120):
+            await wait_until(lambda: all(len(n.active_view()) >= 2 for n in c.live()))
         victim = max(c.live(), key=lambda n: len(n.active_view()))
         neighbors = [c.nodes[p.id] for p in victim.active_view()]
         c.crash(victim.id)

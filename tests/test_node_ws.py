@@ -57,7 +57,8 @@ async def test_status_over_the_control_path_needs_the_secret() -> None:
         c = Cluster(nursery, base=NodeConfig(name="x", secret=secret))
         a = await c.start("a")
         b = await c.start("b", [a.address])
-        await wait_until(lambda: len(a.active_view()) == 1)
+        with trio.fail_after(30):
+            await wait_until(lambda: len(a.active_view()) == 1)
         async with open_control(a.address, secret=secret) as client:
             status = await client.call("status")
         assert status["id"] == "a"

@@ -19,7 +19,7 @@ from trio_replica.ormap import Dot, Value
 from trio_replica.replica import ReplicaConfig
 
 from .harness import Cluster, overlay_ok, wait_until
-from .test_flow_memory import KeySet
+from .test_flow_memory import KeySet, _pair
 from .test_maps_memory import _fill_with_tombstones
 
 NO_TICKS = ReplicaConfig(anti_entropy_interval=3600)
@@ -27,14 +27,6 @@ NO_TICKS = ReplicaConfig(anti_entropy_interval=3600)
 
 def _base(replica: ReplicaConfig = NO_TICKS) -> NodeConfig:
     return NodeConfig(name="x", replica=replica)
-
-
-async def _pair(c: Cluster) -> tuple[Node, Node]:
-    a = await c.start("a")
-    b = await c.start("b", [a.address])
-    with trio.fail_after(30):
-        await wait_until(lambda: overlay_ok([a, b]))
-    return a, b
 
 
 def _write_quietly(m: ReplicatedMap, node: Node, key: str, value: object) -> None:

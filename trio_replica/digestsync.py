@@ -49,6 +49,7 @@ from .core.antientropy import (
     ranges_in,
 )
 from .errors import LinkClosed
+from .flow import TokenBucket
 from .messages import Peer, SyncChunk, SyncDigest
 
 log = logging.getLogger("trio_replica.replica")
@@ -134,12 +135,6 @@ class _Session:
 
 
 @attrs.define
-class _Bucket:
-    tokens: float
-    at: float
-
-
-@attrs.define
 class _Outbox:
     """What waits to go to one peer, in order, and whether its task runs."""
 
@@ -178,9 +173,9 @@ class DigestSync:
         self._sessions: dict[str, _Session] = {}
         self._waiting: dict[str, Peer] = {}  # peers to compare with next, in order
         self._outboxes: dict[str, _Outbox] = {}
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}
         #: Per peer, the entries it may still be sent (`serve_window`).
-        self._allowances: dict[str, _Bucket] = {}
+        self._allowances: dict[str, TokenBucket] = {}
         self._watchdog_running = False
 
     # --- sessions this node opens ---------------------------------------------------------
@@ -284,28 +279,24 @@ class DigestSync:
         replies, ranges = answer(self.source, round_, self.config.compare)
         self._queue(peer, message.session, ranges, replies)
 
-    def _prune(self, table: dict[str, _Bucket], idle: float) -> None:
+    def _prune(self, table: dict[str, TokenBucket], idle: float) -> None:
         """Forget limits unused for `idle` seconds once there are many (they would be
         full again by then anyway)."""
         if len(table) < 1024:
             return
         horizon = trio.current_time() - idle
-        for key in [k for k, b in table.items() if b.at < horizon]:
+        for key in [k for k, b in table.items() if b.last_used < horizon]:
             del table[key]
 
     def _take_token(self, peer_id: str) -> bool:
         cfg = self.config
-        now = trio.current_time()
         self._prune(self._buckets, cfg.rounds_burst / cfg.rounds_per_s)
         bucket = self._buckets.get(peer_id)
         if bucket is None:
-            bucket = self._buckets[peer_id] = _Bucket(float(cfg.rounds_burst), now)
-        bucket.tokens = min(cfg.rounds_burst, bucket.tokens + (now - bucket.at) * cfg.rounds_per_s)
-        bucket.at = now
-        if bucket.tokens < 1:
-            return False
-        bucket.tokens -= 1
-        return True
+            bucket = self._buckets[peer_id] = TokenBucket(
+                rate=cfg.rounds_per_s, capacity=cfg.rounds_burst
+            )
+        return bucket.try_take(1, trio.current_time())
 
     # --- what goes to each peer -----------------------------------------------------------
 
@@ -354,18 +345,13 @@ class DigestSync:
         """Take `entries` from the peer's allowance if it has them (module docstring)."""
         cfg = self.config
         capacity = max(cfg.min_allowance, self.source.range_digest(0, 0)[1])
-        now = trio.current_time()
         self._prune(self._allowances, cfg.serve_window)
         allowance = self._allowances.get(peer_id)
         if allowance is None:
-            allowance = self._allowances[peer_id] = _Bucket(float(capacity), now)
-        refill = (now - allowance.at) * capacity / cfg.serve_window
-        allowance.tokens = min(float(capacity), allowance.tokens + refill)
-        allowance.at = now
-        if entries > allowance.tokens:
-            return False
-        allowance.tokens -= entries
-        return True
+            allowance = self._allowances[peer_id] = TokenBucket(rate=1.0, capacity=capacity)
+        # The whole state per window: both follow the state's size as it changes.
+        allowance.capacity, allowance.rate = capacity, capacity / cfg.serve_window
+        return allowance.try_take(entries, trio.current_time())
 
     async def _stream_range(self, peer: Peer, session: int, level: int, index: int) -> None:
         chunker = self._chunker()

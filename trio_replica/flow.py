@@ -399,12 +399,27 @@ class TokenBucket:
         self.tokens = capacity
         self._at: float | None = None
 
-    def take(self, amount: float, now: float) -> float:
+    def _refill(self, now: float) -> None:
         if self._at is not None:
             self.tokens = min(self.capacity, self.tokens + (now - self._at) * self.rate)
         self._at = now
+
+    def take(self, amount: float, now: float) -> float:
+        self._refill(now)
         self.tokens -= amount
         return max(0.0, -self.tokens / self.rate)
+
+    def try_take(self, amount: float, now: float) -> bool:
+        """Take `amount` only if it is there (no debt): a refusal, not a wait."""
+        self._refill(now)
+        if amount > self.tokens:
+            return False
+        self.tokens -= amount
+        return True
+
+    @property
+    def last_used(self) -> float:
+        return -math.inf if self._at is None else self._at
 
 
 class OriginationLimit:

@@ -362,6 +362,27 @@ async def test_inputs_queued_together_run_in_order_in_one_wake_up(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_link_down_runs_after_what_that_link_delivered_before_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A peer's DISCONNECT queued from its link, then the link's end: membership must see
+    # them in that order (the other way round, an eviction looks like a failure).
+    comp = _Recorder(period=1000.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(comp.serve)
+        await trio.testing.wait_all_tasks_blocked()
+        link, other = object(), object()
+        # Queued in one go, before the task runs any of them.
+        assert comp.post_nowait(comp.input(1), source=link)
+        assert comp.post_nowait(comp.input(2), source=link)
+        comp.post_after(link, comp.input(3))  # the link's end
+        comp.post_notice(comp.input(4))  # any other notice still runs first
+        comp.post_after(other, comp.input(5))  # nothing queued from it: a plain notice
+        await trio.testing.wait_all_tasks_blocked()
+        assert comp.ran == [4, 5, 1, 2, 3]
+        nursery.cancel_scope.cancel()
+
+
 async def test_timers_fire_on_time_while_inputs_keep_coming(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

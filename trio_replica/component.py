@@ -123,6 +123,16 @@ class Component:
         self._notices.append(item)
         self._inbox.wake()
 
+    def post_after(self, source: Hashable, item: Input) -> None:
+        """Queue a notice that must run after the inputs `source` has queued: a link's end
+        after the messages read from it before it ended (a peer's DISCONNECT, then its
+        close, must not be seen the other way round, as a failure). With nothing queued
+        from `source` it is an ordinary notice. Never lost either way."""
+        if self._inbox.depth(source):
+            self._inbox.put_forced(source, item, 0)
+        else:
+            self.post_notice(item)
+
     def queued(self, source: Hashable) -> int:
         """Inputs from `source` waiting in the inbox."""
         return self._inbox.depth(source)

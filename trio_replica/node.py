@@ -21,7 +21,7 @@ import logging
 import random
 import re
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import attrs
@@ -843,11 +843,20 @@ class Node:
             if link is None or not link.is_open:
                 self._post_link_down(dial.expected)
 
-    def _post_link_down(self, peer: Peer) -> None:
+    def _post_link_down(self, peer: Peer, link: Link | None = None) -> None:
+        """Tell membership that `peer` is out of reach; after what `link` (the link that
+        ended, if any) delivered before it ended."""
         if self._closing:
             return
         core = self.membership.core
-        self.membership.post_notice(lambda now: core.handle_link_down(peer, now))
+
+        def down(now: float) -> Iterable[Effect]:
+            return core.handle_link_down(peer, now)
+
+        if link is None:
+            self.membership.post_notice(down)
+        else:
+            self.membership.post_after(link, down)
 
     def _new_link(self, conn: Connection, peer: Peer, *, role: str, outbound: bool) -> Link:
         node_link = role == Role.NODE
@@ -900,7 +909,7 @@ class Node:
                 # old link's end would fail a peer whose new link is about to come up.
                 if reason != "superseded" and link.peer.id not in self._dials:
                     log.info("node %s: link to %s closed (%s)", self.id, link.peer, reason)
-                    self._post_link_down(link.peer)
+                    self._post_link_down(link.peer, link)
 
     async def _handle_incoming(self, conn: Connection) -> None:
         cfg = self.config.link

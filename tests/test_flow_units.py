@@ -324,7 +324,7 @@ def test_the_congestion_others_meet_excludes_one_origin() -> None:
 
 
 def test_token_bucket_saves_up_to_its_capacity_and_says_how_long_a_debt_lasts() -> None:
-    from trio_replica.flow import TokenBucket
+    from trio_replica.core.tokens import TokenBucket
 
     bucket = TokenBucket(rate=2.0, capacity=3.0)
     assert [bucket.take(1, 0.0) for _ in range(3)] == [0.0, 0.0, 0.0]

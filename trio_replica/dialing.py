@@ -16,7 +16,7 @@ import random
 
 import trio
 
-from .flow import TokenBucket
+from .core.tokens import TokenBucket
 
 __all__ = ["DialBudget"]
 

@@ -95,8 +95,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.monotonic()
         mb = await b.open_map("big")
         await wait_for(lambda: len(mb) == args.keys, 600)
-        assert mb.replica.digest is not None and ma.replica.digest is not None
-        await wait_for(lambda: not mb.replica.digest.busy(), 60)  # type: ignore[union-attr]
+        assert mb.replica.uses_digest and ma.replica.uses_digest
+        await wait_for(lambda: not mb.replica.core.busy(), 60)
         fill = minus(sync_bytes(a, b), before)
         result["fill"] = {"seconds": round(time.monotonic() - t0, 2), "bytes": fill}
         full = sum(fill.values())
@@ -106,8 +106,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         write_quietly(ma, a, "key-0000007", "changed on a")
         write_quietly(mb, b, "key-0500000", "changed on b")
         before = sync_bytes(a, b)
-        sessions0 = ma.replica.digest.stats.sessions_completed + (
-            mb.replica.digest.stats.sessions_completed
+        sessions0 = ma.replica.core.digest_stats.sessions_completed + (
+            mb.replica.core.digest_stats.sessions_completed
         )
         converge = await wait_for(
             lambda: (
@@ -116,7 +116,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             4 * args.interval,
         )
         # The comparison that found them ends just after: count all of its bytes.
-        await wait_for(lambda: not ma.replica.digest.busy() and not mb.replica.digest.busy(), 60)  # type: ignore[union-attr]
+        await wait_for(lambda: not ma.replica.core.busy() and not mb.replica.core.busy(), 60)
         repair = minus(sync_bytes(a, b), before)
         moved = sum(repair.values())
         result["repair"] = {
@@ -124,8 +124,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "within_one_period": converge <= args.interval * 1.25,
             "bytes": repair,
             "share_of_full_sync": round(moved / full, 6),
-            "comparisons": ma.replica.digest.stats.sessions_completed
-            + mb.replica.digest.stats.sessions_completed
+            "comparisons": ma.replica.core.digest_stats.sessions_completed
+            + mb.replica.core.digest_stats.sessions_completed
             - sessions0,
             "equal_after": ma._map == mb._map,
         }
@@ -171,16 +171,15 @@ async def flood(a: Node, b: Node, ma: ReplicatedMap, mb: ReplicatedMap, n: int) 
         await trio.sleep(2)
         applied = sum(1 for i in range(writes) if ma.get(f"honest-{i}") == i)
         sent_a = sum(a.stats()["bytes_sent"].values()) - sent_a0
-        digest = ma.replica.digest
-        assert digest is not None
+        digest = ma.replica.core
         out = {
             "openings": n,
             "seconds": round(elapsed, 1),
             "flood_bytes": flood_bytes,
             "a_sent_bytes": sent_a,
             "out_per_in": round(sent_a / flood_bytes, 1),
-            "rounds_refused": dict(digest.stats.rounds_refused),
-            "ranges_refused": digest.stats.ranges_refused,
+            "rounds_refused": dict(digest.digest_stats.rounds_refused),
+            "ranges_refused": digest.digest_stats.ranges_refused,
             "honest_writes": writes,
             "honest_applied_on_a": applied,
         }

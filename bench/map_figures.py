@@ -398,7 +398,7 @@ def sync_traffic(a: Node, b: Node, before: tuple[dict[str, Any], dict[str, Any]]
     return {
         # Totals since the map opened: how many full syncs A sent, B asked for.
         "a_full_syncs_sent": a.maps()["big"].replica.stats.syncs_sent,
-        "b_sync_requests_sent": b.maps()["big"].replica.stats.sync_requests_sent,
+        "b_sync_requests_sent": b.maps()["big"].replica.core.stats.sync_requests_sent,
         "chunks_sent_by_a": a_now["messages_sent"].get("SyncChunk", 0)
         - a_before["messages_sent"].get("SyncChunk", 0),
         "chunk_bytes_sent_by_a": a_now["bytes_sent"].get("SyncChunk", 0)

@@ -11,7 +11,7 @@ import trio.testing
 from transports.memory import MemoryNetwork
 from trio_replica.config import NodeConfig
 from trio_replica.core.antientropy import opening
-from trio_replica.digestsync import DigestSyncConfig
+from trio_replica.core.replication import DigestSyncConfig
 from trio_replica.maps import ReplicatedMap
 from trio_replica.messages import SyncDigest, SyncRequest
 from trio_replica.node import Node
@@ -46,15 +46,17 @@ async def test_replicas_that_differ_in_two_keys_exchange_only_those_leaves(
         assert ma._map == mb._map
         _write_quietly(ma, a, "k7", "only on a")
         _write_quietly(mb, b, "k12345", "only on b")
-        assert ma.replica.digest is not None and mb.replica.digest is not None
-        sent_before = ma.replica.digest.stats.items_sent + mb.replica.digest.stats.items_sent
-        ma.replica.digest.open(b.me)
+        assert ma.replica.uses_digest and mb.replica.uses_digest
+        sent_before = (
+            ma.replica.core.digest_stats.items_sent + mb.replica.core.digest_stats.items_sent
+        )
+        await ma.replica.compare_with(b.me)
         with trio.fail_after(30):
             await wait_until(lambda: mb.get("k7") == "only on a")
             await wait_until(lambda: ma.get("k12345") == "only on b")
-            await wait_until(lambda: not ma.replica.digest.busy())  # type: ignore[union-attr]
+            await wait_until(lambda: not ma.replica.core.busy())
         assert ma._map == mb._map
-        moved = ma.replica.digest.stats.items_sent + mb.replica.digest.stats.items_sent
+        moved = ma.replica.core.digest_stats.items_sent + mb.replica.core.digest_stats.items_sent
         # A differing range moves whole once it holds at most `exchange_below` entries
         # (both sides together): a few dozen entries per difference, not 20,000.
         exchange_below = DigestSyncConfig().compare.exchange_below
@@ -77,19 +79,19 @@ async def test_a_new_replica_is_filled_by_one_peer_then_compared_with_the_others
         _fill_with_tombstones(maps[0], nodes[0], 5_000)
         with trio.fail_after(60):
             await wait_until(lambda: all(m._map == maps[0]._map for m in maps))
-        sent0 = sum(m.replica.digest.stats.items_sent for m in maps)  # type: ignore[union-attr]
+        sent0 = sum(m.replica.core.digest_stats.items_sent for m in maps)
         late = await c.start("late", [seed.address])
         with trio.fail_after(30):
             await late.wait_ready(min_active=3)
         fresh = await late.open_map("m")
         with trio.fail_after(60):
             await wait_until(lambda: fresh._map == maps[0]._map)
-            await wait_until(lambda: not fresh.replica.digest.busy())  # type: ignore[union-attr]
-        sent = sum(m.replica.digest.stats.items_sent for m in maps) - sent0  # type: ignore[union-attr]
+            await wait_until(lambda: not fresh.replica.core.busy())
+        sent = sum(m.replica.core.digest_stats.items_sent for m in maps) - sent0
         # Every entry once (5,000 values and tombstones), not once per neighbour.
         entries = len(list(maps[0]._map.entries()))
         assert sent == entries, (sent, entries)
-        stats = fresh.replica.digest.stats  # type: ignore[union-attr]
+        stats = fresh.replica.core.digest_stats
         # One comparison with every host (the directory names all four; "late" < "s*",
         # so it opens them all), not only with its neighbours.
         assert stats.sessions_completed == len(late.hosts.hosts("m")) == 4
@@ -107,15 +109,14 @@ async def test_a_peer_asking_for_everything_in_a_loop_gets_it_once_per_window(
         _fill_with_tombstones(ma, a, 8_000)
         with trio.fail_after(60):
             await wait_until(lambda: mb._map == ma._map)
-        digest = ma.replica.digest
-        assert digest is not None
-        sent0 = digest.stats.items_sent
+        digest = ma.replica.core
+        sent0 = digest.digest_stats.items_sent
         # b opens 200 comparisons in a burst, each claiming an empty map: "send me all".
         empty = attrs.evolve(opening(ma._map), digests=())
         for session in range(200):
             b.send_to(a.me, SyncDigest("m", session, 1, empty.parents, (), ()))
         await trio.sleep(window / 2)
-        stats = digest.stats
+        stats = digest.digest_stats
         assert stats.rounds_refused["rate"] + stats.rounds_refused["queue_full"] >= 150
         # The allowance: the whole map per window, refilled as time passes (here half a
         # window), whatever was asked.
@@ -131,10 +132,10 @@ async def test_a_peer_that_does_not_host_the_map_ends_the_comparison_at_once(
     async with trio.open_nursery() as nursery:
         a, b = await _pair(Cluster(nursery, MemoryNetwork(seed=63), base=_base()))
         ma = await a.open_map("only-on-a")
-        assert ma.replica.digest is not None
+        assert ma.replica.uses_digest
         with trio.fail_after(5):  # the session timeout is 30 s
-            await wait_until(lambda: ma.replica.digest.stats.sessions_completed == 1)  # type: ignore[union-attr]
-        assert ma.replica.digest.stats.sessions_timed_out == 0
+            await wait_until(lambda: ma.replica.core.digest_stats.sessions_completed == 1)
+        assert ma.replica.core.digest_stats.sessions_timed_out == 0
         assert b.stats()["drops"].get("no_such_replica:SyncDigest") == 1
         nursery.cancel_scope.cancel()
 
@@ -151,20 +152,20 @@ async def test_a_silent_peer_times_out_and_the_next_comparison_runs(
         with trio.fail_after(30):
             await wait_until(lambda: overlay_ok([a, b, d]))
         ma, mb, md = await a.open_map("m"), await b.open_map("m"), await d.open_map("m")
-        digest = ma.replica.digest
-        assert digest is not None and mb.replica.digest is not None
+        digest = ma.replica.core
+        assert ma.replica.uses_digest and mb.replica.uses_digest
         with trio.fail_after(60):
             await wait_until(lambda: not digest.busy())
         # b hosts the map and keeps its link alive, but answers no round any more.
-        mb.replica.digest.on_round = lambda peer, message: None  # type: ignore[method-assign]
+        mb.replica.core.round_received = lambda *args: []  # type: ignore[method-assign]
         _write_quietly(md, d, "kd", 1)
         started = trio.current_time()
-        digest.open(b.me)
-        digest.open(d.me)  # waits: one comparison at a time
+        await ma.replica.compare_with(b.me)
+        await ma.replica.compare_with(d.me)  # waits: one comparison at a time
         assert digest.snapshot()["sessions_waiting"] == 1
         with trio.fail_after(60):
             await wait_until(lambda: ma.get("kd") == 1)
-        assert digest.stats.sessions_timed_out == 1
+        assert digest.digest_stats.sessions_timed_out == 1
         assert trio.current_time() - started >= config.session_timeout
         nursery.cancel_scope.cancel()
 
@@ -241,6 +242,36 @@ async def test_a_map_hosted_by_3_of_30_nodes_syncs_between_its_hosts_only(
         assert asked_non_hosts() == before
         # One comparison per pair of hosts (whichever id is smaller opened it), whatever
         # the ids: the late host was compared with both others.
-        digests = [m.replica.digest for m in (m1, m2, m3)]
-        assert sum(d.stats.sessions_completed for d in digests if d is not None) >= 2
+        assert sum(m.replica.core.digest_stats.sessions_completed for m in (m1, m2, m3)) >= 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_before_sync_withholds_the_state_and_anti_entropy_goes_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    base = _base(ReplicaConfig(anti_entropy_interval=10.0))
+    async with trio.open_nursery() as nursery:
+        a, b = await _pair(Cluster(nursery, MemoryNetwork(seed=67), base=base))
+        ma, mb = await a.open_map("m"), await b.open_map("m")
+        with trio.fail_after(60):
+            await wait_until(lambda: not ma.replica.core.busy() and not mb.replica.core.busy())
+        failing = True
+
+        async def before_sync(name: str) -> None:
+            if failing:
+                raise OSError("disk gone")
+
+        # b cannot make its state safe to send (a map's stale-entry drop failing).
+        mb.before_sync = before_sync  # type: ignore[method-assign]
+        _write_quietly(mb, b, "kb", "only on b")
+        pulls = mb.replica.core.stats.anti_entropy_pulls
+        await trio.sleep(60)
+        assert ma.get("kb") is None  # nothing of b's state went out
+        assert mb.replica.stats.serves_withheld > 0
+        # Its anti-entropy timer is still armed: it kept trying (each withheld comparison
+        # waits for its 30 s timeout; ticks meanwhile fold into it).
+        assert mb.replica.core.stats.anti_entropy_pulls >= pulls + 1
+        failing = False
+        with trio.fail_after(120):
+            await wait_until(lambda: ma.get("kb") == "only on b")
         nursery.cancel_scope.cancel()

@@ -167,7 +167,7 @@ async def test_a_replica_that_fell_behind_catches_up_through_a_sync_pull(
             await replica.broadcast_update(Add(i, i))
         with trio.fail_after(60):
             await wait_until(lambda: len(slow.keys) == 200)
-        assert behind.stats.resyncs_after_lag >= 1 and behind.stats.deliveries_missed > 0
+        assert behind.core.stats.resyncs_after_lag >= 1 and behind.core.stats.deliveries_missed > 0
         nursery.cancel_scope.cancel()
 
 

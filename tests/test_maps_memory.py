@@ -170,7 +170,7 @@ async def test_receiver_broadcast_crash_recovers_every_write(
             await trio.sleep(0.01)
         with trio.fail_after(10):
             await wait_until(lambda: len(receiver) == 100)
-        assert receiver.replica.stats.resyncs_after_resubscribe >= 1
+        assert receiver.replica.core.stats.resyncs_after_resubscribe >= 1
         assert nodes[4].broadcaster.crashes == 1
         assert converged(maps)
         nursery.cancel_scope.cancel()
@@ -336,19 +336,19 @@ async def test_a_large_map_syncs_as_a_stream_walked_slice_by_slice(
             await wait_until(lambda: len(b) == len(a) and b.tombstones == a.tombstones)
         assert sorted(b.items()) == sorted(a.items())
         # One comparison, opened by the new node, every entry sent once, no full sync.
-        assert b.replica.digest is not None and a.replica.digest is not None
-        assert b.replica.digest.stats.sessions_completed == 1
-        assert a.replica.digest.stats.items_sent == keys
+        assert b.replica.uses_digest and a.replica.uses_digest
+        assert b.replica.core.digest_stats.sessions_completed == 1
+        assert a.replica.core.digest_stats.items_sent == keys
         assert a.replica.stats.syncs_sent == 0
         ranges = [len(k) for level1 in range(16) for k in a._map.range_keys(1, level1, 10**6)]
-        assert sum(ranges) == keys and a.replica.digest.stats.ranges_sent == len(ranges)
+        assert sum(ranges) == keys and a.replica.core.digest_stats.ranges_sent == len(ranges)
         nursery.cancel_scope.cancel()
 
 
 def test_chunks_fill_across_batches_and_stay_under_the_bound() -> None:
     import cbor2
 
-    from trio_replica.replica import Chunker
+    from trio_replica.wire import Chunker
 
     def chunks(items: list[Any], batch: int) -> list[bytes]:
         chunker, out = Chunker(4096), []

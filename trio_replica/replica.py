@@ -14,20 +14,18 @@ What the driver does (SPEC section 8, with the seed's flaws fixed):
   persistent owner acknowledges only once it is durable), then queues its broadcast on the
   instance's tag without waiting again. `broadcast_custom(payload)` carries an
   owner-specific payload to `merge_custom` on every other node.
-* **Peers**: seeded from the active view at start, then kept from `PeerUp` / `PeerDown`.
-  At start the driver pulls the state of every peer (so an instance opened after the
-  cluster formed still syncs), and it pushes a full sync to each new peer.
+* **Bookkeeping** is the sans-IO `core.replication.ReplicationCore`: the peers (seeded from
+  the active view at start, then `PeerUp` / `PeerDown`) and the hosts of the instance (the
+  host directory, `trio_replica.hosts`), whom to compare with and when (at start, with a
+  new host or neighbour, every anti-entropy interval with +-25% integer jitter, after
+  entries arrived, after lost deliveries or a restarted feed), the comparisons and their
+  limits, and removals. This driver feeds it every input and carries out its effects:
+  `Serve` (streamed by `digestsync.ServeQueue`), `SetTimer`, the owner's `remove_node` and
+  `sync_completed`, and full-state pulls and pushes for owners without a digest.
 * **Removal of a node's data** (`remove_node`) happens once per departure, on every node,
   when the node is gone for the cluster (`NodeRemoved`: it left, or its failure was
   confirmed, `trio_replica.departures`); never when a live peer was merely evicted from the
   active view or one link to it was lost (barrel_p2p drops a live node's data there).
-* **Recovery**: when a subscription reports `Resubscribed` (its source crashed and came
-  back), the driver asks every peer for a full sync to recover what it missed. On `Lagged`
-  (deliveries were lost: the driver fell behind, or a broadcast could not be fetched) it
-  pulls from one random peer, which holds what the cluster broadcast; several such notices
-  within `resync_interval` cost one pull.
-* **Anti-entropy** (when the owner asks for it): every interval, with +-25% integer jitter
-  so nodes do not sync in lockstep, pull a full sync from one random peer.
 * **Full sync** travels as direct `SyncRequest` / `SyncChunk` messages, not through
   Plumtree, so it works while the broadcast component restarts. A snapshot is a list of
   items; a sender task per peer encodes it in chunks of at most `sync_chunk_bytes` and
@@ -47,25 +45,38 @@ before it loses anything, and a loss is told (`Lagged`) and repaired by a sync.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import math
 import random
 from collections import Counter
-from collections.abc import AsyncGenerator, Hashable
+from collections.abc import AsyncGenerator, Hashable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
-import cbor2
 import trio
 
-from .digestsync import DigestSync, DigestSyncConfig
+from .core.antientropy import DigestRound
+from .core.effects import SetTimer
+from .core.replication import (
+    CancelServes,
+    DigestSyncConfig,
+    PushFullSync,
+    RemoveNode,
+    ReplicationCore,
+    RequestFullSync,
+    Serve,
+    SyncCompleted,
+)
+from .digestsync import ServeQueue
 from .errors import LinkClosed, MessageTooLarge, NodeClosed, WireError
 from .events import Delivery, Lagged, NodeRemoved, PeerDown, PeerUp, Resubscribed
 from .flow import FairInbox
 from .hlc import Timestamp
 from .messages import MAX_TAG, Peer, SyncChunk, SyncDigest, SyncRequest
 from .ormap import Dot
-from .wire import cbor_array, decode_payload, encode_payload
+from .wire import Chunker, decode_payload, encode_payload
 
 if TYPE_CHECKING:
     from .node import Node
@@ -175,42 +186,6 @@ class ReplicaConfig:
             raise ConfigError("replica.resync_interval must be >= 0")
 
 
-def jitter_ms(interval_ms: int, rng: random.Random) -> int:
-    """The seed's integer jitter: interval +- 25%, never zero-width, never a float."""
-    quarter = interval_ms // 4
-    if quarter == 0:
-        return interval_ms
-    return interval_ms - quarter + rng.randint(1, 2 * quarter)
-
-
-class Chunker:
-    """Packs items into CBOR arrays of at most `max_bytes` (one item may exceed alone), as
-    they come: a snapshot streamed in batches fills each chunk across batch boundaries."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._parts: list[bytes] = []
-        self._size = 0
-
-    def add(self, item: Any) -> bytes | None:
-        """Take `item`; return the chunk it closed, if it did not fit in the open one."""
-        part = bytes(cbor2.dumps(item))
-        full = None
-        if self._parts and self._size + len(part) + 9 > self.max_bytes:
-            full = self.flush()
-        self._parts.append(part)
-        self._size += len(part)
-        return full
-
-    def flush(self) -> bytes | None:
-        """The open chunk, if it holds anything."""
-        if not self._parts:
-            return None
-        chunk = cbor_array(self._parts)
-        self._parts, self._size = [], 0
-        return chunk
-
-
 #: Items per batch when a snapshot list is streamed, and freed per step after.
 RELEASE_SLICE = 8192
 
@@ -230,28 +205,26 @@ async def _batches_of(snapshot: list[Any]) -> AsyncGenerator[list[Any], None]:
 
 @attrs.define
 class ReplicaStats:
+    """What the driver moved; the bookkeeping's counters are the core's
+    (`Replica.core.stats`, `core.digest_stats`)."""
+
     deltas_sent: int = 0
     deltas_received: int = 0
     customs_sent: int = 0
     customs_received: int = 0
-    sync_requests_sent: int = 0
     sync_requests_received: int = 0
     syncs_sent: int = 0
     chunks_sent: int = 0
     chunks_received: int = 0
-    anti_entropy_pulls: int = 0
-    resyncs_after_resubscribe: int = 0
-    #: Rounds of sync pulls after `Lagged` notices, and the deliveries they reported lost.
-    resyncs_after_lag: int = 0
-    deliveries_missed: int = 0
     #: Sync requests folded into a sync already running or waiting for the same peer.
     syncs_coalesced: int = 0
     #: Full syncs put off because the peer had one within `full_sync_again_after`.
     syncs_deferred: int = 0
     #: Full syncs cut short because the peer's link closed.
     syncs_aborted: int = 0
-    nodes_removed: int = 0
     callback_errors: int = 0
+    #: Digest answers not sent because the owner's `before_sync` had failed.
+    serves_withheld: int = 0
     rejected: Counter[str] = attrs.Factory(Counter)
 
 
@@ -274,7 +247,6 @@ class Replica:
         self.callbacks = callbacks
         self.config = config
         self._rng = rng
-        self.peers: dict[str, Peer] = {}
         self.stats = ReplicaStats()
         self._inbox = FairInbox[tuple[str, Any]](
             source_items=config.inbox_size,
@@ -288,23 +260,51 @@ class Replica:
         self.closed = trio.Event()
         #: Full syncs being sent, by peer id; True when another was asked for meanwhile.
         self._sending: dict[str, bool] = {}
-        self._resync_wanted = trio.Event()
         self._nursery: trio.Nursery | None = None
-        #: Digest anti-entropy, when the owner offers a digest (`digestsync`).
-        self.digest: DigestSync | None = None
-        self._digest_owner = callable(getattr(callbacks, "digest_source", None)) and callable(
+        digest_owner = callable(getattr(callbacks, "digest_source", None)) and callable(
             getattr(callbacks, "range_stream", None)
         )
         #: The host directory itself is hosted by every node: it syncs with neighbours.
         from .hosts import DIRECTORY
 
         self._everywhere = name == DIRECTORY
+        #: The bookkeeping (peers, hosts, comparisons, scheduling, removals): sans-IO.
+        self.core = ReplicationCore(
+            node.id,
+            source=callbacks.digest_source(name) if digest_owner else None,  # type: ignore[attr-defined]
+            rng=rng,
+            config=config.digest,
+            anti_entropy_interval=config.anti_entropy_interval if self.anti_entropy else None,
+            resync_interval=config.resync_interval,
+            everywhere=self._everywhere,
+        )
+        #: Carries out the core's `Serve` effects (digest owners only), once running.
+        self._serves: ServeQueue | None = None
+        self._timers: list[tuple[float, int, Hashable]] = []
+        self._timer_seq = itertools.count()
+        self._timers_changed = trio.Event()
         #: When the last full sync to each peer ended (`full_sync_again_after`), and the
         #: peers whose next one waits for that window.
         self._full_sync_done: dict[str, float] = {}
         self._deferred: set[str] = set()
-        #: Nodes whose data this instance removed, until they are heard of again.
-        self._removed: dict[str, None] = {}
+        #: False while the owner's `before_sync` fails: our state must not go out.
+        self._state_ready = True
+
+    @property
+    def uses_digest(self) -> bool:
+        """Whether this instance syncs by digest comparison (the owner offers a digest)."""
+        return self.core.source is not None
+
+    @property
+    def peers(self) -> dict[str, Peer]:
+        """The neighbours this instance knows, by id."""
+        return self.core.neighbors
+
+    async def compare_with(self, peer: Peer) -> None:
+        """Compare with (digest owners) or pull from `peer` now, or once the comparisons
+        running end. For tests and tools: anti-entropy does this on its own."""
+        await self._before_sync()
+        await self._apply(self.core.compare(peer, trio.current_time()))
 
     # --- API used by owners ---------------------------------------------------------------
 
@@ -380,38 +380,27 @@ class Replica:
                     self._nursery = nursery
                     await nursery.start(self._pump_broadcast)
                     await nursery.start(self._pump_membership)
-                    nursery.start_soon(self._resyncs)
-                    if self._digest_owner:
-                        self.digest = DigestSync(
+                    nursery.start_soon(self._run_timers)
+                    hosts: list[Peer] = []
+                    if self.uses_digest:
+                        self._serves = ServeQueue(
                             self.name,
                             self.callbacks,  # type: ignore[arg-type]
                             self.node.send_message,
                             lambda: Chunker(self.config.sync_chunk_bytes),
                             nursery,
-                            self._rng,
-                            self.config.digest,
-                            self._synced,
+                            self.core.served,
                         )
-                    if self.anti_entropy:
-                        nursery.start_soon(self._anti_entropy_ticks)
-                    # Seed peers from the active view and sync with them: PeerUp fires
-                    # only for future peers, so an instance opened late would never sync.
-                    for peer in self.node.active_view():
-                        self.peers[peer.id] = peer
-                    if self.digest is not None:
                         if not self._everywhere:
                             # Sync with the hosts of this instance, wherever they are.
                             self.node.hosts.listen(self.name, self._host_changed)
                             await self.node.hosts.announce(self.name)
-                        # Both ways at once, and an owner that starts with state (recovered
-                        # from disk) offers what it may never have broadcast.
-                        await self._compare_at_start()
-                    else:
-                        self._request_sync_from_all()
-                        # An owner that starts with state (recovered from disk) may hold
-                        # writes it acknowledged but never got to broadcast: offer them.
-                        for peer in list(self.peers.values()):
-                            await self._send_full_sync(peer)
+                            hosts = self.node.hosts.hosts(self.name)
+                        await self._before_sync()
+                    # Seeded from the active view: PeerUp fires only for future peers.
+                    await self._apply(
+                        self.core.start(self.node.active_view(), hosts, trio.current_time())
+                    )
                     task_status.started()
                     inbox = self._inbox
                     while True:
@@ -424,7 +413,7 @@ class Replica:
                                 break
                             await self._handle(kind, data)
         finally:
-            if self.digest is not None and not self._everywhere:
+            if self.uses_digest and not self._everywhere:
                 self.node.hosts.unlisten(self.name)
             self.node.forget_replica(self)
             self.closed.set()
@@ -432,7 +421,7 @@ class Replica:
     async def aclose(self) -> None:
         """Stop the driver task (queued inputs are discarded) and tell the other nodes
         that this one no longer hosts the instance (within a second, best effort)."""
-        if self.digest is not None and not self._everywhere and not self.closed.is_set():
+        if self.uses_digest and not self._everywhere and not self.closed.is_set():
             with trio.move_on_after(1.0), contextlib.suppress(NodeClosed):
                 await self.node.hosts.withdraw(self.name)
         self._scope.cancel()
@@ -468,21 +457,67 @@ class Replica:
             async for event in events:
                 await self._inbox.put("membership", ("membership", event), 0)
 
-    async def _anti_entropy_ticks(self) -> None:
-        interval_ms = max(1, round(self.config.anti_entropy_interval * 1000))
+    async def _run_timers(self) -> None:
+        """Hand the core's timers back to the driver task when they fall due."""
         while True:
-            await trio.sleep(jitter_ms(interval_ms, self._rng) / 1000)
-            await self._inbox.put("tick", ("anti_entropy", None), 0)
+            changed = self._timers_changed
+            deadline = self._timers[0][0] if self._timers else math.inf
+            with trio.move_on_at(deadline):
+                await changed.wait()
+            if changed.is_set():
+                self._timers_changed = trio.Event()
+            now = trio.current_time()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, timer = heapq.heappop(self._timers)
+                await self._inbox.put("tick", ("timer", timer), 0)
 
-    async def _resyncs(self) -> None:
-        """Pull from a peer after notices of loss, at most once per `resync_interval`."""
-        while True:
-            await self._resync_wanted.wait()
-            self._resync_wanted = trio.Event()
-            await self._inbox.put("tick", ("resync", None), 0)
-            await trio.sleep(self.config.resync_interval)
+    # --- effects --------------------------------------------------------------------------
+
+    async def _apply(self, effects: Iterable[Any]) -> None:
+        """Carry out the core's effects, in order. An owner callback that raises is logged
+        and counted; the effects after it still run (a timer lost would end anti-entropy)."""
+        for effect in effects:
+            try:
+                await self._execute(effect)
+            except Exception:
+                self.stats.callback_errors += 1
+                log.exception("replica %s: callback failed while applying %s", self.name, effect)
+
+    async def _execute(self, effect: Any) -> None:
+        match effect:
+            case SetTimer(delay=delay, timer=timer):
+                when = trio.current_time() + delay
+                heapq.heappush(self._timers, (when, next(self._timer_seq), timer))
+                self._timers_changed.set()
+            case Serve():
+                assert self._serves is not None
+                if self._state_ready:
+                    self._serves.push(effect)
+                else:
+                    self.stats.serves_withheld += 1
+                    self.core.served(effect.peer.id, effect.ticket)
+            case CancelServes(peer_id=peer_id):
+                if self._serves is not None:
+                    self._serves.drop(peer_id)
+            case SyncCompleted(opened=opened):
+                sync_completed = getattr(self.callbacks, "sync_completed", None)
+                if sync_completed is not None:
+                    ago = trio.current_time() - opened
+                    started_ms = self.node.clock.read_physical() - round(ago * 1000)
+                    await sync_completed(self.name, started_ms)
+            case RemoveNode(node=node_id):
+                await self.callbacks.remove_node(self.name, node_id)
+            case RequestFullSync(peer=peer):
+                self.node.send_to(peer, SyncRequest(self.name))
+            case PushFullSync(peer=peer):
+                await self._send_full_sync(peer)
+            case _:
+                raise TypeError(f"unknown effect {effect!r}")
+
+    # --- inputs ---------------------------------------------------------------------------
 
     async def _handle(self, kind: str, data: Any) -> None:
+        core = self.core
         try:
             if kind == "delivery":
                 await self._on_delivery(data)
@@ -490,27 +525,17 @@ class Replica:
                 await self._on_membership(data)
             elif kind == "direct":
                 await self._on_direct(*data)
-            elif kind == "anti_entropy":
-                await self._anti_entropy_pull()
-            elif kind == "resync":
-                # Deltas the cluster had were lost on the way here: any one peer holds them.
-                await self._pull_from_one()
+            elif kind == "timer":
+                await self._before_sync()
+                await self._apply(core.handle_timer(data, trio.current_time()))
             elif kind == "host":
                 peer, added = data
-                if self.digest is None:
-                    pass
-                elif not added:
-                    # No longer a host (withdrawn, or gone for the cluster): a session
-                    # with it would only wait for its timeout.
-                    self.digest.peer_gone(peer.id)
-                elif self.node.id < peer.id:
-                    # One comparison per pair: the node with the smaller id opens it.
+                now = trio.current_time()
+                if added:
                     await self._before_sync()
-                    self.digest.open(peer)
-            elif kind == "synced":
-                sync_completed = getattr(self.callbacks, "sync_completed", None)
-                if sync_completed is not None:
-                    await sync_completed(self.name, data)
+                    await self._apply(core.host_added(peer, now))
+                else:
+                    await self._apply(core.host_removed(peer.id, now))
             elif kind == "push":
                 await self._send_full_sync(data)
         except (WireError, MessageTooLarge) as exc:
@@ -523,17 +548,17 @@ class Replica:
             log.exception("replica %s: callback failed while handling %s", self.name, kind)
 
     async def _on_delivery(self, item: Delivery | Lagged | Resubscribed) -> None:
+        now = trio.current_time()
         if isinstance(item, Resubscribed):
             # The broadcast source restarted: deltas may have been missed. Recover them.
-            self.stats.resyncs_after_resubscribe += 1
-            await self._recover_from_all()
+            await self._before_sync()
+            await self._apply(self.core.resubscribed(self.node.active_view(), now))
             return
         if isinstance(item, Lagged):
             # Deltas were lost on the way to us (we fell behind, or a broadcast could not
-            # be fetched): pull them, coalesced with other notices (`_resyncs`).
-            self.stats.deliveries_missed += item.missed
-            self.stats.resyncs_after_lag += 1
-            self._resync_wanted.set()
+            # be fetched): pull them, coalesced with other notices (the core).
+            await self._before_sync()
+            await self._apply(self.core.deliveries_lost(item.missed, now))
             return
         body = item.payload
         if type(body) is not list or len(body) != 2 or body[0] not in ("d", "c"):
@@ -550,158 +575,74 @@ class Replica:
                 await merge_custom(self.name, body[1])
 
     async def _on_membership(self, event: Any) -> None:
+        core, now = self.core, trio.current_time()
         if isinstance(event, Lagged):
             # Membership events were lost: the peer set may be stale, and a `NodeRemoved`
-            # may be among them. Rebuild the one, and remove what the node has removed
-            # and this replica has not (`remove_node` stays once per departure).
-            active = {p.id: p for p in self.node.active_view()}
-            for peer_id in [i for i in self.peers if i not in active]:
-                del self.peers[peer_id]
-            self.peers.update(active)
-            for node_id in self.node.departures.removed():
-                if node_id not in self._removed:
-                    await self._remove_node(node_id)
-            return
-        if isinstance(event, Resubscribed):
-            self.stats.resyncs_after_resubscribe += 1
-            self.peers.update((p.id, p) for p in self.node.active_view())
-            await self._recover_from_all()
+            # may be among them (`remove_node` stays once per departure).
+            active = self.node.active_view()
+            await self._apply(core.membership_lagged(active, self.node.departures.removed(), now))
+        elif isinstance(event, Resubscribed):
+            await self._before_sync()
+            await self._apply(core.resubscribed(self.node.active_view(), now))
         elif isinstance(event, PeerUp):
-            self._removed.pop(event.peer.id, None)  # heard of again
-            # Compare whole peers: a node restarted under the same id at another address is
-            # a new incarnation that needs our state even if its old one was still listed.
-            if self.peers.get(event.peer.id) != event.peer:
-                self.peers[event.peer.id] = event.peer
-                if self.digest is not None:
-                    # One comparison moves both ways: the smaller id opens it (the other
-                    # side sees the same PeerUp and waits). Only with a host, once hosts
-                    # are known: a neighbour that does not host the instance has nothing.
-                    hosts = self._hosts()
-                    is_host = not hosts or any(p.id == event.peer.id for p in hosts)
-                    if is_host and self.node.id < event.peer.id:
-                        await self._before_sync()
-                        self.digest.open(event.peer)
-                else:
-                    # Push only: the peer sees us come up too and pushes its state to us.
-                    await self._send_full_sync(event.peer)
+            await self._before_sync()
+            await self._apply(core.peer_up(event.peer, now))
         elif isinstance(event, PeerDown):
-            self.peers.pop(event.peer.id, None)
             self._full_sync_done.pop(event.peer.id, None)
-            if self.digest is not None:
-                self.digest.peer_gone(event.peer.id)
+            await self._apply(core.peer_down(event.peer.id, now))
         elif isinstance(event, NodeRemoved):
             # Gone for the cluster (left, or its failure confirmed: departures.py), told
             # once on every node. A peer that only left our active view (evicted, or a
             # link lost while others still reach it) keeps its data.
-            await self._remove_node(event.node)
-
-    async def _remove_node(self, node_id: str) -> None:
-        """Call the owner's `remove_node` for `node_id` (each `NodeRemoved` is one departure:
-        `departures` dedupes them) and remember it for the reconciliation after `Lagged`."""
-        self._removed.pop(node_id, None)
-        self._removed[node_id] = None
-        if len(self._removed) > 4096:
-            del self._removed[next(iter(self._removed))]
-        self.stats.nodes_removed += 1
-        if self.digest is not None:
-            self.digest.peer_gone(node_id)
-        await self.callbacks.remove_node(self.name, node_id)
+            await self._apply(core.node_removed(event.node, now))
 
     async def _on_direct(self, peer: Peer, message: SyncRequest | SyncChunk | SyncDigest) -> None:
+        now = trio.current_time()
         if isinstance(message, SyncDigest):
-            if self.digest is not None:
+            if self.uses_digest:
                 await self._before_sync()
-                self.digest.on_round(peer, message)
-            elif message.parents or message.want:
-                # This owner has no digest: a bare answer ends the peer's comparison
-                # instead of letting it wait for its timeout.
-                self.stats.rejected["no_digest"] += 1
-                self.node.send_to(peer, SyncDigest(self.name, message.session, 1, (), (), ()))
+            round_ = DigestRound(message.level, message.parents, message.digests, message.want)
+            await self._apply(self.core.round_received(peer, message.session, round_, now))
             return
         if isinstance(message, SyncRequest):
             self.stats.sync_requests_received += 1
             await self._send_full_sync(peer)
             return
         self.stats.chunks_received += 1
-        if self.digest is not None:
-            self.digest.chunk_from(peer.id, message.sync_id)
+        await self._apply(self.core.chunk_received(peer.id, message.sync_id, now))
         items = decode_payload(message.items, max_size=self.node.config.max_payload)
         if type(items) is not list:
             raise WireError("a sync chunk must carry a list", reason="shape")
         await self.callbacks.apply_full_sync(self.name, items)
-
-    async def _anti_entropy_pull(self) -> None:
-        if await self._pull_from_one():
-            self.stats.anti_entropy_pulls += 1
-
-    async def _pull_from_one(self) -> bool:
-        peers = self._sync_peers()
-        if not peers:
-            return False
-        peer = self._rng.choice(peers)
-        if self.digest is not None:
-            await self._before_sync()
-            self.digest.open(peer)
-        else:
-            self.request_sync(peer)
-        return True
-
-    async def _compare_with_all(self) -> None:
-        assert self.digest is not None
-        await self._before_sync()
-        for peer in self._sync_peers():
-            self.digest.open(peer)
-
-    async def _compare_at_start(self) -> None:
-        """Compare with the known hosts whose ids are greater than ours (the others hear
-        of us from the directory and open the comparison), or, while no host is known,
-        with every neighbour."""
-        assert self.digest is not None
-        await self._before_sync()
-        hosts = self._hosts()
-        for peer in [p for p in hosts if p.id > self.node.id] if hosts else self._sync_peers():
-            self.digest.open(peer)
-
-    def _hosts(self) -> list[Peer]:
-        return [] if self._everywhere else self.node.hosts.hosts(self.name)
-
-    def _sync_peers(self) -> list[Peer]:
-        """Whom to sync with: the instance's hosts, or the neighbours while no host is known
-        (and always for the host directory, which every node hosts)."""
-        return self._hosts() or sorted(self.peers.values())
 
     def _host_changed(self, peer: Peer, added: bool) -> None:
         # Called by the directory's follower: never blocks. The tick source holds
         # `inbox_size` items; full, this one is skipped and anti-entropy finds the host.
         self._inbox.put_nowait("tick", ("host", (peer, added)), 0)
 
-    async def _recover_from_all(self) -> None:
-        if self.digest is not None:
-            await self._compare_with_all()
-        else:
-            self._request_sync_from_all()
-
     async def _before_sync(self) -> None:
         """Let the owner prepare its state before it is compared (`before_sync`: a map out
-        of touch for longer than its tombstone TTL drops what a forgotten delete hit)."""
+        of touch for longer than its tombstone TTL drops what a forgotten delete hit).
+
+        If that fails, nothing of this state goes out (`Serve`s are withheld, their
+        sessions time out) until it succeeds: it runs again before every input. The core
+        still gets the input, so its peers, timers and sessions stay true."""
         before_sync = getattr(self.callbacks, "before_sync", None)
-        if before_sync is not None:
+        if before_sync is None:
+            return
+        try:
             await before_sync(self.name)
-
-    def _synced(self, ago: float) -> None:
-        """A comparison this node opened `ago` seconds ago completed (`digestsync`)."""
-        started_ms = self.node.clock.read_physical() - round(ago * 1000)
-        # The tick source holds `inbox_size` items: full, this mark is skipped and the
-        # next completed comparison sets a later one.
-        self._inbox.put_nowait("tick", ("synced", started_ms), 0)
-
-    def _request_sync_from_all(self) -> None:
-        for peer in list(self.peers.values()):
-            self.request_sync(peer)
+        except Exception:
+            self.stats.callback_errors += 1
+            if self._state_ready:
+                log.exception("replica %s: before_sync failed; syncs withheld", self.name)
+            self._state_ready = False
+        else:
+            self._state_ready = True
 
     def request_sync(self, peer: Peer) -> None:
         """Ask one peer for its full state (never blocks; the peer answers in chunks)."""
-        self.stats.sync_requests_sent += 1
+        self.core.stats.sync_requests_sent += 1
         self.node.send_to(peer, SyncRequest(self.name))
 
     async def _send_full_sync(self, peer: Peer) -> None:
@@ -740,7 +681,7 @@ class Replica:
     async def _push_later(self, peer: Peer, when: float) -> None:
         await trio.sleep_until(when)
         self._deferred.discard(peer.id)
-        if peer.id in self.peers:
+        if peer.id in self.core.neighbors:
             await self._inbox.put("tick", ("push", peer), 0)
 
     async def _stream_sync(self, peer: Peer, batches: AsyncGenerator[list[Any], None]) -> None:
@@ -753,7 +694,7 @@ class Replica:
             log.info("replica %s: full sync to %s cut short: link closed", self.name, peer)
         finally:
             again = self._sending.pop(peer.id, False)
-        if again and peer.id in self.peers:
+        if again and peer.id in self.core.neighbors:
             await self._inbox.put("tick", ("push", peer), 0)
 
     async def _stream_chunks(self, peer: Peer, batches: AsyncGenerator[list[Any], None]) -> None:

@@ -646,3 +646,31 @@ def decode_message(raw: Any, max_payload: int = DEFAULT_MAX_FRAME) -> Message:
             f"message kind {raw[0]} takes {count} fields, got {len(raw) - 1}", reason="shape"
         )
     return decoder(raw[1:], max_payload)
+
+
+class Chunker:
+    """Packs items into CBOR arrays of at most `max_bytes` (one item may exceed alone), as
+    they come: a snapshot streamed in batches fills each chunk across batch boundaries."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def add(self, item: Any) -> bytes | None:
+        """Take `item`; return the chunk it closed, if it did not fit in the open one."""
+        part = bytes(cbor2.dumps(item))
+        full = None
+        if self._parts and self._size + len(part) + 9 > self.max_bytes:
+            full = self.flush()
+        self._parts.append(part)
+        self._size += len(part)
+        return full
+
+    def flush(self) -> bytes | None:
+        """The open chunk, if it holds anything."""
+        if not self._parts:
+            return None
+        chunk = cbor_array(self._parts)
+        self._parts, self._size = [], 0
+        return chunk

@@ -529,7 +529,9 @@ class Simulator:
         """End the partition: dials across former groups succeed again."""
         self._groups = None
 
-    def broadcast(self, origin: str, layer: str = BROADCAST, tag: str = "sim") -> MessageId:
+    def broadcast(
+        self, origin: str, layer: str = BROADCAST, tag: str = "sim", payload: bytes = b""
+    ) -> MessageId:
         """Start a broadcast from live node `origin` on its `BroadcastLayer` named `layer`.
 
         The id is minted here (origin, a simulator-wide sequence number); the returned id
@@ -544,8 +546,17 @@ class Simulator:
         id = MessageId(origin, len(self.broadcasts) + 1, 0)
         alive = frozenset(n.id for n in self.nodes.values() if n.alive)
         self.broadcasts[id] = BroadcastRecord(id, layer, self.now, alive)
-        self._apply(node, layer, target.broadcast(id, tag, b"", self.now))
+        self._apply(node, layer, target.broadcast(id, tag, payload, self.now))
         return id
+
+    def emit(self, node_id: str, event: Event) -> None:
+        """Hand `event` to every layer of live node `node_id`, as if a layer of its own had
+        emitted it (e.g. a `NodeRemoved` the departures logic would have told it)."""
+        node = self.nodes[node_id]
+        for name, layer in node.stack.layers.items():
+            if not node.alive:
+                return
+            self._apply(node, name, layer.handle_event(event, self.now))
 
     def run(self, until: float) -> None:
         """Process events in time order up to virtual time `until` (inclusive)."""

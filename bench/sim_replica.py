@@ -14,6 +14,11 @@ Every node hosts one map of `keys` keys (the same at start) and runs membership,
   comparisons completed and the bytes they cost (all replicas equal: each is an opening
   of 16 digests and a bare answer), per comparison and per node per period, beside the
   bytes of one full-state copy.
+* ``writing``: `rate` writes a second from random nodes for `seconds`, with follow-ups
+  and without: comparisons per node per minute and sync bytes per node per second. While
+  writes keep coming, comparisons find entries still on their way by broadcast, and
+  follow-ups (which that counts as news) cost more than periodic anti-entropy alone;
+  `follow_up_budget` bounds it.
 * ``partition`` (one per scenario): the nodes split in two halves (a seed on each side, so
   the overlay merges back: issue 15 covers the seeds-on-one-side case), `writes` new keys
   written on each side while apart (spread there by Plumtree), then the heal. Measured
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -115,6 +121,37 @@ def steady(sim: Simulator, state: ORMap, periods: int, interval: float) -> dict[
         "bytes_per_node_per_period": round(spent / n / periods, 1),
         "full_copy_bytes": full_copy_bytes(state),
         "converged": converged(sim),
+    }
+
+
+def writing(
+    n: int, seed: int, keys: int, interval: float, follow_up: float, rate: float, seconds: float
+) -> dict[str, Any]:
+    wall0 = time.monotonic()
+    sim, _ = build(n, seed, keys, interval, follow_up)
+    layers = _layers(sim)
+    opened0 = sum(layer.core.digest_stats.sessions_opened for layer in layers)
+    bytes0 = sum(bytes_sent(sim).values())
+    rng = random.Random(seed)
+    ids = sorted(sim.nodes)
+    written = 0
+    step = 0.1
+    for _ in range(round(seconds / step)):
+        # Poisson-ish: each step writes `rate * step` on average.
+        for _ in range(rng.randint(0, max(1, round(2 * rate * step)))):
+            write(sim, rng.choice(ids), f"w-{written}", written)
+            written += 1
+        sim.run_for(step)
+    opened = sum(layer.core.digest_stats.sessions_opened for layer in layers) - opened0
+    spent = sum(bytes_sent(sim).values()) - bytes0
+    return {
+        "follow_up_s": follow_up,
+        "writes": written,
+        "seconds": seconds,
+        "comparisons_per_node_per_min": round(opened / n / (seconds / 60), 2),
+        "sync_bytes_per_node_per_s": round(spent / n / seconds, 1),
+        "follow_ups": sum(layer.core.digest_stats.follow_ups for layer in layers),
+        "wall_s": round(time.monotonic() - wall0, 1),
     }
 
 
@@ -213,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=30.0)
     parser.add_argument("--periods", type=int, default=10)
     parser.add_argument("--apart", type=float, default=120.0)
+    parser.add_argument("--rate", type=float, default=10.0, help="writes per second (writing)")
     args = parser.parse_args(argv)
     wall0 = time.monotonic()
     sim, state = build(args.nodes, args.seed, args.keys, args.interval)
@@ -227,6 +265,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     print(f"steady: {result['steady']}", file=sys.stderr)
     del sim
+    result["writing"] = [
+        writing(args.nodes, args.seed, args.keys, args.interval, follow_up, args.rate, 60.0)
+        for follow_up in (1.0, 0.0)
+    ]
+    print(f"writing: {result['writing']}", file=sys.stderr)
     runs = []
     scenarios = (
         (1, args.interval, 1.0),

@@ -275,3 +275,23 @@ async def test_a_failing_before_sync_withholds_the_state_and_anti_entropy_goes_o
         with trio.fail_after(120):
             await wait_until(lambda: ma.get("kb") == "only on b")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_store_without_a_digest_ends_a_peers_comparison_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        a, b = await _pair(Cluster(nursery, MemoryNetwork(seed=68), base=_base()))
+        # The same instance: a map on a, an owner with no digest on b.
+        other = await b.open_replica("r", KeySet())
+        ma = await a.open_map("r")
+        with trio.fail_after(5):  # the session timeout is 30 s
+            await wait_until(lambda: ma.replica.core.digest_stats.sessions_completed >= 1)
+        for _ in range(20):
+            await ma.replica.compare_with(b.me)
+            await wait_until(lambda: not ma.replica.core.busy())
+        core = ma.replica.core
+        assert core.digest_stats.sessions_timed_out == 0
+        assert core.digest_stats.sessions_completed >= 21
+        assert other.stats.callback_errors == 0 and other.core._outstanding == {}
+        nursery.cancel_scope.cancel()

@@ -182,12 +182,29 @@ def test_the_allowance_is_the_whole_state_per_window_and_a_refusal_cuts_the_sess
     first = of(Serve, c.round_received(asker, 1, everything, 0.0))[0]
     assert sum(c.source.range_digest(*r)[1] for r in first.ranges) == 1000  # type: ignore[union-attr]
     assert c.digest_stats.items_sent == 1000
+    c.served("f", first.ticket)  # sent
     second = of(Serve, c.round_received(asker, 2, everything, 1.0))
     # A tenth of a window later: a tenth of the map at most, and no rounds (the peer
     # must not think it holds everything).
     assert c.digest_stats.ranges_refused > 0 and c.digest_stats.sessions_cut == 1
     assert all(s.rounds == () for s in second)
     assert c.digest_stats.items_sent <= 1100
+
+
+def test_ranges_still_on_their_way_to_a_peer_are_not_sent_again() -> None:
+    c = core("m", filled(1000), DigestSyncConfig(peer_queue=100))
+    asker = peer("f")
+    everything = DigestRound(1, (0,), ())
+    first = of(Serve, c.round_received(asker, 1, everything, 0.0))[0]
+    # Another comparison while the first stream is going: those entries are coming.
+    second = of(Serve, c.round_received(asker, 2, everything, 0.5))
+    assert all(s.ranges == () for s in second) and second[0].rounds
+    assert c.digest_stats.ranges_in_flight == len(first.ranges)
+    assert c.digest_stats.items_sent == 1000 and c.digest_stats.ranges_refused == 0
+    # Once sent, a range that differs again is sent again.
+    c.served("f", first.ticket)
+    third = of(Serve, c.round_received(asker, 3, everything, 20.0))
+    assert third[0].ranges == first.ranges
 
 
 def test_malformed_rounds_are_refused_and_counted() -> None:
@@ -205,9 +222,13 @@ def test_an_owner_without_a_digest_pulls_and_pushes_whole_states() -> None:
     assert c.peer_up(peer("c"), 1.0) == [PushFullSync(peer("c"))]
     (tick,) = of(SetTimer, effects)
     assert len(of(RequestFullSync, c.handle_timer(tick.timer, 30.0))) == 1
-    # A digest round from a peer gets a bare answer, so its comparison ends at once.
-    (answer,) = c.round_received(peer("a"), 7, DigestRound(1, (0,), ()), 1.0)
-    assert isinstance(answer, Serve) and answer.rounds[0].bare and answer.session == 7
+    # A digest round from a peer gets a bare answer, so its comparison ends at once; it
+    # holds no ticket (nothing to stream, nothing to count against the peer).
+    for session in range(50):
+        (answer,) = c.round_received(peer("a"), session, DigestRound(1, (0,), ()), 1.0)
+        assert isinstance(answer, Serve) and answer.rounds[0].bare and answer.session == session
+        assert answer.ranges == () and answer.ticket == 0
+    assert c._outstanding == {}
 
 
 # --- scheduling ------------------------------------------------------------------------------
@@ -254,6 +275,23 @@ def test_a_replica_that_received_entries_follows_up_with_another_peer() -> None:
     assert c.digest_stats.follow_ups == 2
 
 
+def test_follow_ups_need_a_change_and_stay_within_their_budget() -> None:
+    config = DigestSyncConfig(follow_up=1.0, follow_up_budget=2)
+    c = idle("z", [peer("a"), peer("b"), peer("c")], config=config, anti_entropy_interval=30.0)
+    # Entries that changed nothing (already held): no follow-up.
+    assert c.chunk_received("a", 1, 1.0, changed=False) == []
+    (timer,) = of(SetTimer, c.chunk_received("a", 1, 2.0))
+    opened = 0
+    for t in range(10):
+        now = 10.0 + 2 * t
+        c.chunk_received("a", 1, now)  # entries keep coming
+        for serve in of(Serve, c.handle_timer(timer.timer, now + 1)):
+            opened += 1
+            bare_reply(c, serve.peer, now + 1.5)
+    # 2 per 30 s period, plus what refilled in the 20 s that passed.
+    assert opened == 3 and c.digest_stats.follow_ups_over_budget == 7
+
+
 def test_follow_ups_can_be_turned_off_and_never_target_the_only_peer_again() -> None:
     off = core("m", config=DigestSyncConfig(follow_up=0))
     off.start([peer("a")], [], 0.0)
@@ -279,6 +317,57 @@ def test_a_removed_node_is_removed_once_and_a_lagged_feed_catches_up() -> None:
     # Heard of again (a new life): a later departure removes it again.
     c.peer_up(peer("x"), 3.0)
     assert of(RemoveNode, c.membership_lagged([], ["x"], 4.0)) == [RemoveNode("x")]
+
+
+def test_a_host_announced_again_is_compared_again_and_set_hosts_reconciles() -> None:
+    c = core("a", config=DigestSyncConfig(max_sessions=8))
+    c.start([], [], 0.0)
+    assert len(of(Serve, c.host_added(peer("q"), 1.0))) == 1
+    bare_reply(c, peer("q"), 2.0)
+    # A restart at the same address announces a new incarnation: it needs our state.
+    assert len(of(Serve, c.host_added(peer("q"), 3.0))) == 1
+    # After lost notices: the directory as it stands.
+    effects = c.set_hosts([peer("r"), peer("a")], 4.0)
+    assert "q" not in c.hosts and set(c.hosts) == {"r"}
+    assert CancelServes("q") in effects or c.session_with("q") is None
+    assert [s.peer.id for s in of(Serve, effects)] == ["r"]
+
+
+def test_an_owner_digest_that_raises_skips_the_comparison_and_anti_entropy_goes_on() -> None:
+    class Broken(ORMap):
+        def child_digests(self, level: int, index: int) -> list[tuple[int, int, int]]:
+            raise RuntimeError("store bug")
+
+        def range_digest(self, level: int, index: int) -> tuple[int, int]:
+            raise RuntimeError("store bug")
+
+    c = core("m", Broken(), anti_entropy_interval=30.0)
+    (tick,) = of(SetTimer, c.start([], [], 0.0))
+    c.peer_up(peer("z"), 0.0)  # a comparison that fails to open
+    assert not c.busy() and c.digest_stats.source_errors == 1
+    effects = c.handle_timer(tick.timer, 30.0)
+    assert [t.timer for t in of(SetTimer, effects)] == [tick.timer]
+    assert not c.busy()
+    # Answering a round fails the same way: nothing sent, nothing charged.
+    assert c.round_received(peer("f"), 1, DigestRound(1, (0,), ()), 31.0) == []
+    assert c.digest_stats.source_errors == 3
+
+
+def test_what_was_not_sent_goes_back_to_the_peers_allowance() -> None:
+    config = DigestSyncConfig(serve_window=1000.0, min_allowance=1, peer_queue=100)
+    c = core("m", filled(1000), config)
+    asker = peer("f")
+    everything = DigestRound(1, (0,), ())
+    first = of(Serve, c.round_received(asker, 1, everything, 0.0))[0]
+    c.served("f", first.ticket, sent=False)  # the link dropped before it went out
+    again = of(Serve, c.round_received(asker, 2, everything, 0.1))[0]
+    assert again.ranges == first.ranges and c.digest_stats.ranges_refused == 0
+    c.peer_down("f", 0.2)  # cancelled: refunded too
+    third = of(Serve, c.round_received(asker, 3, everything, 0.3))[0]
+    assert third.ranges == first.ranges and c.digest_stats.ranges_refused == 0
+    c.served("f", third.ticket)  # sent: charged for good
+    assert all(s.ranges == () for s in of(Serve, c.round_received(asker, 4, everything, 0.4)))
+    assert c.digest_stats.ranges_refused > 0
 
 
 def test_link_loss_and_eviction_never_remove_a_node() -> None:

@@ -5,8 +5,9 @@ The bookkeeping (sessions, limits, whom to compare with) is the sans-IO
 for each `Serve`, the entries of its ranges (streamed from the owner's `range_stream` as
 `SyncChunk`s, as the link takes them), then its rounds (`SyncDigest`), in order, from one
 task per peer. The order is what tells a node that a comparison is over and complete
-(`core.antientropy`). Each `Serve` is reported back (`on_served`) once sent or given up,
-so the core's count of answers waiting per peer stays true.
+(`core.antientropy`). Each `Serve` is reported back (`on_served(peer_id, ticket,
+sent=...)`) once sent or given up, so the core's count of answers waiting per peer stays
+true and what was not sent goes back to the peer's allowance.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class ServeQueue:
         send: Callable[[Peer, Any], Awaitable[None]],
         chunker: Callable[[], Any],
         nursery: trio.Nursery,
-        on_served: Callable[[str, int], None],
+        on_served: Callable[..., None],
     ) -> None:
         self.name = name
         self.owner = owner
@@ -86,12 +87,13 @@ class ServeQueue:
 
     def _give_up(self, peer: Peer, outbox: _Outbox) -> None:
         while outbox.items:
-            self._on_served(peer.id, outbox.items.popleft().ticket)
+            self._on_served(peer.id, outbox.items.popleft().ticket, sent=False)
 
     async def _serve(self, peer: Peer, outbox: _Outbox) -> None:
         try:
             while outbox.items:
                 serve = outbox.items.popleft()
+                sent = False
                 try:
                     for level, index in serve.ranges:
                         await self._stream_range(peer, serve.session, level, index)
@@ -107,8 +109,9 @@ class ServeQueue:
                                 round_.want,
                             ),
                         )
+                    sent = True
                 finally:
-                    self._on_served(peer.id, serve.ticket)
+                    self._on_served(peer.id, serve.ticket, sent=sent)
         except LinkClosed:
             log.info("replica %s: digest sync with %s cut: link closed", self.name, peer)
             self._give_up(peer, outbox)

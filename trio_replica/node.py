@@ -851,6 +851,11 @@ class Node:
         core = self.membership.core
 
         def down(now: float) -> Iterable[Effect]:
+            current = self._links.get(peer.id)
+            if link is not None and current is not None and current is not link:
+                # A newer link to the peer came up while this news waited behind the old
+                # link's messages: the peer is reachable, the old link's end is stale.
+                return ()
             return core.handle_link_down(peer, now)
 
         if link is None:

@@ -289,6 +289,8 @@ class Replica:
         self._deferred: set[str] = set()
         #: False while the owner's `before_sync` fails: our state must not go out.
         self._state_ready = True
+        #: Host changes told by the directory, not yet handed to the core (latest per id).
+        self._host_changes: dict[str, tuple[Peer, bool]] = {}
 
     @property
     def uses_digest(self) -> bool:
@@ -490,12 +492,19 @@ class Replica:
                 heapq.heappush(self._timers, (when, next(self._timer_seq), timer))
                 self._timers_changed.set()
             case Serve():
-                assert self._serves is not None
-                if self._state_ready:
+                if self._serves is None:
+                    # An owner without a digest: only the bare answer that ends a peer's
+                    # comparison (`ReplicationCore.round_received`).
+                    for r in effect.rounds:
+                        message = SyncDigest(
+                            self.name, effect.session, r.level, r.parents, r.digests, r.want
+                        )
+                        self.node.send_to(effect.peer, message)
+                elif self._state_ready:
                     self._serves.push(effect)
                 else:
                     self.stats.serves_withheld += 1
-                    self.core.served(effect.peer.id, effect.ticket)
+                    self.core.served(effect.peer.id, effect.ticket, sent=False)
             case CancelServes(peer_id=peer_id):
                 if self._serves is not None:
                     self._serves.drop(peer_id)
@@ -528,14 +537,15 @@ class Replica:
             elif kind == "timer":
                 await self._before_sync()
                 await self._apply(core.handle_timer(data, trio.current_time()))
-            elif kind == "host":
-                peer, added = data
-                now = trio.current_time()
-                if added:
-                    await self._before_sync()
-                    await self._apply(core.host_added(peer, now))
-                else:
-                    await self._apply(core.host_removed(peer.id, now))
+            elif kind == "hosts":
+                changes, self._host_changes = self._host_changes, {}
+                await self._before_sync()
+                for peer, added in changes.values():
+                    now = trio.current_time()
+                    if added:
+                        await self._apply(core.host_added(peer, now))
+                    else:
+                        await self._apply(core.host_removed(peer.id, now))
             elif kind == "push":
                 await self._send_full_sync(data)
         except (WireError, MessageTooLarge) as exc:
@@ -581,6 +591,9 @@ class Replica:
             # may be among them (`remove_node` stays once per departure).
             active = self.node.active_view()
             await self._apply(core.membership_lagged(active, self.node.departures.removed(), now))
+            if self.uses_digest and not self._everywhere:
+                # Host changes ride on the same events: take the directory as it stands.
+                await self._apply(core.set_hosts(self.node.hosts.hosts(self.name), now))
         elif isinstance(event, Resubscribed):
             await self._before_sync()
             await self._apply(core.resubscribed(self.node.active_view(), now))
@@ -609,16 +622,24 @@ class Replica:
             await self._send_full_sync(peer)
             return
         self.stats.chunks_received += 1
-        await self._apply(self.core.chunk_received(peer.id, message.sync_id, now))
         items = decode_payload(message.items, max_size=self.node.config.max_payload)
         if type(items) is not list:
             raise WireError("a sync chunk must carry a list", reason="shape")
+        source = self.core.source
+        before = source.range_digest(0, 0) if source is not None else None
         await self.callbacks.apply_full_sync(self.name, items)
+        # Whether it taught us anything (a follow-up comparison is worth it only then).
+        changed = source is None or source.range_digest(0, 0) != before
+        now = trio.current_time()
+        await self._apply(self.core.chunk_received(peer.id, message.sync_id, now, changed=changed))
 
     def _host_changed(self, peer: Peer, added: bool) -> None:
-        # Called by the directory's follower: never blocks. The tick source holds
-        # `inbox_size` items; full, this one is skipped and anti-entropy finds the host.
-        self._inbox.put_nowait("tick", ("host", (peer, added)), 0)
+        # Called by the directory's follower: never blocks, never loses a change. The
+        # latest change per host waits here; one "hosts" input runs them all.
+        if not self._host_changes:
+            self._inbox.put_forced("tick", ("hosts", None), 0)
+        self._host_changes.pop(peer.id, None)
+        self._host_changes[peer.id] = (peer, added)
 
     async def _before_sync(self) -> None:
         """Let the owner prepare its state before it is compared (`before_sync`: a map out

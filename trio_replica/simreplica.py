@@ -129,11 +129,14 @@ class ReplicaLayer:
             round_ = DigestRound(message.level, message.parents, message.digests, message.want)
             return self._run(self.core.round_received(sender, message.session, round_, now))
         if isinstance(message, SyncChunk):
-            effects = self._run(self.core.chunk_received(sender.id, message.sync_id, now))
             items = decode_payload(message.items, max_size=MAX_PAYLOAD)
             self.entries_received += len(items)
+            before = self.map.range_digest(0, 0)
             self._ingest(items)
-            return effects
+            changed = self.map.range_digest(0, 0) != before
+            return self._run(
+                self.core.chunk_received(sender.id, message.sync_id, now, changed=changed)
+            )
         return []
 
     def handle_timer(self, timer: Hashable, now: float) -> list[Effect]:

@@ -43,6 +43,7 @@ import attrs
 
 from ..messages import MAX_DIGEST_PARENTS, Peer
 from .antientropy import (
+    FANOUT_BITS,
     AntiEntropyConfig,
     DigestRound,
     DigestSource,
@@ -103,6 +104,10 @@ class DigestSyncConfig:
     #: waits for anti-entropy): 1 leaves some replicas unrepaired until the next period
     #: (Demers et al.'s residue); a few more reach almost all of them at once.
     follow_up_tries: int = 3
+    #: Follow-ups a replica may open per anti-entropy period (a token bucket): while
+    #: writes keep coming, comparisons keep finding entries still on their way by
+    #: broadcast, and follow-ups must not turn into a comparison a second.
+    follow_up_budget: int = 3
 
     def __attrs_post_init__(self) -> None:
         from ..errors import ConfigError
@@ -119,6 +124,7 @@ class DigestSyncConfig:
             "peer_queue",
             "min_allowance",
             "follow_up_tries",
+            "follow_up_budget",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"replica.digest.{name} must be at least 1")
@@ -148,10 +154,16 @@ class DigestStats:
     items_sent: int = 0
     #: Digests (range summaries) sent in rounds.
     digests_sent: int = 0
+    #: Ranges not sent again because they were still on their way to that peer.
+    ranges_in_flight: int = 0
     #: Comparisons we stopped answering because a range was refused (allowance).
     sessions_cut: int = 0
-    #: Comparisons opened because the one before brought entries (`follow_up`).
+    #: Comparisons opened because the one before brought entries (`follow_up`), and
+    #: follow-ups skipped because the budget for the period was spent.
     follow_ups: int = 0
+    follow_ups_over_budget: int = 0
+    #: The owner's digest raised while a comparison was opened or answered (skipped).
+    source_errors: int = 0
 
 
 @attrs.define
@@ -221,6 +233,14 @@ ReplicationEffect = (
 )
 
 
+def _covered(range_: Range, by: Iterable[Range]) -> bool:
+    """Whether `range_` is one of `by` or inside one of them."""
+    level, index = range_
+    return any(
+        up <= level and index >> (FANOUT_BITS * (level - up)) == up_index for up, up_index in by
+    )
+
+
 def jitter(interval: float, rng: random.Random) -> float:
     """The seed's integer jitter, in milliseconds: interval +- 25%, never zero-width."""
     interval_ms = max(1, round(interval * 1000))
@@ -236,9 +256,11 @@ class _Session:
     peer: Peer
     opened: float
     heard: float
-    #: Opened as a follow-up, and whether entries have arrived in it.
+    #: Opened as a follow-up, and whether entries moved in it, either way (a follow-up
+    #: that taught the peer was worth it too: rumor mongering stops when the other side
+    #: already knew).
     follow_up: bool = False
-    learned: bool = False
+    moved: bool = False
 
 
 _ANTI_ENTROPY = "anti_entropy"
@@ -279,8 +301,9 @@ class ReplicationCore:
         self.hosts: dict[str, Peer] = {}
         self._sessions: dict[str, _Session] = {}
         self._waiting: dict[str, Peer] = {}  # peers to compare with next, in order
-        #: Per peer, the tickets of `Serve` effects not yet reported `served`.
-        self._outstanding: dict[str, set[int]] = {}
+        #: Per peer, the `Serve` effects not yet reported `served`: ticket -> (ranges,
+        #: entries charged to the peer's allowance, refunded if it is not sent).
+        self._outstanding: dict[str, dict[int, tuple[tuple[Range, ...], int]]] = {}
         self._tickets = 0
         self._buckets: dict[str, TokenBucket] = {}
         #: Per peer, the entries it may still be sent (`serve_window`).
@@ -295,6 +318,9 @@ class ReplicationCore:
         self._learned_from: str | None = None
         self._fruitless = 0
         self._follow_up_peers: set[str] = set()
+        period = anti_entropy_interval or 30.0
+        budget = self.config.follow_up_budget
+        self._follow_up_tokens = TokenBucket(rate=budget / period, capacity=budget)
 
     # --- inputs: lifecycle and membership -------------------------------------------------
 
@@ -350,12 +376,27 @@ class ReplicationCore:
     def host_added(self, peer: Peer, now: float) -> list[ReplicationEffect]:
         if self.everywhere or peer.id == self.me:
             return []
-        known = self.hosts.get(peer.id)
         self.hosts[peer.id] = peer
-        if known == peer or self.source is None:
+        if self.source is None:
             return []
-        # One comparison per pair: the node with the smaller id opens it.
+        # Also for a host we knew: an announcement is a new incarnation (restarted, maybe
+        # at the same address), which needs our state. One comparison per pair: the node
+        # with the smaller id opens it.
         return self.compare(peer, now) if self.me < peer.id else []
+
+    def set_hosts(self, hosts: Iterable[Peer], now: float) -> list[ReplicationEffect]:
+        """The directory's hosts of the instance as they stand (after a lost notice): add
+        those we did not know, remove those that are gone."""
+        if self.everywhere:
+            return []
+        current = {p.id: p for p in hosts if p.id != self.me}
+        effects: list[ReplicationEffect] = []
+        for peer_id in [i for i in self.hosts if i not in current]:
+            effects += self.host_removed(peer_id, now)
+        for peer_id, peer in current.items():
+            if self.hosts.get(peer_id) != peer:
+                effects += self.host_added(peer, now)
+        return effects
 
     def host_removed(self, peer_id: str, now: float) -> list[ReplicationEffect]:
         """No longer a host (withdrawn, or gone for the cluster): a session with it would
@@ -416,11 +457,14 @@ class ReplicationCore:
     def handle_timer(self, timer: Hashable, now: float) -> list[ReplicationEffect]:
         if timer == _ANTI_ENTROPY:
             assert self.anti_entropy_interval is not None
-            effects = self._pull_from_one(now)
-            if effects:
+            # Re-armed first: nothing in the pull may end anti-entropy.
+            effects: list[ReplicationEffect] = [
+                SetTimer(jitter(self.anti_entropy_interval, self._rng), _ANTI_ENTROPY)
+            ]
+            pull = self._pull_from_one(now)
+            if pull:
                 self.stats.anti_entropy_pulls += 1
-            effects.append(SetTimer(jitter(self.anti_entropy_interval, self._rng), _ANTI_ENTROPY))
-            return effects
+            return effects + pull
         if timer == _RESYNC:
             self._resync_pending = False
             self._resync_after = now + self.resync_interval
@@ -429,9 +473,15 @@ class ReplicationCore:
             self._follow_up_pending = False
             # Another peer than the one that just brought entries (it has nothing more;
             # with no other, nothing to follow up).
-            peer = self._pick(avoid=self._learned_from)
-            if peer is None:
+            # An idle one: a follow-up folded into a running comparison would be lost.
+            busy = {*self._sessions, *self._waiting, self._learned_from}
+            peers = [p for p in self.sync_peers() if p.id not in busy]
+            if not peers:
                 return []
+            if not self._follow_up_tokens.try_take(1, now):
+                self.digest_stats.follow_ups_over_budget += 1
+                return []
+            peer = self._rng.choice(peers)
             self.digest_stats.follow_ups += 1
             self._follow_up_peers.add(peer.id)
             return self.compare(peer, now)
@@ -451,14 +501,11 @@ class ReplicationCore:
         # Sorted: the choice must not depend on arrival order (or the hash seed).
         return sorted(peers.values())
 
-    def _pick(self, avoid: str | None = None) -> Peer | None:
-        peers = [p for p in self.sync_peers() if p.id != avoid]
-        return self._rng.choice(peers) if peers else None
-
     def _pull_from_one(self, now: float) -> list[ReplicationEffect]:
-        peer = self._pick()
-        if peer is None:
+        peers = self.sync_peers()
+        if not peers:
             return []
+        peer = self._rng.choice(peers)
         if self.source is None:
             self.stats.sync_requests_sent += 1
             return [RequestFullSync(peer)]
@@ -480,11 +527,18 @@ class ReplicationCore:
             return []
         follow_up = peer.id in self._follow_up_peers
         self._follow_up_peers.discard(peer.id)
+        try:
+            first = opening(self.source)
+        except Exception:
+            # The owner's digest is application code (a store of its own): a failure skips
+            # this comparison, counted; nothing is left half-registered.
+            stats.source_errors += 1
+            return []
         session = _Session(self._rng.getrandbits(63), peer, now, now, follow_up)
         self._sessions[peer.id] = session
         stats.sessions_opened += 1
         return [
-            self._serve(peer, session.id, (), (opening(self.source),)),
+            self._serve(peer, session.id, (), (first,)),
             SetTimer(self.config.session_timeout, (_WATCHDOG, peer.id, session.id)),
         ]
 
@@ -506,8 +560,10 @@ class ReplicationCore:
             effects.append(SyncCompleted(session.opened))
         else:
             self.digest_stats.sessions_timed_out += 1
-        if session.follow_up and not session.learned:
-            self._fruitless += 1
+        if session.follow_up:
+            # Keep going while follow-ups move entries (either way); stop after
+            # `follow_up_tries` in a row that move nothing.
+            self._fruitless = 0 if session.moved else self._fruitless + 1
             if self._fruitless < self.config.follow_up_tries:
                 effects += self._schedule_follow_up()
             else:
@@ -530,20 +586,31 @@ class ReplicationCore:
         forget what waits for it (the driver drops its queued `Serve`s). Its limits stay
         (a peer whose link flaps gets no fresh allowance); unused, they expire."""
         self._waiting.pop(peer_id, None)
+        self._follow_up_peers.discard(peer_id)
         effects: list[ReplicationEffect] = []
-        if self._outstanding.pop(peer_id, None):
+        outstanding = self._outstanding.pop(peer_id, None)
+        if outstanding:
+            # Dropped unsent (but for one stream already begun): given back.
+            for _, entries in outstanding.values():
+                self._refund(peer_id, entries)
             effects.append(CancelServes(peer_id))
         return effects + self._end(peer_id, now, completed=False)
 
     # --- what arrives from peers ----------------------------------------------------------
 
-    def chunk_received(self, peer_id: str, session: int, now: float) -> list[ReplicationEffect]:
-        """A chunk of entries for `session` arrived: a long transfer is progress too, and
-        this replica was behind: it follows up with another peer (`follow_up`)."""
+    def chunk_received(
+        self, peer_id: str, session: int, now: float, *, changed: bool = True
+    ) -> list[ReplicationEffect]:
+        """A chunk of entries for `session` arrived: a long transfer is progress too. If it
+        `changed` the state, this replica was behind: it follows up with another peer
+        (`follow_up`)."""
         mine = self._sessions.get(peer_id)
         if mine is not None and mine.id == session:
             mine.heard = now
-            mine.learned = True
+            if changed:
+                mine.moved = True
+        if not changed:
+            return []
         self._learned_from = peer_id
         self._fruitless = 0
         return self._schedule_follow_up()
@@ -554,13 +621,17 @@ class ReplicationCore:
         self._follow_up_pending = True
         return [SetTimer(jitter(self.config.follow_up, self._rng), _FOLLOW_UP)]
 
-    def served(self, peer_id: str, ticket: int) -> None:
-        """The driver sent (or gave up) the `Serve` with this ticket."""
+    def served(self, peer_id: str, ticket: int, *, sent: bool = True) -> None:
+        """The driver sent the `Serve` with this ticket, or (`sent` false) gave it up: its
+        entries go back to the peer's allowance."""
         outstanding = self._outstanding.get(peer_id)
-        if outstanding is not None:
-            outstanding.discard(ticket)
-            if not outstanding:
-                del self._outstanding[peer_id]
+        if outstanding is None:
+            return
+        found = outstanding.pop(ticket, None)
+        if not outstanding:
+            del self._outstanding[peer_id]
+        if found is not None and not sent:
+            self._refund(peer_id, found[1])
 
     def round_received(
         self, peer: Peer, session: int, round_: DigestRound, now: float
@@ -573,7 +644,7 @@ class ReplicationCore:
             # No digest here: a bare answer ends the peer's comparison instead of letting
             # it wait for its timeout.
             stats.rounds_refused["no_digest"] += 1
-            return [self._serve(peer, session, (), (DigestRound(1, (), ()),))]
+            return [Serve(peer, session, (), (DigestRound(1, (), ()),), 0)]
         stats.rounds_received += 1
         problem = check_round(round_, self.config.compare)
         if problem is not None:
@@ -593,16 +664,28 @@ class ReplicationCore:
         if len(self._outstanding.get(peer.id, ())) >= self.config.peer_queue:
             stats.rounds_refused["queue_full"] += 1
             return []
-        replies, ranges = answer(self.source, round_, self.config.compare)
+        try:
+            replies, ranges = answer(self.source, round_, self.config.compare)
+        except Exception:
+            stats.source_errors += 1  # the owner's digest (see `compare`)
+            return []
         granted: list[Range] = []
+        charged = 0
         refused = False
+        in_flight = [r for rs, _ in self._outstanding.get(peer.id, {}).values() for r in rs]
         for level, index in ranges_in(ranges):
+            if _covered((level, index), in_flight):
+                # Already on its way to this peer, ahead of this answer on the same stream
+                # (a comparison that began while a long stream was still going).
+                stats.ranges_in_flight += 1
+                continue
             entries = self.source.range_digest(level, index)[1]
             if not self._allow(peer.id, entries, now):
                 stats.ranges_refused += 1
                 refused = True
                 continue
             granted.append((level, index))
+            charged += entries
             stats.ranges_sent += 1
             stats.items_sent += entries
         if refused:
@@ -610,8 +693,10 @@ class ReplicationCore:
             # entries it never got): no more rounds; it times out and asks again.
             stats.sessions_cut += 1
             replies = []
+        if granted and mine is not None and mine.id == session:
+            mine.moved = True
         if granted or replies:
-            effects.append(self._serve(peer, session, tuple(granted), tuple(replies)))
+            effects.append(self._serve(peer, session, tuple(granted), tuple(replies), charged))
         if mine is not None and mine.id == session and any(r.bare for r in replies):
             # We send the bare round: everything we asked for has arrived (the peer's
             # entries come before its rounds): complete.
@@ -619,10 +704,15 @@ class ReplicationCore:
         return effects
 
     def _serve(
-        self, peer: Peer, session: int, ranges: tuple[Range, ...], rounds: tuple[DigestRound, ...]
+        self,
+        peer: Peer,
+        session: int,
+        ranges: tuple[Range, ...],
+        rounds: tuple[DigestRound, ...],
+        charged: int = 0,
     ) -> Serve:
         self._tickets += 1
-        self._outstanding.setdefault(peer.id, set()).add(self._tickets)
+        self._outstanding.setdefault(peer.id, {})[self._tickets] = (ranges, charged)
         self.digest_stats.rounds_sent += len(rounds)
         self.digest_stats.digests_sent += sum(len(r.digests) for r in rounds)
         return Serve(peer, session, ranges, rounds, self._tickets)
@@ -661,6 +751,11 @@ class ReplicationCore:
         # The whole state per window: both follow the state's size as it changes.
         allowance.capacity, allowance.rate = capacity, capacity / cfg.serve_window
         return allowance.try_take(entries, now)
+
+    def _refund(self, peer_id: str, entries: int) -> None:
+        allowance = self._allowances.get(peer_id)
+        if allowance is not None and entries:
+            allowance.tokens = min(allowance.capacity, allowance.tokens + entries)
 
     def snapshot(self) -> dict[str, Any]:
         out = attrs.asdict(self.digest_stats)

@@ -20,8 +20,10 @@ from trio_replica.core.hyparview import (
     HyParViewConfig,
     JoinTimeout,
     NeighborTimeout,
+    ReconnectTimer,
     RefillTimer,
     ShuffleTimeout,
+    ShuffleTimer,
 )
 from trio_replica.errors import ConfigError
 from trio_replica.events import DownReason, Left, PeerDown, PeerUp
@@ -450,8 +452,11 @@ def test_link_down_of_a_temporary_link_changes_nothing() -> None:
 def test_start_arms_a_jittered_shuffle_timer() -> None:
     core = make()
     out = core.start(0.0)
-    assert len(out) == 1 and isinstance(out[0], SetTimer)
-    assert 5.0 <= out[0].delay <= 12.5
+    assert [type(e.timer) for e in out if isinstance(e, SetTimer)] == [
+        ShuffleTimer,
+        ReconnectTimer,
+    ]
+    assert isinstance(out[0], SetTimer) and 5.0 <= out[0].delay <= 12.5
     assert core.start(0.0) == []  # once
 
 

@@ -284,10 +284,13 @@ async def test_a_node_listed_among_its_own_seeds_is_a_seed_and_keeps_a_seed_neig
 async def test_a_node_that_knows_no_live_seed_rejoins_by_chance(
     autojump_clock: trio.testing.MockClock, chance: float
 ) -> None:
-    # The only way back for a group that holds no seed and remembers none is the
-    # ordinary nodes' periodic re-join, taken with `rejoin_chance` per interval.
+    # Once lost contacts are forgotten too (here: turned off), the only way back for a
+    # group that holds no seed and remembers none is the ordinary nodes' periodic
+    # re-join, taken with `rejoin_chance` per interval.
     interval = 30.0
-    membership = HyParViewConfig(rejoin_interval=interval, rejoin_chance=chance)
+    membership = HyParViewConfig(
+        rejoin_interval=interval, rejoin_chance=chance, reconnect_interval=0.0
+    )
     net = MemoryNetwork(seed=52)
     async with trio.open_nursery() as nursery:
         c = Cluster(nursery, net, base=NodeConfig(name="base", membership=membership))
@@ -318,6 +321,35 @@ async def test_a_node_that_knows_no_live_seed_rejoins_by_chance(
         else:
             await trio.sleep(5 * interval)
             assert seed.active_view() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_seed_with_no_seeds_is_found_by_the_nodes_that_lost_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The nodes that lost the seed keep probing it (lost contacts), long after their
+    # passive views forgot it: back, it is linked again without any re-join.
+    membership = HyParViewConfig(rejoin_chance=0.0)
+    net = MemoryNetwork(seed=53)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net, base=NodeConfig(name="base", membership=membership))
+        seed = await c.start("s")
+        others = [await c.start(name, [seed.address]) for name in "abc"]
+        with trio.fail_after(30):
+            for node in others:
+                await node.wait_ready(min_active=2)
+        c.crash("s")
+        await c.wait_stopped("s")
+        await trio.sleep(300)  # long after the refills gave up on it
+        assert all(seed.id in {p.id for p in n.membership.core.lost} for n in others)
+        seed = await c.start("s")
+        bound = membership.reconnect_backoff_max + 1.25 * membership.reconnect_interval + 5
+        with trio.fail_after(bound):
+            await seed.wait_ready()
+            # The prober counts it when the seed's answer arrives.
+            await wait_until(
+                lambda: sum(n.stats()["membership"]["reconnects"] for n in others) >= 1
+            )
         nursery.cancel_scope.cancel()
 
 

@@ -1045,7 +1045,15 @@ class Node:
         return dial.peer
 
     async def _seeder(self) -> None:
-        """Join through the seeds while isolated, with backoff; re-merge split overlays."""
+        """Join through the seeds while isolated, with backoff; keep the overlay whole.
+
+        Every `rejoin_interval`: a seed (a node whose own address is among its seeds) asks
+        the next other seed that is not its neighbour, in turn, to be one (`reach`: a
+        high-priority NEIGHBOR), so that overlays that formed or healed apart through
+        different seeds merge, whichever side each seed is on; any other node, with
+        `rejoin_chance`, JOINs through a seed if it holds none in its views
+        (`should_rejoin`). A node's own lost contacts (the membership core) do the rest.
+        """
         cfg = self.config
         seeds = [s for s in cfg.seeds if s != self.address]
         if not seeds:
@@ -1055,41 +1063,72 @@ class Node:
             self.seed_ids.add(self.id)
         backoff = cfg.seed_retry_min
         rejoin = cfg.membership.rejoin_interval
-        next_rejoin = trio.current_time() + rejoin if rejoin > 0 else float("inf")
+        # The first check early in the first interval: seeds that started apart (each
+        # joined through a different one) find each other within seconds, not a minute.
+        first = rejoin * self._rng.uniform(0.25, 0.5)
+        next_rejoin = trio.current_time() + first if rejoin > 0 else float("inf")
         core = self.membership.core
+        #: Seed addresses in the order a seed asks them (rotated), and their ids once known.
+        rotation = self._rng.sample(seeds, len(seeds))
+        seed_at: dict[str, str] = {}
         while True:
             now = trio.current_time()
-            rejoin_due = (
-                now >= next_rejoin
-                and (self.id in self.seed_ids or self._rng.random() < cfg.membership.rejoin_chance)
-                and core.should_rejoin(self.seed_ids)
-            )
-            if core.needs_join() or rejoin_due:
-                if rejoin_due:
-                    next_rejoin = now + rejoin
-                    log.info(
-                        "node %s: no seed in view; re-joining to merge a split overlay", self.id
-                    )
+            if core.needs_join():
                 for address in self._rng.sample(seeds, len(seeds)):
                     peer = await self.connect_seed(address)
                     if peer is not None:
                         self.seed_ids.add(peer.id)
+                        seed_at[address] = peer.id
                         await self.membership.post(functools.partial(_join, core, peer))
                         break
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, cfg.seed_retry_max)
+                continue
+            backoff = cfg.seed_retry_min
+            if now >= next_rejoin:
+                next_rejoin = now + rejoin
+                if self.id in self.seed_ids:
+                    await self._reach_a_seed(rotation, seed_at)
+                elif self._rng.random() < cfg.membership.rejoin_chance and core.should_rejoin(
+                    self.seed_ids
+                ):
+                    log.info(
+                        "node %s: no seed in view; re-joining to merge a split overlay", self.id
+                    )
+                    for address in self._rng.sample(seeds, len(seeds)):
+                        peer = await self.connect_seed(address)
+                        if peer is not None:
+                            self.seed_ids.add(peer.id)
+                            seed_at[address] = peer.id
+                            await self.membership.post(functools.partial(_join, core, peer))
+                            break
+            if core.active:
+                # In the overlay: nothing to do until the view changes (losing the last
+                # peer is a PeerDown) or a re-join is due; no idle polling.
+                with trio.move_on_at(min(next_rejoin, now + cfg.seed_retry_max)):
+                    await self._view_changed.wait()
             else:
-                backoff = cfg.seed_retry_min
-                if now >= next_rejoin:
-                    next_rejoin = now + rejoin
-                if core.active:
-                    # In the overlay: nothing to do until the view changes (losing the
-                    # last peer is a PeerDown) or a re-join is due; no idle polling.
-                    with trio.move_on_at(min(next_rejoin, now + cfg.seed_retry_max)):
-                        await self._view_changed.wait()
-                else:
-                    # A JOIN is pending: its timeout clears it without any view change.
-                    await trio.sleep(cfg.seed_retry_min)
+                # A JOIN is pending: its timeout clears it without any view change.
+                await trio.sleep(cfg.seed_retry_min)
+
+    async def _reach_a_seed(self, rotation: list[str], seed_at: dict[str, str]) -> None:
+        """Ask the next seed in `rotation` that is not our neighbour to be one (`_seeder`)."""
+        core = self.membership.core
+        for _ in range(len(rotation)):
+            address = rotation.pop(0)
+            rotation.append(address)
+            known = seed_at.get(address)
+            if known is not None and core.is_active(known):
+                continue
+            peer = await self.connect_seed(address)
+            if peer is None:
+                continue  # down or cut off: the next one (the next interval tries it again)
+            self.seed_ids.add(peer.id)
+            seed_at[address] = peer.id
+            if peer.id == self.id or core.is_active(peer.id):
+                continue
+            await self.membership.post(functools.partial(_reach, core, peer))
+            return
 
     async def _janitor(self) -> None:
         """Close links membership no longer wants once they have been idle for `linger`."""
@@ -1124,6 +1163,10 @@ def _unspecified_host(address: str) -> bool:
 
 def _join(core: HyParView, contact: Peer, now: float) -> list[Effect]:
     return core.join(contact, now)
+
+
+def _reach(core: HyParView, peer: Peer, now: float) -> list[Effect]:
+    return core.reach(peer, now)
 
 
 @contextlib.asynccontextmanager

@@ -619,14 +619,21 @@ class Simulator:
         self._schedule(delay * self.rng.uniform(0.8, 1.2), self._driver_join, (node, life))
 
     def _driver_rejoin(self, node: SimNode, life: int) -> None:
-        """Partition merge (SPEC section 4, bootstrap): JOIN a seed when `should_rejoin`."""
+        """Partition merge (SPEC section 4, bootstrap), as the runtime's seeder does it: a
+        seed asks the next other seed that is not its neighbour to be one (`reach`); any
+        other node JOINs a seed when `should_rejoin`."""
         if not node.alive or life != node.life:
             return
         core = node.hyparview
         seed_ids = {seed.id for seed in node.seeds}
         if node.id in self._seed_set:
-            seed_ids.add(node.id)
-        if core.should_rejoin(seed_ids):
+            others = [s for s in node.seeds if not core.is_active(s.id)]
+            if others:
+                # The rotation: the seed asked longest ago first.
+                node.seeds = (*[s for s in node.seeds if s != others[0]], others[0])
+                node.rejoins += 1
+                self._apply(node, MEMBERSHIP, core.reach(others[0], self.now))
+        elif core.should_rejoin(seed_ids):
             candidates = [s for s in node.seeds if not core.is_active(s.id)]
             if candidates:
                 node.rejoins += 1

@@ -69,6 +69,16 @@ one node at a time) is narrower than ours:
    refusal, at most `refill_backoff_max`), on top of each refuser's `refusal_backoff`;
    and a node whose active view stays under `min_active` for `low_view_grace` asks with
    high priority, which is never refused (the paper: only with an empty view).
+9. Lost contacts: a peer lost to a failure (an active peer whose link failed, a passive
+   peer forgotten after `max_failures`) is remembered for `reconnect_timeout`, and every
+   `reconnect_interval` one of them (the one whose wait ended first) is asked with a
+   high-priority NEIGHBOR, taken in even into a full view. A failed probe doubles its
+   wait (up to `reconnect_backoff_max`). The paper's overlay never splits for good: its
+   failures are crashes. Ours are also partitions, after which each side has rebuilt
+   its views from its own members and nothing ever points across the healed cut again;
+   the first probe that gets through merges the two overlays (one link is enough, the
+   shuffles then mix them). A restarted peer answers too (it is alive): one NEIGHBOR,
+   one eviction on each side, at most once per lost peer.
 
 Links are ordered (FIFO), which the handshakes above rely on: a peer's ``NeighborReply``
 always arrives before any message it sends us as a neighbor.
@@ -184,6 +194,15 @@ class HyParViewConfig:
     #: Walks we forwarded whose reply may come back through us (module docstring): how
     #: many are remembered, each for `shuffle_timeout`.
     shuffle_routes: int = 256
+    #: Lost contacts (deviation 9): every `reconnect_interval` seconds (+-25%) a node
+    #: probes one peer it lost to a failure, with a high-priority NEIGHBOR; each failed
+    #: probe doubles that peer's wait, from `reconnect_interval` to at most
+    #: `reconnect_backoff_max`. A peer is remembered for `reconnect_timeout` seconds, at
+    #: most `max_lost` of them. `reconnect_interval` 0 turns it off.
+    reconnect_interval: float = 10.0
+    reconnect_backoff_max: float = 30.0
+    reconnect_timeout: float = 3600.0
+    max_lost: int = 32
 
     def __attrs_post_init__(self) -> None:
         if self.active_size < 1:
@@ -231,6 +250,16 @@ class HyParViewConfig:
             raise ConfigError("refusals_before_backoff must be >= 0")
         if self.shuffle_routes < 0:
             raise ConfigError(f"shuffle_routes must be >= 0, not {self.shuffle_routes}")
+        if not self.reconnect_interval >= 0:
+            raise ConfigError(f"reconnect_interval must be >= 0, not {self.reconnect_interval}")
+        if self.reconnect_interval and not (
+            self.reconnect_backoff_max >= self.reconnect_interval and self.reconnect_timeout > 0
+        ):
+            raise ConfigError(
+                "reconnect_backoff_max must be >= reconnect_interval, reconnect_timeout > 0"
+            )
+        if self.max_lost < 0:
+            raise ConfigError(f"max_lost must be >= 0, not {self.max_lost}")
 
 
 @attrs.define
@@ -262,6 +291,8 @@ class HyParViewStats:
     shuffle_replies_unroutable: int = 0  # replies whose way back was gone (dropped)
     refills_backed_off: int = 0  # refills postponed after refusals in a row
     low_view_escalations: int = 0  # high-priority requests sent from a view under min_active
+    reconnect_probes: int = 0  # high NEIGHBORs sent to lost contacts (deviation 9)
+    reconnects: int = 0  # lost contacts that answered: links across a healed cut
 
 
 # --- timers (payloads of SetTimer) ----------------------------------------------------------------
@@ -295,6 +326,13 @@ class RefillTimer:
     token: int
 
 
+@attrs.frozen
+class ReconnectTimer:
+    """Periodic probe of one lost contact; `token` identifies the chain."""
+
+    token: int
+
+
 # --- internal state -------------------------------------------------------------------------------
 
 
@@ -311,12 +349,24 @@ class _PendingNeighbor:
 
     `added` is true when the peer is already in our active view (we took it in from a
     FORWARD_JOIN and wait for its confirmation), false for a request to a passive peer.
+    `reconnect`: a probe of a lost contact (deviation 9), taken in even into a full view.
     """
 
     peer: Peer
     token: int
     high: bool
     added: bool
+    reconnect: bool = False
+
+
+@attrs.define
+class _Lost:
+    """A peer lost to a failure, probed until it answers or `reconnect_timeout` passes."""
+
+    peer: Peer
+    since: float
+    retry_at: float
+    failures: int = 0
 
 
 @attrs.define
@@ -354,6 +404,9 @@ class HyParView:
         self._refill_not_before = 0.0
         #: Since when the active view has been under `min_active` (None: not seen so).
         self._low_since: float | None = None
+        #: Lost contacts (deviation 9), oldest first.
+        self._lost: dict[str, _Lost] = {}
+        self._reconnect_token: int | None = None
 
     # --- read-only views ------------------------------------------------------------------
 
@@ -433,14 +486,17 @@ class HyParView:
     # --- inputs ---------------------------------------------------------------------------
 
     def start(self, now: float) -> list[Effect]:
-        """Arm the periodic shuffle (the first one after a random part of a period)."""
+        """Arm the periodic shuffle (the first one after a random part of a period) and the
+        probes of lost contacts (deviation 9)."""
         if self._left or self._shuffle_token is not None:
             return []
         self._shuffle_token = self._token()
         delay = self.config.shuffle_interval * self._rng.uniform(
             0.5, 1.0 + self.config.shuffle_jitter
         )
-        return [SetTimer(delay, ShuffleTimer(self._shuffle_token))]
+        out: list[Effect] = [SetTimer(delay, ShuffleTimer(self._shuffle_token))]
+        self._arm_reconnect(out)
+        return out
 
     def join(self, contact: Peer, now: float) -> list[Effect]:
         """Send JOIN to `contact` (paper section 4.2); a pending join is replaced."""
@@ -465,6 +521,7 @@ class HyParView:
         self._left = True
         self._active.clear()
         self._pending.clear()
+        self._lost.clear()
         self._shuffles.clear()
         self._join = None
         out.append(Emit(Left()))
@@ -474,6 +531,8 @@ class HyParView:
         """Apply one message from `sender` (the authenticated peer of the link)."""
         if self._left or sender.id == self.me.id:
             return []
+        # A message over a live link: whatever split us is over (deviation 9).
+        self._lost.pop(sender.id, None)
         out: list[Effect] = []
         match message:
             case Join():
@@ -540,6 +599,9 @@ class HyParView:
                 self._refill_token = None
                 self._refill_at = None
                 self._refill(out, now)
+            case ReconnectTimer(token=token) if token == self._reconnect_token:
+                self._probe_lost(out, now)
+                self._arm_reconnect(out)
             case _:
                 pass  # stale or foreign timer
         return out
@@ -636,6 +698,13 @@ class HyParView:
         del self._pending[sender.id]
         if sender.id in self._active:
             return  # crossed requests: the peer's own NEIGHBOR already linked us
+        if message.accepted and pending.reconnect:
+            # A lost contact answered: this link may be the only one across a healed cut,
+            # so it is kept even if a neighbour must make room (deviation 9).
+            self.stats.reconnects += 1
+            self._refusals = 0
+            self._add_active(sender, out, now)
+            return
         if message.accepted:
             self._accept_answer(sender, out, now)
             return
@@ -807,6 +876,7 @@ class HyParView:
             victim = self._rng.choice([p for p in self._active.values() if p.id != peer.id])
             self._evict(victim, out, now)
         self._passive.pop(peer.id, None)
+        self._lost.pop(peer.id, None)
         self._active[peer.id] = peer
         if len(self._active) >= min(self.config.min_active, self.config.active_size):
             self._low_since = None  # a later drop starts a new grace
@@ -846,6 +916,7 @@ class HyParView:
         """An active peer failed: PeerDown(FAILED), passive with a failure (section 4.3)."""
         peer = self._active.pop(peer_id)
         self.stats.failures += 1
+        self._remember_lost(peer, now)
         out.append(Emit(PeerDown(peer, DownReason.FAILED)))
         entry = self._add_passive(peer)
         if entry is not None:
@@ -855,12 +926,18 @@ class HyParView:
         entry = self._passive.get(peer_id)
         if entry is not None:
             self._record_failure(entry, now)
+        lost = self._lost.get(peer_id)
+        if lost is not None:
+            lost.failures += 1
+            wait = self.config.reconnect_interval * 2 ** min(lost.failures, 16)
+            lost.retry_at = now + min(wait, self.config.reconnect_backoff_max)
 
     def _record_failure(self, entry: _PassiveEntry, now: float) -> None:
         entry.failures += 1
         if entry.failures >= self.config.max_failures:
             self.stats.forgotten += 1
             del self._passive[entry.peer.id]
+            self._remember_lost(entry.peer, now)
             return
         backoff = self.config.backoff_base * 2 ** (entry.failures - 1)
         entry.retry_at = now + min(backoff, self.config.backoff_max)
@@ -958,9 +1035,69 @@ class HyParView:
         self._refill_at = at
         out.append(SetTimer(max(at - now, 0.0), RefillTimer(self._refill_token)))
 
-    def _send_neighbor(self, peer: Peer, *, high: bool, added: bool, out: list[Effect]) -> None:
+    # --- lost contacts (deviation 9) -------------------------------------------------------
+
+    def _remember_lost(self, peer: Peer, now: float) -> None:
+        cfg = self.config
+        if not cfg.reconnect_interval or not cfg.max_lost or peer.id in self._lost:
+            return
+        # The first probe waits one interval: a peer restarting needs a moment.
+        self._lost[peer.id] = _Lost(peer, now, now + cfg.reconnect_interval)
+        while len(self._lost) > cfg.max_lost:
+            del self._lost[next(iter(self._lost))]
+
+    def _arm_reconnect(self, out: list[Effect]) -> None:
+        interval = self.config.reconnect_interval
+        if not interval:
+            return
+        self._reconnect_token = self._token()
+        delay = interval * self._rng.uniform(0.75, 1.25)
+        out.append(SetTimer(delay, ReconnectTimer(self._reconnect_token)))
+
+    def _probe_lost(self, out: list[Effect], now: float) -> None:
+        """Ask the lost contact whose wait ended first to be our neighbour again."""
+        horizon = now - self.config.reconnect_timeout
+        for peer_id in [i for i, lost in self._lost.items() if lost.since < horizon]:
+            del self._lost[peer_id]
+        joining = self._join.contact.id if self._join is not None else None
+        due = [
+            lost
+            for peer_id, lost in self._lost.items()
+            if lost.retry_at <= now
+            and peer_id not in self._active
+            and peer_id not in self._pending
+            and peer_id != joining
+        ]
+        if not due:
+            return
+        lost = min(due, key=lambda entry: entry.retry_at)
+        self.stats.reconnect_probes += 1
+        self._send_neighbor(lost.peer, high=True, added=False, out=out, reconnect=True)
+
+    def reach(self, peer: Peer, now: float) -> list[Effect]:
+        """Ask `peer` to be our neighbour with high priority, taken in even into a full
+        view, as a lost contact is (deviation 9). For the driver's seeds: seeds keep links
+        to one another, so overlays that formed or healed apart through different seeds
+        merge. Nothing if `peer` is already a neighbour or a request to it is out."""
+        if self._left or peer.id == self.me.id:
+            return []
+        if peer.id in self._active or peer.id in self._pending:
+            return []
+        out: list[Effect] = []
+        self.stats.reconnect_probes += 1
+        self._send_neighbor(peer, high=True, added=False, out=out, reconnect=True)
+        return out
+
+    @property
+    def lost(self) -> tuple[Peer, ...]:
+        """Peers lost to a failure that this node still probes (deviation 9)."""
+        return tuple(entry.peer for entry in self._lost.values())
+
+    def _send_neighbor(
+        self, peer: Peer, *, high: bool, added: bool, out: list[Effect], reconnect: bool = False
+    ) -> None:
         token = self._token()
-        self._pending[peer.id] = _PendingNeighbor(peer, token, high, added)
+        self._pending[peer.id] = _PendingNeighbor(peer, token, high, added, reconnect)
         self.stats.neighbor_requests += 1
         out.append(Send(peer, Neighbor(high=high)))
         out.append(SetTimer(self.config.neighbor_timeout, NeighborTimeout(peer.id, token)))

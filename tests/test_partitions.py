@@ -89,3 +89,28 @@ async def test_a_single_seed_cluster_heals_after_a_long_partition(
 ) -> None:
     merged, _ = await _split_heal(90, ONE_SEED, apart=600.0)
     assert merged <= MERGE_BOUND
+
+
+async def test_the_halves_merge_when_the_only_seed_is_down_at_the_heal(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork(seed=91)
+    base = NodeConfig(name="x", replica=ReplicaConfig(anti_entropy_interval=AE))
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net, base=base)
+        nodes = [await c.start(n, [f"mem://{s}" for s in ONE_SEED[n]]) for n in "abcde"]
+        with trio.fail_after(60):
+            await wait_until(lambda: overlay_ok(nodes, min_active=2))
+        maps: list[ReplicatedMap] = [await n.open_map("kv") for n in nodes]
+        net.partition(["a", "b"], ["c", "d", "e"])
+        await trio.sleep(120)
+        c.crash("a")  # the seed: down when the cut heals
+        survivors, smaps = nodes[1:], maps[1:]
+        for i in range(10):
+            await smaps[i % 4].put(f"k{i}", i)
+        net.heal()
+        with trio.fail_after(MERGE_BOUND):
+            await wait_until(lambda: connected(survivors), poll=0.5)
+        with trio.fail_after(AE * 1.25 + 30):
+            await wait_until(lambda: converged(smaps) and len(smaps[0]) == 10, poll=0.5)
+        nursery.cancel_scope.cancel()

@@ -6,6 +6,7 @@ HLC-stamped OR-Map. Start here: `open_node(NodeConfig(...))`.
 """
 
 from .config import NodeConfig
+from .control import ControlClient, ControlError, open_control
 from .errors import (
     ConfigError,
     HandshakeError,
@@ -36,6 +37,8 @@ from .store import StoreCorrupt, StoreError
 __all__ = [
     "Add",
     "ConfigError",
+    "ControlClient",
+    "ControlError",
     "Delivery",
     "DownReason",
     "Event",
@@ -66,5 +69,6 @@ __all__ = [
     "StoreError",
     "ValidationError",
     "WireError",
+    "open_control",
     "open_node",
 ]

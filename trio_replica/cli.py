@@ -4,8 +4,16 @@
 * ``status``: ask a running node, over its authenticated control path, for its views and counters.
 * ``cluster``: start a small local cluster in this process and print the views it forms.
 * ``demo``: a local cluster that replicates a map, loses a node and heals (`trio_replica.demo`).
-* ``put``, ``get``, ``delete``, ``watch``: drive and observe a replicated map hosted by a
-  running node (values are JSON on the command line; bytes print as ``{"$bytes": base64}``).
+* ``put``, ``get``, ``delete``, ``watch``, ``dump``, ``digest``: drive and observe a
+  replicated map hosted by a running node (values are JSON on the command line; bytes
+  print as ``{"$bytes": base64}``). ``dump`` prints every key as a JSON line with its
+  value, writer and HLC timestamp; ``digest`` a summary two nodes' maps can be compared
+  by; ``watch --snapshot`` the map as it stands before its changes.
+
+``node`` reads its settings from ``--config FILE`` (TOML) and ``--set KEY=VALUE`` flags, by
+the dotted names of the README's "Configuration" table (`trio_replica.config_file`); the
+named flags override both. With ``--metrics`` it also answers ``/readyz`` and
+``/healthz``. Map requests on the control path wait (up to 5 s) until its maps are open.
 
 Every command takes ``--log-level`` and ``--log-json`` (`trio_replica.logs`); ``node`` takes
 ``--metrics HOST:PORT`` to serve Prometheus metrics (`trio_replica.metrics`). Errors a
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import logging
 import signal
@@ -65,7 +74,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_auth(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cluster", default="trio-replica", help="cluster name (default: trio-replica)")
+    p.add_argument("--cluster", default=None, help="cluster name (default: trio-replica)")
     p.add_argument("--secret-file", help="file holding the cluster secret (at least 16 bytes)")
     p.add_argument("--tls-ca", metavar="FILE", help="CA bundle that signs the nodes' certificates")
     p.add_argument(
@@ -110,8 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("node", help="run a node until SIGINT/SIGTERM")
+    p.add_argument("--config", metavar="FILE", help="settings from a TOML file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one setting by its dotted name, e.g. membership.rejoin_interval=30 (repeatable)",
+    )
     p.add_argument("--name", help="node id (default: generated)")
-    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT or ws://HOST:PORT to bind")
+    p.add_argument("--listen", help="HOST:PORT or ws://HOST:PORT to bind (default: 127.0.0.1:0)")
     p.add_argument("--advertise", help="address other nodes dial (default: the bound address)")
     p.add_argument(
         "--join", action="append", default=[], metavar="HOST:PORT", help="seed address (repeatable)"
@@ -121,9 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", help="persist the hosted maps in SQLite files in this directory")
     p.add_argument(
+        "--tombstone-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="how long the hosted maps remember deletes (default: 7 days)",
+    )
+    p.add_argument(
         "--metrics",
         metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, and /readyz, /healthz",
     )
     _add_auth(p)
     _add_common(p)
@@ -136,10 +159,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("key")
         if command == "put":
             p.add_argument("value", help="the value, as JSON")
+        if command == "get":
+            p.add_argument(
+                "--meta", action="store_true", help="print value, writer and HLC as one JSON object"
+            )
         _add_auth(p)
         _add_common(p)
 
     p = sub.add_parser("watch", help="print the changes of a map hosted by a running node")
+    p.add_argument("--node", required=True, metavar="HOST:PORT")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument(
+        "--snapshot", action="store_true", help="first print every key as it stands (JSON lines)"
+    )
+    p.add_argument("map")
+    _add_auth(p)
+    _add_common(p)
+
+    p = sub.add_parser(
+        "dump", help="print every key of a map as JSON lines: key, value, writer, hlc"
+    )
+    p.add_argument("--node", required=True, metavar="HOST:PORT")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--tombstones", action="store_true", help="include deleted keys")
+    p.add_argument("map")
+    _add_auth(p)
+    _add_common(p)
+
+    p = sub.add_parser("digest", help="print a summary of a map that two nodes can compare")
     p.add_argument("--node", required=True, metavar="HOST:PORT")
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("map")
@@ -169,32 +216,80 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run_node(args: argparse.Namespace) -> int:
+def node_config(args: argparse.Namespace) -> tuple[NodeConfig, dict[str, Any]]:
+    """The node's settings (file, then ``--set``, then the named flags) and the command's
+    own ones: maps, tombstone_ttl, metrics, secret_file."""
+    from .config_file import apply_settings, parse_set, read_toml
+
+    settings = read_toml(args.config) if args.config else {}
+    _merge_tables(settings, parse_set(args.set))
+    if "join" in settings:
+        if "seeds" in settings:
+            raise ConfigError("give the seeds as 'seeds' or 'join', not both")
+        settings["seeds"] = settings["join"]
+    flags: dict[str, Any] = {
+        "name": args.name,
+        "listen": args.listen,
+        "advertise": args.advertise,
+        "seeds": args.join or None,
+        "cluster": args.cluster,
+        "data_dir": args.data_dir,
+    }
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    maps = settings.get("maps", [])
+    if not isinstance(maps, list) or not all(isinstance(m, str) for m in maps):
+        raise ConfigError("maps must be a list of names")
+    secret_file = args.secret_file or settings.get("secret_file")
+    if secret_file is not None and not isinstance(secret_file, str):
+        raise ConfigError("secret_file must be a path")
+    own: dict[str, Any] = {
+        "maps": [*maps, *args.map],
+        "tombstone_ttl": args.tombstone_ttl or settings.get("tombstone_ttl"),
+        "metrics": args.metrics or settings.get("metrics"),
+        "secret_file": secret_file,
+    }
     server_ssl, client_ssl = _tls(args)
-    config = NodeConfig(
-        **({"name": args.name} if args.name else {}),
-        listen=args.listen,
-        advertise=args.advertise,
-        seeds=tuple(args.join),
-        cluster=args.cluster,
-        secret=_read_secret(args.secret_file),
-        data_dir=args.data_dir,
-        server_ssl=server_ssl,
-        client_ssl=client_ssl,
+    base = NodeConfig(
+        secret=_read_secret(secret_file), server_ssl=server_ssl, client_ssl=client_ssl
     )
-    metrics_at = _parse_metrics(args.metrics) if args.metrics else None
+    return apply_settings(base, settings), own
+
+
+def _merge_tables(into: dict[str, Any], more: dict[str, Any]) -> None:
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge_tables(into[key], value)
+        else:
+            into[key] = value
+
+
+async def _run_node(args: argparse.Namespace) -> int:
+    config, own = node_config(args)
+    metrics_at = _parse_metrics(own["metrics"]) if own["metrics"] else None
+    map_options: dict[str, Any] = {"persist": config.data_dir is not None}
+    if own["tombstone_ttl"] is not None:
+        map_options["tombstone_ttl"] = float(own["tombstone_ttl"])
     with (
         trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
         node_context(config.name),  # every record of the node's tasks names it
     ):
-        async with open_node(config) as node, trio.open_nursery() as nursery:
-            for name in args.map:
-                await node.open_map(name, persist=args.data_dir is not None)
+        async with (
+            open_node(config, hold_control=True) as node,
+            trio.open_nursery() as nursery,
+        ):
             bound = None
             if metrics_at is not None:
                 from .metrics import metrics_registry, serve_metrics
 
-                bound = await nursery.start(serve_metrics, metrics_registry(node), *metrics_at)
+                # Up before the maps open: /readyz says "starting" meanwhile.
+                bound = await nursery.start(
+                    functools.partial(serve_metrics, node=node),
+                    metrics_registry(node),
+                    *metrics_at,
+                )
+            for name in own["maps"]:
+                await node.open_map(name, **map_options)
+            node.mark_control_ready()
             # The first line is the readiness signal scripts wait for; keep it first.
             print(f"node {node.id} listening on {node.address}", flush=True)
             if bound is not None:
@@ -232,7 +327,7 @@ def _open_control(args: argparse.Namespace) -> AbstractAsyncContextManager[Contr
     """The control connection the client commands share, from their common options."""
     return open_control(
         normalize_address(args.node),
-        cluster=args.cluster,
+        cluster=args.cluster or "trio-replica",
         secret=_read_secret(args.secret_file),
         client_ssl=_tls(args)[1],
         timeout=args.timeout,
@@ -278,14 +373,41 @@ async def _run_map_command(args: argparse.Namespace) -> int:
             if not result["found"]:
                 print(f"{args.key}: not found", file=sys.stderr)
                 return 1
-            print(_show(result["value"]))
+            if args.meta:
+                wall, logical = result["hlc"]
+                shown = {"value": result["value"], "writer": result["writer"]}
+                print(_show({**shown, "hlc": f"{wall}.{logical}"}))
+            else:
+                print(_show(result["value"]))
+        elif args.command == "digest":
+            print(_show(await client.call("map.digest", [args.map])))
+        elif args.command == "dump":
+            async for batch in client.stream("map.dump", [args.map, args.tombstones]):
+                if not batch:
+                    break  # the end
+                for row in batch:
+                    print(_show(_row(row)))
         else:
-            async for event in client.stream("map.watch", [args.map]):
+            async for event in client.stream("map.watch", [args.map, args.snapshot]):
                 if event[0] == "watching":
                     print(f"watching map {event[1]} ({event[2]} keys)", file=sys.stderr, flush=True)
+                elif event[0] == "snapshot":
+                    for row in event[1]:
+                        print(_show(["snapshot", *_row(row).values()]), flush=True)
+                elif event[0] == "snapshot_end":
+                    print("snapshot done; changes follow", file=sys.stderr, flush=True)
                 else:
                     print(_show(event), flush=True)
     return 0
+
+
+def _row(row: list[Any]) -> dict[str, Any]:
+    """A dump row as the JSON object printed for it."""
+    key, value, writer, wall, logical, deleted = row
+    out = {"key": key, "value": value, "writer": writer, "hlc": f"{wall}.{logical}"}
+    if deleted:
+        out = {"key": key, "deleted": True, "writer": writer, "hlc": f"{wall}.{logical}"}
+    return out
 
 
 async def _run_cluster(args: argparse.Namespace) -> int:
@@ -313,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "get": _run_map_command,
         "delete": _run_map_command,
         "watch": _run_map_command,
+        "dump": _run_map_command,
+        "digest": _run_map_command,
     }
     try:
         try:

@@ -147,15 +147,20 @@ class ControlClient:
         self._streams.clear()
         self._waiting.clear()
 
+    def _send(self, request: ControlRequest) -> None:
+        try:
+            self._link.send_nowait(request)
+        except LinkClosed:
+            # Never sent: the operation did not happen (unlike a request left unanswered).
+            raise ControlError(f"not sent: the connection to {self.node} is closed") from None
+
     async def stream(self, op: str, args: Any = None) -> AsyncIterator[Any]:
         """Run a streaming operation and yield its items until the node or the caller stops."""
         request_id = next(self._ids)
         send, receive = trio.open_memory_channel[ControlReply](1024)
         self._streams[request_id] = send
         try:
-            self._link.send_nowait(
-                ControlRequest(request_id, op, encode_payload(args, max_size=1 << 20))
-            )
+            self._send(ControlRequest(request_id, op, encode_payload(args, max_size=1 << 20)))
             async for reply in receive:
                 result = decode_payload(reply.result, max_size=1 << 22)
                 if not reply.ok:
@@ -170,9 +175,11 @@ class ControlClient:
         request_id = next(self._ids)
         send, receive = trio.open_memory_channel[ControlReply](1)
         self._waiting[request_id] = send
-        self._link.send_nowait(
-            ControlRequest(request_id, op, encode_payload(args, max_size=1 << 20))
-        )
+        try:
+            self._send(ControlRequest(request_id, op, encode_payload(args, max_size=1 << 20)))
+        except ControlError:
+            self._waiting.pop(request_id, None)
+            raise
         with trio.move_on_after(self._timeout):
             try:
                 reply = await receive.receive()
@@ -234,12 +241,19 @@ async def open_control(
                 finally:
                     client.link_ended()
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run_link)
-                try:
-                    yield client
-                finally:
-                    nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(run_link)
+                    try:
+                        yield client
+                    finally:
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # What the caller's block raised comes out as it was raised, not wrapped
+                # in the group of this helper's own nursery.
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
     except ConnectError as exc:
         raise ControlError(f"could not connect to {address}: {exc}") from None
     except WireError as exc:

@@ -7,7 +7,10 @@
 * `metrics_registry` gives each node its own `CollectorRegistry` (several nodes may share a
   process; the global default registry would mix them).
 * `serve_metrics` answers ``GET /metrics`` over plain TCP from a Trio task: no thread, no
-  prometheus_client server. Each request is read under a deadline and a size bound, at most
+  prometheus_client server; given the node, also ``GET /readyz`` (200 once the node has
+  joined and its maps are open, `Node.readiness`; 503 with the reason before) and
+  ``GET /healthz`` (200 while its machinery runs, `Node.liveness`; 503 otherwise), for
+  orchestrators' probes. Each request is read under a deadline and a size bound, at most
   `MAX_CONNECTIONS` are served at once (more are closed at once), and every connection is
   closed after one response. Cancel the task to stop the server.
 
@@ -394,7 +397,7 @@ async def _read_request_head(stream: trio.abc.ReceiveStream) -> bytes | None:
     return data.split(b"\r\n\r\n", 1)[0]
 
 
-def answer(registry: CollectorRegistry, head: bytes | None) -> bytes:
+def answer(registry: CollectorRegistry, head: bytes | None, node: Node | None = None) -> bytes:
     """The HTTP response to a request head (None: unreadable or oversized)."""
     if head is None:
         return _response("400 Bad Request", b"bad request\n")
@@ -404,20 +407,27 @@ def answer(registry: CollectorRegistry, head: bytes | None) -> bytes:
     method, target = parts[0], parts[1].split(b"?", 1)[0]
     if method not in (b"GET", b"HEAD"):
         return _response("405 Method Not Allowed", b"only GET\n")
-    if target != b"/metrics":
-        return _response("404 Not Found", b"metrics are at /metrics\n")
-    response = _response("200 OK", generate_latest(registry), CONTENT_TYPE)
+    if node is not None and target in (b"/readyz", b"/healthz"):
+        ok, why = node.readiness() if target == b"/readyz" else node.liveness()
+        response = _response("200 OK" if ok else "503 Service Unavailable", f"{why}\n".encode())
+    elif target != b"/metrics":
+        paths = b"/metrics, /readyz, /healthz" if node is not None else b"/metrics"
+        return _response("404 Not Found", b"serving " + paths + b"\n")
+    else:
+        response = _response("200 OK", generate_latest(registry), CONTENT_TYPE)
     if method == b"HEAD":
         response = response.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
     return response
 
 
-async def _serve_one(registry: CollectorRegistry, stream: trio.SocketStream) -> None:
+async def _serve_one(
+    registry: CollectorRegistry, stream: trio.SocketStream, node: Node | None
+) -> None:
     async with stream:
         with trio.move_on_after(REQUEST_TIMEOUT):
             try:
                 head = await _read_request_head(stream)
-                await stream.send_all(answer(registry, head))
+                await stream.send_all(answer(registry, head, node))
             except trio.BrokenResourceError as exc:
                 log.debug("metrics client went away: %s", exc)
 
@@ -427,9 +437,11 @@ async def serve_metrics(
     host: str,
     port: int,
     *,
+    node: Node | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``GET /metrics`` on `host`:`port` until cancelled; reports the bound address.
+    """Serve ``GET /metrics`` (and with `node`, ``/readyz`` and ``/healthz``) on
+    `host`:`port` until cancelled; reports the bound address.
 
     Start it with ``await nursery.start(serve_metrics, registry, host, port)``; binding
     errors (``OSError``) come out of that call.
@@ -447,6 +459,6 @@ async def serve_metrics(
                 await stream.aclose()
                 return
             async with limit:
-                await _serve_one(registry, stream)
+                await _serve_one(registry, stream, node)
 
         await trio.serve_listeners(handle, listeners, handler_nursery=nursery)

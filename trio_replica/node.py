@@ -32,14 +32,15 @@ from transports.base import ConnectError, Connection, Transport
 from .broadcast import Broadcast
 from .component import LOCAL
 from .config import NodeConfig
-from .control import ControlStream
+from .control import ControlOp, ControlStream
+from .control_ops import ControlOps
 from .core.effects import Effect
 from .core.hyparview import HyParView
 from .core.plumtree import Plumtree
 from .departures import Departures
 from .dialing import DialBudget
 from .errors import ConfigError, HandshakeError, LinkClosed, MessageTooLarge, NodeClosed
-from .events import Delivery, Event, Lagged, PeerDown, PeerUp
+from .events import Delivery, Event, PeerDown, PeerUp
 from .flow import Fanout, Feed, Pressure
 from .health import loop_health
 from .hlc import HybridClock
@@ -51,7 +52,7 @@ from .link import (
     handshake_as_listener,
 )
 from .logs import PEER, node_context
-from .maps import DEFAULT_TOMBSTONE_TTL, Put, Removed, ReplicatedMap
+from .maps import DEFAULT_TOMBSTONE_TTL, ReplicatedMap
 from .membership import Membership
 from .messages import (
     HYPARVIEW_KINDS,
@@ -95,9 +96,6 @@ class _Dial:
     done: trio.Event = attrs.Factory(trio.Event)
     peer: Peer | None = None
     error: str | None = None
-
-
-ControlOp = Callable[[Any], Awaitable[Any]]
 
 
 def default_transport(config: NodeConfig) -> Transport:
@@ -159,13 +157,12 @@ class Node:
         self._map_lock = trio.Lock()
         self.broadcaster: Broadcast
         self.clock = HybridClock()
-        self._control_ops: dict[str, ControlOp] = {
-            "status": self._op_status,
-            "map.put": self._op_map_put,
-            "map.get": self._op_map_get,
-            "map.delete": self._op_map_delete,
-        }
-        self._control_streams: dict[str, ControlStream] = {"map.watch": self._op_map_watch}
+        operations = ControlOps(self)
+        self._control_ops: dict[str, ControlOp] = operations.ops()
+        self._control_streams: dict[str, ControlStream] = operations.streams()
+        #: Set once the application's maps are open (`mark_control_ready`): map operations
+        #: on the control path wait for it, `/readyz` reports it.
+        self.control_ready = trio.Event()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -533,12 +530,42 @@ class Node:
         }
         return out
 
+    def mark_control_ready(self) -> None:
+        """The maps this node is meant to host are open: control requests for them are
+        served from now on (`open_node` calls it before yielding unless told to hold)."""
+        self.control_ready.set()
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether the node is ready to serve, and why not: joined (a neighbour, or no
+        seed but itself to join through) and its maps open (`mark_control_ready`)."""
+        if self._closing:
+            return False, "closing"
+        if not self.control_ready.is_set():
+            return False, "starting: maps not open yet"
+        alone = not [s for s in self.config.seeds if s != self.address]
+        if not self.membership.core.active and not alone:
+            return False, "not joined: no neighbour yet"
+        return True, "ready"
+
+    def liveness(self) -> tuple[bool, str]:
+        """Whether the node's machinery runs: not closing, membership and broadcast
+        components running (a crashed one restarts; meanwhile the node is unhealthy)."""
+        if self._closing:
+            return False, "closing"
+        for component in (self.membership, self.broadcaster):
+            if not component.running.is_set():
+                return False, f"{component.name} restarting"
+        return True, "ok"
+
     def status(self) -> dict[str, Any]:
         """What the `status` control operation returns: identity, views and counters."""
+        ready, why = self.readiness()
         return {
             "id": self.id,
             "address": self.address,
             "cluster": self.config.cluster,
+            "ready": ready,
+            "readiness": why,
             "active": [[p.id, p.address] for p in self.active_view()],
             "passive": [[p.id, p.address] for p in self.passive_view()],
             "stats": self.stats(),
@@ -668,44 +695,6 @@ class Node:
         """The maps open on this node, by name (not the node's own, such as the host
         directory: names starting with ``_``)."""
         return {name: m for name, m in self._maps.items() if not name.startswith("_")}
-
-    def _hosted_map(self, args: Any, arity: int) -> tuple[ReplicatedMap, list[Any]]:
-        if type(args) is not list or len(args) != arity or not isinstance(args[0], str):
-            raise ValueError(f"expected [map, ...] with {arity} items")
-        the_map = self.maps().get(args[0])
-        if the_map is None:
-            raise KeyError(f"map {args[0]!r} is not open on node {self.id}")
-        return the_map, args[1:]
-
-    async def _op_map_put(self, args: Any) -> dict[str, Any]:
-        the_map, (key, value) = self._hosted_map(args, 3)
-        await the_map.put(key, value)
-        return {"ok": True}
-
-    async def _op_map_get(self, args: Any) -> dict[str, Any]:
-        the_map, (key,) = self._hosted_map(args, 2)
-        return {"found": key in the_map, "value": the_map.get(key)}
-
-    async def _op_map_delete(self, args: Any) -> dict[str, Any]:
-        the_map, (key,) = self._hosted_map(args, 2)
-        await the_map.delete(key)
-        return {"ok": True}
-
-    async def _op_map_watch(self, args: Any) -> AsyncIterator[list[Any]]:
-        the_map, _ = self._hosted_map(args, 1)
-        async with the_map.subscribe() as events:
-            # The first item confirms the subscription: changes from here on are all seen.
-            yield ["watching", the_map.name, len(the_map)]
-            async for event in events:
-                if isinstance(event, Put):
-                    yield ["put", event.key, event.value, event.origin]
-                elif isinstance(event, Removed):
-                    yield ["removed", event.key, event.origin]
-                elif isinstance(event, Lagged):
-                    yield ["lagged", event.missed]
-
-    async def _op_status(self, _args: Any) -> dict[str, Any]:
-        return self.status()
 
     def crash_component(self, name: str) -> None:
         """Make a component's task fail as a crash would (tests and chaos runs)."""
@@ -1171,18 +1160,24 @@ def _reach(core: HyParView, peer: Peer, now: float) -> list[Effect]:
 
 @contextlib.asynccontextmanager
 async def open_node(
-    config: NodeConfig, *, transport: Transport | None = None
+    config: NodeConfig, *, transport: Transport | None = None, hold_control: bool = False
 ) -> AsyncIterator[Node]:
     """Start a node, yield it, and leave the cluster gracefully when the block exits.
 
     Cancelling the block (or an exception inside it) still runs the graceful leave, shielded
     and bounded by a few seconds, then cancels every task the node started.
+
+    `hold_control`: map operations on the control path (and `/readyz`) wait until the
+    caller opens its maps and calls `node.mark_control_ready()`; by default the node is
+    ready for them as soon as it is yielded.
     """
     if transport is None:
         transport = default_transport(config)
     # Every task the node starts copies this context: their log records carry the node id.
     with node_context(config.name):
         async with _open_node_tasks(config, transport) as node:
+            if not hold_control:
+                node.mark_control_ready()
             yield node
 
 

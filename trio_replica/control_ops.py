@@ -1,0 +1,169 @@
+"""The operations a node answers on its control path (`trio_replica.control` carries them).
+
+This module owns what each operation does and what it returns, as plain data:
+
+* ``status``: identity, views, counters, readiness (always answered, even while starting);
+* ``map.put``, ``map.get``, ``map.delete``: one key of a map the node hosts (``get`` returns
+  the value with its writer and HLC timestamp);
+* ``map.digest``: a summary two nodes can compare (the map's root digest: the count of
+  stored entries, tombstones included, and the sum of their hashes, `ormap.ORMap`): equal
+  digests mean equal maps;
+* ``map.dump`` (streamed): every key, in batches, with value, writer and HLC (tombstones
+  too when asked), walked leaf by leaf as the stream goes: keys written meanwhile may or
+  may not appear;
+* ``map.watch`` (streamed): the map's changes from now on, after a snapshot if asked.
+
+Map operations wait for the node to be ready for them (`Node.control_ready`: its maps
+are open) for at most `STARTING_WAIT` seconds, then fail with a clear "starting" error
+instead of "map not open": a request right after a restart retries rather than fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .control import ControlError, ControlOp, ControlStream
+from .events import Lagged
+from .maps import Put, Removed, ReplicatedMap
+from .ormap import Tombstone
+
+if TYPE_CHECKING:
+    from .node import Node
+
+#: Seconds a map operation waits for a starting node to open its maps.
+STARTING_WAIT = 5.0
+#: Entries per reply of a dump or a watch snapshot.
+DUMP_BATCH = 512
+
+
+def _entry_fields(the_map: ReplicatedMap, key: Any) -> dict[str, Any] | None:
+    entry = the_map.entry(key)
+    if entry is None:
+        return None
+    ts = entry.dot.ts
+    out: dict[str, Any] = {"writer": entry.dot.node, "hlc": [ts.wall, ts.logical]}
+    if isinstance(entry, Tombstone):
+        out["deleted"] = True
+    else:
+        out["value"] = entry.value
+    return out
+
+
+class ControlOps:
+    """The control operations of one node (module docstring)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def ops(self) -> dict[str, ControlOp]:
+        return {
+            "status": self.status,
+            "map.put": self.put,
+            "map.get": self.get,
+            "map.delete": self.delete,
+            "map.digest": self.digest,
+        }
+
+    def streams(self) -> dict[str, ControlStream]:
+        return {"map.watch": self.watch, "map.dump": self.dump}
+
+    async def _map(self, args: Any, arity: int) -> tuple[ReplicatedMap, list[Any]]:
+        if type(args) is not list or len(args) != arity or not isinstance(args[0], str):
+            raise ValueError(f"expected [map, ...] with {arity} items")
+        node = self.node
+        if not node.control_ready.is_set():
+            with trio.move_on_after(STARTING_WAIT):
+                await node.control_ready.wait()
+            if not node.control_ready.is_set():
+                raise ControlError(
+                    f"node {node.id} is starting: its maps are not open yet; try again"
+                )
+        the_map = node.maps().get(args[0])
+        if the_map is None:
+            raise KeyError(f"map {args[0]!r} is not open on node {node.id}")
+        return the_map, args[1:]
+
+    async def status(self, _args: Any) -> dict[str, Any]:
+        return self.node.status()
+
+    async def put(self, args: Any) -> dict[str, Any]:
+        the_map, (key, value) = await self._map(args, 3)
+        await the_map.put(key, value)
+        return {"ok": True}
+
+    async def get(self, args: Any) -> dict[str, Any]:
+        the_map, (key,) = await self._map(args, 2)
+        fields = _entry_fields(the_map, key)
+        if fields is None or fields.get("deleted"):
+            return {"found": False, "value": None, **(fields or {})}
+        return {"found": True, **fields}
+
+    async def delete(self, args: Any) -> dict[str, Any]:
+        the_map, (key,) = await self._map(args, 2)
+        await the_map.delete(key)
+        return {"ok": True}
+
+    async def digest(self, args: Any) -> dict[str, Any]:
+        the_map, _ = await self._map(args, 1)
+        total, count = the_map._map.range_digest(0, 0)
+        return {
+            "map": the_map.name,
+            "digest": f"{total:016x}-{count}",
+            "entries": count,
+            "keys": len(the_map),
+            "tombstones": the_map.tombstones,
+        }
+
+    async def dump(self, args: Any) -> AsyncIterator[list[Any]]:
+        """``[map, tombstones]``: batches of ``[key, value, writer, wall, logical, deleted]``."""
+        the_map, (tombstones,) = await self._map(args, 2)
+        if not isinstance(tombstones, bool):
+            raise ValueError("expected [map, tombstones: bool]")
+        async for batch in _batches(the_map, tombstones):
+            yield batch
+        yield []  # the end: an empty batch
+
+    async def watch(self, args: Any) -> AsyncIterator[list[Any]]:
+        """``[map]`` or ``[map, snapshot]``: changes from now on, after the map as it stands
+        if `snapshot` (``["snapshot", batch]`` items, then ``["snapshot_end"]``)."""
+        if type(args) is list and len(args) == 1:
+            args = [*args, False]
+        the_map, (snapshot,) = await self._map(args, 2)
+        async with the_map.subscribe() as events:
+            # The first item confirms the subscription: changes from here on are all seen.
+            yield ["watching", the_map.name, len(the_map)]
+            if snapshot is True:
+                # Taken after subscribing: a change made meanwhile shows in the snapshot or
+                # comes after it, never in neither.
+                async for batch in _batches(the_map, False):
+                    yield ["snapshot", batch]
+                yield ["snapshot_end"]
+            async for event in events:
+                if isinstance(event, Put):
+                    yield ["put", event.key, event.value, event.origin]
+                elif isinstance(event, Removed):
+                    yield ["removed", event.key, event.origin]
+                elif isinstance(event, Lagged):
+                    yield ["lagged", event.missed]
+
+
+async def _batches(the_map: ReplicatedMap, tombstones: bool) -> AsyncIterator[list[Any]]:
+    """The map's entries as ``[key, value, writer, wall, logical, deleted]`` rows."""
+    for keys in the_map._map.key_slices(DUMP_BATCH):
+        batch = []
+        for key in keys:
+            entry = the_map.entry(key)
+            if entry is None:
+                continue  # gone since the slice was taken
+            deleted = isinstance(entry, Tombstone)
+            if deleted and not tombstones:
+                continue
+            ts = entry.dot.ts
+            value = None if isinstance(entry, Tombstone) else entry.value
+            batch.append([key, value, entry.dot.node, ts.wall, ts.logical, deleted])
+        if batch:
+            yield batch
+        await trio.lowlevel.checkpoint()

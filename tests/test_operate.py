@@ -80,12 +80,37 @@ def test_bad_settings_are_refused_by_name(item: str, message: str) -> None:
         apply_settings(NodeConfig(), parse_set([item]))
 
 
-def test_a_bare_word_is_a_string() -> None:
-    assert parse_set(["cluster=prod", "replica.digest.max_sessions=2"]) == {
-        "cluster": "prod",
-        "replica": {"digest": {"max_sessions": 2}},
-    }
-    assert apply_settings(NodeConfig(), parse_set(["cluster=prod"])).cluster == "prod"
+def test_set_values_keep_their_text_for_strings_and_are_typed_otherwise() -> None:
+    def applied(*items: str) -> NodeConfig:
+        return apply_settings(NodeConfig(), parse_set(items))
+
+    # A string setting takes the text as typed (TOML would make these True, 1000, 31).
+    assert applied("cluster=true").cluster == "true"
+    assert applied("cluster=1_000").cluster == "1_000"
+    assert applied("name=0x1F").name == "0x1F"
+    assert applied("replica.digest.max_sessions=2").replica.digest.max_sessions == 2
+    assert applied("rng_seed=5").rng_seed == 5
+    for bad in ("rng_seed=abc", "rng_seed=1.5", 'seeds=["a", 1]'):
+        with pytest.raises(ConfigError):
+            applied(bad)
+
+
+def test_set_beats_the_file_also_for_join_and_own_settings_are_checked(tmp_path: Path) -> None:
+    config_file = tmp_path / "node.toml"
+    config_file.write_text('seeds = ["127.0.0.1:7001"]\ntombstone_ttl = 60\n')
+
+    def parsed(*extra: str) -> tuple[NodeConfig, dict[str, object]]:
+        args = build_parser().parse_args(["node", "--config", str(config_file), *extra])
+        return node_config(args)
+
+    config, _ = parsed("--set", 'join=["127.0.0.1:7002"]')
+    assert config.seeds == ("ws://127.0.0.1:7002",)
+    assert parsed("--tombstone-ttl", "30")[1]["tombstone_ttl"] == 30.0
+    with pytest.raises(ConfigError, match="positive"):
+        parsed("--tombstone-ttl", "0")
+    config_file.write_text('tombstone_ttl = "7d"\n')
+    with pytest.raises(ConfigError, match="tombstone_ttl"):
+        parsed()
 
 
 # --- readiness and health ---------------------------------------------------------------------
@@ -197,6 +222,55 @@ async def test_dump_digest_get_meta_and_watch_snapshot_over_the_control_path(
 def _hlc(m: object, key: str) -> tuple[int, int]:
     entry = m.entry(key)  # type: ignore[attr-defined]
     return entry.dot.ts.wall, entry.dot.ts.logical
+
+
+async def test_large_values_dump_in_batches_that_fit_and_stream_errors_come_back_plain(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork(seed=74)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net)
+        a = await c.start("a")
+        m = await a.open_map("kv")
+        for i in range(600):  # 2.4 MB in all: more than a reply may carry
+            await m.put(f"k{i}", "x" * 4000)
+        async with open_control("mem://a", transport=net.transport("cli")) as client:
+            rows = 0
+            async for batch in client.stream("map.dump", ["kv", False]):
+                if not batch:
+                    break
+                rows += len(batch)
+                await trio.sleep(0.01)  # a slow reader: held back, nothing dropped
+            assert rows == 600
+            with pytest.raises(ControlError, match="KeyError: \"map 'nope' is not open"):
+                async for _ in client.stream("map.dump", ["nope", False]):
+                    pass
+        assert not a.stats()["drops"].get("control_error:map.dump")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_long_stream_to_a_slow_reader_loses_nothing(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trio_replica.control_ops as control_ops
+
+    monkeypatch.setattr(control_ops, "DUMP_BATCH", 1)  # one reply per key: 3,000 replies
+    net = MemoryNetwork(seed=75)
+    async with trio.open_nursery() as nursery:
+        a = await Cluster(nursery, net).start("a")
+        m = await a.open_map("kv")
+        for i in range(3000):
+            await m.put(f"k{i}", i)
+        async with open_control("mem://a", transport=net.transport("cli"), timeout=30) as client:
+            keys = []
+            async for batch in client.stream("map.dump", ["kv", False]):
+                if not batch:
+                    break
+                keys += [row[0] for row in batch]
+                if len(keys) % 500 == 0:
+                    await trio.sleep(1)  # the reader stalls now and then
+            assert sorted(keys) == sorted(f"k{i}" for i in range(3000))
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_map_request_during_a_start_waits_then_says_starting(

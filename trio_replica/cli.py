@@ -13,7 +13,7 @@
 ``node`` reads its settings from ``--config FILE`` (TOML) and ``--set KEY=VALUE`` flags, by
 the dotted names of the README's "Configuration" table (`trio_replica.config_file`); the
 named flags override both. With ``--metrics`` it also answers ``/readyz`` and
-``/healthz``. Map requests on the control path wait (up to 5 s) until its maps are open.
+``/healthz``. Map requests on the control path wait (up to 3 s) until its maps are open.
 
 Every command takes ``--log-level`` and ``--log-json`` (`trio_replica.logs`); ``node`` takes
 ``--metrics HOST:PORT`` to serve Prometheus metrics (`trio_replica.metrics`). Errors a
@@ -219,14 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
 def node_config(args: argparse.Namespace) -> tuple[NodeConfig, dict[str, Any]]:
     """The node's settings (file, then ``--set``, then the named flags) and the command's
     own ones: maps, tombstone_ttl, metrics, secret_file."""
-    from .config_file import apply_settings, parse_set, read_toml
+    from .config_file import SetValue, apply_settings, coerce, parse_set, read_toml
 
-    settings = read_toml(args.config) if args.config else {}
-    _merge_tables(settings, parse_set(args.set))
-    if "join" in settings:
-        if "seeds" in settings:
-            raise ConfigError("give the seeds as 'seeds' or 'join', not both")
-        settings["seeds"] = settings["join"]
+    layers = [read_toml(args.config) if args.config else {}, parse_set(args.set)]
+    for layer in layers:
+        # `join` is the command line's word for `seeds`: one layer may not give both.
+        if "join" in layer:
+            if "seeds" in layer:
+                raise ConfigError("give the seeds as 'seeds' or 'join', not both")
+            layer["seeds"] = layer.pop("join")
+    settings = layers[0]
+    _merge_tables(settings, layers[1])
     flags: dict[str, Any] = {
         "name": args.name,
         "listen": args.listen,
@@ -236,18 +239,27 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, dict[str, Any]]:
         "data_dir": args.data_dir,
     }
     settings.update({k: v for k, v in flags.items() if v is not None})
+
+    def own_setting(key: str, hint: Any, flag: Any) -> Any:
+        if flag is not None:
+            return flag
+        value = settings.get(key)
+        return None if value is None else coerce(key, hint, value)
+
     maps = settings.get("maps", [])
+    if isinstance(maps, SetValue):
+        maps = maps.value
     if not isinstance(maps, list) or not all(isinstance(m, str) for m in maps):
         raise ConfigError("maps must be a list of names")
-    secret_file = args.secret_file or settings.get("secret_file")
-    if secret_file is not None and not isinstance(secret_file, str):
-        raise ConfigError("secret_file must be a path")
+    secret_file = own_setting("secret_file", str, args.secret_file)
     own: dict[str, Any] = {
         "maps": [*maps, *args.map],
-        "tombstone_ttl": args.tombstone_ttl or settings.get("tombstone_ttl"),
-        "metrics": args.metrics or settings.get("metrics"),
+        "tombstone_ttl": own_setting("tombstone_ttl", float, args.tombstone_ttl),
+        "metrics": own_setting("metrics", str, args.metrics),
         "secret_file": secret_file,
     }
+    if own["tombstone_ttl"] is not None and not own["tombstone_ttl"] > 0:
+        raise ConfigError("tombstone_ttl must be positive")
     server_ssl, client_ssl = _tls(args)
     base = NodeConfig(
         secret=_read_secret(secret_file), server_ssl=server_ssl, client_ssl=client_ssl

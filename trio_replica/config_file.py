@@ -30,6 +30,8 @@ the configuration classes themselves, as for a node built in Python.
 from __future__ import annotations
 
 import tomllib
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ import attrs
 from .config import NodeConfig
 from .errors import ConfigError
 
-__all__ = ["COMMAND_KEYS", "apply_settings", "parse_set", "read_toml"]
+__all__ = ["COMMAND_KEYS", "SetValue", "apply_settings", "coerce", "parse_set", "read_toml"]
 
 #: Settings of the ``node`` command itself, allowed at the top of the file beside the
 #: `NodeConfig` fields.
@@ -56,6 +58,15 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"the config file {path} is not valid TOML: {exc}") from None
+
+
+@attrs.frozen
+class SetValue:
+    """A ``--set`` value: its text, and what TOML makes of it (a string setting takes the
+    text as it is: ``--set cluster=true`` is the cluster "true", not "True")."""
+
+    text: str
+    value: Any
 
 
 def parse_set(items: Iterable[str]) -> dict[str, Any]:
@@ -76,7 +87,7 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
             table = table.setdefault(part, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
-        table[parts[-1]] = value
+        table[parts[-1]] = SetValue(text, value)
     return out
 
 
@@ -88,7 +99,9 @@ def apply_settings(config: NodeConfig, settings: Mapping[str, Any]) -> NodeConfi
 
 
 def _evolve(obj: Any, settings: Mapping[str, Any], prefix: str) -> Any:
-    fields = {f.name: f for f in attrs.fields(type(obj))}
+    cls = type(obj)
+    fields = {f.name: f for f in attrs.fields(cls)}
+    hints = typing.get_type_hints(cls)
     changes: dict[str, Any] = {}
     for name, value in settings.items():
         where = f"{prefix}{name}"
@@ -102,37 +115,48 @@ def _evolve(obj: Any, settings: Mapping[str, Any], prefix: str) -> Any:
                 raise ConfigError(f"setting {where!r} is a section: give it a table")
             changes[name] = _evolve(current, value, f"{where}.")
             continue
-        changes[name] = _coerce(where, current, value)
+        changes[name] = coerce(where, hints[name], value)
     try:
         return attrs.evolve(obj, **changes)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid settings under {prefix or 'the top level'!r}: {exc}") from None
 
 
-def _coerce(where: str, current: Any, value: Any) -> Any:
-    """Check `value` against the type of the current value (TOML gives ints for floats)."""
+def coerce(where: str, hint: Any, value: Any) -> Any:
+    """`value` (from TOML, or a `SetValue`) as the type `hint` names, or `ConfigError`."""
     if isinstance(value, dict):
         raise ConfigError(f"setting {where!r} takes a value, not a table")
-    if isinstance(current, bool):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in args if a is not type(None)]
+        if len(options) != 1:
+            raise ConfigError(f"setting {where!r} cannot be set from text")
+        return coerce(where, options[0], value)
+    if isinstance(value, SetValue):
+        wants_text = hint in (str, Path) or origin is typing.Literal
+        value = value.text if wants_text else value.value
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"setting {where!r} takes one of {list(args)}, not {value!r}")
+        return value
+    if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"setting {where!r} takes true or false, not {value!r}")
         return value
-    if isinstance(current, float):
+    if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"setting {where!r} takes a number, not {value!r}")
         return float(value)
-    if isinstance(current, int):
+    if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"setting {where!r} takes an integer, not {value!r}")
         return value
-    if isinstance(current, tuple):
-        if not isinstance(value, list):
-            raise ConfigError(f"setting {where!r} takes a list, not {value!r}")
-        return tuple(value)
-    if current is None:
-        return value  # an optional setting (advertise, data_dir, rng_seed): its class checks
-    if isinstance(current, Path | str):
-        if not isinstance(value, str | int | float):
+    if hint in (str, Path):
+        if not isinstance(value, str):
             raise ConfigError(f"setting {where!r} takes a string, not {value!r}")
-        return value if isinstance(value, str) else str(value)
-    return value
+        return value
+    if origin is tuple and args and all(a is str for a in args if a is not Ellipsis):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"setting {where!r} takes a list of strings, not {value!r}")
+        return tuple(value)
+    raise ConfigError(f"setting {where!r} cannot be set from text")

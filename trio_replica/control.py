@@ -94,7 +94,21 @@ async def _answer(
 async def _stream_replies(
     link: Link, request: ControlRequest, items: AsyncIterator[Any], limit: int
 ) -> None:
-    """Send every item as a reply until the stream ends or the client's link closes."""
+    """Send every item as a reply until the stream ends or the client's link closes.
+
+    What the stream raises comes out as it was raised (not wrapped in this nursery's
+    group), so that the caller answers it like any failed operation."""
+    try:
+        await _stream_replies_in(link, request, items, limit)
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+async def _stream_replies_in(
+    link: Link, request: ControlRequest, items: AsyncIterator[Any], limit: int
+) -> None:
     async with trio.open_nursery() as nursery:
 
         async def stop_when_client_leaves() -> None:
@@ -132,9 +146,12 @@ class ControlClient:
             return
         stream = self._streams.get(message.request_id)
         if stream is not None:
-            # A watcher that does not keep up loses events; the link must keep reading.
-            with contextlib.suppress(trio.WouldBlock):
-                stream.send_nowait(message)
+            # Waits while the caller reads slower than the stream comes: the link's
+            # reader stops, the node's sends wait for credit (a watch then counts what it
+            # cannot keep, `lagged`), and nothing is dropped here. Replies to other
+            # requests on this connection wait behind it meanwhile.
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send(message)
             return
         send = self._waiting.pop(message.request_id, None)
         if send is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import cbor2
 import trio
 
 from .control import ControlError, ControlOp, ControlStream
@@ -33,10 +34,13 @@ from .ormap import Tombstone
 if TYPE_CHECKING:
     from .node import Node
 
-#: Seconds a map operation waits for a starting node to open its maps.
-STARTING_WAIT = 5.0
-#: Entries per reply of a dump or a watch snapshot.
+#: Seconds a map operation waits for a starting node to open its maps: shorter than a
+#: client's usual deadline (5 s), so that the client hears "starting", not a timeout.
+STARTING_WAIT = 3.0
+#: Entries per reply of a dump or a watch snapshot, and the bytes a batch holds at most
+#: (a row larger than that goes alone).
 DUMP_BATCH = 512
+DUMP_BATCH_BYTES = 256 * 1024
 
 
 def _entry_fields(the_map: ReplicatedMap, key: Any) -> dict[str, Any] | None:
@@ -151,9 +155,12 @@ class ControlOps:
 
 
 async def _batches(the_map: ReplicatedMap, tombstones: bool) -> AsyncIterator[list[Any]]:
-    """The map's entries as ``[key, value, writer, wall, logical, deleted]`` rows."""
+    """The map's entries as ``[key, value, writer, wall, logical, deleted]`` rows, in
+    batches of at most `DUMP_BATCH` rows and `DUMP_BATCH_BYTES` (a larger row alone: a
+    value is at most `max_payload`, and so is a reply)."""
+    batch: list[list[Any]] = []
+    size = 0
     for keys in the_map._map.key_slices(DUMP_BATCH):
-        batch = []
         for key in keys:
             entry = the_map.entry(key)
             if entry is None:
@@ -163,7 +170,13 @@ async def _batches(the_map: ReplicatedMap, tombstones: bool) -> AsyncIterator[li
                 continue
             ts = entry.dot.ts
             value = None if isinstance(entry, Tombstone) else entry.value
-            batch.append([key, value, entry.dot.node, ts.wall, ts.logical, deleted])
-        if batch:
-            yield batch
+            row = [key, value, entry.dot.node, ts.wall, ts.logical, deleted]
+            row_size = len(cbor2.dumps(row))
+            if batch and (size + row_size > DUMP_BATCH_BYTES or len(batch) >= DUMP_BATCH):
+                yield batch
+                batch, size = [], 0
+            batch.append(row)
+            size += row_size
         await trio.lowlevel.checkpoint()
+    if batch:
+        yield batch

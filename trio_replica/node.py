@@ -1063,13 +1063,7 @@ class Node:
         while True:
             now = trio.current_time()
             if core.needs_join():
-                for address in self._rng.sample(seeds, len(seeds)):
-                    peer = await self.connect_seed(address)
-                    if peer is not None:
-                        self.seed_ids.add(peer.id)
-                        seed_at[address] = peer.id
-                        await self.membership.post(functools.partial(_join, core, peer))
-                        break
+                await self._join_a_seed(seeds, seed_at)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, cfg.seed_retry_max)
                 continue
@@ -1084,13 +1078,7 @@ class Node:
                     log.info(
                         "node %s: no seed in view; re-joining to merge a split overlay", self.id
                     )
-                    for address in self._rng.sample(seeds, len(seeds)):
-                        peer = await self.connect_seed(address)
-                        if peer is not None:
-                            self.seed_ids.add(peer.id)
-                            seed_at[address] = peer.id
-                            await self.membership.post(functools.partial(_join, core, peer))
-                            break
+                    await self._join_a_seed(seeds, seed_at)
             if core.active:
                 # In the overlay: nothing to do until the view changes (losing the last
                 # peer is a PeerDown) or a re-join is due; no idle polling.
@@ -1100,21 +1088,33 @@ class Node:
                 # A JOIN is pending: its timeout clears it without any view change.
                 await trio.sleep(cfg.seed_retry_min)
 
+    async def _join_a_seed(self, seeds: list[str], seed_at: dict[str, str]) -> None:
+        """JOIN through the first seed, in random order, that answers a dial."""
+        for address in self._rng.sample(seeds, len(seeds)):
+            peer = await self.connect_seed(address)
+            if peer is not None:
+                self.seed_ids.add(peer.id)
+                seed_at[address] = peer.id
+                core = self.membership.core
+                await self.membership.post(functools.partial(_join, core, peer))
+                return
+
     async def _reach_a_seed(self, rotation: list[str], seed_at: dict[str, str]) -> None:
-        """Ask the next seed in `rotation` that is not our neighbour to be one (`_seeder`)."""
+        """Ask the next seed in `rotation` that is in neither of our views to be our
+        neighbour (`_seeder`; the core declines a seed it already knows)."""
         core = self.membership.core
         for _ in range(len(rotation)):
             address = rotation.pop(0)
             rotation.append(address)
             known = seed_at.get(address)
-            if known is not None and core.is_active(known):
+            if known is not None and (core.is_active(known) or core.is_passive(known)):
                 continue
             peer = await self.connect_seed(address)
             if peer is None:
                 continue  # down or cut off: the next one (the next interval tries it again)
             self.seed_ids.add(peer.id)
             seed_at[address] = peer.id
-            if peer.id == self.id or core.is_active(peer.id):
+            if peer.id == self.id or core.is_active(peer.id) or core.is_passive(peer.id):
                 continue
             await self.membership.post(functools.partial(_reach, core, peer))
             return

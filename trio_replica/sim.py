@@ -627,7 +627,7 @@ class Simulator:
         core = node.hyparview
         seed_ids = {seed.id for seed in node.seeds}
         if node.id in self._seed_set:
-            others = [s for s in node.seeds if not core.is_active(s.id)]
+            others = [s for s in node.seeds if not (core.is_active(s.id) or core.is_passive(s.id))]
             if others:
                 # The rotation: the seed asked longest ago first.
                 node.seeds = (*[s for s in node.seeds if s != others[0]], others[0])

@@ -71,14 +71,15 @@ one node at a time) is narrower than ours:
    high priority, which is never refused (the paper: only with an empty view).
 9. Lost contacts: a peer lost to a failure (an active peer whose link failed, a passive
    peer forgotten after `max_failures`) is remembered for `reconnect_timeout`, and every
-   `reconnect_interval` one of them (the one whose wait ended first) is asked with a
-   high-priority NEIGHBOR, taken in even into a full view. A failed probe doubles its
-   wait (up to `reconnect_backoff_max`). The paper's overlay never splits for good: its
-   failures are crashes. Ours are also partitions, after which each side has rebuilt
-   its views from its own members and nothing ever points across the healed cut again;
-   the first probe that gets through merges the two overlays (one link is enough, the
-   shuffles then mix them). A restarted peer answers too (it is alive): one NEIGHBOR,
-   one eviction on each side, at most once per lost peer.
+   `reconnect_interval` each of them whose wait has ended is asked with a high-priority
+   NEIGHBOR, taken in even into a full view. Each try doubles its wait (up to
+   `reconnect_backoff_max`). For `reconnect_backoff_max` after one answered, the others
+   are asked with low priority (no eviction): the overlays have most likely merged.
+   The paper's overlay never splits for good: its failures are crashes. Ours are also
+   partitions, after which each side has rebuilt its views from its own members and
+   nothing ever points across the healed cut again; the first probe that gets through
+   merges the two overlays (one link is enough, the shuffles then mix them). A
+   restarted peer answers too (it is alive): one NEIGHBOR, one eviction on each side.
 
 Links are ordered (FIFO), which the handshakes above rely on: a peer's ``NeighborReply``
 always arrives before any message it sends us as a neighbor.
@@ -86,6 +87,7 @@ always arrives before any message it sends us as a neighbor.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Collection, Hashable, Iterable
 
@@ -195,8 +197,9 @@ class HyParViewConfig:
     #: many are remembered, each for `shuffle_timeout`.
     shuffle_routes: int = 256
     #: Lost contacts (deviation 9): every `reconnect_interval` seconds (+-25%) a node
-    #: probes one peer it lost to a failure, with a high-priority NEIGHBOR; each failed
-    #: probe doubles that peer's wait, from `reconnect_interval` to at most
+    #: probes the peers it lost to a failure whose wait has ended, with a high-priority
+    #: NEIGHBOR (low priority for `reconnect_backoff_max` after one answered); each try
+    #: doubles that peer's wait, from `reconnect_interval` to at most
     #: `reconnect_backoff_max`. A peer is remembered for `reconnect_timeout` seconds, at
     #: most `max_lost` of them. `reconnect_interval` 0 turns it off.
     reconnect_interval: float = 10.0
@@ -404,9 +407,10 @@ class HyParView:
         self._refill_not_before = 0.0
         #: Since when the active view has been under `min_active` (None: not seen so).
         self._low_since: float | None = None
-        #: Lost contacts (deviation 9), oldest first.
+        #: Lost contacts (deviation 9), oldest first, and when one last answered.
         self._lost: dict[str, _Lost] = {}
         self._reconnect_token: int | None = None
+        self._reconnected_at = -math.inf
 
     # --- read-only views ------------------------------------------------------------------
 
@@ -703,10 +707,20 @@ class HyParView:
             # so it is kept even if a neighbour must make room (deviation 9).
             self.stats.reconnects += 1
             self._refusals = 0
+            if pending.high:
+                self._reconnected_at = now
             self._add_active(sender, out, now)
             return
         if message.accepted:
             self._accept_answer(sender, out, now)
+            return
+        if pending.reconnect:
+            # A lost contact refused a low-priority probe (its view is full): alive and
+            # reachable; asked again after its (longer) wait, with high priority once the
+            # window after the last reconnect is over.
+            lost = self._lost.get(sender.id)
+            if lost is not None:
+                lost.failures += 1
             return
         # "On reject, keep the rejecter in passive and try another passive peer" (SPEC 4),
         # after a backoff of the whole refill that grows with refusals in a row.
@@ -1055,24 +1069,33 @@ class HyParView:
         out.append(SetTimer(delay, ReconnectTimer(self._reconnect_token)))
 
     def _probe_lost(self, out: list[Effect], now: float) -> None:
-        """Ask the lost contact whose wait ended first to be our neighbour again."""
-        horizon = now - self.config.reconnect_timeout
+        """Ask every lost contact whose wait has ended to be our neighbour again.
+
+        All of them, not one: dead contacts must not hold up a live one across a healed
+        cut (each is asked at most once per its own wait, so the dials stay bounded). For
+        `reconnect_backoff_max` after one answered, the others are asked with low
+        priority: that link has most likely merged the overlays already, and forcing
+        a link to every other lost peer would evict a neighbour on both sides each time.
+        """
+        cfg = self.config
+        horizon = now - cfg.reconnect_timeout
         for peer_id in [i for i, lost in self._lost.items() if lost.since < horizon]:
             del self._lost[peer_id]
         joining = self._join.contact.id if self._join is not None else None
-        due = [
-            lost
-            for peer_id, lost in self._lost.items()
-            if lost.retry_at <= now
-            and peer_id not in self._active
-            and peer_id not in self._pending
-            and peer_id != joining
-        ]
-        if not due:
-            return
-        lost = min(due, key=lambda entry: entry.retry_at)
-        self.stats.reconnect_probes += 1
-        self._send_neighbor(lost.peer, high=True, added=False, out=out, reconnect=True)
+        high = now >= self._reconnected_at + cfg.reconnect_backoff_max
+        for peer_id, lost in list(self._lost.items()):
+            if (
+                lost.retry_at > now
+                or peer_id in self._active
+                or peer_id in self._pending
+                or peer_id == joining
+            ):
+                continue
+            # Set now, so that it is not asked again before this request is settled.
+            wait = cfg.reconnect_interval * 2 ** min(lost.failures, 16)
+            lost.retry_at = now + min(wait, cfg.reconnect_backoff_max)
+            self.stats.reconnect_probes += 1
+            self._send_neighbor(lost.peer, high=high, added=False, out=out, reconnect=True)
 
     def reach(self, peer: Peer, now: float) -> list[Effect]:
         """Ask `peer` to be our neighbour with high priority, taken in even into a full
@@ -1081,7 +1104,9 @@ class HyParView:
         merge. Nothing if `peer` is already a neighbour or a request to it is out."""
         if self._left or peer.id == self.me.id:
             return []
-        if peer.id in self._active or peer.id in self._pending:
+        if peer.id in self._active or peer.id in self._pending or peer.id in self._passive:
+            # A neighbour, or known to our overlay: no need to force a link (with more
+            # seeds than active slots, forcing them all would evict for ever).
             return []
         out: list[Effect] = []
         self.stats.reconnect_probes += 1

@@ -864,3 +864,91 @@ class HyParViewMachine(RuleBasedStateMachine):
 
 TestHyParViewMachine = HyParViewMachine.TestCase
 TestHyParViewMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+# --- lost contacts (deviation 9) ---------------------------------------------------------------
+
+
+class Ticks:
+    """The periodic reconnect timer, followed from one firing to the next."""
+
+    def __init__(self, core: HyParView) -> None:
+        self.core = core
+        (self.timer,) = [
+            e.timer
+            for e in core.start(0.0)
+            if isinstance(e, SetTimer) and isinstance(e.timer, ReconnectTimer)
+        ]
+
+    def fire(self, now: float) -> list[tuple[str, bool]]:
+        """The NEIGHBOR probes sent when the timer fires at `now`: (peer id, high)."""
+        out = self.core.handle_timer(self.timer, now)
+        (self.timer,) = [e.timer for e in out if isinstance(e, SetTimer)][-1:]
+        return sorted(
+            (e.peer.id, e.message.high)
+            for e in out
+            if isinstance(e, Send) and isinstance(e.message, Neighbor)
+        )
+
+
+def test_a_failed_neighbour_is_probed_until_it_answers_even_into_a_full_view() -> None:
+    core = make(active_size=2, reconnect_interval=10.0, reconnect_backoff_max=30.0)
+    ticks = Ticks(core)
+    link_up(core, A, B)
+    core.handle_link_down(A, 1.0)  # the link failed: A is lost (a partition, perhaps)
+    assert ids(core.lost) == {"a"}
+    assert ticks.fire(5.0) == []  # not before one interval
+    assert ticks.fire(11.0) == [("a", True)]
+    core.handle_link_down(A, 12.0)  # unreachable: its wait doubles (20 s)
+    assert ticks.fire(25.0) == []
+    assert ticks.fire(33.0) == [("a", True)]
+    link_up(core, C)  # the view is full again (B, C) meanwhile
+    out = core.handle_message(A, NeighborReply(accepted=True), 34.0)
+    # Kept: a neighbour makes room; the link across the cut is the one that matters.
+    assert core.is_active("a") and len(core.active) == 2
+    assert any(isinstance(e, Send) and isinstance(e.message, Disconnect) for e in out)
+    assert core.lost == () and core.stats.reconnects == 1
+    core.check_invariants()
+
+
+def test_every_due_contact_is_probed_and_low_priority_after_one_answered() -> None:
+    core = make(active_size=5, reconnect_interval=10.0, reconnect_backoff_max=30.0)
+    ticks = Ticks(core)
+    link_up(core, A, B, C, D)
+    for p in (A, B, C):
+        core.handle_link_down(p, 1.0)
+    assert ticks.fire(12.0) == [("a", True), ("b", True), ("c", True)]
+    core.handle_message(A, NeighborReply(accepted=True), 12.5)
+    core.handle_link_down(B, 13.0)
+    core.handle_link_down(C, 13.0)
+    # Within reconnect_backoff_max of A's answer: the others are asked without forcing.
+    assert ticks.fire(34.0) == [("b", False), ("c", False)]
+    out = core.handle_message(B, NeighborReply(accepted=False), 34.5)  # full: refused
+    assert out == [] and not core.is_active("b") and "b" in ids(core.lost)
+    # After the window, high priority again (B may be asked by the refill meanwhile).
+    core.handle_link_down(C, 35.0)
+    assert ("c", True) in ticks.fire(80.0)
+    core.check_invariants()
+
+
+def test_lost_contacts_end_with_a_message_a_timeout_or_the_bound() -> None:
+    core = make(reconnect_interval=10.0, reconnect_timeout=100.0, max_lost=2)
+    ticks = Ticks(core)
+    link_up(core, A, B, C)
+    for p in (A, B, C):
+        core.handle_link_down(p, 1.0)
+    assert ids(core.lost) == {"b", "c"}  # at most max_lost: the oldest went
+    core.handle_message(B, Disconnect(alive=True), 2.0)  # B reached us: not lost any more
+    assert ids(core.lost) == {"c"}
+    ticks.fire(102.0)  # remembered for reconnect_timeout only
+    assert core.lost == ()
+
+
+def test_reach_asks_only_a_peer_in_neither_view() -> None:
+    core = make()
+    link_up(core, A, B)
+    learn(core, C)
+    assert core.reach(A, 0.0) == [] and core.reach(C, 0.0) == [] and core.reach(ME, 0.0) == []
+    out = core.reach(D, 0.0)
+    assert [e.message for e in out if isinstance(e, Send)] == [Neighbor(high=True)]
+    assert core.reach(D, 0.0) == []  # a request is out already

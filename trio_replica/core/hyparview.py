@@ -535,8 +535,10 @@ class HyParView:
         """Apply one message from `sender` (the authenticated peer of the link)."""
         if self._left or sender.id == self.me.id:
             return []
-        # A message over a live link: whatever split us is over (deviation 9).
-        self._lost.pop(sender.id, None)
+        # A message over a live link: whatever split us is over (deviation 9). Not a
+        # refusal: a peer that will not link with us may still be in another overlay.
+        if not (isinstance(message, NeighborReply) and not message.accepted):
+            self._lost.pop(sender.id, None)
         out: list[Effect] = []
         match message:
             case Join():

@@ -18,6 +18,8 @@ from trio_replica.messages import (
     ControlReply,
     ControlRequest,
     Credit,
+    Direct,
+    DirectReply,
     Disconnect,
     ForwardJoin,
     Gossip,
@@ -117,6 +119,8 @@ messages = st.one_of(
     st.just(Welcome()),
     st.builds(Refuse, st.text(min_size=1, max_size=50)),
     st.builds(SyncRequest, ids),
+    st.builds(Direct, ids, u64, st.binary(max_size=20)),
+    st.builds(DirectReply, st.integers(1, 2**64 - 1), st.booleans(), st.binary(max_size=20)),
     st.builds(SyncChunk, ids, u64, st.integers(0, 2**32 - 1), st.booleans(), st.binary(max_size=9)),
     digest_rounds(),
 )

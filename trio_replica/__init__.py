@@ -9,11 +9,16 @@ from .config import NodeConfig
 from .control import ControlClient, ControlError, open_control
 from .errors import (
     ConfigError,
+    DirectError,
     HandshakeError,
     LinkClosed,
     MessageTooLarge,
     NodeClosed,
+    NoHandler,
     ReplicaError,
+    RequestFailed,
+    RequestTimeout,
+    UnknownPeer,
     WireError,
 )
 from .events import (
@@ -31,6 +36,7 @@ from .link import LinkConfig
 from .maps import Put, Removed, ReplicatedMap, ValidationError
 from .messages import MessageId, Peer
 from .node import Node, open_node
+from .registry import Registered, Registration, RegistryConfig, Unregistered
 from .replica import Add, Remove, Replica, ReplicaCallbacks, ReplicaConfig
 from .store import StoreCorrupt, StoreError
 
@@ -40,6 +46,7 @@ __all__ = [
     "ControlClient",
     "ControlError",
     "Delivery",
+    "DirectError",
     "DownReason",
     "Event",
     "FlowConfig",
@@ -50,6 +57,7 @@ __all__ = [
     "LinkConfig",
     "MessageId",
     "MessageTooLarge",
+    "NoHandler",
     "Node",
     "NodeClosed",
     "NodeConfig",
@@ -57,6 +65,9 @@ __all__ = [
     "PeerDown",
     "PeerUp",
     "Put",
+    "Registered",
+    "Registration",
+    "RegistryConfig",
     "Remove",
     "Removed",
     "Replica",
@@ -64,9 +75,13 @@ __all__ = [
     "ReplicaConfig",
     "ReplicaError",
     "ReplicatedMap",
+    "RequestFailed",
+    "RequestTimeout",
     "Resubscribed",
     "StoreCorrupt",
     "StoreError",
+    "UnknownPeer",
+    "Unregistered",
     "ValidationError",
     "WireError",
     "open_control",

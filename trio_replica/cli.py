@@ -186,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_auth(p)
     _add_common(p)
 
+    p = sub.add_parser("registry", help="list the services registered in the cluster")
+    p.add_argument("--node", required=True, metavar="HOST:PORT")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("name", nargs="?", help="one service name (default: all)")
+    _add_auth(p)
+    _add_common(p)
+
     p = sub.add_parser("digest", help="print a summary of a map that two nodes can compare")
     p.add_argument("--node", required=True, metavar="HOST:PORT")
     p.add_argument("--timeout", type=float, default=5.0)
@@ -422,6 +429,18 @@ def _row(row: list[Any]) -> dict[str, Any]:
     return out
 
 
+async def _run_registry(args: argparse.Namespace) -> int:
+    async with _open_control(args) as client:
+        found = await client.call("registry.lookup", [args.name] if args.name else [])
+    for name, entries in sorted(found.items()):
+        for node, reg_id, meta in entries:
+            print(_show({"name": name, "node": node, "id": reg_id, "meta": meta}))
+    if args.name and not found.get(args.name):
+        print(f"{args.name}: not registered", file=sys.stderr)
+        return 1
+    return 0
+
+
 async def _run_cluster(args: argparse.Namespace) -> int:
     from .localcluster import run_local_cluster
 
@@ -449,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "watch": _run_map_command,
         "dump": _run_map_command,
         "digest": _run_map_command,
+        "registry": _run_registry,
     }
     try:
         try:

@@ -25,6 +25,7 @@ from .flow import FlowConfig
 from .health import HealthConfig
 from .link import LinkConfig
 from .messages import MAX_CLUSTER, MAX_NODE_ID
+from .registry import RegistryConfig
 from .replica import ReplicaConfig
 
 #: Largest application payload (a broadcast, a value) by default.
@@ -104,6 +105,8 @@ class NodeConfig:
     health: HealthConfig = attrs.field(factory=HealthConfig)
     #: When a node that left the active view counts as gone for the cluster (departures.py).
     departures: DeparturesConfig = attrs.field(factory=DeparturesConfig)
+    #: Lease timing of the service registry (registry.py).
+    registry: RegistryConfig = attrs.field(factory=RegistryConfig)
     #: Where persistent maps keep their SQLite files (needed for ``open_map(persist=True)``).
     data_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     #: Largest application payload accepted for a broadcast or a replicated value, in bytes.

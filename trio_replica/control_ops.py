@@ -11,7 +11,9 @@ This module owns what each operation does and what it returns, as plain data:
 * ``map.dump`` (streamed): every key, in batches, with value, writer and HLC (tombstones
   too when asked), walked leaf by leaf as the stream goes: keys written meanwhile may or
   may not appear;
-* ``map.watch`` (streamed): the map's changes from now on, after a snapshot if asked.
+* ``map.watch`` (streamed): the map's changes from now on, after a snapshot if asked;
+* ``registry.lookup``: the live registrations of a name, or of every name
+  (`trio_replica.registry`).
 
 Map operations wait for the node to be ready for them (`Node.control_ready`: its maps
 are open) for at most `STARTING_WAIT` seconds, then fail with a clear "starting" error
@@ -69,6 +71,7 @@ class ControlOps:
             "map.get": self.get,
             "map.delete": self.delete,
             "map.digest": self.digest,
+            "registry.lookup": self.registry_lookup,
         }
 
     def streams(self) -> dict[str, ControlStream]:
@@ -89,6 +92,14 @@ class ControlOps:
         if the_map is None:
             raise KeyError(f"map {args[0]!r} is not open on node {node.id}")
         return the_map, args[1:]
+
+    async def registry_lookup(self, args: Any) -> dict[str, list[list[Any]]]:
+        """``[name]`` or ``[]`` (every name): ``{name: [[node, id, meta], ...]}``."""
+        if type(args) is not list or len(args) > 1 or not all(isinstance(a, str) for a in args):
+            raise ValueError("expected [] or [name]")
+        registry = self.node.registry
+        names = args or registry.names()
+        return {n: [[r.node, r.id, r.meta] for r in registry.lookup(n)] for n in names}
 
     async def status(self, _args: Any) -> dict[str, Any]:
         return self.node.status()

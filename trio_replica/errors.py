@@ -50,3 +50,25 @@ class LinkClosed(ReplicaError):
 
 class NodeClosed(ReplicaError):
     """The node is closing or closed; the requested operation cannot start."""
+
+
+class DirectError(ReplicaError):
+    """A direct message (`Node.send`, `Node.request`) could not be delivered or answered."""
+
+
+class UnknownPeer(DirectError, LookupError):
+    """No address is known for that node id (not linked, not in the views, no host
+    directory entry): pass a `Peer` with its address."""
+
+
+class NoHandler(DirectError):
+    """The node has no handler for that tag (`Node.serve`)."""
+
+
+class RequestFailed(DirectError):
+    """The handler on the other node raised, or the node was too busy to run it; the
+    message says which."""
+
+
+class RequestTimeout(DirectError, TimeoutError):
+    """No answer within the request's deadline (the request may or may not have run)."""

@@ -118,6 +118,14 @@ class HostDirectory:
         assert self.map is not None
         await self.map.delete(directory_key(instance, self.node.id))
 
+    def address_of(self, node_id: str) -> Peer | None:
+        """The node as a host of any instance names it, or None."""
+        for hosts in self._index.values():
+            peer = hosts.get(node_id)
+            if peer is not None:
+                return peer
+        return None
+
     def forget_node(self, node_id: str) -> None:
         """`node_id` is gone for the cluster (`departures`): no longer a host of anything
         here until it is heard of again (`remember_node`). Its entries stay in the map."""

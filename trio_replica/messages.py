@@ -315,6 +315,39 @@ class SyncDigest(Message):
 REPLICA_KINDS: tuple[type[Message], ...] = (SyncRequest, SyncChunk, SyncDigest)
 
 
+# --- direct messages (one node to another) ------------------------------------------------
+
+
+@attrs.frozen
+class Direct(Message):
+    """An application message to one node (`Node.send`, `Node.request`): `payload` is the
+    CBOR encoding of plain data for the handler of `tag` there. `request_id` 0 is a
+    one-way send; any other number asks for a `DirectReply` with it."""
+
+    KIND: ClassVar[int] = 50
+    CONTROL: ClassVar[bool] = False
+    CREDITED: ClassVar[bool] = True
+    tag: str
+    request_id: int
+    payload: bytes
+
+
+@attrs.frozen
+class DirectReply(Message):
+    """The answer to a `Direct` request: the handler's result (CBOR), or when not `ok` an
+    error text (CBOR string): no handler, the handler failed, busy."""
+
+    KIND: ClassVar[int] = 51
+    CONTROL: ClassVar[bool] = False
+    CREDITED: ClassVar[bool] = True
+    request_id: int
+    ok: bool
+    payload: bytes
+
+
+DIRECT_KINDS: tuple[type[Message], ...] = (Direct, DirectReply)
+
+
 # --- control path (command-line client to node) -------------------------------------------
 
 #: Longest control operation name.

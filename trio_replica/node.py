@@ -39,6 +39,7 @@ from .core.hyparview import HyParView
 from .core.plumtree import Plumtree
 from .departures import Departures
 from .dialing import DialBudget
+from .direct import DirectMessaging, Handler
 from .errors import ConfigError, HandshakeError, LinkClosed, MessageTooLarge, NodeClosed
 from .events import Delivery, Event, PeerDown, PeerUp
 from .flow import Fanout, Feed, Pressure
@@ -55,11 +56,14 @@ from .logs import PEER, node_context
 from .maps import DEFAULT_TOMBSTONE_TTL, ReplicatedMap
 from .membership import Membership
 from .messages import (
+    DIRECT_KINDS,
     HYPARVIEW_KINDS,
     MAX_TAG,
     PLUMTREE_KINDS,
     REPLICA_KINDS,
     ControlRequest,
+    Direct,
+    DirectReply,
     Gossip,
     Hello,
     Message,
@@ -71,6 +75,7 @@ from .messages import (
     SyncRequest,
 )
 from .ormap_wire import DEFAULT_LIMITS, Validator
+from .registry import Registry
 from .replica import Replica, ReplicaCallbacks
 from .stats import NodeStats
 from .subscription import Subscription
@@ -81,6 +86,7 @@ log = logging.getLogger("trio_replica.node")
 _MEMBERSHIP_KINDS = frozenset(HYPARVIEW_KINDS)
 _BROADCAST_KINDS = frozenset(PLUMTREE_KINDS)
 _REPLICA_KINDS = frozenset(REPLICA_KINDS)
+_DIRECT_KINDS = frozenset(DIRECT_KINDS)
 #: Names of persisted maps become file names: keep them to a safe alphabet.
 _MAP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
@@ -157,6 +163,10 @@ class Node:
         self._map_lock = trio.Lock()
         self.broadcaster: Broadcast
         self.clock = HybridClock()
+        #: Messages to one node (`send`, `request`, `serve`).
+        self.direct = DirectMessaging(self)
+        #: The service registry (its map opens on first use).
+        self.registry = Registry(self, config.registry)
         operations = ControlOps(self)
         self._control_ops: dict[str, ControlOp] = operations.ops()
         self._control_streams: dict[str, ControlStream] = operations.streams()
@@ -311,6 +321,44 @@ class Node:
         leave waits for its links to flush). Idempotent.
         """
         await self._stop()
+
+    # --- direct messages -----------------------------------------------------------------
+
+    def serve(self, tag: str, handler: Handler) -> contextlib.AbstractContextManager[None]:
+        """Handle direct messages with `tag` while the block runs: ``with node.serve(tag,
+        handler):``, where ``async def handler(sender: Peer, payload) -> answer``
+        (`trio_replica.direct`)."""
+        return self.direct.serve(tag, handler)
+
+    async def send(self, peer: str | Peer, tag: str, payload: Any, *, timeout: float = 5.0) -> None:
+        """Send `payload` (plain data) to `peer`'s handler of `tag`; no answer.
+
+        Raises `UnknownPeer`, `RequestTimeout` (not sent in time), `RequestFailed` (the
+        link failed), `TypeError` or `MessageTooLarge` for a payload that cannot travel.
+        """
+        await self.direct.send(peer, tag, payload, timeout=timeout)
+
+    async def request(
+        self, peer: str | Peer, tag: str, payload: Any, *, timeout: float = 5.0
+    ) -> Any:
+        """Ask `peer`'s handler of `tag` with `payload` and return its answer.
+
+        Raises `UnknownPeer`, `NoHandler`, `RequestFailed` (the handler raised),
+        `RequestTimeout` (no answer in time: it may or may not have run).
+        """
+        return await self.direct.request(peer, tag, payload, timeout=timeout)
+
+    def known_peer(self, peer_id: str) -> Peer | None:
+        """The address this node knows for `peer_id`: from a link, its views, its lost
+        contacts, or the host directory; None if none."""
+        link = self._links.get(peer_id)
+        if link is not None and link.is_open:
+            return link.peer
+        core = self.membership.core
+        for peer in (*core.active, *core.passive, *core.lost):
+            if peer.id == peer_id:
+                return peer
+        return self.hosts.address_of(peer_id)
 
     def active_view(self) -> list[Peer]:
         """The peers of this node's active view (symmetric, with open links)."""
@@ -1002,6 +1050,9 @@ class Node:
 
             if not self.membership.post_nowait(handle, source=link, size=size):
                 await self.membership.post(handle, source=link, size=size)
+        elif kind in _DIRECT_KINDS:
+            assert isinstance(message, Direct | DirectReply)
+            await self.direct.deliver(link, message, size)
         elif kind in _REPLICA_KINDS:
             assert isinstance(message, SyncRequest | SyncChunk | SyncDigest)
             replica = self._replicas.get(message.name)

@@ -46,6 +46,8 @@ from .messages import (
     ControlReply,
     ControlRequest,
     Credit,
+    Direct,
+    DirectReply,
     Disconnect,
     ForwardJoin,
     Gossip,
@@ -454,6 +456,22 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
         ),
     ),
     SyncDigest.KIND: (6, lambda f, _: _digest_round(f)),
+    Direct.KIND: (
+        3,
+        lambda f, max_payload: Direct(
+            check_str(f[0], MAX_TAG, "tag"),
+            check_int(f[1], 0, U64, "request id"),
+            check_bytes(f[2], max_payload, "payload"),
+        ),
+    ),
+    DirectReply.KIND: (
+        3,
+        lambda f, max_payload: DirectReply(
+            check_int(f[0], 1, U64, "request id"),
+            check_bool(f[1], "ok"),
+            check_bytes(f[2], max_payload, "payload"),
+        ),
+    ),
     ControlRequest.KIND: (
         3,
         lambda f, max_payload: ControlRequest(

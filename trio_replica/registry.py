@@ -13,8 +13,10 @@ A registration is *live* while its node's lease has not expired. So a node that 
 or is cut off drops out of every lookup within ``ttl`` (plus a heartbeat) of its last
 renewal, everywhere, whatever the links between the others do (a lost link between two
 live nodes removes nothing: leases travel by broadcast and anti-entropy, not over one
-link). A lease expired for longer than `ttl` more is deleted by the first node that
-notices (with its registrations): tombstones, which the map collects after its TTL.
+link). A lease expired for longer than `ttl` more is deleted, with its registrations, by
+the nodes that see it so at their next heartbeat (usually several at once: the deletes
+are idempotent tombstones, which the map collects after its TTL; electing one collector
+would need the shard placement of the next built-ins).
 
 Reads are local (`lookup`); `whereis` waits for a name to appear; `events` reports
 `Registered` and `Unregistered` (with ``reason`` "left" or "expired") as the live set

@@ -155,11 +155,18 @@ async def test_the_registry_over_the_control_path(autojump_clock: trio.testing.M
     net = MemoryNetwork(seed=94)
     async with trio.open_nursery() as nursery:
         _, (a, b) = await _cluster(nursery, net, 2)
-        async with a.registry.register("cache", {"size": 3}):
-            with trio.fail_after(10):
-                await b.registry.whereis("cache")
-            async with open_control("mem://r1", transport=net.transport("cli")) as client:
-                found = await client.call("registry.lookup", ["cache"])
-                assert [[n, m] for n, _, m in found["cache"]] == [[a.id, {"size": 3}]]
-                assert set(await client.call("registry.lookup", [])) == {"cache"}
+        with pytest.raises(RuntimeError, match="not open"):
+            b.registry.lookup("cache")  # a clear error, not an empty answer
+        # b never used the registry: the operation opens it there, then it syncs.
+        async with (
+            a.registry.register("cache", {"size": 3}),
+            open_control("mem://r1", transport=net.transport("cli")) as client,
+        ):
+            found: dict[str, Any] = {}
+            with trio.fail_after(20):
+                while not found.get("cache"):
+                    found = await client.call("registry.lookup", ["cache"])
+                    await trio.sleep(0.5)
+            assert [[n, m] for n, _, m in found["cache"]] == [[a.id, {"size": 3}]]
+            assert set(await client.call("registry.lookup", [])) == {"cache"}
         nursery.cancel_scope.cancel()

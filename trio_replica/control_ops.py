@@ -98,6 +98,7 @@ class ControlOps:
         if type(args) is not list or len(args) > 1 or not all(isinstance(a, str) for a in args):
             raise ValueError("expected [] or [name]")
         registry = self.node.registry
+        await registry.open()
         names = args or registry.names()
         return {n: [[r.node, r.id, r.meta] for r in registry.lookup(n)] for n in names}
 

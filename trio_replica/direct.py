@@ -12,15 +12,20 @@ This module owns `DirectMessaging`, one per node (`Node.direct`; the node's `sen
   one, waiting for room on the link (flow control), within `timeout`.
 * ``await node.request(peer, tag, payload)``: the same, then waits for the reply within
   `timeout` (`RequestTimeout`: it may or may not have run).
+* Each message's handler runs in a task of its own: handlers run concurrently, in no
+  promised order (one-way messages from one sender included).
+* At most `MAX_RUNNING` handlers run at once on a node; a request beyond them is answered
+  "busy" at once (`RequestFailed`), and a one-way message beyond them is dropped (counted):
+  the link that brings them is never held, since it carries the other protocols too.
 
 `peer` is a node id (its address is looked up in the links, the views, the lost
 contacts and the host directory; `UnknownPeer` if none) or a `Peer`. A request to the
 node itself runs its handler directly.
 
 Untrusted input: payloads are decoded strictly (`wire.decode_payload`); at most
-`MAX_RUNNING` handlers run at once for the node (the link that brings more waits:
-backpressure, as for any payload); a reply is taken only from the node the request went
-to. Refused input is counted (`stats()["drops"]`) and logged.
+`MAX_RUNNING` handlers run at once for the node (more are answered "busy", never waited
+for); a reply is taken only from the node the request went to; error texts are cut to
+`MAX_ERROR_TEXT`. Refused input is counted (`stats()["drops"]`) and logged.
 """
 
 from __future__ import annotations
@@ -53,8 +58,13 @@ log = logging.getLogger("trio_replica.direct")
 
 Handler = Callable[[Peer, Any], Awaitable[Any]]
 
-#: Handlers running at once on one node; a link bringing more waits for a slot.
+#: Handlers running at once on one node; a request beyond them is answered "busy" (the
+#: link's reader never waits for a handler: it also carries the other protocols).
 MAX_RUNNING = 64
+#: Seconds a handler's reply may wait for room on the link before it is dropped.
+REPLY_TIMEOUT = 10.0
+#: Longest error text sent back.
+MAX_ERROR_TEXT = 1000
 #: Requests of this node waiting for their replies at once; more wait for a slot.
 MAX_PENDING = 4096
 
@@ -92,7 +102,7 @@ class DirectMessaging:
         target = self._resolve(peer)
         encoded = encode_payload(payload, max_size=self.node.config.max_payload)
         if target.id == self.node.id:
-            await self._run_local(tag, encoded)
+            await self._run_local(tag, encoded, timeout)
             return
         with trio.move_on_after(timeout) as scope:
             await self._send(target, Direct(tag, 0, encoded))
@@ -107,7 +117,7 @@ class DirectMessaging:
         limit = self.node.config.max_payload
         encoded = encode_payload(payload, max_size=limit)
         if target.id == self.node.id:
-            return await self._run_local(tag, encoded)
+            return await self._run_local(tag, encoded, timeout)
         with trio.move_on_after(timeout) as scope:
             async with self._waiting:
                 request_id = next(self._ids)
@@ -149,12 +159,19 @@ class DirectMessaging:
         except LinkClosed as exc:
             raise RequestFailed(f"could not send to {target}: {exc}") from None
 
-    async def _run_local(self, tag: str, encoded: bytes) -> Any:
+    async def _run_local(self, tag: str, encoded: bytes, timeout: float) -> Any:
+        """A message to this node: its handler runs here, with the same errors."""
         handler = self._handlers.get(tag)
         if handler is None:
             raise NoHandler(f"no handler for {tag!r} on this node")
         payload = decode_payload(encoded, max_size=self.node.config.max_payload)
-        return await handler(self.node.me, payload)
+        with trio.move_on_after(timeout) as scope:
+            try:
+                return await handler(self.node.me, payload)
+            except Exception as exc:
+                raise RequestFailed(f"handler failed: {type(exc).__name__}: {exc}") from exc
+        assert scope.cancelled_caught
+        raise RequestTimeout(f"the handler of {tag!r} did not answer within {timeout} s")
 
     async def deliver(self, link: Link, message: Direct | DirectReply, size: int) -> None:
         """A direct message arrived on `link` (from the node's reader: may wait)."""
@@ -168,9 +185,23 @@ class DirectMessaging:
             with contextlib.suppress(trio.WouldBlock):
                 pending[1].send_nowait(message)
             return
-        # A slot first: a peer that sends faster than its handlers run waits here.
-        await self._running.acquire()
-        self.node.spawn(self._handle, link, message, size)
+        try:
+            self._running.acquire_nowait()
+        except trio.WouldBlock:
+            # Never wait here: this reader also carries membership, broadcast and sync
+            # (and a handler that calls back into its sender would deadlock).
+            self.node.stats_counters.drop("direct_busy")
+            link.processed(size)
+            reply = self._error(message, "busy: too many requests running; try again")
+            if reply is not None:
+                self.node.send_to(link.peer, reply)
+            return
+        try:
+            self.node.spawn(self._handle, link, message, size)
+        except BaseException:
+            self._running.release()
+            link.processed(size)
+            raise
 
     async def _handle(self, link: Link, message: Direct, size: int) -> None:
         peer = link.peer
@@ -193,8 +224,10 @@ class DirectMessaging:
                 else:
                     reply = await self._call(handler, peer, message, payload)
             if reply is not None:
-                with contextlib.suppress(LinkClosed):
+                with trio.move_on_after(REPLY_TIMEOUT) as scope, contextlib.suppress(LinkClosed):
                     await self.node.send_message(peer, reply)
+                if scope.cancelled_caught:
+                    self.node.stats_counters.drop("direct_reply_timeout")
         finally:
             link.processed(size)
             self._running.release()
@@ -225,4 +258,6 @@ class DirectMessaging:
     def _error(self, message: Direct, text: str) -> DirectReply | None:
         if not message.request_id:
             return None
-        return DirectReply(message.request_id, False, encode_payload(text, max_size=4096))
+        if len(text) > MAX_ERROR_TEXT:
+            text = text[:MAX_ERROR_TEXT] + "..."
+        return DirectReply(message.request_id, False, encode_payload(text, max_size=8 * 1024))

@@ -40,9 +40,10 @@ import attrs
 import cbor2
 import trio
 
-from .errors import ConfigError, NodeClosed
+from .errors import ConfigError, MessageTooLarge, NodeClosed
 from .events import Event, Lagged
 from .flow import Feed
+from .maps import ValidationError
 from .store import StoreError
 
 if TYPE_CHECKING:
@@ -120,6 +121,11 @@ class Registry:
         self._feeds: set[tuple[Feed[Event], str | None]] = set()
         self._live: dict[tuple[str, str, str], Registration] = {}
 
+    async def open(self) -> None:
+        """Host the registry's map here (and sync it): needed before `lookup`; done by
+        `register`, `whereis` and `events` themselves."""
+        await self._ensure()
+
     async def _ensure(self) -> ReplicatedMap:
         async with self._opening:
             if self._map is None:
@@ -149,11 +155,20 @@ class Registry:
                 await the_map.delete(_key("svc", name, self.node.id, registration.id))
 
     def lookup(self, name: str) -> list[Registration]:
-        """The live registrations of `name`, by node id (a local read)."""
+        """The live registrations of `name`, by node id (a local read: `open` first)."""
+        self._check_open()
         return sorted(r for r in self._scan().values() if r.name == name)
 
     def names(self) -> list[str]:
+        """The names with live registrations (a local read: `open` first)."""
+        self._check_open()
         return sorted({r.name for r in self._scan().values()})
+
+    def _check_open(self) -> None:
+        if self._map is None:
+            raise RuntimeError(
+                "the registry is not open on this node: await node.registry.open() first"
+            )
 
     async def whereis(self, name: str, *, timeout: float = 5.0) -> Registration:
         """The first live registration of `name`, waiting up to `timeout` for one."""
@@ -231,10 +246,16 @@ class Registry:
                 # map on every node, and must not wake them all into renewing again.
                 if trio.current_time() >= next_beat:
                     next_beat = trio.current_time() + self.config.heartbeat
-                    if self._mine:
-                        await self._renew(the_map)
-                        await self._restore(the_map)
-                    await self._collect(the_map)
+                    try:
+                        if self._mine:
+                            await self._renew(the_map)
+                            await self._restore(the_map)
+                        await self._collect(the_map)
+                    except NodeClosed:
+                        return
+                    except (StoreError, ValidationError, MessageTooLarge) as exc:
+                        # Tried again at the next heartbeat; meanwhile the lease runs on.
+                        log.warning("registry: heartbeat failed: %s", exc)
                 self._report()
                 changed = self._changed
                 with trio.move_on_at(next_beat):
@@ -274,12 +295,8 @@ class Registry:
             parts = _parse(key)
             if parts is not None and parts[0] == "svc" and parts[2] in dead:
                 doomed.append(key)
-        try:
-            for key in doomed:
-                await the_map.delete(key)
-        except (NodeClosed, StoreError) as exc:
-            log.info("registry: collecting expired leases stopped: %s", exc)
-            return
+        for key in doomed:
+            await the_map.delete(key)
         log.info("registry: collected the expired leases of %s", sorted(dead))
 
     def _report(self) -> None:

@@ -226,6 +226,10 @@ async def control(net: Network, i: int, secret: bytes) -> AsyncIterator[Any]:
         yield c
 
 
+#: Per writer, how many times its control connection was lost and opened again.
+reconnects: dict[int, int] = {}
+
+
 async def writer(
     net: Network, i: int, secret: bytes, ops: list[Op], gate: Gate, stop: trio.Event
 ) -> None:
@@ -261,8 +265,10 @@ async def writer(
                     if result != "ok":
                         break  # reconnect
                     await trio.sleep(0.05)
-        except (ControlError, OSError):
-            pass
+        except (ControlError, OSError) as exc:
+            # The node is down or cut off from us: the connection is tried again.
+            reconnects[i] = reconnects.get(i, 0) + 1
+            print(f"[chaos] writer {i}: {exc}; reconnecting", file=sys.stderr, flush=True)
         await trio.sleep(0.5)
 
 
@@ -428,6 +434,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         maps = {i: await dump(net, i, secret) for i in range(args.hosts)}
         result["faults"] = faults
         result["checks"] = check(ops, maps)
+        result["writer_reconnects"] = dict(reconnects)
     finally:
         nodes.stop_all()
         net.teardown()

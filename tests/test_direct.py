@@ -181,7 +181,8 @@ async def test_busy_callbacks_long_errors_and_requests_to_itself(
             async with trio.open_nursery() as inner:
                 for _ in range(2):
                     inner.start_soon(a.request, b.id, "hold", None)
-                await trio.sleep(1)
+                with trio.fail_after(10):  # both handlers are running
+                    await wait_until(lambda: b.direct._running.value == 0)
                 # Both slots held: answered "busy" at once, and other traffic goes on.
                 with pytest.raises(RequestFailed, match="busy"):
                     await a.request(b.id, "hold", None)

@@ -17,7 +17,7 @@ import itertools
 import logging
 import secrets
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -38,6 +38,18 @@ log = logging.getLogger("trio_replica.control")
 ControlOp = Callable[[Any], Awaitable[Any]]
 #: A streaming operation: every item it yields is sent as one reply, until the client leaves.
 ControlStream = Callable[[Any], AsyncIterator[Any]]
+
+
+@contextlib.contextmanager
+def _unwrapped() -> Iterator[None]:
+    """Let the one error of a nursery's group out as it was raised (a helper's own nursery
+    must not change what its caller catches)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 class ControlError(ReplicaError):
@@ -98,12 +110,8 @@ async def _stream_replies(
 
     What the stream raises comes out as it was raised (not wrapped in this nursery's
     group), so that the caller answers it like any failed operation."""
-    try:
+    with _unwrapped():
         await _stream_replies_in(link, request, items, limit)
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
 
 
 async def _stream_replies_in(
@@ -258,19 +266,14 @@ async def open_control(
                 finally:
                     client.link_ended()
 
-            try:
+            # What the caller's block raises comes out as it was raised.
+            with _unwrapped():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(run_link)
                     try:
                         yield client
                     finally:
                         nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                # What the caller's block raised comes out as it was raised, not wrapped
-                # in the group of this helper's own nursery.
-                if len(group.exceptions) == 1:
-                    raise group.exceptions[0] from None
-                raise
     except ConnectError as exc:
         raise ControlError(f"could not connect to {address}: {exc}") from None
     except WireError as exc:

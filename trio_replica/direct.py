@@ -182,8 +182,10 @@ class DirectMessaging:
                 # Late (timed out), or not the node we asked: dropped, counted.
                 self.node.stats_counters.drop("direct_reply_unexpected")
                 return
-            with contextlib.suppress(trio.WouldBlock):
+            try:
                 pending[1].send_nowait(message)
+            except trio.WouldBlock:
+                self.node.stats_counters.drop("direct_reply_duplicate")
             return
         try:
             self._running.acquire_nowait()

@@ -206,16 +206,11 @@ class Registry:
         if the_map is None:
             return {}
         now = self._now_ms()
-        leases: dict[str, int] = {}
+        leases = self._leases()
         services: list[tuple[list[Any], Any]] = []
         for key, value in the_map.items():
             parts = _parse(key)
-            if parts is None:
-                continue
-            if parts[0] == "lease":
-                if isinstance(value, int):
-                    leases[parts[1]] = value
-            else:
+            if parts is not None and parts[0] == "svc":
                 services.append((parts, value))
         live: dict[tuple[str, str, str], Registration] = {}
         for (_, name, node_id, reg_id), meta in services:
@@ -276,19 +271,12 @@ class Registry:
     async def _collect(self, the_map: ReplicatedMap) -> None:
         """Delete leases expired for longer than `ttl` more, with their registrations."""
         horizon = self._now_ms() - round(self.config.ttl * 1000)
-        dead: set[str] = set()
-        doomed: list[Any] = []
-        for key, value in the_map.items():
-            parts = _parse(key)
-            if (
-                parts is not None
-                and parts[0] == "lease"
-                and isinstance(value, int)
-                and value < horizon
-                and parts[1] != self.node.id
-            ):
-                dead.add(parts[1])
-                doomed.append(key)
+        dead = {
+            node_id
+            for node_id, until in self._leases().items()
+            if until < horizon and node_id != self.node.id
+        }
+        doomed: list[Any] = [_key("lease", node_id) for node_id in dead]
         if not dead:
             return
         for key in the_map.keys():  # noqa: SIM118 - a list taken now (the map changes)

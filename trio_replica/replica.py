@@ -661,11 +661,6 @@ class Replica:
         else:
             self._state_ready = True
 
-    def request_sync(self, peer: Peer) -> None:
-        """Ask one peer for its full state (never blocks; the peer answers in chunks)."""
-        self.core.stats.sync_requests_sent += 1
-        self.node.send_to(peer, SyncRequest(self.name))
-
     async def _send_full_sync(self, peer: Peer) -> None:
         """Take a snapshot now and stream it to `peer` from a task of its own.
 

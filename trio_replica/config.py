@@ -25,7 +25,10 @@ from .flow import FlowConfig
 from .health import HealthConfig
 from .link import LinkConfig
 from .messages import MAX_CLUSTER, MAX_NODE_ID
+from .leader import LeaderConfig
 from .registry import RegistryConfig
+from .reminders import ReminderConfig
+from .shard import ShardConfig
 from .replica import ReplicaConfig
 
 #: Largest application payload (a broadcast, a value) by default.
@@ -107,6 +110,12 @@ class NodeConfig:
     departures: DeparturesConfig = attrs.field(factory=DeparturesConfig)
     #: Lease timing of the service registry (registry.py).
     registry: RegistryConfig = attrs.field(factory=RegistryConfig)
+    #: Ring size and lease timing of the shard placement (shard.py).
+    shard: ShardConfig = attrs.field(factory=ShardConfig)
+    #: Lease timing and settle time of leader elections (leader.py).
+    leader: LeaderConfig = attrs.field(factory=LeaderConfig)
+    #: Hand-off delay of durable reminders (reminders.py).
+    reminders: ReminderConfig = attrs.field(factory=ReminderConfig)
     #: Where persistent maps keep their SQLite files (needed for ``open_map(persist=True)``).
     data_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     #: Largest application payload accepted for a broadcast or a replicated value, in bytes.

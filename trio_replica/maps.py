@@ -117,6 +117,8 @@ class ReplicatedMap:
         self.last_synced_ms: int | None = None
         self._mark_saved_ms: int | None = None
         self._dropped_at_mark: int | None = None
+        #: Set once this replica completed a comparison with a peer (since it opened).
+        self.synced = trio.Event()
 
     # --- reads (local, never blocking) ----------------------------------------------------
 
@@ -321,6 +323,7 @@ class ReplicatedMap:
         # A comparison begun at `started_ms` completed: every entry older than that is
         # known to that peer. Saved at most once a minute (precision that matters is the
         # tombstone TTL, days), and never moved back.
+        self.synced.set()
         if self.last_synced_ms is not None and started_ms <= self.last_synced_ms:
             return
         self.last_synced_ms = started_ms

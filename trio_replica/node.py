@@ -75,7 +75,10 @@ from .messages import (
     SyncRequest,
 )
 from .ormap_wire import DEFAULT_LIMITS, Validator
+from .leader import Election, Leadership
 from .registry import Registry
+from .reminders import Reminders
+from .shard import Shard
 from .replica import Replica, ReplicaCallbacks
 from .stats import NodeStats
 from .subscription import Subscription
@@ -167,6 +170,12 @@ class Node:
         self.direct = DirectMessaging(self)
         #: The service registry (its map opens on first use).
         self.registry = Registry(self, config.registry)
+        #: Placement of keys on the live members (``await node.shard.open()`` to join).
+        self.shard = Shard(self, config.shard)
+        #: Leader elections (``async with node.leader(name)``).
+        self.election = Election(self, config.leader)
+        #: Durable reminders, fired by the shard owner of their key.
+        self.reminders = Reminders(self, config.reminders)
         operations = ControlOps(self)
         self._control_ops: dict[str, ControlOp] = operations.ops()
         self._control_streams: dict[str, ControlStream] = operations.streams()
@@ -321,6 +330,25 @@ class Node:
         leave waits for its links to flush). Idempotent.
         """
         await self._stop()
+
+    # --- leader election ---------------------------------------------------------------
+
+    def leader(
+        self, name: str, priority: int = 0
+    ) -> contextlib.AbstractAsyncContextManager[Leadership]:
+        """Stand for leader of `name` while the block runs: ``async with node.leader(name)
+        as lead:``, then ``async for change in lead`` (`Elected(fence)` / `Revoked`) or
+        ``await lead.wait_elected()`` (`trio_replica.leader`)."""
+        return self.election.candidate(name, priority)
+
+    def leader_of(self, name: str) -> str | None:
+        """Who leads `name` as this node sees the candidates (``await
+        node.election.open()`` first on a node that does not stand itself)."""
+        return self.election.leader_of(name)
+
+    def fence(self, name: str) -> int | None:
+        """The greatest fencing token of `name` this node has seen."""
+        return self.election.fence(name)
 
     # --- direct messages -----------------------------------------------------------------
 

@@ -163,6 +163,7 @@ async def _partition_schedule(schedule: list[tuple[str, int]], seed: int) -> Non
                 await trio.sleep(2 * CONFIG.ttl)
                 net.heal()
             await trio.sleep(CONFIG.ttl / 2)
+
         def settled() -> bool:
             leaders = _leaders(watch, live)
             return len(leaders) == 1 and {n.leader_of("lock") for n in live} == leaders
@@ -192,7 +193,7 @@ async def test_each_side_of_a_partition_elects_and_one_leader_remains_after_the_
     net = MemoryNetwork(seed=131)
     watch = Watch()
     async with trio.open_nursery() as nursery:
-        c, nodes = await _cluster(nursery, net, 10)
+        _, nodes = await _cluster(nursery, net, 10)
         for node in nodes:
             nursery.start_soon(_stand, node, "db", 0, watch)
         with trio.fail_after(60):

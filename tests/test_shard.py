@@ -131,7 +131,7 @@ async def test_a_member_with_another_ring_size_is_refused(
         await b.shard.open()
         odd = await c.start("odd", [a.address], shard=ShardConfig(ring_size=64))
         odd.clock.physical = virtual_wall
-        with pytest.raises(RingSizeMismatch, match="ring size is 64.*1024"):
+        with pytest.raises(RingSizeMismatch, match=r"ring size is 64.*1024"):
             await odd.shard.open()
         # Not a member, so placement elsewhere is unchanged; the odd node counts the
         # members it cannot place with.

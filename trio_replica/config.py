@@ -23,13 +23,13 @@ from .departures import DeparturesConfig
 from .errors import ConfigError
 from .flow import FlowConfig
 from .health import HealthConfig
+from .leader import LeaderConfig
 from .link import LinkConfig
 from .messages import MAX_CLUSTER, MAX_NODE_ID
-from .leader import LeaderConfig
 from .registry import RegistryConfig
 from .reminders import ReminderConfig
-from .shard import ShardConfig
 from .replica import ReplicaConfig
+from .shard import ShardConfig
 
 #: Largest application payload (a broadcast, a value) by default.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024

@@ -46,6 +46,7 @@ from .flow import Fanout, Feed, Pressure
 from .health import loop_health
 from .hlc import HybridClock
 from .hosts import HostDirectory
+from .leader import Election, Leadership
 from .link import (
     Credentials,
     Link,
@@ -75,11 +76,10 @@ from .messages import (
     SyncRequest,
 )
 from .ormap_wire import DEFAULT_LIMITS, Validator
-from .leader import Election, Leadership
 from .registry import Registry
 from .reminders import Reminders
-from .shard import Shard
 from .replica import Replica, ReplicaCallbacks
+from .shard import Shard
 from .stats import NodeStats
 from .subscription import Subscription
 from .wire import encode_message, encode_payload

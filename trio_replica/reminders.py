@@ -231,7 +231,7 @@ class Reminders:
     def pending(self) -> list[Reminder]:
         """Every pending reminder this node knows of, by due time (a local read)."""
         the_map = self._check_open()
-        found = [self.get(k) for k in the_map.keys() if isinstance(k, str)]
+        found = [self.get(k) for k in the_map if isinstance(k, str)]
         return sorted((r for r in found if r is not None), key=lambda r: (r.at, r.key))
 
     @contextlib.asynccontextmanager
@@ -308,7 +308,7 @@ class Reminders:
         the_map = self._map
         assert the_map is not None
         self._heap = []
-        for key in the_map.keys():
+        for key in the_map:
             entry = the_map.entry(key)
             if isinstance(entry, Value):
                 self._push(key, entry.value, entry.dot.ts.pack())

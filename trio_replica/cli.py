@@ -193,6 +193,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_auth(p)
     _add_common(p)
 
+    p = sub.add_parser("leader", help="who leads a name, with its fence and candidates")
+    p.add_argument("--node", required=True, metavar="HOST:PORT")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("name")
+    _add_auth(p)
+    _add_common(p)
+
+    p = sub.add_parser("shard", help="placement: which members own a key")
+    p.add_argument("--node", required=True, metavar="HOST:PORT")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("action", choices=["place"])
+    p.add_argument("key")
+    p.add_argument("-n", type=int, default=1, help="how many owners, primary first")
+    _add_auth(p)
+    _add_common(p)
+
+    p = sub.add_parser("remind", help="set (or cancel) a durable reminder")
+    p.add_argument("--node", required=True, metavar="HOST:PORT")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("key")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--at", type=float, help="wall time, seconds since the epoch")
+    when.add_argument("--after", type=float, help="seconds from now (the node's clock)")
+    when.add_argument("--cancel", action="store_true", help="cancel the reminder")
+    p.add_argument("--payload", default="null", help="JSON handed to the subscriber")
+    _add_auth(p)
+    _add_common(p)
+
+    p = sub.add_parser("reminders", help="list the pending reminders as JSON lines")
+    p.add_argument("--node", required=True, metavar="HOST:PORT")
+    p.add_argument("--timeout", type=float, default=5.0)
+    _add_auth(p)
+    _add_common(p)
+
     p = sub.add_parser("digest", help="print a summary of a map that two nodes can compare")
     p.add_argument("--node", required=True, metavar="HOST:PORT")
     p.add_argument("--timeout", type=float, default=5.0)
@@ -340,6 +374,20 @@ def _print_status(status: dict[str, Any]) -> None:
         f"handshakes refused: {sum(stats['handshakes_refused'].values())}, "
         f"drops: {sum(stats['drops'].values())}"
     )
+    builtins = status.get("builtins", {})
+    if "registry" in builtins:
+        print(f"  registry: {builtins['registry']['names']} names")
+    if "shard" in builtins:
+        shard = builtins["shard"]
+        print(
+            f"  shard: {len(shard['members'])} members, {shard['owned']} of "
+            f"{shard['ring_size']} partitions owned here"
+        )
+    for name, lead in sorted(builtins.get("leaders", {}).items()):
+        print(f"  leader of {name}: {lead['leader']} (fence {lead['fence']})")
+    if "reminders" in builtins:
+        rem = builtins["reminders"]
+        print(f"  reminders: {rem['pending']} pending, {rem['fired']} fired here")
 
 
 def _open_control(args: argparse.Namespace) -> AbstractAsyncContextManager[ControlClient]:
@@ -441,6 +489,36 @@ async def _run_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _run_builtin(args: argparse.Namespace) -> int:
+    """``leader``, ``shard place``, ``remind``, ``reminders``: one call, JSON out."""
+    async with _open_control(args) as client:
+        if args.command == "leader":
+            print(_show(await client.call("leader.show", [args.name])))
+        elif args.command == "shard":
+            print(_show(await client.call("shard.place", [args.key, args.n])))
+        elif args.command == "remind":
+            if args.cancel:
+                result = await client.call("reminders.cancel", [args.key])
+                if not result["cancelled"]:
+                    print(f"{args.key}: no pending reminder", file=sys.stderr)
+                    return 1
+                return 0
+            how, seconds = ("at", args.at) if args.at is not None else ("after", args.after)
+            row = await client.call(
+                "reminders.set", [args.key, how, seconds, _parse_json(args.payload)]
+            )
+            print(_show(_reminder(row)))
+        else:
+            for row in await client.call("reminders.list", []):
+                print(_show(_reminder(row)))
+    return 0
+
+
+def _reminder(row: list[Any]) -> dict[str, Any]:
+    key, at, payload, fence, owner = row
+    return {"key": key, "at": at, "payload": payload, "fence": fence, "owner": owner}
+
+
 async def _run_cluster(args: argparse.Namespace) -> int:
     from .localcluster import run_local_cluster
 
@@ -469,6 +547,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dump": _run_map_command,
         "digest": _run_map_command,
         "registry": _run_registry,
+        "leader": _run_builtin,
+        "shard": _run_builtin,
+        "remind": _run_builtin,
+        "reminders": _run_builtin,
     }
     try:
         try:

@@ -13,7 +13,14 @@ This module owns what each operation does and what it returns, as plain data:
   may not appear;
 * ``map.watch`` (streamed): the map's changes from now on, after a snapshot if asked;
 * ``registry.lookup``: the live registrations of a name, or of every name
-  (`trio_replica.registry`).
+  (`trio_replica.registry`);
+* ``leader.show``: who leads a name, its fence and the candidates (`trio_replica.leader`);
+* ``shard.place``: a key's partition and owners (`trio_replica.shard`);
+* ``reminders.set``, ``reminders.cancel``, ``reminders.list``: durable reminders
+  (`trio_replica.reminders`).
+
+The built-ins' operations open the built-in's map on the node if it was not open yet
+(a node that never used a built-in hosts its map from then on).
 
 Map operations wait for the node to be ready for them (`Node.control_ready`: its maps
 are open) for at most `STARTING_WAIT` seconds, then fail with a clear "starting" error
@@ -72,6 +79,11 @@ class ControlOps:
             "map.delete": self.delete,
             "map.digest": self.digest,
             "registry.lookup": self.registry_lookup,
+            "leader.show": self.leader_show,
+            "shard.place": self.shard_place,
+            "reminders.set": self.reminders_set,
+            "reminders.cancel": self.reminders_cancel,
+            "reminders.list": self.reminders_list,
         }
 
     def streams(self) -> dict[str, ControlStream]:
@@ -101,6 +113,76 @@ class ControlOps:
         await registry.open()
         names = args or registry.names()
         return {n: [[r.node, r.id, r.meta] for r in registry.lookup(n)] for n in names}
+
+    async def leader_show(self, args: Any) -> dict[str, Any]:
+        """``[name]``: ``{name, leader, fence, candidates: [[node, priority], ...]}``."""
+        if type(args) is not list or len(args) != 1 or not isinstance(args[0], str):
+            raise ValueError("expected [name]")
+        election = self.node.election
+        await election.open()
+        name = args[0]
+        return {
+            "name": name,
+            "leader": election.leader_of(name),
+            "fence": election.fence(name),
+            "candidates": [list(c) for c in election.candidates(name)],
+        }
+
+    async def shard_place(self, args: Any) -> dict[str, Any]:
+        """``[key, n]``: ``{key, partition, owners, members, ring_size}``."""
+        if (
+            type(args) is not list
+            or len(args) != 2
+            or not isinstance(args[0], str)
+            or type(args[1]) is not int
+            or not 0 < args[1] <= 64
+        ):
+            raise ValueError("expected [key, n] with 1 <= n <= 64")
+        shard = self.node.shard
+        await shard.open(member=False)
+        key, n = args
+        return {
+            "key": key,
+            "partition": shard.partition(key),
+            "owners": shard.owners(key, n),
+            "members": len(shard.members()),
+            "ring_size": shard.ring_size,
+        }
+
+    async def reminders_set(self, args: Any) -> list[Any]:
+        """``[key, "at" | "after", seconds, payload]``: the reminder as `reminders.list` rows."""
+        if (
+            type(args) is not list
+            or len(args) != 4
+            or args[1] not in ("at", "after")
+            or type(args[2]) not in (int, float)
+        ):
+            raise ValueError('expected [key, "at" or "after", seconds, payload]')
+        key, how, seconds, payload = args
+        reminders = self.node.reminders
+        if how == "at":
+            reminder = await reminders.remind(key, seconds, payload)
+        else:
+            reminder = await reminders.remind_after(key, seconds, payload)
+        return self._reminder_row(reminder)
+
+    async def reminders_cancel(self, args: Any) -> dict[str, Any]:
+        """``[key]``: ``{"cancelled": bool}``."""
+        if type(args) is not list or len(args) != 1:
+            raise ValueError("expected [key]")
+        return {"cancelled": await self.node.reminders.cancel(args[0])}
+
+    async def reminders_list(self, args: Any) -> list[list[Any]]:
+        """``[]``: ``[[key, at, payload, fence, owner], ...]`` by due time."""
+        if args not in (None, []):
+            raise ValueError("expected []")
+        reminders = self.node.reminders
+        await reminders.open()
+        return [self._reminder_row(r) for r in reminders.pending()]
+
+    def _reminder_row(self, reminder: Any) -> list[Any]:
+        owner = self.node.shard.place(reminder.key)
+        return [reminder.key, reminder.at, reminder.payload, str(reminder.fence), owner]
 
     async def status(self, _args: Any) -> dict[str, Any]:
         return self.node.status()

@@ -649,7 +649,33 @@ class Node:
                 name: {"size": len(m), "tombstones": m.tombstones}
                 for name, m in sorted(self.maps().items())
             },
+            "builtins": self._builtins_status(),
         }
+
+    def _builtins_status(self) -> dict[str, Any]:
+        """The built-ins this node uses (those whose map it hosts), for `status`."""
+        out: dict[str, Any] = {}
+        if self.registry.is_open:
+            out["registry"] = {"names": len(self.registry.names())}
+        if self.shard.is_open:
+            out["shard"] = {
+                "ring_size": self.shard.ring_size,
+                "members": self.shard.members(),
+                "owned": len(self.shard.owned()),
+            }
+        if self.election.is_open:
+            out["leaders"] = {
+                name: {"leader": self.election.leader_of(name), "fence": self.election.fence(name)}
+                for name in self.election.names()
+            }
+        if self.reminders.is_open:
+            stats = self.reminders.stats
+            out["reminders"] = {
+                "pending": len(self.reminders.pending()),
+                "fired": stats.fired,
+                "acknowledged": stats.acknowledged,
+            }
+        return out
 
     # --- replicas and maps ------------------------------------------------------------------
 

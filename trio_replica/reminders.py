@@ -164,6 +164,10 @@ class Reminders:
         self._ready_event = trio.Event()
         self._rebuild = True
 
+    @property
+    def is_open(self) -> bool:
+        return self._map is not None
+
     async def open(self) -> None:
         """Host the reminders' map (persistent with a data_dir) and join the shard."""
         await self._ensure()

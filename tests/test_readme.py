@@ -19,3 +19,21 @@ def test_readme_embedding_example_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "b {'text': 'hello'}" in result.stdout
+
+
+def test_readme_builtins_tour_runs() -> None:
+    text = README.read_text()
+    match = re.search(
+        r"## Leader election, sharded placement, durable reminders.*?```python\n(.*?)```",
+        text,
+        re.S,
+    )
+    assert match, "the README lost its built-ins tour"
+    result = subprocess.run(
+        [sys.executable, "-c", match.group(1)], capture_output=True, text=True, timeout=90
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("user:42 lives on ")
+    assert lines[1] == "the old leader's write was refused"
+    assert lines[2].startswith("fired invoice:7 {'user': 42} on ")

@@ -32,15 +32,20 @@ from .events import (
     Resubscribed,
 )
 from .flow import FlowConfig
+from .leader import Elected, FencedResource, LeaderConfig, Leadership, Revoked, StaleFence
+from .leases import LeaseConfig
 from .link import LinkConfig
 from .maps import Put, Removed, ReplicatedMap, ValidationError
 from .messages import MessageId, Peer
 from .node import Node, open_node
 from .registry import Registered, Registration, RegistryConfig, Unregistered
+from .reminders import Fired, Reminder, ReminderConfig, ReminderInbox
 from .replica import Add, Remove, Replica, ReplicaCallbacks, ReplicaConfig
+from .shard import Acquired, Released, RingSizeMismatch, ShardConfig
 from .store import StoreCorrupt, StoreError
 
 __all__ = [
+    "Acquired",
     "Add",
     "ConfigError",
     "ControlClient",
@@ -48,10 +53,16 @@ __all__ = [
     "Delivery",
     "DirectError",
     "DownReason",
+    "Elected",
     "Event",
+    "FencedResource",
+    "Fired",
     "FlowConfig",
     "HandshakeError",
     "Lagged",
+    "LeaderConfig",
+    "Leadership",
+    "LeaseConfig",
     "Left",
     "LinkClosed",
     "LinkConfig",
@@ -68,6 +79,10 @@ __all__ = [
     "Registered",
     "Registration",
     "RegistryConfig",
+    "Released",
+    "Reminder",
+    "ReminderConfig",
+    "ReminderInbox",
     "Remove",
     "Removed",
     "Replica",
@@ -78,6 +93,10 @@ __all__ = [
     "RequestFailed",
     "RequestTimeout",
     "Resubscribed",
+    "Revoked",
+    "RingSizeMismatch",
+    "ShardConfig",
+    "StaleFence",
     "StoreCorrupt",
     "StoreError",
     "UnknownPeer",

@@ -271,10 +271,12 @@ class Election(LeaseBoard):
 
     def _settled(self, lead: Leadership) -> bool:
         """Whether `lead` may lead: `settle` seconds in (candidacies put at the same time
-        have arrived) after a first comparison with a peer, or a TTL in without one."""
+        have arrived) after a first comparison with a peer (if any other node hosts the
+        election), or a TTL in without one."""
         the_map = self._map
         elapsed = trio.current_time() - lead.started
         synced = the_map is not None and the_map.synced.is_set()
+        synced = synced or not self.node.hosts.knows(self.MAP)  # nobody to compare with
         return (synced and elapsed >= self.config.settle) or elapsed >= self.config.ttl
 
     def _mint(self, high: int) -> int:

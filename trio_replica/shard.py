@@ -120,14 +120,14 @@ class Shard(LeaseBoard):
     async def open(self, *, member: bool = True) -> None:
         """Host the shard's map; with `member`, take part in placement from now on.
 
-        Waits for a first comparison with a peer (at most a TTL; not when the node has no
-        neighbour) to see the live members, and raises `RingSizeMismatch` if they use
+        Waits for a first comparison with a peer (at most a TTL; not when no other node is
+        known to host the shard) to see the live members, and raises `RingSizeMismatch` if they use
         another ring size.
         """
         the_map = await self._ensure()
         if not member or self._member:
             return
-        if self.node.active_view():  # alone, there is nobody to compare with
+        if self.node.hosts.knows(self.MAP):  # else there is nobody to compare with
             with trio.move_on_after(self.config.ttl):
                 await the_map.synced.wait()
         others = self._ring_sizes()

@@ -345,9 +345,10 @@ class ReplicationCore:
             return effects
         # Known hosts with a greater id (the others hear of us and open the comparison),
         # or, while no host is known, every neighbour. One comparison moves both ways.
-        peers = [p for p in self._sorted(self.hosts) if p.id > self.me] or (
-            [] if self.hosts else self._sorted(self.neighbors)
-        )
+        # With only smaller ids about, one of them too: the others' comparisons complete on
+        # their side, and this node must know when it has caught up (`SyncCompleted`).
+        hosts = self._sorted(self.hosts)
+        peers = [p for p in hosts if p.id > self.me] or hosts[-1:] or self._sorted(self.neighbors)
         for peer in peers:
             effects += self.compare(peer, now)
         return effects

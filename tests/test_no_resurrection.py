@@ -66,11 +66,13 @@ async def test_a_node_offline_for_twice_the_ttl_brings_no_deleted_key_back(
         ma, mb, md = await open_m(a), await open_m(b), await open_m(d, persist=True)
         await ma.put("gone", 1)
         await ma.put("kept", 2)
-        # A comparison d opened completes (its sync mark). The store's disk work runs in a
-        # thread, which lets the mock clock jump ahead: this takes virtual time.
+        written = virtual_wall()
+        # A comparison d opened after the writes completes (its sync mark; entries newer
+        # than the mark count as d's own). The store's disk work runs in a thread, which
+        # lets the mock clock jump ahead: this takes virtual time.
         with trio.fail_after(600):
             await wait_until(lambda: md.get("gone") == 1 and md.get("kept") == 2)
-            await wait_until(lambda: md.last_synced_ms is not None)
+            await wait_until(lambda: (md.last_synced_ms or 0) > written)
         c.stop("d")
         await c.wait_stopped("d")
         await ma.delete("gone")

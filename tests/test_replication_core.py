@@ -54,10 +54,12 @@ def core(
 
 
 def idle(me: str, neighbors: list[Peer], **kwargs: Any) -> ReplicationCore:
-    """A started core with these neighbours and no comparison running: they came up after
-    the start, and have smaller ids (they open the comparisons)."""
+    """A started core that has caught up once, with these neighbours and no comparison
+    running: they came up after the start, and have smaller ids (they open the
+    comparisons). A fresh core opens one with its first peer itself (tested below)."""
     c = core(me, **kwargs)
     c.start([], [], 0.0)
+    c._caught_up = True
     for p in neighbors:
         assert p.id < me and c.peer_up(p, 0.0) == []
     return c
@@ -240,6 +242,7 @@ def test_anti_entropy_ticks_with_jitter_and_compares_with_one_sync_peer() -> Non
     assert 22.5 < tick.delay <= 37.5
     effects = c.handle_timer(tick.timer, tick.delay)
     assert of(Serve, effects) == [] and len(of(SetTimer, effects)) == 1  # nobody to ask
+    c._caught_up = True  # else its first peer gets a comparison at once (tested below)
     c.peer_up(peer("a"), 40.0)
     effects = c.handle_timer(tick.timer, 60.0)
     assert [s.peer.id for s in of(Serve, effects)] == ["a"]
@@ -384,3 +387,21 @@ def test_link_loss_and_eviction_never_remove_a_node() -> None:
 def test_config_is_validated(field: str, value: object) -> None:
     with pytest.raises(ConfigError):
         attrs.evolve(DigestSyncConfig(), **{field: value})
+
+
+def test_a_fresh_core_opens_a_comparison_with_its_first_peer_whatever_the_ids() -> None:
+    # The smaller id opens comparisons; but a core that never completed one opens one
+    # itself, so that it learns when it has caught up (`SyncCompleted`), once.
+    c = core("z")
+    c.start([], [], 0.0)
+    (serve,) = of(Serve, c.peer_up(peer("a"), 1.0))
+    assert serve.peer.id == "a"
+    assert c.peer_up(peer("b"), 1.0) == []  # one under way: not another
+    session = c.session_with("a")
+    assert session is not None
+    effects = c.round_received(peer("a"), session, DigestRound(2, (), ()), 2.0)
+    assert of(SyncCompleted, effects)
+    assert c.peer_up(peer("c"), 3.0) == []  # caught up: the smaller id opens again
+    # At the start, with only smaller-id hosts known, it opens with one of them.
+    d = core("z")
+    assert [s.peer.id for s in of(Serve, d.start([], [peer("a"), peer("b")], 0.0))] == ["b"]

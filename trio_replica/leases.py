@@ -95,6 +95,18 @@ class LeaseBoard:
                 self.node.spawn(self._run)
             return self._map
 
+    async def _catch_up(self, the_map: ReplicatedMap) -> None:
+        """Wait (a TTL at most) until this node has compared the map with a peer, if any
+        other node hosts it: first the host directory (when the node has neighbours or
+        seeds), to know whether one does."""
+        node = self.node
+        with trio.move_on_after(self.config.ttl):
+            directory = node.hosts.map
+            if (node.active_view() or node.config.seeds) and directory is not None:
+                await directory.synced.wait()
+            if node.hosts.knows(self.MAP):
+                await the_map.synced.wait()
+
     def _check_open(self) -> ReplicatedMap:
         if self._map is None:
             raise RuntimeError(

@@ -271,18 +271,24 @@ class ReplicatedMap:
         # newer than what it deletes) and was known to a peer at our last sync (older than
         # that mark). Those entries are dropped here, before the first exchange: the
         # comparison then brings back the ones that still live elsewhere, and the deleted
-        # ones stay deleted. Entries written since the last sync are ours alone: kept.
+        # ones stay deleted. Our writes since the last sync may be ours alone: kept.
         now_ms = self.node.clock.read_physical()
         ttl_ms = round(self.tombstone_ttl * 1000)
         mark = self.last_synced_ms
         if mark is None or now_ms - mark <= ttl_ms or mark == self._dropped_at_mark:
             return
         # A peer whose clock runs ahead (within the skew bound) collects a little sooner.
-        horizon = min(now_ms - ttl_ms + self.node.clock.max_offset_ms, mark)
+        # Our own writes since the mark may be ours alone: kept. Another node's entries
+        # came from a peer, whatever the mark says (it is saved at most once a minute, so
+        # it can predate what arrived since): the horizon alone decides for them.
+        horizon = now_ms - ttl_ms + self.node.clock.max_offset_ms
+        own_horizon = min(horizon, mark)
+        me = self.node.id
         stale: list[Key] = []
         dropped_values: list[Key] = []
         for key, entry in self._map.entries():
-            if entry.dot.ts.wall < horizon:
+            dot = entry.dot
+            if dot.ts.wall < (own_horizon if dot.node == me else horizon):
                 stale.append(key)
                 if isinstance(entry, Value):
                     dropped_values.append(key)

@@ -120,16 +120,14 @@ class Shard(LeaseBoard):
     async def open(self, *, member: bool = True) -> None:
         """Host the shard's map; with `member`, take part in placement from now on.
 
-        Waits for a first comparison with a peer (at most a TTL; not when no other node is
-        known to host the shard) to see the live members, and raises `RingSizeMismatch` if they use
+        Waits for a first comparison with a peer (at most a TTL; not when no other node
+        hosts the shard) to see the live members, and raises `RingSizeMismatch` if they use
         another ring size.
         """
         the_map = await self._ensure()
         if not member or self._member:
             return
-        if self.node.hosts.knows(self.MAP):  # else there is nobody to compare with
-            with trio.move_on_after(self.config.ttl):
-                await the_map.synced.wait()
+        await self._catch_up(the_map)
         others = self._ring_sizes()
         if others:
             listed = ", ".join(f"{n} ({size})" for n, size in sorted(others.items())[:5])
@@ -139,7 +137,7 @@ class Shard(LeaseBoard):
             )
         self._member = True
         await self._renew(the_map)
-        self._wake()
+        await self._on_change()  # placement includes this node on return
 
     def _ring_sizes(self) -> dict[str, Any]:
         """Live members whose ring size is not ours: node id -> their size."""

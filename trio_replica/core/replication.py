@@ -317,6 +317,10 @@ class ReplicationCore:
         #: the peers whose next session is a follow-up (it may wait in `_waiting`).
         self._learned_from: str | None = None
         self._fruitless = 0
+        #: Whether a comparison this instance opened has completed (`SyncCompleted`): until
+        #: then it opens one itself with its first peer, whatever the ids, so that it learns
+        #: when it has caught up (the other side's sessions complete on the other side).
+        self._caught_up = False
         self._follow_up_peers: set[str] = set()
         period = anti_entropy_interval or 30.0
         budget = self.config.follow_up_budget
@@ -345,8 +349,7 @@ class ReplicationCore:
             return effects
         # Known hosts with a greater id (the others hear of us and open the comparison),
         # or, while no host is known, every neighbour. One comparison moves both ways.
-        # With only smaller ids about, one of them too: the others' comparisons complete on
-        # their side, and this node must know when it has caught up (`SyncCompleted`).
+        # With only smaller ids about, one of them too (`_caught_up`).
         hosts = self._sorted(self.hosts)
         peers = [p for p in hosts if p.id > self.me] or hosts[-1:] or self._sorted(self.neighbors)
         for peer in peers:
@@ -366,9 +369,13 @@ class ReplicationCore:
         # The smaller id opens (the other side sees the same PeerUp). Only with a host once
         # hosts are known: a neighbour that does not host the instance has nothing.
         is_host = not self.hosts or peer.id in self.hosts
-        if is_host and self.me < peer.id:
+        if is_host and (self.me < peer.id or self._opens_first()):
             return self.compare(peer, now)
         return []
+
+    def _opens_first(self) -> bool:
+        """Not caught up and no comparison under way: this node opens one itself."""
+        return not self._caught_up and not self._sessions and not self._waiting
 
     def peer_down(self, peer_id: str, now: float) -> list[ReplicationEffect]:
         self.neighbors.pop(peer_id, None)
@@ -383,7 +390,7 @@ class ReplicationCore:
         # Also for a host we knew: an announcement is a new incarnation (restarted, maybe
         # at the same address), which needs our state. One comparison per pair: the node
         # with the smaller id opens it.
-        return self.compare(peer, now) if self.me < peer.id else []
+        return self.compare(peer, now) if self.me < peer.id or self._opens_first() else []
 
     def set_hosts(self, hosts: Iterable[Peer], now: float) -> list[ReplicationEffect]:
         """The directory's hosts of the instance as they stand (after a lost notice): add
@@ -557,6 +564,7 @@ class ReplicationCore:
             return []
         effects: list[ReplicationEffect] = []
         if completed:
+            self._caught_up = True
             self.digest_stats.sessions_completed += 1
             effects.append(SyncCompleted(session.opened))
         else:

@@ -1,6 +1,6 @@
 """The built-ins' figures on websocket-linked nodes, with the raw websocket beside them.
 
-A script, not a test: ``.venv/bin/python bench/builtins.py [--nodes 10]``. This module owns
+A script, not a test: ``.venv/bin/python bench/seed_builtins.py [--nodes 10]``. This module owns
 the measurements of issue 16, all on N nodes in this one process over real websockets on
 127.0.0.1, with the default lease timing (heartbeat 2 s, TTL 6 s):
 
@@ -17,7 +17,7 @@ the measurements of issue 16, all on N nodes in this one process over real webso
   due 15 to 25 s ahead whose owners (3 nodes) are killed 10 s in: every one fires, the
   late ones within the lease, duplicates counted.
 
-Results: one JSON document on stdout and in ``bench/results/builtins_<date>.json``, a
+Results: one JSON document on stdout and in ``bench/results/seed_builtins_<date>.json``, a
 Markdown summary beside it.
 """
 
@@ -89,7 +89,9 @@ class Nodes:
     async def start(self, name: str) -> Node:
         seeds = (self.seed,) if self.seed else ()
         config = NodeConfig(name=name, seeds=seeds)
-        node: Node = await self.nursery.start(run_node, config, None, trio.CancelScope(), trio.Event())
+        node: Node = await self.nursery.start(
+            run_node, config, None, trio.CancelScope(), trio.Event()
+        )
         self.nodes[node.id] = node
         self.seed = self.seed or node.address
         return node
@@ -104,7 +106,7 @@ class Nodes:
 async def _until(predicate: Any, timeout: float, poll: float = 0.02) -> float:
     t0 = trio.current_time()
     with trio.fail_after(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - a bench polls what it measures
             await trio.sleep(poll)
     return trio.current_time() - t0
 
@@ -139,7 +141,11 @@ async def registry_run(nodes: list[Node], count: int = 50) -> dict[str, Any]:
             stop.set()
         nursery.cancel_scope.cancel()
     visible = [max(seen[n]) - started[n] for n in started]
-    return {"registrations": count, "nodes": len(nodes), "visible_everywhere": percentiles_ms(visible)}
+    return {
+        "registrations": count,
+        "nodes": len(nodes),
+        "visible_everywhere": percentiles_ms(visible),
+    }
 
 
 async def leader_run(cluster: Nodes, kills: int = 3) -> dict[str, Any]:
@@ -163,8 +169,13 @@ async def leader_run(cluster: Nodes, kills: int = 3) -> dict[str, Any]:
             fence = max(f for _, n, f in elected if n == leader.id)
             killed = trio.current_time()
             cluster.kill(leader.id)
-            await _until(lambda: any(n != leader.id for _, n, _ in elected[before:]), 60)
-            at, who, new_fence = next((t, n, f) for t, n, f in elected[before:] if n != leader.id)
+            gone = leader.id
+
+            def replaced(gone: str = gone, since: int = before) -> bool:
+                return any(n != gone for _, n, _ in elected[since:])
+
+            await _until(replaced, 60)
+            at, who, new_fence = next((t, n, f) for t, n, f in elected[before:] if n != gone)
             failovers.append(
                 {
                     "killed": leader.id,
@@ -262,9 +273,8 @@ async def reminders_run(cluster: Nodes, count: int = 1000, killed: int = 3) -> d
         for i in range(200):
             await nodes[i % len(nodes)].reminders.remind(f"k{i}", now + 15 + rng.uniform(0, 10), i)
         victims = nodes[1 : 1 + killed]
-        theirs = {f"k{i}" for i in range(200)} & {
-            k for k in (f"k{i}" for i in range(200)) if nodes[0].shard.place(k) in {v.id for v in victims}
-        }
+        victim_ids = {v.id for v in victims}
+        theirs = {f"k{i}" for i in range(200) if nodes[0].shard.place(f"k{i}") in victim_ids}
         await trio.sleep(10)
         for victim in victims:
             cluster.kill(victim.id)
@@ -295,9 +305,7 @@ def summary(result: dict[str, Any]) -> str:
         f"({reg['p99_ms'] / raw['p99_ms']:.0f}x raw)",
     ]
     for f in result["leader"]["failovers"]:
-        lines.append(
-            f"- leader failover: {f['seconds']} s (fence greater: {f['fence_greater']})"
-        )
+        lines.append(f"- leader failover: {f['seconds']} s (fence greater: {f['fence_greater']})")
     shard = result["shard"]
     lines.append(
         f"- shard join: {shard['join']['keys_moved_share']:.1%} of keys moved "
@@ -323,7 +331,7 @@ def summary(result: dict[str, Any]) -> str:
 
 
 async def main(n: int) -> dict[str, Any]:
-    result: dict[str, Any] = run_header("builtins", nodes=n)
+    result: dict[str, Any] = run_header("seed_builtins", nodes=n)
     result["websocket"] = await websocket_latency()
     log(f"websocket: {result['websocket']['one_way']}")
     async with trio.open_nursery() as nursery:
@@ -350,7 +358,7 @@ if __name__ == "__main__":
 
     setup_logging("ERROR")
     outcome = trio.run(main, args.nodes)
-    stem = RESULTS / f"builtins_{outcome['date'][:10]}"
+    stem = RESULTS / f"seed_builtins_{outcome['date'][:10]}"
     text = summary(outcome)
     write_results(stem, outcome, text)
     print(text)

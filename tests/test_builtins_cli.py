@@ -30,15 +30,17 @@ def test_reminders_shard_and_leader_commands_against_a_running_node(tmp_path: Pa
         set_ = _run("remind", *node, "job-1", "--after", "3600", "--payload", '{"a": 1}')
         assert set_.returncode == 0, set_.stderr
         row = json.loads(set_.stdout)
-        assert row["key"] == "job-1" and row["payload"] == {"a": 1} and row["owner"] == "a"
+        # No node subscribes to reminders: nobody owns it yet (it waits for a worker).
+        assert row["key"] == "job-1" and row["payload"] == {"a": 1} and row["owner"] is None
         listed = _run("reminders", *node)
         assert [json.loads(x) for x in listed.stdout.splitlines()] == [row]
         place = json.loads(_run("shard", *node, "place", "job-1", "-n", "2").stdout)
-        assert place["owners"] == ["a"] and 0 <= place["partition"] < place["ring_size"]
+        # Nobody joined the shard (the node reads it only): no owner.
+        assert place["owners"] == [] and 0 <= place["partition"] < place["ring_size"]
         lead = json.loads(_run("leader", *node, "db").stdout)
         assert lead == {"name": "db", "leader": None, "fence": None, "candidates": []}
         status = _run("status", *node)
-        assert "reminders: 1 pending" in status.stdout and "shard: 1 members" in status.stdout
+        assert "reminders: 1 pending" in status.stdout and "shard: members 0" in status.stdout
         assert _run("remind", *node, "job-1", "--cancel").returncode == 0
         again = _run("remind", *node, "job-1", "--cancel")
         assert again.returncode == 1 and "no pending reminder" in again.stderr

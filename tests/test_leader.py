@@ -130,13 +130,15 @@ async def test_ten_candidates_one_leader_and_failover_with_a_greater_fence(
         with pytest.raises(StaleFence):
             watch.resource.check(fence)
         # A higher priority wins at once, with a greater fence still.
-        nursery.start_soon(_stand, survivors[-1], "db-other", 0, watch)
+        other = Watch()  # another name, elected on its own
+        nursery.start_soon(_stand, survivors[-1], "db-other", 0, other)
         late = await start(c, "l99", [survivors[0].address])
         nursery.start_soon(_stand, late, "db", 5, watch)
         with trio.fail_after(60):
             await wait_until(lambda: _leaders(watch, [*survivors, late]) == {late.id}, poll=0.1)
         assert watch.leads[late.id].fence > new_fence
         assert any(n == second for _, n, _ in watch.revoked)
+        assert [n for _, n, _ in other.elected] == [survivors[-1].id]
         _check_fences(watch)
         nursery.cancel_scope.cancel()
 

@@ -405,3 +405,16 @@ def test_a_fresh_core_opens_a_comparison_with_its_first_peer_whatever_the_ids() 
     # At the start, with only smaller-id hosts known, it opens with one of them.
     d = core("z")
     assert [s.peer.id for s in of(Serve, d.start([], [peer("a"), peer("b")], 0.0))] == ["b"]
+
+
+def test_the_smaller_id_does_not_repeat_a_comparison_its_peer_runs_with_it() -> None:
+    # b (fresh, greater id) opened a comparison with a; a then hears b announced as a
+    # host: a's own comparison would only repeat b's (one moves both ways).
+    a = core("a")
+    a.start([], [], 0.0)
+    a._caught_up = True
+    a.round_received(peer("b"), 7, DigestRound(1, (0,), ()), 1.0)
+    assert of(Serve, a.host_added(peer("b"), 1.5)) == []
+    # Once it is over (its bare round) or silent for a session timeout, a opens again.
+    a.round_received(peer("b"), 7, DigestRound(2, (), ()), 2.0)
+    assert [s.peer.id for s in of(Serve, a.host_added(peer("b"), 2.5))] == ["b"]

@@ -380,14 +380,17 @@ def _print_status(status: dict[str, Any]) -> None:
     if "shard" in builtins:
         shard = builtins["shard"]
         print(
-            f"  shard: {len(shard['members'])} members, {shard['owned']} of "
+            f"  shard: members {len(shard['members'])}, {shard['owned']} of "
             f"{shard['ring_size']} partitions owned here"
         )
     for name, lead in sorted(builtins.get("leaders", {}).items()):
         print(f"  leader of {name}: {lead['leader']} (fence {lead['fence']})")
     if "reminders" in builtins:
         rem = builtins["reminders"]
-        print(f"  reminders: {rem['pending']} pending, {rem['fired']} fired here")
+        print(
+            f"  reminders: {rem['pending']} pending, {rem['workers']} workers, "
+            f"{rem['fired']} fired here"
+        )
 
 
 def _open_control(args: argparse.Namespace) -> AbstractAsyncContextManager[ControlClient]:

@@ -181,7 +181,7 @@ class ControlOps:
         return [self._reminder_row(r) for r in reminders.pending()]
 
     def _reminder_row(self, reminder: Any) -> list[Any]:
-        owner = self.node.shard.place(reminder.key)
+        owner = self.node.reminders.owner_of(reminder.key)
         return [reminder.key, reminder.at, reminder.payload, str(reminder.fence), owner]
 
     async def status(self, _args: Any) -> dict[str, Any]:

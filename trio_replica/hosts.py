@@ -101,6 +101,18 @@ class HostDirectory:
         """Whether any other host of `instance` is known."""
         return bool(self.hosts(instance))
 
+    def listed(self, instance: str) -> bool:
+        """Whether the directory map lists another host of `instance` now (a scan: the
+        index follows the map's events a scheduling step behind)."""
+        if self.map is None:
+            return False
+        me = self.node.id
+        for key, value in self.map.items():
+            parsed = parse_entry(key, value)
+            if parsed is not None and parsed[0] == instance and parsed[1].id != me:
+                return True
+        return False
+
     def listen(self, instance: str, listener: HostListener) -> None:
         self._listeners[instance] = listener
 

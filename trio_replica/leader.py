@@ -32,8 +32,8 @@ fence is below the other side's it mints a new, greater one (a new ``Elected``).
 keeps a protected resource safe is the fence, not the election: give every write the
 fence and let the resource refuse one older than the newest it has accepted
 (`FencedResource`). Fences minted in different partitions can be equal only if minted in
-the same millisecond with the same HLC counter by nodes whose ids hash to the same low
-byte.
+the same millisecond with the same HLC counter by nodes whose ids hash to the same 16
+bits.
 """
 
 from __future__ import annotations
@@ -176,10 +176,22 @@ class Leadership:
         return self._feed.__aiter__()
 
 
+#: A fence read from the map above this is ignored (it would push every later fence out
+#: of the 64-bit integers the wire and most databases carry). Minted fences stay far below
+#: until the year 2248 (47 bits of wall time and counter, 16 bits of tie-break).
+MAX_FENCE = 2**62
+
+
 def _priority(value: Any) -> int | None:
     if type(value) is dict and type(value.get("priority")) is int:
-        return int(value["priority"])
+        priority = int(value["priority"])
+        if -(2**31) <= priority < 2**31:
+            return priority
     return None
+
+
+def _fence_value(value: Any) -> int | None:
+    return value if type(value) is int and 0 < value <= MAX_FENCE else None
 
 
 class Election(LeaseBoard):
@@ -192,7 +204,9 @@ class Election(LeaseBoard):
         super().__init__(node, config or LeaderConfig())
         self.config: LeaderConfig
         self._mine: dict[str, Leadership] = {}
-        self._tie = zlib.crc32(node.id.encode()) & 0xFF
+        self._tie = zlib.crc32(node.id.encode()) & 0xFFFF
+        #: One term begins at a time per name (`_begin_term`; the fold of `_on_collect`).
+        self._locks: dict[str, trio.Lock] = {}
         #: Terms this node began (each `Elected`), and ended by another's win.
         self.elections = 0
         self.revocations = 0
@@ -218,6 +232,7 @@ class Election(LeaseBoard):
             yield lead
         finally:
             self._mine.pop(name, None)
+            lead.is_leader = False
             lead._feed.close()
             with trio.move_on_after(2.0, shield=True), contextlib.suppress(NodeClosed):
                 await the_map.delete(key)
@@ -244,8 +259,8 @@ class Election(LeaseBoard):
     def fence(self, name: str) -> int | None:
         """The greatest fence of `name` this node has seen (None: never elected)."""
         self._check_open()
-        fences = [v for (_, n, _), v in self.entries("fence") if n == name and type(v) is int]
-        return max(fences, default=None)
+        fences = [_fence_value(v) for (_, n, _), v in self.entries("fence") if n == name]
+        return max((f for f in fences if f is not None), default=None)
 
     def names(self) -> list[str]:
         """Names with at least one live candidate."""
@@ -271,20 +286,27 @@ class Election(LeaseBoard):
 
     def _settled(self, lead: Leadership) -> bool:
         """Whether `lead` may lead: `settle` seconds in (candidacies put at the same time
-        have arrived) after a first comparison with a peer (if any other node hosts the
-        election), or a TTL in without one."""
-        the_map = self._map
+        have arrived) and caught up (`LeaseBoard.caught_up`: compared with a peer, if any
+        other node hosts the election; a TTL at most)."""
         elapsed = trio.current_time() - lead.started
-        synced = the_map is not None and the_map.synced.is_set()
-        synced = synced or not self.node.hosts.knows(self.MAP)  # nobody to compare with
-        return (synced and elapsed >= self.config.settle) or elapsed >= self.config.ttl
+        return self.caught_up.is_set() and elapsed >= self.config.settle
+
+    def _next_wake(self) -> float | None:
+        waiting = [
+            lead.started + self.config.settle
+            for lead in self._mine.values()
+            if not lead.is_leader and trio.current_time() < lead.started + self.config.settle
+        ]
+        return min(waiting, default=None)
 
     def _mint(self, high: int) -> int:
-        """A fence above `high` and above every HLC timestamp this node has seen; the low
-        byte tells nodes apart, so that independent partitions rarely mint the same."""
+        """A fence above `high` and above every HLC timestamp this node has seen (wall
+        milliseconds, then the counter, capped at 15 within one millisecond); the low 16
+        bits, a hash of the node id, tell nodes apart, so that independent partitions
+        almost never mint the same."""
         now = self.node.clock.now()
-        base = max((high >> 8) + 1, (now.wall << 12) | min(now.logical, 4095))
-        return (base << 8) | self._tie
+        base = max((high >> 16) + 1, (now.wall << 4) | min(now.logical, 15))
+        return (base << 16) | self._tie
 
     async def _on_change(self) -> None:
         the_map = self._map
@@ -306,25 +328,36 @@ class Election(LeaseBoard):
                 lead._revoke()
 
     async def _begin_term(self, lead: Leadership, above: int) -> int:
+        """Mint a fence above `above` and every fence seen, write it, and elect `lead`
+        with it; one at a time per name, so fences and `Elected` only go up."""
         the_map = self._map
         assert the_map is not None
-        fence = self._mint(max(above, self.fence(lead.name) or 0))
-        # Durable (when the map persists) and on its way before anyone acts on it.
-        await the_map.put(entry_key("fence", lead.name, self.node.id), fence)
-        if self._mine.get(lead.name) is lead:
-            self.elections += 1
-            log.info("leader: %s leads %r with fence %d", self.node.id, lead.name, fence)
-            lead._elect(fence)
-        return fence
+        async with self._lock(lead.name):
+            fence = self._mint(max(above, self.fence(lead.name) or 0))
+            # Durable (when the map persists) and on its way before anyone acts on it.
+            await the_map.put(entry_key("fence", lead.name, self.node.id), fence)
+            if self._mine.get(lead.name) is lead and (lead.fence is None or fence > lead.fence):
+                self.elections += 1
+                log.info("leader: %s leads %r with fence %d", self.node.id, lead.name, fence)
+                lead._elect(fence)
+            return fence
+
+    def _lock(self, name: str) -> trio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = trio.Lock()
+        return lock
 
     async def _on_collect(self, the_map: ReplicatedMap, dead: set[str]) -> None:
         """Keep the dead nodes' fences in the mark: fold each into our own entry."""
         taken: dict[str, int] = {}
         for (_, name, node_id), value in self.entries("fence"):
-            if node_id in dead and type(value) is int:
-                taken[name] = max(taken.get(name, 0), value)
+            fence = _fence_value(value)
+            if node_id in dead and fence is not None:
+                taken[name] = max(taken.get(name, 0), fence)
         for name, value in taken.items():
-            key = entry_key("fence", name, self.node.id)
-            mine = the_map.get(key)
-            if type(mine) is not int or mine < value:
-                await the_map.put(key, value)
+            async with self._lock(name):
+                key = entry_key("fence", name, self.node.id)
+                mine = _fence_value(the_map.get(key)) or 0
+                if mine < value:
+                    await the_map.put(key, value)

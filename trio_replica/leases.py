@@ -9,21 +9,27 @@ through the host directory) holding
 * the built-in's own entries, keys ``[kind, ...]`` (CBOR lists of strings), some of which
   belong to a node (`_node_of`) and live only as long as its lease.
 
-A node is *live* while its lease has not expired on the reader's wall clock. So a node
-that crashes or is cut off drops out everywhere within ``ttl`` (plus a heartbeat) of its
-last renewal, whatever the links between the others do: leases travel by broadcast and
-anti-entropy, not over one link, so a lost link between two live nodes changes nothing.
-A lease expired for longer than `ttl` more is deleted, with the entries of its node, by
-the nodes that see it so at their next heartbeat (several at once: the deletes are
-idempotent tombstones, which the map collects after its TTL).
+A node is *live* while a renewal of its lease has arrived here within `ttl`, on this
+node's own clock (trio's monotonic clock): expiry never compares two nodes' wall clocks,
+so a node whose clock runs ahead cannot expire the others, and a lease value from the
+far future does not keep a silent node alive. The wall time in the lease (``until``) only
+keeps out leases that were already stale when they arrived (older than two TTLs: a map
+just opened, or synced after a partition, holds the last renewal of long-dead nodes).
+So a node that crashes or is cut off drops out everywhere within ``ttl`` (plus a
+heartbeat) of the arrival of its last renewal, whatever the links between the others do:
+leases travel by broadcast and anti-entropy, not over one link, so a lost link between
+two live nodes changes nothing. A lease not renewed here for two TTLs is deleted, with
+the entries of its node, by the nodes that see it so at their next heartbeat (several at
+once: the deletes are idempotent tombstones, which the map collects after its TTL).
 
-Clocks: lease times are wall milliseconds of the renewing node, compared with the reader's
-wall clock; nodes' clocks must agree within a fraction of `ttl` (the HLC refuses
-timestamps more than its skew bound ahead).
+Entries come from peers and are untrusted: a key must be the canonical CBOR list of
+strings of a known kind and length (anything else is ignored), and each subclass checks
+the values it reads.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,8 +38,8 @@ import cbor2
 import trio
 
 from .errors import ConfigError, MessageTooLarge, NodeClosed
-from .events import Lagged
-from .maps import ValidationError
+from .events import Event
+from .maps import Put, Removed, ValidationError
 from .store import StoreError
 
 if TYPE_CHECKING:
@@ -60,6 +66,23 @@ def entry_key(*parts: str) -> bytes:
     return bytes(cbor2.dumps(list(parts)))
 
 
+@functools.lru_cache(maxsize=65_536)
+def _decode(key: bytes) -> tuple[str, ...] | None:
+    """The parts of an entry key, if it is the canonical CBOR list of strings (cached:
+    the same keys are read on every change of the map)."""
+    try:
+        parts = cbor2.loads(key)
+    except (cbor2.CBORDecodeError, ValueError, RecursionError):
+        return None
+    if type(parts) is not list or not parts or not all(type(p) is str for p in parts):
+        return None
+    # One key per entry: trailing bytes or another encoding of the same list would be
+    # an alias that collection (by the canonical key) never deletes.
+    if entry_key(*parts) != key:
+        return None
+    return tuple(parts)
+
+
 class LeaseBoard:
     """A built-in's replicated map with one lease per node (module docstring).
 
@@ -79,6 +102,15 @@ class LeaseBoard:
         self._opening = trio.Lock()
         self._changed = trio.Event()
         self._kinds = {"lease": 2, **self.KINDS}
+        #: The node ids with a lease key in the map (from the change events; None: scan
+        #: the map again), so that reading the leases costs the leases, not the map.
+        self._lease_ids: set[str] | None = None
+        self._lease_keys: dict[str, bytes] = {}
+        #: Each node's lease as last seen: (its dot, the trio time it arrived here).
+        self._arrivals: dict[str, tuple[Any, float]] = {}
+        #: Set once this node has compared the map with a peer (or nobody else hosts it,
+        #: or a TTL passed): `_catch_up`.
+        self.caught_up = trio.Event()
 
     @property
     def is_open(self) -> bool:
@@ -93,19 +125,24 @@ class LeaseBoard:
             if self._map is None:
                 self._map = await self.node._open_map_unchecked(self.MAP, persist=self._persist)
                 self.node.spawn(self._run)
+                self.node.spawn(self._catch_up, self._map)
             return self._map
 
     async def _catch_up(self, the_map: ReplicatedMap) -> None:
-        """Wait (a TTL at most) until this node has compared the map with a peer, if any
-        other node hosts it: first the host directory (when the node has neighbours or
-        seeds), to know whether one does."""
+        """Set `caught_up` once this node has compared the map with a peer, if any other
+        node hosts it (first the host directory, when the node has neighbours or seeds, to
+        know whether one does), or after a TTL at most."""
         node = self.node
         with trio.move_on_after(self.config.ttl):
             directory = node.hosts.map
             if (node.active_view() or node.config.seeds) and directory is not None:
                 await directory.synced.wait()
-            if node.hosts.knows(self.MAP):
+            if node.hosts.listed(self.MAP):
                 await the_map.synced.wait()
+        # What the comparison brought may not have gone through the change events yet.
+        self._lease_ids = None
+        self.caught_up.set()
+        self._wake()
 
     def _check_open(self) -> ReplicatedMap:
         if self._map is None:
@@ -137,6 +174,20 @@ class LeaseBoard:
     async def _on_change(self) -> None:
         """Called after every change of the map (coalesced) and every heartbeat."""
 
+    def _on_event(self, event: Event) -> None:
+        """Each change event of the map (`Put`, `Removed`, `Lagged`), as it comes."""
+
+    async def _retire(self) -> None:
+        """This node stops taking part now: delete its lease (others need not wait for
+        it to expire)."""
+        the_map = self._map
+        if the_map is not None:
+            await the_map.delete(entry_key("lease", self.node.id))
+
+    def _next_wake(self) -> float | None:
+        """A trio time at which `_on_change` must run again (besides changes and beats)."""
+        return None
+
     # --- reading the map ----------------------------------------------------------------------
 
     def _now_ms(self) -> int:
@@ -145,15 +196,10 @@ class LeaseBoard:
     def _parse(self, key: Any) -> list[str] | None:
         if type(key) is not bytes:
             return None
-        try:
-            parts = cbor2.loads(key)
-        except (cbor2.CBORDecodeError, ValueError):
+        parts = _decode(key)
+        if parts is None or self._kinds.get(parts[0]) != len(parts):
             return None
-        if type(parts) is not list or not parts or not all(type(p) is str for p in parts):
-            return None
-        if self._kinds.get(parts[0]) != len(parts):
-            return None
-        return parts
+        return list(parts)
 
     def entries(self, kind: str) -> list[tuple[list[str], Any]]:
         """The well-formed entries of `kind`: (key parts, value)."""
@@ -169,16 +215,68 @@ class LeaseBoard:
 
     def leases(self) -> dict[str, dict[str, Any]]:
         """Every node's lease as the map holds it (live or not): node id -> fields."""
+        the_map = self._map
         out: dict[str, dict[str, Any]] = {}
-        for (_, node_id), value in self.entries("lease"):
+        if the_map is None:
+            return out
+        if self._lease_ids is None:
+            self._lease_ids = {node_id for (_, node_id), _ in self.entries("lease")}
+        for node_id in self._lease_ids:
+            value = the_map.get(self._lease_key(node_id))
             if type(value) is dict and type(value.get("until")) is int:
                 out[node_id] = value
         return out
 
+    def _lease_key(self, node_id: str) -> bytes:
+        key = self._lease_keys.get(node_id)
+        if key is None:
+            if len(self._lease_keys) > 65_536:
+                self._lease_keys.clear()
+            key = self._lease_keys[node_id] = entry_key("lease", node_id)
+        return key
+
+    def _note_event(self, event: Event) -> None:
+        """Keep `_lease_ids` current from the map's change events."""
+        if isinstance(event, Put | Removed):
+            parts = self._parse(event.key)
+            if parts is not None and parts[0] == "lease" and self._lease_ids is not None:
+                if isinstance(event, Put):
+                    self._lease_ids.add(parts[1])
+                else:
+                    self._lease_ids.discard(parts[1])
+        else:
+            self._lease_ids = None  # a `Lagged`: what changed is read from the map
+
+    def _refresh(self) -> dict[str, dict[str, Any]]:
+        """The leases, noting the local arrival time of every renewal not seen before."""
+        the_map = self._map
+        leases = self.leases()
+        if the_map is None:
+            return leases
+        now = trio.current_time()
+        arrivals = self._arrivals
+        for node_id in leases:
+            entry = the_map.entry(self._lease_key(node_id))
+            dot = None if entry is None else entry.dot
+            seen = arrivals.get(node_id)
+            if seen is None or seen[0] != dot:
+                arrivals[node_id] = (dot, now)
+        for node_id in arrivals.keys() - leases.keys():
+            del arrivals[node_id]
+        return leases
+
     def live_nodes(self) -> set[str]:
-        """Nodes whose lease has not expired here (this node while it takes part)."""
-        now = self._now_ms()
-        live = {n for n, lease in self.leases().items() if lease["until"] >= now}
+        """Nodes whose lease was renewed here within `ttl` (this node while it takes
+        part); module docstring."""
+        leases = self._refresh()
+        now = trio.current_time()
+        ttl = self.config.ttl
+        stale_ms = self._now_ms() - round(2 * ttl * 1000)
+        live = {
+            n
+            for n, lease in leases.items()
+            if self._arrivals[n][1] + ttl >= now and lease["until"] >= stale_ms
+        }
         live.discard(self.node.id)
         if self._active():
             live.add(self.node.id)
@@ -206,9 +304,10 @@ class LeaseBoard:
         async with the_map.subscribe() as changes, trio.open_nursery() as nursery:
 
             async def follow() -> None:
-                async for event in changes:
-                    if not isinstance(event, Lagged):
-                        self._wake()
+                async for event in changes:  # a `Lagged` too: the map is read again
+                    self._note_event(event)
+                    self._on_event(event)
+                    self._wake()
 
             nursery.start_soon(follow)
             next_beat = trio.current_time()
@@ -234,16 +333,18 @@ class LeaseBoard:
                     return
                 except (StoreError, ValidationError, MessageTooLarge) as exc:
                     log.warning("%s: could not act on a change: %s", self.MAP, exc)
-                with trio.move_on_at(next_beat):
+                wake = self._next_wake()
+                with trio.move_on_at(next_beat if wake is None else min(next_beat, wake)):
                     await changed.wait()
 
     async def _collect(self, the_map: ReplicatedMap) -> None:
-        """Delete leases expired for longer than `ttl` more, with their nodes' entries."""
-        horizon = self._now_ms() - round(self.config.ttl * 1000)
+        """Delete leases not renewed here for two TTLs, with their nodes' entries."""
+        self._refresh()
+        horizon = trio.current_time() - 2 * self.config.ttl
         dead = {
             node_id
-            for node_id, lease in self.leases().items()
-            if lease["until"] < horizon and node_id != self.node.id
+            for node_id, (_, arrived) in self._arrivals.items()
+            if arrived < horizon and node_id != self.node.id
         }
         if not dead:
             return

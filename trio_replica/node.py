@@ -174,7 +174,7 @@ class Node:
         self.shard = Shard(self, config.shard)
         #: Leader elections (``async with node.leader(name)``).
         self.election = Election(self, config.leader)
-        #: Durable reminders, fired by the shard owner of their key.
+        #: Durable reminders, fired by the nodes that subscribe to them.
         self.reminders = Reminders(self, config.reminders)
         operations = ControlOps(self)
         self._control_ops: dict[str, ControlOp] = operations.ops()
@@ -672,6 +672,7 @@ class Node:
             stats = self.reminders.stats
             out["reminders"] = {
                 "pending": len(self.reminders.pending()),
+                "workers": len(self.reminders.workers()),
                 "fired": stats.fired,
                 "acknowledged": stats.acknowledged,
             }

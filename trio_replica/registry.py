@@ -6,9 +6,10 @@ whose map, ``_registry``, holds besides the nodes' leases one entry per registra
 ``async with node.registry.register(name, meta):`` and deleted when the block ends. A node
 renews its lease while it has registrations.
 
-A registration is *live* while its node's lease has not expired: a node that crashes or
-is cut off drops out of every lookup within ``ttl`` (plus a heartbeat) of its last
-renewal, everywhere, and its entries are collected with its lease (see `leases`).
+A registration is *live* while its node's lease is (renewed within ``ttl``, as each node
+sees it): a node that crashes or is cut off drops out of every lookup within ``ttl``
+(plus a heartbeat) of its last renewal, everywhere, and its entries are collected with
+its lease (see `leases`).
 
 Reads are local (`lookup`); `whereis` waits for a name to appear; `events` reports
 `Registered` and `Unregistered` (with ``reason`` "left" or "expired") as the live set
@@ -169,15 +170,14 @@ class Registry(LeaseBoard):
         self._live = live
         if not self._feeds:
             return
-        now = self._now_ms()
         events: list[Event] = []
         for key, reg in live.items():
             if key not in old:
                 events.append(Registered(reg))
-        leases = self.leases()
+        live_nodes = self.live_nodes()
         for key, reg in old.items():
             if key not in live:
-                expired = reg.node not in leases or leases[reg.node]["until"] < now
+                expired = reg.node not in live_nodes
                 events.append(Unregistered(reg, "expired" if expired else "left"))
         for event in events:
             name = event.registration.name  # type: ignore[attr-defined]

@@ -1,33 +1,44 @@
-"""Durable reminders: replicated timers fired by the owner of their key (issue 16).
+"""Durable reminders: replicated timers, each fired by one worker node (issue 16).
 
-This module owns `Reminders` (``node.reminders``). A reminder is an entry of the
-replicated map ``_reminders``: ``key -> {"at": wall ms, "payload": plain data}``, kept in
-SQLite when the node has a ``data_dir``, like any persistent map. Its owner is
-``node.shard.place(key)`` (`trio_replica.shard`: rendezvous over the lease-based live set),
-and only the owner fires it; its *fence* is the HLC timestamp of the write that set it
-(packed to an integer), the same on every node and every fire of that reminder, so that
-``(key, fence)`` names one reminder.
+This module owns `Reminders` (``node.reminders``), a `LeaseBoard` (`trio_replica.leases`)
+whose map, ``_reminders`` (in SQLite when the node has a ``data_dir``, like any persistent
+map), holds besides the leases one entry per reminder: ``["r", key] -> {"at": wall ms,
+"payload": plain data}``. Any node may set, cancel and list reminders (`remind`,
+`cancel`, `pending`); only *workers* fire them: the nodes that have a subscriber
+(``async with node.reminders.subscribe()``), each holding a lease while it does. The
+owner of a key is chosen like the shard's (`trio_replica.shard`): the key's partition
+(``shard.ring_size`` of them), then rendezvous hashing over the live workers. A node that
+joined the shard for its own purposes, or only sets reminders, owns none: they would
+never fire there.
 
-Each node keeps a heap of hints (due time, key, fence) for the keys it owns, fed by the
-map's change events and rebuilt when ownership moves; a hint is checked against the map
-when it comes due (still there, same fence, still ours), so a stale hint costs nothing.
+The *fence* of a reminder is the HLC timestamp of the write that set it (packed to an
+integer), the same on every node and every fire of that reminder, so that ``(key,
+fence)`` names one reminder.
+
+Each worker keeps an index of the reminders (from the map's change events) and a heap of
+hints (due time, key, fence) for the keys it owns, rebuilt from the index when the
+workers change; a hint is checked when it comes due (still there, same fence, still
+ours), and checked again when a subscriber takes it, so a stale hint costs nothing.
 
 Firing, and what is guaranteed:
 
-* a due reminder is handed to one of this node's subscribers
-  (``async with node.reminders.subscribe() as inbox: async for fired in inbox:``) as
-  `Fired(key, payload, at, fence)`; without a subscriber it waits;
-* it is *acknowledged* when that subscriber asks for the next one or leaves its block
-  normally; only then is the reminder deleted (a tombstone, replicated). A subscriber that
-  leaves its block with an error hands its unacknowledged reminder back: it fires again;
+* a due reminder is handed to one of the owner's subscribers as `Fired(key, payload, at,
+  fence)`;
+* it is *acknowledged* when that subscriber calls ``await inbox.acknowledge()``, asks for
+  the next one, or leaves its block normally; only then is the reminder deleted (a
+  tombstone, replicated). A subscriber that leaves its block with an error (or is
+  cancelled) hands its unacknowledged reminder back: it fires again, as does one whose
+  delete failed;
 * steady state (leases agree, no crash): each reminder fires once;
 * across crashes it fires **at least once**: an owner that dies before its delete is
   replicated leaves the reminder in the map, and the next owner (within a lease TTL and a
   heartbeat, plus `handoff`) fires it again, with the same fence. Consumers that must not
   act twice deduplicate on ``(key, fence)``. barrel_p2p deletes before it delivers and so
   loses a fire when its node crashes in between; we delete after;
-* a newly acquired partition waits `handoff` seconds before firing, so that the deletes of
-  the previous owner's fires arrive first (fewer duplicates when ownership moves);
+* after the workers change, a worker waits `handoff` seconds before firing what it did
+  not own before, so that the deletes of the previous owner's fires arrive first (fewer
+  duplicates when ownership moves); a worker whose last subscriber leaves retires its
+  lease at once, handing its keys over;
 * re-setting a key replaces its reminder (a new fence). Re-setting a key *while* it fires
   on another node can race with the delete of the fire (last writer wins): use a new key
   per occurrence when every occurrence matters.
@@ -39,20 +50,22 @@ import collections
 import contextlib
 import heapq
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
-from .errors import ConfigError, NodeClosed
+from .errors import ConfigError, MessageTooLarge, NodeClosed
 from .events import Event, Lagged
+from .leases import LeaseBoard, LeaseConfig, entry_key
 from .maps import Put, Removed
 from .ormap import Value
+from .shard import partition_of, rank_owner
 from .store import StoreError
 
 if TYPE_CHECKING:
-    from .maps import ReplicatedMap
     from .node import Node
 
 log = logging.getLogger("trio_replica.reminders")
@@ -63,11 +76,13 @@ MAX_AT_MS = 253_402_300_799_000
 
 
 @attrs.frozen
-class ReminderConfig:
-    #: Seconds a newly acquired partition waits before firing its due reminders.
+class ReminderConfig(LeaseConfig):
+    #: Seconds a worker waits, after the workers changed, before firing reminders it did
+    #: not own before.
     handoff: float = 2.0
 
     def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
         if not self.handoff >= 0:
             raise ConfigError("reminders: handoff must be >= 0")
 
@@ -97,11 +112,13 @@ class Fired(Event):
 class ReminderStats:
     fired: int = 0
     acknowledged: int = 0
-    #: Fires handed back by a subscriber that left with an error (fired again).
+    #: Fires handed back (a subscriber left with an error, or the delete failed): fired
+    #: again.
     returned: int = 0
     #: Reminders deleted after a fire that was acknowledged.
     deleted: int = 0
-    #: Hints dropped at their due time: the reminder was gone, changed or not ours.
+    #: Hints dropped at their due time or when taken: the reminder was gone, changed or
+    #: not ours any more.
     stale_hints: int = 0
 
 
@@ -112,6 +129,7 @@ def _check_key(key: Any) -> str:
 
 
 def _parse(value: Any) -> tuple[int, Any] | None:
+    """A reminder's value, from a peer: untrusted."""
     if type(value) is not dict or set(value) != {"at", "payload"}:
         return None
     at = value["at"]
@@ -121,73 +139,58 @@ def _parse(value: Any) -> tuple[int, Any] | None:
 
 
 class ReminderInbox:
-    """Fires for one subscriber; iterating acknowledges the previous one (module docstring)."""
+    """Fires for one subscriber (module docstring)."""
 
     def __init__(self, owner: Reminders) -> None:
         self._owner = owner
+        #: The fire handed to this subscriber and not acknowledged yet.
         self.current: Fired | None = None
 
     def __aiter__(self) -> ReminderInbox:
         return self
 
     async def __anext__(self) -> Fired:
-        await self._settle(ok=True)
+        await self.acknowledge()
         fired = await self._owner._take()
         self.current = fired
         return fired
 
-    async def _settle(self, *, ok: bool) -> None:
+    async def acknowledge(self) -> None:
+        """Done with the current fire: delete the reminder (no-op without one)."""
         fired, self.current = self.current, None
-        if fired is None:
-            return
-        if ok:
+        if fired is not None:
             await self._owner._acknowledge(fired)
-        else:
+
+    def _hand_back(self) -> None:
+        fired, self.current = self.current, None
+        if fired is not None:
             self._owner._hand_back(fired)
 
 
-class Reminders:
+class Reminders(LeaseBoard):
     """The durable reminders of one node (module docstring)."""
 
+    MAP = REMINDERS_MAP
+    KINDS = {"r": 2}
+
     def __init__(self, node: Node, config: ReminderConfig | None = None) -> None:
-        self.node = node
-        self.config = config or ReminderConfig()
+        super().__init__(node, config or ReminderConfig(), persist=node.config.data_dir is not None)
+        self.config: ReminderConfig
+        self.ring_size: int = node.config.shard.ring_size
         self.stats = ReminderStats()
-        self._map: ReplicatedMap | None = None
-        self._opening = trio.Lock()
+        #: Every valid reminder in the map: key -> (due wall ms, fence).
+        self._index: dict[str, tuple[int, int]] = {}
+        self._indexed = False
         self._heap: list[tuple[int, str, int]] = []
         self._ready: collections.deque[Fired] = collections.deque()
+        self._ready_event = trio.Event()
         #: Reminders handed out and not acknowledged yet: key -> fence.
         self._out: dict[str, int] = {}
         self._inboxes = 0
-        self._wakeup = trio.Event()
-        self._ready_event = trio.Event()
-        self._rebuild = True
-
-    @property
-    def is_open(self) -> bool:
-        return self._map is not None
-
-    async def open(self) -> None:
-        """Host the reminders' map (persistent with a data_dir) and join the shard."""
-        await self._ensure()
-
-    async def _ensure(self) -> ReplicatedMap:
-        async with self._opening:
-            if self._map is None:
-                persist = self.node.config.data_dir is not None
-                the_map = await self.node._open_map_unchecked(REMINDERS_MAP, persist=persist)
-                await self.node.shard.open(member=True)
-                self._map = the_map
-                self.node.spawn(self._run)
-            return self._map
-
-    def _check_open(self) -> ReplicatedMap:
-        if self._map is None:
-            raise RuntimeError(
-                "reminders are not open on this node: await node.reminders.open() first"
-            )
-        return self._map
+        self._workers: tuple[str, ...] = ()
+        self._previous: tuple[str, ...] = ()
+        self._changed_at = -math.inf
+        self._owners: dict[int, str | None] = {}
 
     # --- the API ------------------------------------------------------------------------
 
@@ -197,34 +200,33 @@ class Reminders:
         _check_key(key)
         if not isinstance(at, int | float) or isinstance(at, bool):
             raise TypeError("at is a wall time in seconds (int or float)")
-        at_ms = round(at * 1000)
-        if not 0 <= at_ms <= MAX_AT_MS:
+        if not math.isfinite(at) or not 0 <= round(at * 1000) <= MAX_AT_MS:
             raise ValueError("at is out of range (the epoch to year 9999)")
         the_map = await self._ensure()
-        await the_map.put(key, {"at": at_ms, "payload": payload})
+        await the_map.put(entry_key("r", key), {"at": round(at * 1000), "payload": payload})
         found = self.get(key)
         assert found is not None
         return found
 
     async def remind_after(self, key: str, delay: float, payload: Any = None) -> Reminder:
         """Fire `key` `delay` seconds from now (on this node's wall clock)."""
-        if not delay >= 0:
-            raise ValueError("delay must be >= 0")
+        if not isinstance(delay, int | float) or not 0 <= delay < math.inf:
+            raise ValueError("delay must be a finite number of seconds >= 0")
         return await self.remind(key, self._now_ms() / 1000 + delay, payload)
 
     async def cancel(self, key: str) -> bool:
         """Cancel the pending reminder `key`; False if there was none here."""
         _check_key(key)
         the_map = await self._ensure()
-        if key not in the_map:
+        if self.get(key) is None:
             return False
-        await the_map.delete(key)
+        await the_map.delete(entry_key("r", key))
         return True
 
     def get(self, key: str) -> Reminder | None:
         """The pending reminder `key` as this node knows it (a local read)."""
         the_map = self._check_open()
-        entry = the_map.entry(key)
+        entry = the_map.entry(entry_key("r", key))
         if not isinstance(entry, Value):
             return None
         parsed = _parse(entry.value)
@@ -234,151 +236,204 @@ class Reminders:
 
     def pending(self) -> list[Reminder]:
         """Every pending reminder this node knows of, by due time (a local read)."""
-        the_map = self._check_open()
-        found = [self.get(k) for k in the_map if isinstance(k, str)]
+        self._check_open()
+        found = [self.get(key) for (_, key), _ in self.entries("r")]
         return sorted((r for r in found if r is not None), key=lambda r: (r.at, r.key))
+
+    def workers(self) -> list[str]:
+        """The live workers (nodes with a subscriber), as this node sees them."""
+        self._check_open()
+        return list(self._workers)
+
+    def owner_of(self, key: str) -> str | None:
+        """The worker that fires `key` (None while there is none)."""
+        partition = partition_of(key, self.ring_size)
+        if partition not in self._owners:
+            self._owners[partition] = rank_owner(partition, self._workers)
+        return self._owners[partition]
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[ReminderInbox]:
-        """Receive the reminders that fire on this node (module docstring)."""
-        await self._ensure()
+        """Fire reminders on this node while the block runs (module docstring)."""
+        the_map = await self._ensure()
         inbox = ReminderInbox(self)
         self._inboxes += 1
-        self._wake()
         try:
+            if self._inboxes == 1:
+                await self._renew(the_map)  # a worker from now on, for everyone
+                await self._on_change()
+                self._wake()  # the heartbeat loop's next wake-up moved
             yield inbox
         except BaseException:
-            await inbox._settle(ok=False)
+            inbox._hand_back()
             raise
         else:
             with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                await inbox._settle(ok=True)
+                await inbox.acknowledge()
+            inbox._hand_back()  # if the acknowledgement did not finish
         finally:
             self._inboxes -= 1
+            if not self._inboxes:
+                await self._stop_working()
 
     # --- firing ---------------------------------------------------------------------------
 
-    def _now_ms(self) -> int:
-        return self.node.clock.read_physical()
+    async def _stop_working(self) -> None:
+        """The last subscriber left: what waits for one goes back, and the lease goes, so
+        that the other workers take these keys over now."""
+        while self._ready:
+            fired = self._ready.popleft()
+            self._out.pop(fired.key, None)
+            heapq.heappush(self._heap, (round(fired.at * 1000), fired.key, fired.fence))
+        self._ready_event = trio.Event()
+        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+            with contextlib.suppress(NodeClosed, StoreError, MessageTooLarge):
+                await self._retire()
+            await self._on_change()
+            self._wake()
 
-    def _wake(self) -> None:
-        self._wakeup.set()
-        self._wakeup = trio.Event()
+    def _current(self, key: str, fence: int) -> bool:
+        return self._index.get(key, (0, -1))[1] == fence and self.owner_of(key) == self.node.id
 
     async def _take(self) -> Fired:
-        while not self._ready:
-            await self._ready_event.wait()
-        fired = self._ready.popleft()
-        if not self._ready:
-            self._ready_event = trio.Event()
-        return fired
-
-    def _deliver(self, fired: Fired) -> None:
-        self._out[fired.key] = fired.fence
-        self._ready.append(fired)
-        self._ready_event.set()
+        while True:
+            while not self._ready:
+                await self._ready_event.wait()
+            fired = self._ready.popleft()
+            if not self._ready:
+                self._ready_event = trio.Event()
+            if self._current(fired.key, fired.fence):
+                return fired
+            # Cancelled, replaced or moved since it came due.
+            self.stats.stale_hints += 1
+            if self._out.get(fired.key) == fired.fence:
+                del self._out[fired.key]
 
     def _hand_back(self, fired: Fired) -> None:
         self.stats.returned += 1
-        self._out.pop(fired.key, None)
-        at_ms = round(fired.at * 1000)
-        heapq.heappush(self._heap, (at_ms, fired.key, fired.fence))
+        if self._out.get(fired.key) == fired.fence:
+            del self._out[fired.key]
+        heapq.heappush(self._heap, (round(fired.at * 1000), fired.key, fired.fence))
         self._wake()
 
     async def _acknowledge(self, fired: Fired) -> None:
         self.stats.acknowledged += 1
-        if self._out.get(fired.key) == fired.fence:
-            del self._out[fired.key]
         the_map = self._map
         current = self.get(fired.key) if the_map is not None else None
         if the_map is None or current is None or current.fence != fired.fence:
+            if self._out.get(fired.key) == fired.fence:
+                del self._out[fired.key]
             return  # cancelled or replaced meanwhile: nothing of this reminder left
+        deleted = False
         try:
-            await the_map.delete(fired.key)
-        except (StoreError, NodeClosed) as exc:
-            # Still in the map: it fires again (at least once, same fence).
-            log.warning("reminders: could not delete fired %r: %s", fired.key, exc)
-        else:
+            await the_map.delete(entry_key("r", fired.key))
+            deleted = True
             self.stats.deleted += 1
+        except (StoreError, NodeClosed) as exc:
+            log.warning("reminders: could not delete fired %r: %s", fired.key, exc)
+        finally:
+            if not deleted:
+                # Still in the map (or cancelled before the delete): it fires again.
+                self._hand_back(fired)
+            elif self._out.get(fired.key) == fired.fence:
+                del self._out[fired.key]
 
-    def _push(self, key: Any, value: Any, fence: int) -> None:
-        if not isinstance(key, str):
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, Lagged):
+            self._indexed = False
             return
-        parsed = _parse(value)
-        if parsed is not None and self.node.shard.is_owner(key):
+        if not isinstance(event, Put | Removed):
+            return
+        parts = self._parse(event.key)
+        if parts is None or parts[0] != "r":
+            return
+        key = parts[1]
+        entry = self._map.entry(event.key) if self._map is not None else None
+        parsed = _parse(entry.value) if isinstance(entry, Value) else None
+        if parsed is None or entry is None:
+            self._index.pop(key, None)
+            return
+        fence = entry.dot.ts.pack()
+        self._index[key] = (parsed[0], fence)
+        if self.owner_of(key) == self.node.id:
             heapq.heappush(self._heap, (parsed[0], key, fence))
 
-    def _rebuild_heap(self) -> None:
+    def _rebuild(self) -> None:
+        """The index from the map (at open, after a lagged feed), the heap from the index
+        (and when it holds more stale hints than live ones)."""
         the_map = self._map
         assert the_map is not None
-        self._heap = []
-        for key in the_map:
-            entry = the_map.entry(key)
-            if isinstance(entry, Value):
-                self._push(key, entry.value, entry.dot.ts.pack())
+        if not self._indexed:
+            self._index = {}
+            for (_, key), value in self.entries("r"):
+                entry = the_map.entry(entry_key("r", key))
+                parsed = _parse(value)
+                if parsed is not None and entry is not None:
+                    self._index[key] = (parsed[0], entry.dot.ts.pack())
+            self._indexed = True
+        me = self.node.id
+        self._heap = [
+            (at, key, fence) for key, (at, fence) in self._index.items() if self.owner_of(key) == me
+        ]
         heapq.heapify(self._heap)
-        self._rebuild = False
 
-    def _fire_due(self) -> float:
-        """Hand every due reminder out; return seconds until the next one is due (inf)."""
-        if self._rebuild:
-            self._rebuild_heap()
+    def _active(self) -> bool:
+        return self._inboxes > 0
+
+    async def _on_change(self) -> None:
+        workers = tuple(sorted(self.live_nodes()))
+        rebuild = not self._indexed or len(self._heap) > 2 * len(self._index) + 64
+        if workers != self._workers:
+            self._previous, self._workers = self._workers, workers
+            self._changed_at = trio.current_time()
+            self._owners = {}
+            rebuild = True
+        if rebuild:
+            self._rebuild()
+        self._fire_due()
+
+    def _next_wake(self) -> float | None:
+        now = trio.current_time()
+        wakes = []
+        settle = self._changed_at + self.config.handoff
+        if settle > now:
+            wakes.append(settle)
+        if self._heap and self._inboxes:
+            due = (self._heap[0][0] - self._now_ms()) / 1000
+            if due > 0:
+                wakes.append(now + due)
+            # Due already: it was deferred (hand-off), and the settle wakes us for it.
+        return min(wakes, default=None)
+
+    def _fire_due(self) -> None:
+        """Hand every due reminder this node owns to its subscribers."""
+        if not self._inboxes:
+            return  # not a worker: the heap waits (rebuilt when this node works again)
         now_ms = self._now_ms()
         now = trio.current_time()
-        shard = self.node.shard
+        settled = now >= self._changed_at + self.config.handoff
+        me = self.node.id
         deferred: list[tuple[int, str, int]] = []
-        wait = float("inf")
         while self._heap and self._heap[0][0] <= now_ms:
-            at_ms, key, fence = heapq.heappop(self._heap)
-            current = self.get(key)
-            if current is None or current.fence != fence or not shard.is_owner(key):
+            hint = heapq.heappop(self._heap)
+            _, key, fence = hint
+            if not self._current(key, fence):
                 self.stats.stale_hints += 1
                 continue
             if self._out.get(key) == fence:
                 continue  # handed out already, waiting for its acknowledgement
-            since = shard.owned_since(shard.partition(key))
-            settle_at = (since if since is not None else now) + self.config.handoff
-            if settle_at > now or not self._inboxes:
-                deferred.append((at_ms, key, fence))
-                if settle_at > now:
-                    wait = min(wait, settle_at - now)
+            partition = partition_of(key, self.ring_size)
+            if not settled and rank_owner(partition, self._previous) != me:
+                deferred.append(hint)  # new to us: the last owner's delete may be coming
+                continue
+            reminder = self.get(key)
+            if reminder is None:
+                self.stats.stale_hints += 1
                 continue
             self.stats.fired += 1
-            self._deliver(Fired(key, current.payload, current.at, fence))
+            fired = Fired(key, reminder.payload, reminder.at, fence)
+            self._out[key] = fence
+            self._ready.append(fired)
+            self._ready_event.set()
         for hint in deferred:
             heapq.heappush(self._heap, hint)
-        if self._heap and self._heap[0][0] > now_ms:
-            wait = min(wait, (self._heap[0][0] - now_ms) / 1000)
-        return wait
-
-    async def _run(self) -> None:
-        the_map = self._map
-        assert the_map is not None
-        shard = self.node.shard
-        async with the_map.subscribe() as changes, trio.open_nursery() as nursery:
-
-            async def follow_map() -> None:
-                async for event in changes:
-                    if isinstance(event, Lagged):
-                        self._rebuild = True
-                    elif isinstance(event, Put):
-                        entry = the_map.entry(event.key)
-                        if isinstance(entry, Value):
-                            self._push(event.key, entry.value, entry.dot.ts.pack())
-                    elif not isinstance(event, Removed):
-                        continue
-                    self._wake()
-
-            async def follow_shard() -> None:
-                async with shard.events() as moves:
-                    async for _ in moves:
-                        self._rebuild = True
-                        self._wake()
-
-            nursery.start_soon(follow_map)
-            nursery.start_soon(follow_shard)
-            while True:
-                wakeup = self._wakeup
-                wait = self._fire_due()
-                with trio.move_on_after(wait):
-                    await wakeup.wait()

@@ -97,6 +97,29 @@ def _hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
+def partition_of(key: str | bytes, ring_size: int) -> int:
+    """The partition of `key` in a ring of `ring_size` (the same on every node)."""
+    return _hash64(b"k" + _key_bytes(key)) % ring_size
+
+
+def _weight(partition: int, member: str) -> tuple[int, str]:
+    return (_hash64(partition.to_bytes(4, "big") + member.encode()), member)
+
+
+def _rank(partition: int, members: tuple[str, ...] | list[str], n: int) -> list[str]:
+    """The first `n` of `members` by rendezvous weight for `partition`."""
+    if n == 1:
+        return [max(members, key=lambda m: _weight(partition, m))] if members else []
+    ranked = sorted(members, key=lambda m: _weight(partition, m), reverse=True)
+    return ranked[:n]
+
+
+def rank_owner(partition: int, members: tuple[str, ...] | list[str]) -> str | None:
+    """The member that owns `partition` by rendezvous hashing (None: no member)."""
+    found = _rank(partition, members, 1)
+    return found[0] if found else None
+
+
 class Shard(LeaseBoard):
     """Placement of keys on live members (module docstring)."""
 
@@ -114,6 +137,8 @@ class Shard(LeaseBoard):
         self._acquired_at: dict[int, float] = {}
         self._feeds: set[Feed[Event]] = set()
         self._mismatched: set[str] = set()
+        self._placement_changed = trio.Event()
+        self._placing = trio.Lock()
 
     # --- joining ------------------------------------------------------------------------
 
@@ -127,7 +152,7 @@ class Shard(LeaseBoard):
         the_map = await self._ensure()
         if not member or self._member:
             return
-        await self._catch_up(the_map)
+        await self.caught_up.wait()  # set within a TTL
         others = self._ring_sizes()
         if others:
             listed = ", ".join(f"{n} ({size})" for n, size in sorted(others.items())[:5])
@@ -141,18 +166,18 @@ class Shard(LeaseBoard):
 
     def _ring_sizes(self) -> dict[str, Any]:
         """Live members whose ring size is not ours: node id -> their size."""
-        now = self._now_ms()
+        live = self.live_nodes()
         return {
             n: lease.get("ring")
             for n, lease in self.leases().items()
-            if lease["until"] >= now and n != self.node.id and lease.get("ring") != self.ring_size
+            if n in live and n != self.node.id and lease.get("ring") != self.ring_size
         }
 
     # --- placement ------------------------------------------------------------------------
 
     def partition(self, key: str | bytes) -> int:
         """The partition of `key` (the same on every node with this ring size)."""
-        return _hash64(b"k" + _key_bytes(key)) % self.ring_size
+        return partition_of(key, self.ring_size)
 
     def members(self) -> list[str]:
         """The live members, as this node sees them (a local read)."""
@@ -164,9 +189,7 @@ class Shard(LeaseBoard):
         if not 0 <= partition < self.ring_size:
             raise ValueError(f"partition {partition} is not in 0..{self.ring_size - 1}")
         self._check_open()
-        prefix = partition.to_bytes(4, "big")
-        ranked = sorted(self._members, key=lambda m: (-_hash64(prefix + m.encode()), m))
-        return ranked[:n]
+        return _rank(partition, self._members, n)
 
     def owners(self, key: str | bytes, n: int = 1) -> list[str]:
         """The `n` members that own `key`, first the primary (fewer if fewer are live)."""
@@ -202,8 +225,10 @@ class Shard(LeaseBoard):
             feed.close()
 
     async def wait_changed(self, timeout: float) -> None:
-        """Return at the next change of the map (or after `timeout`)."""
-        await self._wait_change(timeout)
+        """Return once placement changed (the live members), or after `timeout`."""
+        changed = self._placement_changed
+        with trio.move_on_after(timeout):
+            await changed.wait()
 
     # --- the lease board's hooks -------------------------------------------------------------
 
@@ -214,6 +239,12 @@ class Shard(LeaseBoard):
         return {"ring": self.ring_size}
 
     async def _on_change(self) -> None:
+        # One at a time (`open` calls it too): a call that found the members unchanged
+        # must not return while another still computes what they own.
+        async with self._placing:
+            await self._place()
+
+    async def _place(self) -> None:
         others = self._ring_sizes()
         for node_id in others.keys() - self._mismatched:
             self.stats.ring_mismatches += 1
@@ -228,13 +259,17 @@ class Shard(LeaseBoard):
         if members == self._members:
             return
         self._members = members
-        owned = frozenset(
-            p
-            for p in range(self.ring_size)
-            if self._member and self.partition_owners(p)[:1] == [self.node.id]
-        )
+        owned: set[int] = set()
+        if self._member:
+            me = self.node.id
+            for p in range(self.ring_size):
+                if rank_owner(p, members) == me:
+                    owned.add(p)
+                if p % 256 == 255:
+                    # A large ring over many members takes a while: let the loop run.
+                    await trio.lowlevel.checkpoint()
         gained, lost = owned - self._owned, self._owned - owned
-        self._owned = owned
+        self._owned = frozenset(owned)
         now = trio.current_time()
         for p in gained:
             self._acquired_at[p] = now
@@ -247,3 +282,5 @@ class Shard(LeaseBoard):
         for feed in list(self._feeds):
             for event in events:
                 feed.offer(event)
+        self._placement_changed.set()
+        self._placement_changed = trio.Event()

@@ -321,6 +321,9 @@ class ReplicationCore:
         #: then it opens one itself with its first peer, whatever the ids, so that it learns
         #: when it has caught up (the other side's sessions complete on the other side).
         self._caught_up = False
+        #: When each peer last sent a round of a comparison it opened with us: while one
+        #: runs, ours with that peer would only repeat it (a comparison moves both ways).
+        self._answering: dict[str, float] = {}
         self._follow_up_peers: set[str] = set()
         period = anti_entropy_interval or 30.0
         budget = self.config.follow_up_budget
@@ -369,9 +372,19 @@ class ReplicationCore:
         # The smaller id opens (the other side sees the same PeerUp). Only with a host once
         # hosts are known: a neighbour that does not host the instance has nothing.
         is_host = not self.hosts or peer.id in self.hosts
-        if is_host and (self.me < peer.id or self._opens_first()):
+        if is_host and self._should_open(peer.id, now):
             return self.compare(peer, now)
         return []
+
+    def _should_open(self, peer_id: str, now: float) -> bool:
+        """The smaller id opens, unless the peer's own comparison with us runs already;
+        an instance that never caught up opens one itself."""
+        if self._opens_first():
+            return True
+        answering = self._answering.get(peer_id)
+        if answering is not None and now - answering < self.config.session_timeout:
+            return False
+        return self.me < peer_id
 
     def _opens_first(self) -> bool:
         """Not caught up and no comparison under way: this node opens one itself."""
@@ -390,7 +403,7 @@ class ReplicationCore:
         # Also for a host we knew: an announcement is a new incarnation (restarted, maybe
         # at the same address), which needs our state. One comparison per pair: the node
         # with the smaller id opens it.
-        return self.compare(peer, now) if self.me < peer.id or self._opens_first() else []
+        return self.compare(peer, now) if self._should_open(peer.id, now) else []
 
     def set_hosts(self, hosts: Iterable[Peer], now: float) -> list[ReplicationEffect]:
         """The directory's hosts of the instance as they stand (after a lost notice): add
@@ -595,6 +608,7 @@ class ReplicationCore:
         forget what waits for it (the driver drops its queued `Serve`s). Its limits stay
         (a peer whose link flaps gets no fresh allowance); unused, they expire."""
         self._waiting.pop(peer_id, None)
+        self._answering.pop(peer_id, None)
         self._follow_up_peers.discard(peer_id)
         effects: list[ReplicationEffect] = []
         outstanding = self._outstanding.pop(peer_id, None)
@@ -666,7 +680,10 @@ class ReplicationCore:
             if round_.bare:
                 return self._end(peer.id, now, completed=True)
         elif round_.bare:
+            self._answering.pop(peer.id, None)  # its comparison is over
             return []
+        else:
+            self._answering[peer.id] = now
         if not self._take_token(peer.id, now):
             stats.rounds_refused["rate"] += 1
             return []

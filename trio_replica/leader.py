@@ -158,7 +158,10 @@ class Leadership:
         the fence; raises RuntimeError if this node does not lead."""
         if self._election is None or not self.is_leader:
             raise RuntimeError(f"this node does not lead {self.name!r}")
-        return await self._election._begin_term(self, above)
+        fence = await self._election._begin_term(self, above, renewal=True)
+        if fence is None:
+            raise RuntimeError(f"this node no longer leads {self.name!r}")
+        return fence
 
     async def wait_elected(self) -> int:
         """Wait until this node leads; return its fence."""
@@ -176,10 +179,11 @@ class Leadership:
         return self._feed.__aiter__()
 
 
-#: A fence read from the map above this is ignored (it would push every later fence out
-#: of the 64-bit integers the wire and most databases carry). Minted fences stay far below
-#: until the year 2248 (47 bits of wall time and counter, 16 bits of tie-break).
-MAX_FENCE = 2**62
+#: A fence read from the map above this is ignored, so that a fence minted above any
+#: accepted one still fits the signed 64-bit integers the wire and most databases carry.
+#: Minted fences stay below until the year 2248 (43 bits of wall milliseconds, 4 of HLC
+#: counter, 16 of tie-break).
+MAX_FENCE = 2**63 - 2**17
 
 
 def _priority(value: Any) -> int | None:
@@ -327,19 +331,31 @@ class Election(LeaseBoard):
                 log.info("leader: %s no longer leads %r (%s does)", self.node.id, name, leader)
                 lead._revoke()
 
-    async def _begin_term(self, lead: Leadership, above: int) -> int:
+    async def _begin_term(
+        self, lead: Leadership, above: int, *, renewal: bool = False
+    ) -> int | None:
         """Mint a fence above `above` and every fence seen, write it, and elect `lead`
-        with it; one at a time per name, so fences and `Elected` only go up."""
+        with it if it still leads (`renewal`: and was not revoked meanwhile); one term at
+        a time per name, so fences and `Elected` only go up. The fence, or None if not
+        elected."""
         the_map = self._map
         assert the_map is not None
         async with self._lock(lead.name):
+            if renewal and not lead.is_leader:
+                return None
             fence = self._mint(max(above, self.fence(lead.name) or 0))
             # Durable (when the map persists) and on its way before anyone acts on it.
             await the_map.put(entry_key("fence", lead.name, self.node.id), fence)
-            if self._mine.get(lead.name) is lead and (lead.fence is None or fence > lead.fence):
-                self.elections += 1
-                log.info("leader: %s leads %r with fence %d", self.node.id, lead.name, fence)
-                lead._elect(fence)
+            if (
+                self._mine.get(lead.name) is not lead
+                or self.leader_of(lead.name) != self.node.id
+                or (renewal and not lead.is_leader)
+                or (lead.fence is not None and fence <= lead.fence)
+            ):
+                return None  # the mark went up all the same: harmless
+            self.elections += 1
+            log.info("leader: %s leads %r with fence %d", self.node.id, lead.name, fence)
+            lead._elect(fence)
             return fence
 
     def _lock(self, name: str) -> trio.Lock:

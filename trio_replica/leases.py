@@ -13,8 +13,9 @@ A node is *live* while a renewal of its lease has arrived here within `ttl`, on 
 node's own clock (trio's monotonic clock): expiry never compares two nodes' wall clocks,
 so a node whose clock runs ahead cannot expire the others, and a lease value from the
 far future does not keep a silent node alive. The wall time in the lease (``until``) only
-keeps out leases that were already stale when they arrived (older than two TTLs: a map
-just opened, or synced after a partition, holds the last renewal of long-dead nodes).
+keeps out leases that were already stale when they arrived (older than two TTLs and the
+HLC's skew bound, 60 s: a map just opened, or synced after a partition, holds the last
+renewal of long-dead nodes); only a clock skew beyond that bound can make it matter.
 So a node that crashes or is cut off drops out everywhere within ``ttl`` (plus a
 heartbeat) of the arrival of its last renewal, whatever the links between the others do:
 leases travel by broadcast and anti-entropy, not over one link, so a lost link between
@@ -40,6 +41,7 @@ import trio
 from .errors import ConfigError, MessageTooLarge, NodeClosed
 from .events import Event
 from .maps import Put, Removed, ValidationError
+from .ormap import Value
 from .store import StoreError
 
 if TYPE_CHECKING:
@@ -249,19 +251,22 @@ class LeaseBoard:
 
     def _refresh(self) -> dict[str, dict[str, Any]]:
         """The leases, noting the local arrival time of every renewal not seen before."""
-        the_map = self._map
         leases = self.leases()
+        the_map = self._map
         if the_map is None:
             return leases
         now = trio.current_time()
         arrivals = self._arrivals
-        for node_id in leases:
+        current = {}
+        for node_id in self._lease_ids or ():
             entry = the_map.entry(self._lease_key(node_id))
-            dot = None if entry is None else entry.dot
+            if isinstance(entry, Value):  # malformed values too: collected all the same
+                current[node_id] = entry.dot
+        for node_id, dot in current.items():
             seen = arrivals.get(node_id)
             if seen is None or seen[0] != dot:
                 arrivals[node_id] = (dot, now)
-        for node_id in arrivals.keys() - leases.keys():
+        for node_id in arrivals.keys() - current.keys():
             del arrivals[node_id]
         return leases
 
@@ -271,7 +276,8 @@ class LeaseBoard:
         leases = self._refresh()
         now = trio.current_time()
         ttl = self.config.ttl
-        stale_ms = self._now_ms() - round(2 * ttl * 1000)
+        # Wall times of two nodes: allow the clock skew the HLC allows on top.
+        stale_ms = self._now_ms() - round(2 * ttl * 1000) - self.node.clock.max_offset_ms
         live = {
             n
             for n, lease in leases.items()

@@ -60,7 +60,7 @@ import trio
 from .errors import ConfigError, MessageTooLarge, NodeClosed
 from .events import Event, Lagged
 from .leases import LeaseBoard, LeaseConfig, entry_key
-from .maps import Put, Removed
+from .maps import Put, Removed, ValidationError
 from .ormap import Value
 from .shard import partition_of, rank_owner
 from .store import StoreError
@@ -286,8 +286,11 @@ class Reminders(LeaseBoard):
             self._out.pop(fired.key, None)
             heapq.heappush(self._heap, (round(fired.at * 1000), fired.key, fired.fence))
         self._ready_event = trio.Event()
-        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-            with contextlib.suppress(NodeClosed, StoreError, MessageTooLarge):
+        with trio.CancelScope(shield=True):
+            with (
+                trio.move_on_after(2.0),
+                contextlib.suppress(NodeClosed, StoreError, MessageTooLarge, ValidationError),
+            ):
                 await self._retire()
             await self._on_change()
             self._wake()
@@ -427,7 +430,9 @@ class Reminders(LeaseBoard):
                 deferred.append(hint)  # new to us: the last owner's delete may be coming
                 continue
             reminder = self.get(key)
-            if reminder is None:
+            if reminder is None or reminder.fence != fence:
+                # The map moved ahead of the index (its change event is on its way, and
+                # brings the new hint): not this reminder any more.
                 self.stats.stale_hints += 1
                 continue
             self.stats.fired += 1

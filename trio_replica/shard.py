@@ -258,7 +258,6 @@ class Shard(LeaseBoard):
         members = tuple(sorted(self.live_nodes() - others.keys()))
         if members == self._members:
             return
-        self._members = members
         owned: set[int] = set()
         if self._member:
             me = self.node.id
@@ -268,7 +267,10 @@ class Shard(LeaseBoard):
                 if p % 256 == 255:
                     # A large ring over many members takes a while: let the loop run.
                     await trio.lowlevel.checkpoint()
+        # Members and what this node owns change together (a cancelled computation
+        # leaves both as they were, and the next call does it again).
         gained, lost = owned - self._owned, self._owned - owned
+        self._members = members
         self._owned = frozenset(owned)
         now = trio.current_time()
         for p in gained:

@@ -7,6 +7,7 @@ until the test's nursery ends.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -173,3 +174,34 @@ __all__ = [
     "overlay_ok",
     "wait_until",
 ]
+
+
+# --- wall clocks that follow the virtual clock ------------------------------------------------
+
+EPOCH_MS = time.time_ns() // 1_000_000
+
+
+def virtual_wall() -> int:
+    """Wall milliseconds that follow trio's (mock) clock: for code that reads wall time
+    (leases, tombstone ages) under `autojump_clock`."""
+    return EPOCH_MS + int(trio.current_time() * 1000)
+
+
+async def start_walled(c: Cluster, name: str, seeds: list[str]) -> Node:
+    """`c.start`, with the node's wall clock on `virtual_wall`."""
+    node = await c.start(name, seeds)
+    node.clock.physical = virtual_wall
+    return node
+
+
+async def walled_cluster(
+    nursery: trio.Nursery, net: MemoryNetwork, prefix: str, n: int
+) -> tuple[Cluster, list[Node]]:
+    """`n` nodes on `net` joined through the first, wall clocks on `virtual_wall`, once
+    their overlay is formed (at least two neighbours each)."""
+    c = Cluster(nursery, net)
+    first = await start_walled(c, f"{prefix}0", [])
+    nodes = [first] + [await start_walled(c, f"{prefix}{i}", [first.address]) for i in range(1, n)]
+    with trio.fail_after(120):
+        await wait_until(lambda: overlay_ok(nodes, min_active=2))
+    return c, nodes

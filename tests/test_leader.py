@@ -20,8 +20,7 @@ from transports.memory import MemoryNetwork
 from trio_replica.errors import NodeClosed
 from trio_replica.leader import Elected, FencedResource, LeaderConfig, Revoked, StaleFence
 
-from .harness import Cluster, overlay_ok, wait_until
-from .test_no_resurrection import start
+from .harness import Cluster, start_walled, wait_until, walled_cluster
 
 CONFIG = LeaderConfig()
 
@@ -71,12 +70,7 @@ async def _stand_open(node: Any, name: str, priority: int, watch: Watch) -> None
 
 
 async def _cluster(nursery: trio.Nursery, net: MemoryNetwork, n: int) -> tuple[Cluster, list[Any]]:
-    c = Cluster(nursery, net)
-    first = await start(c, "l0", [])
-    nodes = [first] + [await start(c, f"l{i}", [first.address]) for i in range(1, n)]
-    with trio.fail_after(120):
-        await wait_until(lambda: overlay_ok(nodes, min_active=2))
-    return c, nodes
+    return await walled_cluster(nursery, net, "l", n)
 
 
 def _leaders(watch: Watch, nodes: list[Any]) -> set[str]:
@@ -130,7 +124,7 @@ async def test_ten_candidates_one_leader_and_failover_with_a_greater_fence(
         # A higher priority wins at once, with a greater fence still.
         other = Watch()  # another name, elected on its own
         nursery.start_soon(_stand, survivors[-1], "db-other", 0, other)
-        late = await start(c, "l99", [survivors[0].address])
+        late = await start_walled(c, "l99", [survivors[0].address])
         nursery.start_soon(_stand, late, "db", 5, watch)
         with trio.fail_after(60):
             await wait_until(lambda: _leaders(watch, [*survivors, late]) == {late.id}, poll=0.1)

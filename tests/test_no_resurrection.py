@@ -4,7 +4,6 @@ network; every node's wall clock follows the virtual clock)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -17,20 +16,10 @@ from trio_replica.maps import ReplicatedMap
 from trio_replica.node import Node
 from trio_replica.replica import ReplicaConfig
 
-from .harness import Cluster, overlay_ok, wait_until
+from .harness import Cluster, overlay_ok, virtual_wall, wait_until
+from .harness import start_walled as start
 
 TTL = 100.0
-EPOCH_MS = time.time_ns() // 1_000_000
-
-
-def virtual_wall() -> int:
-    return EPOCH_MS + int(trio.current_time() * 1000)
-
-
-async def start(c: Cluster, name: str, seeds: list[str]) -> Node:
-    node = await c.start(name, seeds)
-    node.clock.physical = virtual_wall
-    return node
 
 
 async def open_m(node: Node, persist: bool = False) -> ReplicatedMap:

@@ -14,20 +14,14 @@ import trio.testing
 from transports.memory import MemoryNetwork
 from trio_replica.registry import Registered, RegistryConfig, Unregistered
 
-from .harness import Cluster, overlay_ok, wait_until
-from .test_no_resurrection import start
+from .harness import Cluster, wait_until, walled_cluster
 
 CONFIG = RegistryConfig()
 
 
 async def _cluster(nursery: trio.Nursery, net: MemoryNetwork, n: int) -> tuple[Cluster, list[Any]]:
-    """`n` nodes whose wall clocks follow the virtual clock (leases are wall times)."""
-    c = Cluster(nursery, net)
-    first = await start(c, "r0", [])
-    nodes = [first] + [await start(c, f"r{i}", [first.address]) for i in range(1, n)]
-    with trio.fail_after(120):
-        await wait_until(lambda: overlay_ok(nodes, min_active=2))
-    return c, nodes
+    """`n` nodes whose wall clocks follow the virtual clock (leases carry wall times)."""
+    return await walled_cluster(nursery, net, "r", n)
 
 
 def _seen(node: Any) -> set[tuple[str, str]]:
@@ -65,7 +59,7 @@ async def test_200_registrations_on_20_nodes_and_a_crash_removes_its_own_within_
                     )
                 took = trio.current_time() - crashed
                 assert took <= CONFIG.ttl + 2 * CONFIG.heartbeat
-                reasons = set()
+                reasons: set[tuple[str, str]] = set()
                 while len(reasons) < len(gone):
                     event = await events.receive()
                     if isinstance(event, Unregistered):

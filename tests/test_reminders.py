@@ -20,8 +20,7 @@ from trio_replica.config import NodeConfig
 from trio_replica.errors import NodeClosed
 from trio_replica.reminders import Fired
 
-from .harness import Cluster, overlay_ok, wait_until
-from .test_no_resurrection import start, virtual_wall
+from .harness import Cluster, overlay_ok, start_walled, virtual_wall, wait_until, walled_cluster
 
 
 @attrs.define
@@ -51,11 +50,7 @@ async def _cluster(
     nursery: trio.Nursery, net: MemoryNetwork, n: int, log: Log, hold: float = 0.0
 ) -> tuple[Cluster, list[Any]]:
     """`n` nodes, each a worker (a subscriber recording into `log`), all seen by all."""
-    c = Cluster(nursery, net)
-    first = await start(c, "m0", [])
-    nodes = [first] + [await start(c, f"m{i}", [first.address]) for i in range(1, n)]
-    with trio.fail_after(120):
-        await wait_until(lambda: overlay_ok(nodes, min_active=2))
+    c, nodes = await walled_cluster(nursery, net, "m", n)
     for node in nodes:
         await node.reminders.open()
         nursery.start_soon(_consume, node, log, hold)
@@ -148,7 +143,7 @@ async def test_a_node_restarted_from_disk_still_has_its_reminders(
     log = Log()
     async with trio.open_nursery() as nursery:
         c = Cluster(nursery, net, base=NodeConfig(name="x", data_dir=tmp_path / "a"))
-        a = await start(c, "a", [])
+        a = await start_walled(c, "a", [])
         now = virtual_wall() / 1000
         await a.reminders.open()
         first = await a.reminders.remind("later", now + 60, "payload")
@@ -157,7 +152,7 @@ async def test_a_node_restarted_from_disk_still_has_its_reminders(
         assert not await a.reminders.cancel("never")
         c.crash("a")
         await c.wait_stopped("a")
-        a = await start(c, "a", [])
+        a = await start_walled(c, "a", [])
         await a.reminders.open()
         pending = a.reminders.pending()
         assert [(r.key, r.payload, r.fence) for r in pending] == [("later", "payload", first.fence)]
@@ -176,7 +171,7 @@ async def test_a_node_restarted_from_disk_still_has_its_reminders(
 async def test_arguments_are_checked(autojump_clock: trio.testing.MockClock) -> None:
     net = MemoryNetwork(seed=144)
     async with trio.open_nursery() as nursery:
-        a = await start(Cluster(nursery, net), "a", [])
+        a = await start_walled(Cluster(nursery, net), "a", [])
         with pytest.raises(RuntimeError, match="not open"):
             a.reminders.pending()
         with pytest.raises(ValueError, match="key"):
@@ -196,8 +191,8 @@ async def test_only_subscribers_fire_and_a_failed_acknowledgement_fires_again(
     net = MemoryNetwork(seed=145)
     async with trio.open_nursery() as nursery:
         c = Cluster(nursery, net)
-        a = await start(c, "a", [])
-        b = await start(c, "b", [a.address])
+        a = await start_walled(c, "a", [])
+        b = await start_walled(c, "b", [a.address])
         with trio.fail_after(30):
             await wait_until(lambda: overlay_ok([a, b]))
         await a.shard.open()  # a shard member, not a worker

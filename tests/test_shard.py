@@ -16,21 +16,13 @@ from transports.memory import MemoryNetwork
 from trio_replica.events import Event
 from trio_replica.shard import Acquired, Released, RingSizeMismatch, ShardConfig
 
-from .harness import Cluster, overlay_ok, wait_until
-from .test_no_resurrection import start, virtual_wall
+from .harness import Cluster, start_walled, virtual_wall, wait_until, walled_cluster
 
 KEYS = [f"key-{i}" for i in range(10_000)]
 
 
-async def _cluster(
-    nursery: trio.Nursery, net: MemoryNetwork, n: int, **overrides: Any
-) -> tuple[Cluster, list[Any]]:
-    c = Cluster(nursery, net)
-    first = await start(c, "s0", [])
-    nodes = [first] + [await start(c, f"s{i}", [first.address]) for i in range(1, n)]
-    with trio.fail_after(120):
-        await wait_until(lambda: overlay_ok(nodes, min_active=2))
-    return c, nodes
+async def _cluster(nursery: trio.Nursery, net: MemoryNetwork, n: int) -> tuple[Cluster, list[Any]]:
+    return await walled_cluster(nursery, net, "s", n)
 
 
 def _agree(nodes: list[Any]) -> bool:
@@ -77,7 +69,7 @@ async def test_10_nodes_agree_on_every_key_and_a_join_or_leave_moves_about_one_n
         before = _owners(nodes[0])
         async with contextlib.AsyncExitStack() as stack:
             feeds = [await stack.enter_async_context(n.shard.events()) for n in nodes]
-            newcomer = await start(c, "s10", [nodes[0].address])
+            newcomer = await start_walled(c, "s10", [nodes[0].address])
             new_feed = await stack.enter_async_context(newcomer.shard.events())
             await newcomer.shard.open()
             everyone = [*nodes, newcomer]
@@ -145,7 +137,7 @@ async def test_keys_and_arguments_are_checked(autojump_clock: trio.testing.MockC
     net = MemoryNetwork(seed=122)
     async with trio.open_nursery() as nursery:
         c = Cluster(nursery, net)
-        a = await start(c, "a", [])
+        a = await start_walled(c, "a", [])
         with pytest.raises(RuntimeError, match="not open"):
             a.shard.members()
         await a.shard.open()

@@ -952,3 +952,15 @@ def test_reach_asks_only_a_peer_in_neither_view() -> None:
     out = core.reach(D, 0.0)
     assert [e.message for e in out if isinstance(e, Send)] == [Neighbor(high=True)]
     assert core.reach(D, 0.0) == []  # a request is out already
+
+
+def test_walks_longer_than_ours_are_cut_to_our_walk_length() -> None:
+    # Deviation 10: a FORWARD_JOIN or SHUFFLE with the wire's largest ttl (255) is treated
+    # as one of our own length (arwl 6, shuffle_ttl 6 by default): no long walks.
+    core = make()
+    link_up(core, A, B)
+    arwl = core.config.arwl
+    assert core.handle_message(A, ForwardJoin(N, 255), 1.0) == [Send(B, ForwardJoin(N, arwl - 1))]
+    assert core.stats.ttl_clamped == 1
+    assert core.handle_message(A, ForwardJoin(N, arwl), 1.0) == [Send(B, ForwardJoin(N, arwl - 1))]
+    assert core.stats.ttl_clamped == 1

@@ -80,6 +80,10 @@ one node at a time) is narrower than ours:
    nothing ever points across the healed cut again; the first probe that gets through
    merges the two overlays (one link is enough, the shuffles then mix them). A
    restarted peer answers too (it is alive): one NEIGHBOR, one eviction on each side.
+10. Walks no longer than ours: a FORWARD_JOIN or SHUFFLE that arrives with a time to live
+   above this node's `arwl` or `shuffle_ttl` is treated as one of that length (counted in
+   ``ttl_clamped``). The paper's nodes all send the configured length; the wire allows 255,
+   and a member sending such walks would multiply its messages through the cluster.
 
 Links are ordered (FIFO), which the handshakes above rely on: a peer's ``NeighborReply``
 always arrives before any message it sends us as a neighbor.
@@ -296,6 +300,9 @@ class HyParViewStats:
     low_view_escalations: int = 0  # high-priority requests sent from a view under min_active
     reconnect_probes: int = 0  # high NEIGHBORs sent to lost contacts (deviation 9)
     reconnects: int = 0  # lost contacts that answered: links across a healed cut
+    #: Walks (FORWARD_JOIN, SHUFFLE) that arrived with a longer time to live than this
+    #: node's configured walk: cut down to it (deviation 10).
+    ttl_clamped: int = 0
 
 
 # --- timers (payloads of SetTimer) ----------------------------------------------------------------
@@ -638,6 +645,11 @@ class HyParView:
         newcomer = message.peer
         if newcomer.id == self.me.id:
             return
+        if message.ttl > self.config.arwl:
+            # Deviation 10: a walk never runs longer than ours (the wire allows 255; a
+            # member sending long walks would multiply them through the cluster).
+            self.stats.ttl_clamped += 1
+            message = attrs.evolve(message, ttl=self.config.arwl)
         targets = [
             peer for peer in self._active.values() if peer.id not in (sender.id, newcomer.id)
         ]
@@ -815,6 +827,9 @@ class HyParView:
         # view, different from the one he received this shuffle message from, and simply
         # forwards the Shuffle request" (section 4.4). The origin is skipped too: it would
         # end the walk at the node that started it.
+        if message.ttl > self.config.shuffle_ttl:
+            self.stats.ttl_clamped += 1  # deviation 10, as for FORWARD_JOIN
+            message = attrs.evolve(message, ttl=self.config.shuffle_ttl)
         ttl = message.ttl - 1
         if ttl > 0 and len(self._active) > 1:
             targets = [

@@ -20,7 +20,7 @@ from transports.memory import MemoryNetwork
 from trio_replica.errors import NodeClosed
 from trio_replica.leader import Elected, FencedResource, LeaderConfig, Revoked, StaleFence
 
-from .harness import Cluster, start_walled, wait_until, walled_cluster
+from .harness import Cluster, overlay_ok, start_walled, wait_until, walled_cluster
 
 CONFIG = LeaderConfig()
 
@@ -202,9 +202,22 @@ async def test_each_side_of_a_partition_elects_and_one_leader_remains_after_the_
         right_fence = watch.leads[next(iter(_leaders(watch, right)))].fence
         await trio.sleep(CONFIG.ttl)
         net.heal()
-        with trio.fail_after(120):
-            await wait_until(lambda: len(_leaders(watch, nodes)) == 1, poll=0.25)
+
+        def merged() -> bool:
+            # The overlay whole again (up to ~50 s after a heal, README "Partitions
+            # heal"), and one leader, the same for everyone.
+            leaders = _leaders(watch, nodes)
+            return (
+                overlay_ok(nodes)
+                and len(leaders) == 1
+                and {n.leader_of("db") for n in nodes} == leaders
+            )
+
+        with trio.fail_after(180):
+            await wait_until(merged, poll=0.25)
         await trio.sleep(2 * CONFIG.ttl)
+        with trio.fail_after(180):
+            await wait_until(merged, poll=0.25)
         (leader,) = _leaders(watch, nodes)
         assert leader == min(n.id for n in nodes)
         # The survivor leads with a fence above the other side's.

@@ -8,7 +8,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from .test_operate import PY
+from .test_cli import PY, _start_node
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -16,17 +16,9 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_reminders_shard_and_leader_commands_against_a_running_node(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [*PY, "node", "--name", "a", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, address = _start_node(tmp_path, "a", "--data-dir", str(tmp_path))
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, proc.stderr.read() if proc.stderr else line
-        node = ["--node", line.split()[-1]]
+        node = ["--node", address]
         set_ = _run("remind", *node, "job-1", "--after", "3600", "--payload", '{"a": 1}')
         assert set_.returncode == 0, set_.stderr
         row = json.loads(set_.stdout)

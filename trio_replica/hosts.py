@@ -97,10 +97,6 @@ class HostDirectory:
         me = self.node.id
         return sorted(p for p in self._index.get(instance, {}).values() if p.id != me)
 
-    def knows(self, instance: str) -> bool:
-        """Whether any other host of `instance` is known."""
-        return bool(self.hosts(instance))
-
     def listed(self, instance: str) -> bool:
         """Whether the directory map lists another host of `instance` now (a scan: the
         index follows the map's events a scheduling step behind)."""

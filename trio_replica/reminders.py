@@ -287,11 +287,15 @@ class Reminders(LeaseBoard):
             heapq.heappush(self._heap, (round(fired.at * 1000), fired.key, fired.fence))
         self._ready_event = trio.Event()
         with trio.CancelScope(shield=True):
-            with (
-                trio.move_on_after(2.0),
-                contextlib.suppress(NodeClosed, StoreError, MessageTooLarge, ValidationError),
-            ):
-                await self._retire()
+            with trio.move_on_after(2.0) as waited:
+                try:
+                    await self._retire()
+                except NodeClosed:
+                    pass  # the lease goes with the node
+                except (StoreError, MessageTooLarge, ValidationError) as exc:
+                    log.warning("reminders: could not retire this worker's lease: %s", exc)
+            if waited.cancelled_caught:
+                log.warning("reminders: retiring this worker's lease took over 2 s; it expires")
             await self._on_change()
             self._wake()
 

@@ -133,8 +133,6 @@ class Shard(LeaseBoard):
         self._member = False
         self._members: tuple[str, ...] = ()
         self._owned: frozenset[int] = frozenset()
-        #: trio time at which this node last acquired each partition it owns.
-        self._acquired_at: dict[int, float] = {}
         self._feeds: set[Feed[Event]] = set()
         self._mismatched: set[str] = set()
         self._placement_changed = trio.Event()
@@ -208,10 +206,6 @@ class Shard(LeaseBoard):
         """The partitions this node owns now."""
         return self._owned
 
-    def owned_since(self, partition: int) -> float | None:
-        """The trio time this node acquired `partition` (None if it does not own it)."""
-        return self._acquired_at.get(partition) if partition in self._owned else None
-
     @contextlib.asynccontextmanager
     async def events(self) -> AsyncIterator[Feed[Event]]:
         """This node's `Acquired` / `Released` events, from now on."""
@@ -272,11 +266,6 @@ class Shard(LeaseBoard):
         gained, lost = owned - self._owned, self._owned - owned
         self._members = members
         self._owned = frozenset(owned)
-        now = trio.current_time()
-        for p in gained:
-            self._acquired_at[p] = now
-        for p in lost:
-            self._acquired_at.pop(p, None)
         self.stats.acquired += len(gained)
         self.stats.released += len(lost)
         events: list[Event] = [Released(p) for p in sorted(lost)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import attrs
 import cbor2
 import pytest
 from hypothesis import given, settings
@@ -11,10 +12,13 @@ from hypothesis import strategies as st
 
 from trio_replica.errors import MessageTooLarge, WireError
 from trio_replica.messages import (
+    ENDORSEMENT_BYTES,
+    KEY_BYTES,
     MAX_IHAVE_ENTRIES,
     MAX_NODE_ID,
     NONCE_BYTES,
     PROOF_BYTES,
+    SIGNATURE_BYTES,
     ControlReply,
     ControlRequest,
     Credit,
@@ -106,16 +110,30 @@ messages = st.one_of(
     st.builds(ControlRequest, u64, st.text(min_size=1, max_size=10), st.binary(max_size=20)),
     st.builds(ControlReply, u64, st.booleans(), st.binary(max_size=20)),
     st.builds(
-        Hello,
+        lambda *fields: Hello(*fields, proof=b"", signature=b""),
         st.integers(0, 65535),
         ids,
         ids,
         st.one_of(st.just(""), addresses),
         st.sampled_from(["node", "client"]),
         st.binary(min_size=NONCE_BYTES, max_size=NONCE_BYTES),
-        st.one_of(st.just(b""), st.binary(min_size=PROOF_BYTES, max_size=PROOF_BYTES)),
+        st.binary(min_size=KEY_BYTES, max_size=KEY_BYTES),
+        st.one_of(st.just(b""), st.binary(min_size=ENDORSEMENT_BYTES, max_size=ENDORSEMENT_BYTES)),
+    ).flatmap(
+        lambda hello: st.one_of(
+            st.just(attrs.evolve(hello, proof=b"", signature=b"")),
+            st.builds(
+                lambda p, s: attrs.evolve(hello, proof=p, signature=s),
+                st.binary(min_size=PROOF_BYTES, max_size=PROOF_BYTES),
+                st.binary(min_size=SIGNATURE_BYTES, max_size=SIGNATURE_BYTES),
+            ),
+        )
     ),
-    st.builds(Proof, st.binary(min_size=PROOF_BYTES, max_size=PROOF_BYTES)),
+    st.builds(
+        Proof,
+        st.binary(min_size=PROOF_BYTES, max_size=PROOF_BYTES),
+        st.binary(min_size=SIGNATURE_BYTES, max_size=SIGNATURE_BYTES),
+    ),
     st.just(Welcome()),
     st.builds(Refuse, st.text(min_size=1, max_size=50)),
     st.builds(SyncRequest, ids),
@@ -169,6 +187,8 @@ def _frame(*items: object) -> bytes:
 
 
 #: An array of two items, the first our protocol version: what every frame starts with.
+#: A hello's key and (empty) endorsement.
+_KEYS = [b"k" * KEY_BYTES, b""]
 _HEAD = bytes([0x82, PROTOCOL_VERSION])
 
 
@@ -207,8 +227,14 @@ _HEAD = bytes([0x82, PROTOCOL_VERSION])
         (_frame([32, "m", 1, 1, [0], [], [[0, 0]]]), "field"),  # want the whole state
         (_frame([32, "m", 1, 1, [0], [], [[2, 256]]]), "field"),
         (_frame([32, "m", 1, 4, list(range(257)), [], []]), "field"),  # too many parents
-        (_frame([60, 1, "c", "n", "", "root", b"x" * NONCE_BYTES, b""]), "field"),
-        (_frame([60, 1, "c", "n", "", "node", b"short", b""]), "field"),
+        (_frame([60, 1, "c", "n", "", "root", b"x" * NONCE_BYTES, *_KEYS, b"", b""]), "field"),
+        (_frame([60, 1, "c", "n", "", "node", b"short", *_KEYS, b"", b""]), "field"),
+        (_frame([60, 1, "c", "n", "", "node", b"x" * NONCE_BYTES, b"k", b"", b"", b""]), "field"),
+        # A proof without a signature.
+        (
+            _frame([60, 1, "c", "n", "", "node", b"x" * NONCE_BYTES, *_KEYS, b"p" * 32, b""]),
+            "field",
+        ),
         (bytes.fromhex("829f01ff"), "cbor"),  # indefinite-length array
         (_HEAD + cbor2.dumps(cbor2.CBORTag(1, 0)), "cbor"),  # a date tag
         (_HEAD + cbor2.dumps(cbor2.CBORTag(40000, 0)), "cbor"),  # unknown tag

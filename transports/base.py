@@ -59,6 +59,12 @@ class Connection(Protocol):
         """A printable description of the other end (for logs)."""
         ...
 
+    @property
+    def channel_binding(self) -> bytes:
+        """Bytes naming the secure channel under this connection, the same at both ends
+        (TLS ``tls-unique``), or empty when there is none; the handshake signs them."""
+        ...
+
     async def send(self, frame: bytes) -> None:
         """Send one frame; may block while the peer does not read. Raises `TransportClosed`."""
         ...

@@ -160,6 +160,11 @@ class MemoryConnection:
     _closed: bool = attrs.field(default=False, init=False)
 
     @property
+    def channel_binding(self) -> bytes:
+        """The memory network has no channel to bind the handshake to."""
+        return b""
+
+    @property
     def remote(self) -> str:
         return _PREFIX + self.remote_host
 

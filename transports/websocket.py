@@ -200,6 +200,13 @@ class WebsocketConnection:
     def remote(self) -> str:
         return self._remote
 
+    @property
+    def channel_binding(self) -> bytes:
+        """``tls-unique`` of the TLS session (the same on both ends), empty over ws://."""
+        if isinstance(self._stream, trio.SSLStream):
+            return self._stream.get_channel_binding("tls-unique") or b""
+        return b""
+
     async def send(self, frame: bytes) -> None:
         if len(frame) > self._max_frame:
             raise MessageTooLarge(

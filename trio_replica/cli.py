@@ -47,16 +47,26 @@ from .node import open_node
 log = logging.getLogger("trio_replica.cli")
 
 
-def _read_secret(path: str | None) -> bytes | None:
+def _read_keyring(path: str | None) -> tuple[bytes, ...]:
+    """The secrets in the file at `path`, one per line: the first is proven, all accepted."""
     if path is None:
-        return None
+        return ()
     try:
-        secret = Path(path).read_bytes().strip()
+        lines = Path(path).read_bytes().splitlines()
     except OSError as exc:
         raise ConfigError(f"cannot read the secret file {path}: {exc.strerror}") from None
-    if len(secret) < 16:
-        raise ConfigError(f"the secret in {path} is shorter than 16 bytes; use a long random one")
-    return secret
+    secrets = tuple(line.strip() for line in lines if line.strip())
+    if not secrets:
+        raise ConfigError(f"the secret file {path} is empty")
+    if any(len(secret) < 16 for secret in secrets):
+        raise ConfigError(f"a secret in {path} is shorter than 16 bytes; use a long random one")
+    return secrets
+
+
+def _read_secret(path: str | None) -> bytes | None:
+    """The secret a client proves: the first line of the keyring file."""
+    keyring = _read_keyring(path)
+    return keyring[0] if keyring else None
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -75,7 +85,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_auth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", default=None, help="cluster name (default: trio-replica)")
-    p.add_argument("--secret-file", help="file holding the cluster secret (at least 16 bytes)")
+    p.add_argument(
+        "--secret-file",
+        help="file holding the cluster secret (at least 16 bytes); further lines are older or "
+        "newer secrets still accepted from peers, for rotating it",
+    )
     p.add_argument("--tls-ca", metavar="FILE", help="CA bundle that signs the nodes' certificates")
     p.add_argument(
         "--tls-cert",
@@ -247,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
+        "key",
+        help="print this node's public key (made on first use), for allow-lists",
+        description="Print the node's public key, as allow-list files and known_nodes hold it. "
+        "The key is read from --key-file or DATA_DIR/node.key and made there if missing.",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data-dir", help="the node's data directory")
+    where.add_argument("--key-file", help="a PEM file holding the node's Ed25519 key")
+    _add_common(p)
+
+    p = sub.add_parser(
         "demo", help="watch a local cluster replicate a map, lose a node and heal (~10 s)"
     )
     p.add_argument("--nodes", type=int, default=5, help="cluster size, at least 3 (default: 5)")
@@ -302,8 +327,12 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, dict[str, Any]]:
     if own["tombstone_ttl"] is not None and not own["tombstone_ttl"] > 0:
         raise ConfigError("tombstone_ttl must be positive")
     server_ssl, client_ssl = _tls(args)
+    keyring = _read_keyring(secret_file)
     base = NodeConfig(
-        secret=_read_secret(secret_file), server_ssl=server_ssl, client_ssl=client_ssl
+        secret=keyring[0] if keyring else None,
+        accepted_secrets=keyring[1:],
+        server_ssl=server_ssl,
+        client_ssl=client_ssl,
     )
     return apply_settings(base, settings), own
 
@@ -534,6 +563,14 @@ async def _run_demo(args: argparse.Namespace) -> int:
     return await run_demo(args.nodes, step_timeout=args.step_timeout)
 
 
+async def _run_key(args: argparse.Namespace) -> int:
+    from .identity import KEY_FILE, format_key, load_or_create_key, public_bytes
+
+    path = Path(args.key_file) if args.key_file else Path(args.data_dir) / KEY_FILE
+    print(format_key(public_bytes(load_or_create_key(path))))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -554,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shard": _run_builtin,
         "remind": _run_builtin,
         "reminders": _run_builtin,
+        "key": _run_key,
     }
     try:
         try:

@@ -23,6 +23,7 @@ from .departures import DeparturesConfig
 from .errors import ConfigError
 from .flow import FlowConfig
 from .health import HealthConfig
+from .identity import IdentityConfig
 from .leader import LeaderConfig
 from .link import LinkConfig
 from .messages import MAX_CLUSTER, MAX_NODE_ID
@@ -47,6 +48,10 @@ def _secret(value: bytes | str | None) -> bytes | None:
     return value
 
 
+def _secrets(values: Iterable[bytes | str]) -> tuple[bytes, ...]:
+    return tuple(_secret(v) or b"" for v in values)
+
+
 def normalize_address(address: str, *, default_scheme: str = "ws") -> str:
     """Accept ``host:port`` as shorthand for ``ws://host:port``; check the URL's shape."""
     if "://" not in address:
@@ -55,6 +60,10 @@ def normalize_address(address: str, *, default_scheme: str = "ws") -> str:
     if parsed.scheme in ("ws", "wss"):
         if not parsed.hostname or parsed.port is None:
             raise ConfigError(f"address {address!r} needs a host and a port")
+        if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.username:
+            raise ConfigError(
+                f"address {address!r}: nodes serve their protocol at the root, without a path"
+            )
     elif parsed.scheme == "mem":
         if not parsed.netloc:
             raise ConfigError(f"address {address!r} needs a name")
@@ -93,6 +102,11 @@ class NodeConfig:
     seeds: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple)
     cluster: str = "trio-replica"
     secret: bytes | None = attrs.field(default=None, converter=_secret, repr=False)
+    #: Further cluster secrets accepted from peers (this node proves `secret`): rotate the
+    #: secret by adding the new one here everywhere, then swapping, then dropping the old.
+    accepted_secrets: tuple[bytes, ...] = attrs.field(default=(), converter=_secrets, repr=False)
+    #: The node's key, key rotation and the trust mode (identity.py, README "Security").
+    identity: IdentityConfig = attrs.field(factory=IdentityConfig)
     #: Server-side TLS for ``wss://`` listeners (set verify_mode for client certificates).
     server_ssl: ssl.SSLContext | None = None
     #: Client-side TLS for dialing ``wss://`` peers (CA, and a client certificate if required).
@@ -146,6 +160,10 @@ class NodeConfig:
                 "reach it could join the cluster. Set a secret (--secret-file) or listen on "
                 "127.0.0.1."
             )
+        if any(len(x) < 16 for x in self.accepted_secrets) or (
+            self.accepted_secrets and not self.secret
+        ):
+            raise ConfigError("accepted_secrets need a secret, and each at least 16 bytes")
         if self.max_payload < 1 or self.max_payload > self.link.max_frame - 4096:
             raise ConfigError(
                 "max_payload must be positive and leave 4 KiB of room in link.max_frame"

@@ -238,7 +238,7 @@ async def open_control(
     try:
         async with transport.open_connection(address, timeout=timeout) as conn:
             try:
-                peer = await handshake_as_dialer(conn, creds, role=Role.CLIENT, timeout=timeout)
+                auth = await handshake_as_dialer(conn, creds, role=Role.CLIENT, timeout=timeout)
             except HandshakeError as exc:
                 raise ControlError(
                     f"could not open a control session with {address}: {exc}"
@@ -251,7 +251,7 @@ async def open_control(
 
             link = Link(
                 conn,
-                peer,
+                auth.peer,
                 role=Role.NODE,
                 outbound=True,
                 config=LinkConfig(),

@@ -5,15 +5,19 @@ Theory of operation
 A link starts on a transport connection (dialed or accepted). The handshake runs first,
 under one deadline, before any protocol message is read:
 
-1. dialer -> listener: ``Hello(version, cluster, id, address, role, nonce_d, b"")``
-2. listener -> dialer: ``Hello(version, cluster, id, address, "node", nonce_l, proof_l)``
-3. dialer -> listener: ``Proof(proof_d)``
+1. dialer -> listener: ``Hello(version, cluster, id, address, role, nonce_d, key_d, ...)``
+2. listener -> dialer: ``Hello(..., nonce_l, key_l, ..., proof_l, signature_l)``
+3. dialer -> listener: ``Proof(proof_d, signature_d)``
 4. listener -> dialer: ``Welcome()`` (or ``Refuse(reason)`` at any step, then close)
 
-Both proofs are HMAC-SHA256 over the cluster secret and a transcript binding both nonces,
-both ids, both addresses and the cluster name, with a different side label, so neither
-can be replayed or reflected. A peer that does not know the secret learns nothing and gets
-no further than step 2 or 3; it is refused with a clear reason and counted.
+The transcript binds the cluster name, both nonces, ids, addresses and public keys (and
+key endorsements), and under ``wss://`` the TLS channel (``tls-unique``, the same on both
+ends of one TLS session and different on each side of a man in the middle). Each side
+proves it with an HMAC-SHA256 under the cluster secret (membership) and an Ed25519
+signature under its node key (identity), with a side label so neither can be replayed or
+reflected. The trust store (identity.py) then decides whether that key may use that node
+id. A peer that does not know the secret learns nothing and gets no further than step 2 or
+3; it is refused with a clear reason and counted.
 
 Once established, a link runs two tasks (STYLE.md: trio-websocket's send has no buffer and
 a full inbound queue stops pongs and close frames, so reading and writing never share a
@@ -77,11 +81,13 @@ from typing import TYPE_CHECKING
 
 import attrs
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from transports.base import Connection, TransportClosed
 
 from .errors import ConfigError, HandshakeError, LinkClosed, MessageTooLarge, WireError
 from .flow import Pressure
+from .identity import Refused, TrustStore, format_key, public_bytes, verify
 from .messages import (
     NONCE_BYTES,
     Credit,
@@ -240,32 +246,87 @@ class LinkConfig:
 
 @attrs.frozen
 class Credentials:
-    """What a node proves and checks in every handshake."""
+    """What a node proves and checks in every handshake.
+
+    `secret` is the cluster secret this side proves; `accepted` are further secrets whose
+    proofs it accepts (a keyring: rotate the cluster secret by adding the new one to
+    `accepted` everywhere, then making it `secret` everywhere, then dropping the old one).
+    `key` signs the transcript; `endorsement` is the previous key's, during a rotation.
+    `trust` decides which key each node id may use (None: any key, as in ``secret`` mode).
+    """
 
     cluster: str
     secret: bytes
     me: Peer
+    key: Ed25519PrivateKey = attrs.field(factory=Ed25519PrivateKey.generate, repr=False)
+    accepted: tuple[bytes, ...] = ()
+    endorsement: bytes = b""
+    trust: TrustStore | None = None
+    #: Our public key (derived from `key`).
+    public: bytes = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "public", public_bytes(self.key))
+
+    def proves(self, side: bytes, transcript: bytes, proof: bytes) -> bool:
+        """True if `proof` is the HMAC of `transcript` under any secret of the keyring."""
+        ok = False
+        for secret in (self.secret, *self.accepted):
+            ok |= hmac.compare_digest(_proof(secret, side, transcript), proof)
+        return ok
 
 
-def _transcript(side: bytes, cluster: str, dialer: Hello, listener: Hello) -> bytes:
+def _transcript(cluster: str, binding: bytes, dialer: Hello, listener: Hello) -> bytes:
+    """Everything both sides said, bound to the TLS channel (empty binding over ws://)."""
     parts = [
-        b"trio_replica handshake v1",
-        side,
+        b"trio_replica handshake v2",
         cluster.encode(),
+        binding,
         dialer.node_id.encode(),
         dialer.address.encode(),
         dialer.role.encode(),
         dialer.nonce,
+        dialer.key,
+        dialer.endorsement,
         listener.node_id.encode(),
         listener.address.encode(),
         listener.nonce,
+        listener.key,
+        listener.endorsement,
     ]
     # Length-prefix every part so that no two different transcripts serialise alike.
     return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
 
 
-def _proof(secret: bytes, side: bytes, cluster: str, dialer: Hello, listener: Hello) -> bytes:
-    return hmac.new(secret, _transcript(side, cluster, dialer, listener), hashlib.sha256).digest()
+def _proof(secret: bytes, side: bytes, transcript: bytes) -> bytes:
+    return hmac.new(secret, side + transcript, hashlib.sha256).digest()
+
+
+def _sign(creds: Credentials, side: bytes, transcript: bytes) -> tuple[bytes, bytes]:
+    """Our (proof, signature) of the transcript, with a side label against reflection."""
+    return _proof(creds.secret, side, transcript), creds.key.sign(side + transcript)
+
+
+def _check_proofs(
+    creds: Credentials,
+    side: bytes,
+    transcript: bytes,
+    theirs: Hello,
+    proof: bytes,
+    signature: bytes,
+) -> None:
+    """Check the peer's secret proof, key signature and key; raise `HandshakeError`."""
+    if not creds.proves(side, transcript, proof):
+        raise HandshakeError("peer failed to prove the cluster secret", reason="secret")
+    if not verify(theirs.key, signature, side + transcript):
+        raise HandshakeError(
+            f"{theirs.node_id} failed to prove its key {format_key(theirs.key)}", reason="signature"
+        )
+    if creds.trust is not None and theirs.role == Role.NODE:
+        try:
+            creds.trust.check(theirs.node_id, theirs.key, theirs.endorsement)
+        except Refused as exc:
+            raise HandshakeError(str(exc), reason=exc.reason) from None
 
 
 async def _send_one(conn: Connection, message: Message) -> None:
@@ -321,36 +382,53 @@ def _check_hello(hello: Message, creds: Credentials) -> Hello:
     return hello
 
 
+def _hello(creds: Credentials, role: str) -> Hello:
+    return Hello(
+        PROTOCOL_VERSION,
+        creds.cluster,
+        creds.me.id,
+        creds.me.address,
+        role,
+        secrets.token_bytes(NONCE_BYTES),
+        creds.public,
+        creds.endorsement,
+        b"",
+        b"",
+    )
+
+
+@attrs.frozen
+class Authenticated:
+    """The outcome of a handshake: who the peer is, as what, and the key it proved."""
+
+    peer: Peer
+    role: str
+    key: bytes
+
+
 async def handshake_as_dialer(
     conn: Connection, creds: Credentials, *, role: str, timeout: float
-) -> Peer:
+) -> Authenticated:
     """Run the dialer side; return the authenticated peer or raise `HandshakeError`."""
     with trio.move_on_after(timeout) as scope:
-        mine = Hello(
-            PROTOCOL_VERSION,
-            creds.cluster,
-            creds.me.id,
-            creds.me.address,
-            role,
-            secrets.token_bytes(NONCE_BYTES),
-            b"",
-        )
+        mine = _hello(creds, role)
         await _send_step(conn, mine)
         reply = await _receive_one(conn)
         if isinstance(reply, Refuse):
             raise HandshakeError(f"peer refused us: {reply.reason}", reason="refused")
         try:
             theirs = _check_hello(reply, creds)
-            if theirs.role != Role.NODE or not theirs.address:
+            if theirs.role != Role.NODE or not theirs.address or not theirs.proof:
                 raise HandshakeError(
-                    "the listening side must be a node with an address", reason="malformed"
+                    "the listening side must be a node with an address and a proof",
+                    reason="malformed",
                 )
-            expected = _proof(creds.secret, b"L", creds.cluster, mine, theirs)
-            if not hmac.compare_digest(expected, theirs.proof):
-                raise HandshakeError("peer failed to prove the cluster secret", reason="secret")
+            unsigned = attrs.evolve(theirs, proof=b"", signature=b"")
+            transcript = _transcript(creds.cluster, conn.channel_binding, mine, unsigned)
+            _check_proofs(creds, b"L", transcript, theirs, theirs.proof, theirs.signature)
         except HandshakeError as exc:
             raise await _refuse(conn, exc) from None
-        await _send_step(conn, Proof(_proof(creds.secret, b"D", creds.cluster, mine, theirs)))
+        await _send_step(conn, Proof(*_sign(creds, b"D", transcript)))
         final = await _receive_one(conn)
         if isinstance(final, Refuse):
             raise HandshakeError(f"peer refused us: {final.reason}", reason="refused")
@@ -358,18 +436,22 @@ async def handshake_as_dialer(
             raise HandshakeError(
                 f"expected Welcome, got {type(final).__name__}", reason="malformed"
             )
-        return Peer(theirs.node_id, theirs.address)
+        return Authenticated(Peer(theirs.node_id, theirs.address), Role.NODE, theirs.key)
     assert scope.cancelled_caught
     raise HandshakeError(f"handshake did not finish within {timeout} s", reason="timeout")
 
 
 async def handshake_as_listener(
-    conn: Connection, creds: Credentials, *, timeout: float, accept: Callable[[Hello], str | None]
-) -> tuple[Peer, str]:
-    """Run the listener side; return (authenticated peer, role) or raise `HandshakeError`.
+    conn: Connection,
+    creds: Credentials,
+    *,
+    timeout: float,
+    accept: Callable[[Hello], str | None],
+) -> Authenticated:
+    """Run the listener side; return the authenticated peer or raise `HandshakeError`.
 
     `accept(hello)` is asked after authentication; it returns a refusal reason (for example
-    a duplicate node id already linked) or None to accept.
+    the id is linked already with another key) or None to accept.
     """
     with trio.move_on_after(timeout) as scope:
         first = await _receive_one(conn)
@@ -383,17 +465,10 @@ async def handshake_as_listener(
                 )
         except HandshakeError as exc:
             raise await _refuse(conn, exc) from None
-        mine = Hello(
-            PROTOCOL_VERSION,
-            creds.cluster,
-            creds.me.id,
-            creds.me.address,
-            Role.NODE,
-            secrets.token_bytes(NONCE_BYTES),
-            b"",
-        )
-        mine = attrs.evolve(mine, proof=_proof(creds.secret, b"L", creds.cluster, theirs, mine))
-        await _send_step(conn, mine)
+        mine = _hello(creds, Role.NODE)
+        transcript = _transcript(creds.cluster, conn.channel_binding, theirs, mine)
+        proof, signature = _sign(creds, b"L", transcript)
+        await _send_step(conn, attrs.evolve(mine, proof=proof, signature=signature))
         answer = await _receive_one(conn)
         if isinstance(answer, Refuse):
             raise HandshakeError(f"peer refused us: {answer.reason}", reason="refused")
@@ -402,19 +477,14 @@ async def handshake_as_listener(
                 raise HandshakeError(
                     f"expected Proof, got {type(answer).__name__}", reason="malformed"
                 )
-            # The proof was computed over the hello we sent without its own proof field.
-            expected = _proof(
-                creds.secret, b"D", creds.cluster, theirs, attrs.evolve(mine, proof=b"")
-            )
-            if not hmac.compare_digest(expected, answer.proof):
-                raise HandshakeError("peer failed to prove the cluster secret", reason="secret")
+            _check_proofs(creds, b"D", transcript, theirs, answer.proof, answer.signature)
             reason = accept(theirs)
             if reason is not None:
                 raise HandshakeError(reason, reason="rejected")
         except HandshakeError as exc:
             raise await _refuse(conn, exc) from None
         await _send_step(conn, Welcome())
-        return Peer(theirs.node_id, theirs.address), theirs.role
+        return Authenticated(Peer(theirs.node_id, theirs.address), theirs.role, theirs.key)
     assert scope.cancelled_caught
     raise HandshakeError(f"handshake did not finish within {timeout} s", reason="timeout")
 
@@ -449,6 +519,7 @@ class Link:
         role: str,
         outbound: bool,
         config: LinkConfig,
+        key: bytes = b"",
         stats: NodeStats,
         on_message: MessageHandler,
         pressure: Pressure | None = None,
@@ -458,6 +529,8 @@ class Link:
         self.peer = peer
         self.role = role
         self.outbound = outbound
+        #: The public key the peer proved in the handshake.
+        self.key = key
         self.config = config
         self._stats = stats
         self._on_message = on_message

@@ -380,6 +380,10 @@ class ControlReply(Message):
 NONCE_BYTES = 32
 #: Length of an HMAC-SHA256 proof in bytes.
 PROOF_BYTES = 32
+#: Length of an Ed25519 public key, of a signature, and of a key endorsement (identity.py).
+KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+ENDORSEMENT_BYTES = KEY_BYTES + 8 + SIGNATURE_BYTES
 #: Longest cluster name, in characters.
 MAX_CLUSTER = 128
 #: Longest refusal reason, in characters.
@@ -398,9 +402,12 @@ class Role:
 class Hello(Message):
     """First message of each side: who we are, what cluster, and a fresh challenge nonce.
 
-    The dialer sends it first; the listener answers with its own `Hello` plus `proof`
-    answering the dialer's nonce. `address` is where the sender can be dialed (empty for a
-    client). `proof` is empty in the dialer's hello.
+    The dialer sends it first; the listener answers with its own `Hello` plus `proof` (the
+    cluster secret's HMAC) and `signature` (its node key's) over the transcript, which
+    answer the dialer's nonce. `address` is where the sender can be dialed (empty for a
+    client). `key` is the sender's Ed25519 public key; `endorsement` is empty or the
+    previous key's endorsement of it (identity.py). `proof` and `signature` are empty in
+    the dialer's hello.
     """
 
     KIND: ClassVar[int] = 60
@@ -410,15 +417,19 @@ class Hello(Message):
     address: str
     role: str
     nonce: bytes
+    key: bytes
+    endorsement: bytes
     proof: bytes
+    signature: bytes
 
 
 @attrs.frozen
 class Proof(Message):
-    """The dialer's answer to the listener's nonce."""
+    """The dialer's answer to the listener's nonce: the secret's HMAC and the key's signature."""
 
     KIND: ClassVar[int] = 61
     proof: bytes
+    signature: bytes
 
 
 @attrs.frozen

@@ -46,8 +46,10 @@ from .flow import Fanout, Feed, Pressure
 from .health import loop_health
 from .hlc import HybridClock
 from .hosts import HostDirectory
+from .identity import KNOWN_FILE, TrustStore, endorse, load_private_key, node_key, public_bytes
 from .leader import Election, Leadership
 from .link import (
+    Authenticated,
     Credentials,
     Link,
     handshake_as_dialer,
@@ -156,7 +158,17 @@ class Node:
         self.seed_ids: set[str] = set()
         self.address = ""
         self.me = Peer(self.id, "")
-        self._creds = Credentials(config.cluster, config.secret or b"", self.me)
+        self._key = node_key(config.identity, config.data_dir)
+        #: This node's Ed25519 public key, raw (``identity.format_key`` prints it).
+        self.public_key = public_bytes(self._key)
+        #: Which key each node id may use (identity.py); its clock is the node's wall clock.
+        self.trust = TrustStore(
+            config.identity.trust,
+            cluster=config.cluster,
+            known_file=config.data_dir / KNOWN_FILE if config.data_dir is not None else None,
+            allowlist=config.identity.allowlist,
+            wall=lambda: self.clock.physical() / 1000,
+        )
         self.membership: Membership
         self._replicas: dict[str, Replica] = {}
         self.hosts = HostDirectory(self)
@@ -166,6 +178,7 @@ class Node:
         self._map_lock = trio.Lock()
         self.broadcaster: Broadcast
         self.clock = HybridClock()
+        self._creds = self._credentials()
         #: Messages to one node (`send`, `request`, `serve`).
         self.direct = DirectMessaging(self)
         #: The service registry (its map opens on first use).
@@ -183,6 +196,31 @@ class Node:
         #: on the control path wait for it, `/readyz` reports it.
         self.control_ready = trio.Event()
 
+    def _credentials(self) -> Credentials:
+        identity = self.config.identity
+        endorsement = b""
+        if identity.previous_key is not None and identity.rotate_until is not None:
+            if identity.rotate_until > self.clock.physical() / 1000:
+                previous = load_private_key(identity.previous_key)
+                endorsement = endorse(
+                    previous, self.config.cluster, self.id, self.public_key, identity.rotate_until
+                )
+            else:
+                log.warning(
+                    "node %s: the key rotation window ended at %.0f; not endorsing the new key",
+                    self.id,
+                    identity.rotate_until,
+                )
+        return Credentials(
+            self.config.cluster,
+            self.config.secret or b"",
+            self.me,
+            key=self._key,
+            accepted=self.config.accepted_secrets,
+            endorsement=endorsement,
+            trust=self.trust,
+        )
+
     # --- lifecycle ----------------------------------------------------------------------
 
     async def _start(self) -> None:
@@ -196,7 +234,7 @@ class Node:
             )
         self.address = self.config.advertise or bound
         self.me = Peer(self.id, self.address)
-        self._creds = Credentials(self.config.cluster, self.config.secret or b"", self.me)
+        self._creds = self._credentials()
         if not self.config.secret and not self.address.startswith("mem://"):
             log.warning(
                 "node %s has no cluster secret: listening on loopback %s only",
@@ -891,7 +929,7 @@ class Node:
                 dial.address, timeout=health.timeout(cfg.connect_timeout)
             ) as conn:
                 try:
-                    peer = await handshake_as_dialer(
+                    auth = await handshake_as_dialer(
                         conn,
                         self._creds,
                         role=Role.NODE,
@@ -901,12 +939,18 @@ class Node:
                     self.stats_counters.handshakes_refused[exc.reason] += 1
                     self._dial_failed(dial, exc.reason, str(exc))
                     return
+                peer = auth.peer
                 if dial.expected is not None and peer.id != dial.expected.id:
                     self._dial_failed(
                         dial, "wrong_id", f"{dial.address} is {peer.id}, not {dial.expected.id}"
                     )
                     return
-                link = self._new_link(conn, peer, role=Role.NODE, outbound=True)
+                taken = self._held_by_other_key(peer.id, auth.key)
+                if taken is not None:
+                    self.stats_counters.handshakes_refused["id_taken"] += 1
+                    self._dial_failed(dial, "id_taken", taken)
+                    return
+                link = self._new_link(conn, auth, outbound=True)
                 self._register(link, dial)
                 dial.peer = peer
                 dial.done.set()
@@ -955,12 +999,13 @@ class Node:
         else:
             self.membership.post_after(link, down)
 
-    def _new_link(self, conn: Connection, peer: Peer, *, role: str, outbound: bool) -> Link:
-        node_link = role == Role.NODE
+    def _new_link(self, conn: Connection, auth: Authenticated, *, outbound: bool) -> Link:
+        node_link = auth.role == Role.NODE
         return Link(
             conn,
-            peer,
-            role=role,
+            auth.peer,
+            role=auth.role,
+            key=auth.key,
             outbound=outbound,
             config=self.config.link,
             stats=self.stats_counters,
@@ -1019,7 +1064,7 @@ class Node:
             return
         self._handshaking += 1
         try:
-            peer, role = await handshake_as_listener(
+            auth = await handshake_as_listener(
                 conn,
                 self._creds,
                 timeout=self.health.timeout(cfg.handshake_timeout),
@@ -1037,8 +1082,8 @@ class Node:
             return
         finally:
             self._handshaking -= 1
-        link = self._new_link(conn, peer, role=role, outbound=False)
-        if role == Role.CLIENT:
+        link = self._new_link(conn, auth, outbound=False)
+        if auth.role == Role.CLIENT:
             self._clients.add(link)
             try:
                 await link.run()
@@ -1051,16 +1096,24 @@ class Node:
     def _accept(self, hello: Hello) -> str | None:
         if self._closing:
             return "node is shutting down"
-        current = self._links.get(hello.node_id)
-        if (
-            hello.role == Role.NODE
-            and current is not None
-            and current.is_open
-            and current.peer.address != hello.address
-        ):
-            # Another node already uses that id: two nodes with one name would keep taking
-            # over each other's links. The operator must give them distinct names.
-            return f"node id {hello.node_id!r} is already linked from {current.peer.address}"
+        if hello.role == Role.NODE:
+            taken = self._held_by_other_key(hello.node_id, hello.key)
+            if taken is not None:
+                self.stats_counters.handshakes_refused["id_taken"] += 1
+                return taken
+        return None
+
+    def _held_by_other_key(self, node_id: str, key: bytes) -> str | None:
+        """Why `node_id` cannot be linked with `key`: an open link holds it with another key.
+
+        In every trust mode an id is bound to its key while linked: another process with
+        the cluster secret cannot take over a live node's links (and two nodes given one
+        name cannot keep taking over each other's). The operator must give them distinct
+        names; a node that restarted with a new key is accepted once its old link is gone.
+        """
+        current = self._links.get(node_id)
+        if current is not None and current.is_open and current.key != key:
+            return f"node id {node_id!r} is already linked with another key"
         return None
 
     async def _on_message(self, link: Link, message: Message, size: int) -> None:

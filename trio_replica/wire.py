@@ -18,6 +18,7 @@ Application payloads (`Gossip.payload`) are CBOR nested inside the frame as a by
 from __future__ import annotations
 
 import io
+import ipaddress
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
@@ -26,6 +27,8 @@ import cbor2
 
 from .errors import MessageTooLarge, WireError
 from .messages import (
+    ENDORSEMENT_BYTES,
+    KEY_BYTES,
     MAX_ADDRESS,
     MAX_CLUSTER,
     MAX_DIGEST_LEVEL,
@@ -42,6 +45,7 @@ from .messages import (
     MAX_WANTS,
     NONCE_BYTES,
     PROOF_BYTES,
+    SIGNATURE_BYTES,
     U64,
     ControlReply,
     ControlRequest,
@@ -79,7 +83,8 @@ from .messages import (
 #: version 2 node would never send it payloads: the handshake refuses the mismatch).
 #: 3: `Ping` carries the sender's loop lag; `ShuffleReply` names the shuffle's origin and
 #: travels back along the walk.
-PROTOCOL_VERSION = 3
+#: 4: the handshake carries node keys and signatures (identity.py).
+PROTOCOL_VERSION = 4
 #: Default largest frame accepted or sent, in bytes (one payload plus a little framing).
 DEFAULT_MAX_FRAME = 1024 * 1024 + 4096
 #: Nesting allowed in a frame: frame > message > field > entry > id, plus payload headroom.
@@ -284,12 +289,27 @@ def check_address(v: Any, name: str = "address") -> str:
     try:
         parsed = urllib.parse.urlsplit(address)
         host, port = parsed.hostname, parsed.port
-        if parsed.scheme not in ("ws", "wss") or not host or port is None:
+        if parsed.scheme not in ("ws", "wss") or not host or not port:
             raise ValueError("needs ws:// or wss://, a host and a port")
+        if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.username:
+            # Nodes serve their protocol at the root: an address with a path, a query or a
+            # user would have us send requests of a peer's choosing to a third party.
+            raise ValueError("a node address has no path, query or user")
         host.encode("idna")
+        if not _dialable_host(host):
+            raise ValueError("not a host one can dial")
     except (ValueError, UnicodeError) as exc:
         _fail(f"{name} {address!r:.80} is not a valid address: {exc}")
     return address
+
+
+def _dialable_host(host: str) -> bool:
+    """False for IP literals no node listens on: unspecified, multicast, broadcast."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return True  # a name
+    return not (ip.is_unspecified or ip.is_multicast or str(ip) == "255.255.255.255")
 
 
 def check_peer(v: Any, name: str = "peer") -> Peer:
@@ -365,9 +385,15 @@ def _hello(f: list[Any]) -> Hello:
     role = check_str(f[4], 16, "role")
     if role not in Role.ALL:
         _fail(f"unknown role {role!r}")
-    proof = f[6]
+    endorsement, proof, signature = f[7], f[8], f[9]
+    if endorsement != b"":
+        endorsement = _fixed_bytes(endorsement, ENDORSEMENT_BYTES, "endorsement")
     if proof != b"":
         proof = _fixed_bytes(proof, PROOF_BYTES, "proof")
+    if signature != b"":
+        signature = _fixed_bytes(signature, SIGNATURE_BYTES, "signature")
+    if (proof == b"") != (signature == b""):
+        _fail("a hello carries both a proof and a signature, or neither")
     return Hello(
         version=check_int(f[0], 0, 65535, "version"),
         cluster=check_str(f[1], MAX_CLUSTER, "cluster"),
@@ -375,7 +401,10 @@ def _hello(f: list[Any]) -> Hello:
         address=check_address(f[3]) if f[3] != "" else "",
         role=role,
         nonce=_fixed_bytes(f[5], NONCE_BYTES, "nonce"),
+        key=_fixed_bytes(f[6], KEY_BYTES, "key"),
+        endorsement=endorsement,
         proof=proof,
+        signature=signature,
     )
 
 
@@ -488,8 +517,14 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
             check_bytes(f[2], max_payload, "result"),
         ),
     ),
-    Hello.KIND: (7, lambda f, _: _hello(f)),
-    Proof.KIND: (1, lambda f, _: Proof(_fixed_bytes(f[0], PROOF_BYTES, "proof"))),
+    Hello.KIND: (10, lambda f, _: _hello(f)),
+    Proof.KIND: (
+        2,
+        lambda f, _: Proof(
+            _fixed_bytes(f[0], PROOF_BYTES, "proof"),
+            _fixed_bytes(f[1], SIGNATURE_BYTES, "signature"),
+        ),
+    ),
     Welcome.KIND: (0, lambda f, _: Welcome()),
     Refuse.KIND: (1, lambda f, _: Refuse(check_str(f[0], MAX_REASON, "reason"))),
 }

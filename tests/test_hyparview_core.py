@@ -964,3 +964,59 @@ def test_walks_longer_than_ours_are_cut_to_our_walk_length() -> None:
     assert core.stats.ttl_clamped == 1
     assert core.handle_message(A, ForwardJoin(N, arwl), 1.0) == [Send(B, ForwardJoin(N, arwl - 1))]
     assert core.stats.ttl_clamped == 1
+
+
+def test_one_neighbour_cannot_replace_the_whole_active_view() -> None:
+    # Deviation 11: 300 FORWARD_JOINs with ttl 0 for made-up nodes from one member (the
+    # eclipse of issue 17) evict one member per period, not the view.
+    core = make()
+    honest = [peer(f"h{i}") for i in range(4)]
+    link_up(core, A, *honest)
+    sends = []
+    for i in range(300):
+        out = core.handle_message(A, ForwardJoin(peer(f"fake{i}"), 0), 1.0)
+        sends += [e for e in out if isinstance(e, Send) and isinstance(e.message, Neighbor)]
+    assert len(sends) == 1  # one newcomer taken in (one dial), one member evicted
+    assert len(ids(core.active) & ids(tuple(honest))) == 3
+    assert core.stats.replacements_refused == 299
+    # The refused newcomers wait in the passive view (bounded), not in the active one.
+    assert len(core.passive) == core.config.passive_size
+    later = core.handle_message(A, ForwardJoin(peer("fresh"), 0), 1.0 + 10.0)
+    assert any(isinstance(e, Send) and e.message == Neighbor(high=True) for e in later)
+    core.check_invariants()
+
+
+def test_an_address_held_by_another_id_is_not_learned() -> None:
+    # Deviation 12: many ids pointing at one host would have us dial it once per id.
+    core = make()
+    link_up(core, A, B)
+    learn(core, C)
+    core.handle_message(A, ForwardJoin(Peer("c2", C.address), core.config.prwl), 0.0)
+    core.handle_message(
+        A, Shuffle(ORIGIN, 0, (Peer("c3", C.address), Peer("a2", A.address), D), 1), 0.0
+    )
+    assert {"c", "d"} <= ids(core.passive)
+    assert not {"c2", "c3", "a2"} & ids(core.passive)
+    assert core.stats.address_conflicts == 3
+
+
+def test_a_peer_that_teaches_dead_addresses_is_ignored_for_a_while() -> None:
+    # Deviation 12: A feeds ids that never answer; after bad_address_limit of them fail,
+    # what A taught is dropped and what it sends is ignored for bad_address_period.
+    core = make(bad_address_limit=3, bad_address_period=60.0)
+    link_up(core, A, B)
+    dead = [peer(f"dead{i}") for i in range(5)]
+    core.handle_message(A, Shuffle(ORIGIN, 0, tuple(dead), 1), 0.0)
+    assert ids(tuple(dead)) <= ids(core.passive)
+    for p in dead[:3]:
+        core._candidate_failed(p.id, 1.0)
+    assert core.stats.teachers_penalised == 1
+    assert not ids(tuple(dead)) & ids(core.passive)
+    core.handle_message(A, Shuffle(ORIGIN, 0, (peer("more"),), 2), 2.0)
+    assert "more" not in ids(core.passive) and core.stats.addresses_ignored == 1
+    # After the period A is heard again; B, which taught nothing bad, always is.
+    core.handle_message(B, Shuffle(ORIGIN, 0, (peer("fromb"),), 3), 2.0)
+    assert "fromb" in ids(core.passive)
+    core.handle_message(A, Shuffle(ORIGIN, 0, (peer("later"),), 4), 62.0)
+    assert "later" in ids(core.passive)
+    core.check_invariants()

@@ -84,6 +84,19 @@ one node at a time) is narrower than ours:
    above this node's `arwl` or `shuffle_ttl` is treated as one of that length (counted in
    ``ttl_clamped``). The paper's nodes all send the configured length; the wire allows 255,
    and a member sending such walks would multiply its messages through the cluster.
+11. One neighbour cannot empty our view: a FORWARD_JOIN that would take its newcomer into
+   a full active view (evicting a member) does so at most `replacement_limit` times per
+   `replacement_period` per sender; past that the newcomer goes to the passive view
+   (``replacements_refused``). The paper trusts every node; a member sending 300
+   FORWARD_JOINs with time to live 0 for made-up nodes replaced the whole active view of
+   its neighbour and made it dial 319 addresses of the member's choosing.
+12. Addresses learned from peers are weighed: an id whose address another known id
+   already uses is not taken (``address_conflicts``: many ids pointing at one host would
+   make us dial it for each), and each passive entry remembers who taught it. A teacher
+   whose entries fail `bad_address_limit` times within `bad_address_period`, with more
+   than three failures for each entry of its that did answer, is penalised for that
+   period: the entries it taught are dropped and the ids it sends are ignored
+   (``teachers_penalised``, ``addresses_ignored``).
 
 Links are ordered (FIFO), which the handshakes above rely on: a peer's ``NeighborReply``
 always arrives before any message it sends us as a neighbor.
@@ -210,6 +223,12 @@ class HyParViewConfig:
     reconnect_backoff_max: float = 30.0
     reconnect_timeout: float = 3600.0
     max_lost: int = 32
+    #: Deviation 11: evictions one sender's FORWARD_JOINs may cause per period.
+    replacement_limit: int = 1
+    replacement_period: float = 10.0
+    #: Deviation 12: failed entries that get their teacher penalised, within the period.
+    bad_address_limit: int = 6
+    bad_address_period: float = 60.0
 
     def __attrs_post_init__(self) -> None:
         if self.active_size < 1:
@@ -267,6 +286,10 @@ class HyParViewConfig:
             )
         if self.max_lost < 0:
             raise ConfigError(f"max_lost must be >= 0, not {self.max_lost}")
+        if self.replacement_limit < 0 or self.bad_address_limit < 1:
+            raise ConfigError("need replacement_limit >= 0 and bad_address_limit >= 1")
+        if not (self.replacement_period > 0 and self.bad_address_period > 0):
+            raise ConfigError("replacement_period and bad_address_period must be > 0")
 
 
 @attrs.define
@@ -303,6 +326,14 @@ class HyParViewStats:
     #: Walks (FORWARD_JOIN, SHUFFLE) that arrived with a longer time to live than this
     #: node's configured walk: cut down to it (deviation 10).
     ttl_clamped: int = 0
+    #: Newcomers sent to the passive view because their sender had used up its evictions
+    #: for the period (deviation 11).
+    replacements_refused: int = 0
+    #: Learned ids refused because another known id has their address (deviation 12).
+    address_conflicts: int = 0
+    #: Teachers penalised for feeding dead or foreign addresses, and ids ignored from them.
+    teachers_penalised: int = 0
+    addresses_ignored: int = 0
 
 
 # --- timers (payloads of SetTimer) ----------------------------------------------------------------
@@ -351,6 +382,18 @@ class _PassiveEntry:
     peer: Peer
     failures: int = 0
     retry_at: float = 0.0
+    #: Who sent us this id (deviation 12); None when we met the peer ourselves.
+    source: str | None = None
+
+
+@attrs.define
+class _Teacher:
+    """What the entries one peer taught us did, in the current period (deviation 12)."""
+
+    since: float
+    failed: int = 0
+    answered: int = 0
+    penalised_until: float = -math.inf
 
 
 @attrs.define
@@ -418,6 +461,10 @@ class HyParView:
         self._lost: dict[str, _Lost] = {}
         self._reconnect_token: int | None = None
         self._reconnected_at = -math.inf
+        #: Deviation 11: when each sender's FORWARD_JOINs last evicted a member.
+        self._replacements: dict[str, list[float]] = {}
+        #: Deviation 12: how the ids each peer taught us fared.
+        self._teachers: dict[str, _Teacher] = {}
 
     # --- read-only views ------------------------------------------------------------------
 
@@ -561,7 +608,7 @@ class HyParView:
             case Shuffle():
                 self._on_shuffle(sender, message, out, now)
             case ShuffleReply():
-                self._on_shuffle_reply(message, out, now)
+                self._on_shuffle_reply(sender, message, out, now)
             case _:
                 pass  # not a membership message: the driver routes those elsewhere
         return out
@@ -657,14 +704,18 @@ class HyParView:
         # p's active view is equal to one, it will add the new node to its active view."
         # Deviation 3: also when there is nobody else to forward the walk to.
         if message.ttl == 0 or len(self._active) <= 1 or not targets:
-            if newcomer.id not in self._active:
-                self._add_active(newcomer, out, now)
-                self._send_neighbor(newcomer, high=True, added=True, out=out)
+            if newcomer.id not in self._active and self._learnable(newcomer, sender.id, now):
+                if self._may_replace(sender.id, now):
+                    self._add_active(newcomer, out, now)
+                    self._send_neighbor(newcomer, high=True, added=True, out=out)
+                else:
+                    self.stats.replacements_refused += 1
+                    self._add_passive(newcomer, source=sender.id)
             return
         # ii) "If the time to live is equal to PRWL, p will insert the new node into its
         # passive view."
-        if message.ttl == self.config.prwl:
-            self._add_passive(newcomer)
+        if message.ttl == self.config.prwl and self._learnable(newcomer, sender.id, now):
+            self._add_passive(newcomer, source=sender.id)
         # iii) + iv): decrement and forward to a random active peer other than the sender.
         target = self._rng.choice(targets)
         self.stats.forward_joins_forwarded += 1
@@ -854,7 +905,7 @@ class HyParView:
         ]
         reply = self._sample(candidates, len(message.peers))
         out.append(Send(sender, ShuffleReply(tuple(reply), message.nonce, origin.id)))
-        self._integrate(message.peers, sent={peer.id for peer in reply})
+        self._integrate(message.peers, sent={peer.id for peer in reply}, source=sender.id, now=now)
 
     def _remember_route(self, origin_id: str, nonce: int, sender: Peer, now: float) -> None:
         routes = self._routes
@@ -874,7 +925,9 @@ class HyParView:
         self.stats.shuffle_replies_routed += 1
         out.append(Send(route[0], message))
 
-    def _on_shuffle_reply(self, message: ShuffleReply, out: list[Effect], now: float) -> None:
+    def _on_shuffle_reply(
+        self, sender: Peer, message: ShuffleReply, out: list[Effect], now: float
+    ) -> None:
         if message.origin and message.origin != self.me.id:
             self._route_reply(message, out, now)
             return
@@ -882,10 +935,12 @@ class HyParView:
         if sent is None:
             return  # unknown or timed-out nonce: not an answer to anything we asked
         self.stats.shuffle_replies += 1
-        self._integrate(message.peers, sent=sent)
+        self._integrate(message.peers, sent=sent, source=sender.id, now=now)
         self._refill(out, now)
 
-    def _integrate(self, peers: Iterable[Peer], sent: Collection[str]) -> None:
+    def _integrate(
+        self, peers: Iterable[Peer], sent: Collection[str], source: str, now: float
+    ) -> None:
         # "...it will first attempt to remove identifiers sent to the peer. If no such
         # identifiers remain in the passive view, it will remove identifiers at random."
         budget = self.config.passive_size
@@ -894,8 +949,77 @@ class HyParView:
                 break
             if peer.id == self.me.id or peer.id in self._active or peer.id in self._passive:
                 continue
+            if not self._learnable(peer, source, now):
+                continue
             budget -= 1
-            self._add_passive(peer, prefer_evict=sent)
+            self._add_passive(peer, prefer_evict=sent, source=source)
+
+    # --- what one peer may do to our views (deviations 11 and 12) -------------------------
+
+    def _may_replace(self, sender_id: str, now: float) -> bool:
+        """Whether `sender_id`'s FORWARD_JOIN may take a newcomer in now (and count it)."""
+        if len(self._active) < self.config.active_size:
+            return True  # a free slot: nobody is evicted
+        period = self.config.replacement_period
+        recent = [t for t in self._replacements.get(sender_id, ()) if t > now - period]
+        if len(recent) >= self.config.replacement_limit:
+            self._replacements[sender_id] = recent
+            return False
+        recent.append(now)
+        self._replacements[sender_id] = recent
+        if len(self._replacements) > 4 * self.config.active_size:
+            # Forget senders with nothing recent: the map stays as small as the views.
+            self._replacements = {
+                k: v for k, v in self._replacements.items() if v[-1] > now - period
+            }
+        return True
+
+    def _learnable(self, peer: Peer, source: str, now: float) -> bool:
+        """Whether to take `peer`, as taught by `source`, into a view."""
+        teacher = self._teachers.get(source)
+        if teacher is not None and teacher.penalised_until > now:
+            self.stats.addresses_ignored += 1
+            return False
+        for known in self._active.values():
+            if known.address == peer.address and known.id != peer.id:
+                self.stats.address_conflicts += 1
+                return False
+        for entry in self._passive.values():
+            if entry.peer.address == peer.address and entry.peer.id != peer.id:
+                self.stats.address_conflicts += 1
+                return False
+        return True
+
+    def _teacher(self, source: str, now: float) -> _Teacher:
+        teacher = self._teachers.get(source)
+        if teacher is None or (
+            teacher.since <= now - self.config.bad_address_period and teacher.penalised_until <= now
+        ):
+            teacher = self._teachers[source] = _Teacher(since=now)
+            if len(self._teachers) > 2 * self.config.passive_size:
+                cutoff = now - self.config.bad_address_period
+                self._teachers = {
+                    k: t
+                    for k, t in self._teachers.items()
+                    if t.since > cutoff or t.penalised_until > now
+                }
+                self._teachers[source] = teacher
+        return teacher
+
+    def _taught_entry_failed(self, entry: _PassiveEntry, now: float) -> None:
+        if entry.source is None or entry.failures != 1:
+            return  # counted once per entry
+        teacher = self._teacher(entry.source, now)
+        teacher.failed += 1
+        if (
+            teacher.failed >= self.config.bad_address_limit
+            and teacher.failed > 3 * teacher.answered
+        ):
+            self.stats.teachers_penalised += 1
+            teacher.penalised_until = now + self.config.bad_address_period
+            taught = [pid for pid, e in self._passive.items() if e.source == entry.source]
+            for pid in taught:
+                del self._passive[pid]
 
     # --- view operations ------------------------------------------------------------------
 
@@ -906,7 +1030,9 @@ class HyParView:
         if len(self._active) >= self.config.active_size:
             victim = self._rng.choice([p for p in self._active.values() if p.id != peer.id])
             self._evict(victim, out, now)
-        self._passive.pop(peer.id, None)
+        entry = self._passive.pop(peer.id, None)
+        if entry is not None and entry.source is not None:
+            self._teacher(entry.source, now).answered += 1
         self._lost.pop(peer.id, None)
         self._active[peer.id] = peer
         if len(self._active) >= min(self.config.min_active, self.config.active_size):
@@ -925,7 +1051,9 @@ class HyParView:
         if entry is not None:
             entry.retry_at = now + self.config.backoff_base
 
-    def _add_passive(self, peer: Peer, prefer_evict: Collection[str] = ()) -> _PassiveEntry | None:
+    def _add_passive(
+        self, peer: Peer, prefer_evict: Collection[str] = (), source: str | None = None
+    ) -> _PassiveEntry | None:
         """Put `peer` in the passive view (or return its entry); None if it cannot be there."""
         if peer.id == self.me.id or peer.id in self._active:
             return None
@@ -939,7 +1067,7 @@ class HyParView:
             if not victims:
                 victims = list(self._passive)
             del self._passive[self._rng.choice(victims)]
-        entry = _PassiveEntry(peer)
+        entry = _PassiveEntry(peer, source=source)
         self._passive[peer.id] = entry
         return entry
 
@@ -965,6 +1093,9 @@ class HyParView:
 
     def _record_failure(self, entry: _PassiveEntry, now: float) -> None:
         entry.failures += 1
+        self._taught_entry_failed(entry, now)
+        if entry.peer.id not in self._passive:
+            return  # its teacher was penalised: the entry went with the others it taught
         if entry.failures >= self.config.max_failures:
             self.stats.forgotten += 1
             del self._passive[entry.peer.id]

@@ -128,16 +128,16 @@ async def test_garbage_before_and_after_the_handshake_is_refused_and_counted(
     async with trio.open_nursery() as nursery:
         c = Cluster(nursery, net)
         a = await c.start("a")
-        # Before the handshake: random bytes, then silence (the handshake deadline).
+        # Before the handshake: random bytes, then silence (the hello deadline).
         async with net.transport("x1").open_connection(a.address, timeout=5) as conn:
             await conn.send(rng.randbytes(100))
             with trio.fail_after(5):
                 await wait_until(lambda: "malformed" in a.stats()["handshakes_refused"])
         async with net.transport("x2").open_connection(a.address, timeout=5):
-            with trio.fail_after(a.config.link.handshake_timeout + 1):
-                await wait_until(lambda: "timeout" in a.stats()["handshakes_refused"])
+            with trio.fail_after(a.config.link.hello_timeout + 1):
+                await wait_until(lambda: "silent" in a.stats()["handshakes_refused"])
         refused = a.stats()["handshakes_refused"]
-        assert refused.get("malformed", 0) == 1 and refused.get("timeout", 0) == 1
+        assert refused.get("malformed", 0) == 1 and refused.get("silent", 0) == 1
         # After the handshake: random, truncated, mutated, deep and oversized frames.
         good = encode_frame([Gossip(MessageId("x3", 1, 1), 1, "t", b"\xa0")])
         deep = b"\x82\x01" + b"\x81" * 40 + b"\x00"

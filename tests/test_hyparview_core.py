@@ -998,6 +998,11 @@ def test_an_address_held_by_another_id_is_not_learned() -> None:
     assert {"c", "d"} <= ids(core.passive)
     assert not {"c2", "c3", "a2"} & ids(core.passive)
     assert core.stats.address_conflicts == 3
+    # Once the id we knew there fails to answer, a new id at that address replaces it (a
+    # node restarted under another name).
+    core._candidate_failed("c", 1.0)
+    core.handle_message(A, ForwardJoin(Peer("c4", C.address), core.config.prwl), 1.0)
+    assert "c4" in ids(core.passive) and "c" not in ids(core.passive)
 
 
 def test_a_peer_that_teaches_dead_addresses_is_ignored_for_a_while() -> None:
@@ -1006,17 +1011,17 @@ def test_a_peer_that_teaches_dead_addresses_is_ignored_for_a_while() -> None:
     core = make(bad_address_limit=3, bad_address_period=60.0)
     link_up(core, A, B)
     dead = [peer(f"dead{i}") for i in range(5)]
-    core.handle_message(A, Shuffle(ORIGIN, 0, tuple(dead), 1), 0.0)
+    core.handle_message(B, Shuffle(A, 0, tuple(dead), 1), 0.0)  # A chose them, B relays
     assert ids(tuple(dead)) <= ids(core.passive)
     for p in dead[:3]:
         core._candidate_failed(p.id, 1.0)
     assert core.stats.teachers_penalised == 1
     assert not ids(tuple(dead)) & ids(core.passive)
-    core.handle_message(A, Shuffle(ORIGIN, 0, (peer("more"),), 2), 2.0)
+    core.handle_message(A, Shuffle(A, 0, (peer("more"),), 2), 2.0)
     assert "more" not in ids(core.passive) and core.stats.addresses_ignored == 1
-    # After the period A is heard again; B, which taught nothing bad, always is.
-    core.handle_message(B, Shuffle(ORIGIN, 0, (peer("fromb"),), 3), 2.0)
+    # B, which only relayed, is heard; after the period A is heard again.
+    core.handle_message(A, Shuffle(B, 0, (peer("fromb"),), 3), 2.0)
     assert "fromb" in ids(core.passive)
-    core.handle_message(A, Shuffle(ORIGIN, 0, (peer("later"),), 4), 62.0)
+    core.handle_message(A, Shuffle(A, 0, (peer("later"),), 4), 62.0)
     assert "later" in ids(core.passive)
     core.check_invariants()

@@ -56,6 +56,10 @@ async def test_a_flood_of_forward_joins_and_shuffles_cannot_eclipse_a_node(
             for i in range(200):
                 peers = tuple(fakes[300 + (i * 8 + j) % 200] for j in range(8))
                 await conn.send(encode_frame([Shuffle(Peer("evil", "mem://evil"), 0, peers, i)]))
+            # An address with a path of the attacker's choosing is refused at decoding:
+            # a node is only ever dialed at its root.
+            rejected = victim.stats()["rejected"].get("field", 0)
+            await conn.send(encode_frame([ForwardJoin(Peer("p", "ws://10.9.9.9:80/admin"), 0)]))
             # Watch the victim for a minute while it digests that.
             while trio.current_time() - start < 60:
                 lowest = min(lowest, _honest(victim, honest))
@@ -63,6 +67,7 @@ async def test_a_flood_of_forward_joins_and_shuffles_cannot_eclipse_a_node(
             elapsed = trio.current_time() - start
         stats = victim.stats()
         core = victim.membership.core.stats
+        assert stats["rejected"].get("field", 0) == rejected + 1
         assert lowest >= 3, f"the victim kept {lowest} honest neighbours"
         assert core.replacements_refused >= 290
         # Dials stay under the documented budget: link.dial_burst + link.dial_rate * time.

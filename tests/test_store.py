@@ -73,7 +73,9 @@ async def test_reopen_after_close_gives_the_same_entries(tmp_path: Path) -> None
     await store.write(MIXED[:5])
     await store.write(MIXED[5:])
     await store.aclose()
-    assert sorted(os.listdir(tmp_path)) == ["m.sqlite3"], "no log or temporary file left"
+    assert sorted(os.listdir(tmp_path)) == ["m.sqlite3", "m.sqlite3.commits"], (
+        "no log or temporary file left"
+    )
     async with await MapStore.open(path, name="m") as again:
         assert as_dict(await again.load()) == as_dict(MIXED)
 
@@ -210,7 +212,7 @@ async def test_a_damaged_file_is_reported_and_left_untouched(
     message = str(info.value)
     assert str(path) in message and "corrupt" in message and "left as is" in message
     assert path.read_bytes() == damaged
-    assert sorted(os.listdir(tmp_path)) == ["m.sqlite3"]
+    assert sorted(os.listdir(tmp_path)) == ["m.sqlite3", "m.sqlite3.commits"]
 
 
 async def _with_raw_row(path: Path, key: bytes, entry: Any) -> None:
@@ -314,7 +316,7 @@ async def test_creation_is_whole_or_absent(tmp_path: Path) -> None:
     (tmp_path / ".m.sqlite3.creating-wal").write_bytes(b"its log")
     async with await MapStore.open(tmp_path / "m.sqlite3", name="m") as store:
         assert await store.load() == []
-    assert sorted(os.listdir(tmp_path)) == ["m.sqlite3"]
+    assert sorted(os.listdir(tmp_path)) == ["m.sqlite3", "m.sqlite3.commits"]
     with pytest.raises(StoreError, match="creating failed"):
         await MapStore.open(tmp_path / "missing-dir" / "m.sqlite3", name="m")
     with pytest.raises(StoreError, match="not a regular file"):
@@ -513,3 +515,74 @@ def test_load_gives_the_last_write_of_every_key(
     with tempfile.TemporaryDirectory() as directory:
         loaded = trio.run(scenario, Path(directory) / "m.sqlite3")
     assert _canonical(loaded) == _canonical(list(expected.values()))
+
+
+def _flip_a_byte_midway(path: Path) -> int:
+    """Damage `path` in its middle; return its size."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return len(data)
+
+
+def _crash_copy(path: Path, into: Path) -> Path:
+    """The store's files as a crash would leave them (the log not folded into the file)."""
+    into.mkdir()
+    for suffix in ("", "-wal", ".commits"):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            Path(f"{into / path.name}{suffix}").write_bytes(source.read_bytes())
+    return into / path.name
+
+
+async def test_a_damaged_log_is_reported_as_lost_commits_until_cleared(tmp_path: Path) -> None:
+    # Issue 17: one byte flipped in the log after kill -9 lost acknowledged puts silently.
+    path = tmp_path / "m.db"
+    store = await MapStore.open(path, name="m")
+    for i in range(300):
+        await store.write([(f"k{i}", v(i, wall=i + 1))])
+    crashed = _crash_copy(path, tmp_path / "crash")
+    await store.aclose()
+    assert _flip_a_byte_midway(Path(f"{crashed}-wal")) > 4096, "needs writes still in the log"
+    reopened = await MapStore.open(crashed, name="m")
+    try:
+        kept = len(await reopened.load())
+        assert kept < 300
+        # At least one transaction per lost put (each put was its own transaction).
+        assert reopened.lost_commits >= 300 - kept
+    finally:
+        await reopened.aclose()
+    # The loss is remembered across restarts until the owner has pulled the writes back.
+    again = await MapStore.open(crashed, name="m")
+    try:
+        assert again.lost_commits >= 300 - kept
+        await again.clear_lost()
+        assert again.lost_commits == 0
+    finally:
+        await again.aclose()
+    clean = await MapStore.open(crashed, name="m")
+    assert clean.lost_commits == 0
+    await clean.aclose()
+
+
+async def test_an_intact_store_reports_no_loss_across_crashes(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    store = await MapStore.open(path, name="m")
+    for i in range(50):
+        await store.write([(f"k{i}", v(i, wall=i + 1))])
+    crashed = _crash_copy(path, tmp_path / "crash")
+    await store.aclose()
+    for where in (path, crashed):
+        reopened = await MapStore.open(where, name="m")
+        assert reopened.lost_commits == 0 and len(await reopened.load()) == 50
+        await reopened.aclose()
+
+
+async def test_a_store_made_anew_does_not_inherit_an_old_count(tmp_path: Path) -> None:
+    # The store was moved away (say, after StoreCorrupt): the new one lost nothing.
+    path = tmp_path / "m.sqlite3"
+    async with await MapStore.open(path, name="m") as store:
+        await store.write([("k", v(1))])
+    path.rename(tmp_path / "moved.sqlite3")
+    async with await MapStore.open(path, name="m") as store:
+        assert store.lost_commits == 0 and await store.load() == []

@@ -46,6 +46,7 @@ from trio_replica.messages import (
     SyncDigest,
     SyncRequest,
     Welcome,
+    valid_node_id,
 )
 from trio_replica.wire import (
     PROTOCOL_VERSION,
@@ -58,13 +59,15 @@ from trio_replica.wire import (
     strict_loads,
 )
 
-ids = st.text(min_size=1, max_size=20)
+# Node ids (and tags, names: the same strings do for them).
+ids = st.text(min_size=1, max_size=20).filter(valid_node_id)
 u64 = st.integers(0, 2**64 - 1)
 addresses = st.one_of(
     st.builds(
         "ws://{}:{}".format,
-        st.from_regex(r"[a-z0-9]{1,20}(\.[a-z0-9]{1,10}){0,2}", fullmatch=True),
-        st.integers(0, 65535),
+        # Names: an all-digit host is an IPv4 address to the resolver ("0" is 0.0.0.0).
+        st.from_regex(r"[a-z][a-z0-9]{0,19}(\.[a-z0-9]{1,10}){0,2}", fullmatch=True),
+        st.integers(1, 65535),
     ),
     st.from_regex(r"mem://[a-z0-9]{1,20}", fullmatch=True),
 )
@@ -214,9 +217,18 @@ _HEAD = bytes([0x82, PROTOCOL_VERSION])
         (_frame([11, ["a", "ws://" + "a" * 70 + ".example:80"], 3]), "field"),  # bad DNS label
         (_frame([11, ["a", "http://x:1"], 3]), "field"),
         (_frame([11, ["a", "ws://x"], 3]), "field"),  # no port
+        # Learned addresses are dialed: only a node's root, on a host one can dial.
+        (_frame([11, ["a", "ws://x:1/admin?x=1"], 3]), "field"),
+        (_frame([11, ["a", "ws://user@x:1"], 3]), "field"),
+        (_frame([11, ["a", "ws://x:0"], 3]), "field"),
+        (_frame([11, ["a", "ws://0.0.0.0:80"], 3]), "field"),
+        (_frame([11, ["a", "ws://[::]:80"], 3]), "field"),
+        (_frame([11, ["a", "ws://224.0.0.1:80"], 3]), "field"),
         (_frame([11, ["a"], 3]), "field"),
-        (_frame([20, ["a", 1, 2], 0, "t", "not bytes", False]), "field"),
-        (_frame([20, ["a", 1, 2], 0, "t", b"x", "not a bool"]), "field"),
+        (_frame([20, ["a", 1, 2], 0, "t", "not bytes", False, b""]), "field"),
+        (_frame([20, ["a", 1, 2], 0, "t", b"x", "not a bool", b""]), "field"),
+        (_frame([20, ["a", 1, 2], 0, "t", b"x", False, b"short signature"]), "field"),
+        (_frame([20, ["a b", 1, 2], 0, "t", b"x", False, b""]), "field"),  # not a node id
         (_frame([21, [[["a", 1, 2], 0]] * (MAX_IHAVE_ENTRIES + 1)]), "field"),
         (_frame([32, "m", 1, 0, [0], [], []]), "field"),  # level 0: nothing to compare
         (_frame([32, "m", 1, 5, [0], [], []]), "field"),  # below the leaves
@@ -249,6 +261,11 @@ def test_malformed_frames_are_refused_with_a_reason(blob: bytes, reason: str) ->
     with pytest.raises(WireError) as info:
         decode_frame(blob)
     assert info.value.reason == reason
+
+
+def test_a_node_address_may_end_with_a_slash() -> None:
+    (message,) = decode_frame(_frame([11, ["a", "ws://x:1/"], 3]))
+    assert message == ForwardJoin(Peer("a", "ws://x:1/"), 3)
 
 
 def test_deep_nesting_is_refused() -> None:

@@ -21,6 +21,8 @@ exception group).
 
 from __future__ import annotations
 
+import collections
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -117,6 +119,68 @@ class Transport(Protocol):
         `serve` stops listening and cancels the running handlers.
         """
         ...
+
+
+class Refusals:
+    """Connections refused before anyone proved who they are, by reason.
+
+    Each refusal is counted; a log line goes out at most once per `period` per reason, with
+    how many there were since the last one: a flood of connections must not become a
+    flood of log lines (issue 17 measured 72 tracebacks in 10 s from one).
+    """
+
+    def __init__(self, log: logging.Logger, what: str, period: float = 10.0) -> None:
+        self._log = log
+        self._what = what
+        self._period = period
+        #: Refusals by reason, since the start (for metrics).
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._unlogged: collections.Counter[str] = collections.Counter()
+        self._logged_at: dict[str, float] = {}
+
+    def refuse(self, reason: str, remote: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        self._unlogged[reason] += 1
+        now = trio.current_time()
+        last = self._logged_at.get(reason)
+        if last is not None and now - last < self._period:
+            return
+        count = self._unlogged.pop(reason)
+        self._logged_at[reason] = now
+        if last is None:
+            self._log.warning(
+                "%s refused a connection from %s (%s)%s", self._what, remote, reason, detail
+            )
+        else:
+            self._log.warning(
+                "%s refused %d connections (%s) in the last %.0f s; the latest from %s%s",
+                self._what,
+                count,
+                reason,
+                now - last,
+                remote,
+                detail,
+            )
+
+
+def remote_host(remote: str) -> str:
+    """Who is on the other end, for per-address limits: the host of a connection's
+    `remote` (``ws://1.2.3.4:5`` -> ``1.2.3.4``); for IPv6 its /64 network, which one
+    holder usually has whole (one address each would be no limit at all)."""
+    rest = remote.split("://", 1)[-1]
+    if rest.startswith("["):
+        host = rest[1:].split("]", 1)[0]
+    else:
+        host = rest.rsplit(":", 1)[0] if rest.count(":") == 1 else rest
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 async def run_handler(handler: Handler, conn: Connection, *, log: logging.Logger) -> bool:

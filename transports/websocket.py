@@ -32,6 +32,7 @@ must `aclose` it. The runtime has one writer task per link, so this ends that li
 
 from __future__ import annotations
 
+import collections
 import logging
 import ssl
 import urllib.parse
@@ -47,7 +48,7 @@ from wsproto.utilities import LocalProtocolError
 from trio_replica.errors import MessageTooLarge
 from trio_replica.wire import DEFAULT_MAX_FRAME
 
-from .base import ConnectError, Handler, TransportClosed, run_handler
+from .base import ConnectError, Handler, Refusals, TransportClosed, remote_host, run_handler
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +266,11 @@ class WebsocketTransport:
       connection with code 1009.
     - `disconnect_timeout`: bound on a graceful close before the stream is cut.
     - `handshake_timeout`: how long an accepted client has to finish TLS and the upgrade.
+    - `max_pending`, `max_pending_per_host`: accepted connections that have not finished
+      the upgrade yet, in all and from one remote address; more are closed at once
+      (counted in `refusals`, logged once per period). Without them, idle TCP connections
+      held file descriptors until the process could accept nothing (issue 17: 1,100 idle
+      connections, EMFILE, every new session failed).
     - `message_queue_size`: messages trio-websocket buffers ahead of `receive`.
     - `receive_buffer_size`: bytes read from the socket at a time.
     """
@@ -274,12 +280,19 @@ class WebsocketTransport:
     max_frame: int = attrs.field(default=DEFAULT_MAX_FRAME, validator=attrs.validators.gt(0))
     #: trio-websocket waits 60 s by default; a peer that will not close is cut after this.
     disconnect_timeout: float = attrs.field(default=2.0, validator=attrs.validators.gt(0))
-    handshake_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    handshake_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    max_pending: int = attrs.field(default=512, validator=attrs.validators.gt(0))
+    max_pending_per_host: int = attrs.field(default=64, validator=attrs.validators.gt(0))
     message_queue_size: int = attrs.field(default=1, validator=attrs.validators.ge(0))
     #: trio-websocket reads 4 KiB at a time by default: slow for frames of up to a megabyte.
     receive_buffer_size: int = attrs.field(default=64 * 1024, validator=attrs.validators.gt(0))
     schemes: tuple[str, ...] = attrs.field(default=SCHEMES, init=False)
     counters: WebsocketCounters = attrs.field(factory=WebsocketCounters, init=False)
+    #: Connections closed before the upgrade because of the bounds above, by reason.
+    refusals: Refusals = attrs.field(
+        factory=lambda: Refusals(logger, "websocket listener"), init=False
+    )
+    _pending: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _default_client_ssl: ssl.SSLContext | None = attrs.field(default=None, init=False)
 
     # --- dialing -----------------------------------------------------------------------------
@@ -439,10 +452,24 @@ class WebsocketTransport:
             logger.info("listening on %s", bound.url)
             task_status.started(bound.url)
 
+    def _admit(self, host: str) -> str | None:
+        """Why a new connection from `host` is refused before its upgrade, or None."""
+        if self._pending.total() >= self.max_pending:
+            return "pending_full"
+        if self._pending[host] >= self.max_pending_per_host:
+            return "pending_per_host"
+        return None
+
     async def _serve_stream(
         self, stream: _Stream, handler: Handler, bound: WebsocketAddress
     ) -> None:
         peer = _peer_of(stream)
+        host = remote_host(peer)
+        refused = self._admit(host)
+        if refused is not None:
+            self.refusals.refuse(refused, peer)
+            await trio.aclose_forcefully(stream)
+            return
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -465,6 +492,8 @@ class WebsocketTransport:
     ) -> WebsocketConnection | None:
         """TLS and the upgrade for one accepted stream, under `handshake_timeout`."""
         reader = _GuardedReader(nursery=nursery, stream=stream, peer=peer)
+        host = remote_host(peer)
+        self._pending[host] += 1
         try:
             with trio.fail_after(self.handshake_timeout):
                 if isinstance(stream, trio.SSLStream):
@@ -491,6 +520,10 @@ class WebsocketTransport:
             self.counters.handshake_failures += 1
             logger.info("handshake with %s failed: %r", peer, exc.__cause__ or exc)
             return None
+        finally:
+            self._pending[host] -= 1
+            if not self._pending[host]:
+                del self._pending[host]
         if reader.handshake_scope.cancelled_caught:
             self.counters.handshake_failures += 1
             logger.info("handshake with %s failed: %s", peer, reader.failure)

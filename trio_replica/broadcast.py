@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from transports.base import Refusals
+
 from .component import Component
 from .core.effects import Effect, Emit, Send, SetTimer
 from .core.plumtree import GraftTimer, Plumtree
@@ -43,6 +45,7 @@ from .flow import (
     QueueingDelay,
     WritePacer,
 )
+from .identity import gossip_signer
 from .messages import Gossip, Message, MessageId, Peer
 from .wire import decode_payload
 
@@ -93,6 +96,8 @@ class Broadcast(Component):
             on_taken=node.input_processed,
         )
         self.node = node
+        #: Broadcasts refused for their signature: counted each, logged once a period.
+        self.refusals = Refusals(log, f"node {node.id} broadcast")
         self._make_core = make_core
         self.core = self._new_core()
         self._subscribers: dict[str, _TagFeeds] = {}
@@ -178,6 +183,14 @@ class Broadcast(Component):
         self, sender: Peer, message: Gossip
     ) -> Callable[[float], list[Effect]] | None:
         """Validate a GOSSIP payload now; return the input to post, or None if rejected."""
+        if self.node.config.identity.require_signatures and not self.core.has_seen(message.id):
+            refused = self._unsigned(message)
+            if refused is not None:
+                # Not delivered, not forwarded: a neighbour that relays it learns nothing
+                # from us, and the origin it names is not impersonated here.
+                self.node.stats_counters.reject(refused)
+                self.refusals.refuse(refused, f"{message.id} from {sender}")
+                return None
         try:
             value = decode_payload(message.payload, max_size=self.node.config.max_payload)
         except WireError as exc:
@@ -193,15 +206,33 @@ class Broadcast(Component):
 
         return run
 
+    def _unsigned(self, message: Gossip) -> str | None:
+        """Why a broadcast's signature is not acceptable (a counter label), or None."""
+        if not message.signature:
+            return "gossip_unsigned"
+        mid = message.id
+        key = gossip_signer(
+            message.signature, mid.origin, mid.stamp, mid.nonce, message.tag, message.payload
+        )
+        if key is None:
+            return "gossip_bad_signature"
+        if mid.origin == self.node.id:
+            return None if key == self.node.public_key else "gossip_origin_key"
+        return None if self.node.trust.allows(mid.origin, key) else "gossip_origin_key"
+
     def receive(self, sender: Peer, message: Message) -> Callable[[float], list[Effect]]:
         return lambda now: self.core.handle_message(sender, message, now)
 
     def originate(
         self, id: MessageId, tag: str, payload: bytes, value: Any
     ) -> Callable[[float], list[Effect]]:
+        signature = b""
+        if self.node.config.identity.sign_broadcasts:
+            signature = self.node.sign_gossip(id, tag, payload)
+
         def run(now: float) -> list[Effect]:
             self._values[id] = value
-            return self.core.broadcast(id, tag, payload, now)
+            return self.core.broadcast(id, tag, payload, now, signature)
 
         return run
 

@@ -36,7 +36,9 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .config import NodeConfig, normalize_address
 from .control import ControlClient, open_control
@@ -89,6 +91,12 @@ def _add_auth(p: argparse.ArgumentParser) -> None:
         "--secret-file",
         help="file holding the cluster secret (at least 16 bytes); further lines are older or "
         "newer secrets still accepted from peers, for rotating it",
+    )
+    p.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="this side's Ed25519 key (PEM, made if missing): a node's identity.key_file; "
+        "a client's key, which nodes with an allow-list must list",
     )
     p.add_argument("--tls-ca", metavar="FILE", help="CA bundle that signs the nodes' certificates")
     p.add_argument(
@@ -334,7 +342,11 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, dict[str, Any]]:
         server_ssl=server_ssl,
         client_ssl=client_ssl,
     )
-    return apply_settings(base, settings), own
+    config = apply_settings(base, settings)
+    if args.key_file is not None:
+        identity = attrs.evolve(config.identity, key_file=Path(args.key_file))
+        config = attrs.evolve(config, identity=identity)
+    return config, own
 
 
 def _merge_tables(into: dict[str, Any], more: dict[str, Any]) -> None:
@@ -430,7 +442,16 @@ def _open_control(args: argparse.Namespace) -> AbstractAsyncContextManager[Contr
         secret=_read_secret(args.secret_file),
         client_ssl=_tls(args)[1],
         timeout=args.timeout,
+        key=_client_key(args.key_file),
     )
+
+
+def _client_key(path: str | None) -> Ed25519PrivateKey | None:
+    if path is None:
+        return None
+    from .identity import load_or_create_key
+
+    return load_or_create_key(Path(path))
 
 
 async def _run_status(args: argparse.Namespace) -> int:

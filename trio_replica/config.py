@@ -26,7 +26,7 @@ from .health import HealthConfig
 from .identity import IdentityConfig
 from .leader import LeaderConfig
 from .link import LinkConfig
-from .messages import MAX_CLUSTER, MAX_NODE_ID
+from .messages import MAX_CLUSTER, MAX_NODE_ID, valid_node_id
 from .registry import RegistryConfig
 from .reminders import ReminderConfig
 from .replica import ReplicaConfig
@@ -144,8 +144,10 @@ class NodeConfig:
     rng_seed: int | None = None
 
     def __attrs_post_init__(self) -> None:
-        if not 0 < len(self.name) <= MAX_NODE_ID:
-            raise ConfigError(f"name must be 1 to {MAX_NODE_ID} characters")
+        if not valid_node_id(self.name):
+            raise ConfigError(
+                f"name must be 1 to {MAX_NODE_ID} printable characters, without spaces or '#'"
+            )
         if not 0 < len(self.cluster) <= MAX_CLUSTER:
             raise ConfigError(f"cluster must be 1 to {MAX_CLUSTER} characters")
         object.__setattr__(self, "listen", normalize_address(self.listen))

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from transports.base import ConnectError, Transport
 
@@ -227,14 +228,19 @@ async def open_control(
     secret: bytes | None = None,
     client_ssl: ssl.SSLContext | None = None,
     timeout: float = 5.0,
+    key: Ed25519PrivateKey | None = None,
 ) -> AsyncIterator[ControlClient]:
-    """Connect to the node at `address` as a control client."""
+    """Connect to the node at `address` as a control client.
+
+    `key` is the client's Ed25519 key (a fresh one if None); a node whose trust mode is
+    ``allowlist`` accepts only clients whose key its allow-list holds.
+    """
     if transport is None:
         from transports.websocket import WebsocketTransport
 
         transport = WebsocketTransport(client_ssl=client_ssl)
     me = Peer(f"client-{secrets.token_hex(4)}", "")
-    creds = Credentials(cluster, secret or b"", me)
+    creds = Credentials(cluster, secret or b"", me, key=key or Ed25519PrivateKey.generate())
     try:
         async with transport.open_connection(address, timeout=timeout) as conn:
             try:

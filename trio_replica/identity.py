@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import os
 import struct
 import time
@@ -41,7 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import ConfigError
-from .messages import ENDORSEMENT_BYTES, KEY_BYTES
+from .messages import ENDORSEMENT_BYTES, GOSSIP_SIGNATURE_BYTES, KEY_BYTES, valid_node_id
 
 log = logging.getLogger("trio_replica.identity")
 
@@ -125,7 +126,9 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     key = Ed25519PrivateKey.generate()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A leftover keeps its mode under O_CREAT: start afresh so the key is never readable.
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, key_pem(key))
         os.fsync(fd)
@@ -140,6 +143,8 @@ def node_key(config: IdentityConfig, data_dir: Path | None) -> Ed25519PrivateKey
     """The node's key: the configured one, else ``data_dir/node.key``, else a fresh one."""
     if config.key is not None:
         return load_private_key(config.key)
+    if config.key_file is not None:
+        return load_or_create_key(config.key_file)
     if data_dir is not None:
         return load_or_create_key(data_dir / KEY_FILE)
     if config.trust != TrustMode.SECRET:
@@ -148,6 +153,31 @@ def node_key(config: IdentityConfig, data_dir: Path | None) -> Ed25519PrivateKey
             "peers that pinned it will refuse the node after a restart"
         )
     return Ed25519PrivateKey.generate()
+
+
+def _gossip_signed(origin: str, stamp: int, nonce: int, tag: str, payload: bytes) -> bytes:
+    parts = [b"trio_replica gossip v1", origin.encode(), tag.encode(), payload]
+    head = struct.pack(">QQ", stamp, nonce)
+    return head + b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def sign_gossip(
+    key: Ed25519PrivateKey, origin: str, stamp: int, nonce: int, tag: str, payload: bytes
+) -> bytes:
+    """What a signed broadcast carries: our public key and its signature of the message."""
+    return public_bytes(key) + key.sign(_gossip_signed(origin, stamp, nonce, tag, payload))
+
+
+def gossip_signer(
+    signature: bytes, origin: str, stamp: int, nonce: int, tag: str, payload: bytes
+) -> bytes | None:
+    """The key that signed a broadcast, if the signature is valid; else None."""
+    if len(signature) != GOSSIP_SIGNATURE_BYTES:
+        return None
+    key, sig = signature[:KEY_BYTES], signature[KEY_BYTES:]
+    if not verify(key, sig, _gossip_signed(origin, stamp, nonce, tag, payload)):
+        return None
+    return key
 
 
 def _endorsed(cluster: str, node_id: str, new: bytes, until_ms: int) -> bytes:
@@ -194,7 +224,8 @@ class IdentityConfig:
         default=None, repr=False
     )
     rotate_until: float | None = None
-    #: The same two keys as PEM files (what a config file or the command line gives).
+    #: The same two keys as PEM files (what a config file or the command line gives);
+    #: `key_file` is made (mode 0600) if it does not exist.
     key_file: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     previous_key_file: Path | None = attrs.field(
         default=None, converter=attrs.converters.optional(Path)
@@ -203,9 +234,12 @@ class IdentityConfig:
     trust: str = TrustMode.SECRET
     #: Directory of ``*.keys`` files for ``allowlist``.
     allowlist: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
-    #: Sign every broadcast this node originates and accept only signed broadcasts whose
-    #: signature matches the origin's key (README "Security": the cost per broadcast).
+    #: Sign every broadcast this node originates (its key and signature travel with it),
+    #: and refuse broadcasts that are unsigned, signed by a key the trust store does not
+    #: give their origin, or carry map writes of another writer than their origin. Turn on
+    #: signing everywhere first, then requiring (README "Security": the cost).
     sign_broadcasts: bool = False
+    require_signatures: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.trust not in TrustMode.ALL:
@@ -218,10 +252,14 @@ class IdentityConfig:
             raise ConfigError("give identity.previous_key or identity.previous_key_file, not both")
         if self.previous_key_file is not None and self.previous_key is None:
             object.__setattr__(self, "previous_key", self.previous_key_file)
-        if self.key_file is not None and self.key is None:
-            object.__setattr__(self, "key", self.key_file)
         if (self.previous_key is None) != (self.rotate_until is None):
             raise ConfigError("identity.previous_key and identity.rotate_until go together")
+        if self.require_signatures and self.trust != TrustMode.ALLOWLIST:
+            raise ConfigError(
+                "identity.require_signatures needs trust = allowlist: a broadcast reaches "
+                "nodes that never met its origin, and only an allow-list tells them its key "
+                "(under tofu the first key seen would decide, and a member could be first)"
+            )
 
 
 @attrs.define
@@ -260,13 +298,15 @@ class TrustStore:
         self._allow_mtime: float | None = None
         self._allow_checked = -1.0
         if mode == TrustMode.TOFU and known_file is not None and known_file.exists():
-            self._pins = self._read(known_file, allow_until=True)
+            self._pins = self._read(known_file, several=False)
         if mode == TrustMode.ALLOWLIST:
             self._load_allowlist()
 
     # --- files -----------------------------------------------------------------------------
 
-    def _read(self, path: Path, *, allow_until: bool) -> dict[str, _Pin]:
+    def _read(self, path: Path, *, several: bool) -> dict[str, _Pin]:
+        """Pins from a ``known_nodes`` or allow-list file; `several`: an id may have more
+        than one current key (allow-lists only; in ``known_nodes`` it means tampering)."""
         pins: dict[str, _Pin] = {}
         try:
             text = path.read_text()
@@ -278,7 +318,7 @@ class TrustStore:
                 continue
             fields = line.split()
             until: float | None = None
-            if len(fields) == 3 and allow_until and fields[2].startswith("until="):
+            if len(fields) == 3 and fields[2].startswith("until="):
                 try:
                     until = float(fields[2].removeprefix("until="))
                 except ValueError:
@@ -286,6 +326,8 @@ class TrustStore:
             elif len(fields) != 2:
                 raise ConfigError(f"{path}:{number}: expected '<node-id> <key> [until=<secs>]'")
             node_id, key = fields[0], parse_key(fields[1])
+            if not valid_node_id(node_id):
+                raise ConfigError(f"{path}:{number}: {node_id!r:.60} is not a node id")
             pin = pins.get(node_id)
             if until is not None:
                 if pin is None:
@@ -296,10 +338,12 @@ class TrustStore:
                     pins[node_id] = _Pin(key)
                 else:
                     pin.key = key
-            else:
+            elif several:
                 # An allow-list may list several current keys for an id (a rotation whose
                 # window the operator ends by editing the file): keep them all.
                 pin.previous[key] = float("inf")
+            else:
+                raise ConfigError(f"{path}:{number}: a second current key for {node_id!r}")
         return pins
 
     def _load_allowlist(self) -> None:
@@ -308,7 +352,7 @@ class TrustStore:
             raise ConfigError(f"allow-list directory {self._allowlist} does not exist")
         pins: dict[str, _Pin] = {}
         for path in sorted(self._allowlist.glob("*.keys")):
-            for node_id, pin in self._read(path, allow_until=True).items():
+            for node_id, pin in self._read(path, several=True).items():
                 mine = pins.setdefault(node_id, _Pin(b""))
                 if pin.key and not mine.key:
                     mine.key = pin.key
@@ -346,7 +390,12 @@ class TrustStore:
                 lines.append(f"{node_id} {format_key(key)} until={until:.3f}")
         tmp = self._known_file.with_name(self._known_file.name + ".tmp")
         try:
-            tmp.write_text("\n".join(lines) + "\n")
+            # Flushed before the rename: a crash must not leave an empty file (every pin
+            # forgotten, every key trusted afresh).
+            with tmp.open("w") as out:
+                out.write("\n".join(lines) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(tmp, self._known_file)
         except OSError as exc:
             log.error("cannot save pinned keys to %s: %s", self._known_file, exc)
@@ -357,10 +406,19 @@ class TrustStore:
         pin = self._pins.get(node_id)
         return pin.key if pin is not None and pin.key else None
 
+    def knows_key(self, key: bytes) -> bool:
+        """Whether an allow-list lists `key` (for any id, current or within its window)."""
+        self._refresh_allowlist()
+        now = self._wall()
+        return any(
+            key == pin.key or pin.previous.get(key, -math.inf) > now for pin in self._pins.values()
+        )
+
     def check(self, node_id: str, key: bytes, endorsement: bytes) -> None:
         """Accept `key` for `node_id` (pinning or rotating it) or raise `Refused`.
 
-        `endorsement` has been checked by nobody yet: it is verified here.
+        `endorsement` has been checked by nobody yet: it is verified here. Called for keys
+        proven in a handshake only: a key seen in a broadcast is checked with `allows`.
         """
         now = self._wall()
         endorsed = (
@@ -409,6 +467,17 @@ class TrustStore:
             f"node id {node_id!r} is pinned to another key ({format_key(pin.key)}); "
             f"refusing {format_key(key)}",
         )
+
+    def allows(self, node_id: str, key: bytes) -> bool:
+        """Whether an allow-list gives `key` to `node_id` now (broadcast signatures: never
+        pins anything, so a relayed message cannot decide whose key an id has)."""
+        if self.mode != TrustMode.ALLOWLIST:
+            return False
+        self._refresh_allowlist()
+        pin = self._pins.get(node_id)
+        if pin is None:
+            return False
+        return key == pin.key or pin.previous.get(key, -math.inf) > self._wall()
 
     def forget(self, node_id: str) -> bool:
         """Drop `node_id`'s pin (TOFU: its next key is trusted on first use again)."""

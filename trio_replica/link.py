@@ -87,7 +87,7 @@ from transports.base import Connection, TransportClosed
 
 from .errors import ConfigError, HandshakeError, LinkClosed, MessageTooLarge, WireError
 from .flow import Pressure
-from .identity import Refused, TrustStore, format_key, public_bytes, verify
+from .identity import Refused, TrustMode, TrustStore, format_key, public_bytes, verify
 from .messages import (
     NONCE_BYTES,
     Credit,
@@ -197,8 +197,16 @@ class LinkConfig:
     #: queued for one of them.
     max_dials: int = 64
     dial_queue_messages: int = 256
-    #: Incoming handshakes in progress at once; more are refused (`too_many`).
+    #: Incoming handshakes in progress at once; more are refused (`too_many`). A
+    #: connection takes one of these until its hello says what it is; a control client
+    #: then moves to its own `max_client_handshakes` slots, so that clients cannot crowd
+    #: out nodes (`client_slots`). At most `max_handshakes_per_host` come from one remote
+    #: address (`host_slots`).
     max_handshakes: int = 128
+    max_client_handshakes: int = 16
+    max_handshakes_per_host: int = 32
+    #: An accepted connection must send its hello within this (a silent one holds a slot).
+    hello_timeout: float = 2.0
 
     def __attrs_post_init__(self) -> None:
         for name in (
@@ -210,12 +218,20 @@ class LinkConfig:
             "send_timeout",
             "linger",
             "close_timeout",
+            "hello_timeout",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"link.{name} must be positive")
         if not (math.isfinite(self.dial_rate) and self.dial_rate >= 0):
             raise ConfigError("link.dial_rate must be >= 0")
-        for name in ("dial_burst", "max_dials", "dial_queue_messages", "max_handshakes"):
+        for name in (
+            "dial_burst",
+            "max_dials",
+            "dial_queue_messages",
+            "max_handshakes",
+            "max_client_handshakes",
+            "max_handshakes_per_host",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"link.{name} must be at least 1")
         if self.idle_timeout <= self.ping_interval:
@@ -322,11 +338,19 @@ def _check_proofs(
         raise HandshakeError(
             f"{theirs.node_id} failed to prove its key {format_key(theirs.key)}", reason="signature"
         )
-    if creds.trust is not None and theirs.role == Role.NODE:
+    if creds.trust is None:
+        return
+    if theirs.role == Role.NODE:
         try:
             creds.trust.check(theirs.node_id, theirs.key, theirs.endorsement)
         except Refused as exc:
             raise HandshakeError(str(exc), reason=exc.reason) from None
+    elif creds.trust.mode == TrustMode.ALLOWLIST and not creds.trust.knows_key(theirs.key):
+        # A control client can write as the node it talks to: under an allow-list the
+        # secret alone does not admit it either.
+        raise HandshakeError(
+            f"client key {format_key(theirs.key)} is not in the allow-list", reason="not_allowed"
+        )
 
 
 async def _send_one(conn: Connection, message: Message) -> None:
@@ -446,17 +470,30 @@ async def handshake_as_listener(
     creds: Credentials,
     *,
     timeout: float,
-    accept: Callable[[Hello], str | None],
+    accept: Callable[[Hello], tuple[str, str] | None],
+    hello_timeout: float | None = None,
+    admit: Callable[[Hello], str | None] | None = None,
 ) -> Authenticated:
     """Run the listener side; return the authenticated peer or raise `HandshakeError`.
 
-    `accept(hello)` is asked after authentication; it returns a refusal reason (for example
-    the id is linked already with another key) or None to accept.
+    The dialer's hello must come within `hello_timeout` (default: `timeout`). `admit(hello)`
+    is asked as soon as it has come, before any cryptography; it returns a refusal reason
+    (a counter label, e.g. no free slot for its role) or None. `accept(hello)` is asked
+    after authentication; it returns a refusal as (reason, message) (for example the id is
+    linked already with another key) or None to accept.
     """
     with trio.move_on_after(timeout) as scope:
-        first = await _receive_one(conn)
+        first: Message | None = None
+        with trio.move_on_after(timeout if hello_timeout is None else hello_timeout):
+            first = await _receive_one(conn)
+        if first is None:
+            waited = timeout if hello_timeout is None else hello_timeout
+            raise HandshakeError(f"no hello within {waited:.1f} s", reason="silent")
         try:
             theirs = _check_hello(first, creds)
+            refused = admit(theirs) if admit is not None else None
+            if refused is not None:
+                raise HandshakeError(f"too many {theirs.role} handshakes here", reason=refused)
             if theirs.proof:
                 raise HandshakeError("dialer hello must not carry a proof", reason="malformed")
             if theirs.role == Role.NODE and not theirs.address:
@@ -478,9 +515,9 @@ async def handshake_as_listener(
                     f"expected Proof, got {type(answer).__name__}", reason="malformed"
                 )
             _check_proofs(creds, b"D", transcript, theirs, answer.proof, answer.signature)
-            reason = accept(theirs)
-            if reason is not None:
-                raise HandshakeError(reason, reason="rejected")
+            refusal = accept(theirs)
+            if refusal is not None:
+                raise HandshakeError(refusal[1], reason=refusal[0])
         except HandshakeError as exc:
             raise await _refuse(conn, exc) from None
         await _send_step(conn, Welcome())

@@ -85,6 +85,9 @@ class MapStats:
     #: Entries dropped before a sync because this replica had been out of touch for longer
     #: than the tombstone TTL (`before_sync`), so that a forgotten delete stays deleted.
     stale_entries_dropped: int = 0
+    #: Acknowledged transactions the store did not recover when the map opened (its log
+    #: was damaged): the map pulls from a peer before it reports itself synced.
+    lost_commits: int = 0
 
 
 class ReplicatedMap:
@@ -115,6 +118,9 @@ class ReplicatedMap:
         #: Wall-clock ms at which the last comparison this replica completed began: every
         #: entry older than that was known to a peer then (`before_sync`). None: never.
         self.last_synced_ms: int | None = None
+        #: True while the writes the store lost are being pulled back from peers: the map
+        #: is not `synced` and the node not ready until a comparison with a peer completes.
+        self.recovering = False
         self._mark_saved_ms: int | None = None
         self._dropped_at_mark: int | None = None
         #: Set once this replica completed a comparison with a peer (since it opened).
@@ -228,6 +234,23 @@ class ReplicatedMap:
 
     # --- replica callbacks ------------------------------------------------------------------
 
+    async def accept_loss(self) -> None:
+        """End `recovering` without a peer: the operator knows no peer holds the writes the
+        store lost (a node alone, or its peers lost them too), and accepts the loss."""
+        if not self.recovering:
+            return
+        if self._store is not None:
+            await self._store.clear_lost()
+        self.recovering = False
+        log.warning("map %s: the writes its store lost are given up (accept_loss)", self.name)
+        self.synced.set()
+
+    def writers(self, delta: Any) -> set[Any]:
+        """The writer fields of a delta's entries (replica.py: checked against its origin)."""
+        if type(delta) is not list:
+            return set()
+        return {raw[2] for raw in delta if type(raw) is list and len(raw) > 2}
+
     async def merge_delta(self, name: str, delta: Any) -> None:
         await self._ingest(delta, remote=True)
 
@@ -329,6 +352,20 @@ class ReplicatedMap:
         # A comparison begun at `started_ms` completed: every entry older than that is
         # known to that peer. Saved at most once a minute (precision that matters is the
         # tombstone TTL, days), and never moved back.
+        if self.recovering and self._store is not None:
+            # Everything that peer holds is here now, what the store lost with it (as far
+            # as any peer still has it).
+            try:
+                await self._store.clear_lost()
+            except StoreError:
+                self.stats.store_errors += 1
+                log.exception("map %s: could not record the recovery; next sync", self.name)
+                return
+            self.recovering = False
+            log.warning(
+                "map %s: a sync with a peer brought back what its store lost; complete again",
+                self.name,
+            )
         self.synced.set()
         if self.last_synced_ms is not None and started_ms <= self.last_synced_ms:
             return
@@ -388,6 +425,18 @@ class ReplicatedMap:
             return 0
         entries = await self._store.load()
         self.last_synced_ms = self._mark_saved_ms = await self._store.sync_mark()
+        if self._store.lost_commits:
+            self.recovering = True
+            self.stats.lost_commits = self._store.lost_commits
+            log.error(
+                "map %s: its store %s recovered %d transactions fewer than it had "
+                "acknowledged (its write-ahead log was damaged or cut short): those writes "
+                "are gone from this node; pulling them back from peers before the map "
+                "reports itself synced",
+                self.name,
+                self._store.path,
+                self._store.lost_commits,
+            )
         for key, entry in entries:
             self._map.merge_entry(key, entry)
         if entries:

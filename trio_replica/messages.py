@@ -18,12 +18,57 @@ Field limits (lengths, counts, integer ranges) are the constants below; the deco
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import socket
+import urllib.parse
 from typing import ClassVar
 
 import attrs
 
 #: Longest node id, in characters.
 MAX_NODE_ID = 128
+
+
+def address_host(host: str) -> str:
+    """A host in one spelling: an IP literal in its standard form (``0x0a000001``, ``10.1``
+    and ``10.0.0.1`` are one IPv4 address to the resolver), a name lowercased without its
+    trailing dot."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        # The forms inet_aton takes (hex, octal, fewer parts) are what a dial would use.
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return host.lower().rstrip(".")
+
+
+@functools.lru_cache(maxsize=4096)
+def canonical_address(address: str) -> str:
+    """`address` in one spelling, for telling whether two ids claim the same endpoint."""
+    if address.startswith("mem://"):
+        return address
+    try:
+        parts = urllib.parse.urlsplit(address)
+        return f"{parts.scheme}://{address_host(parts.hostname or '')}:{parts.port}"
+    except ValueError:
+        return address
+
+
+def valid_node_id(node_id: str) -> bool:
+    """A node id: 1 to `MAX_NODE_ID` printable characters, no space and no ``#`` (ids are
+    written into line-based files such as ``known_nodes``, where those would split or end
+    a line)."""
+    return (
+        0 < len(node_id) <= MAX_NODE_ID
+        and node_id.isprintable()
+        and " " not in node_id
+        and "#" not in node_id
+    )
+
+
 #: Longest dialable address (``ws://host:port/path``), in characters.
 MAX_ADDRESS = 256
 #: Longest broadcast tag or replica instance name, in characters.
@@ -210,6 +255,9 @@ class Gossip(Message):
     payload: bytes
     #: Its origin broadcasts often: it follows the origin's own tree (core/plumtree.py).
     own_tree: bool = False
+    #: Empty, or the origin's public key and its signature of the message (identity.py,
+    #: `GOSSIP_SIGNATURE_BYTES`): forwarded untouched, checked where signatures are required.
+    signature: bytes = b""
 
 
 @attrs.frozen
@@ -384,6 +432,8 @@ PROOF_BYTES = 32
 KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 ENDORSEMENT_BYTES = KEY_BYTES + 8 + SIGNATURE_BYTES
+#: A signed broadcast carries its origin's key and signature.
+GOSSIP_SIGNATURE_BYTES = KEY_BYTES + SIGNATURE_BYTES
 #: Longest cluster name, in characters.
 MAX_CLUSTER = 128
 #: Longest refusal reason, in characters.

@@ -20,7 +20,9 @@ Every metric has a ``# HELP`` line; `METRIC_NAMES` lists the families (without t
 
 from __future__ import annotations
 
+import collections
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from transports.base import Refusals
 
 from .health import LAG_BUCKETS
 
@@ -48,7 +52,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST = 8 * 1024
 #: A client has this long to send its request and read the answer.
 REQUEST_TIMEOUT = 5.0
+#: The request head must arrive within this: a scraper sends it at once.
+HEADER_TIMEOUT = 1.0
 MAX_CONNECTIONS = 16
+#: Connections served at once for one client address.
+MAX_PER_CLIENT = 4
 
 # Node-level counters with one label: (stats key, metric name, label, help).
 _LABELLED_COUNTERS = (
@@ -58,6 +66,12 @@ _LABELLED_COUNTERS = (
     ("bytes_received", "message_bytes_received", "kind", "Encoded bytes received, by kind."),
     ("rejected", "rejected", "reason", "Frames or messages refused as malformed, by reason."),
     ("handshakes_refused", "handshakes_refused", "reason", "Handshakes refused, by reason."),
+    (
+        "connections_refused",
+        "connections_refused",
+        "reason",
+        "Connections closed before the websocket upgrade (too many pending), by reason.",
+    ),
     ("links_closed", "links_closed", "reason", "Links that ended, by reason."),
     ("dial_failures", "dial_failures", "reason", "Dials that failed, by reason."),
     ("drops", "drops", "reason", "Messages not sent or not delivered, by reason."),
@@ -76,6 +90,12 @@ _MAP_COUNTERS = (
     ("tombstones_collected", "map_tombstones_collected", "Tombstones dropped after their TTL."),
     ("subscriber_drops", "map_subscriber_drops", "Change events lost by slow subscribers."),
     ("store_errors", "map_store_errors", "Failed writes to the map's SQLite store."),
+    (
+        "lost_commits",
+        "map_store_lost_commits",
+        "Acknowledged transactions the map's store did not recover at open (pulled back "
+        "from peers).",
+    ),
 )
 # Keys of the membership and broadcast sections that are not monotonic counters.
 _MEMBERSHIP_NOT_COUNTERS = {"active_size", "passive_size", "inbox", "crashes"}
@@ -123,6 +143,7 @@ METRIC_NAMES = (
     PREFIX + "links_open",
     PREFIX + "control_clients",
     PREFIX + "dials_in_progress",
+    PREFIX + "map_recovering",
     PREFIX + "map_size",
     PREFIX + "map_tombstones",
     PREFIX + "map_rejected",
@@ -354,6 +375,14 @@ class NodeCollector(Collector):
                 rejected.add_metric([name, reason], count)
             for key, family in counters.items():
                 family.add_metric([name], getattr(the_map.stats, key))
+        recovering = GaugeMetricFamily(
+            PREFIX + "map_recovering",
+            "1 while a map pulls from peers the writes its store lost, else 0.",
+            labels=["map"],
+        )
+        for name, the_map in maps:
+            recovering.add_metric([name], 1 if the_map.recovering else 0)
+        yield recovering
         yield size
         yield tombs
         yield rejected
@@ -384,24 +413,31 @@ def _response(status: str, body: bytes, content_type: str = "text/plain; charset
     return head.encode("ascii") + body
 
 
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
 async def _read_request_head(stream: trio.abc.ReceiveStream) -> bytes | None:
-    """The request up to its blank line, or None when it is too large or ends early."""
+    """The request up to its blank line, or None when it is too large or ends early.
+
+    Lines may end with a bare LF (RFC 9112 section 2.2 lets a server accept them; clients
+    such as ``printf 'GET /metrics HTTP/1.0\n\n' | nc`` send them).
+    """
     data = b""
-    while b"\r\n\r\n" not in data:
+    while (end := _HEAD_END.search(data)) is None:
         if len(data) > MAX_REQUEST:
             return None
         chunk = await stream.receive_some(4096)
         if not chunk:
             return None
         data += chunk
-    return data.split(b"\r\n\r\n", 1)[0]
+    return data[: end.start()].replace(b"\r\n", b"\n")
 
 
 def answer(registry: CollectorRegistry, head: bytes | None, node: Node | None = None) -> bytes:
     """The HTTP response to a request head (None: unreadable or oversized)."""
     if head is None:
         return _response("400 Bad Request", b"bad request\n")
-    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    parts = head.split(b"\n", 1)[0].split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
         return _response("400 Bad Request", b"bad request\n")
     method, target = parts[0], parts[1].split(b"?", 1)[0]
@@ -421,15 +457,27 @@ def answer(registry: CollectorRegistry, head: bytes | None, node: Node | None = 
 
 
 async def _serve_one(
-    registry: CollectorRegistry, stream: trio.SocketStream, node: Node | None
+    registry: CollectorRegistry, stream: trio.SocketStream, node: Node | None, refusals: Refusals
 ) -> None:
     async with stream:
         with trio.move_on_after(REQUEST_TIMEOUT):
             try:
-                head = await _read_request_head(stream)
+                head: bytes | None = None
+                with trio.move_on_after(HEADER_TIMEOUT) as reading:
+                    head = await _read_request_head(stream)
+                if reading.cancelled_caught:
+                    refusals.refuse("metrics_slow_request", _client_of(stream))
+                    return
                 await stream.send_all(answer(registry, head, node))
             except trio.BrokenResourceError as exc:
                 log.debug("metrics client went away: %s", exc)
+
+
+def _client_of(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "<gone>"
 
 
 async def serve_metrics(
@@ -449,16 +497,30 @@ async def serve_metrics(
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
     limit = trio.Semaphore(MAX_CONNECTIONS)
+    per_client: collections.Counter[str] = collections.Counter()
+    refusals = node.http_refusals if node is not None else Refusals(log, "metrics endpoint")
     async with trio.open_nursery() as nursery:
         task_status.started((str(bound[0]), int(bound[1])))
         log.info("metrics on http://%s:%d/metrics", bound[0], bound[1])
 
         async def handle(stream: trio.SocketStream) -> None:
-            if limit.value == 0:
-                # A burst beyond the bound: refuse rather than queue (scrapers retry).
+            client = _client_of(stream)
+            # A burst beyond the bounds is refused rather than queued (scrapers retry); one
+            # client gets at most MAX_PER_CLIENT of the slots, so a few slow clients cannot
+            # hold them all (issue 17: 20 clients sending a byte a second blocked scrapes).
+            if limit.value == 0 or per_client[client] >= MAX_PER_CLIENT:
+                refusals.refuse(
+                    "metrics_full" if limit.value == 0 else "metrics_per_client", client
+                )
                 await stream.aclose()
                 return
-            async with limit:
-                await _serve_one(registry, stream, node)
+            per_client[client] += 1
+            try:
+                async with limit:
+                    await _serve_one(registry, stream, node, refusals)
+            finally:
+                per_client[client] -= 1
+                if not per_client[client]:
+                    del per_client[client]
 
         await trio.serve_listeners(handle, listeners, handler_nursery=nursery)

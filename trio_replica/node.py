@@ -14,6 +14,7 @@ from the active view) are closed once idle for `link.linger` seconds.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import ipaddress
@@ -27,7 +28,7 @@ from typing import Any
 import attrs
 import trio
 
-from transports.base import ConnectError, Connection, Transport
+from transports.base import ConnectError, Connection, Refusals, Transport, remote_host
 
 from .broadcast import Broadcast
 from .component import LOCAL
@@ -46,7 +47,15 @@ from .flow import Fanout, Feed, Pressure
 from .health import loop_health
 from .hlc import HybridClock
 from .hosts import HostDirectory
-from .identity import KNOWN_FILE, TrustStore, endorse, load_private_key, node_key, public_bytes
+from .identity import (
+    KNOWN_FILE,
+    TrustStore,
+    endorse,
+    load_private_key,
+    node_key,
+    public_bytes,
+    sign_gossip,
+)
 from .leader import Election, Leadership
 from .link import (
     Authenticated,
@@ -152,6 +161,13 @@ class Node:
         self._aborted = False
         self._task_scopes: set[trio.CancelScope] = set()
         self._handshaking = 0
+        self._client_handshaking = 0
+        #: Incoming handshakes in progress by remote address (`link.max_handshakes_per_host`).
+        self._handshaking_from: collections.Counter[str] = collections.Counter()
+        #: Incoming connections refused before authentication: counted, logged once a period.
+        self.refusals = Refusals(log, f"node {config.name}")
+        #: Requests the node's HTTP endpoint (/metrics, /readyz) refused.
+        self.http_refusals = Refusals(log, f"node {config.name} metrics endpoint")
         #: Losing duplicates of a link, still delivering what was in flight on them.
         self._retired: set[Link] = set()
         self._tasks_cancelled = False
@@ -195,6 +211,10 @@ class Node:
         #: Set once the application's maps are open (`mark_control_ready`): map operations
         #: on the control path wait for it, `/readyz` reports it.
         self.control_ready = trio.Event()
+
+    def sign_gossip(self, id: MessageId, tag: str, payload: bytes) -> bytes:
+        """This node's signature of a broadcast it originates (identity.py)."""
+        return sign_gossip(self._key, id.origin, id.stamp, id.nonce, tag, payload)
 
     def _credentials(self) -> Credentials:
         identity = self.config.identity
@@ -589,6 +609,12 @@ class Node:
     def stats(self) -> dict[str, Any]:
         """Every counter of the node, as plain data (see `NodeStats`)."""
         out = self.stats_counters.snapshot()
+        # Connections the transport closed before their upgrade (websocket listener bounds).
+        transport_refusals = getattr(self.transport, "refusals", None)
+        refused = self.http_refusals.counts.copy()
+        if isinstance(transport_refusals, Refusals):
+            refused.update(transport_refusals.counts)
+        out["connections_refused"] = dict(refused)
         core = self.membership.core
         out["membership"] = {
             "active_size": len(core.active),
@@ -656,6 +682,9 @@ class Node:
             return False, "closing"
         if not self.control_ready.is_set():
             return False, "starting: maps not open yet"
+        for name, the_map in sorted(self._maps.items()):
+            if the_map.recovering:
+                return False, f"map {name} is pulling back from peers the writes its store lost"
         alone = not [s for s in self.config.seeds if s != self.address]
         if not self.membership.core.active and not alone:
             return False, "not joined: no neighbour yet"
@@ -684,7 +713,7 @@ class Node:
             "passive": [[p.id, p.address] for p in self.passive_view()],
             "stats": self.stats(),
             "maps": {
-                name: {"size": len(m), "tombstones": m.tombstones}
+                name: {"size": len(m), "tombstones": m.tombstones, "recovering": m.recovering}
                 for name, m in sorted(self.maps().items())
             },
             "builtins": self._builtins_status(),
@@ -1055,33 +1084,60 @@ class Node:
 
     async def _handle_incoming(self, conn: Connection) -> None:
         cfg = self.config.link
-        with trio.move_on_after(cfg.handshake_timeout):
-            await self._ready.wait()
-        if not self._ready.is_set() or self._closing:
-            return
+        host = remote_host(conn.remote)
         if self._handshaking >= cfg.max_handshakes:
-            self.stats_counters.handshakes_refused["too_many"] += 1
+            refused = "too_many"
+        elif self._handshaking_from[host] >= cfg.max_handshakes_per_host:
+            refused = "host_slots"
+        else:
+            refused = None
+        if refused is not None:
+            self.stats_counters.handshakes_refused[refused] += 1
+            self.refusals.refuse(refused, conn.remote)
             return
+        client_slot = False
+
+        def admit(hello: Hello) -> str | None:
+            # A client leaves the shared slots for its own as soon as its hello says so.
+            nonlocal client_slot
+            if hello.role != Role.CLIENT:
+                return None
+            if self._client_handshaking >= cfg.max_client_handshakes:
+                return "client_slots"
+            client_slot = True
+            self._client_handshaking += 1
+            self._handshaking -= 1
+            return None
+
         self._handshaking += 1
+        self._handshaking_from[host] += 1
         try:
+            # Counted while it waits for the node to be ready too: a burst at startup is
+            # bounded like any other.
+            with trio.move_on_after(cfg.handshake_timeout):
+                await self._ready.wait()
+            if not self._ready.is_set() or self._closing:
+                return
             auth = await handshake_as_listener(
                 conn,
                 self._creds,
                 timeout=self.health.timeout(cfg.handshake_timeout),
+                hello_timeout=self.health.timeout(cfg.hello_timeout),
                 accept=self._accept,
+                admit=admit,
             )
         except HandshakeError as exc:
             self.stats_counters.handshakes_refused[exc.reason] += 1
-            log.warning(
-                "node %s refused a connection from %s (%s): %s",
-                self.id,
-                conn.remote,
-                exc.reason,
-                exc,
-            )
+            self.refusals.refuse(exc.reason, conn.remote, f": {exc}")
             return
         finally:
-            self._handshaking -= 1
+            if client_slot:
+                self._client_handshaking -= 1
+            else:
+                self._handshaking -= 1
+            self._handshaking_from[host] -= 1
+            if not self._handshaking_from[host]:
+                del self._handshaking_from[host]
         link = self._new_link(conn, auth, outbound=False)
         if auth.role == Role.CLIENT:
             self._clients.add(link)
@@ -1093,14 +1149,13 @@ class Node:
         self._register(link)
         await self._run_link(link)
 
-    def _accept(self, hello: Hello) -> str | None:
+    def _accept(self, hello: Hello) -> tuple[str, str] | None:
         if self._closing:
-            return "node is shutting down"
+            return "closing", "node is shutting down"
         if hello.role == Role.NODE:
             taken = self._held_by_other_key(hello.node_id, hello.key)
             if taken is not None:
-                self.stats_counters.handshakes_refused["id_taken"] += 1
-                return taken
+                return "id_taken", taken
         return None
 
     def _held_by_other_key(self, node_id: str, key: bytes) -> str | None:

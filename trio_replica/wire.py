@@ -28,6 +28,7 @@ import cbor2
 from .errors import MessageTooLarge, WireError
 from .messages import (
     ENDORSEMENT_BYTES,
+    GOSSIP_SIGNATURE_BYTES,
     KEY_BYTES,
     MAX_ADDRESS,
     MAX_CLUSTER,
@@ -76,6 +77,8 @@ from .messages import (
     SyncDigest,
     SyncRequest,
     Welcome,
+    address_host,
+    valid_node_id,
 )
 
 #: Version of the message protocol; a frame with another version is refused.
@@ -263,6 +266,13 @@ def check_str(v: Any, max_len: int, name: str, *, allow_empty: bool = False) -> 
     return v
 
 
+def check_node_id(v: Any, name: str, *, allow_empty: bool = False) -> str:
+    node_id = check_str(v, MAX_NODE_ID, name, allow_empty=allow_empty)
+    if node_id and not valid_node_id(node_id):
+        _fail(f"{name} {node_id!r:.60} is not a node id (printable, no space or '#')")
+    return node_id
+
+
 def check_bytes(v: Any, max_len: int, name: str) -> bytes:
     if type(v) is not bytes or len(v) > max_len:
         _fail(f"{name} must be a byte string of at most {max_len} bytes")
@@ -304,9 +314,10 @@ def check_address(v: Any, name: str = "address") -> str:
 
 
 def _dialable_host(host: str) -> bool:
-    """False for IP literals no node listens on: unspecified, multicast, broadcast."""
+    """False for IP literals no node listens on: unspecified, multicast, broadcast (in any
+    spelling the resolver takes: ``0`` is 0.0.0.0, this host)."""
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(address_host(host))
     except ValueError:
         return True  # a name
     return not (ip.is_unspecified or ip.is_multicast or str(ip) == "255.255.255.255")
@@ -315,14 +326,14 @@ def _dialable_host(host: str) -> bool:
 def check_peer(v: Any, name: str = "peer") -> Peer:
     if type(v) is not list or len(v) != 2:
         _fail(f"{name} must be [id, address]")
-    return Peer(check_str(v[0], MAX_NODE_ID, f"{name}.id"), check_address(v[1], f"{name}.address"))
+    return Peer(check_node_id(v[0], f"{name}.id"), check_address(v[1], f"{name}.address"))
 
 
 def check_message_id(v: Any) -> MessageId:
     if type(v) is not list or len(v) != 3:
         _fail("message id must be [origin, stamp, nonce]")
     return MessageId(
-        check_str(v[0], MAX_NODE_ID, "message id origin"),
+        check_node_id(v[0], "message id origin"),
         check_int(v[1], 0, U64, "message id stamp"),
         check_int(v[2], 0, U64, "message id nonce"),
     )
@@ -397,7 +408,7 @@ def _hello(f: list[Any]) -> Hello:
     return Hello(
         version=check_int(f[0], 0, 65535, "version"),
         cluster=check_str(f[1], MAX_CLUSTER, "cluster"),
-        node_id=check_str(f[2], MAX_NODE_ID, "node id"),
+        node_id=check_node_id(f[2], "node id"),
         address=check_address(f[3]) if f[3] != "" else "",
         role=role,
         nonce=_fixed_bytes(f[5], NONCE_BYTES, "nonce"),
@@ -447,17 +458,18 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
         lambda f, _: ShuffleReply(
             _peers(f[0]),
             check_int(f[1], 0, U64, "nonce"),
-            check_str(f[2], MAX_NODE_ID, "origin", allow_empty=True),
+            check_node_id(f[2], "origin", allow_empty=True),
         ),
     ),
     Gossip.KIND: (
-        5,
+        6,
         lambda f, max_payload: Gossip(
             check_message_id(f[0]),
             check_int(f[1], 0, MAX_ROUND, "round"),
             check_str(f[2], MAX_TAG, "tag"),
             check_bytes(f[3], max_payload, "payload"),
             check_bool(f[4], "own tree"),
+            f[5] if f[5] == b"" else _fixed_bytes(f[5], GOSSIP_SIGNATURE_BYTES, "signature"),
         ),
     ),
     IHave.KIND: (1, lambda f, _: IHave(_ihave_entries(f[0]))),
@@ -471,7 +483,7 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
     ),
     Prune.KIND: (
         1,
-        lambda f, _: Prune(check_str(f[0], MAX_NODE_ID, "origin", allow_empty=True)),
+        lambda f, _: Prune(check_node_id(f[0], "origin", allow_empty=True)),
     ),
     SyncRequest.KIND: (1, lambda f, _: SyncRequest(check_str(f[0], MAX_TAG, "name"))),
     SyncChunk.KIND: (
@@ -554,7 +566,15 @@ def _positional(message: Message) -> list[Any]:
 
 def _gossip_positional(m: Gossip) -> list[Any]:
     i = m.id
-    return [Gossip.KIND, [i.origin, i.stamp, i.nonce], m.round, m.tag, m.payload, m.own_tree]
+    return [
+        Gossip.KIND,
+        [i.origin, i.stamp, i.nonce],
+        m.round,
+        m.tag,
+        m.payload,
+        m.own_tree,
+        m.signature,
+    ]
 
 
 def _ihave_positional(m: IHave) -> list[Any]:

@@ -92,7 +92,11 @@ one node at a time) is narrower than ours:
    its neighbour and made it dial 319 addresses of the member's choosing.
 12. Addresses learned from peers are weighed: an id whose address another known id
    already uses is not taken (``address_conflicts``: many ids pointing at one host would
-   make us dial it for each), and each passive entry remembers who taught it. A teacher
+   make us dial it for each; addresses are compared in one spelling, so ``ws://h:7000``
+   and ``ws://H.:07000/`` are one) unless that id is a passive entry that failed its last
+   try (a node restarted under another name), and each passive entry remembers who taught
+   it: a SHUFFLE's origin (it chose the ids; the hops only carried them), else the peer
+   that handed it to us. A teacher
    whose entries fail `bad_address_limit` times within `bad_address_period`, with more
    than three failures for each entry of its that did answer, is penalised for that
    period: the entries it taught are dropped and the ids it sends are ignored
@@ -125,6 +129,7 @@ from ..messages import (
     Peer,
     Shuffle,
     ShuffleReply,
+    canonical_address,
 )
 from .effects import CloseLink, Effect, Emit, Send, SetTimer
 
@@ -905,7 +910,8 @@ class HyParView:
         ]
         reply = self._sample(candidates, len(message.peers))
         out.append(Send(sender, ShuffleReply(tuple(reply), message.nonce, origin.id)))
-        self._integrate(message.peers, sent={peer.id for peer in reply}, source=sender.id, now=now)
+        # The walk's origin chose these ids; the hops only carried them.
+        self._integrate(message.peers, sent={peer.id for peer in reply}, source=origin.id, now=now)
 
     def _remember_route(self, origin_id: str, nonce: int, sender: Peer, now: float) -> None:
         routes = self._routes
@@ -980,14 +986,22 @@ class HyParView:
         if teacher is not None and teacher.penalised_until > now:
             self.stats.addresses_ignored += 1
             return False
+        address = canonical_address(peer.address)
         for known in self._active.values():
-            if known.address == peer.address and known.id != peer.id:
+            if known.id != peer.id and canonical_address(known.address) == address:
                 self.stats.address_conflicts += 1
                 return False
+        stale = []
         for entry in self._passive.values():
-            if entry.peer.address == peer.address and entry.peer.id != peer.id:
-                self.stats.address_conflicts += 1
-                return False
+            if entry.peer.id != peer.id and canonical_address(entry.peer.address) == address:
+                if not entry.failures:
+                    self.stats.address_conflicts += 1
+                    return False
+                # The id we knew there did not answer last time: most likely a node
+                # restarted under another name (CLI nodes get random ones).
+                stale.append(entry.peer.id)
+        for peer_id in stale:
+            del self._passive[peer_id]
         return True
 
     def _teacher(self, source: str, now: float) -> _Teacher:

@@ -432,6 +432,7 @@ class _Cached:
     #: Peers that announced this id to us: a GRAFT from one of them asks for the link, not
     #: for the payload (a link-only GRAFT, see `_graft_link`).
     holders: set[Peer] = attrs.Factory(set)
+    signature: bytes = b""
 
 
 @attrs.define
@@ -606,12 +607,15 @@ class Plumtree:
                 entry.grafted = [p for p in entry.grafted if p != peer]
         return self._done([])
 
-    def broadcast(self, id: MessageId, tag: str, payload: bytes, now: float) -> list[Effect]:
+    def broadcast(
+        self, id: MessageId, tag: str, payload: bytes, now: float, signature: bytes = b""
+    ) -> list[Effect]:
         """Broadcast a new message from this node (Algorithm 1, Broadcast).
 
         Payload to eager peers at round 1, IHAVE to lazy peers, and a local `Delivered`
         with hops 0 and no sender. `id` must be fresh (the runtime mints it); reusing a
-        remembered id is a caller bug and raises ValueError.
+        remembered id is a caller bug and raises ValueError. `signature` (the runtime's,
+        opaque here) travels with the payload wherever it goes.
         """
         self._expire(now)
         if id in self._seen:
@@ -619,8 +623,10 @@ class Plumtree:
         self.stats.broadcasts += 1
         self._missing.pop(id, None)
         own_tree = self._busy(now)
-        self._remember(id, tag, payload, 0, now, own_tree)
-        effects = self._push(Gossip(id, 1, tag, payload, own_tree), exclude=None, holders=())
+        self._remember(id, tag, payload, 0, now, own_tree, signature)
+        effects = self._push(
+            Gossip(id, 1, tag, payload, own_tree, signature), exclude=None, holders=()
+        )
         self.stats.delivered += 1
         effects.append(Emit(Delivered(id, tag, payload, 0, None)))
         return self._done(effects)
@@ -719,7 +725,9 @@ class Plumtree:
         self.stats.max_hops = max(self.stats.max_hops, hops)
         entry = self._missing.pop(message.id, None)
         key = _key(message)
-        seen = self._remember(message.id, message.tag, message.payload, hops, now, message.own_tree)
+        seen = self._remember(
+            message.id, message.tag, message.payload, hops, now, message.own_tree, message.signature
+        )
         seen.first_from = sender
         forward = attrs.evolve(message, round=min(hops + 1, MAX_ROUND))
         # Announcers already have the message: announcing it back to them is waste.
@@ -827,7 +835,9 @@ class Plumtree:
         # Our own hop count + 1, as a forward would carry: `message.round` is what the
         # grafter was told, our cache is what we know.
         round = min(cached.hops + 1, MAX_ROUND)
-        answer = Gossip(message.id, round, cached.tag, cached.payload, bool(cached.key))
+        answer = Gossip(
+            message.id, round, cached.tag, cached.payload, bool(cached.key), cached.signature
+        )
         return [Send(sender, answer, repair=True)]
 
     def _on_prune(self, sender: Peer, message: Prune) -> list[Effect]:
@@ -1046,10 +1056,13 @@ class Plumtree:
         hops: int,
         now: float,
         own_tree: bool,
+        signature: bytes,
     ) -> _Seen:
         seen = _Seen(now)
         self._seen[id] = seen
-        self._cache[id] = _Cached(now, tag, payload, hops, id.origin if own_tree else "")
+        self._cache[id] = _Cached(
+            now, tag, payload, hops, id.origin if own_tree else "", signature=signature
+        )
         self._cache_bytes += len(payload)
         # Evict oldest first: both tables are in arrival order, which is time order.
         while len(self._seen) > self.config.seen_max_messages:

@@ -1,0 +1,161 @@
+"""Signed broadcasts: a member cannot speak, or write a map entry, as another node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from transports.memory import MemoryNetwork
+from trio_replica.config import NodeConfig
+from trio_replica.events import Delivery
+from trio_replica.identity import IdentityConfig, format_key, public_bytes, sign_gossip
+from trio_replica.link import Credentials, handshake_as_dialer
+from trio_replica.messages import Gossip, MessageId, Peer, Role
+from trio_replica.node import Node
+from trio_replica.replica import TAG_PREFIX
+from trio_replica.wire import encode_frame, encode_payload
+
+from .harness import Cluster, overlay_ok, wait_until
+
+NAMES = ("a", "b", "c", "d", "evil")
+BASE = NodeConfig(name="base", secret=b"s" * 16)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, Ed25519PrivateKey]:
+    """A key per node, each in the allow-list at ``tmp_path`` (evil is a member too)."""
+    made = {name: Ed25519PrivateKey.generate() for name in NAMES}
+    lines = [f"{name} {format_key(public_bytes(key))}\n" for name, key in made.items()]
+    (tmp_path / "cluster.keys").write_text("".join(lines))
+    return made
+
+
+def _identity(keys: dict[str, Ed25519PrivateKey], allowlist: Path, name: str) -> IdentityConfig:
+    return IdentityConfig(
+        trust="allowlist",
+        allowlist=allowlist,
+        key=keys[name],
+        sign_broadcasts=True,
+        require_signatures=True,
+    )
+
+
+async def _start(
+    c: Cluster, keys: dict[str, Ed25519PrivateKey], allowlist: Path, name: str, seeds: list[str]
+) -> Node:
+    return await c.start(name, seeds, identity=_identity(keys, allowlist, name))
+
+
+def test_requiring_signatures_needs_an_allowlist() -> None:
+    from trio_replica.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="allowlist"):
+        IdentityConfig(trust="tofu", require_signatures=True)
+
+
+async def test_signed_broadcasts_reach_everyone(
+    keys: dict[str, Ed25519PrivateKey], tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = MemoryNetwork(seed=41)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net, base=BASE)
+        a = await _start(c, keys, tmp_path, "a", [])
+        nodes = [a] + [await _start(c, keys, tmp_path, n, [a.address]) for n in "bcd"]
+        with trio.fail_after(60):
+            await wait_until(lambda: overlay_ok(nodes))
+        maps = [await node.open_map("m") for node in nodes]
+        for i, m in enumerate(maps):
+            await m.put(f"k{i}", i)
+        with trio.fail_after(30):
+            await wait_until(lambda: all(len(m) == len(maps) for m in maps))
+        for node in nodes:
+            assert not {k for k in node.stats()["rejected"] if k.startswith(("gossip", "map"))}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_forged_origin_is_refused(
+    keys: dict[str, Ed25519PrivateKey], tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = MemoryNetwork(seed=42)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net, base=BASE)
+        a = await _start(c, keys, tmp_path, "a", [])
+        b = await _start(c, keys, tmp_path, "b", [a.address])
+        with trio.fail_after(30):
+            await wait_until(lambda: [p.id for p in b.active_view()] == ["a"])
+        async with b.subscribe("t") as deliveries:
+            async with net.transport("evil").open_connection(b.address, timeout=5) as conn:
+                evil = keys["evil"]
+                creds = Credentials("trio-replica", b"s" * 16, Peer("evil", "mem://evil"), key=evil)
+                await handshake_as_dialer(conn, creds, role=Role.NODE, timeout=5)
+                payload = encode_payload("I am a", max_size=1024)
+
+                def forged(nonce: int, signature: bytes) -> bytes:
+                    message = Gossip(MessageId("a", 1, nonce), 1, "t", payload, False, signature)
+                    return encode_frame([message])
+
+                mine = sign_gossip(evil, "a", 1, 2, "t", payload)
+                await conn.send(forged(1, b""))  # unsigned
+                await conn.send(forged(2, mine))  # signed, by the wrong key
+                await conn.send(forged(3, mine))  # a signature of another message
+                with trio.fail_after(10):
+                    await wait_until(
+                        lambda: (
+                            {"gossip_unsigned", "gossip_origin_key", "gossip_bad_signature"}
+                            <= set(b.stats()["rejected"])
+                        )
+                    )
+            # And a genuine broadcast from a still arrives, first.
+            await a.broadcast("t", "really a")
+            with trio.fail_after(10):
+                first = await deliveries.receive()
+            assert isinstance(first, Delivery) and first.payload == "really a"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_member_cannot_write_map_entries_as_another_node(
+    keys: dict[str, Ed25519PrivateKey], tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = MemoryNetwork(seed=43)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net, base=BASE)
+        a = await _start(c, keys, tmp_path, "a", [])
+        b = await _start(c, keys, tmp_path, "b", [a.address])
+        evil = await _start(c, keys, tmp_path, "evil", [a.address])
+        nodes = [a, b, evil]
+        with trio.fail_after(60):
+            await wait_until(lambda: overlay_ok(nodes))
+        on_b = await b.open_map("m")
+        await a.open_map("m")
+        await evil.open_map("m")
+        # A delta under evil's own, valid signature, whose entry claims a as its writer.
+        wall = a.clock.now().wall + 1
+        await evil.broadcast(TAG_PREFIX + "m", ["d", [["k", 0, "a", wall, 0, "forged"]]])
+        with trio.fail_after(10):
+            await wait_until(lambda: b.stats()["rejected"].get("map_writer", 0) == 1)
+        assert on_b.get("k") is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_allowlist_refuses_control_clients_it_does_not_list(
+    keys: dict[str, Ed25519PrivateKey], tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from trio_replica.control import ControlError, open_control
+
+    net = MemoryNetwork(seed=44)
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net, base=BASE)
+        a = await _start(c, keys, tmp_path, "a", [])
+        transport = net.transport("ops")
+        with pytest.raises(ControlError, match="not in the allow-list"):
+            async with open_control(a.address, transport=transport, secret=b"s" * 16):
+                pass
+        async with open_control(
+            a.address, transport=transport, secret=b"s" * 16, key=keys["evil"]
+        ) as client:
+            assert (await client.call("status"))["id"] == "a"
+        nursery.cancel_scope.cancel()

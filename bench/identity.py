@@ -13,7 +13,8 @@ This module owns the figures of issue 17:
 * ``broadcast``: signing and verifying one broadcast of 100 B and 1 KiB, and 3,000
   broadcasts from one node of a 4-node cluster on the memory network (real clock), with
   signatures off (trust ``secret``) and on (an allow-list, signed and required): the rate
-  each way and the ratio.
+  each way and the ratio; then the same with 3,000 puts into a replicated map (each entry
+  signed by its writer as well as its broadcast).
 
 Results: one JSON document on stdout and in ``bench/results/identity_<date>.json``, a
 Markdown summary beside it.
@@ -144,16 +145,16 @@ async def websocket(count: int = 300) -> dict[str, Any]:
     return out
 
 
-async def _broadcast_rate(signed: bool, count: int) -> float:
+async def _broadcast_rate(signed: bool, count: int, maps: bool = False) -> float:
     keys = {f"n{i}": Ed25519PrivateKey.generate() for i in range(4)}
     with tempfile.TemporaryDirectory() as allowlist:
         lines = [f"{name} {format_key(public_bytes(key))}\n" for name, key in keys.items()]
         (Path(allowlist) / "bench.keys").write_text("".join(lines))
-        return await _rate(signed, count, keys, Path(allowlist))
+        return await _rate(signed, count, keys, Path(allowlist), maps)
 
 
 async def _rate(
-    signed: bool, count: int, keys: dict[str, Ed25519PrivateKey], allowlist: Path
+    signed: bool, count: int, keys: dict[str, Ed25519PrivateKey], allowlist: Path, maps: bool
 ) -> float:
     net = MemoryNetwork(seed=3)
     base = NodeConfig(name="x", secret=b"s" * 32)
@@ -181,6 +182,8 @@ async def _rate(
             nodes.append(node)
         with trio.fail_after(60):
             await wait_for_views(nodes)
+        if maps:
+            return await _put_rate(nodes, count, nursery)
         received = [0] * len(nodes)
         done = trio.Event()
 
@@ -204,6 +207,20 @@ async def _rate(
     return count / elapsed
 
 
+async def _put_rate(nodes: list[Any], count: int, nursery: trio.Nursery) -> float:
+    """Puts per second from the first node until every node holds them all."""
+    replicas = [await node.open_map("m") for node in nodes]
+    start = time.perf_counter()
+    for seq in range(count):
+        await replicas[0].put(seq, {"pad": b"x" * 80})
+    with trio.fail_after(120):
+        while not all(len(m) == count for m in replicas):  # noqa: ASYNC110
+            await trio.sleep(0.005)
+    elapsed = time.perf_counter() - start
+    nursery.cancel_scope.cancel()
+    return count / elapsed
+
+
 async def broadcast(count: int = 3000) -> dict[str, Any]:
     key = Ed25519PrivateKey.generate()
     out: dict[str, Any] = {}
@@ -221,6 +238,15 @@ async def broadcast(count: int = 3000) -> dict[str, Any]:
     out["cluster"] = {
         "nodes": 4,
         "broadcasts": count,
+        "unsigned_per_s": round(plain),
+        "signed_per_s": round(signed),
+        "ratio": round(signed / plain, 2),
+    }
+    plain = await _broadcast_rate(False, count, maps=True)
+    signed = await _broadcast_rate(True, count, maps=True)
+    out["map_puts"] = {
+        "nodes": 4,
+        "puts": count,
         "unsigned_per_s": round(plain),
         "signed_per_s": round(signed),
         "ratio": round(signed / plain, 2),
@@ -259,6 +285,9 @@ async def main() -> None:
             f"- 4 nodes, {b['cluster']['broadcasts']} broadcasts: {b['cluster']['unsigned_per_s']}"
             f"/s unsigned, {b['cluster']['signed_per_s']}/s signed and required "
             f"({b['cluster']['ratio']}x)",
+            f"- 4 nodes, {b['map_puts']['puts']} map puts (entries signed too): "
+            f"{b['map_puts']['unsigned_per_s']}/s unsigned, {b['map_puts']['signed_per_s']}/s "
+            f"signed and required ({b['map_puts']['ratio']}x)",
         ]
     )
     stem = RESULTS / f"identity_{datetime.date.today().isoformat()}"

@@ -266,7 +266,7 @@ async def test_a_put_that_cannot_be_made_durable_is_undone_and_not_sent(
         with trio.fail_after(5):
             await wait_until(lambda: remote.get("k") == "v1")
 
-        async def disk_full(self: MapStore, entries: Any) -> None:
+        async def disk_full(self: MapStore, entries: Any, signatures: Any = None) -> None:
             raise StoreError("disk full")
 
         monkeypatch.setattr(MapStore, "write", disk_full)

@@ -26,7 +26,7 @@ from trio_replica.ormap_wire import (
 NOW = 1_000_000
 OFFSET = 5_000
 MAX_SIZE = 1 << 22
-REASONS = {"shape", "kind", "key", "node", "hlc", "skew", "value", "validator"}
+REASONS = {"shape", "kind", "key", "node", "hlc", "skew", "value", "validator", "signature"}
 
 
 def clock_at(ms: int = NOW) -> HybridClock:

@@ -16,6 +16,7 @@ from trio_replica.identity import IdentityConfig, format_key, public_bytes, sign
 from trio_replica.link import Credentials, handshake_as_dialer
 from trio_replica.messages import Gossip, MessageId, Peer, Role
 from trio_replica.node import Node
+from trio_replica.ormap import Dot, Value
 from trio_replica.replica import TAG_PREFIX
 from trio_replica.wire import encode_frame, encode_payload
 
@@ -159,3 +160,60 @@ async def test_an_allowlist_refuses_control_clients_it_does_not_list(
         ) as client:
             assert (await client.call("status"))["id"] == "a"
         nursery.cancel_scope.cancel()
+
+
+async def test_entries_keep_their_signatures_through_sync_and_the_store(
+    keys: dict[str, Ed25519PrivateKey], tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Entries travel by anti-entropy too (a node that missed the broadcast, a new node):
+    # each carries its writer's signature, stored with it, and a node that requires
+    # signatures takes only entries whose writer signed them.
+    net = MemoryNetwork(seed=45)
+    allowlist, data = tmp_path, tmp_path / "a-data"
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, net, base=BASE)
+        a = await c.start("a", identity=_identity(keys, allowlist, "a"), data_dir=data)
+        evil = await _start(c, keys, allowlist, "evil", [a.address])
+        with trio.fail_after(30):
+            await wait_until(lambda: [p.id for p in a.active_view()] == ["evil"])
+        on_a = await a.open_map("m", persist=True)
+        on_evil = await evil.open_map("m")
+        for i in range(20):
+            await on_a.put(f"k{i}", i)
+        await on_a.delete("k0")
+        with trio.fail_after(30):
+            await wait_until(lambda: len(on_evil) == 19)
+        # The member slips an entry "written by a" into its own replica: no broadcast, so
+        # only anti-entropy can carry it.
+        forged = Value("forged", Dot("a", evil.clock.now()))
+        on_evil._map.merge_entry("k1", forged)  # what a member's modified code could do
+        c.stop("a")
+        await c.wait_stopped("a")
+        # a restarts from its store; b is new and syncs with both.
+        a = await c.start("a", identity=_identity(keys, allowlist, "a"), data_dir=data)
+        on_a = await a.open_map("m", persist=True)
+        b = await _start(c, keys, allowlist, "b", [a.address, evil.address])
+        on_b = await b.open_map("m")
+        with trio.fail_after(120):
+            await wait_until(
+                lambda: len(on_b) == 19 and on_b.stats.rejected.get("signature", 0) >= 1
+            )
+        assert on_b.get("k1") == 1 and on_a.get("k1") == 1
+        assert "k0" not in on_b
+        nursery.cancel_scope.cancel()
+
+
+def test_entry_signatures_travel_in_the_wire_form_and_are_checked() -> None:
+    from trio_replica.hlc import HybridClock, Timestamp
+    from trio_replica.ormap import ORMap
+    from trio_replica.ormap_wire import from_wire_signed, ingest, to_wire
+
+    entry = Value("v", Dot("a", Timestamp(HybridClock().now().wall, 0)))
+    sig = b"s" * 64
+    wire = to_wire([("k", entry), ("j", entry)], {"k": sig})
+    assert [s for _, _, s in from_wire_signed(wire)] == [sig, b""]
+    clock, local = HybridClock(), ORMap()
+    result = ingest(local, wire, clock, authenticate=lambda key, e, s: s == sig)
+    assert [r.reason for r in result.rejected] == ["signature"] and result.signatures == {"k": sig}
+    bad = [[*wire[0][:-1], b"short"]]
+    assert [r.reason for r in ingest(ORMap(), bad, clock).rejected] == ["signature"]

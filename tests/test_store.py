@@ -369,10 +369,10 @@ class _Gate:
         self.release = threading.Event()
         original = MapStore._write_sync
 
-        def gated(store: MapStore, entries: Any) -> int:
+        def gated(store: MapStore, entries: Any, signatures: Any) -> int:
             trio.from_thread.run_sync(self.started.set)
             self.release.wait()
-            return original(store, entries)
+            return original(store, entries, signatures)
 
         monkeypatch.setattr(MapStore, "_write_sync", gated)
 

@@ -468,6 +468,19 @@ class TrustStore:
             f"refusing {format_key(key)}",
         )
 
+    def keys_for(self, node_id: str) -> list[bytes]:
+        """The keys an allow-list gives `node_id` now (none in the other modes)."""
+        if self.mode != TrustMode.ALLOWLIST:
+            return []
+        self._refresh_allowlist()
+        pin = self._pins.get(node_id)
+        if pin is None:
+            return []
+        now = self._wall()
+        return [
+            k for k in (pin.key, *pin.previous) if k and (k == pin.key or pin.previous[k] > now)
+        ]
+
     def allows(self, node_id: str, key: bytes) -> bool:
         """Whether an allow-list gives `key` to `node_id` now (broadcast signatures: never
         pins anything, so a relayed message cannot decide whose key an id has)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -25,6 +25,7 @@ import trio
 
 from .events import Event
 from .flow import Fanout, Feed
+from .identity import verify
 from .ormap import Entry, Key, ORMap, Value
 from .ormap_wire import (
     DEFAULT_LIMITS,
@@ -34,6 +35,7 @@ from .ormap_wire import (
     check_delta,
     check_local_entry,
     ingest,
+    signed_entry_bytes,
 )
 from .replica import Add, Remove, Replica
 from .store import StoreError
@@ -118,6 +120,13 @@ class ReplicatedMap:
         #: Wall-clock ms at which the last comparison this replica completed began: every
         #: entry older than that was known to a peer then (`before_sync`). None: never.
         self.last_synced_ms: int | None = None
+        identity = node.config.identity
+        #: Writer signatures of the stored entries, by key, kept when this node signs or
+        #: requires them (README "Security"): they travel with the entries in every sync
+        #: and are stored with them, so that a node can check who wrote what it receives.
+        self._signed = identity.sign_broadcasts or identity.require_signatures
+        self._require = identity.require_signatures
+        self._sigs: dict[Key, bytes] = {}
         #: True while the writes the store lost are being pulled back from peers: the map
         #: is not `synced` and the node not ready until a comparison with a peer completes.
         self.recovering = False
@@ -187,12 +196,39 @@ class ReplicatedMap:
 
     async def _local_write(self, key: Key, update: Add | Remove) -> None:
         previous = self._map.entry(key)
+        previous_sig = self._sigs.get(key)
         try:
             await self.replica.broadcast_update(update)
         except StoreError:
             # Not durable, so not acknowledged and not broadcast: undo it in memory too.
             self._map.restore(key, previous)
+            self._set_sig(key, previous_sig)
             raise
+
+    def _set_sig(self, key: Key, sig: bytes | None) -> None:
+        if sig:
+            self._sigs[key] = sig
+        else:
+            self._sigs.pop(key, None)
+
+    def _wire(self, keys: Iterable[Key]) -> list[Any]:
+        """The wire form of the entries of `keys`, each with its writer's signature."""
+        entries = self._map.wire_entries(keys)
+        sigs = self._sigs
+        if not sigs:
+            return entries
+        return [(*e, sig) if (sig := sigs.get(e[0])) else e for e in entries]
+
+    def _authenticate(self, key: Key, entry: Entry, signature: bytes) -> bool:
+        """Whether `signature` is the entry's writer's, by the key the trust store gives it."""
+        if not signature:
+            return False
+        writer = entry.dot.node
+        data = signed_entry_bytes(self.name, key, entry)
+        keys = (
+            [self.node.public_key] if writer == self.node.id else self.node.trust.keys_for(writer)
+        )
+        return any(verify(public, signature, data) for public in keys)
 
     # --- events -----------------------------------------------------------------------------
 
@@ -271,7 +307,7 @@ class ReplicatedMap:
         # entries held whole was a million objects for every full garbage collection to
         # walk, 15-20 ms each time, on top of building and freeing it (issue 13).
         for keys in self._map.key_slices(SNAPSHOT_SLICE):
-            yield self._map.wire_entries(keys)
+            yield self._wire(keys)
             await trio.lowlevel.checkpoint()
 
     def digest_source(self, name: str) -> ORMap:
@@ -283,7 +319,7 @@ class ReplicatedMap:
         self, name: str, level: int, index: int
     ) -> AsyncGenerator[list[Any], None]:
         for keys in self._map.range_keys(level, index, SNAPSHOT_SLICE):
-            yield self._map.wire_entries(keys)
+            yield self._wire(keys)
             await trio.lowlevel.checkpoint()
 
     async def before_sync(self, name: str) -> None:
@@ -337,6 +373,7 @@ class ReplicatedMap:
         for start in range(0, len(stale), INGEST_SLICE):
             for key in stale[start : start + INGEST_SLICE]:
                 self._map.restore(key, None)
+                self._sigs.pop(key, None)
             await trio.lowlevel.checkpoint()
         self.stats.stale_entries_dropped += len(stale)
         # Readers see the values go (those still alive elsewhere come back as puts).
@@ -397,8 +434,16 @@ class ReplicatedMap:
 
     async def _ingest_slice(self, raw: Any, *, remote: bool) -> IngestResult:
         result = ingest(
-            self._map, raw, self.node.clock, validator=self._validator, limits=self.limits
+            self._map,
+            raw,
+            self.node.clock,
+            validator=self._validator,
+            limits=self.limits,
+            authenticate=self._authenticate if self._require else None,
         )
+        if self._signed:
+            for key in result.applied_keys:
+                self._set_sig(key, result.signatures.get(key))
         for rejection in result.rejected:
             self.stats.rejected[rejection.reason] += 1
             self.node.stats_counters.reject(f"map_{rejection.reason}")
@@ -411,7 +456,7 @@ class ReplicatedMap:
             )
         if self._store is not None and result.applied_keys:
             entries = [(k, e) for k in result.applied_keys if (e := self._map.entry(k)) is not None]
-            await self._store.write(entries)
+            await self._store.write(entries, signatures=self._sigs)
         if remote:
             self.stats.remote_changes += len(result.changed_keys)
         self._emit(result.changed_keys)
@@ -423,7 +468,7 @@ class ReplicatedMap:
         """Load the persisted state (trusted: it is ours) before the replica starts."""
         if self._store is None:
             return 0
-        entries = await self._store.load()
+        entries = await self._store.load(signatures=self._sigs if self._signed else None)
         self.last_synced_ms = self._mark_saved_ms = await self._store.sync_mark()
         if self._store.lost_commits:
             self.recovering = True
@@ -464,6 +509,9 @@ class ReplicatedMap:
                     log.exception("map %s: could not collect tombstones; next period", self.name)
                     continue
             self.stats.tombstones_collected += self._map.gc_tombstones(now_ms, ttl_ms)
+            for key in expired:
+                if self._map.entry(key) is None:
+                    self._sigs.pop(key, None)
 
     async def aclose(self) -> None:
         """Stop replicating this map on this node (its state stays in memory and on disk)."""

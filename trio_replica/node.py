@@ -86,7 +86,8 @@ from .messages import (
     SyncDigest,
     SyncRequest,
 )
-from .ormap_wire import DEFAULT_LIMITS, Validator
+from .ormap import Entry, Key
+from .ormap_wire import DEFAULT_LIMITS, Validator, signed_entry_bytes
 from .registry import Registry
 from .reminders import Reminders
 from .replica import Replica, ReplicaCallbacks
@@ -215,6 +216,10 @@ class Node:
     def sign_gossip(self, id: MessageId, tag: str, payload: bytes) -> bytes:
         """This node's signature of a broadcast it originates (identity.py)."""
         return sign_gossip(self._key, id.origin, id.stamp, id.nonce, tag, payload)
+
+    def sign_entry(self, name: str, key: Key, entry: Entry) -> bytes:
+        """This node's signature of a map entry it writes (`ormap_wire.signed_entry_bytes`)."""
+        return self._key.sign(signed_entry_bytes(name, key, entry))
 
     def _credentials(self) -> Credentials:
         identity = self.config.identity

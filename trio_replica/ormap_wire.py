@@ -23,7 +23,7 @@ clock (SPEC section 7, "wire validation before any merge").
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -70,7 +70,8 @@ DEFAULT_LIMITS = Limits()
 class Rejection:
     """One refused entry: its position in the delta, its key when that was readable, a
     stable `reason` token (``shape``, ``kind``, ``key``, ``node``, ``hlc``, ``skew``,
-    ``value``, ``validator``, ``clock``) for counters, and a `detail` for the log."""
+    ``value``, ``validator``, ``clock``, ``signature``) for counters, and a `detail` for
+    the log."""
 
     index: int
     key: Key | None
@@ -92,6 +93,8 @@ class IngestResult:
     rejected: tuple[Rejection, ...]
     #: Keys whose stored entry was replaced (what a persistent store must write).
     applied_keys: tuple[Key, ...] = ()
+    #: The writer's signature each applied entry carried (empty: none).
+    signatures: dict[Key, bytes] = attrs.field(factory=dict)
 
 
 class _Rejected(Exception):
@@ -110,16 +113,36 @@ class _Rejected(Exception):
 # --- encoding ------------------------------------------------------------------------------
 
 
-def to_wire(entries: Iterable[tuple[Key, Entry]]) -> list[list[Any]]:
-    """The plain-data form of entries (a delta, or a snapshot if given every entry)."""
+def to_wire(
+    entries: Iterable[tuple[Key, Entry]], signatures: Mapping[Key, bytes] | None = None
+) -> list[list[Any]]:
+    """The plain-data form of entries (a delta, or a snapshot if given every entry); an
+    entry whose key has a signature in `signatures` carries it as a last field."""
     out: list[list[Any]] = []
     for key, entry in entries:
         dot = entry.dot
         if isinstance(entry, Value):
-            out.append([key, _VALUE, dot.node, dot.ts.wall, dot.ts.logical, entry.value])
+            item = [key, _VALUE, dot.node, dot.ts.wall, dot.ts.logical, entry.value]
         else:
-            out.append([key, _TOMBSTONE, dot.node, dot.ts.wall, dot.ts.logical])
+            item = [key, _TOMBSTONE, dot.node, dot.ts.wall, dot.ts.logical]
+        if signatures and (signature := signatures.get(key)):
+            item.append(signature)
+        out.append(item)
     return out
+
+
+#: Length of an entry's signature by its writer (Ed25519).
+ENTRY_SIGNATURE_BYTES = 64
+
+
+def signed_entry_bytes(name: str, key: Key, entry: Entry) -> bytes:
+    """What a writer signs for one entry of map `name`: the map, the key, the dot and kind,
+    and the value in canonical CBOR, so that no part can be swapped for another's."""
+    dot = entry.dot
+    kind = _VALUE if isinstance(entry, Value) else _TOMBSTONE
+    head = cbor2.dumps([name, key, kind, dot.node, dot.ts.wall, dot.ts.logical], canonical=True)
+    body = cbor2.dumps(entry.value, canonical=True) if isinstance(entry, Value) else b""
+    return b"trio_replica entry v1\0" + len(head).to_bytes(4, "big") + head + body
 
 
 def from_wire(raw: Any, *, limits: Limits = DEFAULT_LIMITS) -> list[tuple[Key, Entry]]:
@@ -128,6 +151,13 @@ def from_wire(raw: Any, *, limits: Limits = DEFAULT_LIMITS) -> list[tuple[Key, E
     For data this node wrote itself (its own persisted state). It does not check clock
     skew and runs no validator: entries from peers go through `ingest`.
     """
+    return [(key, entry) for key, entry, _ in from_wire_signed(raw, limits=limits)]
+
+
+def from_wire_signed(
+    raw: Any, *, limits: Limits = DEFAULT_LIMITS
+) -> list[tuple[Key, Entry, bytes]]:
+    """`from_wire`, keeping each entry's signature (empty when it has none)."""
     out = []
     for index, raw_entry in enumerate(_check_delta(raw, limits)):
         try:
@@ -155,16 +185,24 @@ def _check_delta(raw: Any, limits: Limits) -> list[Any] | tuple[Any, ...]:
     return raw
 
 
-def _parse_entry(raw: Any, limits: Limits) -> tuple[Key, Entry]:
-    """Check one entry's shape and every field; raise `_Rejected` on the first fault."""
+def _parse_entry(raw: Any, limits: Limits) -> tuple[Key, Entry, bytes]:
+    """Check one entry's shape and every field; raise `_Rejected` on the first fault.
+
+    Returns the key, the entry, and the writer's signature (empty if it carries none)."""
     if (type(raw) is not list and type(raw) is not tuple) or len(raw) < 2:
         raise _Rejected("shape", "entry must be an array [key, kind, node, wall, logical, ...]")
     kind = raw[1]
     if type(kind) is not int or (kind != _VALUE and kind != _TOMBSTONE):
         raise _Rejected("kind", f"entry kind must be 0 or 1, got {_describe(kind)}")
-    if len(raw) != (6 if kind == _VALUE else 5):
+    fields = 6 if kind == _VALUE else 5
+    if len(raw) not in (fields, fields + 1):
         raise _Rejected("shape", f"entry of kind {kind} has {len(raw)} fields")
     key = _check_key(raw[0], limits)
+    signature = b""
+    if len(raw) == fields + 1:
+        signature = raw[fields]
+        if type(signature) is not bytes or len(signature) != ENTRY_SIGNATURE_BYTES:
+            raise _Rejected("signature", "an entry's signature is 64 bytes", key)
     node = raw[2]
     if type(node) is not str or not 0 < len(node) <= limits.max_node_id or not _utf8(node):
         raise _Rejected("node", f"node id must be 1-{limits.max_node_id} characters", key)
@@ -173,10 +211,10 @@ def _parse_entry(raw: Any, limits: Limits) -> tuple[Key, Entry]:
     except InvalidTimestamp as exc:
         raise _Rejected("hlc", str(exc), key) from None
     if kind == _TOMBSTONE:
-        return key, Tombstone(dot)
+        return key, Tombstone(dot), signature
     value = raw[5]
     _check_value(value, key, limits)
-    return key, Value(value, dot)
+    return key, Value(value, dot), signature
 
 
 def _utf8(text: str) -> bool:
@@ -275,6 +313,7 @@ def ingest(
     *,
     validator: Validator | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    authenticate: Callable[[Key, Entry, bytes], bool] | None = None,
 ) -> IngestResult:
     """Validate a delta or snapshot from a peer and merge what passes into `local`, in place.
 
@@ -288,14 +327,21 @@ def ingest(
     Raises `WireError` only when `incoming` as a whole is unusable (not an array, too many
     entries); in that case nothing changed. No other exception escapes, except what the
     validator raises that is not an `Exception` (cancellation, KeyboardInterrupt).
+
+    `authenticate(key, entry, signature)`, when given, must accept each entry's writer
+    signature (empty if it has none) or the entry is refused (``signature``).
     """
     raw_entries = _check_delta(incoming, limits)
     physical = clock.read_physical()
     accepted: list[tuple[int, Key, Entry]] = []
     rejected: list[Rejection] = []
+    signatures: dict[tuple[Key, Dot], bytes] = {}
     for index, raw_entry in enumerate(raw_entries):
         try:
-            key, entry = _parse_entry(raw_entry, limits)
+            key, entry, signature = _parse_entry(raw_entry, limits)
+            if authenticate is not None and not authenticate(key, entry, signature):
+                what = "a bad signature" if signature else "no signature"
+                raise _Rejected("signature", f"entry of {entry.dot.node} with {what}", key)
             try:
                 clock.check(entry.dot.ts, physical=physical)
             except ClockSkewError as exc:
@@ -306,6 +352,8 @@ def ingest(
             rejected.append(Rejection(index, exc.key, exc.reason, exc.detail))
             continue
         accepted.append((index, key, entry))
+        if signature:
+            signatures[(key, entry.dot)] = signature
     if not accepted:
         return IngestResult((), 0, tuple(rejected))
 
@@ -325,7 +373,14 @@ def ingest(
             applied += 1
             before.setdefault(key, old)
     changed = tuple(k for k, old in before.items() if visible_change(old, local.entry(k)))
-    return IngestResult(changed, applied, tuple(rejected), tuple(before))
+    # The signature that came with the entry each replaced key now holds.
+    won: dict[Key, bytes] = {}
+    if signatures:
+        for k in before:
+            stored = local.entry(k)
+            if stored is not None and (sig := signatures.get((k, stored.dot))):
+                won[k] = sig
+    return IngestResult(changed, applied, tuple(rejected), tuple(before), won)
 
 
 def _run_validator(validator: Validator, key: Key, value: Any) -> None:

@@ -334,6 +334,10 @@ class Replica:
         dot = self.new_dot()
         entry = Value(update.value, dot) if isinstance(update, Add) else Tombstone(dot)
         delta = to_wire([(update.key, entry)])
+        if self.node.config.identity.sign_broadcasts:
+            # The entry itself is signed, not only the broadcast: it keeps its writer's
+            # signature in every later sync and in the stores of the nodes it reaches.
+            delta[0].append(self.node.sign_entry(self.name, update.key, entry))
         body = ["d", delta]
         # Encode before the local merge: a write that cannot travel must not be applied here.
         encoded = encode_payload(body, max_size=self.node.config.max_payload)

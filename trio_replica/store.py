@@ -54,7 +54,7 @@ import os
 import sqlite3
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,7 +64,7 @@ import trio
 
 from .errors import MessageTooLarge, ReplicaError, WireError
 from .ormap import Entry, Key
-from .ormap_wire import DEFAULT_LIMITS, Limits, from_wire, to_wire
+from .ormap_wire import DEFAULT_LIMITS, Limits, from_wire, from_wire_signed, to_wire
 from .wire import decode_payload, encode_payload, strict_loads
 
 log = logging.getLogger("trio_replica.store")
@@ -351,22 +351,29 @@ class MapStore(trio.abc.AsyncResource):
     def name(self) -> str:
         return self._name
 
-    async def load(self) -> list[tuple[Key, Entry]]:
+    async def load(self, signatures: dict[Key, bytes] | None = None) -> list[tuple[Key, Entry]]:
         """Every stored entry, tombstones included, decoded strictly.
 
         A row that does not decode, or whose entry is for another key than its primary
-        key, raises `StoreCorrupt` naming that row; nothing is skipped.
+        key, raises `StoreCorrupt` naming that row; nothing is skipped. The writers'
+        signatures stored with entries are put in `signatures` when it is given.
         """
-        return await self._run(self._load_sync)
+        return await self._run(lambda: self._load_sync(signatures))
 
-    async def write(self, entries: Sequence[tuple[Key, Entry]]) -> None:
+    async def write(
+        self,
+        entries: Sequence[tuple[Key, Entry]],
+        signatures: Mapping[Key, bytes] | None = None,
+    ) -> None:
         """Store `entries` (insert or replace by key) in one transaction; durable on return.
+
+        An entry whose key has a writer signature in `signatures` is stored with it.
 
         Raises `StoreError` if an entry cannot be stored (not plain data, beyond the
         limits) or the write fails; in both cases nothing of the batch was stored.
         Tuples inside values come back as lists, as they do over the wire.
         """
-        size = await self._run(lambda: self._write_sync(entries))
+        size = await self._run(lambda: self._write_sync(entries, signatures))
         self.writes += 1
         self.entries_written += len(entries)
         self.bytes_written += size
@@ -438,12 +445,14 @@ class MapStore(trio.abc.AsyncResource):
             raise trio.ClosedResourceError(f"store {self._path} is closed")
         return self._conn
 
-    def _write_sync(self, entries: Sequence[tuple[Key, Entry]]) -> int:
+    def _write_sync(
+        self, entries: Sequence[tuple[Key, Entry]], signatures: Mapping[Key, bytes] | None
+    ) -> int:
         """Check and encode every entry, then store them all; return the bytes stored."""
         self._live()
         rows = []
         bound = _entry_bound(self._limits)
-        for index, item in enumerate(to_wire(entries)):
+        for index, item in enumerate(to_wire(entries, signatures)):
             try:
                 # The checks `load` applies, so that no stored row is refused later.
                 from_wire([item], limits=self._limits)
@@ -507,7 +516,7 @@ class MapStore(trio.abc.AsyncResource):
         else:
             _write_commits_file(self._commits_fd, self._seq)
 
-    def _load_sync(self) -> list[tuple[Key, Entry]]:
+    def _load_sync(self, signatures: dict[Key, bytes] | None) -> list[tuple[Key, Entry]]:
         conn = self._live()
         try:
             rows = conn.execute("SELECT key, entry, crc FROM entries").fetchall()
@@ -521,7 +530,7 @@ class MapStore(trio.abc.AsyncResource):
                     raise WireError("key and entry must be byte strings")
                 if crc != _crc(key_blob, blob):
                     raise WireError("its checksum does not match")
-                [(key, entry)] = from_wire(
+                [(key, entry, signature)] = from_wire_signed(
                     [decode_payload(blob, max_size=bound)], limits=self._limits
                 )
                 if _key_blob(key) != key_blob:
@@ -531,6 +540,8 @@ class MapStore(trio.abc.AsyncResource):
                     self._path, f"the row with key {_show(key_blob)} does not decode ({exc})"
                 ) from None
             out.append((key, entry))
+            if signatures is not None and signature:
+                signatures[key] = signature
         return out
 
     def _close_sync(self) -> None:

@@ -1011,17 +1011,33 @@ def test_a_peer_that_teaches_dead_addresses_is_ignored_for_a_while() -> None:
     core = make(bad_address_limit=3, bad_address_period=60.0)
     link_up(core, A, B)
     dead = [peer(f"dead{i}") for i in range(5)]
-    core.handle_message(B, Shuffle(A, 0, tuple(dead), 1), 0.0)  # A chose them, B relays
+    core.handle_message(A, Shuffle(A, 0, tuple(dead), 1), 0.0)
     assert ids(tuple(dead)) <= ids(core.passive)
     for p in dead[:3]:
         core._candidate_failed(p.id, 1.0)
     assert core.stats.teachers_penalised == 1
     assert not ids(tuple(dead)) & ids(core.passive)
     core.handle_message(A, Shuffle(A, 0, (peer("more"),), 2), 2.0)
-    assert "more" not in ids(core.passive) and core.stats.addresses_ignored == 1
-    # B, which only relayed, is heard; after the period A is heard again.
-    core.handle_message(A, Shuffle(B, 0, (peer("fromb"),), 3), 2.0)
-    assert "fromb" in ids(core.passive)
+    # Relayed by an honest neighbour, but naming A as the walk's origin: ignored too.
+    core.handle_message(B, Shuffle(A, 0, (peer("relayed"),), 5), 2.0)
+    assert not {"more", "relayed"} & ids(core.passive) and core.stats.addresses_ignored == 2
+    # B relaying C's walk is heard; after the period A is heard again.
+    core.handle_message(B, Shuffle(C, 0, (peer("fromc"),), 3), 2.0)
+    assert "fromc" in ids(core.passive)
     core.handle_message(A, Shuffle(A, 0, (peer("later"),), 4), 62.0)
     assert "later" in ids(core.passive)
+    core.check_invariants()
+
+
+def test_a_join_uses_its_senders_eviction_for_the_period() -> None:
+    # Deviation 11: a member that JOINs a full view (one eviction, always taken in) gets
+    # no FORWARD_JOIN eviction on top within the period.
+    core = make()
+    link_up(core, A, B, C, D, E)
+    core.handle_message(N, Join(), 1.0)
+    assert core.stats.evictions == 1
+    core.handle_message(N, ForwardJoin(peer("fake"), 0), 2.0)
+    assert core.stats.evictions == 1 and core.stats.replacements_refused == 1
+    core.handle_message(N, ForwardJoin(peer("fake2"), 0), 12.0)
+    assert core.stats.evictions == 2
     core.check_invariants()

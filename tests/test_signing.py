@@ -51,11 +51,14 @@ async def _start(
     return await c.start(name, seeds, identity=_identity(keys, allowlist, name))
 
 
-def test_requiring_signatures_needs_an_allowlist() -> None:
+def test_requiring_signatures_needs_an_allowlist_and_signing() -> None:
     from trio_replica.errors import ConfigError
 
     with pytest.raises(ConfigError, match="allowlist"):
-        IdentityConfig(trust="tofu", require_signatures=True)
+        IdentityConfig(trust="tofu", sign_broadcasts=True, require_signatures=True)
+    # And signing: a node that required signatures without signing would refuse its own.
+    with pytest.raises(ConfigError, match="sign_broadcasts"):
+        IdentityConfig(trust="allowlist", allowlist=Path("/"), require_signatures=True)
 
 
 async def test_signed_broadcasts_reach_everyone(
@@ -135,7 +138,7 @@ async def test_a_member_cannot_write_map_entries_as_another_node(
         await evil.open_map("m")
         # A delta under evil's own, valid signature, whose entry claims a as its writer.
         wall = a.clock.now().wall + 1
-        await evil.broadcast(TAG_PREFIX + "m", ["d", [["k", 0, "a", wall, 0, "forged"]]])
+        await evil.broadcast(TAG_PREFIX + "m", ["d", [["k", 1, "a", wall, 0, "forged"]]])
         with trio.fail_after(10):
             await wait_until(lambda: b.stats()["rejected"].get("map_writer", 0) == 1)
         assert on_b.get("k") is None
@@ -217,3 +220,12 @@ def test_entry_signatures_travel_in_the_wire_form_and_are_checked() -> None:
     assert [r.reason for r in result.rejected] == ["signature"] and result.signatures == {"k": sig}
     bad = [[*wire[0][:-1], b"short"]]
     assert [r.reason for r in ingest(ORMap(), bad, clock).rejected] == ["signature"]
+    # Not required: a signature that does not check is dropped and the entry kept.
+    lenient = ingest(ORMap(), wire, clock, authenticate=lambda k, e, s: False, required=False)
+    assert not lenient.rejected and lenient.signatures == {}
+    # One dot twice in a slice (a writer whose clock went back): the winner keeps its own.
+    w = entry.dot.ts.wall
+    twice = [["k", 1, "a", w, 0, "zz", b"A" * 64], ["k", 1, "a", w, 0, "aa", b"B" * 64]]
+    local = ORMap()
+    assert ingest(local, twice, clock).signatures == {"k": b"A" * 64}
+    assert local.get("k") == "zz"

@@ -586,3 +586,17 @@ async def test_a_store_made_anew_does_not_inherit_an_old_count(tmp_path: Path) -
     path.rename(tmp_path / "moved.sqlite3")
     async with await MapStore.open(path, name="m") as store:
         assert store.lost_commits == 0 and await store.load() == []
+
+
+async def test_a_store_copied_over_another_is_not_reported_as_a_loss(tmp_path: Path) -> None:
+    # A restore over the top: the side file left there counted another store's commits.
+    first, second = tmp_path / "m.sqlite3", tmp_path / "other" / "m.sqlite3"
+    second.parent.mkdir()
+    async with await MapStore.open(first, name="m") as store:
+        for i in range(5):
+            await store.write([(f"k{i}", v(i))])
+    async with await MapStore.open(second, name="m") as store:
+        await store.write([("x", v(1))])
+    first.write_bytes(second.read_bytes())
+    async with await MapStore.open(first, name="m") as store:
+        assert store.lost_commits == 0 and [k for k, _ in await store.load()] == ["x"]

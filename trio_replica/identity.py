@@ -254,6 +254,11 @@ class IdentityConfig:
             object.__setattr__(self, "previous_key", self.previous_key_file)
         if (self.previous_key is None) != (self.rotate_until is None):
             raise ConfigError("identity.previous_key and identity.rotate_until go together")
+        if self.require_signatures and not self.sign_broadcasts:
+            raise ConfigError(
+                "identity.require_signatures needs sign_broadcasts: this node's own writes "
+                "would be unsigned, and refused by itself and by its peers"
+            )
         if self.require_signatures and self.trust != TrustMode.ALLOWLIST:
             raise ConfigError(
                 "identity.require_signatures needs trust = allowlist: a broadcast reaches "
@@ -468,8 +473,10 @@ class TrustStore:
             f"refusing {format_key(key)}",
         )
 
-    def keys_for(self, node_id: str) -> list[bytes]:
-        """The keys an allow-list gives `node_id` now (none in the other modes)."""
+    def keys_for(self, node_id: str, *, history: bool = False) -> list[bytes]:
+        """The keys an allow-list gives `node_id` now (none in the other modes); with
+        `history`, also those whose rotation window has ended but that are still listed
+        (what they signed while valid stays theirs)."""
         if self.mode != TrustMode.ALLOWLIST:
             return []
         self._refresh_allowlist()
@@ -477,9 +484,8 @@ class TrustStore:
         if pin is None:
             return []
         now = self._wall()
-        return [
-            k for k in (pin.key, *pin.previous) if k and (k == pin.key or pin.previous[k] > now)
-        ]
+        keys = [pin.key] if pin.key else []
+        return keys + [k for k, until in pin.previous.items() if history or until > now]
 
     def allows(self, node_id: str, key: bytes) -> bool:
         """Whether an allow-list gives `key` to `node_id` now (broadcast signatures: never

@@ -220,14 +220,18 @@ class ReplicatedMap:
         return [(*e, sig) if (sig := sigs.get(e[0])) else e for e in entries]
 
     def _authenticate(self, key: Key, entry: Entry, signature: bytes) -> bool:
-        """Whether `signature` is the entry's writer's, by the key the trust store gives it."""
+        """Whether `signature` is the entry's writer's, by a key the allow-list lists for it.
+
+        Any listed key, even one whose rotation window has ended: an entry lives as long as
+        the data, and a key retired from handshakes still vouches for what it signed while
+        listed (README "Security": removing a key's line disowns its entries)."""
         if not signature:
             return False
         writer = entry.dot.node
-        data = signed_entry_bytes(self.name, key, entry)
-        keys = (
-            [self.node.public_key] if writer == self.node.id else self.node.trust.keys_for(writer)
-        )
+        data = signed_entry_bytes(self.node.config.cluster, self.name, key, entry)
+        keys = self.node.trust.keys_for(writer, history=True)
+        if writer == self.node.id:
+            keys = [self.node.public_key, *keys]
         return any(verify(public, signature, data) for public in keys)
 
     # --- events -----------------------------------------------------------------------------
@@ -439,7 +443,8 @@ class ReplicatedMap:
             self.node.clock,
             validator=self._validator,
             limits=self.limits,
-            authenticate=self._authenticate if self._require else None,
+            authenticate=self._authenticate if self._signed else None,
+            required=self._require,
         )
         if self._signed:
             for key in result.applied_keys:
@@ -456,7 +461,10 @@ class ReplicatedMap:
             )
         if self._store is not None and result.applied_keys:
             entries = [(k, e) for k in result.applied_keys if (e := self._map.entry(k)) is not None]
-            await self._store.write(entries, signatures=self._sigs)
+            # A copy of the signatures of these keys: the write waits its turn for the store
+            # thread, and other writes may change `_sigs` meanwhile.
+            sigs = {k: s for k, _ in entries if (s := self._sigs.get(k))}
+            await self._store.write(entries, signatures=sigs)
         if remote:
             self.stats.remote_changes += len(result.changed_keys)
         self._emit(result.changed_keys)

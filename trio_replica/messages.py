@@ -35,9 +35,12 @@ def address_host(host: str) -> str:
     and ``10.0.0.1`` are one IPv4 address to the resolver), a name lowercased without its
     trailing dot."""
     try:
-        return str(ipaddress.ip_address(host))
+        ip = ipaddress.ip_address(host)
     except ValueError:
         pass
+    else:
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        return str(mapped or ip)
     try:
         # The forms inet_aton takes (hex, octal, fewer parts) are what a dial would use.
         return socket.inet_ntoa(socket.inet_aton(host))
@@ -52,7 +55,8 @@ def canonical_address(address: str) -> str:
         return address
     try:
         parts = urllib.parse.urlsplit(address)
-        return f"{parts.scheme}://{address_host(parts.hostname or '')}:{parts.port}"
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+        return f"{parts.scheme}://{address_host(parts.hostname or '')}:{port}"
     except ValueError:
         return address
 

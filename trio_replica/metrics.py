@@ -36,7 +36,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from transports.base import Refusals
+from transports.base import Refusals, remote_host
 
 from .health import LAG_BUCKETS
 
@@ -474,8 +474,9 @@ async def _serve_one(
 
 
 def _client_of(stream: trio.SocketStream) -> str:
+    """Who a metrics client is, for its share of the slots (an IPv6 client by its /64)."""
     try:
-        return str(stream.socket.getpeername()[0])
+        return remote_host(str(stream.socket.getpeername()[0]))
     except OSError:
         return "<gone>"
 

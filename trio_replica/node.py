@@ -219,7 +219,7 @@ class Node:
 
     def sign_entry(self, name: str, key: Key, entry: Entry) -> bytes:
         """This node's signature of a map entry it writes (`ormap_wire.signed_entry_bytes`)."""
-        return self._key.sign(signed_entry_bytes(name, key, entry))
+        return self._key.sign(signed_entry_bytes(self.config.cluster, name, key, entry))
 
     def _credentials(self) -> Credentials:
         identity = self.config.identity

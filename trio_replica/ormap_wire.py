@@ -34,7 +34,7 @@ from .hlc import ClockExhausted, ClockSkewError, HybridClock, InvalidTimestamp, 
 from .messages import MAX_NODE_ID, U64
 from .ormap import WIRE_TOMBSTONE as _TOMBSTONE
 from .ormap import WIRE_VALUE as _VALUE
-from .ormap import Dot, Entry, Key, ORMap, Tombstone, Value, visible_change
+from .ormap import Dot, Entry, Key, ORMap, Tombstone, Value, supersedes, visible_change
 
 _INT_MIN = -(2**64)
 
@@ -135,12 +135,14 @@ def to_wire(
 ENTRY_SIGNATURE_BYTES = 64
 
 
-def signed_entry_bytes(name: str, key: Key, entry: Entry) -> bytes:
-    """What a writer signs for one entry of map `name`: the map, the key, the dot and kind,
-    and the value in canonical CBOR, so that no part can be swapped for another's."""
+def signed_entry_bytes(cluster: str, name: str, key: Key, entry: Entry) -> bytes:
+    """What a writer signs for one entry of map `name` in `cluster`: the cluster, the map,
+    the key, the dot and kind, and the value in canonical CBOR, so that no part can be
+    swapped for another's (nor the entry replayed into another cluster using the key)."""
     dot = entry.dot
     kind = _VALUE if isinstance(entry, Value) else _TOMBSTONE
-    head = cbor2.dumps([name, key, kind, dot.node, dot.ts.wall, dot.ts.logical], canonical=True)
+    fields = [cluster, name, key, kind, dot.node, dot.ts.wall, dot.ts.logical]
+    head = cbor2.dumps(fields, canonical=True)
     body = cbor2.dumps(entry.value, canonical=True) if isinstance(entry, Value) else b""
     return b"trio_replica entry v1\0" + len(head).to_bytes(4, "big") + head + body
 
@@ -314,6 +316,7 @@ def ingest(
     validator: Validator | None = None,
     limits: Limits = DEFAULT_LIMITS,
     authenticate: Callable[[Key, Entry, bytes], bool] | None = None,
+    required: bool = True,
 ) -> IngestResult:
     """Validate a delta or snapshot from a peer and merge what passes into `local`, in place.
 
@@ -328,20 +331,29 @@ def ingest(
     entries); in that case nothing changed. No other exception escapes, except what the
     validator raises that is not an `Exception` (cancellation, KeyboardInterrupt).
 
-    `authenticate(key, entry, signature)`, when given, must accept each entry's writer
-    signature (empty if it has none) or the entry is refused (``signature``).
+    `authenticate(key, entry, signature)` checks an entry's writer signature (empty if it
+    has none). With `required`, an entry it refuses is refused (``signature``); without,
+    the entry is taken and only its signature dropped (a node that signs but does not
+    require must not pass on signatures it could not check). Entries that cannot replace
+    the stored one are not checked: a digest range that differs re-sends entries already
+    held, and each check costs tens of microseconds.
     """
     raw_entries = _check_delta(incoming, limits)
     physical = clock.read_physical()
-    accepted: list[tuple[int, Key, Entry]] = []
+    accepted: list[tuple[int, Key, Entry, bytes]] = []
     rejected: list[Rejection] = []
-    signatures: dict[tuple[Key, Dot], bytes] = {}
     for index, raw_entry in enumerate(raw_entries):
         try:
             key, entry, signature = _parse_entry(raw_entry, limits)
-            if authenticate is not None and not authenticate(key, entry, signature):
-                what = "a bad signature" if signature else "no signature"
-                raise _Rejected("signature", f"entry of {entry.dot.node} with {what}", key)
+            if authenticate is not None:
+                stored = local.entry(key)
+                if (stored is None or supersedes(entry, stored)) and not authenticate(
+                    key, entry, signature
+                ):
+                    if required:
+                        what = "a bad signature" if signature else "no signature"
+                        raise _Rejected("signature", f"entry of {entry.dot.node} with {what}", key)
+                    signature = b""
             try:
                 clock.check(entry.dot.ts, physical=physical)
             except ClockSkewError as exc:
@@ -351,36 +363,32 @@ def ingest(
         except _Rejected as exc:
             rejected.append(Rejection(index, exc.key, exc.reason, exc.detail))
             continue
-        accepted.append((index, key, entry))
-        if signature:
-            signatures[(key, entry.dot)] = signature
+        accepted.append((index, key, entry, signature))
     if not accepted:
         return IngestResult((), 0, tuple(rejected))
 
     try:
         # Same physical reading as the checks above, so the skew check cannot fail here.
-        clock.update(max(entry.dot.ts for _, _, entry in accepted), physical=physical)
+        clock.update(max(entry.dot.ts for _, _, entry, _ in accepted), physical=physical)
     except ClockExhausted as exc:
         # Only when the local clock is at the end of its range: nothing can be absorbed.
-        rejected.extend(Rejection(i, k, "clock", str(exc)) for i, k, _ in accepted)
+        rejected.extend(Rejection(i, k, "clock", str(exc)) for i, k, _, _ in accepted)
         return IngestResult((), 0, tuple(rejected))
 
     before: dict[Key, Entry | None] = {}
+    # The signature of the entry each replaced key holds now: the last one that won.
+    won: dict[Key, bytes] = {}
     applied = 0
-    for _, key, entry in accepted:
+    for _, key, entry, signature in accepted:
         old = local.entry(key)
         if local.merge_entry(key, entry):
             applied += 1
             before.setdefault(key, old)
+            won[key] = signature
     changed = tuple(k for k, old in before.items() if visible_change(old, local.entry(k)))
-    # The signature that came with the entry each replaced key now holds.
-    won: dict[Key, bytes] = {}
-    if signatures:
-        for k in before:
-            stored = local.entry(k)
-            if stored is not None and (sig := signatures.get((k, stored.dot))):
-                won[k] = sig
-    return IngestResult(changed, applied, tuple(rejected), tuple(before), won)
+    return IngestResult(
+        changed, applied, tuple(rejected), tuple(before), {k: s for k, s in won.items() if s}
+    )
 
 
 def _run_validator(validator: Validator, key: Key, value: Any) -> None:

@@ -90,7 +90,8 @@ CREATE TABLE sync_mark (
 CREATE TABLE commits (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     seq INTEGER NOT NULL,
-    lost INTEGER NOT NULL
+    lost INTEGER NOT NULL,
+    store_id BLOB NOT NULL
 );
 """
 #: Added after schema version 1 shipped; created at open in a store that lacks it (an
@@ -103,15 +104,18 @@ _SYNC_MARK_TABLE = (
 _COMMITS_TABLE = _SCHEMA[_SCHEMA.index("CREATE TABLE commits") :].strip().rstrip(";")
 #: Beside the store: the commit count as last committed (module doc), with a CRC-32.
 _COMMITS_SUFFIX = ".commits"
-_COMMITS_FORMAT = struct.Struct(">QI")
+_COMMITS_FORMAT = struct.Struct(">Q16sI")
+#: A fresh store's commit row: a random id names the store, so that a side file written
+#: for another store (a store copied or restored over this one) is not read as ours.
+_NEW_COMMITS = "INSERT INTO commits VALUES (0, 0, 0, randomblob(16))"
 
 
 def _commits_path(path: Path) -> Path:
     return path.with_name(path.name + _COMMITS_SUFFIX)
 
 
-def _read_commits_file(path: Path) -> int | None:
-    """The count in the side file, or None if there is none or it is damaged."""
+def _read_commits_file(path: Path) -> tuple[int, bytes] | None:
+    """The count and store id in the side file, or None if there is none or it is damaged."""
     try:
         data = _commits_path(path).read_bytes()
     except FileNotFoundError:
@@ -120,13 +124,13 @@ def _read_commits_file(path: Path) -> int | None:
         raise StoreError(f"store {path}: cannot read its commit count: {exc}") from exc
     if len(data) != _COMMITS_FORMAT.size:
         return None
-    seq, crc = _COMMITS_FORMAT.unpack(data)
-    return seq if zlib.crc32(data[:8]) == crc else None
+    seq, store_id, crc = _COMMITS_FORMAT.unpack(data)
+    return (seq, store_id) if zlib.crc32(data[:24]) == crc else None
 
 
-def _write_commits_file(fd: int, seq: int) -> None:
-    head = seq.to_bytes(8, "big")
-    os.pwrite(fd, _COMMITS_FORMAT.pack(seq, zlib.crc32(head)), 0)
+def _write_commits_file(fd: int, seq: int, store_id: bytes) -> None:
+    head = seq.to_bytes(8, "big") + store_id
+    os.pwrite(fd, _COMMITS_FORMAT.pack(seq, store_id, zlib.crc32(head)), 0)
 
 
 _T = TypeVar("_T")
@@ -157,8 +161,9 @@ def _crc(key_blob: bytes, entry_blob: bytes) -> int:
 
 def _entry_bound(limits: Limits) -> int:
     """Largest encoded entry: key and value at their limits, a 4-byte-per-character node
-    id, and the array, kind and HLC headers (under 64 bytes together)."""
-    return limits.max_value_bytes + limits.max_key_bytes + 4 * limits.max_node_id + 64
+    id, the array, kind and HLC headers (under 64 bytes together), and a writer's signature
+    with its header (66 bytes)."""
+    return limits.max_value_bytes + limits.max_key_bytes + 4 * limits.max_node_id + 64 + 66
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -204,7 +209,7 @@ def _create(path: Path, name: str) -> None:
             if statement.strip():
                 conn.execute(statement)
         conn.execute("INSERT INTO meta VALUES (0, ?, ?)", (SCHEMA_VERSION, name))
-        conn.execute("INSERT INTO commits VALUES (0, 0, 0)")
+        conn.execute(_NEW_COMMITS)
         conn.execute("COMMIT")
     finally:
         # The last connection's close checkpoints the log into the file and syncs it.
@@ -228,7 +233,12 @@ def _connect(path: Path, name: str) -> sqlite3.Connection:
         raise StoreError(f"store {path} is not a regular file")
     # mode=rw: never let SQLite create an empty file in place of one that vanished.
     uri = path.absolute().as_uri() + "?mode=rw"
-    conn = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False)
+    try:
+        conn = sqlite3.connect(
+            uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.Error as exc:
+        raise _describe_failure(path, "opening", exc) from exc
     try:
         # Before the first read, so that WAL runs without shared memory and the lock
         # taken below is held until close (module doc: one store per file).
@@ -264,7 +274,11 @@ def _connect(path: Path, name: str) -> sqlite3.Connection:
             conn.execute(_SYNC_MARK_TABLE)
         if "commits" not in tables:
             conn.execute(_COMMITS_TABLE)
-            conn.execute("INSERT INTO commits VALUES (0, 0, 0)")
+            conn.execute(_NEW_COMMITS)
+        elif "store_id" not in {row[1] for row in conn.execute("PRAGMA table_info(commits)")}:
+            # A commit row from before stores had ids (never in a release): give it one.
+            conn.execute("ALTER TABLE commits ADD COLUMN store_id BLOB NOT NULL DEFAULT x''")
+            conn.execute("UPDATE commits SET store_id = randomblob(16) WHERE id = 0")
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         conn.close()
@@ -292,6 +306,7 @@ class MapStore(trio.abc.AsyncResource):
     #: The side file's descriptor and the count of committed transactions (module doc).
     _commits_fd: int = -1
     _seq: int = 0
+    _store_id: bytes = b""
     #: Transactions this store acknowledged once and did not recover (module doc); stays
     #: until `clear_lost`, across restarts.
     lost_commits: int = 0
@@ -487,7 +502,7 @@ class MapStore(trio.abc.AsyncResource):
             raise _describe_failure(self._path, doing, exc) from exc
         self._seq += 1
         try:
-            _write_commits_file(self._commits_fd, self._seq)
+            _write_commits_file(self._commits_fd, self._seq, self._store_id)
         except OSError as exc:
             # The commit stands; only the check at the next open is weaker for it.
             log.error("store %s: cannot record commit %d beside it: %s", self._path, self._seq, exc)
@@ -496,25 +511,40 @@ class MapStore(trio.abc.AsyncResource):
         """Compare the store's commit count with the side file's; record a shortfall."""
         conn = self._live()
         try:
-            row = conn.execute("SELECT seq, lost FROM commits WHERE id = 0").fetchone()
+            row = conn.execute("SELECT seq, lost, store_id FROM commits WHERE id = 0").fetchone()
         except sqlite3.Error as exc:
             raise _describe_failure(self._path, "opening", exc) from exc
-        if row is None or type(row[0]) is not int or type(row[1]) is not int:
-            raise _corrupt(self._path, f"its commit count is {row!r:.40}")
-        self._seq, self.lost_commits = row
+        if (
+            row is None
+            or type(row[0]) is not int
+            or type(row[1]) is not int
+            or type(row[2]) is not bytes
+            or len(row[2]) != 16
+        ):
+            raise _corrupt(self._path, f"its commit count is {row!r:.60}")
+        self._seq, self.lost_commits, self._store_id = row
         acknowledged = _read_commits_file(self._path)
         try:
             self._commits_fd = os.open(_commits_path(self._path), os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise StoreError(f"store {self._path}: cannot open its commit count: {exc}") from exc
-        if acknowledged is not None and acknowledged > self._seq:
-            missing = acknowledged - self._seq
+        if acknowledged is not None and acknowledged[1] != self._store_id:
+            log.warning(
+                "store %s: the commit count beside it belongs to another store (this one was "
+                "copied or restored over it): not compared",
+                self._path,
+            )
+        elif acknowledged is not None and acknowledged[0] > self._seq:
+            missing = acknowledged[0] - self._seq
             self._transaction(
                 "opening", "UPDATE commits SET lost = lost + ? WHERE id = 0", [(missing,)]
             )
             self.lost_commits += missing
-        else:
-            _write_commits_file(self._commits_fd, self._seq)
+            return
+        try:
+            _write_commits_file(self._commits_fd, self._seq, self._store_id)
+        except OSError as exc:
+            raise StoreError(f"store {self._path}: cannot write its commit count: {exc}") from exc
 
     def _load_sync(self, signatures: dict[Key, bytes] | None) -> list[tuple[Key, Entry]]:
         conn = self._live()

@@ -86,17 +86,19 @@ one node at a time) is narrower than ours:
    and a member sending such walks would multiply its messages through the cluster.
 11. One neighbour cannot empty our view: a FORWARD_JOIN that would take its newcomer into
    a full active view (evicting a member) does so at most `replacement_limit` times per
-   `replacement_period` per sender; past that the newcomer goes to the passive view
-   (``replacements_refused``). The paper trusts every node; a member sending 300
-   FORWARD_JOINs with time to live 0 for made-up nodes replaced the whole active view of
-   its neighbour and made it dial 319 addresses of the member's choosing.
+   `replacement_period` per sender, an eviction by the sender's own JOIN included; past
+   that the newcomer goes to the passive view (``replacements_refused``). The paper
+   trusts every node; a member sending 300 FORWARD_JOINs with time to live 0 for made-up
+   nodes replaced the whole active view of its neighbour and made it dial 319 addresses
+   of the member's choosing.
 12. Addresses learned from peers are weighed: an id whose address another known id
    already uses is not taken (``address_conflicts``: many ids pointing at one host would
    make us dial it for each; addresses are compared in one spelling, so ``ws://h:7000``
    and ``ws://H.:07000/`` are one) unless that id is a passive entry that failed its last
    try (a node restarted under another name), and each passive entry remembers who taught
-   it: a SHUFFLE's origin (it chose the ids; the hops only carried them), else the peer
-   that handed it to us. A teacher
+   it: the peer that handed it to us and, for a SHUFFLE, the origin it names (it chose
+   the ids; it is only named, so both answer for them: neither a relay nor a made-up
+   origin escapes). A teacher
    whose entries fail `bad_address_limit` times within `bad_address_period`, with more
    than three failures for each entry of its that did answer, is penalised for that
    period: the entries it taught are dropped and the ids it sends are ignored
@@ -387,8 +389,9 @@ class _PassiveEntry:
     peer: Peer
     failures: int = 0
     retry_at: float = 0.0
-    #: Who sent us this id (deviation 12); None when we met the peer ourselves.
-    source: str | None = None
+    #: Who taught us this id (deviation 12): the peer that handed it over and, for a
+    #: SHUFFLE, the origin it names; empty when we met the peer ourselves.
+    sources: tuple[str, ...] = ()
 
 
 @attrs.define
@@ -681,6 +684,7 @@ class HyParView:
         # A NEIGHBOR we had out to the newcomer will never be answered (it restarted, or the
         # JOIN crossed it); this JOIN and our answer settle the link instead.
         self._pending.pop(newcomer.id, None)
+        self._may_replace(newcomer.id, now, force=True)  # deviation 11
         self._add_active(newcomer, out, now)
         out.append(Send(newcomer, NeighborReply(accepted=True)))
         # "...then send to all other nodes in its active view a ForwardJoin request
@@ -709,18 +713,18 @@ class HyParView:
         # p's active view is equal to one, it will add the new node to its active view."
         # Deviation 3: also when there is nobody else to forward the walk to.
         if message.ttl == 0 or len(self._active) <= 1 or not targets:
-            if newcomer.id not in self._active and self._learnable(newcomer, sender.id, now):
+            if newcomer.id not in self._active and self._learnable(newcomer, (sender.id,), now):
                 if self._may_replace(sender.id, now):
                     self._add_active(newcomer, out, now)
                     self._send_neighbor(newcomer, high=True, added=True, out=out)
                 else:
                     self.stats.replacements_refused += 1
-                    self._add_passive(newcomer, source=sender.id)
+                    self._add_passive(newcomer, sources=(sender.id,))
             return
         # ii) "If the time to live is equal to PRWL, p will insert the new node into its
         # passive view."
-        if message.ttl == self.config.prwl and self._learnable(newcomer, sender.id, now):
-            self._add_passive(newcomer, source=sender.id)
+        if message.ttl == self.config.prwl and self._learnable(newcomer, (sender.id,), now):
+            self._add_passive(newcomer, sources=(sender.id,))
         # iii) + iv): decrement and forward to a random active peer other than the sender.
         target = self._rng.choice(targets)
         self.stats.forward_joins_forwarded += 1
@@ -911,7 +915,10 @@ class HyParView:
         reply = self._sample(candidates, len(message.peers))
         out.append(Send(sender, ShuffleReply(tuple(reply), message.nonce, origin.id)))
         # The walk's origin chose these ids; the hops only carried them.
-        self._integrate(message.peers, sent={peer.id for peer in reply}, source=origin.id, now=now)
+        # The sender is authenticated; the origin is only named, but it chose the ids: both
+        # answer for them, so that neither a relay nor a made-up origin escapes.
+        sources = (sender.id,) if origin.id == sender.id else (sender.id, origin.id)
+        self._integrate(message.peers, sent={peer.id for peer in reply}, sources=sources, now=now)
 
     def _remember_route(self, origin_id: str, nonce: int, sender: Peer, now: float) -> None:
         routes = self._routes
@@ -941,11 +948,11 @@ class HyParView:
         if sent is None:
             return  # unknown or timed-out nonce: not an answer to anything we asked
         self.stats.shuffle_replies += 1
-        self._integrate(message.peers, sent=sent, source=sender.id, now=now)
+        self._integrate(message.peers, sent=sent, sources=(sender.id,), now=now)
         self._refill(out, now)
 
     def _integrate(
-        self, peers: Iterable[Peer], sent: Collection[str], source: str, now: float
+        self, peers: Iterable[Peer], sent: Collection[str], sources: tuple[str, ...], now: float
     ) -> None:
         # "...it will first attempt to remove identifiers sent to the peer. If no such
         # identifiers remain in the passive view, it will remove identifiers at random."
@@ -955,20 +962,23 @@ class HyParView:
                 break
             if peer.id == self.me.id or peer.id in self._active or peer.id in self._passive:
                 continue
-            if not self._learnable(peer, source, now):
+            if not self._learnable(peer, sources, now):
                 continue
             budget -= 1
-            self._add_passive(peer, prefer_evict=sent, source=source)
+            self._add_passive(peer, prefer_evict=sent, sources=sources)
 
     # --- what one peer may do to our views (deviations 11 and 12) -------------------------
 
-    def _may_replace(self, sender_id: str, now: float) -> bool:
-        """Whether `sender_id`'s FORWARD_JOIN may take a newcomer in now (and count it)."""
+    def _may_replace(self, sender_id: str, now: float, *, force: bool = False) -> bool:
+        """Whether `sender_id`'s FORWARD_JOIN may take a newcomer in now (and count it).
+
+        `force`: a JOIN, always taken in (section 4.2), whose eviction counts against its
+        sender all the same: joining does not also buy a FORWARD_JOIN eviction."""
         if len(self._active) < self.config.active_size:
             return True  # a free slot: nobody is evicted
         period = self.config.replacement_period
         recent = [t for t in self._replacements.get(sender_id, ()) if t > now - period]
-        if len(recent) >= self.config.replacement_limit:
+        if len(recent) >= self.config.replacement_limit and not force:
             self._replacements[sender_id] = recent
             return False
         recent.append(now)
@@ -976,16 +986,17 @@ class HyParView:
         if len(self._replacements) > 4 * self.config.active_size:
             # Forget senders with nothing recent: the map stays as small as the views.
             self._replacements = {
-                k: v for k, v in self._replacements.items() if v[-1] > now - period
+                k: v for k, v in self._replacements.items() if v and v[-1] > now - period
             }
         return True
 
-    def _learnable(self, peer: Peer, source: str, now: float) -> bool:
-        """Whether to take `peer`, as taught by `source`, into a view."""
-        teacher = self._teachers.get(source)
-        if teacher is not None and teacher.penalised_until > now:
-            self.stats.addresses_ignored += 1
-            return False
+    def _learnable(self, peer: Peer, sources: tuple[str, ...], now: float) -> bool:
+        """Whether to take `peer`, as taught by `sources`, into a view."""
+        for source in sources:
+            teacher = self._teachers.get(source)
+            if teacher is not None and teacher.penalised_until > now:
+                self.stats.addresses_ignored += 1
+                return False
         address = canonical_address(peer.address)
         for known in self._active.values():
             if known.id != peer.id and canonical_address(known.address) == address:
@@ -1021,19 +1032,21 @@ class HyParView:
         return teacher
 
     def _taught_entry_failed(self, entry: _PassiveEntry, now: float) -> None:
-        if entry.source is None or entry.failures != 1:
+        if entry.failures != 1:
             return  # counted once per entry
-        teacher = self._teacher(entry.source, now)
-        teacher.failed += 1
-        if (
-            teacher.failed >= self.config.bad_address_limit
-            and teacher.failed > 3 * teacher.answered
-        ):
-            self.stats.teachers_penalised += 1
-            teacher.penalised_until = now + self.config.bad_address_period
-            taught = [pid for pid, e in self._passive.items() if e.source == entry.source]
-            for pid in taught:
-                del self._passive[pid]
+        for source in entry.sources:
+            teacher = self._teacher(source, now)
+            teacher.failed += 1
+            if (
+                teacher.penalised_until <= now
+                and teacher.failed >= self.config.bad_address_limit
+                and teacher.failed > 3 * teacher.answered
+            ):
+                self.stats.teachers_penalised += 1
+                teacher.penalised_until = now + self.config.bad_address_period
+                taught = [pid for pid, e in self._passive.items() if source in e.sources]
+                for pid in taught:
+                    del self._passive[pid]
 
     # --- view operations ------------------------------------------------------------------
 
@@ -1045,8 +1058,9 @@ class HyParView:
             victim = self._rng.choice([p for p in self._active.values() if p.id != peer.id])
             self._evict(victim, out, now)
         entry = self._passive.pop(peer.id, None)
-        if entry is not None and entry.source is not None:
-            self._teacher(entry.source, now).answered += 1
+        if entry is not None:
+            for source in entry.sources:
+                self._teacher(source, now).answered += 1
         self._lost.pop(peer.id, None)
         self._active[peer.id] = peer
         if len(self._active) >= min(self.config.min_active, self.config.active_size):
@@ -1066,7 +1080,7 @@ class HyParView:
             entry.retry_at = now + self.config.backoff_base
 
     def _add_passive(
-        self, peer: Peer, prefer_evict: Collection[str] = (), source: str | None = None
+        self, peer: Peer, prefer_evict: Collection[str] = (), sources: tuple[str, ...] = ()
     ) -> _PassiveEntry | None:
         """Put `peer` in the passive view (or return its entry); None if it cannot be there."""
         if peer.id == self.me.id or peer.id in self._active:
@@ -1081,7 +1095,7 @@ class HyParView:
             if not victims:
                 victims = list(self._passive)
             del self._passive[self._rng.choice(victims)]
-        entry = _PassiveEntry(peer, source=source)
+        entry = _PassiveEntry(peer, sources=sources)
         self._passive[peer.id] = entry
         return entry
 

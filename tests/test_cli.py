@@ -145,3 +145,50 @@ def test_listening_on_all_interfaces_needs_an_advertised_address(tmp_path: Path)
         timeout=30,
     )
     assert out.returncode == 2 and "--advertise" in out.stderr
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PY, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_allowlist_keys_and_a_secret_keyring_from_the_command_line(tmp_path: Path) -> None:
+    # The node proves the new secret and accepts the old (a keyring file); its allow-list
+    # names it and an operator key; a client must show that key.
+    # Mid-rotation: the node already proves the new secret, the client still the old one;
+    # each accepts both. A client that knows only the old one refuses the node.
+    keyring, old, only_old = tmp_path / "keyring", tmp_path / "old", tmp_path / "only-old"
+    keyring.write_text("the new cluster secret, long\nthe old cluster secret, long\n")
+    old.write_text("the old cluster secret, long\nthe new cluster secret, long\n")
+    only_old.write_text("the old cluster secret, long\n")
+    node_key, ops_key = tmp_path / "a.pem", tmp_path / "ops.pem"
+    node_pub = _run("key", "--key-file", str(node_key)).stdout.strip()
+    ops_pub = _run("key", "--key-file", str(ops_key)).stdout.strip()
+    assert node_pub.startswith("ed25519:") and node_pub != ops_pub
+    assert _run("key", "--key-file", str(node_key)).stdout.strip() == node_pub  # kept
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "cluster.keys").write_text(f"a {node_pub}\nops {ops_pub}\n")
+    proc, address = _start_node(
+        tmp_path,
+        "a",
+        "--secret-file",
+        str(keyring),
+        "--key-file",
+        str(node_key),
+        "--set",
+        "identity.trust=allowlist",
+        "--set",
+        f"identity.allowlist={keys}",
+    )
+    try:
+        behind = _run("status", "--node", address, "--secret-file", str(only_old))
+        assert behind.returncode == 1 and "secret" in behind.stderr
+        refused = _run("status", "--node", address, "--secret-file", str(old))
+        assert refused.returncode == 1 and "allow-list" in refused.stderr
+        listed = _run(
+            "status", "--node", address, "--secret-file", str(old), "--key-file", str(ops_key)
+        )
+        assert listed.returncode == 0, listed.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0

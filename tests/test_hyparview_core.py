@@ -1041,3 +1041,18 @@ def test_a_join_uses_its_senders_eviction_for_the_period() -> None:
     core.handle_message(N, ForwardJoin(peer("fake2"), 0), 12.0)
     assert core.stats.evictions == 2
     core.check_invariants()
+
+
+def test_a_mass_crash_penalises_no_teacher() -> None:
+    # Deviation 12: when many nodes crash, every teacher's entries fail alike: nobody is
+    # penalised and nothing taught is dropped (the healing needs the passive view).
+    core = make(bad_address_limit=3, bad_address_period=60.0)
+    link_up(core, A, B, C, D)
+    taught = {p: [peer(f"{p.id}-{i}") for i in range(4)] for p in (A, B, C, D)}
+    for nonce, (teacher, peers) in enumerate(taught.items()):
+        core.handle_message(teacher, Shuffle(teacher, 0, tuple(peers), nonce), 0.0)
+    for i in range(3):  # the refill tries candidates across teachers
+        for peers in taught.values():
+            core._candidate_failed(peers[i].id, 1.0)
+    assert core.stats.teachers_penalised == 0
+    assert all(peers[3].id in ids(core.passive) for peers in taught.values())

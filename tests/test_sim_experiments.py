@@ -50,7 +50,13 @@ def test_massive_failures_and_healing(base: Simulator) -> None:
     # Section 5.3: healed within 1-2 periods at 50%, a few at 90%.
     assert half["flood"]["healing_cycles"] is not None and half["flood"]["healing_cycles"] <= 2
     assert most["flood"]["healing_cycles"] is not None and most["flood"]["healing_cycles"] <= 4
-    assert most["flood"]["first_cycle_mean"] > 0.8
+    # The first cycle after 90% crash swings with the overlay's draw (0.66-0.92 over seeds
+    # at 200 nodes): its mean over five overlays, not one seed's value.
+    firsts = [
+        failures(build(200, seed=seed), (0.9,), cycles=1, detection=PAPER_DETECTION)[0]
+        for seed in range(7, 12)
+    ]
+    assert sum(row["flood"]["first_cycle_mean"] for row in firsts) / len(firsts) > 0.8
     assert most["after"]["components"] == 1
     # The stabilised overlay itself was not touched.
     assert len(base.alive_nodes()) == 200

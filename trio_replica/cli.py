@@ -65,12 +65,6 @@ def _read_keyring(path: str | None) -> tuple[bytes, ...]:
     return secrets
 
 
-def _read_secret(path: str | None) -> bytes | None:
-    """The secret a client proves: the first line of the keyring file."""
-    keyring = _read_keyring(path)
-    return keyring[0] if keyring else None
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level",
@@ -436,10 +430,12 @@ def _print_status(status: dict[str, Any]) -> None:
 
 def _open_control(args: argparse.Namespace) -> AbstractAsyncContextManager[ControlClient]:
     """The control connection the client commands share, from their common options."""
+    keyring = _read_keyring(args.secret_file)
     return open_control(
         normalize_address(args.node),
         cluster=args.cluster or "trio-replica",
-        secret=_read_secret(args.secret_file),
+        secret=keyring[0] if keyring else None,
+        accepted_secrets=keyring[1:],
         client_ssl=_tls(args)[1],
         timeout=args.timeout,
         key=_client_key(args.key_file),

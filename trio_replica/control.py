@@ -229,18 +229,27 @@ async def open_control(
     client_ssl: ssl.SSLContext | None = None,
     timeout: float = 5.0,
     key: Ed25519PrivateKey | None = None,
+    accepted_secrets: tuple[bytes, ...] = (),
 ) -> AsyncIterator[ControlClient]:
     """Connect to the node at `address` as a control client.
 
     `key` is the client's Ed25519 key (a fresh one if None); a node whose trust mode is
-    ``allowlist`` accepts only clients whose key its allow-list holds.
+    ``allowlist`` accepts only clients whose key its allow-list holds. The client proves
+    `secret` and accepts a node that proves it or one of `accepted_secrets` (a keyring,
+    while the cluster secret is rotated).
     """
     if transport is None:
         from transports.websocket import WebsocketTransport
 
         transport = WebsocketTransport(client_ssl=client_ssl)
     me = Peer(f"client-{secrets.token_hex(4)}", "")
-    creds = Credentials(cluster, secret or b"", me, key=key or Ed25519PrivateKey.generate())
+    creds = Credentials(
+        cluster,
+        secret or b"",
+        me,
+        key=key or Ed25519PrivateKey.generate(),
+        accepted=accepted_secrets,
+    )
     try:
         async with transport.open_connection(address, timeout=timeout) as conn:
             try:

@@ -100,7 +100,9 @@ one node at a time) is narrower than ours:
    the ids; it is only named, so both answer for them: neither a relay nor a made-up
    origin escapes). A teacher
    whose entries fail `bad_address_limit` times within `bad_address_period`, with more
-   than three failures for each entry of its that did answer, is penalised for that
+   than three failures for each entry of its that did answer and more than twice the
+   failures of all other teachers together (a mass crash fails everyone's entries: no
+   one stands out, and nothing is dropped that the healing needs), is penalised for that
    period: the entries it taught are dropped and the ids it sends are ignored
    (``teachers_penalised``, ``addresses_ignored``).
 
@@ -110,6 +112,7 @@ always arrives before any message it sends us as a neighbor.
 
 from __future__ import annotations
 
+import collections
 import math
 import random
 from collections.abc import Collection, Hashable, Iterable
@@ -471,8 +474,10 @@ class HyParView:
         self._reconnected_at = -math.inf
         #: Deviation 11: when each sender's FORWARD_JOINs last evicted a member.
         self._replacements: dict[str, list[float]] = {}
-        #: Deviation 12: how the ids each peer taught us fared.
+        #: Deviation 12: how the ids each peer taught us fared, and when taught entries
+        #: failed (each once), over the last `bad_address_period`.
         self._teachers: dict[str, _Teacher] = {}
+        self._failed_entries: collections.deque[float] = collections.deque()
 
     # --- read-only views ------------------------------------------------------------------
 
@@ -1032,8 +1037,16 @@ class HyParView:
         return teacher
 
     def _taught_entry_failed(self, entry: _PassiveEntry, now: float) -> None:
-        if entry.failures != 1:
+        if entry.failures != 1 or not entry.sources:
             return  # counted once per entry
+        # Every taught entry that failed in the period, once each: what a teacher's share
+        # is measured against. When many nodes crash, everyone's entries fail and no
+        # teacher stands out (a mass failure is not an attack, and dropping what the
+        # teachers taught would slow the healing).
+        failed = self._failed_entries
+        failed.append(now)
+        while failed[0] <= now - self.config.bad_address_period:
+            failed.popleft()
         for source in entry.sources:
             teacher = self._teacher(source, now)
             teacher.failed += 1
@@ -1041,6 +1054,7 @@ class HyParView:
                 teacher.penalised_until <= now
                 and teacher.failed >= self.config.bad_address_limit
                 and teacher.failed > 3 * teacher.answered
+                and teacher.failed > 2 * (len(failed) - teacher.failed)
             ):
                 self.stats.teachers_penalised += 1
                 teacher.penalised_until = now + self.config.bad_address_period

@@ -12,6 +12,7 @@ import trio.testing
 from transports.memory import MemoryNetwork
 from trio_replica.events import Delivery, Resubscribed
 from trio_replica.node import Node
+from trio_replica.testing import crash_component
 
 from .harness import Cluster, full_views, overlay_ok, wait_until
 
@@ -140,9 +141,9 @@ async def test_crashing_broadcast_component_resubscribes_and_names_what_was_miss
             for k in range(total):
                 await sender.broadcast(TAG, {"n": k})
                 if k == 20:
-                    sender.crash_component("broadcast")
+                    crash_component(sender, "broadcast")
                 if k == 40:
-                    receiver.crash_component("broadcast")
+                    crash_component(receiver, "broadcast")
                 await trio.sleep(0.02)
             await trio.sleep(5)
             for node in nodes:

@@ -22,6 +22,7 @@ from trio_replica.messages import (
     SyncChunk,
 )
 from trio_replica.stats import NodeStats
+from trio_replica.testing import crash_component
 from trio_replica.wire import FRAME_OVERHEAD, encode_frame, frame_from_parts
 
 from .harness import Cluster, wait_until
@@ -196,7 +197,7 @@ async def test_subscribing_while_the_source_restarts_waits_for_it(
         b = await c.start("b", [a.address])
         with trio.fail_after(30):
             await wait_until(lambda: len(a.active_view()) == 1)
-        a.crash_component("broadcast")
+        crash_component(a, "broadcast")
         with trio.fail_after(30):
             await wait_until(lambda: not a.broadcaster.running.is_set(), poll=0.001)
         async with a.subscribe("t") as sub:

@@ -12,6 +12,7 @@ from trio_replica.config import NodeConfig
 from trio_replica.maps import Put, Removed, ReplicatedMap
 from trio_replica.node import Node
 from trio_replica.replica import ReplicaConfig
+from trio_replica.testing import crash_component
 
 from .harness import Cluster, overlay_ok, wait_until
 
@@ -166,7 +167,7 @@ async def test_receiver_broadcast_crash_recovers_every_write(
         for i in range(100):
             await writer.put(i, i)
             if i == 50:
-                nodes[4].crash_component("broadcast")
+                crash_component(nodes[4], "broadcast")
             await trio.sleep(0.01)
         with trio.fail_after(10):
             await wait_until(lambda: len(receiver) == 100)

@@ -24,6 +24,7 @@ from trio_replica.control import ControlError, open_control
 from trio_replica.errors import ConfigError
 from trio_replica.metrics import answer, metrics_registry
 from trio_replica.node import open_node
+from trio_replica.testing import crash_component
 
 from .harness import Cluster, wait_until
 
@@ -140,7 +141,7 @@ async def test_readyz_waits_for_the_maps_and_a_neighbour_healthz_for_the_machine
             with trio.fail_after(30):
                 await b.wait_ready()
             assert _get(b, "/readyz") == ("HTTP/1.1 200 OK", b"ready\n")
-            b.crash_component("membership")
+            crash_component(b, "membership")
             while b.membership.running.is_set():  # the crash lands at its next checkpoint
                 await trio.lowlevel.checkpoint()
             status, body = _get(b, "/healthz")

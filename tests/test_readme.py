@@ -37,3 +37,20 @@ def test_readme_builtins_tour_runs() -> None:
     assert lines[0].startswith("user:42 lives on ")
     assert lines[1] == "the old leader's write was refused"
     assert lines[2] == "fired invoice:7 {'user': 42}"
+
+
+def test_readme_testing_example_runs(tmp_path: Path) -> None:
+    text = README.read_text()
+    match = re.search(r"## Testing your app.*?```python\n(.*?)```", text, re.S)
+    assert match, "the README lost its testing example"
+    (tmp_path / "test_example.py").write_text(match.group(1))
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout

@@ -2,8 +2,11 @@
 
 The node owns a component's state (the core, its inbox, its timer heap); the component's
 task only turns inputs into effects. So when the task crashes (a bug, or
-`node.crash_component` in a chaos test) the supervisor restarts it with bounded
+`testing.crash_component` in a chaos test) the supervisor restarts it with bounded
 exponential backoff and nothing queued is lost: inputs wait in the inbox, timers stay armed.
+Restarts are limited in intensity: past `max_restarts` crashes in `restart_window` the
+component is `dead` and the node's liveness fails, so that a bug hit by every input ends
+in a replaced process rather than a node restarting its machinery forever.
 What a crash does lose is its subscribers' channels: they are closed, and subscribers
 re-subscribe (SPEC section 9).
 
@@ -52,6 +55,12 @@ class Component:
     #: Restart backoff bounds, in seconds.
     backoff_min = 0.05
     backoff_max = 2.0
+    #: Restart intensity (as an OTP supervisor's): more than `max_restarts` crashes within
+    #: `restart_window` seconds and the component is not restarted again: it is `dead`,
+    #: the node's liveness says so (``/healthz`` answers 503) and the process should be
+    #: replaced. A bug that fires on every input would otherwise restart forever.
+    max_restarts = 10
+    restart_window = 60.0
 
     def __init__(
         self,
@@ -79,6 +88,9 @@ class Component:
         self.restarts = 0
         self.running = trio.Event()
         self._last_start = 0.0
+        #: Why the component stopped being restarted (None while it is supervised).
+        self.dead: str | None = None
+        self._crash_times: collections.deque[float] = collections.deque()
 
     # --- inputs ---------------------------------------------------------------------------
 
@@ -255,6 +267,21 @@ class Component:
             self.running = trio.Event()
             self.on_crash()
             first = False
+            now = trio.current_time()
+            self._crash_times.append(now)
+            while self._crash_times[0] <= now - self.restart_window:
+                self._crash_times.popleft()
+            if len(self._crash_times) > self.max_restarts:
+                self.dead = (
+                    f"{len(self._crash_times)} crashes in {self.restart_window:.0f} s, "
+                    "not restarted"
+                )
+                log.critical(
+                    "component %s is dead: %s; the node is not live (replace the process)",
+                    self.name,
+                    self.dead,
+                )
+                await trio.sleep_forever()
             # A task that ran long enough since its last start earns the short backoff again.
             if trio.current_time() - self._last_start > 10 * self.backoff_max:
                 backoff = self.backoff_min

@@ -206,11 +206,11 @@ class ControlOps:
 
     async def digest(self, args: Any) -> dict[str, Any]:
         the_map, _ = await self._map(args, 1)
-        total, count = the_map._map.range_digest(0, 0)
+        digest = the_map.digest()
         return {
             "map": the_map.name,
-            "digest": f"{total:016x}-{count}",
-            "entries": count,
+            "digest": digest,
+            "entries": int(digest.rsplit("-", 1)[1]),
             "keys": len(the_map),
             "tombstones": the_map.tombstones,
         }

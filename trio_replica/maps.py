@@ -285,6 +285,12 @@ class ReplicatedMap:
         log.warning("map %s: the writes its store lost are given up (accept_loss)", self.name)
         self.synced.set()
 
+    def digest(self) -> str:
+        """A summary of every entry (values and tombstones): two replicas with the same
+        digest hold the same entries (unless 64-bit hashes collide)."""
+        total, count = self._map.range_digest(0, 0)
+        return f"{total:016x}-{count}"
+
     def writers(self, delta: Any) -> set[Any]:
         """The writer fields of a delta's entries (replica.py: checked against its origin)."""
         if type(delta) is not list:

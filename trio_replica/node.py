@@ -31,7 +31,7 @@ import trio
 from transports.base import ConnectError, Connection, Refusals, Transport, remote_host
 
 from .broadcast import Broadcast
-from .component import LOCAL
+from .component import LOCAL, Component
 from .config import NodeConfig
 from .control import ControlOp, ControlStream
 from .control_ops import ControlOps
@@ -700,7 +700,9 @@ class Node:
         components running (a crashed one restarts; meanwhile the node is unhealthy)."""
         if self._closing:
             return False, "closing"
-        for component in (self.membership, self.broadcaster):
+        for component in self.components().values():
+            if component.dead is not None:
+                return False, f"{component.name} dead: {component.dead}"
             if not component.running.is_set():
                 return False, f"{component.name} restarting"
         return True, "ok"
@@ -722,6 +724,16 @@ class Node:
                 for name, m in sorted(self.maps().items())
             },
             "builtins": self._builtins_status(),
+            "components": {
+                c.name: (
+                    f"dead: {c.dead}"
+                    if c.dead is not None
+                    else "running"
+                    if c.running.is_set()
+                    else "restarting"
+                )
+                for c in self.components().values()
+            },
         }
 
     def _builtins_status(self) -> dict[str, Any]:
@@ -871,13 +883,10 @@ class Node:
         directory: names starting with ``_``)."""
         return {name: m for name, m in self._maps.items() if not name.startswith("_")}
 
-    def crash_component(self, name: str) -> None:
-        """Make a component's task fail as a crash would (tests and chaos runs)."""
-        components = {"membership": self.membership, "broadcast": self.broadcaster}
-        try:
-            components[name].crash()
-        except KeyError:
-            raise ValueError(f"no component named {name!r}; have {sorted(components)}") from None
+    def components(self) -> dict[str, Component]:
+        """The node's supervised protocol components, by name (``membership``,
+        ``broadcast``); `trio_replica.testing.crash_component` crashes one."""
+        return {"membership": self.membership, "broadcast": self.broadcaster}
 
     # --- used by components -------------------------------------------------------------
 

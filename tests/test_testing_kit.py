@@ -11,6 +11,7 @@ import trio.testing
 
 from trio_replica import testing
 from trio_replica.config import NodeConfig
+from trio_replica.errors import ComponentDead
 
 
 async def test_crash_restart_and_a_persistent_map_come_back(
@@ -66,30 +67,50 @@ async def test_websocket_clusters_have_no_network_to_cut() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_component_that_keeps_crashing_is_given_up_and_the_node_says_so(
+async def test_a_component_that_keeps_crashing_closes_its_node(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with pytest.RaisesGroup(ComponentDead, flatten_subgroups=True):
+        async with testing.cluster(2) as c:
+            node = c["n2"]
+            component = node.broadcaster
+            for crashes in range(1, component.max_restarts + 2):
+                with trio.fail_after(30):
+                    await component.running.wait()
+                    testing.crash_component(node, "broadcast")
+                    await testing.wait_until(lambda n=crashes: component.crashes == n, poll=0.01)
+            await trio.sleep_forever()  # the node's error ends the block
+
+
+async def test_crashes_spread_over_more_than_the_window_are_restarted_forever(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with testing.cluster(2) as c:
-        node = c["n2"]
-        component = node.broadcaster
-        limit = component.max_restarts
-        for crashes in range(1, limit + 2):
-            with trio.fail_after(30):
-                await component.running.wait()
-                testing.crash_component(node, "broadcast")
-                await testing.wait_until(lambda n=crashes: component.crashes == n, poll=0.01)
-        with trio.fail_after(30):
-            await testing.wait_until(lambda: component.dead is not None)
-        live, why = node.liveness()
-        assert not live and "broadcast dead" in why
-        assert node.status()["components"]["broadcast"].startswith("dead")
-        assert node.status()["components"]["membership"] == "running"
-        # Crashes spread over more than the window are restarted forever.
-        other = c["n1"].membership
-        for crashes in range(1, limit + 4):
+        membership = c["n1"].membership
+        for crashes in range(1, membership.max_restarts + 4):
             with trio.fail_after(120):
-                await other.running.wait()
+                await membership.running.wait()
                 c.crash_component("n1", "membership")
-                await testing.wait_until(lambda n=crashes: other.crashes == n, poll=0.01)
-            await trio.sleep(other.restart_window / limit + 1)
-        assert other.dead is None
+                await testing.wait_until(lambda n=crashes: membership.crashes == n, poll=0.01)
+            await trio.sleep(membership.restart_window / membership.max_restarts + 1)
+        assert membership.dead is None
+        with trio.fail_after(30):
+            await membership.running.wait()
+        assert c["n1"].liveness() == (True, "ok")
+        assert c["n1"].status()["components"] == {"membership": "running", "broadcast": "running"}
+
+
+async def test_the_kit_says_clearly_what_it_cannot_do(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with pytest.raises(ValueError, match="mine"):
+        async with testing.cluster(2):
+            raise ValueError("mine")  # comes out as itself, not in a group
+    async with testing.cluster(2) as c:
+        await c["n1"].open_map("m")
+        with pytest.raises(LookupError, match="not open on n2"):
+            await c.converged("m")
+        with pytest.raises(LookupError, match="never started"):
+            await c.restart("n9")
+        with pytest.raises(ValueError, match="running already"):
+            await c.start("n1")

@@ -8,6 +8,7 @@ HLC-stamped OR-Map. Start here: `open_node(NodeConfig(...))`.
 from .config import NodeConfig
 from .control import ControlClient, ControlError, open_control
 from .errors import (
+    ComponentDead,
     ConfigError,
     DirectError,
     HandshakeError,
@@ -47,6 +48,7 @@ from .store import StoreCorrupt, StoreError
 __all__ = [
     "Acquired",
     "Add",
+    "ComponentDead",
     "ConfigError",
     "ControlClient",
     "ControlError",

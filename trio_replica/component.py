@@ -5,8 +5,8 @@ task only turns inputs into effects. So when the task crashes (a bug, or
 `testing.crash_component` in a chaos test) the supervisor restarts it with bounded
 exponential backoff and nothing queued is lost: inputs wait in the inbox, timers stay armed.
 Restarts are limited in intensity: past `max_restarts` crashes in `restart_window` the
-component is `dead` and the node's liveness fails, so that a bug hit by every input ends
-in a replaced process rather than a node restarting its machinery forever.
+component gives up and `ComponentDead` closes the node, so that a bug hit by every input
+ends the node loudly rather than restarting its machinery forever.
 What a crash does lose is its subscribers' channels: they are closed, and subscribers
 re-subscribe (SPEC section 9).
 
@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from .core.effects import Effect, SetTimer
+from .errors import ComponentDead
 from .flow import FairInbox, FlowConfig, OnTaken, Pressure
 
 log = logging.getLogger("trio_replica.component")
@@ -56,9 +57,11 @@ class Component:
     backoff_min = 0.05
     backoff_max = 2.0
     #: Restart intensity (as an OTP supervisor's): more than `max_restarts` crashes within
-    #: `restart_window` seconds and the component is not restarted again: it is `dead`,
-    #: the node's liveness says so (``/healthz`` answers 503) and the process should be
-    #: replaced. A bug that fires on every input would otherwise restart forever.
+    #: `restart_window` seconds and the component gives up: `ComponentDead` leaves its
+    #: task, so the node closes with that error (escalation, as a supervisor past its
+    #: intensity ends itself). A bug that fires on every input would otherwise restart it
+    #: forever; and a node living on without it would stall its links' readers and its
+    #: writers behind an inbox nobody drains.
     max_restarts = 10
     restart_window = 60.0
 
@@ -269,19 +272,15 @@ class Component:
             first = False
             now = trio.current_time()
             self._crash_times.append(now)
-            while self._crash_times[0] <= now - self.restart_window:
+            while self._crash_times and self._crash_times[0] <= now - self.restart_window:
                 self._crash_times.popleft()
             if len(self._crash_times) > self.max_restarts:
                 self.dead = (
                     f"{len(self._crash_times)} crashes in {self.restart_window:.0f} s, "
                     "not restarted"
                 )
-                log.critical(
-                    "component %s is dead: %s; the node is not live (replace the process)",
-                    self.name,
-                    self.dead,
-                )
-                await trio.sleep_forever()
+                log.critical("component %s is dead: %s; the node closes", self.name, self.dead)
+                raise ComponentDead(f"component {self.name}: {self.dead}")
             # A task that ran long enough since its last start earns the short backoff again.
             if trio.current_time() - self._last_start > 10 * self.backoff_max:
                 backoff = self.backoff_min

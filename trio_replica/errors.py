@@ -48,6 +48,11 @@ class LinkClosed(ReplicaError):
     """The link to a peer is closed; nothing more can be sent on it."""
 
 
+class ComponentDead(ReplicaError):
+    """A protocol component crashed more often than its supervisor allows (component.py):
+    raised out of the node, which closes; replace the process or open the node again."""
+
+
 class NodeClosed(ReplicaError):
     """The node is closing or closed; the requested operation cannot start."""
 

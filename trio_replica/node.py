@@ -697,7 +697,8 @@ class Node:
 
     def liveness(self) -> tuple[bool, str]:
         """Whether the node's machinery runs: not closing, membership and broadcast
-        components running (a crashed one restarts; meanwhile the node is unhealthy)."""
+        components running (a crashed one restarts; meanwhile the node is unhealthy; one
+        that crashes past its restart intensity closes the node)."""
         if self._closing:
             return False, "closing"
         for component in self.components().values():

@@ -89,6 +89,8 @@ class Cluster:
 
     async def _run(self, config: NodeConfig) -> Node:
         name = config.name
+        if name in self.nodes:
+            raise ValueError(f"node {name!r} is running already")
         transport = self.net.transport(name) if self.net else None
         scope = trio.CancelScope()
         stopped = self.stopped[name] = trio.Event()
@@ -132,7 +134,11 @@ class Cluster:
     async def restart(self, name: str, **overrides: Any) -> Node:
         """Start `name` again with its last configuration (its data directory too, so its
         persistent maps come back from disk), once the previous run has ended. A running
-        node is crashed first."""
+        node is crashed first. `overrides` change that configuration from now on. Maps are
+        not reopened: open them again on the returned node. On the memory network the node
+        keeps its address; over websockets it listens on a new port."""
+        if name not in self.configs:
+            raise LookupError(f"node {name!r} was never started here")
         if name in self.nodes:
             self.crash(name)
         await self.wait_stopped(name)
@@ -172,21 +178,22 @@ class Cluster:
         `min_active` peers, and the overlay is connected."""
         await wait_until(lambda: overlay_ok(self.live(), min_active=min_active), poll=poll)
 
-    async def converged(self, map_name: str, *, poll: float = 0.1) -> None:
-        """Wait until every running node that hosts `map_name` holds the same entries
-        (values and tombstones, compared by the map's digest)."""
+    async def converged(
+        self, map_name: str, *, nodes: Iterable[str | Node] | None = None, poll: float = 0.1
+    ) -> None:
+        """Wait until `nodes` (default: every running node) hold the same entries of
+        `map_name` (values and tombstones, compared by the map's digest). Each must have
+        the map open: one that does not (a node restarted and not reopened) raises
+        `LookupError` rather than pass unchecked."""
+        names = [_name(n) for n in nodes] if nodes is not None else list(self.nodes)
+        missing = [n for n in names if n not in self.nodes or map_name not in self[n].maps()]
+        if missing:
+            raise LookupError(f"map {map_name!r} is not open on {', '.join(missing)}")
 
         def same() -> bool:
-            digests = {node.maps()[map_name].digest() for node in self._hosts(map_name)}
-            return len(digests) == 1
+            return len({self[n].maps()[map_name].digest() for n in names}) == 1
 
         await wait_until(same, poll=poll)
-
-    def _hosts(self, map_name: str) -> list[Node]:
-        hosts = [node for node in self.live() if map_name in node.maps()]
-        if not hosts:
-            raise LookupError(f"no running node hosts map {map_name!r}")
-        return hosts
 
 
 def _name(node: str | Node) -> str:
@@ -203,21 +210,40 @@ async def cluster(
     loss: float = 0.0,
     base: NodeConfig | None = None,
     ready: bool = True,
+    ready_timeout: float = 120.0,
 ) -> AsyncIterator[Cluster]:
     """`n` nodes named ``n1`` .. ``nN`` on a fresh memory network, joined through ``n1``.
 
     `seed` fixes the network's random choices (loss); `latency` and `loss` are every
     link's defaults. With `ready`, the block starts once the overlay is formed (every node
-    has a neighbour and the overlay is connected). Leaving the block cancels every node.
+    has a neighbour and the overlay is connected), within `ready_timeout` seconds (of the
+    test's clock) or `trio.TooSlowError`. Leaving the block cancels every node. An error
+    raised in the block comes out as itself, not inside an exception group.
     """
     net = MemoryNetwork(seed=seed, latency=latency, loss=loss)
-    async with trio.open_nursery() as nursery:
-        c = Cluster(nursery, net, base or NodeConfig(name="base"))
-        if n > 0:
-            first = await c.start(f"{prefix}1")
-            for i in range(2, n + 1):
-                await c.start(f"{prefix}{i}", [first.address])
-        if ready and n > 1:
-            await c.overlay_ready()
-        yield c
-        nursery.cancel_scope.cancel()
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            c = Cluster(nursery, net, base or NodeConfig(name="base"))
+            if n > 0:
+                first = await c.start(f"{prefix}1")
+                for i in range(2, n + 1):
+                    await c.start(f"{prefix}{i}", [first.address])
+            if ready and n > 1:
+                with trio.fail_after(ready_timeout):
+                    await c.overlay_ready()
+            try:
+                yield c
+            except BaseException as exc:
+                body_error = exc
+                raise
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nodes end by cancellation when the block leaves: if the block raised, that
+        # is the error to see (what else the group holds is the nodes' cancellation).
+        if body_error is not None:
+            rest = group.split(trio.Cancelled)[1]
+            if rest is not None and rest.exceptions == (body_error,):
+                raise body_error from None
+        raise

@@ -113,12 +113,13 @@ async def test_slow_metrics_clients_get_a_few_slots_and_a_short_deadline() -> No
             stream = await trio.open_tcp_stream(mhost, mport, local_address="127.0.0.4")
             await stream.send_all(b"G")
             drippers.append(stream)
-        with trio.fail_after(3):
+        with trio.fail_after(10):
             reply = await _get(mhost, mport, "/metrics")
         assert reply.startswith(b"HTTP/1.1 200")
-        # A request whose lines end with a bare LF is answered at once.
+        # A request whose lines end with a bare LF is answered (not held until the header
+        # deadline and closed unanswered, which is what an unrecognised head gets).
         stream = await trio.open_tcp_stream(mhost, mport)
-        with trio.fail_after(0.9):
+        with trio.fail_after(10):
             await stream.send_all(b"GET /healthz HTTP/1.0\n\n")
             data = await stream.receive_some(65536)
         assert data.startswith(b"HTTP/1.1 200")

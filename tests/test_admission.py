@@ -153,3 +153,36 @@ async def test_refusals_are_counted_each_and_logged_once_a_period(
             refusals.refuse("busy", "ws://1.2.3.4:5")
     assert refusals.counts["busy"] == 500
     assert len(caplog.records) == 1
+
+
+async def test_handshake_slots_are_shared_per_address_and_clients_move_to_their_own() -> None:
+    import logging
+
+    from trio_replica.admission import Admission
+    from trio_replica.link import LinkConfig
+    from trio_replica.messages import Hello
+    from trio_replica.stats import NodeStats
+
+    def hello(role: str) -> Hello:
+        return Hello(4, "c", "x", "", role, b"n" * 32, b"k" * 32, b"", b"", b"")
+
+    stats = NodeStats()
+    config = LinkConfig(max_handshakes=3, max_handshakes_per_host=2, max_client_handshakes=1)
+    admission = Admission(config, stats, Refusals(logging.getLogger("test.slots"), "node"))
+    a1, a2 = admission.enter("ws://10.0.0.1:1"), admission.enter("ws://10.0.0.1:2")
+    assert a1 is not None and a2 is not None
+    assert admission.enter("ws://10.0.0.1:3") is None  # the address's two are taken
+    b1 = admission.enter("ws://10.0.0.2:1")
+    assert b1 is not None
+    assert admission.enter("ws://10.0.0.3:1") is None  # all three shared slots taken
+    # A client's hello moves it to the client slot, which frees a shared one...
+    assert a1.admit(hello("client")) is None and admission.shared == 2
+    c1 = admission.enter("ws://10.0.0.3:1")
+    assert c1 is not None
+    # ...and the one client slot is then taken: the next client is refused.
+    assert a2.admit(hello("client")) == "client_slots"
+    assert a2.admit(hello("node")) is None
+    for slot in (a1, a2, b1, c1, a1):  # releasing twice is harmless
+        slot.release()
+    assert (admission.shared, admission.clients, dict(admission.by_host)) == (0, 0, {})
+    assert stats.handshakes_refused == {"host_slots": 1, "too_many": 1}

@@ -14,7 +14,6 @@ from the active view) are closed once idle for `link.linger` seconds.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import ipaddress
@@ -28,8 +27,9 @@ from typing import Any
 import attrs
 import trio
 
-from transports.base import ConnectError, Connection, Refusals, Transport, remote_host
+from transports.base import ConnectError, Connection, Refusals, Transport
 
+from .admission import Admission
 from .broadcast import Broadcast
 from .component import LOCAL, Component
 from .config import NodeConfig
@@ -161,12 +161,10 @@ class Node:
         self._closing = False
         self._aborted = False
         self._task_scopes: set[trio.CancelScope] = set()
-        self._handshaking = 0
-        self._client_handshaking = 0
-        #: Incoming handshakes in progress by remote address (`link.max_handshakes_per_host`).
-        self._handshaking_from: collections.Counter[str] = collections.Counter()
-        #: Incoming connections refused before authentication: counted, logged once a period.
-        self.refusals = Refusals(log, f"node {config.name}")
+        #: The handshake slots of connections not yet authenticated (admission.py).
+        self.admission = Admission(
+            config.link, self.stats_counters, Refusals(log, f"node {config.name}")
+        )
         #: Requests the node's HTTP endpoint (/metrics, /readyz) refused.
         self.http_refusals = Refusals(log, f"node {config.name} metrics endpoint")
         #: Losing duplicates of a link, still delivering what was in flight on them.
@@ -1099,33 +1097,9 @@ class Node:
 
     async def _handle_incoming(self, conn: Connection) -> None:
         cfg = self.config.link
-        host = remote_host(conn.remote)
-        if self._handshaking >= cfg.max_handshakes:
-            refused = "too_many"
-        elif self._handshaking_from[host] >= cfg.max_handshakes_per_host:
-            refused = "host_slots"
-        else:
-            refused = None
-        if refused is not None:
-            self.stats_counters.handshakes_refused[refused] += 1
-            self.refusals.refuse(refused, conn.remote)
+        slot = self.admission.enter(conn.remote)
+        if slot is None:
             return
-        client_slot = False
-
-        def admit(hello: Hello) -> str | None:
-            # A client leaves the shared slots for its own as soon as its hello says so.
-            nonlocal client_slot
-            if hello.role != Role.CLIENT:
-                return None
-            if self._client_handshaking >= cfg.max_client_handshakes:
-                return "client_slots"
-            client_slot = True
-            self._client_handshaking += 1
-            self._handshaking -= 1
-            return None
-
-        self._handshaking += 1
-        self._handshaking_from[host] += 1
         try:
             # Counted while it waits for the node to be ready too: a burst at startup is
             # bounded like any other.
@@ -1139,20 +1113,13 @@ class Node:
                 timeout=self.health.timeout(cfg.handshake_timeout),
                 hello_timeout=self.health.timeout(cfg.hello_timeout),
                 accept=self._accept,
-                admit=admit,
+                admit=slot.admit,
             )
         except HandshakeError as exc:
-            self.stats_counters.handshakes_refused[exc.reason] += 1
-            self.refusals.refuse(exc.reason, conn.remote, f": {exc}")
+            self.admission.refused(exc.reason, conn.remote, f": {exc}")
             return
         finally:
-            if client_slot:
-                self._client_handshaking -= 1
-            else:
-                self._handshaking -= 1
-            self._handshaking_from[host] -= 1
-            if not self._handshaking_from[host]:
-                del self._handshaking_from[host]
+            slot.release()
         link = self._new_link(conn, auth, outbound=False)
         if auth.role == Role.CLIENT:
             self._clients.add(link)

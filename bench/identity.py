@@ -233,24 +233,16 @@ async def broadcast(count: int = 3000) -> dict[str, Any]:
         out[f"verify_{size}B_us"] = _per_call_us(
             lambda p=payload, s=signature: gossip_signer(s, "origin", 1, 2, "tag", p), 3000
         )
-    plain = await _broadcast_rate(False, count)
-    signed = await _broadcast_rate(True, count)
-    out["cluster"] = {
-        "nodes": 4,
-        "broadcasts": count,
-        "unsigned_per_s": round(plain),
-        "signed_per_s": round(signed),
-        "ratio": round(signed / plain, 2),
-    }
-    plain = await _broadcast_rate(False, count, maps=True)
-    signed = await _broadcast_rate(True, count, maps=True)
-    out["map_puts"] = {
-        "nodes": 4,
-        "puts": count,
-        "unsigned_per_s": round(plain),
-        "signed_per_s": round(signed),
-        "ratio": round(signed / plain, 2),
-    }
+    for key, what, maps in (("cluster", "broadcasts", False), ("map_puts", "puts", True)):
+        plain = await _broadcast_rate(False, count, maps=maps)
+        signed = await _broadcast_rate(True, count, maps=maps)
+        out[key] = {
+            "nodes": 4,
+            what: count,
+            "unsigned_per_s": round(plain),
+            "signed_per_s": round(signed),
+            "ratio": round(signed / plain, 2),
+        }
     return out
 
 

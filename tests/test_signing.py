@@ -136,11 +136,14 @@ async def test_a_member_cannot_write_map_entries_as_another_node(
         on_b = await b.open_map("m")
         await a.open_map("m")
         await evil.open_map("m")
-        # A delta under evil's own, valid signature, whose entry claims a as its writer.
-        wall = a.clock.now().wall + 1
-        await evil.broadcast(TAG_PREFIX + "m", ["d", [["k", 1, "a", wall, 0, "forged"]]])
+        # A broadcast under evil's own, valid signature, whose entry claims a as its writer
+        # and carries evil's signature of it: the entry is checked against a's key.
+        forged = Value("forged", Dot("a", a.clock.now()))
+        signature = evil.sign_entry("m", "k", forged)
+        delta = [["k", 1, "a", forged.dot.ts.wall, forged.dot.ts.logical, "forged", signature]]
+        await evil.broadcast(TAG_PREFIX + "m", ["d", delta])
         with trio.fail_after(10):
-            await wait_until(lambda: b.stats()["rejected"].get("map_writer", 0) == 1)
+            await wait_until(lambda: b.stats()["rejected"].get("map_signature", 0) == 1)
         assert on_b.get("k") is None
         nursery.cancel_scope.cancel()
 

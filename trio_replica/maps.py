@@ -291,12 +291,6 @@ class ReplicatedMap:
         total, count = self._map.range_digest(0, 0)
         return f"{total:016x}-{count}"
 
-    def writers(self, delta: Any) -> set[Any]:
-        """The writer fields of a delta's entries (replica.py: checked against its origin)."""
-        if type(delta) is not list:
-            return set()
-        return {raw[2] for raw in delta if type(raw) is list and len(raw) > 2}
-
     async def merge_delta(self, name: str, delta: Any) -> None:
         await self._ingest(delta, remote=True)
 

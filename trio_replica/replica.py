@@ -114,10 +114,6 @@ class ReplicaCallbacks(Protocol):
     sync is then not used. With it, ``async def before_sync(name)`` runs before every
     comparison (the map drops stale entries there) and ``async def sync_completed(name,
     started_ms)`` after each comparison this node opened completes.
-
-    ``writers(delta)``, the node ids a delta claims to write for: with
-    ``identity.require_signatures`` a delta broadcast by one node that writes for another
-    is refused (a member cannot pass its writes off as another's).
     """
 
     async def merge_delta(self, name: str, delta: Any) -> None:
@@ -584,21 +580,6 @@ class Replica:
             log.warning("replica %s: malformed broadcast from %s", self.name, item.origin)
             return
         if body[0] == "d":
-            writers = getattr(self.callbacks, "writers", None)
-            if (
-                writers is not None
-                and self.node.config.identity.require_signatures
-                and any(writer != item.origin for writer in writers(body[1]))
-            ):
-                # The broadcast's signature proves its origin; the entries must be its own.
-                self.stats.rejected["writer"] += 1
-                self.node.stats_counters.reject("map_writer")
-                log.warning(
-                    "replica %s: a delta from %s writes for other nodes; refused",
-                    self.name,
-                    item.origin,
-                )
-                return
             self.stats.deltas_received += 1
             await self.callbacks.merge_delta(self.name, body[1])
         else:

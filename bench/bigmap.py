@@ -36,8 +36,8 @@ from cluster_nodes import quiet_logs
 from common import json_lines, write_results
 
 from trio_replica import Node, NodeConfig, open_node
-from trio_replica.health import HealthConfig, LoopHealth
-from trio_replica.ormap import Dot, Value
+from trio_replica.core.ormap import Dot, Value
+from trio_replica.runtime.health import HealthConfig, LoopHealth
 
 
 def progress(message: str) -> None:

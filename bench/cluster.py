@@ -58,8 +58,8 @@ from common import payload_of, percentiles_ms, run_header
 
 from transports.base import Connection, TransportClosed
 from transports.websocket import WebsocketTransport
+from trio_replica.core.wire import encode_payload
 from trio_replica.localcluster import views_ok
-from trio_replica.wire import encode_payload
 
 SEED = 20261126
 SIZES = (10, 25, 50)

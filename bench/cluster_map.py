@@ -85,13 +85,13 @@ from map_figures import (
 
 from transports.base import Transport
 from transports.memory import MemoryNetwork
-from trio_replica.config import NodeConfig
-from trio_replica.events import PeerUp
+from trio_replica.core.events import PeerUp
+from trio_replica.core.ormap import Entry, Key, supersedes
 from trio_replica.localcluster import open_local_cluster, overlay_ok, run_node, wait_for_views
-from trio_replica.maps import Put, Removed, ReplicatedMap
 from trio_replica.node import Node
-from trio_replica.ormap import Entry, Key, supersedes
-from trio_replica.store import MapStore, StoreError
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.stores.maps import Put, Removed, ReplicatedMap
+from trio_replica.stores.store import MapStore, StoreError
 
 SEED = 20261127
 MAP = "bench"

@@ -43,12 +43,12 @@ import trio
 from common import TAG, json_lines, payload_of
 from prometheus_client import generate_latest
 
-from trio_replica.config import NodeConfig
-from trio_replica.events import Delivery, DownReason, PeerDown
+from trio_replica.core.events import Delivery, DownReason, PeerDown
+from trio_replica.core.wire import encode_payload
 from trio_replica.localcluster import open_local_cluster
-from trio_replica.metrics import metrics_registry
 from trio_replica.node import Node, open_node
-from trio_replica.wire import encode_payload
+from trio_replica.ops.metrics import metrics_registry
+from trio_replica.runtime.config import NodeConfig
 
 #: A child must say it is ready within this time (imports, then opening its node).
 READY_TIMEOUT_S = 60.0

@@ -15,8 +15,8 @@ from typing import Any
 
 import trio
 
+from trio_replica.core.wire import encode_payload
 from trio_replica.node import Node
-from trio_replica.wire import encode_payload
 
 #: The broadcast tag of benchmark payloads.
 TAG = "bench"

@@ -33,9 +33,9 @@ from cluster_nodes import quiet_logs
 from common import write_results
 
 from trio_replica import Node, NodeConfig, open_node
-from trio_replica.maps import ReplicatedMap
-from trio_replica.ormap import Dot, Value
-from trio_replica.replica import ReplicaConfig
+from trio_replica.core.ormap import Dot, Value
+from trio_replica.runtime.replica import ReplicaConfig
+from trio_replica.stores.maps import ReplicatedMap
 
 SYNC_KINDS = ("SyncDigest", "SyncChunk", "SyncRequest")
 
@@ -140,8 +140,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 async def flood(a: Node, b: Node, ma: ReplicatedMap, mb: ReplicatedMap, n: int) -> dict[str, Any]:
     """A third node floods a with comparisons claiming an empty map; b keeps writing."""
-    from trio_replica.messages import SyncDigest
-    from trio_replica.wire import encode_message
+    from trio_replica.core.messages import SyncDigest
+    from trio_replica.core.wire import encode_message
 
     progress(f"flood: {n} openings asking for everything, b writing meanwhile")
     async with open_node(NodeConfig(name="flooder", seeds=(a.address,))) as f:

@@ -44,17 +44,17 @@ from common import percentiles_ms, run_header, write_results
 
 from transports.base import TransportClosed
 from transports.websocket import WebsocketTransport
-from trio_replica.config import NodeConfig
-from trio_replica.hlc import Timestamp
-from trio_replica.link import Credentials, Link, LinkConfig, handshake_as_dialer
+from trio_replica.core.hlc import Timestamp
+from trio_replica.core.messages import Gossip, Message, MessageId, Peer, Role
+from trio_replica.core.ormap import Dot, Value
+from trio_replica.core.ormap_wire import from_wire, to_wire
+from trio_replica.core.wire import encode_frame, encode_payload
 from trio_replica.localcluster import open_local_cluster, wait_for_views
-from trio_replica.messages import Gossip, Message, MessageId, Peer, Role
 from trio_replica.node import Node
-from trio_replica.ormap import Dot, Value
-from trio_replica.ormap_wire import from_wire, to_wire
-from trio_replica.replica import Add, ReplicaConfig
-from trio_replica.stats import NodeStats
-from trio_replica.wire import encode_frame, encode_payload
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.link import Credentials, Link, LinkConfig, handshake_as_dialer
+from trio_replica.runtime.replica import Add, ReplicaConfig
+from trio_replica.runtime.stats import NodeStats
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Honest broadcasts during the floods: one every PACE seconds, from random nodes.

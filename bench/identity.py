@@ -42,16 +42,16 @@ from transports.base import Connection
 from transports.memory import MemoryNetwork
 from transports.websocket import WebsocketTransport
 from trio_replica import NodeConfig
-from trio_replica.identity import (
+from trio_replica.core.messages import Peer, Role
+from trio_replica.localcluster import run_node, wait_for_views
+from trio_replica.runtime.identity import (
     IdentityConfig,
     format_key,
     gossip_signer,
     public_bytes,
     sign_gossip,
 )
-from trio_replica.link import Credentials, handshake_as_dialer, handshake_as_listener
-from trio_replica.localcluster import run_node, wait_for_views
-from trio_replica.messages import Peer, Role
+from trio_replica.runtime.link import Credentials, handshake_as_dialer, handshake_as_listener
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -72,7 +72,7 @@ def crypto() -> dict[str, float]:
     pub = public_bytes(key)
     transcript = secrets.token_bytes(400)
     signature = key.sign(transcript)
-    from trio_replica.identity import verify
+    from trio_replica.runtime.identity import verify
 
     return {
         "ed25519_sign_us": _per_call_us(lambda: key.sign(transcript), 5000),

@@ -52,11 +52,11 @@ import cbor2
 import trio
 from common import percentiles_ms, run_header, view_signature
 
-from trio_replica.config import NodeConfig
-from trio_replica.events import Delivery
+from trio_replica.core.events import Delivery
 from trio_replica.localcluster import open_local_cluster, overlay_ok, wait_for_views
-from trio_replica.maps import Put, ReplicatedMap
 from trio_replica.node import Node, open_node
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.stores.maps import Put, ReplicatedMap
 
 SEED = 20240521
 NODES = 10

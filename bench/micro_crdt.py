@@ -26,10 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trio_replica import wire
-from trio_replica.hlc import HybridClock, Timestamp
-from trio_replica.ormap import Dot, ORMap
-from trio_replica.ormap_wire import ingest, to_wire
+from trio_replica.core import wire
+from trio_replica.core.hlc import HybridClock, Timestamp
+from trio_replica.core.ormap import Dot, ORMap
+from trio_replica.core.ormap_wire import ingest, to_wire
 
 SEED = 42
 BASE_MS = 1_700_000_000_000

@@ -46,7 +46,7 @@ from cluster_nodes import quiet_logs
 from common import percentiles_ms, run_header, write_results
 
 from trio_replica import NodeConfig
-from trio_replica.events import DownReason, PeerDown
+from trio_replica.core.events import DownReason, PeerDown
 from trio_replica.localcluster import open_local_cluster, overlay_ok
 from trio_replica.node import Node
 

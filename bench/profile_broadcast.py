@@ -33,10 +33,10 @@ from typing import Any
 import attrs
 import trio
 
-from trio_replica.config import NodeConfig
-from trio_replica.events import Delivery
+from trio_replica.core.events import Delivery
 from trio_replica.localcluster import open_local_cluster, wait_for_views
 from trio_replica.node import Node
+from trio_replica.runtime.config import NodeConfig
 
 TAG = "profile"
 WARMUP_S = 3.0

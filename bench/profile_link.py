@@ -25,9 +25,9 @@ import trio
 
 from transports.base import Connection, TransportClosed
 from transports.websocket import WebsocketTransport
-from trio_replica.link import Link, LinkConfig
-from trio_replica.messages import Gossip, Message, MessageId, Peer
-from trio_replica.stats import NodeStats
+from trio_replica.core.messages import Gossip, Message, MessageId, Peer
+from trio_replica.runtime.link import Link, LinkConfig
+from trio_replica.runtime.stats import NodeStats
 
 
 def progress(message: str) -> None:

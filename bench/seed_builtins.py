@@ -38,11 +38,11 @@ from common import percentiles_ms, run_header, write_results
 from transports.base import Connection, TransportClosed
 from transports.websocket import WebsocketTransport
 from trio_replica import NodeConfig
-from trio_replica.leader import Elected
 from trio_replica.localcluster import run_node, wait_for_views
 from trio_replica.node import Node
-from trio_replica.registry import Registered
-from trio_replica.reminders import Fired
+from trio_replica.stores.leader import Elected
+from trio_replica.stores.registry import Registered
+from trio_replica.stores.reminders import Fired
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -366,7 +366,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=10)
     args = parser.parse_args()
-    from trio_replica.logs import setup_logging
+    from trio_replica.runtime.logs import setup_logging
 
     setup_logging("ERROR")
     outcome = trio.run(main, args.nodes)

@@ -4,7 +4,7 @@ papers' figures, reproduced with the very cores the nodes run (issue 8).
 A script: ``.venv/bin/python bench/sim.py --nodes 1000 --seed 1``. It writes one JSON
 document to ``bench/results/sim_<nodes>.json`` and, when matplotlib is installed (the
 ``bench`` extra), PNGs ``bench/results/sim_<nodes>_*.png``. Everything runs in virtual time
-(`trio_replica.sim.Simulator`), so the figures depend only on the seed; the wall-clock time
+(`trio_replica.sim.overlay.Simulator`), so the figures depend only on the seed; the wall-clock time
 of each phase is reported beside them. The functions are importable: the CI test
 ``tests/test_sim_experiments.py`` runs them on 200 nodes.
 
@@ -44,8 +44,8 @@ from typing import Any
 import attrs
 
 from trio_replica.core.hyparview import HyParViewConfig
-from trio_replica.messages import MessageId
-from trio_replica.sim import (
+from trio_replica.core.messages import MessageId
+from trio_replica.sim.overlay import (
     BROADCAST,
     FLOOD,
     BroadcastMetrics,

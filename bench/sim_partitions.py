@@ -2,7 +2,7 @@
 
 A script: ``.venv/bin/python bench/sim_partitions.py [--sizes 5 100 1000] [--seeds 3]``. It
 writes ``bench/results/sim_partitions.json``. Virtual time, the real HyParView core and the
-runtime's seeder rules (`trio_replica.sim`); the figures depend only on the seeds.
+runtime's seeder rules (`trio_replica.sim.overlay`); the figures depend only on the seeds.
 
 For each size, seed placement (one seed, or a seed in each half), partition length (2 and
 20 minutes: longer than `rejoin_interval` and than `reconnect_backoff_max`) and with lost
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trio_replica.core.hyparview import HyParViewConfig
-from trio_replica.sim import DriverConfig, Simulator, active_graph, is_connected
+from trio_replica.sim.overlay import DriverConfig, Simulator, active_graph, is_connected
 
 RESULTS = Path(__file__).parent / "results"
 GIVE_UP = 600.0

@@ -3,7 +3,7 @@
 
 A script: ``.venv/bin/python bench/sim_replica.py --nodes 1000 --seed 1``. It writes
 ``bench/results/sim_replica_<nodes>.json`` and, with matplotlib (the ``bench`` extra), a PNG
-of the convergence curves. Virtual time only (`trio_replica.simreplica`: the real
+of the convergence curves. Virtual time only (`trio_replica.sim.replica`: the real
 `ReplicationCore`, real `ORMap`s, real `SyncDigest`/`SyncChunk` messages whose encoded bytes
 are counted); the figures depend only on the seed.
 
@@ -40,13 +40,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from trio_replica.core.hlc import Timestamp
 from trio_replica.core.hyparview import HyParViewConfig
+from trio_replica.core.ormap import Dot, ORMap, Value
+from trio_replica.core.ormap_wire import to_wire
 from trio_replica.core.replication import DigestSyncConfig
-from trio_replica.hlc import Timestamp
-from trio_replica.ormap import Dot, ORMap, Value
-from trio_replica.ormap_wire import to_wire
-from trio_replica.sim import DriverConfig, Simulator, active_graph, is_connected
-from trio_replica.simreplica import (
+from trio_replica.core.wire import encode_payload
+from trio_replica.sim.overlay import DriverConfig, Simulator, active_graph, is_connected
+from trio_replica.sim.replica import (
     REPLICA,
     ReplicaLayer,
     bytes_sent,
@@ -55,7 +56,6 @@ from trio_replica.simreplica import (
     replica_stack,
     write,
 )
-from trio_replica.wire import encode_payload
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -11,12 +11,12 @@ import attrs
 import trio
 
 from transports.memory import MemoryNetwork
-from trio_replica.health import LoopHealth
-from trio_replica.link import Link, LinkConfig
+from trio_replica.core.messages import Message, Peer, Role
 from trio_replica.localcluster import overlay_ok
-from trio_replica.messages import Message, Peer, Role
 from trio_replica.node import Node
-from trio_replica.stats import NodeStats
+from trio_replica.runtime.health import LoopHealth
+from trio_replica.runtime.link import Link, LinkConfig
+from trio_replica.runtime.stats import NodeStats
 from trio_replica.testing import Cluster, wait_until
 
 

@@ -16,8 +16,8 @@ import trio
 import trio_websocket
 
 from transports.base import Refusals, remote_host
-from trio_replica.control import open_control
-from trio_replica.metrics import metrics_registry, serve_metrics
+from trio_replica.ops.metrics import metrics_registry, serve_metrics
+from trio_replica.runtime.control import open_control
 
 from .harness import Cluster, wait_until
 
@@ -158,10 +158,10 @@ async def test_refusals_are_counted_each_and_logged_once_a_period(
 async def test_handshake_slots_are_shared_per_address_and_clients_move_to_their_own() -> None:
     import logging
 
-    from trio_replica.admission import Admission
-    from trio_replica.link import LinkConfig
-    from trio_replica.messages import Hello
-    from trio_replica.stats import NodeStats
+    from trio_replica.core.messages import Hello
+    from trio_replica.runtime.admission import Admission
+    from trio_replica.runtime.link import LinkConfig
+    from trio_replica.runtime.stats import NodeStats
 
     def hello(role: str) -> Hello:
         return Hello(4, "c", "x", "", role, b"n" * 32, b"k" * 32, b"", b"", b"")

@@ -17,8 +17,8 @@ from trio_replica.core.antientropy import (
     opening,
     ranges_in,
 )
-from trio_replica.hlc import Timestamp
-from trio_replica.ormap import Dot, ORMap, Tombstone, Value
+from trio_replica.core.hlc import Timestamp
+from trio_replica.core.ormap import Dot, ORMap, Tombstone, Value
 
 from .test_digest import build, deltas
 

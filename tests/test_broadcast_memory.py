@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.events import Delivery, Resubscribed
+from trio_replica.core.events import Delivery, Resubscribed
 from trio_replica.node import Node
 from trio_replica.testing import crash_component
 

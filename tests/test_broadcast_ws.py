@@ -6,7 +6,7 @@ import collections
 
 import trio
 
-from trio_replica.events import Delivery
+from trio_replica.core.events import Delivery
 
 from .harness import Cluster, overlay_ok, wait_until
 

@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.events import DownReason, NodeRemoved
+from trio_replica.core.events import DownReason, NodeRemoved
 from trio_replica.node import Node
 
 from .harness import Cluster, overlay_ok, wait_until
@@ -139,7 +139,7 @@ async def test_a_node_two_neighbours_lose_at_once_refutes_both_and_stays(
 async def test_a_replica_that_missed_a_removal_makes_up_for_it_after_lagged(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    from trio_replica.events import Lagged
+    from trio_replica.core.events import Lagged
 
     net = MemoryNetwork(seed=84)
     async with trio.open_nursery() as nursery:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_replica.hlc import Timestamp
-from trio_replica.ormap import (
+from trio_replica.core.hlc import Timestamp
+from trio_replica.core.ormap import (
     FANOUT_BITS,
     LEAF_BITS,
     LEAF_LEVEL,

@@ -9,14 +9,14 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.config import NodeConfig
 from trio_replica.core.antientropy import opening
+from trio_replica.core.messages import SyncDigest, SyncRequest
+from trio_replica.core.ormap import Dot, Value
 from trio_replica.core.replication import DigestSyncConfig
-from trio_replica.maps import ReplicatedMap
-from trio_replica.messages import SyncDigest, SyncRequest
 from trio_replica.node import Node
-from trio_replica.ormap import Dot, Value
-from trio_replica.replica import ReplicaConfig
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.replica import ReplicaConfig
+from trio_replica.stores.maps import ReplicatedMap
 
 from .harness import Cluster, overlay_ok, wait_until
 from .test_flow_memory import KeySet, _pair

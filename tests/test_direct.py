@@ -12,8 +12,8 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
+from trio_replica.core.messages import Direct, Peer
 from trio_replica.errors import NoHandler, RequestFailed, RequestTimeout, UnknownPeer
-from trio_replica.messages import Direct, Peer
 
 from .harness import Cluster, overlay_ok, wait_until
 
@@ -146,7 +146,7 @@ async def test_a_malformed_payload_is_refused_counted_and_answered(
 async def test_busy_callbacks_long_errors_and_requests_to_itself(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trio_replica.direct as direct
+    import trio_replica.runtime.direct as direct
 
     monkeypatch.setattr(direct, "MAX_RUNNING", 2)
     async with trio.open_nursery() as nursery:

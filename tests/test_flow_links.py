@@ -8,9 +8,7 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.flow import Pressure
-from trio_replica.link import Link, LinkConfig
-from trio_replica.messages import (
+from trio_replica.core.messages import (
     Gossip,
     IHave,
     Message,
@@ -19,8 +17,10 @@ from trio_replica.messages import (
     Peer,
     Role,
 )
-from trio_replica.stats import NodeStats
-from trio_replica.wire import encode_frame
+from trio_replica.core.wire import encode_frame
+from trio_replica.runtime.flow import Pressure
+from trio_replica.runtime.link import Link, LinkConfig
+from trio_replica.runtime.stats import NodeStats
 
 from .harness import link_pair, wait_until
 

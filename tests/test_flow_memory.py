@@ -15,18 +15,18 @@ import trio.testing
 from prometheus_client import generate_latest
 
 from transports.memory import MemoryNetwork
-from trio_replica.broadcast import MAX_COUNTED_TAGS
-from trio_replica.config import NodeConfig
-from trio_replica.events import Delivery, Lagged
-from trio_replica.hlc import Timestamp
-from trio_replica.link import LinkConfig
-from trio_replica.maps import Put
-from trio_replica.metrics import metrics_registry
+from trio_replica.core.events import Delivery, Lagged
+from trio_replica.core.hlc import Timestamp
+from trio_replica.core.ormap import Dot, Value
+from trio_replica.core.ormap_wire import from_wire, to_wire
+from trio_replica.core.wire import encode_payload
 from trio_replica.node import Node
-from trio_replica.ormap import Dot, Value
-from trio_replica.ormap_wire import from_wire, to_wire
-from trio_replica.replica import Add, ReplicaConfig
-from trio_replica.wire import encode_payload
+from trio_replica.ops.metrics import metrics_registry
+from trio_replica.runtime.broadcast import MAX_COUNTED_TAGS
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.link import LinkConfig
+from trio_replica.runtime.replica import Add, ReplicaConfig
+from trio_replica.stores.maps import Put
 
 from .harness import Cluster, overlay_ok, wait_until
 

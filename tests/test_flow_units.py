@@ -8,8 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_replica.events import Lagged
-from trio_replica.flow import (
+from trio_replica.core.events import Lagged
+from trio_replica.runtime.flow import (
     OTHER,
     BoundedCounter,
     FairInbox,

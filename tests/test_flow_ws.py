@@ -17,14 +17,14 @@ import trio
 
 from transports.base import TransportClosed
 from transports.websocket import WebsocketTransport
-from trio_replica.config import NodeConfig
-from trio_replica.events import Delivery
-from trio_replica.link import Credentials, Link, LinkConfig, handshake_as_dialer
-from trio_replica.messages import Gossip, Message, MessageId, Peer, Role
+from trio_replica.core.events import Delivery
+from trio_replica.core.messages import Gossip, Message, MessageId, Peer, Role
+from trio_replica.core.wire import encode_frame, encode_payload
 from trio_replica.node import Node
-from trio_replica.replica import Add, ReplicaConfig
-from trio_replica.stats import NodeStats
-from trio_replica.wire import encode_frame, encode_payload
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.link import Credentials, Link, LinkConfig, handshake_as_dialer
+from trio_replica.runtime.replica import Add, ReplicaConfig
+from trio_replica.runtime.stats import NodeStats
 
 from .harness import Cluster, overlay_ok, wait_until
 from .test_flow_memory import KeySet

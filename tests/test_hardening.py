@@ -9,10 +9,7 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.control import ControlError, open_control
-from trio_replica.link import Credentials, Link, LinkConfig, handshake_as_dialer
-from trio_replica.maps import ValidationError
-from trio_replica.messages import (
+from trio_replica.core.messages import (
     Credit,
     ForwardJoin,
     IHave,
@@ -21,9 +18,12 @@ from trio_replica.messages import (
     Role,
     SyncChunk,
 )
-from trio_replica.stats import NodeStats
+from trio_replica.core.wire import FRAME_OVERHEAD, encode_frame, frame_from_parts
+from trio_replica.runtime.control import ControlError, open_control
+from trio_replica.runtime.link import Credentials, Link, LinkConfig, handshake_as_dialer
+from trio_replica.runtime.stats import NodeStats
+from trio_replica.stores.maps import ValidationError
 from trio_replica.testing import crash_component
-from trio_replica.wire import FRAME_OVERHEAD, encode_frame, frame_from_parts
 
 from .harness import Cluster, wait_until
 
@@ -122,7 +122,7 @@ async def test_garbage_before_and_after_the_handshake_is_refused_and_counted(
 ) -> None:
     import random
 
-    from trio_replica.messages import Gossip
+    from trio_replica.core.messages import Gossip
 
     net = MemoryNetwork(seed=33, max_frame=4 * 1024 * 1024)  # lets oversize frames through
     rng = random.Random(5)
@@ -175,8 +175,8 @@ async def test_garbage_before_and_after_the_handshake_is_refused_and_counted(
 
 
 async def test_open_node_cancelled_while_starting_returns_promptly() -> None:
-    from trio_replica.config import NodeConfig
     from trio_replica.node import open_node
+    from trio_replica.runtime.config import NodeConfig
 
     for delay in (0, 0.0001, 0.001, 0.01, 0.05):
         with trio.fail_after(5):  # a hang here was a shielded task stuck in nursery.start
@@ -188,7 +188,7 @@ async def test_open_node_cancelled_while_starting_returns_promptly() -> None:
 async def test_subscribing_while_the_source_restarts_waits_for_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    from trio_replica.events import Delivery, Resubscribed
+    from trio_replica.core.events import Delivery, Resubscribed
 
     net = MemoryNetwork(seed=34)
     async with trio.open_nursery() as nursery:

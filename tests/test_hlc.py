@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_replica.errors import ReplicaError
-from trio_replica.hlc import (
+from trio_replica.core.hlc import (
     MAX_LOGICAL,
     MAX_STAMP,
     MAX_WALL,
@@ -19,6 +18,7 @@ from trio_replica.hlc import (
     Timestamp,
     system_ms,
 )
+from trio_replica.errors import ReplicaError
 
 walls = st.integers(0, MAX_WALL)
 logicals = st.integers(0, MAX_LOGICAL)

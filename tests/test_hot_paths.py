@@ -22,13 +22,8 @@ from hypothesis import given
 
 from transports.base import TransportClosed
 from transports.memory import MemoryNetwork
-from trio_replica.component import DRAIN_BATCH, Component
-from trio_replica.config import NodeConfig
 from trio_replica.core.effects import Effect, SetTimer
-from trio_replica.errors import WireError
-from trio_replica.flow import FlowConfig
-from trio_replica.link import PING_TICK, Link, LinkConfig
-from trio_replica.messages import (
+from trio_replica.core.messages import (
     Gossip,
     IHave,
     Message,
@@ -39,8 +34,7 @@ from trio_replica.messages import (
     Pong,
     Role,
 )
-from trio_replica.stats import NodeStats
-from trio_replica.wire import (
+from trio_replica.core.wire import (
     PROTOCOL_VERSION,
     decode_frame,
     encode_frame,
@@ -48,6 +42,12 @@ from trio_replica.wire import (
     frame_from_parts,
     message_fields,
 )
+from trio_replica.errors import WireError
+from trio_replica.runtime.component import DRAIN_BATCH, Component
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.flow import FlowConfig
+from trio_replica.runtime.link import PING_TICK, Link, LinkConfig
+from trio_replica.runtime.stats import NodeStats
 
 from .harness import FAST_LINKS, Cluster, link_pair, wait_until
 from .test_wire import messages

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from trio_replica.core.effects import CloseLink, Effect, Emit, Send, SetTimer
+from trio_replica.core.events import DownReason, Left, PeerDown, PeerUp
 from trio_replica.core.hyparview import (
     HyParView,
     HyParViewConfig,
@@ -25,9 +26,7 @@ from trio_replica.core.hyparview import (
     ShuffleTimeout,
     ShuffleTimer,
 )
-from trio_replica.errors import ConfigError
-from trio_replica.events import DownReason, Left, PeerDown, PeerUp
-from trio_replica.messages import (
+from trio_replica.core.messages import (
     Disconnect,
     ForwardJoin,
     Join,
@@ -38,6 +37,7 @@ from trio_replica.messages import (
     Shuffle,
     ShuffleReply,
 )
+from trio_replica.errors import ConfigError
 
 
 def peer(name: str) -> Peer:

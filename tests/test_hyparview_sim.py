@@ -15,10 +15,10 @@ from collections.abc import Hashable
 import attrs
 
 from trio_replica.core.effects import Effect, Send
+from trio_replica.core.events import DownReason, Event, PeerDown, PeerUp
 from trio_replica.core.hyparview import HyParView, HyParViewConfig
-from trio_replica.events import DownReason, Event, PeerDown, PeerUp
-from trio_replica.messages import Message, Peer, Ping, Pong
-from trio_replica.sim import (
+from trio_replica.core.messages import Message, Peer, Ping, Pong
+from trio_replica.sim.overlay import (
     MEMBERSHIP,
     DriverConfig,
     Graph,
@@ -149,7 +149,7 @@ def test_the_simulation_is_deterministic_per_seed() -> None:
 
 _DIGEST_SCRIPT = """
 import hashlib, sys
-from trio_replica.sim import Simulator, active_graph
+from trio_replica.sim.overlay import Simulator, active_graph
 sim = Simulator(seed=21)
 sim.add_node("seed")
 for i in range(60):

@@ -12,9 +12,12 @@ import trio.testing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from transports.memory import MemoryNetwork
-from trio_replica.config import NodeConfig
+from trio_replica.core.messages import Peer, Role
 from trio_replica.errors import ConfigError, HandshakeError
-from trio_replica.identity import (
+from trio_replica.localcluster import run_node
+from trio_replica.node import Node
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.identity import (
     IdentityConfig,
     Refused,
     TrustMode,
@@ -25,10 +28,7 @@ from trio_replica.identity import (
     parse_key,
     public_bytes,
 )
-from trio_replica.link import Credentials, handshake_as_dialer, handshake_as_listener
-from trio_replica.localcluster import run_node
-from trio_replica.messages import Peer, Role
-from trio_replica.node import Node
+from trio_replica.runtime.link import Credentials, handshake_as_dialer, handshake_as_listener
 
 from .harness import Cluster, wait_until
 

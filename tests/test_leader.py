@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from transports.memory import MemoryNetwork
 from trio_replica.errors import NodeClosed
-from trio_replica.leader import Elected, FencedResource, LeaderConfig, Revoked, StaleFence
+from trio_replica.stores.leader import Elected, FencedResource, LeaderConfig, Revoked, StaleFence
 
 from .harness import Cluster, overlay_ok, start_walled, wait_until, walled_cluster
 

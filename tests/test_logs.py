@@ -11,7 +11,7 @@ import sys
 
 import trio
 
-from trio_replica.logs import NODE, JsonFormatter, node_context, setup_logging
+from trio_replica.runtime.logs import NODE, JsonFormatter, node_context, setup_logging
 
 PY = [sys.executable, "-m", "trio_replica"]
 

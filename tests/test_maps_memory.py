@@ -8,10 +8,10 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.config import NodeConfig
-from trio_replica.maps import Put, Removed, ReplicatedMap
 from trio_replica.node import Node
-from trio_replica.replica import ReplicaConfig
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.replica import ReplicaConfig
+from trio_replica.stores.maps import Put, Removed, ReplicatedMap
 from trio_replica.testing import crash_component
 
 from .harness import Cluster, overlay_ok, wait_until
@@ -28,7 +28,7 @@ async def _cluster(c: Cluster, n: int, prefix: str = "m") -> list[Node]:
 
 def _fill_with_tombstones(m: ReplicatedMap, node: Node, keys: int) -> None:
     """`keys` entries straight into the map (not broadcast), every 97th a tombstone."""
-    from trio_replica.ormap import Dot, Tombstone, Value
+    from trio_replica.core.ormap import Dot, Tombstone, Value
 
     for i in range(keys):
         m._map.merge_entry(f"k{i}", Value(i, Dot(node.id, node.clock.now())))
@@ -180,10 +180,10 @@ async def test_receiver_broadcast_crash_recovers_every_write(
 async def test_malformed_gossip_and_sync_are_rejected_and_change_nothing(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    from trio_replica.hlc import Timestamp
-    from trio_replica.link import Credentials, handshake_as_dialer
-    from trio_replica.messages import Gossip, MessageId, Peer, Role, SyncChunk
-    from trio_replica.wire import cbor_array, encode_frame, encode_payload
+    from trio_replica.core.hlc import Timestamp
+    from trio_replica.core.messages import Gossip, MessageId, Peer, Role, SyncChunk
+    from trio_replica.core.wire import cbor_array, encode_frame, encode_payload
+    from trio_replica.runtime.link import Credentials, handshake_as_dialer
 
     net = MemoryNetwork(seed=26)
     async with trio.open_nursery() as nursery:
@@ -255,7 +255,7 @@ async def test_a_put_that_cannot_be_made_durable_is_undone_and_not_sent(
 ) -> None:
     import pytest
 
-    from trio_replica.store import MapStore, StoreError
+    from trio_replica.stores.store import MapStore, StoreError
 
     net = MemoryNetwork(seed=27)
     base = NodeConfig(name="x", data_dir=tmp_path)
@@ -285,7 +285,7 @@ async def test_a_large_snapshot_is_built_and_merged_in_slices(
 ) -> None:
     # No step of a full sync holds the event loop for the whole map (issue 13): another
     # task gets its turn between slices of the snapshot and of the merge.
-    from trio_replica.maps import INGEST_SLICE, SNAPSHOT_SLICE
+    from trio_replica.stores.maps import INGEST_SLICE, SNAPSHOT_SLICE
 
     net = MemoryNetwork(seed=29)
     async with trio.open_nursery() as nursery:
@@ -322,7 +322,7 @@ async def test_a_large_map_syncs_as_a_stream_walked_slice_by_slice(
     # A map opened late compares digests with its peer: empty, it is sent every range in
     # one exchange, each walked a slice at a time as the chunks go (`range_stream`), never
     # a snapshot of every entry at once.
-    from trio_replica.maps import SNAPSHOT_SLICE
+    from trio_replica.stores.maps import SNAPSHOT_SLICE
 
     net = MemoryNetwork(seed=30)
     async with trio.open_nursery() as nursery:
@@ -349,7 +349,7 @@ async def test_a_large_map_syncs_as_a_stream_walked_slice_by_slice(
 def test_chunks_fill_across_batches_and_stay_under_the_bound() -> None:
     import cbor2
 
-    from trio_replica.wire import Chunker
+    from trio_replica.core.wire import Chunker
 
     def chunks(items: list[Any], batch: int) -> list[bytes]:
         chunker, out = Chunker(4096), []

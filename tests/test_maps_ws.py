@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from trio_replica.maps import ReplicatedMap
+from trio_replica.stores.maps import ReplicatedMap
 
 from .harness import Cluster, overlay_ok, wait_until
 

@@ -12,10 +12,10 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.link import Credentials, handshake_as_dialer
-from trio_replica.messages import ForwardJoin, Join, Peer, Role, Shuffle
+from trio_replica.core.messages import ForwardJoin, Join, Peer, Role, Shuffle
+from trio_replica.core.wire import encode_frame
 from trio_replica.node import Node
-from trio_replica.wire import encode_frame
+from trio_replica.runtime.link import Credentials, handshake_as_dialer
 
 from .harness import Cluster, overlay_ok, wait_until
 

@@ -13,7 +13,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_replica.localcluster import open_local_cluster, wait_for_views
-from trio_replica.metrics import (
+from trio_replica.ops.metrics import (
     MAX_REQUEST,
     METRIC_NAMES,
     metrics_registry,

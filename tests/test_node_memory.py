@@ -6,9 +6,9 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.config import NodeConfig
-from trio_replica.events import DownReason, PeerDown, PeerUp
+from trio_replica.core.events import DownReason, PeerDown, PeerUp
 from trio_replica.node import open_node
+from trio_replica.runtime.config import NodeConfig
 
 from .harness import Cluster, wait_until
 

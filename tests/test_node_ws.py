@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import trio
 
-from trio_replica.config import NodeConfig
-from trio_replica.control import ControlError, open_control
-from trio_replica.events import DownReason, PeerDown
+from trio_replica.core.events import DownReason, PeerDown
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.control import ControlError, open_control
 
 from .harness import Cluster, overlay_ok, wait_until
 

@@ -18,12 +18,12 @@ import trio.testing
 
 from transports.memory import MemoryNetwork
 from trio_replica.cli import build_parser, node_config
-from trio_replica.config import NodeConfig
-from trio_replica.config_file import apply_settings, parse_set
-from trio_replica.control import ControlError, open_control
 from trio_replica.errors import ConfigError
-from trio_replica.metrics import answer, metrics_registry
 from trio_replica.node import open_node
+from trio_replica.ops.config_file import apply_settings, parse_set
+from trio_replica.ops.metrics import answer, metrics_registry
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.control import ControlError, open_control
 from trio_replica.testing import crash_component
 
 from .harness import Cluster, wait_until
@@ -253,7 +253,7 @@ async def test_large_values_dump_in_batches_that_fit_and_stream_errors_come_back
 async def test_a_long_stream_to_a_slow_reader_loses_nothing(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trio_replica.control_ops as control_ops
+    import trio_replica.ops.control_ops as control_ops
 
     monkeypatch.setattr(control_ops, "DUMP_BATCH", 1)  # one reply per key: 3,000 replies
     net = MemoryNetwork(seed=75)

@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from trio_replica import wire
-from trio_replica.hlc import HybridClock, Timestamp
-from trio_replica.ormap import Dot, Entry, Key, ORMap, Tombstone, Value, supersedes
-from trio_replica.ormap_wire import ingest, to_wire
+from trio_replica.core import wire
+from trio_replica.core.hlc import HybridClock, Timestamp
+from trio_replica.core.ormap import Dot, Entry, Key, ORMap, Tombstone, Value, supersedes
+from trio_replica.core.ormap_wire import ingest, to_wire
 
 NODES = ["a", "b", "c"]
 keys = st.sampled_from(["k1", "k2", "k3", b"k1", 1, -2])

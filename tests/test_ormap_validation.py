@@ -10,11 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_replica import wire
-from trio_replica.errors import WireError
-from trio_replica.hlc import MAX_LOGICAL, MAX_WALL, HybridClock, Timestamp
-from trio_replica.ormap import Dot, ORMap, Tombstone, Value
-from trio_replica.ormap_wire import (
+from trio_replica.core import wire
+from trio_replica.core.hlc import MAX_LOGICAL, MAX_WALL, HybridClock, Timestamp
+from trio_replica.core.ormap import Dot, ORMap, Tombstone, Value
+from trio_replica.core.ormap_wire import (
     DEFAULT_LIMITS,
     IngestResult,
     Limits,
@@ -22,6 +21,7 @@ from trio_replica.ormap_wire import (
     ingest,
     to_wire,
 )
+from trio_replica.errors import WireError
 
 NOW = 1_000_000
 OFFSET = 5_000

@@ -10,16 +10,16 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.config import NodeConfig
 from trio_replica.core.effects import SetTimer
+from trio_replica.core.events import DownReason, PeerDown
 from trio_replica.core.hyparview import HyParViewConfig
+from trio_replica.core.messages import MessageId, Neighbor
 from trio_replica.core.plumtree import FlushTimer, GraftTimer
-from trio_replica.dialing import DialBudget
 from trio_replica.errors import ConfigError
-from trio_replica.events import DownReason, PeerDown
-from trio_replica.health import HealthConfig, LoopHealth, loop_health
-from trio_replica.link import LinkConfig
-from trio_replica.messages import MessageId, Neighbor
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.dialing import DialBudget
+from trio_replica.runtime.health import HealthConfig, LoopHealth, loop_health
+from trio_replica.runtime.link import LinkConfig
 
 from .harness import Cluster, link_pair, wait_until
 

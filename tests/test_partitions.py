@@ -9,11 +9,11 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.config import NodeConfig
 from trio_replica.core.hyparview import HyParViewConfig
-from trio_replica.maps import ReplicatedMap
 from trio_replica.node import Node
-from trio_replica.replica import ReplicaConfig
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.replica import ReplicaConfig
+from trio_replica.stores.maps import ReplicatedMap
 
 from .harness import Cluster, overlay_ok, wait_until
 from .test_maps_memory import converged

@@ -22,16 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_replica.core.effects import Effect, Emit, Send, SetTimer
-from trio_replica.core.plumtree import (
-    AbandonTimer,
-    FlushTimer,
-    GraftTimer,
-    Plumtree,
-    PlumtreeConfig,
-)
-from trio_replica.errors import ConfigError
-from trio_replica.events import Abandoned, Delivered
-from trio_replica.messages import (
+from trio_replica.core.events import Abandoned, Delivered
+from trio_replica.core.messages import (
     MAX_IHAVE_ENTRIES,
     MAX_ROUND,
     Gossip,
@@ -42,6 +34,14 @@ from trio_replica.messages import (
     Peer,
     Prune,
 )
+from trio_replica.core.plumtree import (
+    AbandonTimer,
+    FlushTimer,
+    GraftTimer,
+    Plumtree,
+    PlumtreeConfig,
+)
+from trio_replica.errors import ConfigError
 
 DEFAULTS = PlumtreeConfig()
 #: Unit tests assert exact delays: timeout1 without its jitter (tested on its own).

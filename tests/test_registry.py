@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.registry import Registered, RegistryConfig, Unregistered
+from trio_replica.stores.registry import Registered, RegistryConfig, Unregistered
 
 from .harness import Cluster, wait_until, walled_cluster
 
@@ -144,7 +144,7 @@ async def test_leaving_the_block_unregisters_everywhere_and_events_say_left(
 
 
 async def test_the_registry_over_the_control_path(autojump_clock: trio.testing.MockClock) -> None:
-    from trio_replica.control import open_control
+    from trio_replica.runtime.control import open_control
 
     net = MemoryNetwork(seed=94)
     async with trio.open_nursery() as nursery:

@@ -16,9 +16,9 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.config import NodeConfig
 from trio_replica.errors import NodeClosed
-from trio_replica.reminders import Fired
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.stores.reminders import Fired
 
 from .harness import Cluster, overlay_ok, start_walled, virtual_wall, wait_until, walled_cluster
 
@@ -231,8 +231,8 @@ async def test_only_subscribers_fire_and_a_failed_acknowledgement_fires_again(
 async def test_a_replaced_reminder_fires_once_and_a_failed_delete_fires_again(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trio_replica.maps import ReplicatedMap
-    from trio_replica.store import StoreError
+    from trio_replica.stores.maps import ReplicatedMap
+    from trio_replica.stores.store import StoreError
 
     net = MemoryNetwork(seed=146)
     log = Log()

@@ -11,6 +11,9 @@ import pytest
 
 from trio_replica.core.antientropy import DigestRound, opening
 from trio_replica.core.effects import SetTimer
+from trio_replica.core.hlc import Timestamp
+from trio_replica.core.messages import Peer
+from trio_replica.core.ormap import Dot, ORMap, Value
 from trio_replica.core.replication import (
     CancelServes,
     DigestSyncConfig,
@@ -22,9 +25,6 @@ from trio_replica.core.replication import (
     SyncCompleted,
 )
 from trio_replica.errors import ConfigError
-from trio_replica.hlc import Timestamp
-from trio_replica.messages import Peer
-from trio_replica.ormap import Dot, ORMap, Value
 
 
 def peer(name: str) -> Peer:

@@ -13,8 +13,8 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.events import Event
-from trio_replica.shard import Acquired, Released, RingSizeMismatch, ShardConfig
+from trio_replica.core.events import Event
+from trio_replica.stores.shard import Acquired, Released, RingSizeMismatch, ShardConfig
 
 from .harness import Cluster, start_walled, virtual_wall, wait_until, walled_cluster
 

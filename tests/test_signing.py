@@ -10,15 +10,15 @@ import trio.testing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from transports.memory import MemoryNetwork
-from trio_replica.config import NodeConfig
-from trio_replica.events import Delivery
-from trio_replica.identity import IdentityConfig, format_key, public_bytes, sign_gossip
-from trio_replica.link import Credentials, handshake_as_dialer
-from trio_replica.messages import Gossip, MessageId, Peer, Role
+from trio_replica.core.events import Delivery
+from trio_replica.core.messages import Gossip, MessageId, Peer, Role
+from trio_replica.core.ormap import Dot, Value
+from trio_replica.core.wire import encode_frame, encode_payload
 from trio_replica.node import Node
-from trio_replica.ormap import Dot, Value
-from trio_replica.replica import TAG_PREFIX
-from trio_replica.wire import encode_frame, encode_payload
+from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.identity import IdentityConfig, format_key, public_bytes, sign_gossip
+from trio_replica.runtime.link import Credentials, handshake_as_dialer
+from trio_replica.runtime.replica import TAG_PREFIX
 
 from .harness import Cluster, overlay_ok, wait_until
 
@@ -151,7 +151,7 @@ async def test_a_member_cannot_write_map_entries_as_another_node(
 async def test_an_allowlist_refuses_control_clients_it_does_not_list(
     keys: dict[str, Ed25519PrivateKey], tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    from trio_replica.control import ControlError, open_control
+    from trio_replica.runtime.control import ControlError, open_control
 
     net = MemoryNetwork(seed=44)
     async with trio.open_nursery() as nursery:
@@ -210,9 +210,9 @@ async def test_entries_keep_their_signatures_through_sync_and_the_store(
 
 
 def test_entry_signatures_travel_in_the_wire_form_and_are_checked() -> None:
-    from trio_replica.hlc import HybridClock, Timestamp
-    from trio_replica.ormap import ORMap
-    from trio_replica.ormap_wire import from_wire_signed, ingest, to_wire
+    from trio_replica.core.hlc import HybridClock, Timestamp
+    from trio_replica.core.ormap import ORMap
+    from trio_replica.core.ormap_wire import from_wire_signed, ingest, to_wire
 
     entry = Value("v", Dot("a", Timestamp(HybridClock().now().wall, 0)))
     sig = b"s" * 64

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.sim import PAPER_DETECTION, build, failures, overlay, plot, plumtree
-from trio_replica.sim import BROADCAST, FLOOD, Simulator
+from trio_replica.sim.overlay import BROADCAST, FLOOD, Simulator
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ non-hosts, removals happen once, and a run is the same for the same seed."""
 
 from __future__ import annotations
 
+from trio_replica.core.events import DownReason, NodeRemoved
 from trio_replica.core.hyparview import HyParViewConfig
-from trio_replica.events import DownReason, NodeRemoved
-from trio_replica.sim import DriverConfig, Simulator, active_graph, is_connected
-from trio_replica.simreplica import (
+from trio_replica.sim.overlay import DriverConfig, Simulator, active_graph, is_connected
+from trio_replica.sim.replica import (
     REPLICA,
     ReplicaLayer,
     bytes_sent,

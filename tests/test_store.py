@@ -20,10 +20,10 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_replica.hlc import Timestamp
-from trio_replica.ormap import Dot, Entry, Key, Tombstone, Value
-from trio_replica.ormap_wire import Limits
-from trio_replica.store import SCHEMA_VERSION, MapStore, StoreCorrupt, StoreError
+from trio_replica.core.hlc import Timestamp
+from trio_replica.core.ormap import Dot, Entry, Key, Tombstone, Value
+from trio_replica.core.ormap_wire import Limits
+from trio_replica.stores.store import SCHEMA_VERSION, MapStore, StoreCorrupt, StoreError
 
 
 def v(value: Any, wall: int = 1, node: str = "a", logical: int = 0) -> Value:

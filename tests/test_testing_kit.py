@@ -10,8 +10,8 @@ import trio.lowlevel
 import trio.testing
 
 from trio_replica import testing
-from trio_replica.config import NodeConfig
 from trio_replica.errors import ComponentDead
+from trio_replica.runtime.config import NodeConfig
 
 
 async def test_crash_restart_and_a_persistent_map_come_back(

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_replica.errors import MessageTooLarge, WireError
-from trio_replica.messages import (
+from trio_replica.core.messages import (
     ENDORSEMENT_BYTES,
     KEY_BYTES,
     MAX_IHAVE_ENTRIES,
@@ -48,7 +47,7 @@ from trio_replica.messages import (
     Welcome,
     valid_node_id,
 )
-from trio_replica.wire import (
+from trio_replica.core.wire import (
     PROTOCOL_VERSION,
     decode_frame,
     decode_frame_sized,
@@ -58,6 +57,7 @@ from trio_replica.wire import (
     encode_payload,
     strict_loads,
 )
+from trio_replica.errors import MessageTooLarge, WireError
 
 # Node ids (and tags, names: the same strings do for them).
 ids = st.text(min_size=1, max_size=20).filter(valid_node_id)

@@ -50,8 +50,8 @@ import attrs
 import trio
 from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint_if_cancelled
 
+from trio_replica.core.wire import DEFAULT_MAX_FRAME
 from trio_replica.errors import MessageTooLarge
-from trio_replica.wire import DEFAULT_MAX_FRAME
 
 from .base import ConnectError, Handler, TransportClosed, run_handler
 

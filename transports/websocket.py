@@ -45,8 +45,8 @@ import trio
 import trio_websocket
 from wsproto.utilities import LocalProtocolError
 
+from trio_replica.core.wire import DEFAULT_MAX_FRAME
 from trio_replica.errors import MessageTooLarge
-from trio_replica.wire import DEFAULT_MAX_FRAME
 
 from .base import ConnectError, Handler, Refusals, TransportClosed, remote_host, run_handler
 

@@ -5,8 +5,17 @@ messages along Plumtree broadcast trees, and keeps replicated state in sync with
 HLC-stamped OR-Map. Start here: `open_node(NodeConfig(...))`.
 """
 
-from .config import NodeConfig
-from .control import ControlClient, ControlError, open_control
+from .core.events import (
+    Delivery,
+    DownReason,
+    Event,
+    Lagged,
+    Left,
+    PeerDown,
+    PeerUp,
+    Resubscribed,
+)
+from .core.messages import MessageId, Peer
 from .errors import (
     ComponentDead,
     ConfigError,
@@ -22,28 +31,19 @@ from .errors import (
     UnknownPeer,
     WireError,
 )
-from .events import (
-    Delivery,
-    DownReason,
-    Event,
-    Lagged,
-    Left,
-    PeerDown,
-    PeerUp,
-    Resubscribed,
-)
-from .flow import FlowConfig
-from .leader import Elected, FencedResource, LeaderConfig, Leadership, Revoked, StaleFence
-from .leases import LeaseConfig
-from .link import LinkConfig
-from .maps import Put, Removed, ReplicatedMap, ValidationError
-from .messages import MessageId, Peer
 from .node import Node, open_node
-from .registry import Registered, Registration, RegistryConfig, Unregistered
-from .reminders import Fired, Reminder, ReminderConfig, ReminderInbox
-from .replica import Add, Remove, Replica, ReplicaCallbacks, ReplicaConfig
-from .shard import Acquired, Released, RingSizeMismatch, ShardConfig
-from .store import StoreCorrupt, StoreError
+from .runtime.config import NodeConfig
+from .runtime.control import ControlClient, ControlError, open_control
+from .runtime.flow import FlowConfig
+from .runtime.link import LinkConfig
+from .runtime.replica import Add, Remove, Replica, ReplicaCallbacks, ReplicaConfig
+from .stores.leader import Elected, FencedResource, LeaderConfig, Leadership, Revoked, StaleFence
+from .stores.leases import LeaseConfig
+from .stores.maps import Put, Removed, ReplicatedMap, ValidationError
+from .stores.registry import Registered, Registration, RegistryConfig, Unregistered
+from .stores.reminders import Fired, Reminder, ReminderConfig, ReminderInbox
+from .stores.shard import Acquired, Released, RingSizeMismatch, ShardConfig
+from .stores.store import StoreCorrupt, StoreError
 
 __all__ = [
     "Acquired",

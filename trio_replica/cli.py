@@ -11,12 +11,12 @@
   by; ``watch --snapshot`` the map as it stands before its changes.
 
 ``node`` reads its settings from ``--config FILE`` (TOML) and ``--set KEY=VALUE`` flags, by
-the dotted names of the README's "Configuration" table (`trio_replica.config_file`); the
+the dotted names of the README's "Configuration" table (`trio_replica.ops.config_file`); the
 named flags override both. With ``--metrics`` it also answers ``/readyz`` and
 ``/healthz``. Map requests on the control path wait (up to 3 s) until its maps are open.
 
-Every command takes ``--log-level`` and ``--log-json`` (`trio_replica.logs`); ``node`` takes
-``--metrics HOST:PORT`` to serve Prometheus metrics (`trio_replica.metrics`). Errors a
+Every command takes ``--log-level`` and ``--log-json`` (`trio_replica.runtime.logs`); ``node`` takes
+``--metrics HOST:PORT`` to serve Prometheus metrics (`trio_replica.ops.metrics`). Errors a
 user can fix (a bad address, a missing secret file, a node that does not answer) end with
 a one-line message and exit status 2 or 1, never a traceback.
 """
@@ -40,11 +40,11 @@ import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .config import NodeConfig, normalize_address
-from .control import ControlClient, open_control
 from .errors import ConfigError, ReplicaError
-from .logs import LEVELS, node_context, setup_logging
 from .node import open_node
+from .runtime.config import NodeConfig, normalize_address
+from .runtime.control import ControlClient, open_control
+from .runtime.logs import LEVELS, node_context, setup_logging
 
 log = logging.getLogger("trio_replica.cli")
 
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 def node_config(args: argparse.Namespace) -> tuple[NodeConfig, dict[str, Any]]:
     """The node's settings (file, then ``--set``, then the named flags) and the command's
     own ones: maps, tombstone_ttl, metrics, secret_file."""
-    from .config_file import SetValue, apply_settings, coerce, parse_set, read_toml
+    from .ops.config_file import SetValue, apply_settings, coerce, parse_set, read_toml
 
     layers = [read_toml(args.config) if args.config else {}, parse_set(args.set)]
     for layer in layers:
@@ -367,7 +367,7 @@ async def _run_node(args: argparse.Namespace) -> int:
         ):
             bound = None
             if metrics_at is not None:
-                from .metrics import metrics_registry, serve_metrics
+                from .ops.metrics import metrics_registry, serve_metrics
 
                 # Up before the maps open: /readyz says "starting" meanwhile.
                 bound = await nursery.start(
@@ -390,7 +390,7 @@ async def _run_node(args: argparse.Namespace) -> int:
 
 
 def _parse_metrics(text: str) -> tuple[str, int]:
-    from .metrics import parse_host_port
+    from .ops.metrics import parse_host_port
 
     try:
         return parse_host_port(text)
@@ -445,7 +445,7 @@ def _open_control(args: argparse.Namespace) -> AbstractAsyncContextManager[Contr
 def _client_key(path: str | None) -> Ed25519PrivateKey | None:
     if path is None:
         return None
-    from .identity import load_or_create_key
+    from .runtime.identity import load_or_create_key
 
     return load_or_create_key(Path(path))
 
@@ -581,7 +581,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
 
 
 async def _run_key(args: argparse.Namespace) -> int:
-    from .identity import KEY_FILE, format_key, load_or_create_key, public_bytes
+    from .runtime.identity import KEY_FILE, format_key, load_or_create_key, public_bytes
 
     path = Path(args.key_file) if args.key_file else Path(args.data_dir) / KEY_FILE
     print(format_key(public_bytes(load_or_create_key(path))))

@@ -33,12 +33,12 @@ from typing import IO, Any
 import attrs
 import trio
 
-from .config import NodeConfig
-from .events import PeerDown
+from .core.events import PeerDown
 from .localcluster import overlay_ok
-from .logs import node_context
-from .maps import ReplicatedMap
 from .node import Node, open_node
+from .runtime.config import NodeConfig
+from .runtime.logs import node_context
+from .stores.maps import ReplicatedMap
 
 MAP = "demo"
 FIRST_KEYS = 20

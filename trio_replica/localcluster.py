@@ -15,8 +15,8 @@ import trio
 
 from transports.base import Transport
 
-from .config import NodeConfig
 from .node import Node, open_node
+from .runtime.config import NodeConfig
 
 
 @contextlib.asynccontextmanager

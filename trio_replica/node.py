@@ -29,45 +29,11 @@ import trio
 
 from transports.base import ConnectError, Connection, Refusals, Transport
 
-from .admission import Admission
-from .broadcast import Broadcast
-from .component import LOCAL, Component
-from .config import NodeConfig
-from .control import ControlOp, ControlStream
-from .control_ops import ControlOps
 from .core.effects import Effect
+from .core.events import Delivery, Event, PeerDown, PeerUp
+from .core.hlc import HybridClock
 from .core.hyparview import HyParView
-from .core.plumtree import Plumtree
-from .departures import Departures
-from .dialing import DialBudget
-from .direct import DirectMessaging, Handler
-from .errors import ConfigError, HandshakeError, LinkClosed, MessageTooLarge, NodeClosed
-from .events import Delivery, Event, PeerDown, PeerUp
-from .flow import Fanout, Feed, Pressure
-from .health import loop_health
-from .hlc import HybridClock
-from .hosts import HostDirectory
-from .identity import (
-    KNOWN_FILE,
-    TrustStore,
-    endorse,
-    load_private_key,
-    node_key,
-    public_bytes,
-    sign_gossip,
-)
-from .leader import Election, Leadership
-from .link import (
-    Authenticated,
-    Credentials,
-    Link,
-    handshake_as_dialer,
-    handshake_as_listener,
-)
-from .logs import PEER, node_context
-from .maps import DEFAULT_TOMBSTONE_TTL, ReplicatedMap
-from .membership import Membership
-from .messages import (
+from .core.messages import (
     DIRECT_KINDS,
     HYPARVIEW_KINDS,
     MAX_TAG,
@@ -86,15 +52,49 @@ from .messages import (
     SyncDigest,
     SyncRequest,
 )
-from .ormap import Entry, Key
-from .ormap_wire import DEFAULT_LIMITS, Validator, signed_entry_bytes
-from .registry import Registry
-from .reminders import Reminders
-from .replica import Replica, ReplicaCallbacks
-from .shard import Shard
-from .stats import NodeStats
-from .subscription import Subscription
-from .wire import encode_message, encode_payload
+from .core.ormap import Entry, Key
+from .core.ormap_wire import DEFAULT_LIMITS, Validator, signed_entry_bytes
+from .core.plumtree import Plumtree
+from .core.wire import encode_message, encode_payload
+from .errors import ConfigError, HandshakeError, LinkClosed, MessageTooLarge, NodeClosed
+from .ops.control_ops import ControlOps
+from .runtime.admission import Admission
+from .runtime.broadcast import Broadcast
+from .runtime.component import LOCAL, Component
+from .runtime.config import NodeConfig
+from .runtime.control import ControlOp, ControlStream
+from .runtime.departures import Departures
+from .runtime.dialing import DialBudget
+from .runtime.direct import DirectMessaging, Handler
+from .runtime.flow import Fanout, Feed, Pressure
+from .runtime.health import loop_health
+from .runtime.identity import (
+    KNOWN_FILE,
+    TrustStore,
+    endorse,
+    load_private_key,
+    node_key,
+    public_bytes,
+    sign_gossip,
+)
+from .runtime.link import (
+    Authenticated,
+    Credentials,
+    Link,
+    handshake_as_dialer,
+    handshake_as_listener,
+)
+from .runtime.logs import PEER, node_context
+from .runtime.membership import Membership
+from .runtime.replica import Replica, ReplicaCallbacks
+from .runtime.stats import NodeStats
+from .runtime.subscription import Subscription
+from .stores.hosts import HostDirectory
+from .stores.leader import Election, Leadership
+from .stores.maps import DEFAULT_TOMBSTONE_TTL, ReplicatedMap
+from .stores.registry import Registry
+from .stores.reminders import Reminders
+from .stores.shard import Shard
 
 log = logging.getLogger("trio_replica.node")
 
@@ -399,7 +399,7 @@ class Node:
     ) -> contextlib.AbstractAsyncContextManager[Leadership]:
         """Stand for leader of `name` while the block runs: ``async with node.leader(name)
         as lead:``, then ``async for change in lead`` (`Elected(fence)` / `Revoked`) or
-        ``await lead.wait_elected()`` (`trio_replica.leader`)."""
+        ``await lead.wait_elected()`` (`trio_replica.stores.leader`)."""
         return self.election.candidate(name, priority)
 
     def leader_of(self, name: str) -> str | None:
@@ -416,7 +416,7 @@ class Node:
     def serve(self, tag: str, handler: Handler) -> contextlib.AbstractContextManager[None]:
         """Handle direct messages with `tag` while the block runs: ``with node.serve(tag,
         handler):``, where ``async def handler(sender: Peer, payload) -> answer``
-        (`trio_replica.direct`)."""
+        (`trio_replica.runtime.direct`)."""
         return self.direct.serve(tag, handler)
 
     async def send(self, peer: str | Peer, tag: str, payload: Any, *, timeout: float = 5.0) -> None:
@@ -832,7 +832,7 @@ class Node:
             if persist:
                 if self.config.data_dir is None:
                     raise ConfigError("persist=True needs NodeConfig.data_dir (--data-dir)")
-                from .store import MapStore
+                from .stores.store import MapStore
 
                 self.config.data_dir.mkdir(parents=True, exist_ok=True)
                 store = await MapStore.open(
@@ -1156,7 +1156,7 @@ class Node:
     async def _on_message(self, link: Link, message: Message, size: int) -> None:
         if link.role == Role.CLIENT:
             if isinstance(message, ControlRequest):
-                from .control import answer_control
+                from .runtime.control import answer_control
 
                 answer_control(self, link, message, self._control_ops, self._control_streams)
             else:

@@ -33,9 +33,9 @@ import trio
 
 from transports.memory import MemoryNetwork
 
-from .config import NodeConfig
 from .localcluster import overlay_ok, run_node
 from .node import Node
+from .runtime.config import NodeConfig
 
 __all__ = ["Cluster", "cluster", "crash_component", "wait_until"]
 

@@ -2,9 +2,9 @@
 
 Sans-IO, like the HyParView and Plumtree cores: functions of a state's digest and a
 received round, returning the next round and the ranges whose entries to send. The
-runtime (`trio_replica.replica`) moves the rounds and streams the entries.
+runtime (`trio_replica.runtime.replica`) moves the rounds and streams the entries.
 
-The digest tree. A state (a `trio_replica.ormap.ORMap`, or any store that implements
+The digest tree. A state (a `trio_replica.core.ormap.ORMap`, or any store that implements
 `DigestSource`) puts every key in one of ``2**LEAF_BITS`` leaves by a hash of the key that
 is the same on every node. Level ``l`` of the tree splits the leaves into ``16**l``
 ranges by their leading bits: level 0 is the whole state, `LEAF_LEVEL` the single leaves.

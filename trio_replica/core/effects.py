@@ -11,8 +11,8 @@ from collections.abc import Hashable
 
 import attrs
 
-from ..events import Event
-from ..messages import Message, Peer
+from .events import Event
+from .messages import Message, Peer
 
 
 @attrs.frozen

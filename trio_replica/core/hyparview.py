@@ -1,7 +1,7 @@
 """HyParView membership as a sans-IO state machine (Leitão, Pereira, Rodrigues, DSN 2007).
 
 This module owns one node's partial views of the cluster and every rule that changes them.
-It never does I/O: the runtime (or `trio_replica.sim`) feeds it messages, link failures and
+It never does I/O: the runtime (or `trio_replica.sim.overlay`) feeds it messages, link failures and
 timers, and carries out the effects it returns (`Send`, `CloseLink`, `SetTimer`, `Emit`).
 
 Theory of operation
@@ -120,8 +120,9 @@ from collections.abc import Collection, Hashable, Iterable
 import attrs
 
 from ..errors import ConfigError
-from ..events import DownReason, Left, PeerDown, PeerUp
-from ..messages import (
+from .effects import CloseLink, Effect, Emit, Send, SetTimer
+from .events import DownReason, Left, PeerDown, PeerUp
+from .messages import (
     MAX_SHUFFLE_PEERS,
     MAX_TTL,
     U64,
@@ -136,7 +137,6 @@ from ..messages import (
     ShuffleReply,
     canonical_address,
 )
-from .effects import CloseLink, Effect, Emit, Send, SetTimer
 
 __all__ = [
     "HyParView",

@@ -76,7 +76,7 @@ ignored, because answering or grafting would make the driver dial a peer that is
 neighbour. Counted in `stats.from_non_neighbors`.
 
 Flow control. The runtime may be unable to queue an eager push (the peer's link is
-congested; `trio_replica.flow`). It then calls `push_deferred`, and the peer gets the
+congested; `trio_replica.runtime.flow`). It then calls `push_deferred`, and the peer gets the
 message lazily instead: an IHAVE in its next batch, so it grafts the payload when its link
 has room. The peer stays eager (the link is slow, not redundant). A GRAFT answer that
 cannot be queued is deferred the same way, and an announcer that answers a GRAFT with an
@@ -146,8 +146,9 @@ from collections.abc import Callable, Hashable, Iterable
 import attrs
 
 from ..errors import ConfigError
-from ..events import Abandoned, Delivered
-from ..messages import (
+from .effects import Effect, Emit, Send, SetTimer
+from .events import Abandoned, Delivered
+from .messages import (
     MAX_IHAVE_ENTRIES,
     MAX_ROUND,
     Gossip,
@@ -158,7 +159,6 @@ from ..messages import (
     Peer,
     Prune,
 )
-from .effects import Effect, Emit, Send, SetTimer
 
 __all__ = [
     "AbandonTimer",

@@ -27,8 +27,8 @@ comparisons become `RequestFullSync` / `PushFullSync` effects.
 
 The driver carries out the effects: `Serve` streams the entries of its ranges to the
 peer and then sends its rounds, on one ordered stream, and reports `served` when done or
-dropped; `SetTimer` comes back as `handle_timer`. The runtime (`trio_replica.replica`)
-and the simulator (`trio_replica.sim.ReplicaLayer`) are two such drivers.
+dropped; `SetTimer` comes back as `handle_timer`. The runtime (`trio_replica.runtime.replica`)
+and the simulator (`trio_replica.sim.overlay.ReplicaLayer`) are two such drivers.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from typing import Any
 
 import attrs
 
-from ..messages import MAX_DIGEST_PARENTS, Peer
 from .antientropy import (
     FANOUT_BITS,
     AntiEntropyConfig,
@@ -54,6 +53,7 @@ from .antientropy import (
     ranges_in,
 )
 from .effects import SetTimer
+from .messages import MAX_DIGEST_PARENTS, Peer
 from .tokens import TokenBucket
 
 __all__ = [

@@ -1,6 +1,6 @@
 """A token bucket, sans-IO: the caller gives the time.
 
-Shared by the runtime's flow control (`trio_replica.flow`) and the replica core's limits
+Shared by the runtime's flow control (`trio_replica.runtime.flow`) and the replica core's limits
 on what a peer may ask of us (`core.replication`).
 """
 

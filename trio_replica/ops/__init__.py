@@ -1,0 +1,2 @@
+"""Operating a node: the control operations, the metrics and probes endpoint, the
+configuration file."""

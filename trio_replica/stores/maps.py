@@ -1,0 +1,529 @@
+"""`ReplicatedMap`: a named last-writer-wins map replicated on every node that opens it.
+
+The map is the owner of a replica instance (`trio_replica.runtime.replica`): it holds the OR-Map
+(`trio_replica.core.ormap`), validates everything that comes from peers with
+`ormap_wire.ingest` before merging, emits change events, collects tombstones, and, with
+``persist=True``, keeps its state in SQLite (`trio_replica.stores.store`) so that a put is
+acknowledged only once it is durable and a restarted node recovers its writes.
+
+Reads (`get`, `keys`, `items`, `len`, `in`) are local and never wait for the network.
+Writes (`put`, `delete`) apply locally (and durably), then broadcast; they return once the
+broadcast is handed to the broadcast component. Conflicts resolve by the greatest dot:
+HLC first, then node id; a delete beats a value only if strictly newer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ..core.events import Event
+from ..core.ormap import Entry, Key, ORMap, Value
+from ..core.ormap_wire import (
+    DEFAULT_LIMITS,
+    IngestResult,
+    Limits,
+    Validator,
+    check_delta,
+    check_local_entry,
+    ingest,
+    signed_entry_bytes,
+)
+from ..runtime.flow import Fanout, Feed
+from ..runtime.identity import verify
+from ..runtime.replica import Add, Remove, Replica
+from .store import StoreError
+
+if TYPE_CHECKING:
+    from ..node import Node
+    from .store import MapStore
+
+log = logging.getLogger("trio_replica.maps")
+
+#: Default tombstone lifetime: a week, far longer than any partition we expect to heal from.
+DEFAULT_TOMBSTONE_TTL = 7 * 24 * 3600.0
+#: Entries merged, or put into a snapshot, between two checkpoints: each step holds the
+#: event loop for a few milliseconds at most, whatever the size of the map or the chunk.
+INGEST_SLICE = 512
+SNAPSHOT_SLICE = 4096
+
+
+@attrs.frozen
+class Put(Event):
+    """`key` now holds `value`; `origin` is the node that wrote it."""
+
+    key: Key
+    value: Any
+    origin: str
+
+
+@attrs.frozen
+class Removed(Event):
+    """`key` was removed; `origin` is the node that removed it."""
+
+    key: Key
+    origin: str
+
+
+class ValidationError(ValueError):
+    """A local put was refused by the map's validator."""
+
+
+@attrs.define
+class MapStats:
+    puts: int = 0
+    deletes: int = 0
+    remote_changes: int = 0
+    rejected: Counter[str] = attrs.Factory(Counter)
+    tombstones_collected: int = 0
+    subscriber_drops: int = 0
+    store_errors: int = 0
+    #: Entries dropped before a sync because this replica had been out of touch for longer
+    #: than the tombstone TTL (`before_sync`), so that a forgotten delete stays deleted.
+    stale_entries_dropped: int = 0
+    #: Acknowledged transactions the store did not recover when the map opened (its log
+    #: was damaged): the map pulls from a peer before it reports itself synced.
+    lost_commits: int = 0
+
+
+class ReplicatedMap:
+    """A replicated map; obtain it with ``await node.open_map(name)``."""
+
+    anti_entropy = True
+
+    def __init__(
+        self,
+        node: Node,
+        name: str,
+        *,
+        validator: Validator | None,
+        tombstone_ttl: float,
+        limits: Limits = DEFAULT_LIMITS,
+        store: MapStore | None = None,
+    ) -> None:
+        self.node = node
+        self.name = name
+        self._map = ORMap()
+        self._validator = validator
+        self.tombstone_ttl = tombstone_ttl
+        self.limits = limits
+        self._store = store
+        self._subscribers = Fanout[Event]()
+        self.stats = MapStats()
+        self.replica: Replica
+        #: Wall-clock ms at which the last comparison this replica completed began: every
+        #: entry older than that was known to a peer then (`before_sync`). None: never.
+        self.last_synced_ms: int | None = None
+        identity = node.config.identity
+        #: Writer signatures of the stored entries, by key, kept when this node signs or
+        #: requires them (README "Security"): they travel with the entries in every sync
+        #: and are stored with them, so that a node can check who wrote what it receives.
+        self._signed = identity.sign_broadcasts or identity.require_signatures
+        self._require = identity.require_signatures
+        self._sigs: dict[Key, bytes] = {}
+        #: True while the writes the store lost are being pulled back from peers: the map
+        #: is not `synced` and the node not ready until a comparison with a peer completes.
+        self.recovering = False
+        self._mark_saved_ms: int | None = None
+        self._dropped_at_mark: int | None = None
+        #: Set once this replica completed a comparison with a peer (since it opened).
+        self.synced = trio.Event()
+
+    # --- reads (local, never blocking) ----------------------------------------------------
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        return self._map.get(key, default)
+
+    def __getitem__(self, key: Key) -> Any:
+        return self._map[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._map
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def keys(self) -> list[Key]:
+        return list(self._map.keys())
+
+    def items(self) -> list[tuple[Key, Any]]:
+        return list(self._map.items())
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self.keys())
+
+    @property
+    def tombstones(self) -> int:
+        return self._map.tombstones
+
+    def entry(self, key: Key) -> Entry | None:
+        """The stored entry of `key` (value or tombstone with its dot), for inspection."""
+        return self._map.entry(key)
+
+    # --- writes -----------------------------------------------------------------------------
+
+    async def put(self, key: Key, value: Any) -> None:
+        """Set `key` to `value` on every node. Durable on return when the map persists.
+
+        Raises `ValidationError` if the validator refuses (or re-raises what it raised),
+        `TypeError` for a key or value that is not plain data, `MessageTooLarge` beyond the
+        limits, `NodeClosed` after the map or node closed.
+        """
+        check_local_entry(key, value, self.limits)
+        if self._validator is not None:
+            try:
+                accepted = self._validator(key, value)
+            except Exception as exc:
+                raise ValidationError(
+                    f"the validator of map {self.name!r} failed on key {key!r}: {exc!r}"
+                ) from exc
+            if not accepted:
+                raise ValidationError(f"the validator of map {self.name!r} refused key {key!r}")
+        await self._local_write(key, Add(key, value))
+        self.stats.puts += 1
+
+    async def delete(self, key: Key) -> None:
+        """Remove `key` on every node (a tombstone newer than any value it has seen)."""
+        check_local_entry(key, None, self.limits)
+        await self._local_write(key, Remove(key))
+        self.stats.deletes += 1
+
+    async def _local_write(self, key: Key, update: Add | Remove) -> None:
+        previous = self._map.entry(key)
+        previous_sig = self._sigs.get(key)
+        try:
+            await self.replica.broadcast_update(update)
+        except StoreError:
+            # Not durable, so not acknowledged and not broadcast: undo it in memory too.
+            self._map.restore(key, previous)
+            self._set_sig(key, previous_sig)
+            raise
+
+    def _set_sig(self, key: Key, sig: bytes | None) -> None:
+        if sig:
+            self._sigs[key] = sig
+        else:
+            self._sigs.pop(key, None)
+
+    def _wire(self, keys: Iterable[Key]) -> list[Any]:
+        """The wire form of the entries of `keys`, each with its writer's signature."""
+        entries = self._map.wire_entries(keys)
+        sigs = self._sigs
+        if not sigs:
+            return entries
+        return [(*e, sig) if (sig := sigs.get(e[0])) else e for e in entries]
+
+    def _authenticate(self, key: Key, entry: Entry, signature: bytes) -> bool:
+        """Whether `signature` is the entry's writer's, by a key the allow-list lists for it.
+
+        Any listed key, even one whose rotation window has ended: an entry lives as long as
+        the data, and a key retired from handshakes still vouches for what it signed while
+        listed (README "Security": removing a key's line disowns its entries)."""
+        if not signature:
+            return False
+        writer = entry.dot.node
+        data = signed_entry_bytes(self.node.config.cluster, self.name, key, entry)
+        keys = self.node.trust.keys_for(writer, history=True)
+        if writer == self.node.id:
+            keys = [self.node.public_key, *keys]
+        return any(verify(public, signature, data) for public in keys)
+
+    # --- events -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, *, buffer: int = 1024) -> AsyncIterator[Feed[Event]]:
+        """`Put` and `Removed` events for local and remote changes of the visible value.
+
+        Yields a feed: iterate it or call ``await feed.receive()``. A subscriber more than
+        `buffer` events behind misses the excess (counted in ``stats.subscriber_drops``)
+        and then receives a `Lagged(missed)` notice where they went missing (read the map
+        again: reads are local); the map never waits for it. The feed ends when the map
+        closes.
+        """
+        feed = Feed[Event](max_items=buffer, max_bytes=2**62)
+        self._subscribers.add(feed)
+        try:
+            yield feed
+        finally:
+            self._subscribers.discard(feed)
+            feed.close()
+
+    def _close_subscribers(self) -> None:
+        self._subscribers.close_all()
+
+    def _emit(self, keys: tuple[Key, ...]) -> None:
+        for key in keys:
+            entry = self._map.entry(key)
+            if entry is None:
+                continue
+            event: Event = (
+                Put(key, entry.value, entry.dot.node)
+                if isinstance(entry, Value)
+                else Removed(key, entry.dot.node)
+            )
+            missed = self._subscribers.publish(event)
+            if missed:
+                self.stats.subscriber_drops += missed
+                self.node.stats_counters.drop("map_subscriber_full", count=missed)
+
+    # --- replica callbacks ------------------------------------------------------------------
+
+    async def accept_loss(self) -> None:
+        """End `recovering` without a peer: the operator knows no peer holds the writes the
+        store lost (a node alone, or its peers lost them too), and accepts the loss."""
+        if not self.recovering:
+            return
+        if self._store is not None:
+            await self._store.clear_lost()
+        self.recovering = False
+        log.warning("map %s: the writes its store lost are given up (accept_loss)", self.name)
+        self.synced.set()
+
+    def digest(self) -> str:
+        """A summary of every entry (values and tombstones): two replicas with the same
+        digest hold the same entries (unless 64-bit hashes collide)."""
+        total, count = self._map.range_digest(0, 0)
+        return f"{total:016x}-{count}"
+
+    async def merge_delta(self, name: str, delta: Any) -> None:
+        await self._ingest(delta, remote=True)
+
+    async def apply_full_sync(self, name: str, snapshot: list[Any]) -> None:
+        await self._ingest(snapshot, remote=True)
+
+    async def full_sync_snapshot(self, name: str) -> list[Any] | None:
+        # The replica streams (`full_sync_stream`); this whole-state form is the protocol's
+        # required member, built from the same walk.
+        snapshot: list[Any] = []
+        async with contextlib.aclosing(self.full_sync_stream(name)) as batches:
+            async for batch in batches:
+                snapshot += batch
+        return snapshot or None
+
+    async def full_sync_stream(self, name: str) -> AsyncGenerator[list[Any], None]:
+        # The map walked slice by slice as the sync streams: a snapshot of a million
+        # entries held whole was a million objects for every full garbage collection to
+        # walk, 15-20 ms each time, on top of building and freeing it (issue 13).
+        for keys in self._map.key_slices(SNAPSHOT_SLICE):
+            yield self._wire(keys)
+            await trio.lowlevel.checkpoint()
+
+    def digest_source(self, name: str) -> ORMap:
+        # The map keeps its digest up to date on every change (ormap.ORMap): anti-entropy
+        # compares digests and moves only the entries of the ranges that differ.
+        return self._map
+
+    async def range_stream(
+        self, name: str, level: int, index: int
+    ) -> AsyncGenerator[list[Any], None]:
+        for keys in self._map.range_keys(level, index, SNAPSHOT_SLICE):
+            yield self._wire(keys)
+            await trio.lowlevel.checkpoint()
+
+    async def before_sync(self, name: str) -> None:
+        # No resurrection (README "Deletes stay deleted"). Peers forget a tombstone
+        # `tombstone_ttl` after the delete. A replica out of touch for longer may hold
+        # values whose delete the cluster no longer remembers; sending them would bring
+        # the keys back everywhere. Such a value is older than the horizon (a delete is
+        # newer than what it deletes) and was known to a peer at our last sync (older than
+        # that mark). Those entries are dropped here, before the first exchange: the
+        # comparison then brings back the ones that still live elsewhere, and the deleted
+        # ones stay deleted. Our writes since the last sync may be ours alone: kept.
+        now_ms = self.node.clock.read_physical()
+        ttl_ms = round(self.tombstone_ttl * 1000)
+        mark = self.last_synced_ms
+        if mark is None or now_ms - mark <= ttl_ms or mark == self._dropped_at_mark:
+            return
+        # A peer whose clock runs ahead (within the skew bound) collects a little sooner.
+        # Our own writes since the mark may be ours alone: kept. Another node's entries
+        # came from a peer, whatever the mark says (it is saved at most once a minute, so
+        # it can predate what arrived since): the horizon alone decides for them.
+        horizon = now_ms - ttl_ms + self.node.clock.max_offset_ms
+        own_horizon = min(horizon, mark)
+        me = self.node.id
+        stale: list[Key] = []
+        dropped_values: list[Key] = []
+        for key, entry in self._map.entries():
+            dot = entry.dot
+            if dot.ts.wall < (own_horizon if dot.node == me else horizon):
+                stale.append(key)
+                if isinstance(entry, Value):
+                    dropped_values.append(key)
+        log.warning(
+            "map %s: out of touch for %.0f s (tombstones live %.0f s): dropping %d entries "
+            "older than that before syncing, so that no forgotten delete is undone",
+            self.name,
+            (now_ms - mark) / 1000,
+            self.tombstone_ttl,
+            len(stale),
+        )
+        if stale and self._store is not None:
+            # Off the disk first: a crash in between leaves them in memory only, and the
+            # next start drops them again (the mark has not moved).
+            try:
+                await self._store.delete(stale)
+            except StoreError:
+                # Nothing dropped. Syncing now could bring deleted keys back, so this
+                # sync does not happen (the error reaches the driver, which counts it);
+                # the next one tries again.
+                self.stats.store_errors += 1
+                raise
+        for start in range(0, len(stale), INGEST_SLICE):
+            for key in stale[start : start + INGEST_SLICE]:
+                self._map.restore(key, None)
+                self._sigs.pop(key, None)
+            await trio.lowlevel.checkpoint()
+        self.stats.stale_entries_dropped += len(stale)
+        # Readers see the values go (those still alive elsewhere come back as puts).
+        for key in dropped_values:
+            missed = self._subscribers.publish(Removed(key, self.node.id))
+            if missed:
+                self.stats.subscriber_drops += missed
+        # Once per time out of touch (the sync that follows sets a new mark): entries that
+        # come back meanwhile, and ours written since the mark, must not be dropped again.
+        self._dropped_at_mark = mark
+
+    async def sync_completed(self, name: str, started_ms: int) -> None:
+        # A comparison begun at `started_ms` completed: every entry older than that is
+        # known to that peer. Saved at most once a minute (precision that matters is the
+        # tombstone TTL, days), and never moved back.
+        if self.recovering and self._store is not None:
+            # Everything that peer holds is here now, what the store lost with it (as far
+            # as any peer still has it).
+            try:
+                await self._store.clear_lost()
+            except StoreError:
+                self.stats.store_errors += 1
+                log.exception("map %s: could not record the recovery; next sync", self.name)
+                return
+            self.recovering = False
+            log.warning(
+                "map %s: a sync with a peer brought back what its store lost; complete again",
+                self.name,
+            )
+        self.synced.set()
+        if self.last_synced_ms is not None and started_ms <= self.last_synced_ms:
+            return
+        self.last_synced_ms = started_ms
+        if self._store is not None and (
+            self._mark_saved_ms is None or started_ms - self._mark_saved_ms >= 60_000
+        ):
+            try:
+                await self._store.set_sync_mark(started_ms)
+            except StoreError:
+                self.stats.store_errors += 1
+                log.exception("map %s: could not save the sync mark; next sync", self.name)
+            else:
+                self._mark_saved_ms = started_ms
+
+    async def remove_node(self, name: str, node: str) -> None:
+        # Last-writer-wins data belongs to the map, not to the node that wrote it: a node
+        # that fails or leaves takes nothing with it. (Registries and leases differ.)
+        return None
+
+    async def _ingest(self, raw: Any, *, remote: bool) -> None:
+        """Merge a delta or a sync chunk from a peer, `INGEST_SLICE` entries at a time with
+        a checkpoint between (merges commute, so other tasks may run in between)."""
+        entries = check_delta(raw, self.limits)
+        for start in range(0, len(entries), INGEST_SLICE):
+            if start:
+                await trio.lowlevel.checkpoint()
+            await self._ingest_slice(entries[start : start + INGEST_SLICE], remote=remote)
+
+    async def _ingest_slice(self, raw: Any, *, remote: bool) -> IngestResult:
+        result = ingest(
+            self._map,
+            raw,
+            self.node.clock,
+            validator=self._validator,
+            limits=self.limits,
+            authenticate=self._authenticate if self._signed else None,
+            required=self._require,
+        )
+        if self._signed:
+            for key in result.applied_keys:
+                self._set_sig(key, result.signatures.get(key))
+        for rejection in result.rejected:
+            self.stats.rejected[rejection.reason] += 1
+            self.node.stats_counters.reject(f"map_{rejection.reason}")
+        if result.rejected:
+            log.warning(
+                "map %s: rejected %d entries (%s)",
+                self.name,
+                len(result.rejected),
+                ", ".join(sorted({r.reason for r in result.rejected})),
+            )
+        if self._store is not None and result.applied_keys:
+            entries = [(k, e) for k in result.applied_keys if (e := self._map.entry(k)) is not None]
+            # A copy of the signatures of these keys: the write waits its turn for the store
+            # thread, and other writes may change `_sigs` meanwhile.
+            sigs = {k: s for k, _ in entries if (s := self._sigs.get(k))}
+            await self._store.write(entries, signatures=sigs)
+        if remote:
+            self.stats.remote_changes += len(result.changed_keys)
+        self._emit(result.changed_keys)
+        return result
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def _recover(self) -> int:
+        """Load the persisted state (trusted: it is ours) before the replica starts."""
+        if self._store is None:
+            return 0
+        entries = await self._store.load(signatures=self._sigs if self._signed else None)
+        self.last_synced_ms = self._mark_saved_ms = await self._store.sync_mark()
+        if self._store.lost_commits:
+            self.recovering = True
+            self.stats.lost_commits = self._store.lost_commits
+            log.error(
+                "map %s: its store %s recovered %d transactions fewer than it had "
+                "acknowledged (its write-ahead log was damaged or cut short): those writes "
+                "are gone from this node; pulling them back from peers before the map "
+                "reports itself synced",
+                self.name,
+                self._store.path,
+                self._store.lost_commits,
+            )
+        for key, entry in entries:
+            self._map.merge_entry(key, entry)
+        if entries:
+            # Our own past writes: the clock must stay ahead of them.
+            self._map.absorb_clock(self.node.clock)
+        return len(entries)
+
+    async def _collect_tombstones(self) -> None:
+        """Drop tombstones older than the TTL, periodically (and from the store)."""
+        period = min(self.tombstone_ttl / 4, 3600.0)
+        while True:
+            await trio.sleep(period)
+            now_ms = self.node.clock.read_physical()
+            ttl_ms = round(self.tombstone_ttl * 1000)
+            expired = self._map.expired_tombstones(now_ms, ttl_ms)
+            if not expired:
+                continue
+            # Off the disk first: a crash in between leaves tombstones in memory only,
+            # which the next collection removes; the reverse could resurrect nothing either.
+            if self._store is not None:
+                try:
+                    await self._store.delete(expired)
+                except StoreError:
+                    self.stats.store_errors += 1
+                    log.exception("map %s: could not collect tombstones; next period", self.name)
+                    continue
+            self.stats.tombstones_collected += self._map.gc_tombstones(now_ms, ttl_ms)
+            for key in expired:
+                if self._map.entry(key) is None:
+                    self._sigs.pop(key, None)
+
+    async def aclose(self) -> None:
+        """Stop replicating this map on this node (its state stays in memory and on disk)."""
+        await self.node._close_map(self.name)
+
+
+__all__ = ["Put", "Removed", "ReplicatedMap", "ValidationError"]

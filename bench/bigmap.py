@@ -133,7 +133,7 @@ def a_side(a: Node, sampler: LoopHealth, gc_pauses: GcPauses) -> dict[str, Any]:
         "max_loop_stall_ms": round(sampler.max_lag * 1000, 1),
         "longest_gc_pause_ms": gc_pauses.longest_ms(),
         "links_closed_a": dict(a.stats()["links_closed"]),
-        "syncs_sent_a": a._replicas["big"].stats.syncs_sent,
+        "syncs_sent_a": a.runtime.replicas["big"].stats.syncs_sent,
     }
 
 

@@ -224,7 +224,7 @@ async def broadcast_from(
 def set_node_flooding(node: Node, on: bool) -> None:
     # The benchmark reaches into the running Plumtree core: flooding is a baseline to
     # measure against, not a mode the node offers.
-    node.broadcaster.core.set_prune(not on)
+    node.runtime.broadcaster.core.set_prune(not on)
 
 
 # --- inproc -------------------------------------------------------------------------------

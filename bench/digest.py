@@ -34,7 +34,7 @@ from common import write_results
 
 from trio_replica import Node, NodeConfig, open_node
 from trio_replica.core.ormap import Dot, Value
-from trio_replica.runtime.replica import ReplicaConfig
+from trio_replica.runtime.config import ReplicaConfig
 from trio_replica.stores.maps import ReplicatedMap
 
 SYNC_KINDS = ("SyncDigest", "SyncChunk", "SyncRequest")
@@ -164,7 +164,7 @@ async def flood(a: Node, b: Node, ma: ReplicatedMap, mb: ReplicatedMap, n: int) 
             for session in range(n):
                 message = SyncDigest("big", session, 1, (0,), (), ())
                 flood_bytes += len(encode_message(message))
-                await f.send_message(a.me, message)
+                await f.runtime.send_message(a.me, message)
             await trio.sleep(10)
             nursery.cancel_scope.cancel()
         elapsed = time.monotonic() - start

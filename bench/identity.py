@@ -44,6 +44,7 @@ from transports.websocket import WebsocketTransport
 from trio_replica import NodeConfig
 from trio_replica.core.messages import Peer, Role
 from trio_replica.localcluster import run_node, wait_for_views
+from trio_replica.runtime.handshake import Credentials, handshake_as_dialer, handshake_as_listener
 from trio_replica.runtime.identity import (
     IdentityConfig,
     format_key,
@@ -51,7 +52,6 @@ from trio_replica.runtime.identity import (
     public_bytes,
     sign_gossip,
 )
-from trio_replica.runtime.link import Credentials, handshake_as_dialer, handshake_as_listener
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

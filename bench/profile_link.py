@@ -26,7 +26,8 @@ import trio
 from transports.base import Connection, TransportClosed
 from transports.websocket import WebsocketTransport
 from trio_replica.core.messages import Gossip, Message, MessageId, Peer
-from trio_replica.runtime.link import Link, LinkConfig
+from trio_replica.runtime.link import Link
+from trio_replica.runtime.linkconfig import LinkConfig
 from trio_replica.runtime.stats import NodeStats
 
 

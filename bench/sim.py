@@ -45,20 +45,21 @@ import attrs
 
 from trio_replica.core.hyparview import HyParViewConfig
 from trio_replica.core.messages import MessageId
-from trio_replica.sim.overlay import (
+from trio_replica.sim.broadcast import (
     BROADCAST,
     FLOOD,
     BroadcastMetrics,
-    DriverConfig,
     PlumtreeLayer,
-    Simulator,
+    broadcast_stack,
+)
+from trio_replica.sim.graph import (
     active_graph,
     average_shortest_path,
-    broadcast_stack,
     clustering_coefficient,
     components,
     in_degree_distribution,
 )
+from trio_replica.sim.overlay import DriverConfig, Simulator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FAILURE_RATES = (0.10, 0.20, 0.40, 0.60, 0.70, 0.80, 0.90, 0.95)

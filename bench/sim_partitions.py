@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from trio_replica.core.hyparview import HyParViewConfig
-from trio_replica.sim.overlay import DriverConfig, Simulator, active_graph, is_connected
+from trio_replica.sim.graph import active_graph, is_connected
+from trio_replica.sim.overlay import DriverConfig, Simulator
 
 RESULTS = Path(__file__).parent / "results"
 GIVE_UP = 600.0

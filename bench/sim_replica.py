@@ -46,7 +46,8 @@ from trio_replica.core.ormap import Dot, ORMap, Value
 from trio_replica.core.ormap_wire import to_wire
 from trio_replica.core.replication import DigestSyncConfig
 from trio_replica.core.wire import encode_payload
-from trio_replica.sim.overlay import DriverConfig, Simulator, active_graph, is_connected
+from trio_replica.sim.graph import active_graph, is_connected
+from trio_replica.sim.overlay import DriverConfig, Simulator
 from trio_replica.sim.replica import (
     REPLICA,
     ReplicaLayer,

@@ -15,7 +15,8 @@ from trio_replica.core.messages import Message, Peer, Role
 from trio_replica.localcluster import overlay_ok
 from trio_replica.node import Node
 from trio_replica.runtime.health import LoopHealth
-from trio_replica.runtime.link import Link, LinkConfig
+from trio_replica.runtime.link import Link
+from trio_replica.runtime.linkconfig import LinkConfig
 from trio_replica.runtime.stats import NodeStats
 from trio_replica.testing import Cluster, wait_until
 

@@ -160,7 +160,7 @@ async def test_handshake_slots_are_shared_per_address_and_clients_move_to_their_
 
     from trio_replica.core.messages import Hello
     from trio_replica.runtime.admission import Admission
-    from trio_replica.runtime.link import LinkConfig
+    from trio_replica.runtime.linkconfig import LinkConfig
     from trio_replica.runtime.stats import NodeStats
 
     def hello(role: str) -> Hello:

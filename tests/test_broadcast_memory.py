@@ -156,7 +156,13 @@ async def test_crashing_broadcast_component_resubscribes_and_names_what_was_miss
                 if node.id not in ("c1", "c4"):
                     assert set(collector.got[node.id]) == set(range(total))
             # No task died: every component is running and counted exactly one crash.
-            assert sender.broadcaster.running.is_set() and receiver.broadcaster.running.is_set()
-            assert sender.broadcaster.crashes == 1 and receiver.broadcaster.crashes == 1
+            assert (
+                sender.runtime.broadcaster.running.is_set()
+                and receiver.runtime.broadcaster.running.is_set()
+            )
+            assert (
+                sender.runtime.broadcaster.crashes == 1
+                and receiver.runtime.broadcaster.crashes == 1
+            )
             followers.cancel_scope.cancel()
         nursery.cancel_scope.cancel()

@@ -63,7 +63,7 @@ async def test_a_lost_link_between_live_nodes_removes_nothing(
         await trio.sleep(2 * a.config.departures.lone_timeout)
         net.clear_link("a", "b")
         assert all(not r.removed for r in recorders.values()), recorders
-        stats = [n.departures.snapshot() for n in nodes]
+        stats = [n.runtime.departures.snapshot() for n in nodes]
         assert sum(s["suspicions_sent"] for s in stats) >= 1
         assert sum(s["refutations_sent"] for s in stats) >= 1
         assert sum(s["removed_failed"] for s in stats) == 0
@@ -114,7 +114,9 @@ async def test_a_node_that_leaves_is_removed_once_on_every_node(
             await wait_until(lambda: all(recorders[n.id].removed[leaving.id] for n in survivors))
         await trio.sleep(30)
         assert all(recorders[n.id].removed == Counter({leaving.id: 1}) for n in survivors)
-        assert sum(n.departures.snapshot()["removed_left"] for n in survivors) == len(survivors)
+        assert sum(n.runtime.departures.snapshot()["removed_left"] for n in survivors) == len(
+            survivors
+        )
         nursery.cancel_scope.cancel()
 
 
@@ -132,7 +134,7 @@ async def test_a_node_two_neighbours_lose_at_once_refutes_both_and_stays(
         net.set_link("x", "b", loss=1.0)
         await trio.sleep(2 * x.config.departures.lone_timeout)
         assert all(not r.removed for r in recorders.values()), recorders
-        assert x.departures.snapshot()["refutations_sent"] >= 2
+        assert x.runtime.departures.snapshot()["refutations_sent"] >= 2
         nursery.cancel_scope.cancel()
 
 
@@ -145,9 +147,9 @@ async def test_a_replica_that_missed_a_removal_makes_up_for_it_after_lagged(
     async with trio.open_nursery() as nursery:
         nodes, recorders = await _cluster(Cluster(nursery, net), ["a", "b", "c"])
         a = nodes[0]
-        replica = a._replicas["r"]
+        replica = a.runtime.replicas["r"]
         # The node removed "ghost" but the replica's event feed overflowed meanwhile.
-        a.departures._removed["ghost"] = None
+        a.runtime.departures._removed["ghost"] = None
         await replica._on_membership(Lagged(1))
         await replica._on_membership(Lagged(1))
         assert recorders["a"].removed == Counter({"ghost": 1})

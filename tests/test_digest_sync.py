@@ -14,8 +14,7 @@ from trio_replica.core.messages import SyncDigest, SyncRequest
 from trio_replica.core.ormap import Dot, Value
 from trio_replica.core.replication import DigestSyncConfig
 from trio_replica.node import Node
-from trio_replica.runtime.config import NodeConfig
-from trio_replica.runtime.replica import ReplicaConfig
+from trio_replica.runtime.config import NodeConfig, ReplicaConfig
 from trio_replica.stores.maps import ReplicatedMap
 
 from .harness import Cluster, overlay_ok, wait_until
@@ -114,7 +113,7 @@ async def test_a_peer_asking_for_everything_in_a_loop_gets_it_once_per_window(
         # b opens 200 comparisons in a burst, each claiming an empty map: "send me all".
         empty = attrs.evolve(opening(ma._map), digests=())
         for session in range(200):
-            b.send_to(a.me, SyncDigest("m", session, 1, empty.parents, (), ()))
+            b.runtime.send_to(a.me, SyncDigest("m", session, 1, empty.parents, (), ()))
         await trio.sleep(window / 2)
         stats = digest.digest_stats
         assert stats.rounds_refused["rate"] + stats.rounds_refused["queue_full"] >= 150
@@ -184,7 +183,7 @@ async def test_a_store_without_a_digest_serves_full_syncs_once_per_window(
             await wait_until(lambda: replica.stats.syncs_sent >= 1)
         sent = replica.stats.syncs_sent
         for _ in range(500):
-            b.send_to(a.me, SyncRequest("r"))
+            b.runtime.send_to(a.me, SyncRequest("r"))
         await trio.sleep(window / 2)
         assert replica.stats.syncs_sent <= sent + 1
         await trio.sleep(window)

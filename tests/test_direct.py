@@ -133,7 +133,7 @@ async def test_a_malformed_payload_is_refused_counted_and_answered(
             reply_ids: list[int] = []
             send, receive = trio.open_memory_channel[Any](1)
             a.direct._pending[999] = (b.id, send)
-            await a.send_message(b.me, Direct("echo", 999, b"\xff\xff"))
+            await a.runtime.send_message(b.me, Direct("echo", 999, b"\xff\xff"))
             with trio.fail_after(10):
                 reply = await receive.receive()
             reply_ids.append(reply.request_id)

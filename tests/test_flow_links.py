@@ -19,7 +19,8 @@ from trio_replica.core.messages import (
 )
 from trio_replica.core.wire import encode_frame
 from trio_replica.runtime.flow import Pressure
-from trio_replica.runtime.link import Link, LinkConfig
+from trio_replica.runtime.link import Link
+from trio_replica.runtime.linkconfig import LinkConfig
 from trio_replica.runtime.stats import NodeStats
 
 from .harness import link_pair, wait_until

@@ -23,9 +23,9 @@ from trio_replica.core.wire import encode_payload
 from trio_replica.node import Node
 from trio_replica.ops.metrics import metrics_registry
 from trio_replica.runtime.broadcast import MAX_COUNTED_TAGS
-from trio_replica.runtime.config import NodeConfig
-from trio_replica.runtime.link import LinkConfig
-from trio_replica.runtime.replica import Add, ReplicaConfig
+from trio_replica.runtime.config import NodeConfig, ReplicaConfig
+from trio_replica.runtime.linkconfig import LinkConfig
+from trio_replica.runtime.replica_api import Add
 from trio_replica.stores.maps import Put
 
 from .harness import Cluster, overlay_ok, wait_until

@@ -9,18 +9,10 @@ import trio
 import trio.testing
 
 from trio_replica.core.events import Lagged
-from trio_replica.runtime.flow import (
-    OTHER,
-    BoundedCounter,
-    FairInbox,
-    Fanout,
-    Feed,
-    Offer,
-    OriginationLimit,
-    Pressure,
-    QueueingDelay,
-    WritePacer,
-)
+from trio_replica.runtime.congestion import OriginationLimit, QueueingDelay, WritePacer
+from trio_replica.runtime.feeds import Fanout, Feed, Offer
+from trio_replica.runtime.flow import OTHER, BoundedCounter, Pressure
+from trio_replica.runtime.inbox import FairInbox
 
 # --- fair inbox ----------------------------------------------------------------------------
 

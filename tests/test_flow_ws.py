@@ -21,9 +21,11 @@ from trio_replica.core.events import Delivery
 from trio_replica.core.messages import Gossip, Message, MessageId, Peer, Role
 from trio_replica.core.wire import encode_frame, encode_payload
 from trio_replica.node import Node
-from trio_replica.runtime.config import NodeConfig
-from trio_replica.runtime.link import Credentials, Link, LinkConfig, handshake_as_dialer
-from trio_replica.runtime.replica import Add, ReplicaConfig
+from trio_replica.runtime.config import NodeConfig, ReplicaConfig
+from trio_replica.runtime.handshake import Credentials, handshake_as_dialer
+from trio_replica.runtime.link import Link
+from trio_replica.runtime.linkconfig import LinkConfig
+from trio_replica.runtime.replica_api import Add
 from trio_replica.runtime.stats import NodeStats
 
 from .harness import Cluster, overlay_ok, wait_until

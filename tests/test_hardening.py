@@ -20,7 +20,9 @@ from trio_replica.core.messages import (
 )
 from trio_replica.core.wire import FRAME_OVERHEAD, encode_frame, frame_from_parts
 from trio_replica.runtime.control import ControlError, open_control
-from trio_replica.runtime.link import Credentials, Link, LinkConfig, handshake_as_dialer
+from trio_replica.runtime.handshake import Credentials, handshake_as_dialer
+from trio_replica.runtime.link import Link
+from trio_replica.runtime.linkconfig import LinkConfig
 from trio_replica.runtime.stats import NodeStats
 from trio_replica.stores.maps import ValidationError
 from trio_replica.testing import crash_component
@@ -51,7 +53,7 @@ async def test_batches_never_exceed_the_frame_limit(autojump_clock: trio.testing
                 stats=NodeStats(),
                 on_message=ignore,
             )
-            # The peer's grant: payloads travel on credit (link.py).
+            # The peer's grant: payloads travel on credit (outbox.py).
             link._on_credit(Credit(1000, 10**9))
             ids = tuple((MessageId("x", i, i), 1) for i in range(60))
             link.send_nowait(IHave(ids))
@@ -199,7 +201,7 @@ async def test_subscribing_while_the_source_restarts_waits_for_it(
             await wait_until(lambda: len(a.active_view()) == 1)
         crash_component(a, "broadcast")
         with trio.fail_after(30):
-            await wait_until(lambda: not a.broadcaster.running.is_set(), poll=0.001)
+            await wait_until(lambda: not a.runtime.broadcaster.running.is_set(), poll=0.001)
         async with a.subscribe("t") as sub:
             with trio.fail_after(10):
                 assert isinstance(await sub.receive(), Resubscribed)

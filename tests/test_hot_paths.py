@@ -40,13 +40,14 @@ from trio_replica.core.wire import (
     encode_frame,
     encode_message,
     frame_from_parts,
-    message_fields,
 )
+from trio_replica.core.wire_positional import message_fields
 from trio_replica.errors import WireError
 from trio_replica.runtime.component import DRAIN_BATCH, Component
 from trio_replica.runtime.config import NodeConfig
 from trio_replica.runtime.flow import FlowConfig
-from trio_replica.runtime.link import PING_TICK, Link, LinkConfig
+from trio_replica.runtime.link import PING_TICK, Link
+from trio_replica.runtime.linkconfig import LinkConfig
 from trio_replica.runtime.stats import NodeStats
 
 from .harness import FAST_LINKS, Cluster, link_pair, wait_until
@@ -295,7 +296,7 @@ async def test_a_link_carrying_only_pings_is_closed_once_unwanted(
         # which then carries only pings; it must not outlive `linger` (pings once refreshed
         # its activity through the pongs that answered them, and such links never closed).
         extra = await c.start("x")
-        peer = await extra.connect_seed(a.address)
+        peer = await extra.runtime.connect_seed(a.address)
         assert peer is not None and peer.id == "a"
         with trio.fail_after(30):
             await wait_until(lambda: "x" not in {p.id for p in a.links()})

@@ -18,14 +18,8 @@ from trio_replica.core.effects import Effect, Send
 from trio_replica.core.events import DownReason, Event, PeerDown, PeerUp
 from trio_replica.core.hyparview import HyParView, HyParViewConfig
 from trio_replica.core.messages import Message, Peer, Ping, Pong
-from trio_replica.sim.overlay import (
-    MEMBERSHIP,
-    DriverConfig,
+from trio_replica.sim.graph import (
     Graph,
-    HyParViewLayer,
-    NetworkConfig,
-    Simulator,
-    Stack,
     active_graph,
     asymmetric_links,
     average_shortest_path,
@@ -34,6 +28,9 @@ from trio_replica.sim.overlay import (
     in_degree_distribution,
     is_connected,
 )
+from trio_replica.sim.network import NetworkConfig
+from trio_replica.sim.overlay import DriverConfig, Simulator
+from trio_replica.sim.stack import MEMBERSHIP, HyParViewLayer, Stack
 
 
 def grow(sim: Simulator, n: int, seeds: list[str], *, spread: float = 2.0) -> None:
@@ -149,7 +146,8 @@ def test_the_simulation_is_deterministic_per_seed() -> None:
 
 _DIGEST_SCRIPT = """
 import hashlib, sys
-from trio_replica.sim.overlay import Simulator, active_graph
+from trio_replica.sim.graph import active_graph
+from trio_replica.sim.overlay import Simulator
 sim = Simulator(seed=21)
 sim.add_node("seed")
 for i in range(60):

@@ -17,6 +17,7 @@ from trio_replica.errors import ConfigError, HandshakeError
 from trio_replica.localcluster import run_node
 from trio_replica.node import Node
 from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.handshake import Credentials, handshake_as_dialer, handshake_as_listener
 from trio_replica.runtime.identity import (
     IdentityConfig,
     Refused,
@@ -28,7 +29,6 @@ from trio_replica.runtime.identity import (
     parse_key,
     public_bytes,
 )
-from trio_replica.runtime.link import Credentials, handshake_as_dialer, handshake_as_listener
 
 from .harness import Cluster, wait_until
 
@@ -252,7 +252,7 @@ async def test_a_member_cannot_take_a_live_nodes_id(
         with trio.fail_after(30):
             await wait_until(lambda: a.stats()["handshakes_refused"].get("id_taken", 0) >= 2)
         assert a.active_view() == [b.me]
-        assert a._links["b"].key == b.public_key
+        assert a.runtime.connections.get("b").key == b.public_key
         nursery.cancel_scope.cancel()
 
 

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from transports.memory import MemoryNetwork
 from trio_replica.errors import NodeClosed
-from trio_replica.stores.leader import Elected, FencedResource, LeaderConfig, Revoked, StaleFence
+from trio_replica.runtime.config import LeaderConfig
+from trio_replica.stores.leader import Elected, FencedResource, Revoked, StaleFence
 
 from .harness import Cluster, overlay_ok, start_walled, wait_until, walled_cluster
 
@@ -54,7 +55,7 @@ async def _stand_open(node: Any, name: str, priority: int, watch: Watch) -> None
                     fence = lead.fence
                     if watch.resource.accept(fence):
                         watch.accepted.append((trio.current_time(), node.id, fence))
-                    elif not node._closing:
+                    elif not node.closing:
                         # Refused: a leader of another side (now dead or deposed) wrote
                         # later. We lead here, so we begin a newer term.
                         with contextlib.suppress(NodeClosed, RuntimeError):

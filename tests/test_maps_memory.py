@@ -9,8 +9,7 @@ import trio.testing
 
 from transports.memory import MemoryNetwork
 from trio_replica.node import Node
-from trio_replica.runtime.config import NodeConfig
-from trio_replica.runtime.replica import ReplicaConfig
+from trio_replica.runtime.config import NodeConfig, ReplicaConfig
 from trio_replica.stores.maps import Put, Removed, ReplicatedMap
 from trio_replica.testing import crash_component
 
@@ -144,7 +143,13 @@ async def test_anti_entropy_off_stays_behind_on_catches_up(
             else:
                 maps = []
                 for n in nodes:
-                    m = NoAntiEntropyMap(n, "ae", validator=None, tombstone_ttl=3600)
+                    m = NoAntiEntropyMap(
+                        n.runtime,
+                        "ae",
+                        validator=None,
+                        tombstone_ttl=3600,
+                        on_close=n.map_host.close,
+                    )
                     m.replica = await n.open_replica("ae", m)
                     maps.append(m)
             await trio.sleep(1)
@@ -172,7 +177,7 @@ async def test_receiver_broadcast_crash_recovers_every_write(
         with trio.fail_after(10):
             await wait_until(lambda: len(receiver) == 100)
         assert receiver.replica.core.stats.resyncs_after_resubscribe >= 1
-        assert nodes[4].broadcaster.crashes == 1
+        assert nodes[4].runtime.broadcaster.crashes == 1
         assert converged(maps)
         nursery.cancel_scope.cancel()
 
@@ -183,7 +188,7 @@ async def test_malformed_gossip_and_sync_are_rejected_and_change_nothing(
     from trio_replica.core.hlc import Timestamp
     from trio_replica.core.messages import Gossip, MessageId, Peer, Role, SyncChunk
     from trio_replica.core.wire import cbor_array, encode_frame, encode_payload
-    from trio_replica.runtime.link import Credentials, handshake_as_dialer
+    from trio_replica.runtime.handshake import Credentials, handshake_as_dialer
 
     net = MemoryNetwork(seed=26)
     async with trio.open_nursery() as nursery:

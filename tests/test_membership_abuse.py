@@ -15,7 +15,7 @@ from transports.memory import MemoryNetwork
 from trio_replica.core.messages import ForwardJoin, Join, Peer, Role, Shuffle
 from trio_replica.core.wire import encode_frame
 from trio_replica.node import Node
-from trio_replica.runtime.link import Credentials, handshake_as_dialer
+from trio_replica.runtime.handshake import Credentials, handshake_as_dialer
 
 from .harness import Cluster, overlay_ok, wait_until
 
@@ -68,7 +68,7 @@ async def test_a_flood_of_forward_joins_and_shuffles_cannot_eclipse_a_node(
                 await trio.sleep(0.1)
             elapsed = trio.current_time() - start
         stats = victim.stats()
-        core = victim.membership.core.stats
+        core = victim.runtime.membership.core.stats
         assert stats["rejected"].get("field", 0) == rejected + 1
         assert lowest >= 3, f"the victim kept {lowest} honest neighbours"
         assert core.replacements_refused >= 290

@@ -12,8 +12,7 @@ import trio.testing
 
 from transports.memory import MemoryNetwork
 from trio_replica.node import Node
-from trio_replica.runtime.config import NodeConfig
-from trio_replica.runtime.replica import ReplicaConfig
+from trio_replica.runtime.config import NodeConfig, ReplicaConfig
 from trio_replica.stores.maps import ReplicatedMap
 
 from .harness import Cluster, overlay_ok, virtual_wall, wait_until

@@ -142,12 +142,12 @@ async def test_readyz_waits_for_the_maps_and_a_neighbour_healthz_for_the_machine
                 await b.wait_ready()
             assert _get(b, "/readyz") == ("HTTP/1.1 200 OK", b"ready\n")
             crash_component(b, "membership")
-            while b.membership.running.is_set():  # the crash lands at its next checkpoint
+            while b.runtime.membership.running.is_set():  # the crash lands at its next checkpoint
                 await trio.lowlevel.checkpoint()
             status, body = _get(b, "/healthz")
             assert status.endswith("503 Service Unavailable") and b"membership" in body
             with trio.fail_after(10):
-                await b.membership.running.wait()
+                await b.runtime.membership.running.wait()
             assert _get(b, "/healthz")[0].endswith("200 OK")
             assert _get(b, "/nothing")[0].endswith("404 Not Found")
             assert b.status()["ready"] is True

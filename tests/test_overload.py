@@ -19,7 +19,7 @@ from trio_replica.errors import ConfigError
 from trio_replica.runtime.config import NodeConfig
 from trio_replica.runtime.dialing import DialBudget
 from trio_replica.runtime.health import HealthConfig, LoopHealth, loop_health
-from trio_replica.runtime.link import LinkConfig
+from trio_replica.runtime.linkconfig import LinkConfig
 
 from .harness import Cluster, link_pair, wait_until
 
@@ -271,12 +271,12 @@ async def test_a_node_listed_among_its_own_seeds_is_a_seed_and_keeps_a_seed_neig
         with trio.fail_after(30):
             await s1.wait_ready()
             await s2.wait_ready()
-        assert "s1" in s1.seed_ids and "s2" in s2.seed_ids
+        assert "s1" in s1.runtime.seeding.seed_ids and "s2" in s2.runtime.seeding.seed_ids
         others = [await c.start(f"n{i}", seeds) for i in range(4)]
         with trio.fail_after(30):
             for node in others:
                 await node.wait_ready()
-        assert all(node.id not in node.seed_ids for node in others)
+        assert all(node.id not in node.runtime.seeding.seed_ids for node in others)
         nursery.cancel_scope.cancel()
 
 
@@ -305,7 +305,8 @@ async def test_a_node_that_knows_no_live_seed_rejoins_by_chance(
 
         def nobody_knows_the_seed() -> bool:
             return all(
-                seed_id not in {p.id for p in (*n.active_view(), *n.membership.core.passive)}
+                seed_id
+                not in {p.id for p in (*n.active_view(), *n.runtime.membership.core.passive)}
                 for n in others
             )
 
@@ -341,7 +342,7 @@ async def test_a_restarted_seed_with_no_seeds_is_found_by_the_nodes_that_lost_it
         c.crash("s")
         await c.wait_stopped("s")
         await trio.sleep(300)  # long after the refills gave up on it
-        assert all(seed.id in {p.id for p in n.membership.core.lost} for n in others)
+        assert all(seed.id in {p.id for p in n.runtime.membership.core.lost} for n in others)
         seed = await c.start("s")
         bound = membership.reconnect_backoff_max + 1.25 * membership.reconnect_interval + 5
         with trio.fail_after(bound):
@@ -388,9 +389,9 @@ async def test_a_lagging_loop_stretches_the_wait_for_a_graft_answer(
         answer = SetTimer(0.25, GraftTimer(MessageId("o", 1, 1), 1, answer=True))
         first = SetTimer(0.5, GraftTimer(MessageId("o", 1, 1), 1))
         flush = SetTimer(0.05, FlushTimer(1))
-        assert a.broadcaster.timer_delay(answer) == 0.25
-        a.health.record(0.2, trio.current_time())
-        assert a.broadcaster.timer_delay(answer) == pytest.approx(0.25 + 4 * 0.2)
-        assert a.broadcaster.timer_delay(first) == 0.5
-        assert a.broadcaster.timer_delay(flush) == 0.05
+        assert a.runtime.broadcaster.timer_delay(answer) == 0.25
+        a.runtime.health.record(0.2, trio.current_time())
+        assert a.runtime.broadcaster.timer_delay(answer) == pytest.approx(0.25 + 4 * 0.2)
+        assert a.runtime.broadcaster.timer_delay(first) == 0.5
+        assert a.runtime.broadcaster.timer_delay(flush) == 0.05
         nursery.cancel_scope.cancel()

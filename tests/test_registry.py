@@ -12,7 +12,8 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
-from trio_replica.stores.registry import Registered, RegistryConfig, Unregistered
+from trio_replica.runtime.config import RegistryConfig
+from trio_replica.stores.registry import Registered, Unregistered
 
 from .harness import Cluster, wait_until, walled_cluster
 

@@ -16,9 +16,9 @@ from trio_replica.core.ormap import Dot, Value
 from trio_replica.core.wire import encode_frame, encode_payload
 from trio_replica.node import Node
 from trio_replica.runtime.config import NodeConfig
+from trio_replica.runtime.handshake import Credentials, handshake_as_dialer
 from trio_replica.runtime.identity import IdentityConfig, format_key, public_bytes, sign_gossip
-from trio_replica.runtime.link import Credentials, handshake_as_dialer
-from trio_replica.runtime.replica import TAG_PREFIX
+from trio_replica.runtime.replica_api import TAG_PREFIX
 
 from .harness import Cluster, overlay_ok, wait_until
 
@@ -139,7 +139,7 @@ async def test_a_member_cannot_write_map_entries_as_another_node(
         # A broadcast under evil's own, valid signature, whose entry claims a as its writer
         # and carries evil's signature of it: the entry is checked against a's key.
         forged = Value("forged", Dot("a", a.clock.now()))
-        signature = evil.sign_entry("m", "k", forged)
+        signature = evil.runtime.sign_entry("m", "k", forged)
         delta = [["k", 1, "a", forged.dot.ts.wall, forged.dot.ts.logical, "forged", signature]]
         await evil.broadcast(TAG_PREFIX + "m", ["d", delta])
         with trio.fail_after(10):

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from bench.sim import PAPER_DETECTION, build, failures, overlay, plot, plumtree
-from trio_replica.sim.overlay import BROADCAST, FLOOD, Simulator
+from trio_replica.sim.broadcast import BROADCAST, FLOOD
+from trio_replica.sim.overlay import Simulator
 
 
 @pytest.fixture(scope="module")

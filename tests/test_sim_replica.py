@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from trio_replica.core.events import DownReason, NodeRemoved
 from trio_replica.core.hyparview import HyParViewConfig
-from trio_replica.sim.overlay import DriverConfig, Simulator, active_graph, is_connected
+from trio_replica.sim.graph import active_graph, is_connected
+from trio_replica.sim.overlay import DriverConfig, Simulator
 from trio_replica.sim.replica import (
     REPLICA,
     ReplicaLayer,

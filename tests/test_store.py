@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from trio_replica.core.hlc import Timestamp
 from trio_replica.core.ormap import Dot, Entry, Key, Tombstone, Value
 from trio_replica.core.ormap_wire import Limits
-from trio_replica.stores.store import SCHEMA_VERSION, MapStore, StoreCorrupt, StoreError
+from trio_replica.stores.store import MapStore, StoreCorrupt, StoreError
+from trio_replica.stores.store_schema import SCHEMA_VERSION
 
 
 def v(value: Any, wall: int = 1, node: str = "a", logical: int = 0) -> Value:

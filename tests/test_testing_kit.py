@@ -73,8 +73,8 @@ async def test_a_component_that_keeps_crashing_closes_its_node(
     with pytest.RaisesGroup(ComponentDead, flatten_subgroups=True):
         async with testing.cluster(2) as c:
             node = c["n2"]
-            component = node.broadcaster
-            for crashes in range(1, component.max_restarts + 2):
+            component = node.runtime.broadcaster
+            for crashes in range(1, component.supervision.max_restarts + 2):
                 with trio.fail_after(30):
                     await component.running.wait()
                     testing.crash_component(node, "broadcast")
@@ -86,13 +86,15 @@ async def test_crashes_spread_over_more_than_the_window_are_restarted_forever(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with testing.cluster(2) as c:
-        membership = c["n1"].membership
-        for crashes in range(1, membership.max_restarts + 4):
+        membership = c["n1"].runtime.membership
+        for crashes in range(1, membership.supervision.max_restarts + 4):
             with trio.fail_after(120):
                 await membership.running.wait()
                 c.crash_component("n1", "membership")
                 await testing.wait_until(lambda n=crashes: membership.crashes == n, poll=0.01)
-            await trio.sleep(membership.restart_window / membership.max_restarts + 1)
+            await trio.sleep(
+                membership.supervision.restart_window / membership.supervision.max_restarts + 1
+            )
         assert membership.dead is None
         with trio.fail_after(30):
             await membership.running.wait()

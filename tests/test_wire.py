@@ -47,6 +47,7 @@ from trio_replica.core.messages import (
     Welcome,
     valid_node_id,
 )
+from trio_replica.core.strict_cbor import strict_loads
 from trio_replica.core.wire import (
     PROTOCOL_VERSION,
     decode_frame,
@@ -55,7 +56,6 @@ from trio_replica.core.wire import (
     encode_frame,
     encode_message,
     encode_payload,
-    strict_loads,
 )
 from trio_replica.errors import MessageTooLarge, WireError
 

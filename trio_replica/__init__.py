@@ -17,6 +17,7 @@ from .core.events import (
 )
 from .core.messages import MessageId, Peer
 from .errors import (
+    CallbackHung,
     ComponentDead,
     ConfigError,
     DirectError,
@@ -32,22 +33,31 @@ from .errors import (
     WireError,
 )
 from .node import Node, open_node
-from .runtime.config import NodeConfig
+from .runtime.config import (
+    LeaderConfig,
+    LeaseConfig,
+    NodeConfig,
+    RegistryConfig,
+    ReminderConfig,
+    ReplicaConfig,
+    ShardConfig,
+)
 from .runtime.control import ControlClient, ControlError, open_control
 from .runtime.flow import FlowConfig
-from .runtime.link import LinkConfig
-from .runtime.replica import Add, Remove, Replica, ReplicaCallbacks, ReplicaConfig
-from .stores.leader import Elected, FencedResource, LeaderConfig, Leadership, Revoked, StaleFence
-from .stores.leases import LeaseConfig
+from .runtime.linkconfig import LinkConfig
+from .runtime.replica import Replica
+from .runtime.replica_api import Add, Remove, ReplicaCallbacks
+from .stores.leader import Elected, FencedResource, Leadership, Revoked, StaleFence
 from .stores.maps import Put, Removed, ReplicatedMap, ValidationError
-from .stores.registry import Registered, Registration, RegistryConfig, Unregistered
-from .stores.reminders import Fired, Reminder, ReminderConfig, ReminderInbox
-from .stores.shard import Acquired, Released, RingSizeMismatch, ShardConfig
+from .stores.registry import Registered, Registration, Unregistered
+from .stores.reminders import Fired, Reminder, ReminderInbox
+from .stores.shard import Acquired, Released, RingSizeMismatch
 from .stores.store import StoreCorrupt, StoreError
 
 __all__ = [
     "Acquired",
     "Add",
+    "CallbackHung",
     "ComponentDead",
     "ConfigError",
     "ControlClient",

@@ -92,7 +92,7 @@ async def _run_node(member: DemoNode, scope: trio.CancelScope, started: trio.Eve
 
 def _messages(node: Node) -> int:
     # Frames, not protocol messages: what actually crossed the wire, control traffic included.
-    counters = node.stats_counters
+    counters = node.runtime.stats_counters
     return counters.frames_sent + counters.frames_received
 
 

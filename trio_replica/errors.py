@@ -49,8 +49,14 @@ class LinkClosed(ReplicaError):
 
 
 class ComponentDead(ReplicaError):
-    """A protocol component crashed more often than its supervisor allows (component.py):
+    """A protocol component or replica driver crashed more often than its supervisor
+    allows (`runtime/supervision.py`):
     raised out of the node, which closes; replace the process or open the node again."""
+
+
+class CallbackHung(ReplicaError):
+    """A replica owner's callback did not return within `ReplicaConfig.callback_timeout`:
+    it is cancelled and its instance's driver restarted (logged, counted)."""
 
 
 class NodeClosed(ReplicaError):

@@ -37,7 +37,7 @@ from .localcluster import overlay_ok, run_node
 from .node import Node
 from .runtime.config import NodeConfig
 
-__all__ = ["Cluster", "cluster", "crash_component", "wait_until"]
+__all__ = ["Cluster", "cluster", "crash_component", "crash_replica", "wait_until"]
 
 
 def crash_component(node: Node, name: str) -> None:
@@ -49,6 +49,17 @@ def crash_component(node: Node, name: str) -> None:
     except KeyError:
         raise ValueError(f"no component named {name!r}; have {sorted(components)}") from None
     component.crash()
+
+
+def crash_replica(node: Node, instance: str) -> None:
+    """Make the replica driver of `instance` (a map's name) on `node` fail as a crash
+    would: its supervisor restarts it with a fresh core, which syncs with its peers."""
+    replicas = node.runtime.replicas
+    try:
+        replica = replicas[instance]
+    except KeyError:
+        raise ValueError(f"no replica instance {instance!r}; have {sorted(replicas)}") from None
+    replica.crash()
 
 
 async def wait_until(predicate: Callable[[], bool], *, poll: float = 0.1) -> None:
@@ -118,6 +129,10 @@ class Cluster:
     def crash_component(self, name: str, component: str) -> None:
         """`crash_component` of node `name`."""
         crash_component(self.nodes[name], component)
+
+    def crash_replica(self, name: str, instance: str) -> None:
+        """`crash_replica` of node `name`."""
+        crash_replica(self.nodes[name], instance)
 
     def crash(self, name: str) -> None:
         """Crash the node: no graceful leave; on the memory network its connections reset."""

@@ -439,6 +439,22 @@ class _PendingJoin:
     token: int
 
 
+@attrs.frozen
+class Survivors:
+    """What a crashed core leaves that a fresh one can trust (`HyParView.restore`).
+
+    A rule that raised may have stopped halfway (a peer in both views, a view over its
+    size, a pending exchange for a peer it no longer has): the survivors are read from it
+    without trusting any invariant, as plain lists of peers.
+    """
+
+    active: tuple[Peer, ...]
+    passive: tuple[Peer, ...]
+    lost: tuple[Peer, ...]
+    left: bool
+    stats: HyParViewStats
+
+
 class HyParView:
     """One node's HyParView state. Not thread-safe; every method returns at once.
 
@@ -478,6 +494,87 @@ class HyParView:
         #: failed (each once), over the last `bad_address_period`.
         self._teachers: dict[str, _Teacher] = {}
         self._failed_entries: collections.deque[float] = collections.deque()
+
+    # --- after a crash --------------------------------------------------------------------
+
+    def survivors(self) -> Survivors:
+        """This core's views as plain peers, for a fresh core (`restore`) after a crash."""
+
+        def peers(candidates: Iterable[object]) -> tuple[Peer, ...]:
+            seen: dict[str, Peer] = {}
+            for peer in candidates:
+                if isinstance(peer, Peer) and peer.id != self.me.id:
+                    seen.setdefault(peer.id, peer)
+            return tuple(seen.values())
+
+        return Survivors(
+            active=peers(self._active.values()),
+            passive=peers(getattr(e, "peer", None) for e in self._passive.values()),
+            lost=peers(getattr(e, "peer", None) for e in self._lost.values()),
+            left=self._left,
+            stats=self.stats,
+        )
+
+    def restore(
+        self, old: Survivors, linked: Collection[str], announced: Collection[Peer], now: float
+    ) -> list[Effect]:
+        """Start this fresh core from what a crashed one left, instead of `start`.
+
+        `linked`: the peers with an open link; `announced`: the peers the rest of the node
+        was told are up (by `PeerUp`, not yet `PeerDown`), which a rule that crashed
+        between changing a view and returning its events may disagree with. The old
+        active peers whose link is still open stay active (`PeerUp` for those never
+        announced); an announced peer that is not kept goes down (`PeerDown(FAILED)`
+        without a link, `EVICTED` with one, over the view's size). Pending exchanges are
+        forgotten (their answers are ignored, and the refill asks again); passive and
+        lost peers carry over as contacts.
+        """
+        self.stats = old.stats
+        if old.left:
+            self._left = True
+            return []
+        out: list[Effect] = []
+        told = {p.id: p for p in announced}
+        # Linked peers only; the announced ones first, should the view be over its size.
+        candidates = [p for p in old.active if p.id in linked]
+        candidates.sort(key=lambda p: p.id not in told)
+        kept = candidates[: self.config.active_size]
+        for peer in kept:
+            self._active[peer.id] = peer
+            if peer.id not in told:
+                out.append(Emit(PeerUp(peer)))
+        for peer in old.passive:
+            self._add_passive(peer)
+        for peer in old.lost:
+            if peer.id not in self._active:
+                self._remember_lost(peer, now)
+        for peer in old.active:
+            if peer.id not in self._active and peer.id not in told:
+                if peer.id in linked:
+                    # Never announced here, but the peer may count us as its neighbour.
+                    out.append(Send(peer, Disconnect(alive=True)))
+                    out.append(CloseLink(peer))
+                self._add_passive(peer)
+        for peer in told.values():
+            if peer.id in self._active:
+                continue
+            if peer.id in linked:
+                # Over the view's size, or dropped by a rule that stopped before saying so.
+                self._evict_unknown(peer, out, now)
+            else:
+                self._remember_lost(peer, now)
+                out.append(Emit(PeerDown(peer, DownReason.FAILED)))
+                entry = self._add_passive(peer)
+                if entry is not None:
+                    self._record_failure(entry, now)
+        out.extend(self.start(now))
+        self._refill(out, now)
+        return out
+
+    def _evict_unknown(self, victim: Peer, out: list[Effect], now: float) -> None:
+        """`_evict` for a peer the view no longer holds (`restore`)."""
+        self._active[victim.id] = victim
+        self._evict(victim, out, now)
 
     # --- read-only views ------------------------------------------------------------------
 

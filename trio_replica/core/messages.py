@@ -121,7 +121,7 @@ class Message:
 
     `CONTROL` is its priority: control messages go ahead of the others in a link's outbox
     (SPEC section 3). `CREDITED` messages (payloads: they make real work at the receiver)
-    are sent only on the receiver's credit (flow control, link.py).
+    are sent only on the receiver's credit (flow control, outbox.py).
     """
 
     KIND: ClassVar[int]
@@ -157,7 +157,7 @@ class Pong(Message):
 @attrs.frozen
 class Credit(Message):
     """Flow control: the sender may send us `messages` more payload messages and `size`
-    more bytes of them (link.py). Sent once at the start of a link (the window), then as we
+    more bytes of them (outbox.py). Sent once at the start of a link (the window), then as we
     process what arrived."""
 
     KIND: ClassVar[int] = 3
@@ -270,7 +270,7 @@ class IHave(Message):
 
     Not a control message: it waits behind the payloads queued before it on its link, so
     that it never overtakes them (an announcement that did would get them grafted while
-    they only queue: link.py). It needs no credit and is never refused.
+    they only queue: outbox.py). It needs no credit and is never refused.
     """
 
     KIND: ClassVar[int] = 21

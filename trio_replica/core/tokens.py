@@ -1,7 +1,7 @@
 """A token bucket, sans-IO: the caller gives the time.
 
-Shared by the runtime's flow control (`trio_replica.runtime.flow`) and the replica core's limits
-on what a peer may ask of us (`core.replication`).
+Shared by the runtime's flow control (`trio_replica.runtime.congestion`) and the replica
+core's limits on what a peer may ask of us (`core.replication`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ raises `WireError` with a stable `reason`; nothing else escapes the decoder.
 
 Application payloads (`Gossip.payload`) are CBOR nested inside the frame as a byte string;
 `encode_payload` / `decode_payload` apply the same rules to them.
+
+The strict CBOR rules live in `trio_replica.core.strict_cbor`, the field checks in
+`trio_replica.core.wire_fields` and the positional form of each message in
+`trio_replica.core.wire_positional`; this module owns the payload codec, the checks of
+addresses and peers, the decoder of each message kind, frames and chunks.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import io
 import ipaddress
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import cbor2
 
@@ -32,18 +37,12 @@ from .messages import (
     KEY_BYTES,
     MAX_ADDRESS,
     MAX_CLUSTER,
-    MAX_DIGEST_LEVEL,
-    MAX_DIGEST_PARENTS,
-    MAX_DIGESTS,
-    MAX_IHAVE_ENTRIES,
-    MAX_NODE_ID,
     MAX_OP,
     MAX_REASON,
     MAX_ROUND,
     MAX_SHUFFLE_PEERS,
     MAX_TAG,
     MAX_TTL,
-    MAX_WANTS,
     NONCE_BYTES,
     PROOF_BYTES,
     SIGNATURE_BYTES,
@@ -61,7 +60,6 @@ from .messages import (
     IHave,
     Join,
     Message,
-    MessageId,
     Neighbor,
     NeighborReply,
     Peer,
@@ -78,8 +76,22 @@ from .messages import (
     SyncRequest,
     Welcome,
     address_host,
-    valid_node_id,
 )
+from .strict_cbor import REFUSE_TAGS, check_plain, refuse_tag_hook, strict_loads
+from .wire_fields import (
+    check_bool,
+    check_bytes,
+    check_digest_round,
+    check_fixed_bytes,
+    check_ihave_entries,
+    check_int,
+    check_list,
+    check_message_id,
+    check_node_id,
+    check_str,
+    fail_field,
+)
+from .wire_positional import POSITIONAL, positional
 
 #: Version of the message protocol; a frame with another version is refused.
 #: 2: payload messages are flow-controlled by `Credit` (a version 1 peer sends none, so a
@@ -96,97 +108,7 @@ FRAME_MAX_DEPTH = 8
 PAYLOAD_MAX_DEPTH = 32
 
 
-# --- strict CBOR ---------------------------------------------------------------------------
-
-
-class _RefuseAllTags(dict[int, Callable[[Any], Any]]):
-    """A `semantic_decoders` table that answers every tag number with a refusal.
-
-    cbor2 consults this mapping for the tags it knows (0-55799); `_refuse_tag_hook` catches
-    the rest. Refusing them all removes dates, bignums, regex and MIME parsing, shared and
-    cyclic values and string references from what a peer can make us build.
-    """
-
-    def __contains__(self, tag: object) -> bool:
-        return True
-
-    def get(self, tag: int, default: Any = None) -> Callable[[Any], Any]:
-        return self[tag]
-
-    def __getitem__(self, tag: int) -> Callable[[Any], Any]:
-        def refuse(_decoder: Any) -> NoReturn:
-            raise cbor2.CBORDecodeError(f"semantic tag {tag} is not allowed")
-
-        return refuse
-
-
-_REFUSE_TAGS = _RefuseAllTags()
-
-
-def _refuse_tag_hook(_decoder: Any, tag: Any) -> NoReturn:
-    raise cbor2.CBORDecodeError(f"semantic tag {tag.tag} is not allowed")
-
-
-def strict_loads(data: bytes, *, max_depth: int) -> Any:
-    """Decode one CBOR item under the hardened rules; raise `WireError` on anything else."""
-    fp = io.BytesIO(data)
-    try:
-        decoder = cbor2.CBORDecoder(
-            fp,
-            semantic_decoders=_REFUSE_TAGS,
-            tag_hook=_refuse_tag_hook,
-            max_depth=max_depth,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-            strict_hashable_types=True,
-        )
-        value = decoder.decode()
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise WireError(f"invalid CBOR: {exc}", reason="cbor") from None
-    except EOFError:
-        raise WireError("truncated CBOR", reason="cbor") from None
-    if fp.tell() != len(data):
-        raise WireError(f"{len(data) - fp.tell()} trailing bytes after CBOR item", reason="cbor")
-    _check_plain(value)
-    return value
-
-
-#: What the hardened decoder may give back besides lists and dicts (exact types: cbor2 builds
-#: no subclasses of these, and a simple value or `undefined` is none of them).
-_PLAIN_SCALARS = frozenset((type(None), bool, int, str, bytes, float))
-
-
-def _check_plain(value: Any) -> None:
-    """Refuse CBOR simple values and `undefined`: only JSON-like data plus bytes is allowed.
-
-    Called on every message of every frame: scalars are checked where they are found
-    instead of being pushed on the stack, and only containers are walked.
-    """
-    scalars = _PLAIN_SCALARS
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        t = type(v)
-        if t is list:
-            items: Iterable[Any] = v
-        elif t is dict:
-            items = v.values()
-        elif t in scalars:
-            continue
-        else:
-            _not_plain(v)
-        for x in items:
-            tx = type(x)
-            if tx in scalars:
-                continue
-            if tx is list or tx is dict:
-                stack.append(x)
-            else:
-                _not_plain(x)
-
-
-def _not_plain(v: Any) -> NoReturn:
-    raise WireError(f"CBOR value of type {type(v).__name__} is not allowed", reason="cbor")
+# --- payloads ------------------------------------------------------------------------------
 
 
 def encode_payload(data: Any, *, max_size: int) -> bytes:
@@ -239,50 +161,7 @@ def decode_payload(data: bytes, *, max_size: int) -> Any:
     return strict_loads(data, max_depth=PAYLOAD_MAX_DEPTH)
 
 
-# --- field checks --------------------------------------------------------------------------
-
-
-def _fail(what: str) -> NoReturn:
-    raise WireError(what, reason="field")
-
-
-def check_int(v: Any, lo: int, hi: int, name: str) -> int:
-    # bool is an int subclass in Python; it is never a valid integer field here.
-    if type(v) is not int or not lo <= v <= hi:
-        _fail(f"{name} must be an integer in [{lo}, {hi}], got {v!r:.60}")
-    return v
-
-
-def check_bool(v: Any, name: str) -> bool:
-    if type(v) is not bool:
-        _fail(f"{name} must be a boolean, got {v!r:.60}")
-    return v
-
-
-def check_str(v: Any, max_len: int, name: str, *, allow_empty: bool = False) -> str:
-    if type(v) is not str or len(v) > max_len or (not v and not allow_empty):
-        article = "a" if allow_empty else "a non-empty"
-        _fail(f"{name} must be {article} string of at most {max_len} characters")
-    return v
-
-
-def check_node_id(v: Any, name: str, *, allow_empty: bool = False) -> str:
-    node_id = check_str(v, MAX_NODE_ID, name, allow_empty=allow_empty)
-    if node_id and not valid_node_id(node_id):
-        _fail(f"{name} {node_id!r:.60} is not a node id (printable, no space or '#')")
-    return node_id
-
-
-def check_bytes(v: Any, max_len: int, name: str) -> bytes:
-    if type(v) is not bytes or len(v) > max_len:
-        _fail(f"{name} must be a byte string of at most {max_len} bytes")
-    return v
-
-
-def check_list(v: Any, max_len: int, name: str) -> list[Any]:
-    if type(v) is not list or len(v) > max_len:
-        _fail(f"{name} must be an array of at most {max_len} items")
-    return v
+# --- addresses, peers, hello ---------------------------------------------------------------
 
 
 def check_address(v: Any, name: str = "address") -> str:
@@ -295,7 +174,7 @@ def check_address(v: Any, name: str = "address") -> str:
     if address.startswith("mem://"):
         if len(address) > 6 and "/" not in address[6:] and address.isprintable():
             return address
-        _fail(f"{name} {address!r:.80} is not a valid mem:// address")
+        fail_field(f"{name} {address!r:.80} is not a valid mem:// address")
     try:
         parsed = urllib.parse.urlsplit(address)
         host, port = parsed.hostname, parsed.port
@@ -309,7 +188,7 @@ def check_address(v: Any, name: str = "address") -> str:
         if not _dialable_host(host):
             raise ValueError("not a host one can dial")
     except (ValueError, UnicodeError) as exc:
-        _fail(f"{name} {address!r:.80} is not a valid address: {exc}")
+        fail_field(f"{name} {address!r:.80} is not a valid address: {exc}")
     return address
 
 
@@ -325,94 +204,35 @@ def _dialable_host(host: str) -> bool:
 
 def check_peer(v: Any, name: str = "peer") -> Peer:
     if type(v) is not list or len(v) != 2:
-        _fail(f"{name} must be [id, address]")
+        fail_field(f"{name} must be [id, address]")
     return Peer(check_node_id(v[0], f"{name}.id"), check_address(v[1], f"{name}.address"))
-
-
-def check_message_id(v: Any) -> MessageId:
-    if type(v) is not list or len(v) != 3:
-        _fail("message id must be [origin, stamp, nonce]")
-    return MessageId(
-        check_node_id(v[0], "message id origin"),
-        check_int(v[1], 0, U64, "message id stamp"),
-        check_int(v[2], 0, U64, "message id nonce"),
-    )
 
 
 def _peers(v: Any) -> tuple[Peer, ...]:
     return tuple(check_peer(p) for p in check_list(v, MAX_SHUFFLE_PEERS, "peers"))
 
 
-def _ihave_entries(v: Any) -> tuple[tuple[MessageId, int], ...]:
-    out = []
-    for e in check_list(v, MAX_IHAVE_ENTRIES, "ihave entries"):
-        if type(e) is not list or len(e) != 2:
-            _fail("ihave entry must be [id, round]")
-        out.append((check_message_id(e[0]), check_int(e[1], 0, MAX_ROUND, "round")))
-    return tuple(out)
-
-
-def _digest_round(f: list[Any]) -> SyncDigest:
-    level = check_int(f[2], 1, MAX_DIGEST_LEVEL, "level")
-    parent_limit = 16 ** (level - 1) - 1
-    parents = tuple(
-        check_int(p, 0, parent_limit, "parent")
-        for p in check_list(f[3], MAX_DIGEST_PARENTS, "parents")
-    )
-    digests = []
-    for d in check_list(f[4], MAX_DIGESTS, "digests"):
-        if type(d) is not list or len(d) != 3:
-            _fail("digest must be [index, sum, count]")
-        digests.append(
-            (
-                check_int(d[0], 0, 16**level - 1, "digest index"),
-                check_int(d[1], 0, U64, "digest sum"),
-                check_int(d[2], 1, U64, "digest count"),
-            )
-        )
-    want = []
-    for w in check_list(f[5], MAX_WANTS, "want"):
-        if type(w) is not list or len(w) != 2:
-            _fail("wanted range must be [level, index]")
-        want_level = check_int(w[0], 1, MAX_DIGEST_LEVEL, "wanted level")
-        want.append((want_level, check_int(w[1], 0, 16**want_level - 1, "wanted index")))
-    return SyncDigest(
-        check_str(f[0], MAX_TAG, "name"),
-        check_int(f[1], 0, U64, "session"),
-        level,
-        parents,
-        tuple(digests),
-        tuple(want),
-    )
-
-
-def _fixed_bytes(v: Any, size: int, name: str) -> bytes:
-    if type(v) is not bytes or len(v) != size:
-        _fail(f"{name} must be exactly {size} bytes")
-    return v
-
-
 def _hello(f: list[Any]) -> Hello:
     role = check_str(f[4], 16, "role")
     if role not in Role.ALL:
-        _fail(f"unknown role {role!r}")
+        fail_field(f"unknown role {role!r}")
     endorsement, proof, signature = f[7], f[8], f[9]
     if endorsement != b"":
-        endorsement = _fixed_bytes(endorsement, ENDORSEMENT_BYTES, "endorsement")
+        endorsement = check_fixed_bytes(endorsement, ENDORSEMENT_BYTES, "endorsement")
     if proof != b"":
-        proof = _fixed_bytes(proof, PROOF_BYTES, "proof")
+        proof = check_fixed_bytes(proof, PROOF_BYTES, "proof")
     if signature != b"":
-        signature = _fixed_bytes(signature, SIGNATURE_BYTES, "signature")
+        signature = check_fixed_bytes(signature, SIGNATURE_BYTES, "signature")
     if (proof == b"") != (signature == b""):
-        _fail("a hello carries both a proof and a signature, or neither")
+        fail_field("a hello carries both a proof and a signature, or neither")
     return Hello(
         version=check_int(f[0], 0, 65535, "version"),
         cluster=check_str(f[1], MAX_CLUSTER, "cluster"),
         node_id=check_node_id(f[2], "node id"),
         address=check_address(f[3]) if f[3] != "" else "",
         role=role,
-        nonce=_fixed_bytes(f[5], NONCE_BYTES, "nonce"),
-        key=_fixed_bytes(f[6], KEY_BYTES, "key"),
+        nonce=check_fixed_bytes(f[5], NONCE_BYTES, "nonce"),
+        key=check_fixed_bytes(f[6], KEY_BYTES, "key"),
         endorsement=endorsement,
         proof=proof,
         signature=signature,
@@ -469,10 +289,10 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
             check_str(f[2], MAX_TAG, "tag"),
             check_bytes(f[3], max_payload, "payload"),
             check_bool(f[4], "own tree"),
-            f[5] if f[5] == b"" else _fixed_bytes(f[5], GOSSIP_SIGNATURE_BYTES, "signature"),
+            f[5] if f[5] == b"" else check_fixed_bytes(f[5], GOSSIP_SIGNATURE_BYTES, "signature"),
         ),
     ),
-    IHave.KIND: (1, lambda f, _: IHave(_ihave_entries(f[0]))),
+    IHave.KIND: (1, lambda f, _: IHave(check_ihave_entries(f[0]))),
     Graft.KIND: (
         3,
         lambda f, _: Graft(
@@ -496,7 +316,7 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
             check_bytes(f[4], max_payload, "items"),
         ),
     ),
-    SyncDigest.KIND: (6, lambda f, _: _digest_round(f)),
+    SyncDigest.KIND: (6, lambda f, _: check_digest_round(f)),
     Direct.KIND: (
         3,
         lambda f, max_payload: Direct(
@@ -533,8 +353,8 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
     Proof.KIND: (
         2,
         lambda f, _: Proof(
-            _fixed_bytes(f[0], PROOF_BYTES, "proof"),
-            _fixed_bytes(f[1], SIGNATURE_BYTES, "signature"),
+            check_fixed_bytes(f[0], PROOF_BYTES, "proof"),
+            check_fixed_bytes(f[1], SIGNATURE_BYTES, "signature"),
         ),
     ),
     Welcome.KIND: (0, lambda f, _: Welcome()),
@@ -542,64 +362,10 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
 }
 
 
-def message_fields(message: Message) -> list[Any]:
-    """The positional form of a message: ``[KIND, *fields]`` in declaration order."""
-    return [message.KIND, *(getattr(message, a.name) for a in message.__attrs_attrs__)]  # type: ignore[attr-defined]
-
-
-def _plain(value: Any) -> Any:
-    """A field value with our value objects (and tuples of them) as positional arrays."""
-    t = type(value)
-    if t is MessageId:
-        return [value.origin, value.stamp, value.nonce]
-    if t is Peer:
-        return [value.id, value.address]
-    if t is tuple or t is list:
-        return [_plain(x) for x in value]
-    return value
-
-
-def _positional(message: Message) -> list[Any]:
-    """Any message as nested plain lists: the generic path of `encode_message`."""
-    return [message.KIND, *(_plain(v) for v in message_fields(message)[1:])]
-
-
-def _gossip_positional(m: Gossip) -> list[Any]:
-    i = m.id
-    return [
-        Gossip.KIND,
-        [i.origin, i.stamp, i.nonce],
-        m.round,
-        m.tag,
-        m.payload,
-        m.own_tree,
-        m.signature,
-    ]
-
-
-def _ihave_positional(m: IHave) -> list[Any]:
-    return [IHave.KIND, [[[i.origin, i.stamp, i.nonce], r] for i, r in m.entries]]
-
-
-def _ping_positional(m: Ping) -> list[Any]:
-    return [Ping.KIND, m.nonce, m.lag_ms]
-
-
-#: Hand-written positional forms of the kinds sent per broadcast or per idle second; they
-#: give exactly the bytes of the generic form (tests/test_hot_paths.py checks) at a fraction
-#: of its cost. Every kind is encoded from plain lists: a cbor2 `default` hook called back
-#: into Python for each value object and cost 7 us per gossip instead of under 2.
-_POSITIONAL: dict[type[Message], Callable[[Any], list[Any]]] = {
-    Gossip: _gossip_positional,
-    IHave: _ihave_positional,
-    Ping: _ping_positional,
-}
-
-
 def encode_message(message: Message) -> bytes:
     """Encode one message alone (a positional array); frames are built from these parts."""
-    positional: Callable[[Any], list[Any]] = _POSITIONAL.get(type(message), _positional)
-    return bytes(cbor2.dumps(positional(message)))
+    form: Callable[[Any], list[Any]] = POSITIONAL.get(type(message), positional)
+    return bytes(cbor2.dumps(form(message)))
 
 
 def _array_header(n: int) -> bytes:
@@ -654,8 +420,8 @@ def decode_frame_sized(
     fp.seek(offset)
     decoder = cbor2.CBORDecoder(
         fp,
-        semantic_decoders=_REFUSE_TAGS,
-        tag_hook=_refuse_tag_hook,
+        semantic_decoders=REFUSE_TAGS,
+        tag_hook=refuse_tag_hook,
         max_depth=FRAME_MAX_DEPTH - 1,
         allow_indefinite=False,
         allow_duplicate_keys=False,
@@ -682,7 +448,7 @@ def decode_frame_sized(
         raise WireError(f"unsupported protocol version {version!r:.20}", reason="version")
     out = []
     for raw, size in raws:
-        _check_plain(raw)
+        check_plain(raw)
         out.append((decode_message(raw, max_frame), size))
     return out
 

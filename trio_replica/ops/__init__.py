@@ -1,2 +1,2 @@
 """Operating a node: the control operations, the metrics and probes endpoint, the
-configuration file."""
+configuration file, the command line's control-client commands."""

@@ -30,7 +30,7 @@ instead of "map not open": a request right after a restart retries rather than f
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import cbor2
 import trio
@@ -39,9 +39,7 @@ from ..core.events import Lagged
 from ..core.ormap import Tombstone
 from ..runtime.control import ControlError, ControlOp, ControlStream
 from ..stores.maps import Put, Removed, ReplicatedMap
-
-if TYPE_CHECKING:
-    from ..node import Node
+from .status import StatusSource
 
 #: Seconds a map operation waits for a starting node to open its maps: shorter than a
 #: client's usual deadline (5 s), so that the client hears "starting", not a timeout.
@@ -65,10 +63,16 @@ def _entry_fields(the_map: ReplicatedMap, key: Any) -> dict[str, Any] | None:
     return out
 
 
+class ControlledNode(StatusSource, Protocol):
+    """What the control operations use of a node (the `Node` facade)."""
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class ControlOps:
     """The control operations of one node (module docstring)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ControlledNode) -> None:
         self.node = node
 
     def ops(self) -> dict[str, ControlOp]:
@@ -254,7 +258,7 @@ async def _batches(the_map: ReplicatedMap, tombstones: bool) -> AsyncIterator[li
     value is at most `max_payload`, and so is a reply)."""
     batch: list[list[Any]] = []
     size = 0
-    for keys in the_map._map.key_slices(DUMP_BATCH):
+    for keys in the_map.key_slices(DUMP_BATCH):
         for key in keys:
             entry = the_map.entry(key)
             if entry is None:

@@ -24,7 +24,7 @@ import collections
 import logging
 import re
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
@@ -38,10 +38,9 @@ from prometheus_client.registry import Collector
 
 from transports.base import Refusals, remote_host
 
+from ..runtime.config import NodeConfig
 from ..runtime.health import LAG_BUCKETS
-
-if TYPE_CHECKING:
-    from ..node import Node
+from ..stores.maps import ReplicatedMap
 
 log = logging.getLogger("trio_replica.metrics")
 
@@ -57,6 +56,25 @@ HEADER_TIMEOUT = 1.0
 MAX_CONNECTIONS = 16
 #: Connections served at once for one client address.
 MAX_PER_CLIENT = 4
+
+
+class MeteredNode(Protocol):
+    """What the metrics endpoint reads of a node (the `Node` facade)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def http_refusals(self) -> Refusals: ...
+
+    def stats(self) -> dict[str, Any]: ...
+    def maps(self) -> dict[str, ReplicatedMap]: ...
+    def readiness(self) -> tuple[bool, str]: ...
+    def liveness(self) -> tuple[bool, str]: ...
+
 
 # Node-level counters with one label: (stats key, metric name, label, help).
 _LABELLED_COUNTERS = (
@@ -170,7 +188,7 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 class NodeCollector(Collector):
     """Metric families of one node, computed from ``node.stats()`` at each scrape."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: MeteredNode) -> None:
         self.node = node
 
     def collect(self) -> Iterator[Metric]:
@@ -389,7 +407,7 @@ class NodeCollector(Collector):
         yield from counters.values()
 
 
-def metrics_registry(node: Node) -> CollectorRegistry:
+def metrics_registry(node: MeteredNode) -> CollectorRegistry:
     """A registry of its own for `node`, holding one `NodeCollector`."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
@@ -433,7 +451,9 @@ async def _read_request_head(stream: trio.abc.ReceiveStream) -> bytes | None:
     return data[: end.start()].replace(b"\r\n", b"\n")
 
 
-def answer(registry: CollectorRegistry, head: bytes | None, node: Node | None = None) -> bytes:
+def answer(
+    registry: CollectorRegistry, head: bytes | None, node: MeteredNode | None = None
+) -> bytes:
     """The HTTP response to a request head (None: unreadable or oversized)."""
     if head is None:
         return _response("400 Bad Request", b"bad request\n")
@@ -457,7 +477,10 @@ def answer(registry: CollectorRegistry, head: bytes | None, node: Node | None = 
 
 
 async def _serve_one(
-    registry: CollectorRegistry, stream: trio.SocketStream, node: Node | None, refusals: Refusals
+    registry: CollectorRegistry,
+    stream: trio.SocketStream,
+    node: MeteredNode | None,
+    refusals: Refusals,
 ) -> None:
     async with stream:
         with trio.move_on_after(REQUEST_TIMEOUT):
@@ -486,7 +509,7 @@ async def serve_metrics(
     host: str,
     port: int,
     *,
-    node: Node | None = None,
+    node: MeteredNode | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``GET /metrics`` (and with `node`, ``/readyz`` and ``/healthz``) on

@@ -17,7 +17,7 @@ import collections
 from transports.base import Refusals, remote_host
 
 from ..core.messages import Hello, Role
-from .link import LinkConfig
+from .linkconfig import LinkConfig
 from .stats import NodeStats
 
 

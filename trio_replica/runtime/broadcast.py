@@ -24,7 +24,7 @@ import collections
 import logging
 import random
 from collections.abc import Callable, Hashable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
@@ -38,19 +38,15 @@ from ..core.plumtree import GraftTimer, Plumtree
 from ..core.wire import decode_payload
 from ..errors import WireError
 from .component import Component
-from .flow import (
-    BoundedCounter,
-    Fanout,
-    Feed,
-    OriginationLimit,
-    Pressure,
-    QueueingDelay,
-    WritePacer,
-)
+from .congestion import OriginationLimit, QueueingDelay, WritePacer
+from .feeds import Fanout, Feed
+from .flow import BoundedCounter, Pressure
 from .identity import gossip_signer
+from .services import NodeBasics, Sending
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .identity import TrustStore
+    from .link import Link
 
 log = logging.getLogger("trio_replica.broadcast")
 
@@ -83,10 +79,25 @@ class _TagFeeds:
         return [*self.with_own.feeds, *self.others.feeds]
 
 
+class BroadcastHost(NodeBasics, Sending, Protocol):
+    """What the broadcast component uses of its node."""
+
+    @property
+    def pressure(self) -> Pressure: ...
+    @property
+    def public_key(self) -> bytes: ...
+    @property
+    def trust(self) -> TrustStore: ...
+
+    def link_to(self, peer: Peer) -> Link | None: ...
+    def sign_gossip(self, id: MessageId, tag: str, payload: bytes) -> bytes: ...
+    def active_view(self) -> list[Peer]: ...
+
+
 class Broadcast(Component):
     """Owns the Plumtree core of a node and routes deliveries to subscribers by tag."""
 
-    def __init__(self, node: Node, make_core: Callable[[], Plumtree]) -> None:
+    def __init__(self, node: BroadcastHost, make_core: Callable[[], Plumtree]) -> None:
         # Its backlog slows the node's writers (the membership component's does not: its
         # inputs are few, and writers must not wait on a peer's shuffles).
         super().__init__(
@@ -126,11 +137,13 @@ class Broadcast(Component):
     def on_start(self, now: float, first: bool) -> Iterable[Effect]:
         if first:
             return ()
-        # After a crash: a fresh core whose eager set is the current active view.
+        # After a crash: a fresh core whose eager set is the current active view (the old
+        # core's timers are forgotten: their tokens mean nothing to the new one).
+        self.clear_timers()
         self.core = self._new_core()
         self._values.clear()
         effects: list[Effect] = []
-        for peer in self.node.membership.core.active:
+        for peer in self.node.active_view():
             effects.extend(self.core.neighbor_up(peer, now))
         return effects
 

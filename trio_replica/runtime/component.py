@@ -3,12 +3,14 @@
 The node owns a component's state (the core, its inbox, its timer heap); the component's
 task only turns inputs into effects. So when the task crashes (a bug, or
 `testing.crash_component` in a chaos test) the supervisor restarts it with bounded
-exponential backoff and nothing queued is lost: inputs wait in the inbox, timers stay armed.
-Restarts are limited in intensity: past `max_restarts` crashes in `restart_window` the
-component gives up and `ComponentDead` closes the node, so that a bug hit by every input
-ends the node loudly rather than restarting its machinery forever.
-What a crash does lose is its subscribers' channels: they are closed, and subscribers
-re-subscribe (SPEC section 9).
+exponential backoff and nothing queued is lost: inputs wait in the inbox. A subclass
+decides what its core becomes (`on_start` with `first=False`): membership and broadcast
+build a fresh one from what survives (their old timers are then forgotten,
+`clear_timers`). Restarts are limited in intensity (`supervision.Restarts`): past its
+budget the component gives up and `ComponentDead` closes the node, so that a bug hit by
+every input ends the node loudly rather than restarting its machinery forever.
+A subclass's `on_crash` closes what the crash invalidated (the broadcast component's
+subscriber channels: subscribers re-subscribe, SPEC section 9).
 
 Inputs are closures ``now -> effects`` posted to the inbox, so the same task runs every
 kind of input (a message, a link going down, a local call) and the core never sees two
@@ -32,8 +34,9 @@ from typing import Any
 import trio
 
 from ..core.effects import Effect, SetTimer
-from ..errors import ComponentDead
-from .flow import FairInbox, FlowConfig, OnTaken, Pressure
+from .flow import FlowConfig, Pressure
+from .inbox import FairInbox, OnTaken
+from .supervision import Restarts
 
 log = logging.getLogger("trio_replica.component")
 
@@ -52,18 +55,6 @@ class ComponentCrash(Exception):
 
 class Component:
     """Base class: subclasses implement `on_timer` and `execute` (and may override `on_start`)."""
-
-    #: Restart backoff bounds, in seconds.
-    backoff_min = 0.05
-    backoff_max = 2.0
-    #: Restart intensity (as an OTP supervisor's): more than `max_restarts` crashes within
-    #: `restart_window` seconds and the component gives up: `ComponentDead` leaves its
-    #: task, so the node closes with that error (escalation, as a supervisor past its
-    #: intensity ends itself). A bug that fires on every input would otherwise restart it
-    #: forever; and a node living on without it would stall its links' readers and its
-    #: writers behind an inbox nobody drains.
-    max_restarts = 10
-    restart_window = 60.0
 
     def __init__(
         self,
@@ -87,13 +78,22 @@ class Component:
         self._crash_requested = False
         self._notices: collections.deque[Input] = collections.deque()
         self._scope = trio.CancelScope()
-        self.crashes = 0
-        self.restarts = 0
         self.running = trio.Event()
-        self._last_start = 0.0
-        #: Why the component stopped being restarted (None while it is supervised).
-        self.dead: str | None = None
-        self._crash_times: collections.deque[float] = collections.deque()
+        #: Crashes, restarts and the restart budget (`supervision.Restarts`).
+        self.supervision = Restarts(f"component {name}")
+
+    @property
+    def crashes(self) -> int:
+        return self.supervision.crashes
+
+    @property
+    def restarts(self) -> int:
+        return self.supervision.restarts
+
+    @property
+    def dead(self) -> str | None:
+        """Why the component stopped being restarted (None while it is supervised)."""
+        return self.supervision.dead
 
     # --- inputs ---------------------------------------------------------------------------
 
@@ -178,6 +178,11 @@ class Component:
     def on_crash(self) -> None:
         """Called after the task died: close subscriber channels, reset derived state."""
 
+    def clear_timers(self) -> None:
+        """Forget every armed timer: for an `on_start` that replaces its core after a crash
+        (the old core's timer tokens would otherwise reach the new one)."""
+        self._timers.clear()
+
     def timer_delay(self, effect: SetTimer) -> float:
         """The delay to arm `effect` with (a component may stretch its timeouts)."""
         return effect.delay
@@ -251,39 +256,21 @@ class Component:
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run the component until cancelled, restarting its task when it crashes."""
         first = True
-        backoff = self.backoff_min
         started = False
+        supervision = self.supervision
         while True:
             try:
                 if not started:
                     started = True
                     task_status.started()
-                self._last_start = trio.current_time()
+                supervision.started(trio.current_time())
                 await self._run_once(first)
             except ComponentCrash as exc:
-                log.warning(
-                    "component %s crashed: %s; restarting in %.2f s", self.name, exc, backoff
-                )
+                log.warning("component %s crashed: %s; restarting", self.name, exc)
             except Exception:
-                log.exception("component %s crashed; restarting in %.2f s", self.name, backoff)
-            self.crashes += 1
+                log.exception("component %s crashed; restarting", self.name)
             self.running = trio.Event()
             self.on_crash()
             first = False
-            now = trio.current_time()
-            self._crash_times.append(now)
-            while self._crash_times and self._crash_times[0] <= now - self.restart_window:
-                self._crash_times.popleft()
-            if len(self._crash_times) > self.max_restarts:
-                self.dead = (
-                    f"{len(self._crash_times)} crashes in {self.restart_window:.0f} s, "
-                    "not restarted"
-                )
-                log.critical("component %s is dead: %s; the node closes", self.name, self.dead)
-                raise ComponentDead(f"component {self.name}: {self.dead}")
-            # A task that ran long enough since its last start earns the short backoff again.
-            if trio.current_time() - self._last_start > 10 * self.backoff_max:
-                backoff = self.backoff_min
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, self.backoff_max)
-            self.restarts += 1
+            # Past its budget this raises `ComponentDead`: the node closes.
+            await trio.sleep(supervision.crashed(trio.current_time()))

@@ -9,6 +9,7 @@ addresses and security settings.
 from __future__ import annotations
 
 import ipaddress
+import math
 import secrets
 import ssl
 import urllib.parse
@@ -20,17 +21,15 @@ import attrs
 from ..core.hyparview import HyParViewConfig
 from ..core.messages import MAX_CLUSTER, MAX_NODE_ID, valid_node_id
 from ..core.plumtree import PlumtreeConfig
+from ..core.replication import DigestSyncConfig
 from ..errors import ConfigError
-from ..stores.leader import LeaderConfig
-from ..stores.registry import RegistryConfig
-from ..stores.reminders import ReminderConfig
-from ..stores.shard import ShardConfig
-from .departures import DeparturesConfig
 from .flow import FlowConfig
 from .health import HealthConfig
 from .identity import IdentityConfig
-from .link import LinkConfig
-from .replica import ReplicaConfig
+from .linkconfig import LinkConfig
+
+#: The shard's largest ring.
+MAX_RING = 65_536
 
 #: Largest application payload (a broadcast, a value) by default.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
@@ -84,6 +83,130 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@attrs.frozen
+class ReplicaConfig:
+    """Settings of replica instances."""
+
+    #: Mean anti-entropy period in seconds (each tick jittered by +-25%); SPEC default 30 s.
+    anti_entropy_interval: float = 30.0
+    #: Largest chunk of a full sync, in bytes of CBOR. Decoding one strictly and merging it
+    #: takes loop time in proportion (about 25 ms for 64 KiB of small entries; 256 KiB held
+    #: the loop for 100 ms, issue 13).
+    sync_chunk_bytes: int = 64 * 1024
+    #: Inputs of one source (deliveries, membership events, one peer's direct messages)
+    #: waiting for the driver task; a source beyond it waits (a peer is then not read).
+    inbox_size: int = 1024
+    #: Bytes waiting for the driver task, all sources together (one source with nothing
+    #: waiting is always admitted one input).
+    inbox_bytes: int = 8 * 1024 * 1024
+    #: Deliveries buffered between the broadcast component and the driver; at half of it
+    #: the node slows down (backpressure) before the driver would miss any.
+    delivery_buffer: int = 1024
+    #: Shortest time between two sync pulls after `Lagged` notices.
+    resync_interval: float = 1.0
+    #: Digest anti-entropy (for owners that offer a digest: `digestsync`).
+    digest: DigestSyncConfig = attrs.field(factory=DigestSyncConfig)
+    #: A full sync (owners without a digest) served to one peer is not served to it again
+    #: sooner than this: requests meanwhile wait, folded into one.
+    full_sync_again_after: float = 10.0
+    #: Seconds an owner's callback (`merge_delta`, `apply_full_sync`, `remove_node`,
+    #: `before_sync`, ...) may take on the driver's task: past it the callback is
+    #: cancelled, reported (`CallbackHung`, logged and counted) and the driver restarted,
+    #: so that a hung callback does not stall the instance for good.
+    callback_timeout: float = 30.0
+
+    def __attrs_post_init__(self) -> None:
+        if not self.anti_entropy_interval > 0:
+            raise ConfigError("replica.anti_entropy_interval must be positive")
+        if self.sync_chunk_bytes < 1024:
+            raise ConfigError("replica.sync_chunk_bytes must be at least 1024")
+        for name in ("inbox_size", "inbox_bytes", "delivery_buffer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"replica.{name} must be at least 1")
+        if not (math.isfinite(self.resync_interval) and self.resync_interval >= 0):
+            raise ConfigError("replica.resync_interval must be >= 0")
+        if not self.callback_timeout > 0:
+            raise ConfigError("replica.callback_timeout must be positive")
+
+
+@attrs.frozen
+class DeparturesConfig:
+    """When a suspected node counts as failed (module docstring)."""
+
+    #: Distinct nodes whose link to it failed.
+    observers: int = 2
+    #: Time left for a refutation once enough nodes suspect it.
+    confirm_delay: float = 3.0
+    #: A suspicion that nothing refutes this long confirms with one observer.
+    lone_timeout: float = 30.0
+    #: Refutations of suspicions about this node: at most one per this many seconds.
+    refute_interval: float = 1.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.observers < 1:
+            raise ConfigError("departures.observers must be at least 1")
+        for name in ("confirm_delay", "lone_timeout", "refute_interval"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"departures.{name} must be >= 0")
+
+
+# --- the built-ins' settings (the built-ins live in `trio_replica.stores`; their settings
+# are here, with the rest of `NodeConfig`, so that the runtime's config needs nothing above it)
+
+
+@attrs.frozen
+class LeaseConfig:
+    #: Seconds between two renewals of a node's lease, and how far ahead each reaches
+    #: (barrel_p2p's shard: 2 s and 6 s).
+    heartbeat: float = 2.0
+    ttl: float = 6.0
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 < self.heartbeat < self.ttl:
+            raise ConfigError(f"{type(self).__name__}: 0 < heartbeat < ttl is needed")
+
+
+@attrs.frozen
+class LeaderConfig(LeaseConfig):
+    #: Seconds a new candidacy waits before it may lead (and for a first comparison with a
+    #: peer, or a TTL without one), so that candidacies put at once have all arrived.
+    settle: float = 2.0
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        if not self.settle >= 0:
+            raise ConfigError("leader: settle must be >= 0")
+
+
+@attrs.frozen
+class RegistryConfig(LeaseConfig):
+    """Lease timing of the registry (`LeaseConfig`)."""
+
+
+@attrs.frozen
+class ShardConfig(LeaseConfig):
+    #: Partitions of the key space (the same on every member): more than the members by
+    #: far, so that ownership spreads evenly (64 members get 16 partitions each).
+    ring_size: int = 1024
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        if type(self.ring_size) is not int or not 1 <= self.ring_size <= MAX_RING:
+            raise ConfigError(f"shard: ring_size must be an integer from 1 to {MAX_RING}")
+
+
+@attrs.frozen
+class ReminderConfig(LeaseConfig):
+    #: Seconds a worker waits, after the workers changed, before firing reminders it did
+    #: not own before.
+    handoff: float = 2.0
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        if not self.handoff >= 0:
+            raise ConfigError("reminders: handoff must be >= 0")
 
 
 @attrs.frozen

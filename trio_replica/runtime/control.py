@@ -18,7 +18,7 @@ import logging
 import secrets
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -28,11 +28,13 @@ from transports.base import ConnectError, Transport
 from ..core.messages import ControlReply, ControlRequest, Message, Peer, Role
 from ..core.wire import decode_payload, encode_payload
 from ..errors import HandshakeError, LinkClosed, ReplicaError, WireError
-from .link import Credentials, Link, LinkConfig, handshake_as_dialer
+from .handshake import Credentials, handshake_as_dialer
+from .link import Link
+from .linkconfig import LinkConfig
 from .stats import NodeStats
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .config import NodeConfig
 
 log = logging.getLogger("trio_replica.control")
 
@@ -57,8 +59,19 @@ class ControlError(ReplicaError):
     """The node answered a control request with an error, or the request failed."""
 
 
+class ControlHost(Protocol):
+    """What answering control requests uses of the node."""
+
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def stats_counters(self) -> NodeStats: ...
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None: ...
+
+
 def answer_control(
-    node: Node,
+    node: ControlHost,
     link: Link,
     request: ControlRequest,
     ops: dict[str, ControlOp],
@@ -69,7 +82,7 @@ def answer_control(
 
 
 async def _answer(
-    node: Node,
+    node: ControlHost,
     link: Link,
     request: ControlRequest,
     ops: dict[str, ControlOp],

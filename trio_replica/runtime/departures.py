@@ -25,18 +25,16 @@ later. Suspicion reports come as broadcasts, so their cost is a broadcast per fa
 from __future__ import annotations
 
 import logging
-import random
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 import trio
 
-from ..core.events import Delivery, DownReason, NodeRemoved, PeerDown, PeerUp
+from ..core.events import Delivery, DownReason, Event, NodeRemoved, PeerDown, PeerUp
 from ..core.messages import MAX_NODE_ID
-from ..errors import ConfigError, MessageTooLarge, NodeClosed
-
-if TYPE_CHECKING:
-    from ..node import Node
+from ..errors import MessageTooLarge, NodeClosed
+from .config import DeparturesConfig
+from .services import Directory, NodeBasics, Publishing
 
 log = logging.getLogger("trio_replica.departures")
 
@@ -49,27 +47,6 @@ TAGS = (DEPARTED_TAG, SUSPECT_TAG, ALIVE_TAG)
 MAX_TRACKED = 4096
 #: Suspicions answered by one refutation at most.
 MAX_REFS = 64
-
-
-@attrs.frozen
-class DeparturesConfig:
-    """When a suspected node counts as failed (module docstring)."""
-
-    #: Distinct nodes whose link to it failed.
-    observers: int = 2
-    #: Time left for a refutation once enough nodes suspect it.
-    confirm_delay: float = 3.0
-    #: A suspicion that nothing refutes this long confirms with one observer.
-    lone_timeout: float = 30.0
-    #: Refutations of suspicions about this node: at most one per this many seconds.
-    refute_interval: float = 1.0
-
-    def __attrs_post_init__(self) -> None:
-        if self.observers < 1:
-            raise ConfigError("departures.observers must be at least 1")
-        for name in ("confirm_delay", "lone_timeout", "refute_interval"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"departures.{name} must be >= 0")
 
 
 @attrs.define
@@ -119,10 +96,19 @@ class DepartureStats:
     suspicions_refused: int = 0
 
 
+class DeparturesHost(NodeBasics, Publishing, Protocol):
+    """What the departures component uses of its node."""
+
+    @property
+    def hosts(self) -> Directory: ...
+
+    def publish_membership_event(self, event: Event) -> None: ...
+
+
 class Departures:
     """Decides which nodes are gone for the cluster (module docstring)."""
 
-    def __init__(self, node: Node, config: DeparturesConfig | None = None) -> None:
+    def __init__(self, node: DeparturesHost, config: DeparturesConfig | None = None) -> None:
         self.node = node
         self.config = config or DeparturesConfig()
         self.stats = DepartureStats()
@@ -130,7 +116,7 @@ class Departures:
         self._removed: dict[str, None] = {}
         self._refute = trio.Event()
         self._changed = trio.Event()
-        self._rng = random.Random(node._rng.getrandbits(64))
+        self._rng = node.child_rng()
         #: Suspicions of this node still to answer, as (observer, nonce).
         self._to_refute: list[tuple[str, int]] = []
         #: Suspicions of other nodes that they answered (bounded, oldest dropped first).

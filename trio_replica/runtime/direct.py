@@ -34,7 +34,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -49,9 +49,9 @@ from ..errors import (
     UnknownPeer,
     WireError,
 )
+from .services import NodeBasics, Sending
 
 if TYPE_CHECKING:
-    from ..node import Node
     from .link import Link
 
 log = logging.getLogger("trio_replica.direct")
@@ -69,10 +69,19 @@ MAX_ERROR_TEXT = 1000
 MAX_PENDING = 4096
 
 
+class DirectHost(NodeBasics, Sending, Protocol):
+    """What direct messaging uses of its node."""
+
+    @property
+    def me(self) -> Peer: ...
+
+    def known_peer(self, peer_id: str) -> Peer | None: ...
+
+
 class DirectMessaging:
     """One node's direct messages (module docstring)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: DirectHost) -> None:
         self.node = node
         self._handlers: dict[str, Handler] = {}
         self._pending: dict[int, tuple[str, trio.MemorySendChannel[DirectReply]]] = {}

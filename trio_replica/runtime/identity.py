@@ -2,8 +2,8 @@
 
 A cluster secret proves membership; a node key proves identity. Every node holds an Ed25519
 key (kept in ``data_dir/node.key``, given by the embedder, or, without either, made for the
-life of the process) and signs the handshake transcript with it (link.py). What a peer's key
-is allowed to be is the trust store's decision, in one of three modes:
+life of the process) and signs the handshake transcript with it (handshake.py). What a
+peer's key is allowed to be is the trust store's decision, in one of three modes:
 
 * ``secret``: any key, as long as the cluster secret is proven. A node id is still bound to
   its key while a link to it is open: another key for the same id is refused (the node

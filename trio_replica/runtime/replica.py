@@ -1,19 +1,14 @@
 """The replica driver: barrel_p2p_replica in Python, one supervised task per named instance.
 
-An *instance* is a named piece of replicated state whose owner (a `ReplicatedMap`, or any
-store with its own merge rules) implements `ReplicaCallbacks`. The driver moves the state
-between nodes; the owner decides what it means. Every callback receives the instance name
-first, so one owner object can back many instances.
+An *instance* is a named piece of replicated state whose owner implements `ReplicaCallbacks`
+(`trio_replica.runtime.replica_api`: what owners implement and see). The driver moves the
+state between nodes; the owner decides what it means.
 
 What the driver does (SPEC section 8, with the seed's flaws fixed):
 
-* **Updates**: `broadcast_update(Add(key, value) | Remove(key))` first waits for the node's
-  outgoing budget (flow control: a writer faster than the cluster is slowed here, before
-  anything is applied), then mints one HLC dot for the write, hands the delta to the
-  owner's `merge_delta` (so the local state holds exactly the entry the cluster gets, and a
-  persistent owner acknowledges only once it is durable), then queues its broadcast on the
-  instance's tag without waiting again. `broadcast_custom(payload)` carries an
-  owner-specific payload to `merge_custom` on every other node.
+* **Updates** (`broadcast_update`, `broadcast_custom`) are the owner's writes, carried out
+  by `replica_writes.ReplicaWriter`: flow control, one HLC dot, the local merge, then the
+  broadcast on the instance's tag.
 * **Bookkeeping** is the sans-IO `core.replication.ReplicationCore`: the peers (seeded from
   the active view at start, then `PeerUp` / `PeerDown`) and the hosts of the instance (the
   host directory, `trio_replica.stores.hosts`), whom to compare with and when (at start, with a
@@ -26,46 +21,36 @@ What the driver does (SPEC section 8, with the seed's flaws fixed):
   when the node is gone for the cluster (`NodeRemoved`: it left, or its failure was
   confirmed, `trio_replica.runtime.departures`); never when a live peer was merely evicted from the
   active view or one link to it was lost (barrel_p2p drops a live node's data there).
-* **Full sync** travels as direct `SyncRequest` / `SyncChunk` messages, not through
-  Plumtree, so it works while the broadcast component restarts. A snapshot is a list of
-  items; a sender task per peer encodes it in chunks of at most `sync_chunk_bytes` and
-  queues each only when the link has room (it never holds the node's pressure), so a large
-  map streams instead of flooding the outbox. One sync per peer runs at a time; requests
-  that arrive meanwhile are folded into one more. Each chunk is applied on arrival. A chunk
-  is a snapshot of some keys, so a partial sync never implies a removal.
+* **Full sync** travels as direct `SyncRequest` / `SyncChunk` messages, streamed per peer
+  by `fullsync.FullSyncSender`. Each chunk is applied on arrival. A chunk is a snapshot of
+  some keys, so a partial sync never implies a removal.
 
 Everything the driver receives (deliveries, membership events, direct messages, timer
-ticks) goes through one `FairInbox` (bounded per source: deliveries, membership, each peer's
-direct messages) and is handled by one task, so callbacks never run concurrently for one
-instance. Its deliveries come from a subscription with backpressure: a driver that falls
-behind slows the node's writers (and the peers' own broadcasts entering through the node)
-before it loses anything, and a loss is told (`Lagged`) and repaired by a sync.
+ticks, fed by `replica_inputs`) goes through one `FairInbox` (bounded per source:
+deliveries, membership, each peer's direct messages) and is handled by one task, so
+callbacks never run concurrently for one instance. Its deliveries come from a subscription
+with backpressure: a driver that falls behind slows the node's writers (and the peers' own
+broadcasts entering through the node) before it loses anything, and a loss is told
+(`Lagged`) and repaired by a sync.
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
-import math
 import random
-from collections import Counter
-from collections.abc import AsyncGenerator, Hashable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from collections.abc import Callable, Hashable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
-import attrs
 import trio
 
 from ..core.antientropy import DigestRound
 from ..core.effects import SetTimer
 from ..core.events import Delivery, Lagged, NodeRemoved, PeerDown, PeerUp, Resubscribed
-from ..core.hlc import Timestamp
 from ..core.messages import MAX_TAG, Peer, SyncChunk, SyncDigest, SyncRequest
 from ..core.ormap import Dot
 from ..core.replication import (
     CancelServes,
-    DigestSyncConfig,
     PushFullSync,
     RemoveNode,
     ReplicationCore,
@@ -73,159 +58,42 @@ from ..core.replication import (
     Serve,
     SyncCompleted,
 )
-from ..core.wire import Chunker, decode_payload, encode_payload
-from ..errors import LinkClosed, MessageTooLarge, NodeClosed, WireError
+from ..core.wire import Chunker, decode_payload
+from ..errors import CallbackHung, MessageTooLarge, NodeClosed, WireError
+from .component import ComponentCrash
+from .config import ReplicaConfig
 from .digestsync import ServeQueue
-from .flow import FairInbox
+from .fullsync import FullSyncSender
+from .inbox import FairInbox
+from .replica_api import TAG_PREFIX, Add, Remove, ReplicaCallbacks, ReplicaStats
+from .replica_inputs import DRAIN_BATCH, TimerQueue, pump_broadcast, pump_membership
+from .replica_writes import ReplicaWriter, WriterHost
+from .services import Directory, Sending
+from .supervision import Restarts
+from .watchdog import CallbackWatch
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .departures import Departures
 
 log = logging.getLogger("trio_replica.replica")
 
-#: Broadcast tags of replica instances start with this; applications should not use it.
-TAG_PREFIX = "replica/"
-#: Inputs handled (and deliveries moved to the inbox) per wake-up of a driver's tasks: a
-#: wake-up per delivery made a busy driver fall behind its own broadcast component.
-DRAIN_BATCH = 64
+
+def _hung_error(exc: BaseException) -> CallbackHung | None:
+    """`exc` (or the one error of a task group) if it is a `CallbackHung`."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, CallbackHung) else None
 
 
-@runtime_checkable
-class ReplicaCallbacks(Protocol):
-    """What the owner of a replica instance implements (the seed's behaviour callbacks).
+class ReplicaHost(WriterHost, Sending, Protocol):
+    """What a replica driver uses of its node."""
 
-    All callbacks are awaited by the instance's driver task, one at a time. Deltas and
-    snapshots come straight off the network: the owner must validate them (the
-    `ReplicatedMap` does so with `ormap_wire.ingest`). A callback that raises is logged
-    and counted in the driver's `callback_errors`; the driver keeps running.
+    @property
+    def hosts(self) -> Directory: ...
+    @property
+    def departures(self) -> Departures: ...
 
-    Optional members: ``async def merge_custom(name, payload)`` for `broadcast_custom`
-    payloads; a boolean attribute ``anti_entropy`` that turns periodic anti-entropy on
-    (for value-carrying stores with a full-state snapshot and tombstones);
-    ``full_sync_stream(name)``, an async generator of lists of items, used instead of
-    `full_sync_snapshot` when present: it walks the state as the sync streams (a batch is
-    built when the link has room for the one before), so a large state is never copied
-    whole; state that changes meanwhile travels as deltas anyway.
-
-    Digest anti-entropy (`trio_replica.runtime.digestsync`), when the owner has both
-    ``digest_source(name)`` (a `core.antientropy.DigestSource`) and
-    ``range_stream(name, level, index)`` (an async generator of item batches): the state
-    is compared with peers by range digests and only differing ranges move; full-state
-    sync is then not used. With it, ``async def before_sync(name)`` runs before every
-    comparison (the map drops stale entries there) and ``async def sync_completed(name,
-    started_ms)`` after each comparison this node opened completes.
-    """
-
-    async def merge_delta(self, name: str, delta: Any) -> None:
-        """Merge a delta (OR-Map wire entries) into the owner's state and run side effects."""
-
-    async def apply_full_sync(self, name: str, snapshot: list[Any]) -> None:
-        """Apply one chunk of a peer's full snapshot (never implies removal of other keys)."""
-
-    async def full_sync_snapshot(self, name: str) -> list[Any] | None:
-        """The owner's whole state as a new list of items, or None when there is nothing to
-        send. The replica owns the list: it empties it once the snapshot has been sent."""
-
-    async def remove_node(self, name: str, node: str) -> None:
-        """Drop what `node` owned: it failed or left the cluster."""
-
-
-@attrs.frozen
-class Add:
-    """Set `key` to `value` (one dot per write)."""
-
-    key: Any
-    value: Any
-
-
-@attrs.frozen
-class Remove:
-    """Remove `key` (a tombstone with its own dot)."""
-
-    key: Any
-
-
-@attrs.frozen
-class ReplicaConfig:
-    """Settings of replica instances."""
-
-    #: Mean anti-entropy period in seconds (each tick jittered by +-25%); SPEC default 30 s.
-    anti_entropy_interval: float = 30.0
-    #: Largest chunk of a full sync, in bytes of CBOR. Decoding one strictly and merging it
-    #: takes loop time in proportion (about 25 ms for 64 KiB of small entries; 256 KiB held
-    #: the loop for 100 ms, issue 13).
-    sync_chunk_bytes: int = 64 * 1024
-    #: Inputs of one source (deliveries, membership events, one peer's direct messages)
-    #: waiting for the driver task; a source beyond it waits (a peer is then not read).
-    inbox_size: int = 1024
-    #: Bytes waiting for the driver task, all sources together (one source with nothing
-    #: waiting is always admitted one input).
-    inbox_bytes: int = 8 * 1024 * 1024
-    #: Deliveries buffered between the broadcast component and the driver; at half of it
-    #: the node slows down (backpressure) before the driver would miss any.
-    delivery_buffer: int = 1024
-    #: Shortest time between two sync pulls after `Lagged` notices.
-    resync_interval: float = 1.0
-    #: Digest anti-entropy (for owners that offer a digest: `digestsync`).
-    digest: DigestSyncConfig = attrs.field(factory=DigestSyncConfig)
-    #: A full sync (owners without a digest) served to one peer is not served to it again
-    #: sooner than this: requests meanwhile wait, folded into one.
-    full_sync_again_after: float = 10.0
-
-    def __attrs_post_init__(self) -> None:
-        from ..errors import ConfigError
-
-        if not self.anti_entropy_interval > 0:
-            raise ConfigError("replica.anti_entropy_interval must be positive")
-        if self.sync_chunk_bytes < 1024:
-            raise ConfigError("replica.sync_chunk_bytes must be at least 1024")
-        for name in ("inbox_size", "inbox_bytes", "delivery_buffer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"replica.{name} must be at least 1")
-        if not (math.isfinite(self.resync_interval) and self.resync_interval >= 0):
-            raise ConfigError("replica.resync_interval must be >= 0")
-
-
-#: Items per batch when a snapshot list is streamed, and freed per step after.
-RELEASE_SLICE = 8192
-
-
-async def _batches_of(snapshot: list[Any]) -> AsyncGenerator[list[Any], None]:
-    """A snapshot list as a stream of batches; emptied a slice at a time once sent
-    (freeing a million entries in one go held the loop for 112 ms, bench/bigmap.py)."""
-    try:
-        for start in range(0, len(snapshot), RELEASE_SLICE):
-            yield snapshot[start : start + RELEASE_SLICE]
-    finally:
-        with trio.CancelScope(shield=True):
-            while snapshot:
-                del snapshot[-RELEASE_SLICE:]
-                await trio.lowlevel.checkpoint()
-
-
-@attrs.define
-class ReplicaStats:
-    """What the driver moved; the bookkeeping's counters are the core's
-    (`Replica.core.stats`, `core.digest_stats`)."""
-
-    deltas_sent: int = 0
-    deltas_received: int = 0
-    customs_sent: int = 0
-    customs_received: int = 0
-    sync_requests_received: int = 0
-    syncs_sent: int = 0
-    chunks_sent: int = 0
-    chunks_received: int = 0
-    #: Sync requests folded into a sync already running or waiting for the same peer.
-    syncs_coalesced: int = 0
-    #: Full syncs put off because the peer had one within `full_sync_again_after`.
-    syncs_deferred: int = 0
-    #: Full syncs cut short because the peer's link closed.
-    syncs_aborted: int = 0
-    callback_errors: int = 0
-    #: Digest answers not sent because the owner's `before_sync` had failed.
-    serves_withheld: int = 0
-    rejected: Counter[str] = attrs.Factory(Counter)
+    def forget_replica(self, replica: Replica) -> None: ...
 
 
 class Replica:
@@ -233,11 +101,13 @@ class Replica:
 
     def __init__(
         self,
-        node: Node,
+        node: ReplicaHost,
         name: str,
         callbacks: ReplicaCallbacks,
         config: ReplicaConfig,
         rng: random.Random,
+        *,
+        everywhere: bool = False,
     ) -> None:
         if not 0 < len(TAG_PREFIX + name) <= MAX_TAG:
             raise ValueError(f"instance name must be 1 to {MAX_TAG - len(TAG_PREFIX)} characters")
@@ -254,43 +124,54 @@ class Replica:
             total_bytes=config.inbox_bytes,
             on_taken=node.input_processed,
         )
-        self._sync_ids = 0
         self.anti_entropy = bool(getattr(callbacks, "anti_entropy", False))
         self._scope = trio.CancelScope()
         self.closed = trio.Event()
-        #: Full syncs being sent, by peer id; True when another was asked for meanwhile.
-        self._sending: dict[str, bool] = {}
+        self._writer = ReplicaWriter(
+            node, name, self.tag, callbacks, self.stats, self.closed, self._scope
+        )
         self._nursery: trio.Nursery | None = None
         digest_owner = callable(getattr(callbacks, "digest_source", None)) and callable(
             getattr(callbacks, "range_stream", None)
         )
-        #: The host directory itself is hosted by every node: it syncs with neighbours.
-        from ..stores.hosts import DIRECTORY
-
-        self._everywhere = name == DIRECTORY
+        #: An instance every node hosts (the host directory) syncs with its neighbours.
+        self._everywhere = everywhere
+        self._digest_owner = digest_owner
         #: The bookkeeping (peers, hosts, comparisons, scheduling, removals): sans-IO.
-        self.core = ReplicationCore(
-            node.id,
-            source=callbacks.digest_source(name) if digest_owner else None,  # type: ignore[attr-defined]
-            rng=rng,
+        self.core = self._new_core()
+        #: Crashes, restarts and the restart budget of the driver (`supervision.Restarts`).
+        self.supervision = Restarts(f"replica {name}")
+        self._crash_requested = False
+        #: Owner callbacks run through it; its task ends a life one of them hangs.
+        self._watch = CallbackWatch(name, config.callback_timeout, node.health)
+        self._callback = self._watch.call
+        self._hung: CallbackHung | None = None
+        #: Set while a life of the driver runs (replaced when it crashes).
+        self.running = trio.Event()
+        #: Carries out the core's `Serve` effects (digest owners only), once running.
+        self._serves: ServeQueue | None = None
+        self._timers = TimerQueue(self._inbox)
+        #: Streams this instance's full state to the peers that ask for it or are pushed it.
+        self._full_sync = FullSyncSender(
+            node, name, callbacks, config, rng, self.stats, self._callback, self._push_again
+        )
+        #: False while the owner's `before_sync` fails: our state must not go out.
+        self._state_ready = True
+        #: Host changes told by the directory, not yet handed to the core (latest per id).
+        self._host_changes: dict[str, tuple[Peer, bool]] = {}
+
+    def _new_core(self) -> ReplicationCore:
+        callbacks, config = self.callbacks, self.config
+        source = callbacks.digest_source(self.name) if self._digest_owner else None  # type: ignore[attr-defined]
+        return ReplicationCore(
+            self.node.id,
+            source=source,
+            rng=self._rng,
             config=config.digest,
             anti_entropy_interval=config.anti_entropy_interval if self.anti_entropy else None,
             resync_interval=config.resync_interval,
             everywhere=self._everywhere,
         )
-        #: Carries out the core's `Serve` effects (digest owners only), once running.
-        self._serves: ServeQueue | None = None
-        self._timers: list[tuple[float, int, Hashable]] = []
-        self._timer_seq = itertools.count()
-        self._timers_changed = trio.Event()
-        #: When the last full sync to each peer ended (`full_sync_again_after`), and the
-        #: peers whose next one waits for that window.
-        self._full_sync_done: dict[str, float] = {}
-        self._deferred: set[str] = set()
-        #: False while the owner's `before_sync` fails: our state must not go out.
-        self._state_ready = True
-        #: Host changes told by the directory, not yet handed to the core (latest per id).
-        self._host_changes: dict[str, tuple[Peer, bool]] = {}
 
     @property
     def uses_digest(self) -> bool:
@@ -311,50 +192,16 @@ class Replica:
     # --- API used by owners ---------------------------------------------------------------
 
     def new_dot(self) -> Dot:
-        ts: Timestamp = self.node.clock.now()
-        return Dot(self.node.id, ts)
+        return self._writer.new_dot()
 
     async def broadcast_update(self, update: Add | Remove) -> Dot:
-        """Apply `update` locally through the owner, then broadcast it; return its dot.
-
-        Raises what the owner's `merge_delta` raises for a local write (nothing is sent
-        then), `MessageTooLarge` or `TypeError` for a value that cannot travel.
-        """
-        from ..core.ormap import Tombstone, Value
-        from ..core.ormap_wire import to_wire
-
-        self._check_open()
-        # Flow control first: once applied here, the write must go out without waiting.
-        await self.node.writable()
-        self._check_open()
-        dot = self.new_dot()
-        entry = Value(update.value, dot) if isinstance(update, Add) else Tombstone(dot)
-        delta = to_wire([(update.key, entry)])
-        if self.node.config.identity.sign_broadcasts:
-            # The entry itself is signed, not only the broadcast: it keeps its writer's
-            # signature in every later sync and in the stores of the nodes it reaches.
-            delta[0].append(self.node.sign_entry(self.name, update.key, entry))
-        body = ["d", delta]
-        # Encode before the local merge: a write that cannot travel must not be applied here.
-        encoded = encode_payload(body, max_size=self.node.config.max_payload)
-        # The owner gets the delta as every peer does, decoded from these bytes: a value the
-        # caller mutates after the write can change neither the local state nor its digest
-        # (an entry's hash is added at merge and subtracted at its replacement).
-        local = decode_payload(encoded, max_size=self.node.config.max_payload)[1]
-        await self.callbacks.merge_delta(self.name, local)
-        self.node.broadcast_encoded_nowait(self.tag, encoded, body)
-        self.stats.deltas_sent += 1
-        return dot
+        """Apply `update` locally through the owner, then broadcast it; return its dot
+        (`ReplicaWriter.broadcast_update`: what it raises)."""
+        return await self._writer.broadcast_update(update)
 
     async def broadcast_custom(self, payload: Any) -> None:
         """Send an owner-specific payload to `merge_custom` on every other node."""
-        self._check_open()
-        await self.node.broadcast(self.tag, ["c", payload])
-        self.stats.customs_sent += 1
-
-    def _check_open(self) -> None:
-        if self.closed.is_set() or self._scope.cancel_called:
-            raise NodeClosed(f"replica {self.name!r} is closed")
+        await self._writer.broadcast_custom(payload)
 
     # --- inputs from the node -------------------------------------------------------------
 
@@ -379,50 +226,127 @@ class Replica:
     # --- running --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until `aclose` or the node closes. Started by `Node.open_replica`."""
+        """Run until `aclose` or the node closes. Started by `Node.open_replica`.
+
+        Supervised like a component once it has started (a failure before that is the
+        opener's to see): a crash of the driver (a bug in it, or a callback that did not
+        return within `callback_timeout`) is logged, and the driver starts again after a
+        backoff with a fresh core, seeded from the active view and the instance's hosts
+        as at its start (its inbox is kept: nothing queued is lost, and the comparisons
+        it opens bring back what it missed meanwhile); past its restart budget
+        `ComponentDead` closes the node (`supervision.Restarts`).
+        """
+        supervision = self.supervision
+        started = False
+
+        def report_started() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
         try:
             with self._scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    await nursery.start(self._pump_broadcast)
-                    await nursery.start(self._pump_membership)
-                    nursery.start_soon(self._run_timers)
-                    hosts: list[Peer] = []
-                    if self.uses_digest:
-                        self._serves = ServeQueue(
-                            self.name,
-                            self.callbacks,  # type: ignore[arg-type]
-                            self.node.send_message,
-                            lambda: Chunker(self.config.sync_chunk_bytes),
-                            nursery,
-                            self.core.served,
-                        )
-                        if not self._everywhere:
-                            # Sync with the hosts of this instance, wherever they are.
-                            self.node.hosts.listen(self.name, self._host_changed)
-                            await self.node.hosts.announce(self.name)
-                            hosts = self.node.hosts.hosts(self.name)
-                        await self._before_sync()
-                    # Seeded from the active view: PeerUp fires only for future peers.
-                    await self._apply(
-                        self.core.start(self.node.active_view(), hosts, trio.current_time())
-                    )
-                    task_status.started()
-                    inbox = self._inbox
-                    while True:
-                        kind, data = await inbox.get()
-                        await self._handle(kind, data)
-                        for _ in range(DRAIN_BATCH):
-                            try:
-                                kind, data = inbox.get_nowait()
-                            except trio.WouldBlock:
-                                break
-                            await self._handle(kind, data)
+                fresh = True
+                while True:
+                    supervision.started(trio.current_time())
+                    try:
+                        if not fresh:
+                            self._reset()  # the owner's `digest_source` may raise: a crash too
+                        fresh = False
+                        await self._run_once(report_started)
+                    except Exception as exc:
+                        if not started:
+                            raise
+                        hung = _hung_error(exc)
+                        if hung is not None:
+                            log.error("replica %s: %s; restarting its driver", self.name, hung)
+                        else:
+                            log.exception("replica %s: driver crashed; restarting", self.name)
+                    self.running = trio.Event()
+                    # Past its budget this raises `ComponentDead`: the node closes.
+                    await trio.sleep(supervision.crashed(trio.current_time()))
         finally:
             if self.uses_digest and not self._everywhere:
                 self.node.hosts.unlisten(self.name)
             self.node.forget_replica(self)
             self.closed.set()
+
+    def crash(self) -> None:
+        """Make the running driver fail as a crash would (`testing.crash_replica`); wait
+        for `running` first: between two lives there is nothing to crash."""
+        if self._nursery is None:
+            raise RuntimeError(f"replica {self.name}: no life of the driver is running")
+        self._crash_requested = True
+        self._nursery.cancel_scope.cancel()
+
+    async def _run_once(self, report_started: Callable[[], None]) -> None:
+        """One life of the driver: its pumps, its timers, its inputs."""
+        self._hung = None
+        try:
+            await self._serve_life(report_started)
+        finally:
+            self._nursery = None
+            if self._crash_requested:
+                self._crash_requested = False
+                raise ComponentCrash(f"replica {self.name}: crash requested")
+            if self._hung is not None:
+                raise self._hung
+
+    async def _serve_life(self, report_started: Callable[[], None]) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._full_sync.attach(nursery)
+            buffer = self.config.delivery_buffer
+            await nursery.start(pump_broadcast, self.node, self.tag, buffer, self._inbox)
+            await nursery.start(pump_membership, self.node, self._inbox)
+            nursery.start_soon(self._timers.run)
+            nursery.start_soon(self._watch.run, self._end_hung_life)
+            hosts: list[Peer] = []
+            if self.uses_digest:
+                self._serves = ServeQueue(
+                    self.name,
+                    self.callbacks,  # type: ignore[arg-type]
+                    self.node.send_message,
+                    lambda: Chunker(self.config.sync_chunk_bytes),
+                    nursery,
+                    self.core.served,
+                )
+                if not self._everywhere:
+                    # Sync with the hosts of this instance, wherever they are.
+                    self.node.hosts.listen(self.name, self._host_changed)
+                    await self.node.hosts.announce(self.name)
+                    hosts = self.node.hosts.hosts(self.name)
+                await self._before_sync()
+            # Seeded from the active view: PeerUp fires only for future peers.
+            await self._apply(self.core.start(self.node.active_view(), hosts, trio.current_time()))
+            report_started()
+            self.running.set()
+            inbox = self._inbox
+            while True:
+                kind, data = await inbox.get()
+                await self._handle(kind, data)
+                for _ in range(DRAIN_BATCH):
+                    try:
+                        kind, data = inbox.get_nowait()
+                    except trio.WouldBlock:
+                        break
+                    await self._handle(kind, data)
+
+    def _reset(self) -> None:
+        """After a crash: a fresh core; what the dead life's tasks were doing is gone."""
+        self.core = self._new_core()
+        self._timers.clear()
+        self._serves = None
+        self._nursery = None
+        self._full_sync.reset()
+        self._host_changes.clear()
+
+    def _end_hung_life(self, error: CallbackHung) -> None:
+        self.stats.callbacks_hung += 1
+        self._hung = error
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
 
     async def aclose(self) -> None:
         """Stop the driver task (queued inputs are discarded) and tell the other nodes
@@ -432,50 +356,6 @@ class Replica:
                 await self.node.hosts.withdraw(self.name)
         self._scope.cancel()
         await self.closed.wait()
-
-    async def _pump_broadcast(self, *, task_status: trio.TaskStatus[None]) -> None:
-        # Backpressure: a driver that falls behind slows the node before it misses anything.
-        async with self.node.subscribe(
-            self.tag, buffer=self.config.delivery_buffer, backpressure=True
-        ) as sub:
-            task_status.started()
-            inbox = self._inbox
-            while True:
-                try:
-                    batch = [await sub.receive()]
-                except trio.EndOfChannel:
-                    return
-                # What is already buffered moves in the same wake-up.
-                while len(batch) < DRAIN_BATCH:
-                    try:
-                        batch.append(sub.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                for item in batch:
-                    size = len(item.payload) if isinstance(item, Delivery) else 0
-                    entry = ("delivery", item)
-                    if not inbox.put_nowait("delivery", entry, size):
-                        await inbox.put("delivery", entry, size)
-
-    async def _pump_membership(self, *, task_status: trio.TaskStatus[None]) -> None:
-        async with self.node.events() as events:
-            task_status.started()
-            async for event in events:
-                await self._inbox.put("membership", ("membership", event), 0)
-
-    async def _run_timers(self) -> None:
-        """Hand the core's timers back to the driver task when they fall due."""
-        while True:
-            changed = self._timers_changed
-            deadline = self._timers[0][0] if self._timers else math.inf
-            with trio.move_on_at(deadline):
-                await changed.wait()
-            if changed.is_set():
-                self._timers_changed = trio.Event()
-            now = trio.current_time()
-            while self._timers and self._timers[0][0] <= now:
-                _, _, timer = heapq.heappop(self._timers)
-                await self._inbox.put("tick", ("timer", timer), 0)
 
     # --- effects --------------------------------------------------------------------------
 
@@ -492,9 +372,7 @@ class Replica:
     async def _execute(self, effect: Any) -> None:
         match effect:
             case SetTimer(delay=delay, timer=timer):
-                when = trio.current_time() + delay
-                heapq.heappush(self._timers, (when, next(self._timer_seq), timer))
-                self._timers_changed.set()
+                self._timers.set(delay, timer)
             case Serve():
                 if self._serves is None:
                     # An owner without a digest: only the bare answer that ends a peer's
@@ -517,13 +395,13 @@ class Replica:
                 if sync_completed is not None:
                     ago = trio.current_time() - opened
                     started_ms = self.node.clock.read_physical() - round(ago * 1000)
-                    await sync_completed(self.name, started_ms)
+                    await self._callback("sync_completed", sync_completed, started_ms)
             case RemoveNode(node=node_id):
-                await self.callbacks.remove_node(self.name, node_id)
+                await self._callback("remove_node", self.callbacks.remove_node, node_id)
             case RequestFullSync(peer=peer):
                 self.node.send_to(peer, SyncRequest(self.name))
             case PushFullSync(peer=peer):
-                await self._send_full_sync(peer)
+                await self._full_sync.send(peer)
             case _:
                 raise TypeError(f"unknown effect {effect!r}")
 
@@ -539,8 +417,11 @@ class Replica:
             elif kind == "direct":
                 await self._on_direct(*data)
             elif kind == "timer":
+                generation, timer = data
+                if generation != self._timers.generation:
+                    return  # armed by the core of a life that crashed
                 await self._before_sync()
-                await self._apply(core.handle_timer(data, trio.current_time()))
+                await self._apply(core.handle_timer(timer, trio.current_time()))
             elif kind == "hosts":
                 changes, self._host_changes = self._host_changes, {}
                 await self._before_sync()
@@ -551,7 +432,7 @@ class Replica:
                     else:
                         await self._apply(core.host_removed(peer.id, now))
             elif kind == "push":
-                await self._send_full_sync(data)
+                await self._full_sync.send(data)
         except (WireError, MessageTooLarge) as exc:
             self.stats.rejected[getattr(exc, "reason", "too_large")] += 1
             log.warning("replica %s: rejected input (%s): %s", self.name, kind, exc)
@@ -581,12 +462,12 @@ class Replica:
             return
         if body[0] == "d":
             self.stats.deltas_received += 1
-            await self.callbacks.merge_delta(self.name, body[1])
+            await self._callback("merge_delta", self.callbacks.merge_delta, body[1])
         else:
             self.stats.customs_received += 1
             merge_custom = getattr(self.callbacks, "merge_custom", None)
             if merge_custom is not None:
-                await merge_custom(self.name, body[1])
+                await self._callback("merge_custom", merge_custom, body[1])
 
     async def _on_membership(self, event: Any) -> None:
         core, now = self.core, trio.current_time()
@@ -605,7 +486,7 @@ class Replica:
             await self._before_sync()
             await self._apply(core.peer_up(event.peer, now))
         elif isinstance(event, PeerDown):
-            self._full_sync_done.pop(event.peer.id, None)
+            self._full_sync.peer_down(event.peer.id)
             await self._apply(core.peer_down(event.peer.id, now))
         elif isinstance(event, NodeRemoved):
             # Gone for the cluster (left, or its failure confirmed: departures.py), told
@@ -623,7 +504,7 @@ class Replica:
             return
         if isinstance(message, SyncRequest):
             self.stats.sync_requests_received += 1
-            await self._send_full_sync(peer)
+            await self._full_sync.send(peer)
             return
         self.stats.chunks_received += 1
         items = decode_payload(message.items, max_size=self.node.config.max_payload)
@@ -631,7 +512,7 @@ class Replica:
             raise WireError("a sync chunk must carry a list", reason="shape")
         source = self.core.source
         before = source.range_digest(0, 0) if source is not None else None
-        await self.callbacks.apply_full_sync(self.name, items)
+        await self._callback("apply_full_sync", self.callbacks.apply_full_sync, items)
         # Whether it taught us anything (a follow-up comparison is worth it only then).
         changed = source is None or source.range_digest(0, 0) != before
         now = trio.current_time()
@@ -656,7 +537,7 @@ class Replica:
         if before_sync is None:
             return
         try:
-            await before_sync(self.name)
+            await self._callback("before_sync", before_sync)
         except Exception:
             self.stats.callback_errors += 1
             if self._state_ready:
@@ -665,102 +546,7 @@ class Replica:
         else:
             self._state_ready = True
 
-    async def _send_full_sync(self, peer: Peer) -> None:
-        """Take a snapshot now and stream it to `peer` from a task of its own.
-
-        One sync per peer at a time: asked again meanwhile, the running one is followed by
-        one more with a fresh snapshot (requests are folded, never queued up).
-        """
-        if peer.id in self._sending or peer.id in self._deferred:
-            if peer.id in self._sending:
-                self._sending[peer.id] = True
-            self.stats.syncs_coalesced += 1
-            return
-        done = self._full_sync_done.get(peer.id)
-        allowed = -math.inf if done is None else done + self.config.full_sync_again_after
-        if trio.current_time() < allowed:
-            # Served a moment ago: one more, later, whatever the peer asks meanwhile (a
-            # peer asking in a loop gets one full state per window, not one per request).
-            assert self._nursery is not None
-            self._deferred.add(peer.id)
-            self.stats.syncs_deferred += 1
-            self._nursery.start_soon(self._push_later, peer, allowed)
-            return
-        stream = getattr(self.callbacks, "full_sync_stream", None)
-        if stream is not None:
-            batches = stream(self.name)
-        else:
-            snapshot = await self.callbacks.full_sync_snapshot(self.name)
-            if not snapshot:
-                return
-            batches = _batches_of(snapshot)
-        assert self._nursery is not None
-        self._sending[peer.id] = False
-        self._nursery.start_soon(self._stream_sync, peer, batches)
-
-    async def _push_later(self, peer: Peer, when: float) -> None:
-        await trio.sleep_until(when)
-        self._deferred.discard(peer.id)
+    async def _push_again(self, peer: Peer) -> None:
+        """One more full sync to `peer` (`FullSyncSender`), if it is still a neighbour."""
         if peer.id in self.core.neighbors:
             await self._inbox.put("tick", ("push", peer), 0)
-
-    async def _stream_sync(self, peer: Peer, batches: AsyncGenerator[list[Any], None]) -> None:
-        try:
-            async with contextlib.aclosing(batches):
-                await self._stream_chunks(peer, batches)
-            self._full_sync_done[peer.id] = trio.current_time()
-        except LinkClosed:
-            self.stats.syncs_aborted += 1
-            log.info("replica %s: full sync to %s cut short: link closed", self.name, peer)
-        finally:
-            again = self._sending.pop(peer.id, False)
-        if again and peer.id in self.core.neighbors:
-            await self._inbox.put("tick", ("push", peer), 0)
-
-    async def _stream_chunks(self, peer: Peer, batches: AsyncGenerator[list[Any], None]) -> None:
-        self._sync_ids += 1
-        sync_id = (self._rng.getrandbits(32) << 32) | (self._sync_ids & 0xFFFFFFFF)
-        chunker = Chunker(self.config.sync_chunk_bytes)
-        pending: bytes | None = None  # held back until we know whether it is the last
-        seq = 0
-        while True:
-            try:
-                batch = await anext(batches)
-            except StopAsyncIteration:
-                break
-            except Exception:
-                # The owner's generator is application code (the class docstring).
-                self.stats.callback_errors += 1
-                self.stats.syncs_aborted += 1
-                log.exception(
-                    "replica %s: full_sync_stream failed; sync to %s cut", self.name, peer
-                )
-                return
-            for item in batch:
-                chunk = chunker.add(item)
-                if chunk is None:
-                    continue
-                if pending is not None:
-                    await self._send_chunk(peer, sync_id, seq, False, pending)
-                    seq += 1
-                pending = chunk
-        last = chunker.flush()
-        if last is not None:
-            if pending is not None:
-                await self._send_chunk(peer, sync_id, seq, False, pending)
-                seq += 1
-            pending = last
-        if pending is None:
-            return
-        await self._send_chunk(peer, sync_id, seq, True, pending)
-        self.stats.syncs_sent += 1
-
-    async def _send_chunk(
-        self, peer: Peer, sync_id: int, seq: int, last: bool, chunk: bytes
-    ) -> None:
-        if len(chunk) > self.node.config.max_payload:
-            self.node.stats_counters.drop("sync_item_too_large")
-            return
-        # Waits for room on the link: a large snapshot streams, it does not flood.
-        await self.node.send_message(peer, SyncChunk(self.name, sync_id, seq, last, chunk))
-        self.stats.chunks_sent += 1

@@ -1,9 +1,9 @@
 """Subscriptions that survive the restart of their source and say what they missed.
 
 A source (the membership or the broadcast component, a map) hands each subscriber a
-bounded `Feed` (`trio_replica.runtime.flow`). The source never waits for a subscriber: an event
-that does not fit is counted, and the subscriber receives a `Lagged(missed)` notice exactly
-where events went missing. When the source crashes it closes every feed it handed out
+bounded `Feed` (`trio_replica.runtime.feeds`). The source never waits for a subscriber: an
+event that does not fit is counted, and the subscriber receives a `Lagged(missed)` notice
+exactly where events went missing. When the source crashes it closes every feed it handed out
 (SPEC section 9: the subscriber *sees* its source die). A `Subscription` is the subscriber
 side: on that close it re-subscribes, retrying with bounded backoff until the source runs
 again, and yields a `Resubscribed` notice so the application can recover what it may have
@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 import trio
 
 from ..core.events import Event, Lagged, Resubscribed
-from .flow import Feed
+from .feeds import Feed
 
 T = TypeVar("T", bound=Event)
 

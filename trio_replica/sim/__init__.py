@@ -1,2 +1,3 @@
 """The seeded discrete-event simulator: the real protocol cores on a simulated network
-(`overlay` for membership and broadcast, `replica` for replicated maps)."""
+(`overlay` runs the nodes over `network`, with the layers of `stack` and `broadcast`;
+`graph` measures the overlay; `replica` for replicated maps)."""

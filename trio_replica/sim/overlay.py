@@ -1,366 +1,45 @@
 """A seeded, deterministic discrete-event simulator over the sans-IO protocol cores.
 
-This module owns a virtual network of nodes, each a `Stack` of protocol cores (HyParView
-today; Plumtree plugs in as another `Layer`), and a plain `heapq` event loop in virtual
-time. No trio, no sockets, no wall clock: the same seed gives the same run, event for event,
-which is what makes 1,000-node experiments and exact regression tests possible (SPEC
-section 2, the "simulation" figures of section 13).
+This module owns `Simulator`: a virtual network of nodes, each a `Stack` of protocol cores
+(HyParView; Plumtree and flooding as broadcast layers, `sim.broadcast`), run in virtual
+time over `sim.network.Network`. No trio, no sockets, no wall clock: the same seed gives the
+same run, event for event, which is what makes 1,000-node experiments and exact regression
+tests possible (SPEC section 2, the "simulation" figures of section 13). The graph metrics
+of the overlay the active views form are in `sim.graph`.
 
-The network model is the runtime's, reduced to what the cores can observe:
+The simulator carries out the layers' effects (`Send`, `CloseLink`, `SetTimer`, `Emit`:
+an event one layer emits goes to the node's other layers) and measures each broadcast
+(`BroadcastRecord`).
 
-* A link joins two nodes; `Send` opens one if needed (a dial) and messages on it arrive in
-  order after the pair's latency (drawn once per pair). A dial to a crashed, unknown or
-  partitioned node fails: the sender gets `handle_link_down` after `dial_fail_delay`.
-* `CloseLink` lets what the closer queued before it drain, then the other side gets
-  `handle_link_down` (as it would see the websocket close); what that side had in flight
-  towards the closer is lost.
-* A crash (or a partition cutting a link) silences the link at once; each live endpoint
-  gets `handle_link_down` after `detect_delay`, the ping timeout of the real runtime.
-* `loss` drops a fraction of messages silently, to exercise the cores' timeouts (the real
-  transport is reliable: there a loss is a link failure).
-* Links nobody wants (`wants_link` false at both ends) and with nothing in flight are
-  closed by a periodic sweep, as the runtime closes idle temporary links.
-
-A small driver per node does what the runtime does around the membership core: JOIN through
-a random seed while `needs_join()` (with exponential backoff), and every `rejoin_interval`
-JOIN again through a seed when `should_rejoin(seed_ids)` says so.
-
-Broadcast layers (issue 8). `PlumtreeLayer` drives the real Plumtree core (the runtime's
-broadcast component does the same: PeerUp/PeerDown from membership become
-`neighbor_up`/`neighbor_down`). `FloodLayer` is the baseline of both papers: every node
-forwards the first copy of a message to every active peer but the sender (HyParView paper
-section 5, "flooding over the active view"; SRDS 2007 section 4 compares Plumtree with it).
-Flooding travels as `FloodGossip`, a simulator-only message class, so that both layers sit
-in one stack and run over the very same overlay at the same time. `Simulator.broadcast`
-starts a message on either; the simulator itself (not the layers) measures each message:
-which node delivered it at which hop, and how many payload copies live nodes received, from
-which `BroadcastRecord.metrics` gives the papers' figures: reliability, RMR (relative
-message redundancy, m / (n - 1) - 1) and LDH (last delivery hop).
-
-The graph helpers at the bottom (`is_connected`, `asymmetric_links`, ...) read the overlay
-that the active views form.
+Around the membership core each node runs the runtime's own driver policy
+(`core.seeding.SeedPolicy`: join through the seeds while isolated, with backoff; every
+`rejoin_interval` a seed reaches the next seed it does not know, another node re-joins
+when `should_rejoin`), carried out here as the runtime's seeding task does it: a seed
+"answers a dial" when it is alive and reachable. Where the runtime wakes on a change of
+the active view, the simulator looks again every `join_backoff_min` (x0.8-1.2). Links
+nobody wants (`wants_link` false at both ends) and with nothing in flight are closed by
+a periodic sweep, as the runtime closes idle temporary links.
 """
 
 from __future__ import annotations
 
-import heapq
 import random
-from collections import Counter, deque
-from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from typing import Literal
 
 import attrs
 
 from ..core.effects import CloseLink, Effect, Emit, Send, SetTimer
-from ..core.events import Delivered, Event, PeerDown, PeerUp
+from ..core.events import Delivered, Event
 from ..core.hyparview import HyParView, HyParViewConfig
-from ..core.messages import HYPARVIEW_KINDS, PLUMTREE_KINDS, Gossip, Message, MessageId, Peer
-from ..core.plumtree import Plumtree, PlumtreeConfig
-
-__all__ = [
-    "BROADCAST",
-    "FLOOD",
-    "BroadcastLayer",
-    "BroadcastMetrics",
-    "BroadcastRecord",
-    "DriverConfig",
-    "FloodGossip",
-    "FloodLayer",
-    "HyParViewLayer",
-    "Layer",
-    "NetworkConfig",
-    "PlumtreeLayer",
-    "SimNode",
-    "Simulator",
-    "Stack",
-    "active_graph",
-    "asymmetric_links",
-    "average_shortest_path",
-    "broadcast_stack",
-    "clustering_coefficient",
-    "components",
-    "in_degree_distribution",
-    "is_connected",
-]
-
-MEMBERSHIP = "membership"
-#: Layer names used by `broadcast_stack`.
-BROADCAST = "plumtree"
-FLOOD = "flood"
-
-
-# --- the per-node stack ---------------------------------------------------------------------------
-
-
-class Layer(Protocol):
-    """One protocol core as the simulator (and the runtime) drives it.
-
-    `kinds` are the message classes routed to this layer. `handle_event` receives the
-    events the *other* layers of the same node emit (e.g. HyParView's PeerUp/PeerDown for
-    Plumtree's eager set).
-    """
-
-    kinds: tuple[type[Message], ...]
-
-    def handle_message(self, sender: Peer, message: Message, now: float) -> list[Effect]: ...
-
-    def handle_timer(self, timer: Hashable, now: float) -> list[Effect]: ...
-
-    def handle_link_down(self, peer: Peer, now: float) -> list[Effect]: ...
-
-    def handle_event(self, event: Event, now: float) -> list[Effect]: ...
-
-    def wants_link(self, peer_id: str) -> bool: ...
-
-
-class HyParViewLayer:
-    """Adapts the HyParView core to `Layer` (it consumes no other layer's events)."""
-
-    kinds: tuple[type[Message], ...] = HYPARVIEW_KINDS
-
-    def __init__(self, core: HyParView) -> None:
-        self.core = core
-
-    def handle_message(self, sender: Peer, message: Message, now: float) -> list[Effect]:
-        return self.core.handle_message(sender, message, now)
-
-    def handle_timer(self, timer: Hashable, now: float) -> list[Effect]:
-        return self.core.handle_timer(timer, now)
-
-    def handle_link_down(self, peer: Peer, now: float) -> list[Effect]:
-        return self.core.handle_link_down(peer, now)
-
-    def handle_event(self, event: Event, now: float) -> list[Effect]:
-        return []
-
-    def wants_link(self, peer_id: str) -> bool:
-        return self.core.wants_link(peer_id)
-
-
-class Stack:
-    """The protocol layers of one node, by name, and the message routing between them.
-
-    The layer named ``"membership"`` must be a `HyParViewLayer`: the driver and the graph
-    helpers read its core.
-    """
-
-    def __init__(self, layers: Mapping[str, Layer]) -> None:
-        self.layers = dict(layers)
-        self.routes: dict[type[Message], str] = {}
-        for name, layer in self.layers.items():
-            for kind in layer.kinds:
-                if kind in self.routes:
-                    raise ValueError(f"{kind.__name__} routed to {self.routes[kind]} and {name}")
-                self.routes[kind] = name
-        membership = self.layers.get(MEMBERSHIP)
-        if not isinstance(membership, HyParViewLayer):
-            raise ValueError(f"a stack needs a HyParViewLayer named {MEMBERSHIP!r}")
-        self.hyparview: HyParView = membership.core
-
-    def wants_link(self, peer_id: str) -> bool:
-        return any(layer.wants_link(peer_id) for layer in self.layers.values())
-
-
-StackFactory = Callable[[Peer, random.Random], Stack]
-
-
-def hyparview_stack(config: HyParViewConfig) -> StackFactory:
-    """A factory of stacks holding only the membership layer."""
-
-    def make(peer: Peer, rng: random.Random) -> Stack:
-        return Stack({MEMBERSHIP: HyParViewLayer(HyParView(peer, config, rng))})
-
-    return make
-
-
-@runtime_checkable
-class BroadcastLayer(Layer, Protocol):
-    """A layer that can originate a broadcast (`Simulator.broadcast` calls it)."""
-
-    def broadcast(self, id: MessageId, tag: str, payload: bytes, now: float) -> list[Effect]: ...
-
-
-class PlumtreeLayer:
-    """Adapts the Plumtree core to `Layer`, fed by membership events as the runtime feeds it.
-
-    The core's sets follow PeerUp/PeerDown only (Algorithm 1, NeighborUp/NeighborDown); a
-    link going down is membership's business, which reports it as PeerDown.
-    """
-
-    kinds: tuple[type[Message], ...] = PLUMTREE_KINDS
-
-    def __init__(self, core: Plumtree) -> None:
-        self.core = core
-
-    def broadcast(self, id: MessageId, tag: str, payload: bytes, now: float) -> list[Effect]:
-        return self.core.broadcast(id, tag, payload, now)
-
-    def handle_message(self, sender: Peer, message: Message, now: float) -> list[Effect]:
-        return self.core.handle_message(sender, message, now)
-
-    def handle_timer(self, timer: Hashable, now: float) -> list[Effect]:
-        return self.core.handle_timer(timer, now)
-
-    def handle_link_down(self, peer: Peer, now: float) -> list[Effect]:
-        return []
-
-    def handle_event(self, event: Event, now: float) -> list[Effect]:
-        if isinstance(event, PeerUp):
-            return self.core.neighbor_up(event.peer, now)
-        if isinstance(event, PeerDown):
-            return self.core.neighbor_down(event.peer, now)
-        return []
-
-    def wants_link(self, peer_id: str) -> bool:
-        return False
-
-
-@attrs.frozen
-class FloodGossip(Message):
-    """Simulator-only payload of the flooding baseline (never on the wire)."""
-
-    KIND: ClassVar[int] = -1
-    CONTROL: ClassVar[bool] = False
-    id: MessageId
-    round: int
-
-
-class FloodLayer:
-    """Flooding over the active view: the baseline both papers measure against.
-
-    The first copy of a message is delivered and forwarded to every neighbour but its
-    sender; later copies are dropped. Neighbours are the active view, as PeerUp/PeerDown
-    report it. Seen ids are kept for the whole run (a simulation is short).
-    """
-
-    kinds: tuple[type[Message], ...] = (FloodGossip,)
-
-    def __init__(self) -> None:
-        # dict as an ordered set: the send order must not depend on the hash seed.
-        self.neighbors: dict[Peer, None] = {}
-        self.seen: set[MessageId] = set()
-
-    def broadcast(self, id: MessageId, tag: str, payload: bytes, now: float) -> list[Effect]:
-        self.seen.add(id)
-        effects: list[Effect] = [Send(peer, FloodGossip(id, 1)) for peer in self.neighbors]
-        effects.append(Emit(Delivered(id, tag, payload, 0, None)))
-        return effects
-
-    def handle_message(self, sender: Peer, message: Message, now: float) -> list[Effect]:
-        if not isinstance(message, FloodGossip) or message.id in self.seen:
-            return []
-        self.seen.add(message.id)
-        forward = FloodGossip(message.id, message.round + 1)
-        effects: list[Effect] = [Send(p, forward) for p in self.neighbors if p != sender]
-        effects.append(Emit(Delivered(message.id, "", b"", message.round, sender)))
-        return effects
-
-    def handle_timer(self, timer: Hashable, now: float) -> list[Effect]:
-        return []
-
-    def handle_link_down(self, peer: Peer, now: float) -> list[Effect]:
-        return []
-
-    def handle_event(self, event: Event, now: float) -> list[Effect]:
-        if isinstance(event, PeerUp):
-            self.neighbors[event.peer] = None
-        elif isinstance(event, PeerDown):
-            self.neighbors.pop(event.peer, None)
-        return []
-
-    def wants_link(self, peer_id: str) -> bool:
-        return False
-
-
-def broadcast_stack(
-    hyparview: HyParViewConfig, plumtree: PlumtreeConfig | None = None
-) -> StackFactory:
-    """Stacks of membership, Plumtree (`BROADCAST`) and flooding (`FLOOD`) over one overlay.
-
-    Each core gets its own generator derived from the node's, so adding the broadcast
-    layers leaves the membership's random choices (hence the overlay) as they were.
-    """
-    plumtree_config = plumtree or PlumtreeConfig()
-
-    def make(peer: Peer, rng: random.Random) -> Stack:
-        # A copy of the node's generator, reseeded: `rng` itself is left untouched.
-        plumtree_rng = random.Random()
-        plumtree_rng.setstate(rng.getstate())
-        plumtree_rng.seed(plumtree_rng.getrandbits(64) ^ 0x9E3779B97F4A7C15)
-        return Stack(
-            {
-                MEMBERSHIP: HyParViewLayer(HyParView(peer, hyparview, rng)),
-                BROADCAST: PlumtreeLayer(Plumtree(peer.id, plumtree_config, plumtree_rng)),
-                FLOOD: FloodLayer(),
-            }
-        )
-
-    return make
-
-
-@attrs.frozen
-class BroadcastMetrics:
-    """The papers' figures for one message (SRDS 2007 section 4.1)."""
-
-    #: Fraction of the eligible nodes that delivered it.
-    reliability: float
-    #: Relative message redundancy: payloads received / (deliveries - 1) - 1 (0 for a tree).
-    rmr: float
-    #: Last delivery hop: the largest hop count of a delivery.
-    ldh: int
-    delivered: int
-    eligible: int
-    payloads: int
-
-
-@attrs.define
-class BroadcastRecord:
-    """What the simulator saw of one broadcast: deliveries by node and payload copies."""
-
-    id: MessageId
-    layer: str
-    sent_at: float
-    #: Live nodes when it was sent (the reliability denominator, less later crashes).
-    alive_at_send: frozenset[str]
-    hops: dict[str, int] = attrs.field(factory=dict)
-    #: Payload messages (GOSSIP or flood copies, grafted resends included) received by
-    #: live nodes: the paper's m.
-    payloads: int = 0
-
-    def metrics(self, eligible: Collection[str] | None = None) -> BroadcastMetrics:
-        """Figures against `eligible` nodes (default: alive at send time)."""
-        targets = self.alive_at_send if eligible is None else eligible
-        reached = sum(1 for node_id in targets if node_id in self.hops)
-        delivered = len(self.hops)
-        rmr = self.payloads / (delivered - 1) - 1 if delivered > 1 else 0.0
-        return BroadcastMetrics(
-            reliability=reached / len(targets) if targets else 1.0,
-            rmr=rmr,
-            ldh=max(self.hops.values(), default=0),
-            delivered=delivered,
-            eligible=len(targets),
-            payloads=self.payloads,
-        )
-
-
-# --- configuration and state ----------------------------------------------------------------------
-
-
-@attrs.frozen
-class NetworkConfig:
-    """The virtual network's behaviour; times in seconds."""
-
-    #: One-way latency of a pair of nodes, drawn uniformly once per pair.
-    latency_min: float = 0.005
-    latency_max: float = 0.050
-    #: Fraction of messages dropped silently (0 = reliable links, as over TCP).
-    loss: float = 0.0
-    #: Delay before a failed dial is reported (connection refused or timed out).
-    dial_fail_delay: float = 1.0
-    #: Delay before a link to a crashed or cut-off peer is reported down (ping timeout).
-    detect_delay: float = 3.0
-    #: Period of the idle-link sweep; 0 turns it off.
-    idle_sweep_interval: float = 10.0
+from ..core.messages import Gossip, Message, MessageId, Peer
+from ..core.seeding import Join, Reach, SeedingConfig, SeedPolicy
+from .broadcast import BROADCAST, BroadcastLayer, BroadcastRecord, FloodGossip
+from .network import Network, NetworkConfig
+from .stack import MEMBERSHIP, HyParViewLayer, Stack, StackFactory, hyparview_stack
+
+__all__ = ["DriverConfig", "SimNode", "Simulator"]
 
 
 @attrs.frozen
@@ -370,8 +49,10 @@ class DriverConfig:
     #: First and largest delay between two JOIN attempts of an isolated node.
     join_backoff_min: float = 1.0
     join_backoff_max: float = 30.0
-    #: Which nodes run the periodic `should_rejoin` check ("seeds": seed nodes only).
-    rejoin: Literal["off", "seeds", "all"] = "seeds"
+    #: Which nodes run the periodic re-join check: "seeds" (seed nodes only: the
+    #: runtime's `rejoin_chance` 0), "all" (`rejoin_chance` 1), "runtime" (the
+    #: membership config's `rejoin_chance`, as nodes do), "off".
+    rejoin: Literal["off", "seeds", "all", "runtime"] = "seeds"
     #: Keep every emitted event per node (off for large runs: only counts are kept).
     record_events: bool = False
 
@@ -386,11 +67,16 @@ class SimNode:
     alive: bool = True
     #: Bumped at every restart: timers and dials of an older life are ignored.
     life: int = 0
-    join_backoff: float = 0.0
+    #: The driver policy of the current life (the runtime's: `core.seeding`).
+    policy: SeedPolicy | None = None
     links: set[tuple[str, str]] = attrs.field(factory=set)
     events: list[Event] = attrs.field(factory=list)
     event_counts: Counter[str] = attrs.field(factory=Counter)
-    rejoins: int = 0
+
+    @property
+    def rejoins(self) -> int:
+        """Re-joins and reaches the driver started, over the node's current life."""
+        return self.policy.rejoins if self.policy is not None else 0
 
     @property
     def id(self) -> str:
@@ -401,22 +87,7 @@ class SimNode:
         return self.stack.hyparview
 
 
-@attrs.define(eq=False)
-class _Link:
-    key: tuple[str, str]
-    latency: float
-    inc: int = 0
-    open: bool = False
-    #: Silenced by a crash or a partition; detection events are scheduled.
-    dead: bool = False
-    in_flight: int = 0
-    #: Per destination id: the latest scheduled delivery, to keep each direction FIFO.
-    last: dict[str, float] = attrs.field(factory=dict)
-    #: Incarnation -> id of the side that closed it, while its queued messages drain.
-    closing: dict[int, str] = attrs.field(factory=dict)
-
-
-class Simulator:
+class Simulator(Network[SimNode]):
     """N nodes, a virtual network and a heapq of timed events. Deterministic per `seed`."""
 
     def __init__(
@@ -428,24 +99,11 @@ class Simulator:
         driver: DriverConfig | None = None,
         stack_factory: StackFactory | None = None,
     ) -> None:
+        super().__init__(network or NetworkConfig(), random.Random(seed))
         self.seed = seed
-        self.network = network or NetworkConfig()
         self.hyparview_config = hyparview or HyParViewConfig()
         self.driver = driver or DriverConfig()
         self._stack_factory = stack_factory or hyparview_stack(self.hyparview_config)
-        self.rng = random.Random(seed)
-        self.now = 0.0
-        self.nodes: dict[str, SimNode] = {}
-        self.sent: Counter[str] = Counter()
-        self.delivered: Counter[str] = Counter()
-        self.dropped: Counter[str] = Counter()
-        self.events_processed = 0
-        self._queue: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
-        self._seq = 0
-        self._links: dict[tuple[str, str], _Link] = {}
-        self._latency: dict[tuple[str, str], float] = {}
-        self._failing_dials: set[tuple[str, str]] = set()
-        self._groups: dict[str, int] | None = None
         self._seed_set: set[str] = set()
         #: Every broadcast started by `broadcast`, by id, in send order.
         self.broadcasts: dict[MessageId, BroadcastRecord] = {}
@@ -474,22 +132,6 @@ class Simulator:
         )
         return node
 
-    def crash(self, node_ids: Iterable[str]) -> None:
-        """Stop nodes at once, without a word to anyone; their peers detect it later."""
-        for node_id in node_ids:
-            node = self.nodes[node_id]
-            if not node.alive:
-                continue
-            node.alive = False
-            for key in sorted(node.links):  # sorted: set order varies with the hash seed
-                link = self._links.get(key)
-                if link is not None and link.open and not link.dead:
-                    link.dead = True
-                    other = key[0] if key[1] == node_id else key[1]
-                    self._schedule(
-                        self.network.detect_delay, self._detect, (link, link.inc, other, node_id)
-                    )
-
     def restart(self, node_id: str) -> None:
         """Bring a crashed node back with a fresh stack (empty views); it joins its seeds."""
         node = self.nodes[node_id]
@@ -507,27 +149,6 @@ class Simulator:
                 self._apply(node, name, layer.core.leave(self.now))
         # Links the leave did not close (temporary ones) go down as the process exits.
         self.crash([node_id])
-
-    def partition(self, groups: Sequence[Collection[str]]) -> None:
-        """Split the network: nodes talk only within their group (unlisted nodes form one
-        more group). Links across groups are silenced and detected as failed."""
-        self._groups = {}
-        for index, group in enumerate(groups):
-            for node_id in group:
-                self._groups[node_id] = index
-        for key, link in list(self._links.items()):
-            if link.open and not link.dead and not self._reachable(*key):
-                link.dead = True
-                self._schedule(
-                    self.network.detect_delay, self._detect, (link, link.inc, key[0], key[1])
-                )
-                self._schedule(
-                    self.network.detect_delay, self._detect, (link, link.inc, key[1], key[0])
-                )
-
-    def heal(self) -> None:
-        """End the partition: dials across former groups succeed again."""
-        self._groups = None
 
     def broadcast(
         self, origin: str, layer: str = BROADCAST, tag: str = "sim", payload: bytes = b""
@@ -558,90 +179,91 @@ class Simulator:
                 return
             self._apply(node, name, layer.handle_event(event, self.now))
 
-    def run(self, until: float) -> None:
-        """Process events in time order up to virtual time `until` (inclusive)."""
-        queue = self._queue
-        while queue and queue[0][0] <= until:
-            when, _, action, args = heapq.heappop(queue)
-            self.now = when
-            self.events_processed += 1
-            action(*args)
-        self.now = max(self.now, until)
-
-    def run_for(self, seconds: float) -> None:
-        self.run(self.now + seconds)
-
     def alive_nodes(self) -> list[SimNode]:
         return [node for node in self.nodes.values() if node.alive]
-
-    def open_links(self) -> int:
-        return sum(1 for link in self._links.values() if link.open)
 
     def check_invariants(self) -> None:
         """Every live core's view invariants (raises AssertionError)."""
         for node in self.alive_nodes():
             node.hyparview.check_invariants()
 
-    # --- internals: nodes and drivers -----------------------------------------------------
-
-    def _new_stack(self, peer: Peer, life: int) -> Stack:
-        return self._stack_factory(peer, random.Random(f"{self.seed}/{peer.id}/{life}"))
+    # --- internals: the driver (seeding, re-join, idle-link sweep) ------------------------
 
     def _boot(self, node: SimNode, life: int) -> None:
         if life != node.life:
             return
         node.alive = True
-        node.join_backoff = self.driver.join_backoff_min
         self._apply(node, MEMBERSHIP, node.hyparview.start(self.now))
-        self._driver_join(node, life)
-        interval = self.hyparview_config.rejoin_interval
-        if interval > 0 and self._runs_rejoin(node):
-            self._schedule(interval * self.rng.uniform(0.5, 1.5), self._driver_rejoin, (node, life))
-
-    def _runs_rejoin(self, node: SimNode) -> bool:
-        if self.driver.rejoin == "off" or not node.seeds:
-            return False
-        return self.driver.rejoin == "all" or node.id in self._seed_set
-
-    def _driver_join(self, node: SimNode, life: int) -> None:
-        """JOIN through a random seed while the node is isolated, with backoff."""
-        if not node.alive or life != node.life:
+        if not node.seeds:
             return
-        core = node.hyparview
-        if core.needs_join() and node.seeds:
-            contact = self.rng.choice(node.seeds)
-            self._apply(node, MEMBERSHIP, core.join(contact, self.now))
-            delay = node.join_backoff
-            node.join_backoff = min(node.join_backoff * 2, self.driver.join_backoff_max)
+        cfg, driver = self.hyparview_config, self.driver
+        chance = {"off": 0.0, "seeds": 0.0, "all": 1.0, "runtime": cfg.rejoin_chance}
+        node.policy = SeedPolicy(
+            node.id,
+            [seed.address for seed in node.seeds],
+            is_seed=node.id in self._seed_set and driver.rejoin != "off",
+            config=SeedingConfig(
+                retry_min=driver.join_backoff_min,
+                retry_max=driver.join_backoff_max,
+                rejoin_interval=0.0 if driver.rejoin == "off" else cfg.rejoin_interval,
+                rejoin_chance=chance[driver.rejoin],
+            ),
+            rng=random.Random(f"{self.seed}/{node.id}/{life}/seeding"),
+            now=self.now,
+        )
+        for seed in node.seeds:
+            node.policy.learned(seed.address, seed.id)  # the simulator knows every id
+        self._drive(node, life)
+
+    def _answers(self, node: SimNode, address: str) -> SimNode | None:
+        """The seed at `address`, if a dial from `node` would reach it now."""
+        seed = self.nodes.get(address.removeprefix("sim://"))
+        if seed is None or not seed.alive or not self._reachable(node.id, seed.id):
+            return None
+        return seed
+
+    def _drive(self, node: SimNode, life: int) -> None:
+        """One step of the node's seeding policy (`runtime.seeding` does the same)."""
+        if not node.alive or life != node.life or node.policy is None:
+            return
+        policy, core = node.policy, node.hyparview
+        step = policy.step(core, self.now)
+        delay: float
+        if isinstance(step, Join):
+            contact = next((s for a in step.seeds if (s := self._answers(node, a))), None)
+            if contact is not None:
+                self._apply(node, MEMBERSHIP, core.join(contact.peer, self.now))
+            delay = 0.0 if step.rejoin else policy.retry_delay()
+        elif isinstance(step, Reach):
+            for address in step.seeds:
+                policy.tried(address)
+                seed = self._answers(node, address)
+                if seed is not None and policy.may_reach(core, seed.id):
+                    self._apply(node, MEMBERSHIP, core.reach(seed.peer, self.now))
+                    break
+            delay = 0.0
         else:
-            node.join_backoff = self.driver.join_backoff_min
-            delay = node.join_backoff
-        self._schedule(delay * self.rng.uniform(0.8, 1.2), self._driver_join, (node, life))
+            # The runtime waits for a change of the active view; the simulator looks again.
+            poll = self.driver.join_backoff_min * self.rng.uniform(0.8, 1.2)
+            delay = max(0.0, min(step.until - self.now, poll))
+        self._schedule(delay, self._drive, (node, life))
 
-    def _driver_rejoin(self, node: SimNode, life: int) -> None:
-        """Partition merge (SPEC section 4, bootstrap), as the runtime's seeder does it: a
-        seed asks the next other seed that is not its neighbour to be one (`reach`); any
-        other node JOINs a seed when `should_rejoin`."""
-        if not node.alive or life != node.life:
-            return
-        core = node.hyparview
-        seed_ids = {seed.id for seed in node.seeds}
-        if node.id in self._seed_set:
-            others = [s for s in node.seeds if not (core.is_active(s.id) or core.is_passive(s.id))]
-            if others:
-                # The rotation: the seed asked longest ago first.
-                node.seeds = (*[s for s in node.seeds if s != others[0]], others[0])
-                node.rejoins += 1
-                self._apply(node, MEMBERSHIP, core.reach(others[0], self.now))
-        elif core.should_rejoin(seed_ids):
-            candidates = [s for s in node.seeds if not core.is_active(s.id)]
-            if candidates:
-                node.rejoins += 1
-                self._apply(node, MEMBERSHIP, core.join(self.rng.choice(candidates), self.now))
-        interval = self.hyparview_config.rejoin_interval
-        self._schedule(interval * self.rng.uniform(0.75, 1.25), self._driver_rejoin, (node, life))
+    def _sweep_idle_links(self) -> None:
+        for key, link in list(self._links.items()):
+            if link.in_flight or link.closing or link.dead:
+                continue
+            if link.open:
+                a, b = self.nodes[key[0]], self.nodes[key[1]]
+                if (a.alive and a.stack.wants_link(b.id)) or (b.alive and b.stack.wants_link(a.id)):
+                    continue
+                self._forget_link(link)
+            del self._links[key]
+        self._schedule(self.network.idle_sweep_interval, self._sweep_idle_links, ())
 
-    # --- internals: effects ---------------------------------------------------------------
+    # --- internals: stacks and effects ----------------------------------------------------
+
+    def _new_stack(self, peer: Peer, life: int) -> Stack:
+        return self._stack_factory(peer, random.Random(f"{self.seed}/{peer.id}/{life}"))
 
     def _apply(self, node: SimNode, layer_name: str, effects: list[Effect]) -> None:
         for effect in effects:
@@ -677,235 +299,14 @@ class Simulator:
                 return
             self._apply(node, name, layer.handle_link_down(peer, self.now))
 
-    # --- internals: network ---------------------------------------------------------------
-
-    def _schedule(self, delay: float, action: Callable[..., None], args: tuple[Any, ...]) -> None:
-        self._seq += 1
-        heapq.heappush(self._queue, (self.now + delay, self._seq, action, args))
-
-    def _reachable(self, a: str, b: str) -> bool:
-        groups = self._groups
-        return groups is None or groups.get(a, -1) == groups.get(b, -1)
-
-    def _link(self, a: str, b: str) -> _Link:
-        key = (a, b) if a < b else (b, a)
-        link = self._links.get(key)
-        if link is None:
-            latency = self._latency.get(key)
-            if latency is None:
-                net = self.network
-                latency = self.rng.uniform(net.latency_min, net.latency_max)
-                self._latency[key] = latency
-            link = self._links[key] = _Link(key, latency)
-        return link
-
-    def _send(self, node: SimNode, peer: Peer, message: Message) -> None:
-        kind = type(message).__name__
-        self.sent[kind] += 1
-        target = self.nodes.get(peer.id)
-        link = self._link(node.id, peer.id)
-        if not link.open:
-            if target is None or not target.alive or not self._reachable(node.id, peer.id):
-                self.dropped[kind] += 1
-                dial = (node.id, peer.id)
-                if dial not in self._failing_dials:
-                    self._failing_dials.add(dial)
-                    self._schedule(
-                        self.network.dial_fail_delay, self._dial_failed, (node, node.life, peer)
-                    )
-                return
-            link.inc += 1
-            link.open = True
-            node.links.add(link.key)
-            target.links.add(link.key)
-        if link.dead or (self.network.loss and self.rng.random() < self.network.loss):
-            self.dropped[kind] += 1
-            return
-        when = max(self.now + link.latency, link.last.get(peer.id, 0.0))
-        link.last[peer.id] = when
-        link.in_flight += 1
-        self._seq += 1
-        heapq.heappush(
-            self._queue, (when, self._seq, self._deliver, (link, link.inc, node, peer.id, message))
-        )
-
-    def _deliver(
-        self, link: _Link, inc: int, source: SimNode, dest_id: str, message: Message
-    ) -> None:
-        link.in_flight -= 1
-        kind = type(message).__name__
-        dest = self.nodes[dest_id]
-        if inc == link.inc and link.open:
-            ok = not link.dead
-        else:
-            closer = link.closing.get(inc)
-            ok = closer is not None and closer != dest_id and not link.dead
-        if not ok or not dest.alive or not self._reachable(source.id, dest_id):
-            self.dropped[kind] += 1
-            return
-        self.delivered[kind] += 1
+    def _receive(self, source: SimNode, dest: SimNode, message: Message) -> None:
         if isinstance(message, Gossip | FloodGossip):
             record = self.broadcasts.get(message.id)
             if record is not None:
                 record.payloads += 1
         layer_name = dest.stack.routes.get(type(message))
         if layer_name is None:
-            self.dropped[kind] += 1
+            self.dropped[type(message).__name__] += 1
             return
         layer = dest.stack.layers[layer_name]
         self._apply(dest, layer_name, layer.handle_message(source.peer, message, self.now))
-
-    def _dial_failed(self, node: SimNode, life: int, peer: Peer) -> None:
-        self._failing_dials.discard((node.id, peer.id))
-        if node.alive and life == node.life:
-            self._link_down(node, peer)
-
-    def _close(self, node: SimNode, peer: Peer) -> None:
-        key = (node.id, peer.id) if node.id < peer.id else (peer.id, node.id)
-        link = self._links.get(key)
-        if link is None or not link.open or link.dead:
-            return
-        link.open = False
-        link.closing[link.inc] = node.id
-        when = max(self.now + link.latency, link.last.get(peer.id, 0.0))
-        self._seq += 1
-        heapq.heappush(
-            self._queue, (when, self._seq, self._close_done, (link, link.inc, node.id, peer.id))
-        )
-
-    def _close_done(self, link: _Link, inc: int, closer_id: str, other_id: str) -> None:
-        link.closing.pop(inc, None)
-        if link.inc != inc or link.open:
-            return  # reopened meanwhile: the other side sees a working link
-        self._forget_link(link)
-        other = self.nodes[other_id]
-        if other.alive and not link.dead:
-            self._link_down(other, self.nodes[closer_id].peer)
-
-    def _detect(self, link: _Link, inc: int, node_id: str, peer_id: str) -> None:
-        if link.inc == inc:
-            link.open = False
-            link.dead = False
-            self._forget_link(link)
-        node = self.nodes[node_id]
-        if node.alive:
-            self._link_down(node, self.nodes[peer_id].peer)
-
-    def _forget_link(self, link: _Link) -> None:
-        for node_id in link.key:
-            node = self.nodes.get(node_id)
-            if node is not None:
-                node.links.discard(link.key)
-
-    def _sweep_idle_links(self) -> None:
-        for key, link in list(self._links.items()):
-            if link.in_flight or link.closing or link.dead:
-                continue
-            if link.open:
-                a, b = self.nodes[key[0]], self.nodes[key[1]]
-                if (a.alive and a.stack.wants_link(b.id)) or (b.alive and b.stack.wants_link(a.id)):
-                    continue
-                self._forget_link(link)
-            del self._links[key]
-        self._schedule(self.network.idle_sweep_interval, self._sweep_idle_links, ())
-
-
-# --- graph metrics over the active views ----------------------------------------------------------
-
-Graph = dict[str, set[str]]
-
-
-def active_graph(sim: Simulator) -> Graph:
-    """Directed graph of the live nodes' active views (edges to crashed nodes left out)."""
-    alive = {node.id for node in sim.alive_nodes()}
-    return {
-        node_id: {peer.id for peer in sim.nodes[node_id].hyparview.active if peer.id in alive}
-        for node_id in alive
-    }
-
-
-def _undirected(graph: Graph) -> Graph:
-    result: Graph = {node: set(peers) for node, peers in graph.items()}
-    for node, peers in graph.items():
-        for peer in peers:
-            result.setdefault(peer, set()).add(node)
-    return result
-
-
-def components(graph: Graph) -> list[set[str]]:
-    """Connected components of the graph taken as undirected, largest first."""
-    undirected = _undirected(graph)
-    seen: set[str] = set()
-    result: list[set[str]] = []
-    for start in undirected:
-        if start in seen:
-            continue
-        component = {start}
-        queue = deque([start])
-        while queue:
-            for peer in undirected[queue.popleft()]:
-                if peer not in component:
-                    component.add(peer)
-                    queue.append(peer)
-        seen |= component
-        result.append(component)
-    result.sort(key=len, reverse=True)
-    return result
-
-
-def is_connected(graph: Graph) -> bool:
-    return len(components(graph)) <= 1
-
-
-def asymmetric_links(graph: Graph) -> list[tuple[str, str]]:
-    """Edges a -> b whose reverse b -> a is missing (both ends in the graph)."""
-    return sorted(
-        (a, b) for a, peers in graph.items() for b in peers if b in graph and a not in graph[b]
-    )
-
-
-def clustering_coefficient(graph: Graph) -> float:
-    """Average local clustering coefficient of the undirected graph (paper, section 5.2)."""
-    undirected = _undirected(graph)
-    total = 0.0
-    for peers in undirected.values():
-        k = len(peers)
-        if k < 2:
-            continue
-        links = sum(1 for a in peers for b in undirected[a] if b in peers) / 2
-        total += links / (k * (k - 1) / 2)
-    return total / len(undirected) if undirected else 0.0
-
-
-def average_shortest_path(
-    graph: Graph, *, sources: int | None = None, rng: random.Random | None = None
-) -> float:
-    """Mean hop count between reachable pairs (BFS from all, or `sources` sampled, nodes)."""
-    undirected = _undirected(graph)
-    nodes = sorted(undirected)
-    if sources is not None and sources < len(nodes):
-        nodes = (rng or random.Random(0)).sample(nodes, sources)
-    total = 0
-    pairs = 0
-    for start in nodes:
-        dist = {start: 0}
-        queue = deque([start])
-        while queue:
-            current = queue.popleft()
-            for peer in undirected[current]:
-                if peer not in dist:
-                    dist[peer] = dist[current] + 1
-                    queue.append(peer)
-        total += sum(dist.values())
-        pairs += len(dist) - 1
-    return total / pairs if pairs else 0.0
-
-
-def in_degree_distribution(graph: Graph) -> dict[int, int]:
-    """Number of nodes per in-degree (how many active views hold the node)."""
-    indegree = dict.fromkeys(graph, 0)
-    for peers in graph.values():
-        for peer in peers:
-            if peer in indegree:
-                indegree[peer] += 1
-    return dict(sorted(Counter(indegree.values()).items()))

@@ -1,6 +1,6 @@
 """The replica layer of the simulator: the real replica core over a real OR-Map, in virtual time.
 
-This module owns `ReplicaLayer`, a `sim.Layer` that drives `core.replication.ReplicationCore`
+This module owns `ReplicaLayer`, a `sim.stack.Layer` that drives `core.replication.ReplicationCore`
 as the runtime does (`trio_replica.runtime.replica`), over an `ormap.ORMap`: digest rounds and
 sync chunks are the wire's own `SyncDigest` and `SyncChunk` messages, chunks are packed
 by the runtime's `wire.Chunker`, and every message the layer sends is encoded with
@@ -41,15 +41,9 @@ from ..core.replication import (
     SyncCompleted,
 )
 from ..core.wire import Chunker, decode_payload, encode_message, encode_payload
-from .overlay import (
-    BROADCAST,
-    MEMBERSHIP,
-    HyParViewLayer,
-    PlumtreeLayer,
-    Simulator,
-    Stack,
-    StackFactory,
-)
+from .broadcast import BROADCAST, PlumtreeLayer
+from .overlay import Simulator
+from .stack import MEMBERSHIP, HyParViewLayer, Stack, StackFactory
 
 __all__ = ["REPLICA", "ReplicaLayer", "converged", "digests", "replica_stack", "write"]
 
@@ -122,7 +116,7 @@ class ReplicaLayer:
         for key, entry in from_wire(raw):
             self.map.merge_entry(key, entry)
 
-    # --- sim.Layer ------------------------------------------------------------------------
+    # --- sim.stack.Layer ------------------------------------------------------------------
 
     def handle_message(self, sender: Peer, message: Message, now: float) -> list[Effect]:
         if isinstance(message, SyncDigest):

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cbor2
 import trio
@@ -31,19 +31,17 @@ from ..core.events import Lagged
 from ..core.messages import MAX_NODE_ID, MAX_TAG, Peer
 from ..core.wire import check_address
 from ..errors import WireError
+from ..runtime.services import HostListener
 from .maps import Put, Removed
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .hosting import MapHost
     from .maps import ReplicatedMap
 
 log = logging.getLogger("trio_replica.hosts")
 
 #: The directory's own map name (names starting with ``_`` are reserved for the node).
 DIRECTORY = "_hosts"
-
-#: Told ``(peer, added)`` when a node starts or stops hosting an instance.
-HostListener = Callable[[Peer, bool], None]
 
 
 def directory_key(instance: str, node_id: str) -> bytes:
@@ -75,21 +73,34 @@ def _valid(key: Any, value: Any) -> bool:
     return parse_entry(key, value) is not None
 
 
+class DirectoryRuntime(Protocol):
+    """What the host directory uses of its node's runtime."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def me(self) -> Peer: ...
+
+    def child_rng(self) -> random.Random: ...
+    async def start_task(self, fn: Callable[..., Awaitable[object]], *args: object) -> Any: ...
+
+
 class HostDirectory:
     """The hosts of every instance, as this node knows them (module docstring)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: DirectoryRuntime, maps: MapHost) -> None:
         self.node = node
+        self._maps = maps
         self.map: ReplicatedMap | None = None
         self._index: dict[str, dict[str, Peer]] = {}
         self._listeners: dict[str, HostListener] = {}
         #: Nodes gone for the cluster: their entries are left out of the index.
         self._forgotten: set[str] = set()
-        self._incarnation = random.Random(node._rng.getrandbits(64)).getrandbits(48)
+        self._incarnation = node.child_rng().getrandbits(48)
 
     async def start(self) -> None:
-        """Open the directory map and start following it (from `Node._start`)."""
-        self.map = await self.node._open_map_unchecked(DIRECTORY, validator=_valid)
+        """Open the directory map and start following it (`open_node`, before yielding)."""
+        self.map = await self._maps.open_reserved(DIRECTORY, validator=_valid, everywhere=True)
         await self.node.start_task(self._follow)
 
     def hosts(self, instance: str) -> list[Peer]:

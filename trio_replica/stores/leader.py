@@ -48,29 +48,17 @@ import attrs
 import trio
 
 from ..core.events import Event, Lagged
-from ..errors import ConfigError, NodeClosed
-from ..runtime.flow import Feed
-from .leases import LeaseBoard, LeaseConfig, entry_key
+from ..errors import NodeClosed
+from ..runtime.config import LeaderConfig
+from ..runtime.feeds import Feed
+from .leases import BuiltinHost, LeaseBoard, entry_key
 
 if TYPE_CHECKING:
-    from ..node import Node
     from .maps import ReplicatedMap
 
 log = logging.getLogger("trio_replica.leader")
 
 LEADER_MAP = "_leader"
-
-
-@attrs.frozen
-class LeaderConfig(LeaseConfig):
-    #: Seconds a new candidacy waits before it may lead (and for a first comparison with a
-    #: peer, or a TTL without one), so that candidacies put at once have all arrived.
-    settle: float = 2.0
-
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        if not self.settle >= 0:
-            raise ConfigError("leader: settle must be >= 0")
 
 
 @attrs.frozen
@@ -204,7 +192,7 @@ class Election(LeaseBoard):
     MAP = LEADER_MAP
     KINDS = {"cand": 3, "fence": 3}
 
-    def __init__(self, node: Node, config: LeaderConfig | None = None) -> None:
+    def __init__(self, node: BuiltinHost, config: LeaderConfig | None = None) -> None:
         super().__init__(node, config or LeaderConfig())
         self.config: LeaderConfig
         self._mine: dict[str, Leadership] = {}

@@ -32,35 +32,47 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import attrs
 import cbor2
 import trio
 
 from ..core.events import Event
 from ..core.ormap import Value
-from ..errors import ConfigError, MessageTooLarge, NodeClosed
+from ..errors import MessageTooLarge, NodeClosed
+from ..runtime.config import LeaseConfig
 from .maps import Put, Removed, ValidationError
 from .store import StoreError
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..core.hlc import HybridClock
+    from ..core.messages import Peer
+    from ..runtime.config import NodeConfig
+    from .hosting import MapHost
+    from .hosts import HostDirectory
     from .maps import ReplicatedMap
 
+
+class BuiltinHost(Protocol):
+    """What the built-ins use of their node: its runtime's basics, its maps, its hosts."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def clock(self) -> HybridClock: ...
+    @property
+    def map_host(self) -> MapHost: ...
+    @property
+    def hosts(self) -> HostDirectory: ...
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None: ...
+    def active_view(self) -> list[Peer]: ...
+
+
 log = logging.getLogger("trio_replica.leases")
-
-
-@attrs.frozen
-class LeaseConfig:
-    #: Seconds between two renewals of a node's lease, and how far ahead each reaches
-    #: (barrel_p2p's shard: 2 s and 6 s).
-    heartbeat: float = 2.0
-    ttl: float = 6.0
-
-    def __attrs_post_init__(self) -> None:
-        if not 0 < self.heartbeat < self.ttl:
-            raise ConfigError(f"{type(self).__name__}: 0 < heartbeat < ttl is needed")
 
 
 def entry_key(*parts: str) -> bytes:
@@ -96,7 +108,7 @@ class LeaseBoard:
     MAP: ClassVar[str]
     KINDS: ClassVar[dict[str, int]] = {}
 
-    def __init__(self, node: Node, config: LeaseConfig, *, persist: bool = False) -> None:
+    def __init__(self, node: BuiltinHost, config: LeaseConfig, *, persist: bool = False) -> None:
         self.node = node
         self.config = config
         self._persist = persist
@@ -125,7 +137,7 @@ class LeaseBoard:
     async def _ensure(self) -> ReplicatedMap:
         async with self._opening:
             if self._map is None:
-                self._map = await self.node._open_map_unchecked(self.MAP, persist=self._persist)
+                self._map = await self.node.map_host.open_reserved(self.MAP, persist=self._persist)
                 self.node.spawn(self._run)
                 self.node.spawn(self._catch_up, self._map)
             return self._map

@@ -4,7 +4,9 @@ The map is the owner of a replica instance (`trio_replica.runtime.replica`): it 
 (`trio_replica.core.ormap`), validates everything that comes from peers with
 `ormap_wire.ingest` before merging, emits change events, collects tombstones, and, with
 ``persist=True``, keeps its state in SQLite (`trio_replica.stores.store`) so that a put is
-acknowledged only once it is durable and a restarted node recovers its writes.
+acknowledged only once it is durable and a restarted node recovers its writes. What it knows
+of its syncs with peers (sync mark, recovery of lost writes, out-of-touch check) is kept by
+`trio_replica.stores.map_sync`.
 
 Reads (`get`, `keys`, `items`, `len`, `in`) are local and never wait for the network.
 Writes (`put`, `delete`) apply locally (and durably), then broadcast; they return once the
@@ -17,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
@@ -35,13 +37,18 @@ from ..core.ormap_wire import (
     ingest,
     signed_entry_bytes,
 )
-from ..runtime.flow import Fanout, Feed
+from ..runtime.feeds import Fanout, Feed
 from ..runtime.identity import verify
-from ..runtime.replica import Add, Remove, Replica
+from ..runtime.replica import Replica
+from ..runtime.replica_api import Add, Remove
+from .map_sync import SyncState
 from .store import StoreError
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..core.hlc import HybridClock
+    from ..runtime.config import NodeConfig
+    from ..runtime.identity import TrustStore
+    from ..runtime.stats import NodeStats
     from .store import MapStore
 
 log = logging.getLogger("trio_replica.maps")
@@ -92,6 +99,23 @@ class MapStats:
     lost_commits: int = 0
 
 
+class MapRuntime(Protocol):
+    """What a map uses of its node's runtime."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def clock(self) -> HybridClock: ...
+    @property
+    def stats_counters(self) -> NodeStats: ...
+    @property
+    def trust(self) -> TrustStore: ...
+    @property
+    def public_key(self) -> bytes: ...
+
+
 class ReplicatedMap:
     """A replicated map; obtain it with ``await node.open_map(name)``."""
 
@@ -99,15 +123,17 @@ class ReplicatedMap:
 
     def __init__(
         self,
-        node: Node,
+        node: MapRuntime,
         name: str,
         *,
         validator: Validator | None,
         tombstone_ttl: float,
+        on_close: Callable[[str], Awaitable[None]],
         limits: Limits = DEFAULT_LIMITS,
         store: MapStore | None = None,
     ) -> None:
         self.node = node
+        self._on_close = on_close
         self.name = name
         self._map = ORMap()
         self._validator = validator
@@ -117,9 +143,9 @@ class ReplicatedMap:
         self._subscribers = Fanout[Event]()
         self.stats = MapStats()
         self.replica: Replica
-        #: Wall-clock ms at which the last comparison this replica completed began: every
-        #: entry older than that was known to a peer then (`before_sync`). None: never.
-        self.last_synced_ms: int | None = None
+        self._sync = SyncState(name, store, self.stats)
+        #: Set once this replica completed a comparison with a peer (since it opened).
+        self.synced = self._sync.synced
         identity = node.config.identity
         #: Writer signatures of the stored entries, by key, kept when this node signs or
         #: requires them (README "Security"): they travel with the entries in every sync
@@ -127,13 +153,18 @@ class ReplicatedMap:
         self._signed = identity.sign_broadcasts or identity.require_signatures
         self._require = identity.require_signatures
         self._sigs: dict[Key, bytes] = {}
-        #: True while the writes the store lost are being pulled back from peers: the map
-        #: is not `synced` and the node not ready until a comparison with a peer completes.
-        self.recovering = False
-        self._mark_saved_ms: int | None = None
-        self._dropped_at_mark: int | None = None
-        #: Set once this replica completed a comparison with a peer (since it opened).
-        self.synced = trio.Event()
+
+    @property
+    def recovering(self) -> bool:
+        """True while the writes the store lost are being pulled back from peers: the map
+        is not `synced` and the node not ready until a comparison with a peer completes."""
+        return self._sync.recovering
+
+    @property
+    def last_synced_ms(self) -> int | None:
+        """Wall-clock ms at which the last comparison this replica completed began: every
+        entry older than that was known to a peer then (`before_sync`). None: never."""
+        return self._sync.last_synced_ms
 
     # --- reads (local, never blocking) ----------------------------------------------------
 
@@ -151,6 +182,12 @@ class ReplicatedMap:
 
     def keys(self) -> list[Key]:
         return list(self._map.keys())
+
+    def key_slices(self, size: int) -> Iterator[list[Key]]:
+        """Every key with a stored entry (live or deleted), in lists of at most `size`,
+        taken as the walk reaches them (`ORMap.key_slices`): a dump can checkpoint between
+        two slices."""
+        return self._map.key_slices(size)
 
     def items(self) -> list[tuple[Key, Any]]:
         return list(self._map.items())
@@ -254,7 +291,7 @@ class ReplicatedMap:
             self._subscribers.discard(feed)
             feed.close()
 
-    def _close_subscribers(self) -> None:
+    def close_subscribers(self) -> None:
         self._subscribers.close_all()
 
     def _emit(self, keys: tuple[Key, ...]) -> None:
@@ -277,13 +314,7 @@ class ReplicatedMap:
     async def accept_loss(self) -> None:
         """End `recovering` without a peer: the operator knows no peer holds the writes the
         store lost (a node alone, or its peers lost them too), and accepts the loss."""
-        if not self.recovering:
-            return
-        if self._store is not None:
-            await self._store.clear_lost()
-        self.recovering = False
-        log.warning("map %s: the writes its store lost are given up (accept_loss)", self.name)
-        self.synced.set()
+        await self._sync.accept_loss()
 
     def digest(self) -> str:
         """A summary of every entry (values and tombstones): two replicas with the same
@@ -327,100 +358,30 @@ class ReplicatedMap:
             await trio.lowlevel.checkpoint()
 
     async def before_sync(self, name: str) -> None:
-        # No resurrection (README "Deletes stay deleted"). Peers forget a tombstone
-        # `tombstone_ttl` after the delete. A replica out of touch for longer may hold
-        # values whose delete the cluster no longer remembers; sending them would bring
-        # the keys back everywhere. Such a value is older than the horizon (a delete is
-        # newer than what it deletes) and was known to a peer at our last sync (older than
-        # that mark). Those entries are dropped here, before the first exchange: the
-        # comparison then brings back the ones that still live elsewhere, and the deleted
-        # ones stay deleted. Our writes since the last sync may be ours alone: kept.
-        now_ms = self.node.clock.read_physical()
-        ttl_ms = round(self.tombstone_ttl * 1000)
-        mark = self.last_synced_ms
-        if mark is None or now_ms - mark <= ttl_ms or mark == self._dropped_at_mark:
-            return
-        # A peer whose clock runs ahead (within the skew bound) collects a little sooner.
-        # Our own writes since the mark may be ours alone: kept. Another node's entries
-        # came from a peer, whatever the mark says (it is saved at most once a minute, so
-        # it can predate what arrived since): the horizon alone decides for them.
-        horizon = now_ms - ttl_ms + self.node.clock.max_offset_ms
-        own_horizon = min(horizon, mark)
-        me = self.node.id
-        stale: list[Key] = []
-        dropped_values: list[Key] = []
-        for key, entry in self._map.entries():
-            dot = entry.dot
-            if dot.ts.wall < (own_horizon if dot.node == me else horizon):
-                stale.append(key)
-                if isinstance(entry, Value):
-                    dropped_values.append(key)
-        log.warning(
-            "map %s: out of touch for %.0f s (tombstones live %.0f s): dropping %d entries "
-            "older than that before syncing, so that no forgotten delete is undone",
-            self.name,
-            (now_ms - mark) / 1000,
-            self.tombstone_ttl,
-            len(stale),
+        # No resurrection (README "Deletes stay deleted"): a replica out of touch for longer
+        # than the tombstone TTL drops, before the first exchange, the entries whose delete
+        # peers may have forgotten (`SyncState.drop_stale` picks them and deletes them from
+        # the store, first).
+        stale = await self._sync.drop_stale(
+            self._map.entries(), self.node.clock, self.node.id, self.tombstone_ttl
         )
-        if stale and self._store is not None:
-            # Off the disk first: a crash in between leaves them in memory only, and the
-            # next start drops them again (the mark has not moved).
-            try:
-                await self._store.delete(stale)
-            except StoreError:
-                # Nothing dropped. Syncing now could bring deleted keys back, so this
-                # sync does not happen (the error reaches the driver, which counts it);
-                # the next one tries again.
-                self.stats.store_errors += 1
-                raise
-        for start in range(0, len(stale), INGEST_SLICE):
-            for key in stale[start : start + INGEST_SLICE]:
+        if stale is None:
+            return
+        for start in range(0, len(stale.keys), INGEST_SLICE):
+            for key in stale.keys[start : start + INGEST_SLICE]:
                 self._map.restore(key, None)
                 self._sigs.pop(key, None)
             await trio.lowlevel.checkpoint()
-        self.stats.stale_entries_dropped += len(stale)
+        self.stats.stale_entries_dropped += len(stale.keys)
         # Readers see the values go (those still alive elsewhere come back as puts).
-        for key in dropped_values:
+        for key in stale.values:
             missed = self._subscribers.publish(Removed(key, self.node.id))
             if missed:
                 self.stats.subscriber_drops += missed
-        # Once per time out of touch (the sync that follows sets a new mark): entries that
-        # come back meanwhile, and ours written since the mark, must not be dropped again.
-        self._dropped_at_mark = mark
+        self._sync.dropped(stale)
 
     async def sync_completed(self, name: str, started_ms: int) -> None:
-        # A comparison begun at `started_ms` completed: every entry older than that is
-        # known to that peer. Saved at most once a minute (precision that matters is the
-        # tombstone TTL, days), and never moved back.
-        if self.recovering and self._store is not None:
-            # Everything that peer holds is here now, what the store lost with it (as far
-            # as any peer still has it).
-            try:
-                await self._store.clear_lost()
-            except StoreError:
-                self.stats.store_errors += 1
-                log.exception("map %s: could not record the recovery; next sync", self.name)
-                return
-            self.recovering = False
-            log.warning(
-                "map %s: a sync with a peer brought back what its store lost; complete again",
-                self.name,
-            )
-        self.synced.set()
-        if self.last_synced_ms is not None and started_ms <= self.last_synced_ms:
-            return
-        self.last_synced_ms = started_ms
-        if self._store is not None and (
-            self._mark_saved_ms is None or started_ms - self._mark_saved_ms >= 60_000
-        ):
-            try:
-                await self._store.set_sync_mark(started_ms)
-            except StoreError:
-                self.stats.store_errors += 1
-                log.exception("map %s: could not save the sync mark; next sync", self.name)
-            else:
-                self._mark_saved_ms = started_ms
+        await self._sync.completed(started_ms)
 
     async def remove_node(self, name: str, node: str) -> None:
         # Last-writer-wins data belongs to the map, not to the node that wrote it: a node
@@ -464,7 +425,11 @@ class ReplicatedMap:
             # A copy of the signatures of these keys: the write waits its turn for the store
             # thread, and other writes may change `_sigs` meanwhile.
             sigs = {k: s for k, _ in entries if (s := self._sigs.get(k))}
-            await self._store.write(entries, signatures=sigs)
+            # Shielded: these entries are merged in memory already. A cancelled write (the
+            # driver restarting after a hung callback, say) would leave them here but not
+            # on disk, and digests that match the peers' would never bring them back.
+            with trio.CancelScope(shield=True):
+                await self._store.write(entries, signatures=sigs)
         if remote:
             self.stats.remote_changes += len(result.changed_keys)
         self._emit(result.changed_keys)
@@ -472,24 +437,12 @@ class ReplicatedMap:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    async def _recover(self) -> int:
+    async def recover(self) -> int:
         """Load the persisted state (trusted: it is ours) before the replica starts."""
         if self._store is None:
             return 0
         entries = await self._store.load(signatures=self._sigs if self._signed else None)
-        self.last_synced_ms = self._mark_saved_ms = await self._store.sync_mark()
-        if self._store.lost_commits:
-            self.recovering = True
-            self.stats.lost_commits = self._store.lost_commits
-            log.error(
-                "map %s: its store %s recovered %d transactions fewer than it had "
-                "acknowledged (its write-ahead log was damaged or cut short): those writes "
-                "are gone from this node; pulling them back from peers before the map "
-                "reports itself synced",
-                self.name,
-                self._store.path,
-                self._store.lost_commits,
-            )
+        await self._sync.load()
         for key, entry in entries:
             self._map.merge_entry(key, entry)
         if entries:
@@ -497,7 +450,7 @@ class ReplicatedMap:
             self._map.absorb_clock(self.node.clock)
         return len(entries)
 
-    async def _collect_tombstones(self) -> None:
+    async def collect_tombstones(self) -> None:
         """Drop tombstones older than the TTL, periodically (and from the store)."""
         period = min(self.tombstone_ttl / 4, 3600.0)
         while True:
@@ -521,9 +474,28 @@ class ReplicatedMap:
                 if self._map.entry(key) is None:
                     self._sigs.pop(key, None)
 
+    @property
+    def persistent(self) -> bool:
+        """Whether the map lives in an SQLite store (``open_map(persist=True)``)."""
+        return self._store is not None
+
+    def opened_with(self, validator: Validator | None, persist: bool, tombstone_ttl: float) -> bool:
+        """Whether the map was opened with these options (a second ``open_map`` must match)."""
+        return (
+            self._validator is validator
+            and self.persistent == persist
+            and self.tombstone_ttl == tombstone_ttl
+        )
+
+    async def close_store(self) -> None:
+        """Close the SQLite store, if any (shielded: called once the map's tasks ended)."""
+        if self._store is not None:
+            with trio.CancelScope(shield=True):
+                await self._store.aclose()
+
     async def aclose(self) -> None:
         """Stop replicating this map on this node (its state stays in memory and on disk)."""
-        await self.node._close_map(self.name)
+        await self._on_close(self.name)
 
 
 __all__ = ["Put", "Removed", "ReplicatedMap", "ValidationError"]

@@ -30,22 +30,17 @@ import trio
 
 from ..core.events import Event
 from ..errors import NodeClosed
-from ..runtime.flow import Feed
-from .leases import LeaseBoard, LeaseConfig, entry_key
+from ..runtime.config import RegistryConfig
+from ..runtime.feeds import Feed
+from .leases import BuiltinHost, LeaseBoard, entry_key
 
 if TYPE_CHECKING:
-    from ..node import Node
     from .maps import ReplicatedMap
 
 log = logging.getLogger("trio_replica.registry")
 
 #: The registry's map (names starting with ``_`` are the node's own).
 REGISTRY_MAP = "_registry"
-
-
-@attrs.frozen
-class RegistryConfig(LeaseConfig):
-    """Lease timing of the registry (`LeaseConfig`)."""
 
 
 @attrs.frozen(order=True)
@@ -77,7 +72,7 @@ class Registry(LeaseBoard):
     MAP = REGISTRY_MAP
     KINDS = {"svc": 4}
 
-    def __init__(self, node: Node, config: RegistryConfig | None = None) -> None:
+    def __init__(self, node: BuiltinHost, config: RegistryConfig | None = None) -> None:
         super().__init__(node, config or RegistryConfig())
         self._mine: dict[str, Registration] = {}
         self._feeds: set[tuple[Feed[Event], str | None]] = set()

@@ -52,39 +52,25 @@ import heapq
 import logging
 import math
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import trio
 
 from ..core.events import Event, Lagged
 from ..core.ormap import Value
-from ..errors import ConfigError, MessageTooLarge, NodeClosed
-from .leases import LeaseBoard, LeaseConfig, entry_key
+from ..errors import MessageTooLarge, NodeClosed
+from ..runtime.config import ReminderConfig
+from .leases import BuiltinHost, LeaseBoard, entry_key
 from .maps import Put, Removed, ValidationError
 from .shard import partition_of, rank_owner
 from .store import StoreError
-
-if TYPE_CHECKING:
-    from ..node import Node
 
 log = logging.getLogger("trio_replica.reminders")
 
 REMINDERS_MAP = "_reminders"
 #: Latest due time accepted: year 9999 in wall ms.
 MAX_AT_MS = 253_402_300_799_000
-
-
-@attrs.frozen
-class ReminderConfig(LeaseConfig):
-    #: Seconds a worker waits, after the workers changed, before firing reminders it did
-    #: not own before.
-    handoff: float = 2.0
-
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        if not self.handoff >= 0:
-            raise ConfigError("reminders: handoff must be >= 0")
 
 
 @attrs.frozen
@@ -173,7 +159,7 @@ class Reminders(LeaseBoard):
     MAP = REMINDERS_MAP
     KINDS = {"r": 2}
 
-    def __init__(self, node: Node, config: ReminderConfig | None = None) -> None:
+    def __init__(self, node: BuiltinHost, config: ReminderConfig | None = None) -> None:
         super().__init__(node, config or ReminderConfig(), persist=node.config.data_dir is not None)
         self.config: ReminderConfig
         self.ring_size: int = node.config.shard.ring_size

@@ -28,35 +28,20 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import trio
 
 from ..core.events import Event
 from ..errors import ConfigError
-from ..runtime.flow import Feed
-from .leases import LeaseBoard, LeaseConfig
-
-if TYPE_CHECKING:
-    from ..node import Node
+from ..runtime.config import MAX_RING, ShardConfig
+from ..runtime.feeds import Feed
+from .leases import BuiltinHost, LeaseBoard
 
 log = logging.getLogger("trio_replica.shard")
 
 SHARD_MAP = "_shard"
-MAX_RING = 65_536
-
-
-@attrs.frozen
-class ShardConfig(LeaseConfig):
-    #: Partitions of the key space (the same on every member): more than the members by
-    #: far, so that ownership spreads evenly (64 members get 16 partitions each).
-    ring_size: int = 1024
-
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        if type(self.ring_size) is not int or not 1 <= self.ring_size <= MAX_RING:
-            raise ConfigError(f"shard: ring_size must be an integer from 1 to {MAX_RING}")
 
 
 class RingSizeMismatch(ConfigError):
@@ -125,7 +110,7 @@ class Shard(LeaseBoard):
 
     MAP = SHARD_MAP
 
-    def __init__(self, node: Node, config: ShardConfig | None = None) -> None:
+    def __init__(self, node: BuiltinHost, config: ShardConfig | None = None) -> None:
         super().__init__(node, config or ShardConfig())
         self.config: ShardConfig
         self.ring_size: int = self.config.ring_size

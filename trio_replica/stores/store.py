@@ -1,9 +1,11 @@
 """The on-disk state of one replicated map: one SQLite file, written durably.
 
-This module owns `MapStore` (the file, its schema and the one connection to it) and the
-store's errors. The map (`trio_replica.stores.maps`) decides what to write and when; the store
-only makes it durable and reads it back. SQLite comes from the standard library and runs
-in a worker thread, so the Trio loop never blocks on the disk.
+This module owns `MapStore` (the file and the one connection to it) and the store's
+errors; the table layout and the building of a new file are in `store_schema`, the commit
+count kept beside the file in `store_commits`. The map (`trio_replica.stores.maps`)
+decides what to write and when; the store only makes it durable and reads it back. SQLite
+comes from the standard library and runs in a worker thread, so the Trio loop never blocks
+on the disk.
 
 Durability contract (SPEC section 10, "fsynced acknowledgements"):
 
@@ -52,7 +54,6 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import struct
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -64,74 +65,13 @@ import trio
 
 from ..core.ormap import Entry, Key
 from ..core.ormap_wire import DEFAULT_LIMITS, Limits, from_wire, from_wire_signed, to_wire
-from ..core.wire import decode_payload, encode_payload, strict_loads
+from ..core.strict_cbor import strict_loads
+from ..core.wire import decode_payload, encode_payload
 from ..errors import MessageTooLarge, ReplicaError, WireError
+from .store_commits import commits_path, read_commits_file, write_commits_file
+from .store_schema import COMMITS_TABLE, NEW_COMMITS, SCHEMA_VERSION, SYNC_MARK_TABLE, create
 
 log = logging.getLogger("trio_replica.store")
-
-#: Version of the table layout below; a file with another version is refused.
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE meta (
-    id INTEGER PRIMARY KEY CHECK (id = 0),
-    schema_version INTEGER NOT NULL,
-    map_name TEXT NOT NULL
-);
-CREATE TABLE entries (
-    key BLOB PRIMARY KEY NOT NULL,
-    entry BLOB NOT NULL,
-    crc INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE sync_mark (
-    id INTEGER PRIMARY KEY CHECK (id = 0),
-    last_synced_ms INTEGER NOT NULL
-);
-CREATE TABLE commits (
-    id INTEGER PRIMARY KEY CHECK (id = 0),
-    seq INTEGER NOT NULL,
-    lost INTEGER NOT NULL,
-    store_id BLOB NOT NULL
-);
-"""
-#: Added after schema version 1 shipped; created at open in a store that lacks it (an
-#: extra table does not bother an older reader, so the version stays).
-_SYNC_MARK_TABLE = (
-    _SCHEMA[_SCHEMA.index("CREATE TABLE sync_mark") : _SCHEMA.index("CREATE TABLE commits")]
-    .strip()
-    .rstrip(";")
-)
-_COMMITS_TABLE = _SCHEMA[_SCHEMA.index("CREATE TABLE commits") :].strip().rstrip(";")
-#: Beside the store: the commit count as last committed (module doc), with a CRC-32.
-_COMMITS_SUFFIX = ".commits"
-_COMMITS_FORMAT = struct.Struct(">Q16sI")
-#: A fresh store's commit row: a random id names the store, so that a side file written
-#: for another store (a store copied or restored over this one) is not read as ours.
-_NEW_COMMITS = "INSERT INTO commits VALUES (0, 0, 0, randomblob(16))"
-
-
-def _commits_path(path: Path) -> Path:
-    return path.with_name(path.name + _COMMITS_SUFFIX)
-
-
-def _read_commits_file(path: Path) -> tuple[int, bytes] | None:
-    """The count and store id in the side file, or None if there is none or it is damaged."""
-    try:
-        data = _commits_path(path).read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreError(f"store {path}: cannot read its commit count: {exc}") from exc
-    if len(data) != _COMMITS_FORMAT.size:
-        return None
-    seq, store_id, crc = _COMMITS_FORMAT.unpack(data)
-    return (seq, store_id) if zlib.crc32(data[:24]) == crc else None
-
-
-def _write_commits_file(fd: int, seq: int, store_id: bytes) -> None:
-    head = seq.to_bytes(8, "big") + store_id
-    os.pwrite(fd, _COMMITS_FORMAT.pack(seq, store_id, zlib.crc32(head)), 0)
-
 
 _T = TypeVar("_T")
 
@@ -166,18 +106,6 @@ def _entry_bound(limits: Limits) -> int:
     return limits.max_value_bytes + limits.max_key_bytes + 4 * limits.max_node_id + 64 + 66
 
 
-def _fsync_directory(directory: Path) -> None:
-    # A rename is durable only once its directory is; POSIX only (Windows cannot open
-    # a directory, and its renames are journaled by NTFS).
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _corrupt(path: Path, detail: str) -> StoreCorrupt:
     return StoreCorrupt(f"store {path} is corrupt: {detail}; the file was left as is")
 
@@ -190,41 +118,6 @@ def _describe_failure(path: Path, doing: str, exc: sqlite3.Error) -> StoreError:
     if code.startswith("SQLITE_BUSY"):
         return StoreError(f"store {path} is in use by another connection or process")
     return StoreError(f"store {path}: {doing} failed: {exc} ({code or type(exc).__name__})")
-
-
-def _create(path: Path, name: str) -> None:
-    """Build an empty store beside `path`, then link it into place (module doc)."""
-    temp = path.with_name(f".{path.name}.creating")
-    # Left by a creation that was interrupted: it never held an acknowledged write. Its
-    # log goes too, or SQLite would replay it into the new file.
-    for leftover in ("", "-wal", "-shm", "-journal"):
-        Path(f"{temp}{leftover}").unlink(missing_ok=True)
-    conn = sqlite3.connect(temp, isolation_level=None)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA fullfsync=ON")
-        conn.execute("BEGIN IMMEDIATE")
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        conn.execute("INSERT INTO meta VALUES (0, ?, ?)", (SCHEMA_VERSION, name))
-        conn.execute(_NEW_COMMITS)
-        conn.execute("COMMIT")
-    finally:
-        # The last connection's close checkpoints the log into the file and syncs it.
-        conn.close()
-    try:
-        # A link fails where a rename would replace a store another opener created (and
-        # may be writing to) in the meantime.
-        os.link(temp, path)
-    except FileExistsError:
-        pass  # that store is the one `_connect` checks and locks
-    except OSError:
-        os.replace(temp, path)  # a filesystem without hard links
-    finally:
-        temp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
 
 
 def _connect(path: Path, name: str) -> sqlite3.Connection:
@@ -271,10 +164,10 @@ def _connect(path: Path, name: str) -> sqlite3.Connection:
         # Take the exclusive lock now, not at the first write.
         conn.execute("BEGIN IMMEDIATE")
         if "sync_mark" not in tables:
-            conn.execute(_SYNC_MARK_TABLE)
+            conn.execute(SYNC_MARK_TABLE)
         if "commits" not in tables:
-            conn.execute(_COMMITS_TABLE)
-            conn.execute(_NEW_COMMITS)
+            conn.execute(COMMITS_TABLE)
+            conn.execute(NEW_COMMITS)
         elif "store_id" not in {row[1] for row in conn.execute("PRAGMA table_info(commits)")}:
             # A commit row from before stores had ids (never in a release): give it one.
             conn.execute("ALTER TABLE commits ADD COLUMN store_id BLOB NOT NULL DEFAULT x''")
@@ -340,8 +233,8 @@ class MapStore(trio.abc.AsyncResource):
                 if not path.exists():
                     # A count left by a store that is gone (deleted, moved away) is not
                     # this new store's: it would read as writes lost.
-                    _commits_path(path).unlink(missing_ok=True)
-                    _create(path, name)
+                    commits_path(path).unlink(missing_ok=True)
+                    create(path, name)
             except sqlite3.Error as exc:
                 raise _describe_failure(path, "creating", exc) from exc
             except OSError as exc:
@@ -502,7 +395,7 @@ class MapStore(trio.abc.AsyncResource):
             raise _describe_failure(self._path, doing, exc) from exc
         self._seq += 1
         try:
-            _write_commits_file(self._commits_fd, self._seq, self._store_id)
+            write_commits_file(self._commits_fd, self._seq, self._store_id)
         except OSError as exc:
             # The commit stands; only the check at the next open is weaker for it.
             log.error("store %s: cannot record commit %d beside it: %s", self._path, self._seq, exc)
@@ -523,9 +416,12 @@ class MapStore(trio.abc.AsyncResource):
         ):
             raise _corrupt(self._path, f"its commit count is {row!r:.60}")
         self._seq, self.lost_commits, self._store_id = row
-        acknowledged = _read_commits_file(self._path)
         try:
-            self._commits_fd = os.open(_commits_path(self._path), os.O_RDWR | os.O_CREAT, 0o600)
+            acknowledged = read_commits_file(self._path)
+        except OSError as exc:
+            raise StoreError(f"store {self._path}: cannot read its commit count: {exc}") from exc
+        try:
+            self._commits_fd = os.open(commits_path(self._path), os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise StoreError(f"store {self._path}: cannot open its commit count: {exc}") from exc
         if acknowledged is not None and acknowledged[1] != self._store_id:
@@ -542,7 +438,7 @@ class MapStore(trio.abc.AsyncResource):
             self.lost_commits += missing
             return
         try:
-            _write_commits_file(self._commits_fd, self._seq, self._store_id)
+            write_commits_file(self._commits_fd, self._seq, self._store_id)
         except OSError as exc:
             raise StoreError(f"store {self._path}: cannot write its commit count: {exc}") from exc
 
@@ -597,4 +493,4 @@ def _show(key_blob: Any) -> str:
         return f"CBOR {key_blob[:32].hex()}"
 
 
-__all__ = ["SCHEMA_VERSION", "MapStore", "StoreCorrupt", "StoreError"]
+__all__ = ["MapStore", "StoreCorrupt", "StoreError"]

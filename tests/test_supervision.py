@@ -298,6 +298,7 @@ async def test_a_crashed_driver_restarts_with_a_fresh_core_and_catches_up(
             await c.converged("m")
         old_core = maps[2].replica.core
         c.crash_replica("n3", "m")
+        assert c["n3"].liveness() == (False, "replica m restarting")
         await maps[0].put("after", 2)
         with trio.fail_after(60):
             await testing.wait_until(lambda: maps[2].get("after") == 2)

@@ -345,9 +345,10 @@ class Node:
         return node_readiness(self)
 
     def liveness(self) -> tuple[bool, str]:
-        """Whether the node's machinery runs: not closing, membership and broadcast
-        components running (a crashed one restarts; meanwhile the node is unhealthy; one
-        that crashes past its restart intensity closes the node)."""
+        """Whether the node's machinery runs: not closing, the membership and broadcast
+        components and the replica drivers running (a crashed one restarts; meanwhile
+        the node is unhealthy; one that crashes past its restart budget closes the
+        node)."""
         return self.runtime.liveness()
 
     def status(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ comparisons become `RequestFullSync` / `PushFullSync` effects.
 The driver carries out the effects: `Serve` streams the entries of its ranges to the
 peer and then sends its rounds, on one ordered stream, and reports `served` when done or
 dropped; `SetTimer` comes back as `handle_timer`. The runtime (`trio_replica.runtime.replica`)
-and the simulator (`trio_replica.sim.overlay.ReplicaLayer`) are two such drivers.
+and the simulator (`trio_replica.sim.replica.ReplicaLayer`) are two such drivers.
 """
 
 from __future__ import annotations

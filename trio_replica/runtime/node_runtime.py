@@ -507,6 +507,9 @@ class NodeRuntime:
                 return False, f"{component.name} dead: {component.dead}"
             if not component.running.is_set():
                 return False, f"{component.name} restarting"
+        for name, replica in sorted(self.replicas.items()):
+            if replica.restarting:
+                return False, f"replica {name} restarting"
         return True, "ok"
 
     def stats(self) -> dict[str, Any]:

@@ -70,19 +70,12 @@ from .replica_inputs import DRAIN_BATCH, TimerQueue, pump_broadcast, pump_member
 from .replica_writes import ReplicaWriter, WriterHost
 from .services import Directory, Sending
 from .supervision import Restarts
-from .watchdog import CallbackWatch
+from .watchdog import CallbackWatch, hung_error
 
 if TYPE_CHECKING:
     from .departures import Departures
 
 log = logging.getLogger("trio_replica.replica")
-
-
-def _hung_error(exc: BaseException) -> CallbackHung | None:
-    """`exc` (or the one error of a task group) if it is a `CallbackHung`."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc if isinstance(exc, CallbackHung) else None
 
 
 class ReplicaHost(WriterHost, Sending, Protocol):
@@ -258,12 +251,13 @@ class Replica:
                     except Exception as exc:
                         if not started:
                             raise
-                        hung = _hung_error(exc)
+                        hung = hung_error(exc)
                         if hung is not None:
                             log.error("replica %s: %s; restarting its driver", self.name, hung)
                         else:
                             log.exception("replica %s: driver crashed; restarting", self.name)
-                    self.running = trio.Event()
+                    if self.running.is_set():  # (`crash` may have replaced it already)
+                        self.running = trio.Event()
                     # Past its budget this raises `ComponentDead`: the node closes.
                     await trio.sleep(supervision.crashed(trio.current_time()))
         finally:
@@ -278,6 +272,8 @@ class Replica:
         if self._nursery is None:
             raise RuntimeError(f"replica {self.name}: no life of the driver is running")
         self._crash_requested = True
+        if self.running.is_set():
+            self.running = trio.Event()
         self._nursery.cancel_scope.cancel()
 
     async def _run_once(self, report_started: Callable[[], None]) -> None:
@@ -321,6 +317,7 @@ class Replica:
             # Seeded from the active view: PeerUp fires only for future peers.
             await self._apply(self.core.start(self.node.active_view(), hosts, trio.current_time()))
             report_started()
+            self.supervision.started_once = True
             self.running.set()
             inbox = self._inbox
             while True:
@@ -342,8 +339,15 @@ class Replica:
         self._full_sync.reset()
         self._host_changes.clear()
 
+    @property
+    def restarting(self) -> bool:
+        """The driver started once and its current life is not running (yet)."""
+        return self.supervision.started_once and not self.running.is_set()
+
     def _end_hung_life(self, error: CallbackHung) -> None:
         self.stats.callbacks_hung += 1
+        if self.running.is_set():
+            self.running = trio.Event()
         self._hung = error
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()

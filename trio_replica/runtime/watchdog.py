@@ -55,3 +55,10 @@ class CallbackWatch:
             if trio.current_time() - since >= limit and time.monotonic() - wall_since >= limit:
                 cancel(CallbackHung(f"callback {what} did not return within {limit:g} s"))
                 return
+
+
+def hung_error(exc: BaseException) -> CallbackHung | None:
+    """`exc` (or the one error of a task group) if it is a `CallbackHung`."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, CallbackHung) else None

@@ -14,6 +14,7 @@ from transports.memory import MemoryNetwork
 from trio_replica.core.messages import Message, Peer, Role
 from trio_replica.localcluster import overlay_ok
 from trio_replica.node import Node
+from trio_replica.runtime.flow import Pressure
 from trio_replica.runtime.health import LoopHealth
 from trio_replica.runtime.link import Link
 from trio_replica.runtime.linkconfig import LinkConfig
@@ -52,6 +53,8 @@ async def link_pair(
     on_message: MessageHandler | None = None,
     health_a: LoopHealth | None = None,
     health_b: LoopHealth | None = None,
+    pressure_a: Pressure | None = None,
+    pressure_b: Pressure | None = None,
 ) -> LinkPair:
     """Two links over one memory connection, each run in `nursery`; b's may start later.
 
@@ -75,6 +78,7 @@ async def link_pair(
             stats=stats,
             on_message=on_message or record,
             health=health_a if outbound else health_b,
+            pressure=pressure_a if outbound else pressure_b,
         )
 
     ready: list[Link] = []

@@ -87,6 +87,35 @@ async def test_a_large_payload_goes_alone_on_any_byte_credit(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_congested_receiver_says_so_in_the_credit_it_grants(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The first hop of a flood learns that the next hop is congested (flow.py)."""
+    sender, receiver = Pressure(hold=1.0), Pressure(hold=1.0)
+    async with trio.open_nursery() as nursery:
+        pair = await link_pair(
+            nursery,
+            MemoryNetwork(seed=3),
+            LinkConfig(window_messages=4),  # a grant per payload processed
+            pressure_a=sender,
+            pressure_b=receiver,
+        )
+        pair.a.send_nowait(gossip(1))
+        await trio.sleep(1)
+        assert not sender.downstream_congested()  # b was not congested when it granted
+        receiver.hold("an outbox", "link")
+        pair.a.send_nowait(gossip(2))
+        await trio.sleep(0.1)
+        assert sender.downstream_congested()
+        assert not sender.congested()  # a's own flag is untouched: it is not congested
+        receiver.release("an outbox")
+        await trio.sleep(1.5)
+        pair.a.send_nowait(gossip(3))
+        await trio.sleep(0.1)
+        assert not sender.downstream_congested()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_peer_that_sends_payloads_beyond_its_credit_is_failed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

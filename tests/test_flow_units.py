@@ -301,6 +301,20 @@ async def test_congestion_is_remembered_for_a_while_after_the_pressure_drops(
     assert not pressure.held_within(1.0)
 
 
+async def test_a_neighbours_congestion_counts_for_the_hold_and_is_not_passed_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pressure = Pressure(hold=1.0)
+    pressure.peer_congested()  # a neighbour's credit said it is congested
+    assert pressure.downstream_congested()
+    # Our own flag (what our credit tells others) stays ours: no echo between neighbours.
+    assert not pressure.congested()
+    await trio.sleep(1.1)
+    assert not pressure.downstream_congested()
+    pressure.hold("link", "link")
+    assert pressure.congested() and not pressure.downstream_congested()
+
+
 def test_the_congestion_others_meet_excludes_one_origin() -> None:
     """Near its first hop, a flooder's own messages are the least delayed of all."""
     delay = QueueingDelay(window=1)

@@ -158,11 +158,13 @@ class Pong(Message):
 class Credit(Message):
     """Flow control: the sender may send us `messages` more payload messages and `size`
     more bytes of them (outbox.py). Sent once at the start of a link (the window), then as we
-    process what arrived."""
+    process what arrived. `congested`: our own buffers were over their mark lately (a
+    first hop that hears it holds its peers' own broadcasts to their limit, flow.py)."""
 
     KIND: ClassVar[int] = 3
     messages: int
     size: int
+    congested: bool = False
 
 
 # --- HyParView ------------------------------------------------------------------------

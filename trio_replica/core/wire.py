@@ -99,7 +99,8 @@ from .wire_positional import POSITIONAL, positional
 #: 3: `Ping` carries the sender's loop lag; `ShuffleReply` names the shuffle's origin and
 #: travels back along the walk.
 #: 4: the handshake carries node keys and signatures (identity.py).
-PROTOCOL_VERSION = 4
+#: 5: `Credit` says whether the node granting it is congested.
+PROTOCOL_VERSION = 5
 #: Default largest frame accepted or sent, in bytes (one payload plus a little framing).
 DEFAULT_MAX_FRAME = 1024 * 1024 + 4096
 #: Nesting allowed in a frame: frame > message > field > entry > id, plus payload headroom.
@@ -251,9 +252,11 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
     ),
     Pong.KIND: (1, lambda f, _: Pong(check_int(f[0], 0, U64, "nonce"))),
     Credit.KIND: (
-        2,
+        3,
         lambda f, _: Credit(
-            check_int(f[0], 0, 2**32 - 1, "messages"), check_int(f[1], 0, 2**48, "size")
+            check_int(f[0], 0, 2**32 - 1, "messages"),
+            check_int(f[1], 0, 2**48, "size"),
+            check_bool(f[2], "congested"),
         ),
     ),
     Join.KIND: (0, lambda f, _: Join()),

@@ -81,7 +81,7 @@ class NodeRuntime:
         self._rng = random.Random(config.rng_seed)
         #: Buffers over their high-water mark: writers wait on it, and while it is held
         #: peers' own broadcasts entering here are held to their limit.
-        self.pressure = Pressure()
+        self.pressure = Pressure(hold=config.flow.congestion_hold)
         #: The loop's lag, shared with every node of this process (health.py).
         self.health = loop_health(config.health)
         self.dial_budget = DialBudget(

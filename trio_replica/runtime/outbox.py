@@ -242,7 +242,11 @@ class Outbox:
         self._grant_bytes += size
         # Straight into the control queue: a retired link (no longer sent on) must still
         # grant credit, since the peer may still be sending on it.
-        credit = Credit(messages, size)
+        # Whether we are congested rides along: our neighbour may be the first hop of a
+        # flood we forward, and it cannot see our outboxes fill (credit returns on
+        # processing, whatever our outboxes hold).
+        congested = self._pressure is not None and self._pressure.congested()
+        credit = Credit(messages, size, congested)
         part = encode_message(credit)
         self._control.append((credit, part))
         self._control_bytes += len(part)
@@ -293,6 +297,8 @@ class Outbox:
         return out
 
     def _on_credit(self, credit: Credit) -> None:
+        if credit.congested and self._pressure is not None:
+            self._pressure.peer_congested()
         self._credit_messages += credit.messages
         self._credit_bytes += credit.size
         if self._payload:

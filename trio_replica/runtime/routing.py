@@ -116,7 +116,8 @@ class Router:
         credit = 0
         if isinstance(message, Gossip):
             if message.id.origin == peer.id and (
-                self._pressure.held_within(self._config.flow.congestion_hold)
+                self._pressure.congested()
+                or self._pressure.downstream_congested()
                 or broadcaster.delay.excluding(peer.id) > self._congestion_ms
             ):
                 # The peer's own broadcast entering the tree while the cluster is

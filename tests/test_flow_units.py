@@ -305,14 +305,16 @@ async def test_a_neighbours_congestion_counts_for_the_hold_and_is_not_passed_on(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     pressure = Pressure(hold=1.0)
-    pressure.peer_congested()  # a neighbour's credit said it is congested
-    assert pressure.downstream_congested()
+    pressure.peer_congested("a")  # a's credit said it is congested
+    assert pressure.downstream_congested(excluding="b")
+    # Never against a itself: a busy writer's own full outbox must not get it capped.
+    assert not pressure.downstream_congested(excluding="a")
     # Our own flag (what our credit tells others) stays ours: no echo between neighbours.
     assert not pressure.congested()
     await trio.sleep(1.1)
-    assert not pressure.downstream_congested()
+    assert not pressure.downstream_congested(excluding="b")
     pressure.hold("link", "link")
-    assert pressure.congested() and not pressure.downstream_congested()
+    assert pressure.congested() and not pressure.downstream_congested(excluding="b")
 
 
 def test_the_congestion_others_meet_excludes_one_origin() -> None:

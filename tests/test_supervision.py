@@ -279,7 +279,7 @@ async def test_a_hung_callback_is_reported_and_its_driver_restarted(
             await testing.wait_until(lambda: replica.supervision.restarts == 1, poll=0.5)
         assert replica.stats.callbacks_hung == 1
         assert "callback merge_delta did not return within 0.2 s" in caplog.text
-        assert c["n2"].status()["replicas"]["m"] == {"crashes": 1, "hung_callbacks": 1}
+        assert c["n2"].status()["replicas"]["m"]["hung_callbacks"] == 1
         # The fresh driver compares with its host: the delta the hung callback dropped
         # comes back, and later ones arrive as usual.
         await writer.put("b", 2)

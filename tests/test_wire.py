@@ -98,7 +98,7 @@ def digest_rounds(draw: st.DrawFn) -> SyncDigest:
 messages = st.one_of(
     st.builds(Ping, u64),
     st.builds(Pong, u64),
-    st.builds(Credit, st.integers(0, 2**32 - 1), st.integers(0, 2**48)),
+    st.builds(Credit, st.integers(0, 2**32 - 1), st.integers(0, 2**48), st.booleans()),
     st.just(Join()),
     st.builds(ForwardJoin, peers, st.integers(0, 255)),
     st.builds(Neighbor, st.booleans()),

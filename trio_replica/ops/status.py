@@ -99,7 +99,11 @@ def node_status(node: StatusSource) -> dict[str, Any]:
             for c in node.components().values()
         },
         "replicas": {
-            name: {"crashes": r.supervision.crashes, "hung_callbacks": r.stats.callbacks_hung}
+            name: {
+                "crashes": r.supervision.crashes,
+                "hung_callbacks": r.stats.callbacks_hung,
+                "restarting": r.restarting,
+            }
             for name, r in sorted(node.runtime.replicas.items())
         },
     }

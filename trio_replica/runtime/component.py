@@ -236,6 +236,8 @@ class Component:
     def crash(self) -> None:
         """Make the running task fail as a crash would (for tests and chaos runs)."""
         self._crash_requested = True
+        if self.running.is_set():
+            self.running = trio.Event()
         self._scope.cancel()
 
     async def _run_once(self, first: bool) -> None:
@@ -269,7 +271,8 @@ class Component:
                 log.warning("component %s crashed: %s; restarting", self.name, exc)
             except Exception:
                 log.exception("component %s crashed; restarting", self.name)
-            self.running = trio.Event()
+            if self.running.is_set():  # (`crash` may have replaced it already)
+                self.running = trio.Event()
             self.on_crash()
             first = False
             # Past its budget this raises `ComponentDead`: the node closes.

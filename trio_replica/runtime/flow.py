@@ -20,23 +20,25 @@ can be:
   one input each. A node that falls behind thus slows the writers upstream of it, hop by
   hop.
 * **A member's own broadcasts** are limited where they enter the tree. A node caps what
-  each peer *originates* through it (`OriginationLimit`: broadcasts and bytes per second)
-  while the cluster is congested as the node sees it: its pressure held now or within
-  `congestion_hold`, a neighbour's credit saying the same of that neighbour within
-  `congestion_hold` (`Credit.congested`), or the queueing delay of the *other* origins'
-  deliveries over `congestion_delay`. Downstream congestion reaches a first hop as credit
-  that comes back slowly, so its pressure comes and goes: a cap that followed it instant by
-  instant let a flood through between two holds (6 nodes on 2 cores, a member flooding
-  tiny gossips within its credit: 83-90% of honest deliveries within 2 s, p99 3-6 s; with
-  the hold: 100%, p99 37 ms). Slow credit is not enough when the next hop processes fast
-  and congests further on: a neighbour grants credit as soon as it has processed a
-  payload, whatever its own outboxes hold, so a first hop forwarding a member's megabyte
-  broadcasts to a node whose outbox to a third is full never saw congestion, and that
-  node's writers waited 20-200 s (3 nodes, 96 MiB/s of flood admitted); with the flag in
-  the credit the first hop holds the flood to its limit and the honest writes go through
-  in about 1 s. The flag reaches one hop: congestion two hops past the first hop reaches
-  it only as slow credit. An uncongested cluster lets a single busy writer run at full
-  speed; forwarded traffic is never capped (it was admitted at its own first hop).
+  each peer *originates* through it (`OriginationLimit`: broadcasts and bytes per
+  second) while the cluster is congested as the node sees it: its pressure held now or
+  within `congestion_hold`, a neighbour's credit saying the same of that neighbour
+  within `congestion_hold` (`Credit.congested`; never counted against the peer that said
+  it: a writer whose own outbox is full would otherwise be capped for its own backlog),
+  or the queueing delay of the *other* origins' deliveries over `congestion_delay`.
+  Downstream congestion reaches a first hop as credit that comes back slowly, so its
+  pressure comes and goes: a cap that followed it instant by instant let a flood through
+  between two holds (6 nodes on 2 cores, a member flooding tiny gossips within its
+  credit: 83-90% of honest deliveries within 2 s, p99 3-6 s; with the hold: 100%, p99 37
+  ms). Slow credit is not enough when the next hop processes fast and congests further
+  on: a neighbour grants credit as soon as it has processed a payload, whatever its own
+  outboxes hold, so a first hop forwarding a member's megabyte broadcasts to a node
+  whose outbox to a third is full never saw congestion, and that node's writers waited
+  20-200 s (3 nodes, 96 MiB/s of flood admitted); with the flag in the credit the first
+  hop holds the flood to its limit and the honest writes go through in about 1 s. The
+  flag reaches one hop: congestion two hops past the first hop reaches it only as slow
+  credit. An uncongested cluster lets a single busy writer run at full speed; forwarded
+  traffic is never capped (it was admitted at its own first hop).
 * **The node's own components** never block: they run protocol rules synchronously.
   What they cannot queue is reported, not dropped: an eager push that does not fit its
   link's outbox becomes a lazy push (the Plumtree core announces it with an IHAVE and the
@@ -171,15 +173,20 @@ class Pressure:
     below; writers `wait_clear` before they produce. The node counts as `congested` while
     held and for `hold` seconds after; a neighbour's credit says whether that neighbour
     is (`peer_congested`), which is what a first hop cannot otherwise see (module
-    docstring).
+    docstring). What one neighbour says never counts against that neighbour itself: a
+    writer whose own outbox is full says it is congested, and must not be capped for it.
     """
+
+    #: Neighbours' reports kept at most (the oldest go first).
+    MAX_REPORTS = 64
 
     def __init__(self, hold: float = 1.0) -> None:
         self.hold_seconds = hold
         self._holders: dict[Hashable, str] = {}
         self._changed = ParkingLot()
         self._released_at = -math.inf
-        self._peer_congested_at = -math.inf
+        #: When each neighbour last said it was congested.
+        self._reports: dict[Hashable, float] = {}
 
         #: Waits that found the node congested, by who waited.
         self.waits: collections.Counter[str] = collections.Counter()
@@ -206,13 +213,18 @@ class Pressure:
         """This node's own buffers were over their mark within `hold` seconds."""
         return self.held_within(self.hold_seconds)
 
-    def peer_congested(self) -> None:
-        """A neighbour's credit said it is congested (`Credit.congested`)."""
-        self._peer_congested_at = trio.current_time()
+    def peer_congested(self, peer: Hashable) -> None:
+        """Neighbour `peer`'s credit said it is congested (`Credit.congested`)."""
+        self._reports.pop(peer, None)
+        self._reports[peer] = trio.current_time()
+        if len(self._reports) > self.MAX_REPORTS:
+            del self._reports[next(iter(self._reports))]
 
-    def downstream_congested(self) -> bool:
-        """A neighbour said it was congested within `hold` seconds."""
-        return trio.current_time() - self._peer_congested_at < self.hold_seconds
+    def downstream_congested(self, excluding: Hashable = None) -> bool:
+        """A neighbour other than `excluding` said it was congested within `hold` seconds
+        (`hold` 0: never, the neighbour flag is off with the hold)."""
+        since = trio.current_time() - self.hold_seconds
+        return any(at > since and peer != excluding for peer, at in self._reports.items())
 
     def holders(self) -> collections.Counter[str]:
         """How many buffers hold the pressure, by kind (for `stats`)."""

@@ -298,7 +298,7 @@ class Outbox:
 
     def _on_credit(self, credit: Credit) -> None:
         if credit.congested and self._pressure is not None:
-            self._pressure.peer_congested()
+            self._pressure.peer_congested(self.peer.id)
         self._credit_messages += credit.messages
         self._credit_bytes += credit.size
         if self._payload:

@@ -290,6 +290,7 @@ class Replica:
                 raise self._hung
 
     async def _serve_life(self, report_started: Callable[[], None]) -> None:
+        self._watch.watched = trio.lowlevel.current_task()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._full_sync.attach(nursery)

@@ -117,7 +117,7 @@ class Router:
         if isinstance(message, Gossip):
             if message.id.origin == peer.id and (
                 self._pressure.congested()
-                or self._pressure.downstream_congested()
+                or self._pressure.downstream_congested(excluding=peer.id)
                 or broadcaster.delay.excluding(peer.id) > self._congestion_ms
             ):
                 # The peer's own broadcast entering the tree while the cluster is

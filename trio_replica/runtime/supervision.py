@@ -38,7 +38,7 @@ class Restarts:
         self._times: collections.deque[float] = collections.deque()
         self._backoff = self.backoff_min
         self._last_start = 0.0
-        #: Whether the task has come up once (a failure before that is not restarted).
+        #: Whether the task has come up once (set by the replica driver: `restarting`).
         self.started_once = False
 
     def started(self, now: float) -> None:

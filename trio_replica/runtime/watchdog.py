@@ -33,9 +33,14 @@ class CallbackWatch:
         self._health = health
         #: The callback running now: (its name, since on Trio's clock, since on the wall).
         self._running: tuple[str, float, float] | None = None
+        #: The driver's task of the current life: only its callbacks are watched (a
+        #: tool's `compare_with` runs them on its own task, which a hang cannot restart).
+        self.watched: trio.lowlevel.Task | None = None
 
     async def call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Await ``fn(instance name, *args)``, watched."""
+        """Await ``fn(instance name, *args)``, watched on the driver's own task."""
+        if trio.lowlevel.current_task() is not self.watched:
+            return await fn(self._name, *args)
         self._running = (what, trio.current_time(), time.monotonic())
         try:
             return await fn(self._name, *args)

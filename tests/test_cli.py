@@ -77,6 +77,32 @@ def test_public_listen_without_secret_is_refused_with_a_clear_message() -> None:
     assert "without a cluster secret" in out.stderr
 
 
+def test_version_prints_the_package_version() -> None:
+    import trio_replica
+
+    out = subprocess.run([*PY, "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"trio_replica {trio_replica.__version__}"
+    assert trio_replica.__version__ != "0+unknown"  # the installed metadata was found
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["node", "--listen", "127.0.0.1:notaport"],
+        ["node", "--listen", "127.0.0.1:0", "--join", "127.0.0.1:99999"],
+        ["status", "--node", "127.0.0.1:abc"],
+        ["get", "m", "k", "--node", "127.0.0.1:-1"],
+    ],
+)
+def test_a_bad_port_is_one_clear_line_and_exit_code_2(args: list[str]) -> None:
+    out = subprocess.run([*PY, *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert "the port must be a number from 0 to 65535" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("nodes", [4])
 def test_cluster_command_forms_an_overlay(nodes: int) -> None:
     out = subprocess.run(

@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trio_replica"
 #: Rank of each room: a module may import from its own room or a lower one only.
 LAYERS = {
     "errors": 0,
+    "version": 0,
     "core": 1,
     "runtime": 2,
     "stores": 3,

@@ -1,4 +1,4 @@
-"""The README's embedding example runs as written."""
+"""The README's examples run as written, and the embedding example type-checks."""
 
 from __future__ import annotations
 
@@ -19,6 +19,28 @@ def test_readme_embedding_example_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "b {'text': 'hello'}" in result.stdout
+
+
+def test_readme_embedding_example_type_checks_strictly(tmp_path: Path) -> None:
+    """The package is typed (``py.typed``): a user's ``mypy --strict`` checks against it."""
+    match = re.search(r"## Embedding in a Trio app\s+```python\n(.*?)```", README.read_text(), re.S)
+    assert match, "the README lost its embedding example"
+    example = tmp_path / "example.py"
+    example.write_text(match.group(1))
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(example)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=README.parent,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_package_says_it_is_typed() -> None:
+    package = README.parent / "trio_replica"
+    assert (package / "py.typed").is_file()
+    assert 'trio_replica = ["py.typed"]' in (README.parent / "pyproject.toml").read_text()
 
 
 def test_readme_builtins_tour_runs() -> None:

@@ -53,6 +53,7 @@ from .stores.registry import Registered, Registration, Unregistered
 from .stores.reminders import Fired, Reminder, ReminderInbox
 from .stores.shard import Acquired, Released, RingSizeMismatch
 from .stores.store import StoreCorrupt, StoreError
+from .version import __version__
 
 __all__ = [
     "Acquired",
@@ -115,6 +116,7 @@ __all__ = [
     "Unregistered",
     "ValidationError",
     "WireError",
+    "__version__",
     "open_control",
     "open_node",
 ]

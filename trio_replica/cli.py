@@ -52,6 +52,7 @@ from .ops.cli_control import (
 )
 from .runtime.config import NodeConfig
 from .runtime.logs import LEVELS, node_context, setup_logging
+from .version import __version__
 
 log = logging.getLogger("trio_replica.cli")
 
@@ -96,8 +97,12 @@ def _add_auth(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trio_replica",
-        description="Peer-to-peer replication for Trio: HyParView membership, Plumtree broadcast.",
+        description=(
+            "Peer-to-peer replication for Trio: HyParView membership, Plumtree broadcast, "
+            "replicated maps."
+        ),
     )
+    parser.add_argument("--version", action="version", version=f"trio_replica {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("node", help="run a node until SIGINT/SIGTERM")

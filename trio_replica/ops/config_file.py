@@ -118,6 +118,8 @@ def _evolve(obj: Any, settings: Mapping[str, Any], prefix: str) -> Any:
         changes[name] = coerce(where, hints[name], value)
     try:
         return attrs.evolve(obj, **changes)
+    except ConfigError:
+        raise  # our own checks name the setting already
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid settings under {prefix or 'the top level'!r}: {exc}") from None
 

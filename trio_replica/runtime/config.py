@@ -57,7 +57,15 @@ def normalize_address(address: str, *, default_scheme: str = "ws") -> str:
         address = f"{default_scheme}://{address}"
     parsed = urllib.parse.urlsplit(address)
     if parsed.scheme in ("ws", "wss"):
-        if not parsed.hostname or parsed.port is None:
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+            if parsed.netloc.rpartition(":")[2]:
+                raise ConfigError(
+                    f"address {address!r}: the port must be a number from 0 to 65535"
+                ) from None
+        if not parsed.hostname or port is None:
             raise ConfigError(f"address {address!r} needs a host and a port")
         if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.username:
             raise ConfigError(

@@ -218,3 +218,42 @@ def test_allowlist_keys_and_a_secret_keyring_from_the_command_line(tmp_path: Pat
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_first_hour_mistakes_against_a_node_are_one_clear_line(tmp_path: Path) -> None:
+    node, address = _start_node(tmp_path, "a", "--map", "m")
+    try:
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*PY, *args, "--node", address], capture_output=True, text=True, timeout=60
+            )
+
+        # A map the node does not host: says so, and what it hosts.
+        out = run("get", "other", "k")
+        assert out.returncode == 1
+        assert out.stderr.strip() == (
+            "error: node a does not host map 'other' (it hosts: m; open it with --map or open_map)"
+        )
+        # NaN and infinities are not JSON: refused before anything is sent.
+        for bad in ("NaN", "Infinity"):
+            out = run("put", "m", "k", bad)
+            assert out.returncode == 2
+            assert (
+                out.stderr.strip() == f"error: the value must be JSON: {bad} is not a JSON number"
+            )
+        # A reader that goes away early (`status | head -1`) is not an error.
+        status = subprocess.Popen(
+            [*PY, "status", "--node", address],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert status.stdout is not None and status.stderr is not None
+        assert status.stdout.readline().startswith("node a at ")
+        status.stdout.close()
+        assert status.wait(timeout=60) == 0
+        assert "Broken pipe" not in status.stderr.read()
+    finally:
+        node.send_signal(signal.SIGINT)
+        node.wait(timeout=30)

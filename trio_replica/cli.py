@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
-        "demo", help="watch a local cluster replicate a map, lose a node and heal (~10 s)"
+        "demo", help="watch a local cluster replicate a map, lose a node and heal (a few seconds)"
     )
     p.add_argument("--nodes", type=int, default=5, help="cluster size, at least 3 (default: 5)")
     p.add_argument(
@@ -419,6 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`status | head`): nothing is wrong, and Python must not
+        # complain when it flushes stdout at exit either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ReplicaError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -145,12 +145,21 @@ def _json_default(value: object) -> object:
 
 
 def _show(value: object) -> str:
-    return json.dumps(value, default=_json_default, sort_keys=True)
+    try:
+        return json.dumps(value, default=_json_default, sort_keys=True, allow_nan=False)
+    except ValueError:
+        # A NaN or an infinity written from Python: JSON has none, so say it plainly
+        # rather than print something no JSON reader accepts.
+        return json.dumps(repr(value))
+
+
+def _no_constant(name: str) -> Any:
+    raise ConfigError(f"the value must be JSON: {name} is not a JSON number")
 
 
 def _parse_json(text: str) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"the value must be JSON ({exc}); quote strings: '\"text\"'") from None
 

@@ -104,9 +104,14 @@ class ControlOps:
                 raise ControlError(
                     f"node {node.id} is starting: its maps are not open yet; try again"
                 )
-        the_map = node.maps().get(args[0])
+        maps = node.maps()
+        the_map = maps.get(args[0])
         if the_map is None:
-            raise KeyError(f"map {args[0]!r} is not open on node {node.id}")
+            hosted = ", ".join(sorted(maps)) or "none"
+            raise ControlError(
+                f"node {node.id} does not host map {args[0]!r} (it hosts: {hosted}; "
+                "open it with --map or open_map)"
+            )
         return the_map, args[1:]
 
     async def registry_lookup(self, args: Any) -> dict[str, list[list[Any]]]:

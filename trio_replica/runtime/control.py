@@ -104,7 +104,8 @@ async def _answer(
     except (ReplicaError, ValueError, TypeError, KeyError) as exc:
         # The error goes back to the client; it is the client's mistake, not the node's.
         log.info("control %s from %s failed: %s", request.op, link.peer.id, exc)
-        text = f"{type(exc).__name__}: {exc}"
+        # Our own refusals read as they are; a library error keeps its type's name.
+        text = str(exc) if isinstance(exc, ControlError) else f"{type(exc).__name__}: {exc}"
         reply = ControlReply(request.request_id, False, encode_payload(text, max_size=limit))
     except Exception as exc:
         # A bug behind an operation (an application validator, a store) must not end the

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
+import pytest
 import trio
 
+from transports.base import Refusals
 from trio_replica.core.events import DownReason, PeerDown
+from trio_replica.node import open_node
 from trio_replica.runtime.config import NodeConfig
 from trio_replica.runtime.control import ControlError, open_control
 
@@ -73,3 +79,34 @@ async def test_status_over_the_control_path_needs_the_secret() -> None:
             raise AssertionError("a client with the wrong secret was served")
         assert a.stats()["handshakes_refused"].get("secret", 0) == 0  # the client refused first
         nursery.cancel_scope.cancel()
+
+
+async def test_normal_local_runs_do_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    """A loopback node without a secret, and connections refused while a node shuts
+    down, are normal: INFO, never WARNING (issue 21)."""
+    caplog.set_level(logging.INFO, logger="trio_replica")
+    async with open_node(NodeConfig(name="a")) as a:
+        address = a.address
+        await a.leave()  # closing: newcomers are refused from now on
+        with contextlib.suppress(ControlError):
+            async with open_control(address, timeout=2):
+                pass
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [], [r.getMessage() for r in warnings]
+    assert any("no cluster secret" in r.getMessage() for r in caplog.records)
+
+
+def test_refusals_of_a_quiet_reason_are_info(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("trio_replica.test_refusals")
+    refusals = Refusals(log, "node x", quiet=("closing",))
+
+    async def refuse() -> None:
+        refusals.refuse("closing", "ws://1.2.3.4:5")
+        refusals.refuse("bad_hello", "ws://1.2.3.4:5")
+
+    with caplog.at_level(logging.INFO, logger="trio_replica.test_refusals"):
+        trio.run(refuse)
+    assert [(r.levelno, r.getMessage().split(" (")[1]) for r in caplog.records] == [
+        (logging.INFO, "closing)"),
+        (logging.WARNING, "bad_hello)"),
+    ]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -129,10 +129,20 @@ class Refusals:
     flood of log lines (issue 17 measured 72 tracebacks in 10 s from one).
     """
 
-    def __init__(self, log: logging.Logger, what: str, period: float = 10.0) -> None:
+    def __init__(
+        self,
+        log: logging.Logger,
+        what: str,
+        period: float = 10.0,
+        *,
+        quiet: Iterable[str] = (),
+    ) -> None:
         self._log = log
         self._what = what
         self._period = period
+        #: Reasons that are part of normal operation (a node shutting down refuses
+        #: newcomers): logged at INFO, not WARNING.
+        self._quiet = frozenset(quiet)
         #: Refusals by reason, since the start (for metrics).
         self.counts: collections.Counter[str] = collections.Counter()
         self._unlogged: collections.Counter[str] = collections.Counter()
@@ -147,12 +157,14 @@ class Refusals:
             return
         count = self._unlogged.pop(reason)
         self._logged_at[reason] = now
+        level = logging.INFO if reason in self._quiet else logging.WARNING
         if last is None:
-            self._log.warning(
-                "%s refused a connection from %s (%s)%s", self._what, remote, reason, detail
+            self._log.log(
+                level, "%s refused a connection from %s (%s)%s", self._what, remote, reason, detail
             )
         else:
-            self._log.warning(
+            self._log.log(
+                level,
                 "%s refused %d connections (%s) in the last %.0f s; the latest from %s%s",
                 self._what,
                 count,

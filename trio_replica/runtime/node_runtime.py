@@ -95,7 +95,10 @@ class NodeRuntime:
         self.aborted = False
         #: The handshake slots of connections not yet authenticated (admission.py).
         self.admission = Admission(
-            config.link, self.stats_counters, Refusals(log, f"node {config.name}")
+            config.link,
+            self.stats_counters,
+            # A node shutting down refuses newcomers: normal, not worth a warning.
+            Refusals(log, f"node {config.name}", quiet=("closing",)),
         )
         #: Requests the node's HTTP endpoint (/metrics, /readyz) refused.
         self.http_refusals = Refusals(log, f"node {config.name} metrics endpoint")
@@ -207,7 +210,9 @@ class NodeRuntime:
         self.me = Peer(self.id, self.address)
         self._creds = self._credentials()
         if not self.config.secret and not self.address.startswith("mem://"):
-            log.warning(
+            # Normal for local work (the config refuses anything but loopback without a
+            # secret): said once, at INFO.
+            log.info(
                 "node %s has no cluster secret: listening on loopback %s only",
                 self.id,
                 self.address,

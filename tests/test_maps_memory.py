@@ -8,6 +8,7 @@ import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
+from trio_replica import testing
 from trio_replica.node import Node
 from trio_replica.runtime.config import NodeConfig, ReplicaConfig
 from trio_replica.stores.maps import Put, Removed, ReplicatedMap
@@ -376,3 +377,17 @@ def test_chunks_fill_across_batches_and_stay_under_the_bound() -> None:
     big = ["big", 1, "n", 1, 0, "x" * 10_000]
     assert [cbor2.loads(c) for c in chunks([["a"], big, ["b"]], 3)] == [[["a"]], [big], [["b"]]]
     assert Chunker(4096).flush() is None
+
+
+async def test_remote_changes_count_only_what_peers_changed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """`map_remote_changes_total` is "changed by peers": a node's own writes are not."""
+    async with testing.cluster(2) as c:
+        mine, theirs = [await c[name].open_map("m") for name in ("n1", "n2")]
+        await mine.put("k", 1)
+        await mine.delete("k")
+        with trio.fail_after(60):
+            await c.converged("m")
+        assert mine.stats.remote_changes == 0
+        assert theirs.stats.remote_changes == 2

@@ -30,8 +30,10 @@ class ReplicaCallbacks(Protocol):
     and counted in the driver's `callback_errors`; the driver keeps running.
 
     Optional members: ``async def merge_custom(name, payload)`` for `broadcast_custom`
-    payloads; a boolean attribute ``anti_entropy`` that turns periodic anti-entropy on
-    (for value-carrying stores with a full-state snapshot and tombstones);
+    payloads; ``async def merge_local(name, delta)``, used instead of `merge_delta` for
+    this node's own writes (`broadcast_update`), for an owner that counts them apart; a
+    boolean attribute ``anti_entropy`` that turns periodic anti-entropy on (for
+    value-carrying stores with a full-state snapshot and tombstones);
     ``full_sync_stream(name)``, an async generator of lists of items, used instead of
     `full_sync_snapshot` when present: it walks the state as the sync streams (a batch is
     built when the link has room for the one before), so a large state is never copied

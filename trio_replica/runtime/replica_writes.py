@@ -87,7 +87,8 @@ class ReplicaWriter:
         # caller mutates after the write can change neither the local state nor its digest
         # (an entry's hash is added at merge and subtracted at its replacement).
         local = decode_payload(encoded, max_size=self._node.config.max_payload)[1]
-        await self._callbacks.merge_delta(self._name, local)
+        merge = getattr(self._callbacks, "merge_local", None) or self._callbacks.merge_delta
+        await merge(self._name, local)
         self._node.broadcast_encoded_nowait(self._tag, encoded, body)
         self._stats.deltas_sent += 1
         return dot

@@ -325,6 +325,10 @@ class ReplicatedMap:
     async def merge_delta(self, name: str, delta: Any) -> None:
         await self._ingest(delta, remote=True)
 
+    async def merge_local(self, name: str, delta: Any) -> None:
+        """This node's own write (`Replica.broadcast_update`): not a peer's change."""
+        await self._ingest(delta, remote=False)
+
     async def apply_full_sync(self, name: str, snapshot: list[Any]) -> None:
         await self._ingest(snapshot, remote=True)
 

@@ -257,3 +257,31 @@ def test_first_hour_mistakes_against_a_node_are_one_clear_line(tmp_path: Path) -
     finally:
         node.send_signal(signal.SIGINT)
         node.wait(timeout=30)
+
+
+def test_unreachable_addresses_and_missing_files_are_named_once(tmp_path: Path) -> None:
+    node, address = _start_node(tmp_path, "a")
+    try:
+        taken = subprocess.run(
+            [*PY, "node", "--name", "b", "--listen", address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert taken.returncode == 1
+        assert taken.stderr.strip().endswith(f"cannot listen on {address}: Address already in use")
+    finally:
+        node.send_signal(signal.SIGINT)
+        node.wait(timeout=30)
+    # Nobody listens there now: the address appears once in the message.
+    gone = subprocess.run([*PY, "status", "--node", address], capture_output=True, text=True)
+    assert gone.returncode == 1
+    assert gone.stderr.count(address) == 1, gone.stderr
+    missing = tmp_path / "no-ca.pem"
+    out = subprocess.run(
+        [*PY, "status", "--node", address.replace("ws://", "wss://"), "--tls-ca", str(missing)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: --tls-ca {missing}: no such file"

@@ -429,7 +429,11 @@ class WebsocketTransport:
         target = parse_websocket_address(address)
         if target.secure and self.server_ssl is None:
             raise ValueError(f"cannot listen on {address}: no server_ssl context")
-        listeners = await trio.open_tcp_listeners(target.port, host=target.host)
+        try:
+            listeners = await trio.open_tcp_listeners(target.port, host=target.host)
+        except OSError as exc:
+            # "Address already in use" alone does not say which address.
+            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
         if target.port == 0 and len(listeners) > 1:
             for extra in listeners[1:]:
                 await extra.aclose()

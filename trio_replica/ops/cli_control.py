@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import ssl
 import sys
 from contextlib import AbstractAsyncContextManager
@@ -61,6 +62,11 @@ def tls_contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, ssl.S
         return None, None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    for option, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert)):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{option} {path}: no such file")
+    if args.tls_key and not os.path.isfile(args.tls_key):
+        raise ConfigError(f"--tls-key {args.tls_key}: no such file")
     try:
         client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca)
         server = None

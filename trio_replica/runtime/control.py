@@ -304,6 +304,8 @@ async def open_control(
                     finally:
                         nursery.cancel_scope.cancel()
     except ConnectError as exc:
-        raise ControlError(f"could not connect to {address}: {exc}") from None
+        # The transport's error names the address already.
+        text = str(exc) if address in str(exc) else f"{address}: {exc}"
+        raise ControlError(f"could not connect to {text}") from None
     except WireError as exc:
         raise ControlError(f"bad answer from {address}: {exc}") from None

@@ -286,7 +286,10 @@ class NodeConfig:
             object.__setattr__(self, "advertise", normalize_address(self.advertise))
         object.__setattr__(self, "seeds", tuple(normalize_address(s) for s in self.seeds))
         if self.listen.startswith("wss://") and self.server_ssl is None:
-            raise ConfigError("a wss:// listen address needs server_ssl")
+            raise ConfigError(
+                "a wss:// listen address needs a certificate: --tls-cert and --tls-key "
+                "(NodeConfig.server_ssl when embedding)"
+            )
         if not self.secret and not is_loopback(self.listen):
             raise ConfigError(
                 f"refusing to listen on {self.listen} without a cluster secret: anyone who can "

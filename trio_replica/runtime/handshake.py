@@ -114,7 +114,12 @@ def _check_proofs(
 ) -> None:
     """Check the peer's secret proof, key signature and key; raise `HandshakeError`."""
     if not creds.proves(side, transcript, proof):
-        raise HandshakeError("peer failed to prove the cluster secret", reason="secret")
+        # Said from our side: either end may hold the wrong secret.
+        if not creds.secret:
+            text = f"{theirs.node_id} uses a cluster secret and we have none (--secret-file)"
+        else:
+            text = f"the cluster secrets differ: {theirs.node_id} proved another one than ours"
+        raise HandshakeError(text, reason="secret")
     if not verify(theirs.key, signature, side + transcript):
         raise HandshakeError(
             f"{theirs.node_id} failed to prove its key {format_key(theirs.key)}", reason="signature"
@@ -179,8 +184,11 @@ def _check_hello(hello: Message, creds: Credentials) -> Hello:
             f"protocol version {hello.version} is not ours ({PROTOCOL_VERSION})", reason="version"
         )
     if hello.cluster != creds.cluster:
+        # Each side named by its id: the text also travels to the other side (`Refuse`).
         raise HandshakeError(
-            f"peer is in cluster {hello.cluster!r}, we are in {creds.cluster!r}", reason="cluster"
+            f"cluster names differ: {hello.node_id} is in {hello.cluster!r}, "
+            f"{creds.me.id} in {creds.cluster!r}",
+            reason="cluster",
         )
     if hello.node_id == creds.me.id:
         raise HandshakeError(f"peer uses our own node id {hello.node_id!r}", reason="duplicate_id")

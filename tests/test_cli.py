@@ -86,6 +86,14 @@ def test_version_prints_the_package_version() -> None:
     assert trio_replica.__version__ != "0+unknown"  # the installed metadata was found
 
 
+def test_a_wss_listener_without_a_certificate_names_the_flags() -> None:
+    out = subprocess.run(
+        [*PY, "node", "--listen", "wss://127.0.0.1:0"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert "--tls-cert and --tls-key" in out.stderr.strip().splitlines()[0]
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -95,14 +103,6 @@ def test_version_prints_the_package_version() -> None:
         ["get", "m", "k", "--node", "127.0.0.1:-1"],
     ],
 )
-def test_a_wss_listener_without_a_certificate_names_the_flags() -> None:
-    out = subprocess.run(
-        [*PY, "node", "--listen", "wss://127.0.0.1:0"], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 2
-    assert "--tls-cert and --tls-key" in out.stderr.strip().splitlines()[0]
-
-
 def test_a_bad_port_is_one_clear_line_and_exit_code_2(args: list[str]) -> None:
     out = subprocess.run([*PY, *args], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr

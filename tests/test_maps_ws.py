@@ -104,7 +104,7 @@ def test_map_commands_against_a_node_process(tmp_path: Path) -> None:
         bad = run("put", "cfg", "k", "not json")
         assert bad.returncode == 2 and "JSON" in bad.stderr
         unknown = run("get", "nomap", "k")
-        assert unknown.returncode == 1 and "not open" in unknown.stderr
+        assert unknown.returncode == 1 and "does not host map 'nomap'" in unknown.stderr
         assert watcher.stdout is not None
         assert json.loads(watcher.stdout.readline()) == ["put", "color", {"name": "blue"}, "solo"]
         assert json.loads(watcher.stdout.readline()) == ["removed", "color", "solo"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -84,6 +85,37 @@ def test_version_prints_the_package_version() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"trio_replica {trio_replica.__version__}"
     assert trio_replica.__version__ != "0+unknown"  # the installed metadata was found
+
+
+def test_settings_errors_name_their_section_and_odd_addresses_do_not_crash() -> None:
+    out = subprocess.run(
+        [*PY, "node", "--listen", "127.0.0.1:0", "--set", "membership.active_size=0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: invalid settings under 'membership.': ")
+    out = subprocess.run(
+        [*PY, "status", "--node", "[::1:7000"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "IPv6 hosts go in brackets" in out.stderr
+
+
+def test_a_reader_that_leaves_early_is_not_an_error_with_buffered_output(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    out = subprocess.run(
+        f"{sys.executable} -m trio_replica key --data-dir {tmp_path} | true",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert "BrokenPipeError" not in out.stderr and "Exception ignored" not in out.stderr
 
 
 def test_a_wss_listener_without_a_certificate_names_the_flags() -> None:
@@ -250,6 +282,11 @@ def test_first_hour_mistakes_against_a_node_are_one_clear_line(tmp_path: Path) -
             assert (
                 out.stderr.strip() == f"error: the value must be JSON: {bad} is not a JSON number"
             )
+        out = run("put", "m", "k", "1e400")
+        assert out.returncode == 2
+        assert (
+            out.stderr.strip() == "error: the value must be JSON: 1e400 is too large for a number"
+        )
         # A reader that goes away early (`status | head -1`) is not an error.
         status = subprocess.Popen(
             [*PY, "status", "--node", address],

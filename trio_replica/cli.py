@@ -29,6 +29,7 @@ a one-line message and exit status 2 or 1, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -414,16 +415,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         try:
-            return trio.run(runners[args.command], args)
+            code: int = trio.run(runners[args.command], args)
         except BaseExceptionGroup as group:
             raise _single(group) from None
+        sys.stdout.flush()  # inside the try: a reader that left shows here, not at exit
+        return code
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader went away (`status | head`): nothing is wrong, and Python must not
         # complain when it flushes stdout at exit either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(OSError, ValueError):  # stdout may have no descriptor
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (ReplicaError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import ssl
 import sys
@@ -62,11 +63,14 @@ def tls_contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, ssl.S
         return None, None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
-    for option, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert)):
-        if path and not os.path.isfile(path):
+    for option, path in (
+        ("--tls-ca", args.tls_ca),
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+    ):
+        # exists, not isfile: a pipe (`<(cat ca.pem)`) is a fine source too.
+        if path and not os.path.exists(path):
             raise ConfigError(f"{option} {path}: no such file")
-    if args.tls_key and not os.path.isfile(args.tls_key):
-        raise ConfigError(f"--tls-key {args.tls_key}: no such file")
     try:
         client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca)
         server = None
@@ -154,18 +158,35 @@ def _show(value: object) -> str:
     try:
         return json.dumps(value, default=_json_default, sort_keys=True, allow_nan=False)
     except ValueError:
-        # A NaN or an infinity written from Python: JSON has none, so say it plainly
-        # rather than print something no JSON reader accepts.
-        return json.dumps(repr(value))
+        # A NaN or an infinity written from Python: JSON has none. Shown as the strings
+        # "NaN" / "Infinity" / "-Infinity" in place, the rest of the value as it is.
+        return json.dumps(_finite(value), default=_json_default, sort_keys=True)
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
 
 
 def _no_constant(name: str) -> Any:
     raise ConfigError(f"the value must be JSON: {name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ConfigError(f"the value must be JSON: {text} is too large for a number")
+    return number
+
+
 def _parse_json(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"the value must be JSON ({exc}); quote strings: '\"text\"'") from None
 

@@ -118,8 +118,10 @@ def _evolve(obj: Any, settings: Mapping[str, Any], prefix: str) -> Any:
         changes[name] = coerce(where, hints[name], value)
     try:
         return attrs.evolve(obj, **changes)
-    except ConfigError:
-        raise  # our own checks name the setting already
+    except ConfigError as exc:
+        if not prefix:
+            raise  # top-level checks name their setting already
+        raise ConfigError(f"invalid settings under {prefix!r}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid settings under {prefix or 'the top level'!r}: {exc}") from None
 

@@ -55,15 +55,22 @@ def normalize_address(address: str, *, default_scheme: str = "ws") -> str:
     """Accept ``host:port`` as shorthand for ``ws://host:port``; check the URL's shape."""
     if "://" not in address:
         address = f"{default_scheme}://{address}"
-    parsed = urllib.parse.urlsplit(address)
+    try:
+        parsed = urllib.parse.urlsplit(address)
+    except ValueError as exc:
+        raise ConfigError(
+            f"address {address!r} is not a URL ({exc}); IPv6 hosts go in brackets: [::1]:7000"
+        ) from None
     if parsed.scheme in ("ws", "wss"):
         try:
             port = parsed.port
         except ValueError:
             port = None
             if parsed.netloc.rpartition(":")[2]:
+                hint = "; IPv6 hosts go in brackets: [::1]:7000" if "[" not in address else ""
+                hint = hint if parsed.netloc.count(":") > 1 else ""
                 raise ConfigError(
-                    f"address {address!r}: the port must be a number from 0 to 65535"
+                    f"address {address!r}: the port must be a number from 0 to 65535{hint}"
                 ) from None
         if not parsed.hostname or port is None:
             raise ConfigError(f"address {address!r} needs a host and a port")

@@ -114,11 +114,13 @@ def _check_proofs(
 ) -> None:
     """Check the peer's secret proof, key signature and key; raise `HandshakeError`."""
     if not creds.proves(side, transcript, proof):
-        # Said from our side: either end may hold the wrong secret.
+        # Each node named by its id: the text also travels to the other side (`Refuse`),
+        # and either end may hold the wrong secret.
+        me = creds.me.id
         if not creds.secret:
-            text = f"{theirs.node_id} uses a cluster secret and we have none (--secret-file)"
+            text = f"{me} has no cluster secret and {theirs.node_id} has one (--secret-file)"
         else:
-            text = f"the cluster secrets differ: {theirs.node_id} proved another one than ours"
+            text = f"the cluster secrets of {me} and {theirs.node_id} differ"
         raise HandshakeError(text, reason="secret")
     if not verify(theirs.key, signature, side + transcript):
         raise HandshakeError(

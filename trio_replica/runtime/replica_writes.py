@@ -3,8 +3,8 @@
 `broadcast_update(Add(key, value) | Remove(key))` first waits for the node's outgoing
 budget (flow control: a writer faster than the cluster is slowed here, before anything is
 applied), then mints one HLC dot for the write, hands the delta to the owner's
-`merge_delta` (so the local state holds exactly the entry the cluster gets, and a
-persistent owner acknowledges only once it is durable), then queues its broadcast on the
+`merge_local` or `merge_delta` (so the local state holds exactly the entry the cluster
+gets, and a persistent owner acknowledges only once it is durable), then queues its broadcast on the
 instance's tag without waiting again. `broadcast_custom(payload)` carries an
 owner-specific payload to `merge_custom` on every other node.
 """
@@ -63,8 +63,8 @@ class ReplicaWriter:
     async def broadcast_update(self, update: Add | Remove) -> Dot:
         """Apply `update` locally through the owner, then broadcast it; return its dot.
 
-        Raises what the owner's `merge_delta` raises for a local write (nothing is sent
-        then), `MessageTooLarge` or `TypeError` for a value that cannot travel.
+        Raises what the owner's `merge_local` / `merge_delta` raises for a local write
+        (nothing is sent then), `MessageTooLarge` or `TypeError` for a value that cannot travel.
         """
         from ..core.ormap import Tombstone, Value
         from ..core.ormap_wire import to_wire

@@ -38,9 +38,8 @@ from prometheus_client.registry import Collector
 
 from transports.base import Refusals, remote_host
 
-from ..runtime.config import NodeConfig
 from ..runtime.health import LAG_BUCKETS
-from ..stores.maps import ReplicatedMap
+from .status import NodeFace
 
 log = logging.getLogger("trio_replica.metrics")
 
@@ -58,20 +57,12 @@ MAX_CONNECTIONS = 16
 MAX_PER_CLIENT = 4
 
 
-class MeteredNode(Protocol):
+class MeteredNode(NodeFace, Protocol):
     """What the metrics endpoint reads of a node (the `Node` facade)."""
 
     @property
-    def id(self) -> str: ...
-    @property
-    def address(self) -> str: ...
-    @property
-    def config(self) -> NodeConfig: ...
-    @property
     def http_refusals(self) -> Refusals: ...
 
-    def stats(self) -> dict[str, Any]: ...
-    def maps(self) -> dict[str, ReplicatedMap]: ...
     def readiness(self) -> tuple[bool, str]: ...
     def liveness(self) -> tuple[bool, str]: ...
 

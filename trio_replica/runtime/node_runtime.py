@@ -92,7 +92,6 @@ class NodeRuntime:
         #: Set (and replaced) whenever the active view changes: `wait_ready` waits on it.
         self._view_changed = trio.Event()
         self.closing = False
-        self.aborted = False
         #: The handshake slots of connections not yet authenticated (admission.py).
         self.admission = Admission(
             config.link,
@@ -232,8 +231,8 @@ class NodeRuntime:
             direct=self.direct,
             replicas=self.replicas,
             send_to=self.send_to,
+            client_handler=self.client_handler,
         )
-        self.router.client_handler = self.client_handler
         await self.start_task(self.membership.serve)
         await self.start_task(self.broadcaster.serve)
         self.ready.set()
@@ -271,7 +270,6 @@ class NodeRuntime:
 
     def abort(self) -> None:
         """Stop at once, as a crash would (`Node.abort`)."""
-        self.aborted = True
         self.closing = True
         self.tasks.cancel_nursery()
 

@@ -66,6 +66,7 @@ class Router:
         direct: DirectMessaging,
         replicas: dict[str, Replica],
         send_to: Callable[[Peer, Message], bool],
+        client_handler: ClientHandler | None = None,
     ) -> None:
         self._id = node_id
         self._config = config
@@ -77,13 +78,13 @@ class Router:
         self._replicas = replicas
         self._send_to = send_to
         self._congestion_ms = config.flow.congestion_delay * 1000
-        #: Control requests from client links (set by the node; refused while None).
-        self.client_handler: ClientHandler | None = None
+        #: Control requests from client links (refused without one).
+        self._client_handler = client_handler
 
     async def route(self, link: Link, message: Message, size: int) -> None:
         if link.role == Role.CLIENT:
-            if isinstance(message, ControlRequest) and self.client_handler is not None:
-                self.client_handler(link, message)
+            if isinstance(message, ControlRequest) and self._client_handler is not None:
+                self._client_handler(link, message)
             else:
                 self._stats.reject("client_kind")
             return

@@ -336,9 +336,10 @@ def replica_totals(maps: Sequence[ReplicatedMap]) -> dict[str, int]:
     )
     totals = dict.fromkeys(names, 0)
     for the_map in maps:
-        stats = the_map.replica.stats
+        # The driver's counters, and the bookkeeping's (pulls and requests are the core's).
+        stats, core = the_map.replica.stats, the_map.replica.core.stats
         for name in names:
-            totals[name] += getattr(stats, name)
+            totals[name] += getattr(stats, name, None) or getattr(core, name, 0)
     totals["subscriber_drops"] = sum(m.stats.subscriber_drops for m in maps)
     return totals
 

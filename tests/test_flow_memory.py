@@ -156,7 +156,10 @@ async def test_a_subscriber_that_never_reads_is_told_what_it_missed(
 async def test_a_replica_that_fell_behind_catches_up_through_a_sync_pull(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    slow_replica = ReplicaConfig(delivery_buffer=4, inbox_size=4, anti_entropy_interval=3600)
+    # One write per delta (no batching), so that 200 deliveries overrun the slow replica.
+    slow_replica = ReplicaConfig(
+        delivery_buffer=4, inbox_size=4, anti_entropy_interval=3600, batch_entries=1
+    )
     base = NodeConfig(name="x", replica=slow_replica)
     async with trio.open_nursery() as nursery:
         a, b = await _pair(Cluster(nursery, MemoryNetwork(seed=4), base=base))

@@ -385,7 +385,11 @@ async def test_remote_changes_count_only_what_peers_changed(
     """`map_remote_changes_total` is "changed by peers": a node's own writes are not."""
     async with testing.cluster(2) as c:
         mine, theirs = [await c[name].open_map("m") for name in ("n1", "n2")]
+        # Each write on its own: a put and a delete in one batch would reach the peer as
+        # one change of its visible value (none at all: absent, then deleted).
         await mine.put("k", 1)
+        with trio.fail_after(60):
+            await c.converged("m")
         await mine.delete("k")
         with trio.fail_after(60):
             await c.converged("m")

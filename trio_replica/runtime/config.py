@@ -131,15 +131,22 @@ class ReplicaConfig:
     #: cancelled, reported (`CallbackHung`, logged and counted) and the driver restarted,
     #: so that a hung callback does not stall the instance for good.
     callback_timeout: float = 30.0
+    #: Most writes (`broadcast_update`) one delta broadcast carries, and its most bytes
+    #: (also capped by `max_payload`): the writes made while the node cannot send yet
+    #: travel together (`replica_writes`); a write waits while the batch is full.
+    batch_entries: int = 512
+    batch_bytes: int = 64 * 1024
 
     def __attrs_post_init__(self) -> None:
         if not self.anti_entropy_interval > 0:
             raise ConfigError("replica.anti_entropy_interval must be positive")
         if self.sync_chunk_bytes < 1024:
             raise ConfigError("replica.sync_chunk_bytes must be at least 1024")
-        for name in ("inbox_size", "inbox_bytes", "delivery_buffer"):
+        for name in ("inbox_size", "inbox_bytes", "delivery_buffer", "batch_entries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"replica.{name} must be at least 1")
+        if self.batch_bytes < 1024:
+            raise ConfigError("replica.batch_bytes must be at least 1024")
         if not (math.isfinite(self.resync_interval) and self.resync_interval >= 0):
             raise ConfigError("replica.resync_interval must be >= 0")
         if not self.callback_timeout > 0:

@@ -7,8 +7,9 @@ state between nodes; the owner decides what it means.
 What the driver does (SPEC section 8, with the seed's flaws fixed):
 
 * **Updates** (`broadcast_update`, `broadcast_custom`) are the owner's writes, carried out
-  by `replica_writes.ReplicaWriter`: flow control, one HLC dot, the local merge, then the
-  broadcast on the instance's tag.
+  by `replica_writes.ReplicaWriter`: one HLC dot each, the local merge (concurrent writes
+  merged together), then the broadcast on the instance's tag, the writes of a busy moment
+  batched into one delta by the writer's flusher (a task of each life).
 * **Bookkeeping** is the sans-IO `core.replication.ReplicationCore`: the peers (seeded from
   the active view at start, then `PeerUp` / `PeerDown`) and the hosts of the instance (the
   host directory, `trio_replica.stores.hosts`), whom to compare with and when (at start, with a
@@ -121,7 +122,16 @@ class Replica:
         self._scope = trio.CancelScope()
         self.closed = trio.Event()
         self._writer = ReplicaWriter(
-            node, name, self.tag, callbacks, self.stats, self.closed, self._scope
+            node,
+            name,
+            self.tag,
+            callbacks,
+            self.stats,
+            self.closed,
+            self._scope,
+            batch_entries=config.batch_entries,
+            batch_bytes=config.batch_bytes,
+            merge_timeout=config.callback_timeout,
         )
         self._nursery: trio.Nursery | None = None
         digest_owner = callable(getattr(callbacks, "digest_source", None)) and callable(
@@ -261,6 +271,7 @@ class Replica:
                     # Past its budget this raises `ComponentDead`: the node closes.
                     await trio.sleep(supervision.crashed(trio.current_time()))
         finally:
+            self._writer.close()
             if self.uses_digest and not self._everywhere:
                 self.node.hosts.unlisten(self.name)
             self.node.forget_replica(self)
@@ -298,6 +309,7 @@ class Replica:
             await nursery.start(pump_broadcast, self.node, self.tag, buffer, self._inbox)
             await nursery.start(pump_membership, self.node, self._inbox)
             nursery.start_soon(self._timers.run)
+            nursery.start_soon(self._writer.run_flusher)
             nursery.start_soon(self._watch.run, self._end_hung_life)
             hosts: list[Peer] = []
             if self.uses_digest:

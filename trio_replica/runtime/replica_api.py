@@ -82,7 +82,12 @@ class ReplicaStats:
     """What the driver moved; the bookkeeping's counters are the core's
     (`Replica.core.stats`, `core.digest_stats`)."""
 
+    #: Deltas broadcast (each a batch of writes), and the writes they carried.
     deltas_sent: int = 0
+    updates_sent: int = 0
+    #: Writes merged here but not broadcast because the node closed first (anti-entropy
+    #: carries them once it is back).
+    updates_unsent: int = 0
     deltas_received: int = 0
     customs_sent: int = 0
     customs_received: int = 0

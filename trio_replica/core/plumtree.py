@@ -179,8 +179,8 @@ class PlumtreeConfig:
     #: GRAFT. The paper leaves it to deployment, from "the diameter of the overlay and a
     #: target maximum recovery latency". It must exceed how much longer a tree path takes
     #: than a lazy one, or nodes graft payloads already on their way (a duplicate each, and
-    #: tree churn). 0.5 s is ten batch windows, far above tree paths on one machine or a
-    #: LAN, and keeps repair under the seconds-scale failure detection of SPEC section 3.
+    #: tree churn). 0.5 s is far above tree paths on one machine or a LAN, and keeps repair
+    #: under the seconds-scale failure detection of SPEC section 3.
     #: Raise it for slow overlays: with 5-20 ms links and 100 nodes (tree paths of a few
     #: hundred ms), 1 s removed the remaining repair storms in our simulations. iroh-gossip
     #: uses 80 ms, by its own comment an unvalidated guess.
@@ -206,7 +206,16 @@ class PlumtreeConfig:
     #: IHAVEs are batched per peer over this window (SPEC section 5): one frame carries many
     #: announcements, which matters on websockets (about 55 us per frame, STYLE.md). It also
     #: gives the eager copy a head start over the announcement. 0 sends them at once.
-    ihave_batch_window: float = 0.05
+    #: Measured (issue 19, `bench/profile_broadcast.py`, 50 paced broadcasts a second, every
+    #: node in one process): from 0.05 to 0.25 s, IHAVE messages per delivery fell from
+    #: 1.5 to 0.4 (N = 10) and 1.0 to 0.27 (N = 25), frames per delivery from 2.7 to 1.6
+    #: and 2.1 to 1.2-1.4, CPU per delivery by 22-29% and 23%; 0.1 s got half of that. The
+    #: cost: a payload that was lost is grafted up to 0.2 s later (the IHAVE that announces
+    #: it comes later, then timeout1 runs), and the tree optimisation, which counts only
+    #: IHAVEs that arrive before the payload, needs tree paths slower than the window: on
+    #: links of tens of ms with a dominant origin, 0.05 s lets it work (on fast links no
+    #: announcement beats a tree path at either setting).
+    ihave_batch_window: float = 0.25
     #: Tree optimisation threshold in hops (SRDS 2007 section 3.8); SPEC section 5 asks for 3.
     #: Lower values chase small gains and churn the tree; a value above MAX_ROUND disables it.
     optimization_threshold: int = 3

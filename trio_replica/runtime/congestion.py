@@ -37,9 +37,10 @@ class _Origin:
     base_now: float
     base_before: float
     period: int
-    #: Its last few queueing samples, and when the last came (local ms).
+    #: Its last few queueing samples, their minimum, and when the last came (local ms).
     recent: collections.deque[float]
     last_ms: int
+    low: float = 0.0
 
 
 class QueueingDelay:
@@ -115,7 +116,10 @@ class QueueingDelay:
                 state.base_now, state.period = delay, period
             state.base_now = min(state.base_now, delay)
             self._origins.move_to_end(origin)
-        state.recent.append(delay - min(state.base_now, state.base_before))
+        recent = state.recent
+        recent.append(delay - min(state.base_now, state.base_before))
+        # Kept as samples come (a few at most), so the pass over origins below only compares.
+        state.low = min(recent)
         state.last_ms = now_ms
         self.samples += 1
         # The minimum over origins costs one pass over them: at most every 20 ms.
@@ -128,7 +132,7 @@ class QueueingDelay:
             for name, state in reversed(self._origins.items()):
                 if state.last_ms < horizon:
                     break
-                value = min(state.recent)
+                value = state.low
                 if value < lowest:
                     lowest, lowest_origin, second = value, name, lowest
                 elif value < second:

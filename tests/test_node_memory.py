@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import trio
 import trio.testing
 
 from transports.memory import MemoryNetwork
 from trio_replica.core.events import DownReason, PeerDown, PeerUp
 from trio_replica.node import open_node
+from trio_replica.runtime import seeding
 from trio_replica.runtime.config import NodeConfig
 
 from .harness import Cluster, wait_until
@@ -147,3 +151,30 @@ async def test_open_node_on_memory_transport_closes_cleanly(
         assert node.address == "mem://solo"
         assert node.active_view() == []
     assert not net.is_listening("solo")
+
+
+async def test_a_node_that_cannot_join_says_so_once_then_periodically(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 21: a node whose seed does not answer used to say nothing at WARNING."""
+    caplog.set_level(logging.WARNING, logger="trio_replica")
+
+    def warnings(text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, MemoryNetwork(seed=21))
+        b = await c.start("b", ["mem://a"])
+        await trio.sleep(seeding.JOIN_WARN_AFTER + 10)
+        (first,) = warnings("cannot join the cluster")
+        assert "node b" in first and "mem://a: connect:" in first and "still trying" in first
+        await trio.sleep(seeding.JOIN_WARN_EVERY - 20)
+        assert len(warnings("cannot join the cluster")) == 1
+        await trio.sleep(30)
+        assert len(warnings("cannot join the cluster")) == 2
+        await c.start("a")
+        with trio.fail_after(120):
+            await wait_until(lambda: bool(b.active_view()))
+        (joined,) = warnings("joined through mem://a")
+        assert "node b" in joined
+        nursery.cancel_scope.cancel()

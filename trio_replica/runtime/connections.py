@@ -46,6 +46,10 @@ log = logging.getLogger("trio_replica.node")
 OnMessage = Callable[[Link, Message, int], Awaitable[None]]
 
 
+#: Addresses whose last connect failure `Connections.connect_errors` remembers.
+_MAX_CONNECT_ERRORS = 64
+
+
 @attrs.define
 class Dial:
     """A dial in progress: messages waiting for the link, and who waits for the outcome."""
@@ -57,6 +61,7 @@ class Dial:
     done: trio.Event = attrs.Factory(trio.Event)
     peer: Peer | None = None
     error: str | None = None
+    detail: str = ""
 
 
 class Connections:
@@ -99,6 +104,9 @@ class Connections:
         self._links: dict[str, Link] = {}
         self.clients: set[Link] = set()
         self.dials: dict[str, Dial] = {}
+        #: Why the last `connect` to an address failed (reason: detail), until one succeeds;
+        #: the seeding task says it when a node cannot join. At most `_MAX_CONNECT_ERRORS`.
+        self.connect_errors: dict[str, str] = {}
         #: Losing duplicates of a link, still delivering what was in flight on them.
         self._retired: set[Link] = set()
 
@@ -189,6 +197,12 @@ class Connections:
         """Dial a node by address; return its peer once the link is up, None on failure."""
         dial = self.start_dial(address, None)
         await dial.done.wait()
+        errors = self.connect_errors
+        errors.pop(address, None)
+        if dial.peer is None:
+            if len(errors) >= _MAX_CONNECT_ERRORS:
+                del errors[next(iter(errors))]
+            errors[address] = f"{dial.error}: {dial.detail}"
         return dial.peer
 
     async def _dial_task(self, dial: Dial) -> None:
@@ -238,6 +252,7 @@ class Connections:
         self._stats.dial_failures[reason] += 1
         log.info("node %s: dialing %s failed (%s): %s", self._id, dial.address, reason, detail)
         dial.error = reason
+        dial.detail = detail
         dial.done.set()
         if dial.expected is not None:
             if self.dials.get(dial.expected.id) is dial:

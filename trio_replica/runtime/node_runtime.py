@@ -337,6 +337,10 @@ class NodeRuntime:
     async def connect_seed(self, address: str) -> Peer | None:
         return await self.connections.connect(address)
 
+    def connect_error(self, address: str) -> str | None:
+        """Why the last dial of `address` by `connect_seed` failed, if it did."""
+        return self.connections.connect_errors.get(address)
+
     def input_processed(self, source: object, credit: int) -> None:
         """A payload input from `source` left a component's inbox: grant its link credit."""
         if isinstance(source, Link):

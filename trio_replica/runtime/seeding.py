@@ -31,6 +31,7 @@ class SeedingHost(Protocol):
     def membership_core(self) -> HyParView: ...
 
     async def connect_seed(self, address: str) -> Peer | None: ...
+    def connect_error(self, address: str) -> str | None: ...
     async def post_membership(self, run: Callable[[HyParView, float], list[Effect]]) -> None: ...
     def view_changed(self) -> Awaitable[None]: ...
 
@@ -44,8 +45,49 @@ def policy_config(retry_min: float, retry_max: float, core: HyParView) -> Seedin
     )
 
 
+#: A node that has not joined this long says so at WARNING, and again every
+#: `JOIN_WARN_EVERY` while it still cannot (INFO lines say each failed dial).
+JOIN_WARN_AFTER = 10.0
+JOIN_WARN_EVERY = 60.0
+
+
+class _JoinReport:
+    """Whether the node has been failing to join long enough to say so, and when it did."""
+
+    def __init__(self, node: SeedingHost) -> None:
+        self._node = node
+        self._since: float | None = None
+        self._warned: float | None = None
+
+    def failed(self, seeds: tuple[str, ...], now: float) -> None:
+        if self._since is None:
+            self._since = now
+        if now - self._since < JOIN_WARN_AFTER:
+            return
+        if self._warned is not None and now - self._warned < JOIN_WARN_EVERY:
+            return
+        self._warned = now
+        reasons = "; ".join(
+            f"{address}: {self._node.connect_error(address) or 'no answer'}" for address in seeds
+        )
+        log.warning(
+            "node %s: cannot join the cluster: no seed answered for %.0f s (%s); still trying",
+            self._node.id,
+            now - self._since,
+            reasons,
+        )
+
+    def joined(self, address: str, now: float) -> None:
+        if self._warned is not None and self._since is not None:
+            log.warning(
+                "node %s: joined through %s after %.0f s", self._node.id, address, now - self._since
+            )
+        self._since = self._warned = None
+
+
 async def run_seeding(node: SeedingHost, policy: SeedPolicy, retry_min: float) -> None:
     """Follow `policy` until cancelled (a task of the node)."""
+    report = _JoinReport(node)
     while True:
         core = node.membership_core
         now = trio.current_time()
@@ -53,8 +95,12 @@ async def run_seeding(node: SeedingHost, policy: SeedPolicy, retry_min: float) -
         if isinstance(step, Join):
             if step.rejoin:
                 log.info("node %s: no seed in view; re-joining to merge a split overlay", node.id)
-            await _join(node, policy, step)
+            through = await _join(node, policy, step)
             if not step.rejoin:
+                if through is None and step.seeds:
+                    report.failed(step.seeds, trio.current_time())
+                elif through is not None:
+                    report.joined(through, trio.current_time())
                 await trio.sleep(policy.retry_delay())
             continue
         if isinstance(step, Reach):
@@ -70,14 +116,16 @@ async def run_seeding(node: SeedingHost, policy: SeedPolicy, retry_min: float) -
             await trio.sleep(retry_min)
 
 
-async def _join(node: SeedingHost, policy: SeedPolicy, step: Join) -> None:
-    """JOIN through the first seed, in the policy's order, that answers a dial."""
+async def _join(node: SeedingHost, policy: SeedPolicy, step: Join) -> str | None:
+    """JOIN through the first seed, in the policy's order, that answers a dial; return its
+    address, or None if none answered."""
     for address in step.seeds:
         peer = await node.connect_seed(address)
         if peer is not None:
             policy.learned(address, peer.id)
             await node.post_membership(functools.partial(_join_through, peer))
-            return
+            return address
+    return None
 
 
 async def _reach(node: SeedingHost, policy: SeedPolicy, step: Reach) -> None:

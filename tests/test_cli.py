@@ -330,3 +330,22 @@ def test_unreachable_addresses_and_missing_files_are_named_once(tmp_path: Path) 
     )
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: --tls-ca {missing}: no such file"
+
+
+async def test_status_text_shows_the_hosted_maps(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 21: only ``status --json`` used to show the maps."""
+    from trio_replica import testing
+    from trio_replica.ops.cli_control import _print_status
+    from trio_replica.ops.status import node_status
+
+    async with testing.cluster(2) as c:
+        users = await c["n1"].open_map("users")
+        await users.put("alice", 1)
+        await users.put("bob", 2)
+        await users.delete("bob")
+        await c["n1"].open_map("empty")
+        _print_status(node_status(c["n1"]))
+    out = capsys.readouterr().out
+    assert "  map empty: 0 keys, 0 tombstones\n" in out
+    assert "  map users: 1 key, 1 tombstone\n" in out
+    assert "_hosts" not in out  # the node's own maps stay out

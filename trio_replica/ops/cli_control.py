@@ -97,6 +97,15 @@ def _print_status(status: dict[str, Any]) -> None:
         f"handshakes refused: {sum(stats['handshakes_refused'].values())}, "
         f"drops: {sum(stats['drops'].values())}"
     )
+    for name, info in sorted(status.get("maps", {}).items()):
+        state = ", recovering" if info.get("recovering") else ""
+        keys, tombs = info["size"], info["tombstones"]
+        print(
+            f"  map {name}: {keys} key{'' if keys == 1 else 's'}, "
+            f"{tombs} tombstone{'' if tombs == 1 else 's'}{state}"
+        )
+    if not status.get("ready", True):
+        print(f"  not ready: {status.get('readiness')}")
     builtins = status.get("builtins", {})
     if "registry" in builtins:
         print(f"  registry: {builtins['registry']['names']} names")

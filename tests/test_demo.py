@@ -32,6 +32,11 @@ def test_demo_replicates_crashes_restarts_and_exits_zero() -> None:
         assert expected in text, text
     assert "\x1b[" not in text  # plain mode: no cursor movement when stdout is a pipe
     assert "  n4    down" in text  # the table shows the crashed node
+    # The table after the crash: the survivors' frame rates are not 0 (they were, when the
+    # rate was taken over the moment since the previous table).
+    after_crash = text[text.index("views repaired") :].splitlines()[2:5]
+    assert [line.split()[0] for line in after_crash] == ["n1", "n2", "n3"]
+    assert all(float(line.split()[-1]) > 0 for line in after_crash), after_crash
     assert out.stderr == ""  # a random cluster secret: no loopback-only warnings
 
 

@@ -22,6 +22,7 @@ restarted) inside `logs.node_context`, which labels its log records with its id.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import secrets
 import sys
@@ -44,6 +45,8 @@ MAP = "demo"
 FIRST_KEYS = 20
 LATER_KEYS = 10
 POLL = 0.05
+#: Frames per second are counted over about this long (seconds).
+RATE_WINDOW = 1.0
 
 
 class StepFailed(Exception):
@@ -65,8 +68,10 @@ class DemoNode:
     recovered: int = 0
     scope: trio.CancelScope | None = None
     stopped: trio.Event = attrs.field(factory=trio.Event)
-    #: (count of messages sent and received, time) at the last rate sample.
-    sample: tuple[int, float] = (0, 0.0)
+    #: (frames sent and received, time) at recent draws: the rate is taken over the last
+    #: second or so, not since the last draw (two draws a moment apart, as around a crash,
+    #: showed 0 frames/s on every node).
+    samples: collections.deque[tuple[int, float]] = attrs.field(factory=collections.deque)
     rate: float = 0.0
 
     @property
@@ -82,7 +87,8 @@ async def _run_node(member: DemoNode, scope: trio.CancelScope, started: trio.Eve
                 # Opened here, not by the caller: the map's tasks inherit this node's log context.
                 the_map = await node.open_map(MAP, persist=True)
                 member.node, member.map, member.recovered = node, the_map, len(the_map)
-                member.sample = (_messages(node), trio.current_time())
+                member.samples.clear()
+                member.samples.append((_messages(node), trio.current_time()))
                 started.set()
                 await trio.sleep_forever()
     finally:
@@ -112,10 +118,13 @@ class Display:
             if m.node is None or m.map is None:
                 lines.append(f"  {m.name:<6}{'down':<7}{'-':>7}{'-':>8}{'-':>6}{'-':>10}")
                 continue
-            count, then = _messages(m.node), m.sample[1]
-            if now - then >= 0.01:  # rate over the time since the last draw
-                m.rate = (count - m.sample[0]) / (now - then)
-                m.sample = (count, now)
+            count, samples = _messages(m.node), m.samples
+            samples.append((count, now))
+            while len(samples) > 2 and now - samples[1][1] >= RATE_WINDOW:
+                samples.popleft()
+            first, then = samples[0]
+            if now - then >= 0.01:  # since the node started, while it is younger than that
+                m.rate = (count - first) / (now - then)
             lines.append(
                 f"  {m.name:<6}{'up':<7}{len(m.node.active_view()):>7}"
                 f"{len(m.node.passive_view()):>8}{len(m.map):>6}{m.rate:>10.0f}"

@@ -349,3 +349,23 @@ async def test_status_text_shows_the_hosted_maps(capsys: pytest.CaptureFixture[s
     assert "  map empty: 0 keys, 0 tombstones\n" in out
     assert "  map users: 1 key, 1 tombstone\n" in out
     assert "_hosts" not in out  # the node's own maps stay out
+
+
+def test_every_option_and_argument_has_help() -> None:
+    """Issue 21: --node, --timeout, the map/key positionals and cluster --nodes had none."""
+    import argparse
+
+    from trio_replica.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        f"{name} {action.dest}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert missing == []
+    # Addresses are named as the README writes them, not HOST:PORT only.
+    status_help = commands.choices["status"].format_help()
+    assert "--node ADDRESS" in status_help and "wss://HOST:PORT" in status_help

@@ -74,9 +74,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_auth(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cluster", default=None, help="cluster name (default: trio-replica)")
+    p.add_argument(
+        "--cluster", default=None, metavar="NAME", help="cluster name (default: trio-replica)"
+    )
     p.add_argument(
         "--secret-file",
+        metavar="FILE",
         help="file holding the cluster secret (at least 16 bytes); further lines are older or "
         "newer secrets still accepted from peers, for rotating it",
     )
@@ -96,12 +99,32 @@ def _add_auth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
 
 
+#: What a node address may look like on the command line.
+ADDRESS_HELP = "ws://HOST:PORT, wss://HOST:PORT (TLS), or HOST:PORT for ws://"
+
+
+def _add_control(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that talk to a running node."""
+    p.add_argument(
+        "--node", required=True, metavar="ADDRESS", help=f"the node to ask: {ADDRESS_HELP}"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="deadline to connect and for each answer (default: 5)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trio_replica",
         description=(
             "Peer-to-peer replication for Trio: HyParView membership, Plumtree broadcast, "
-            "replicated maps."
+            "replicated maps kept in sync by gossip and digest anti-entropy. Run a node "
+            "(node), try a local cluster (demo, cluster), or read and write the maps of a "
+            "running node (put, get, delete, keys, watch, digest, status)."
         ),
     )
     parser.add_argument("--version", action="version", version=f"trio_replica {__version__}")
@@ -117,15 +140,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="one setting by its dotted name, e.g. membership.rejoin_interval=30 (repeatable)",
     )
     p.add_argument("--name", help="node id (default: generated)")
-    p.add_argument("--listen", help="HOST:PORT or ws://HOST:PORT to bind (default: 127.0.0.1:0)")
-    p.add_argument("--advertise", help="address other nodes dial (default: the bound address)")
     p.add_argument(
-        "--join", action="append", default=[], metavar="HOST:PORT", help="seed address (repeatable)"
+        "--listen",
+        metavar="ADDRESS",
+        help=f"address to bind: {ADDRESS_HELP} (default: 127.0.0.1:0, any free port)",
+    )
+    p.add_argument(
+        "--advertise", metavar="ADDRESS", help="address other nodes dial (default: the bound one)"
+    )
+    p.add_argument(
+        "--join",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="a seed node's address (repeatable; give every node the same list)",
     )
     p.add_argument(
         "--map", action="append", default=[], metavar="NAME", help="host this map (repeatable)"
     )
-    p.add_argument("--data-dir", help="persist the hosted maps in SQLite files in this directory")
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="persist the hosted maps (and the node's key) in this directory",
+    )
     p.add_argument(
         "--tombstone-ttl",
         type=float,
@@ -142,10 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command, what in (("put", "set a key"), ("get", "read a key"), ("delete", "remove a key")):
         p = sub.add_parser(command, help=f"{what} of a map hosted by a running node")
-        p.add_argument("--node", required=True, metavar="HOST:PORT")
-        p.add_argument("--timeout", type=float, default=5.0)
-        p.add_argument("map")
-        p.add_argument("key")
+        _add_control(p)
+        p.add_argument("map", help="the map's name (the node must host it: node --map NAME)")
+        p.add_argument("key", help="the key (a string)")
         if command == "put":
             p.add_argument("value", help="the value, as JSON")
         if command == "get":
@@ -156,52 +192,46 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
 
     p = sub.add_parser("watch", help="print the changes of a map hosted by a running node")
-    p.add_argument("--node", required=True, metavar="HOST:PORT")
-    p.add_argument("--timeout", type=float, default=5.0)
+    _add_control(p)
     p.add_argument(
         "--snapshot", action="store_true", help="first print every key as it stands (JSON lines)"
     )
-    p.add_argument("map")
+    p.add_argument("map", help="the map's name (the node must host it)")
     _add_auth(p)
     _add_common(p)
 
     p = sub.add_parser(
         "dump", help="print every key of a map as JSON lines: key, value, writer, hlc"
     )
-    p.add_argument("--node", required=True, metavar="HOST:PORT")
-    p.add_argument("--timeout", type=float, default=5.0)
+    _add_control(p)
     p.add_argument("--tombstones", action="store_true", help="include deleted keys")
-    p.add_argument("map")
+    p.add_argument("map", help="the map's name (the node must host it)")
     _add_auth(p)
     _add_common(p)
 
     p = sub.add_parser("registry", help="list the services registered in the cluster")
-    p.add_argument("--node", required=True, metavar="HOST:PORT")
-    p.add_argument("--timeout", type=float, default=5.0)
+    _add_control(p)
     p.add_argument("name", nargs="?", help="one service name (default: all)")
     _add_auth(p)
     _add_common(p)
 
     p = sub.add_parser("leader", help="who leads a name, with its fence and candidates")
-    p.add_argument("--node", required=True, metavar="HOST:PORT")
-    p.add_argument("--timeout", type=float, default=5.0)
-    p.add_argument("name")
+    _add_control(p)
+    p.add_argument("name", help="the leadership's name, as candidates use it")
     _add_auth(p)
     _add_common(p)
 
     p = sub.add_parser("shard", help="placement: which members own a key")
-    p.add_argument("--node", required=True, metavar="HOST:PORT")
-    p.add_argument("--timeout", type=float, default=5.0)
-    p.add_argument("action", choices=["place"])
-    p.add_argument("key")
-    p.add_argument("-n", type=int, default=1, help="how many owners, primary first")
+    _add_control(p)
+    p.add_argument("action", choices=["place"], help="place: the owners of KEY")
+    p.add_argument("key", help="the key to place")
+    p.add_argument("-n", type=int, default=1, help="how many owners, primary first (default: 1)")
     _add_auth(p)
     _add_common(p)
 
     p = sub.add_parser("remind", help="set (or cancel) a durable reminder")
-    p.add_argument("--node", required=True, metavar="HOST:PORT")
-    p.add_argument("--timeout", type=float, default=5.0)
-    p.add_argument("key")
+    _add_control(p)
+    p.add_argument("key", help="the reminder's key (setting it again replaces it)")
     when = p.add_mutually_exclusive_group(required=True)
     when.add_argument("--at", type=float, help="wall time, seconds since the epoch")
     when.add_argument("--after", type=float, help="seconds from now (the node's clock)")
@@ -211,28 +241,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("reminders", help="list the pending reminders as JSON lines")
-    p.add_argument("--node", required=True, metavar="HOST:PORT")
-    p.add_argument("--timeout", type=float, default=5.0)
+    _add_control(p)
     _add_auth(p)
     _add_common(p)
 
     p = sub.add_parser("digest", help="print a summary of a map that two nodes can compare")
-    p.add_argument("--node", required=True, metavar="HOST:PORT")
-    p.add_argument("--timeout", type=float, default=5.0)
-    p.add_argument("map")
+    _add_control(p)
+    p.add_argument("map", help="the map's name (the node must host it)")
     _add_auth(p)
     _add_common(p)
 
     p = sub.add_parser("status", help="show a running node's views and counters")
-    p.add_argument("--node", required=True, metavar="HOST:PORT")
+    _add_control(p)
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    p.add_argument("--timeout", type=float, default=5.0)
     _add_auth(p)
     _add_common(p)
 
     p = sub.add_parser("cluster", help="start a local cluster in this process and print its views")
-    p.add_argument("--nodes", type=int, default=5)
-    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--nodes", type=int, default=5, help="how many nodes (default: 5)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="deadline for the overlay to form (default: 30)",
+    )
     _add_common(p)
 
     p = sub.add_parser(

@@ -109,7 +109,7 @@ def test_broadcast_layers_share_the_overlay() -> None:
 
 
 def test_plot_writes_the_figures(base: Simulator, tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    # matplotlib is in the test extra: this runs in CI too (it was skipped there).
     result = {
         "nodes": 200,
         "overlay": overlay(base, broadcasts=1, path_sources=10),

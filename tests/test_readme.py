@@ -76,3 +76,23 @@ def test_readme_testing_example_runs(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+PACKAGE = README.parent / "PACKAGE.md"
+
+
+def test_the_index_page_example_runs_and_its_links_are_absolute() -> None:
+    """Issue 21: the README's pictures and ./dev commands are relative to a checkout, so the
+    package index shows the short PACKAGE.md instead; it must hold nothing relative."""
+    assert 'readme = "PACKAGE.md"' in (README.parent / "pyproject.toml").read_text()
+    text = PACKAGE.read_text()
+    links = re.findall(r"\]\(([^)]*)\)", text)
+    assert links and all(link.startswith("https://") for link in links), links
+    assert "./dev" not in text
+    match = re.search(r"```python\n(.*?)```", text, re.S)
+    assert match, "PACKAGE.md lost its example"
+    result = subprocess.run(
+        [sys.executable, "-c", match.group(1)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "{'age': 30}" in result.stdout

@@ -369,3 +369,49 @@ def test_every_option_and_argument_has_help() -> None:
     # Addresses are named as the README writes them, not HOST:PORT only.
     status_help = commands.choices["status"].format_help()
     assert "--node ADDRESS" in status_help and "wss://HOST:PORT" in status_help
+
+
+def test_every_bad_input_gets_one_clear_line_and_an_exit_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 21: each bad input a user tried, against a running node where it needs one:
+    one ``error: ...`` line naming the problem, the documented exit code, no traceback."""
+    from trio_replica.cli import main
+
+    secret = tmp_path / "secret"
+    secret.write_text("correct horse battery staple\n")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the cluster secret at all\n")
+    node, address = _start_node(tmp_path, "a", "--secret-file", str(secret), "--map", "m")
+    port = address.rsplit(":", 1)[1]
+    auth = ["--secret-file", str(secret)]
+    cases: list[tuple[list[str], int, str]] = [
+        (["node", "--listen", "127.0.0.1:notaport"], 2, "port must be a number from 0 to 65535"),
+        (["node", "--join", "127.0.0.1:99999"], 2, "port must be a number from 0 to 65535"),
+        (["status", "--node", "127.0.0.1:abc"], 2, "port must be a number from 0 to 65535"),
+        (["node", "--listen", "wss://127.0.0.1:0"], 2, "--tls-cert and --tls-key"),
+        (["node", "--listen", f"127.0.0.1:{port}", *auth], 1, "Address already in use"),
+        (["status", "--node", "127.0.0.1:1", "--timeout", "2"], 1, "ws://127.0.0.1:1"),
+        (["status", "--node", address, "--tls-ca", str(tmp_path / "nope.pem")], 2, "nope.pem"),
+        (["status", "--node", address], 1, "no cluster secret"),
+        (["status", "--node", address, "--secret-file", str(wrong)], 1, "cluster secrets of"),
+        (["status", "--node", address, *auth, "--cluster", "other"], 1, "'other'"),
+        (["put", "--node", address, *auth, "other", "k", "1"], 1, "does not host map 'other'"),
+        (["get", "--node", address, *auth, "other", "k"], 1, "does not host map 'other'"),
+        (["watch", "--node", address, *auth, "other"], 1, "does not host map 'other'"),
+        (["put", "--node", address, *auth, "m", "k", "NaN"], 2, "NaN"),
+        (["put", "--node", address, *auth, "m", "k", "{not json"], 2, "JSON"),
+    ]
+    try:
+        for argv, code, fragment in cases:
+            rc = main(argv)
+            out, err = capsys.readouterr()
+            shown = f"{argv}: rc {rc}, stdout {out!r}, stderr {err!r}"
+            assert rc == code, shown
+            assert "Traceback" not in out + err, shown
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), shown
+            assert fragment in lines[0], shown
+    finally:
+        node.send_signal(signal.SIGINT)
+        assert node.wait(timeout=30) == 0

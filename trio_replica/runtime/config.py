@@ -133,9 +133,13 @@ class ReplicaConfig:
     callback_timeout: float = 30.0
     #: Most writes (`broadcast_update`) one delta broadcast carries, and its most bytes
     #: (also capped by `max_payload`): the writes made while the node cannot send yet
-    #: travel together (`replica_writes`); a write waits while the batch is full.
-    batch_entries: int = 512
-    batch_bytes: int = 64 * 1024
+    #: travel together (`replica_writes`); a write waits while the batch is full. Measured
+    #: (issue 19, `bench/map_writes.py`, 10 writers on 10 nodes at full speed): 128 and
+    #: 16 KiB against 512 and 64 KiB, the same writes per second (within the runs' noise)
+    #: and RMR 0.10-0.29 instead of 0.56-1.06: a big delta takes each hop long enough for
+    #: announcements on other paths to be grafted before it arrives.
+    batch_entries: int = 128
+    batch_bytes: int = 16 * 1024
 
     def __attrs_post_init__(self) -> None:
         if not self.anti_entropy_interval > 0:

@@ -9,14 +9,15 @@ Addresses are URLs: ``ws://host:port[/path]``, ``wss://host:port[/path]`` (webso
 transport) and ``mem://name`` (in-memory transport).
 
 Why dialing is an async context manager (`Transport.open_connection`) and not a coroutine
-returning a connection: a websocket connection needs a background reader task (it answers
-pings and close frames while nobody calls `receive`), and under structured concurrency that
-task must live in a nursery owned by whoever owns the connection. ``async with
-transport.open_connection(address, timeout=t) as conn:`` gives the connection exactly the
-lifetime of the block, which is also the shape of the runtime: one task per link dials, then
-runs the link inside the block until it ends. Leaving the block closes the connection and
-ends its tasks; exceptions raised in the block come out unchanged (never wrapped in an
-exception group).
+returning a connection: a connection may need a task of its own (trio-websocket's had a
+background reader until issue 19; ours reads in the caller's task, so pings and close
+frames are answered while someone calls `receive`, which the runtime always does), and
+under structured concurrency such a task must live in a nursery owned by whoever owns the
+connection. ``async with transport.open_connection(address, timeout=t) as conn:`` gives the
+connection exactly the lifetime of the block, which is also the shape of the runtime: one
+task per link dials, then runs the link inside the block until it ends. Leaving the block
+closes the connection and ends any task it has; exceptions raised in the block come out
+unchanged (never wrapped in an exception group).
 """
 
 from __future__ import annotations

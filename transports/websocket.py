@@ -1,33 +1,26 @@
-"""Websocket transport: frames as binary websocket messages, on trio-websocket 0.12.2.
+"""Websocket transport: frames as binary websocket messages, over streams we own.
 
-This module owns the listener (`WebsocketTransport.serve`), the dialer
-(`WebsocketTransport.open_connection`) and the connection wrapper (`WebsocketConnection`)
-for ``ws://`` and ``wss://`` addresses. Frames are binary messages; a text message from the
-peer is a protocol error that closes the connection (code 1003).
+This module owns the listener (`WebsocketTransport.serve`) and the dialer
+(`WebsocketTransport.open_connection`) for ``ws://`` and ``wss://`` addresses: TCP, TLS,
+the deadlines of both, admission before the upgrade, and the counters. One connection
+once the streams are up (the HTTP upgrade, frames, closing) is wsconn.py's, on wsproto.
 
-We use trio-websocket's low-level pieces (`wrap_client_stream`, `wrap_server_stream`) over
-streams we open, listen on and close ourselves, rather than `serve_websocket` and
-`open_websocket_url`, because of the traps listed in STYLE.md:
+The hardening, each part against something that went wrong (STYLE.md, issues 7 and 17):
 
-- An exception escaping a `serve_websocket` handler takes the whole server down. Here every
-  accepted stream runs in a guard (`_serve_stream` + `base.run_handler`) that logs with
-  the peer's address, counts, and never lets anything but cancellation out.
-- `connect_timeout` does not bound a peer that accepts TCP and never answers the upgrade.
-  Here the whole dial (TCP, TLS, upgrade) runs under one `trio.fail_after(timeout)`, and a
-  failure of any step is a `ConnectError`. On the server, a client gets `handshake_timeout`
-  to finish TLS and the upgrade.
-- The 60 s `disconnect_timeout` default: closing here is bounded by `disconnect_timeout`
-  (2 s by default), after which the stream is closed forcefully.
-- trio-websocket's background reader runs in a nursery the caller supplies and may raise
-  (a rejected upgrade, a protocol error racing a broken stream); after an oversize message
-  it stops reading without closing the TCP stream, so the peer would wait forever. We hand
-  it `_GuardedReader`, an object with the one nursery method trio-websocket calls
-  (``start_soon``), which runs the reader in our nursery so that it never raises, closes
-  the stream when the reader stops, and wakes a handshake still waiting for it.
+- Every accepted stream runs in a guard (`_serve_stream` + `base.run_handler`) that logs
+  with the peer's address, counts, and lets nothing but cancellation out: one bad
+  connection must not stop the listener.
+- The whole dial (TCP, TLS, upgrade) runs under one `trio.fail_after(timeout)`, and a
+  failure of any step is a `ConnectError`, never an exception group: a peer that accepts
+  TCP and never answers the upgrade must not hang a dial. On the server, a client gets
+  `handshake_timeout` to finish TLS and the upgrade.
+- Connections that have not finished the upgrade are bounded in all and per remote host
+  (`max_pending`, `max_pending_per_host`); more are closed at once and counted.
+- Closing is bounded by `disconnect_timeout`, after which the stream is cut.
 
-Cancelling `WebsocketConnection.send` mid-message leaves a partial frame on the wire (the
-library has no send buffer); the connection then refuses every further send and the caller
-must `aclose` it. The runtime has one writer task per link, so this ends that link only.
+Until issue 19 the connection was trio-websocket's, with a background reader task per
+connection (hence a nursery per dial and accept, and a guard around that task); wsconn.py
+says what it cost and why reading in the caller's task replaced it.
 """
 
 from __future__ import annotations
@@ -36,29 +29,37 @@ import collections
 import logging
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, NoReturn, cast
+from typing import Any
 
 import attrs
 import trio
-import trio_websocket
-from wsproto.utilities import LocalProtocolError
 
 from trio_replica.core.wire import DEFAULT_MAX_FRAME
-from trio_replica.errors import MessageTooLarge
 
-from .base import ConnectError, Handler, Refusals, TransportClosed, remote_host, run_handler
+from .base import ConnectError, Handler, Refusals, remote_host, run_handler
+from .wsconn import (
+    ConnectionSettings,
+    Stream,
+    UpgradeFailed,
+    WebsocketConnection,
+    upgrade_client,
+    upgrade_server,
+)
+
+__all__ = [
+    "SCHEMES",
+    "WebsocketAddress",
+    "WebsocketConnection",
+    "WebsocketCounters",
+    "WebsocketTransport",
+    "parse_websocket_address",
+]
 
 logger = logging.getLogger(__name__)
 
 SCHEMES = ("ws", "wss")
-#: Close code for "received a data type it cannot accept" (RFC 6455 section 7.4.1).
-_CLOSE_UNSUPPORTED_DATA = 1003
-#: Close code for "message too big to process" (RFC 6455 section 7.4.1).
-_CLOSE_TOO_BIG = 1009
-
-_Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
 @attrs.frozen
@@ -118,140 +119,13 @@ class WebsocketCounters:
     handler_errors: int = 0
 
 
-def _describe_close(exc: trio_websocket.ConnectionClosed) -> str:
-    reason = exc.reason
-    if reason is None:
-        return "closed"
-    detail = f": {reason.reason}" if reason.reason else ""
-    return f"closed with code {reason.code} ({reason.name}){detail}"
-
-
-def _peer_of(stream: _Stream) -> str:
+def _peer_of(stream: Stream) -> str:
     sock = stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
     try:
         host, port, *_ = sock.getpeername()
     except OSError:
         return "<disconnected peer>"
     return f"{'[' + host + ']' if ':' in host else host}:{port}"
-
-
-@attrs.define(eq=False)
-class _GuardedReader:
-    """The nursery stand-in given to trio-websocket for its reader task (see module doc).
-
-    `handshake_scope` wraps the wait for the opening handshake: it is cancelled when the
-    reader stops, so a rejected or broken upgrade fails at once instead of at the timeout;
-    `failure` then says why.
-    """
-
-    nursery: trio.Nursery
-    stream: _Stream
-    peer: str
-    handshake_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    failure: str = "the connection closed during the websocket handshake"
-
-    def start_soon(
-        self, fn: Callable[..., Awaitable[object]], *args: object, name: object = None
-    ) -> None:
-        self.nursery.start_soon(self._run, fn, *args, name=name)
-
-    async def _run(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
-        try:
-            await fn(*args)
-        except trio_websocket.ConnectionRejected as exc:
-            self.failure = f"the websocket upgrade was rejected with HTTP {exc.status_code}"
-        except (trio_websocket.ConnectionClosed, LocalProtocolError) as exc:
-            # A protocol error from the peer while the stream broke: the connection is gone.
-            logger.debug("websocket reader for %s stopped: %r", self.peer, exc)
-        except Exception:
-            # A bug in the library must end this connection, not the caller's task tree:
-            # the connection's receive() reports it closed once the stream is closed below.
-            self.failure = "the websocket reader failed"
-            logger.exception("websocket reader for %s failed", self.peer)
-        finally:
-            self.handshake_scope.cancel()
-            await trio.aclose_forcefully(self.stream)
-
-    def as_nursery(self) -> trio.Nursery:
-        # trio-websocket only calls start_soon on the nursery it is given.
-        return cast(trio.Nursery, self)
-
-
-@attrs.define(eq=False)
-class WebsocketConnection:
-    """One websocket connection carrying frames as binary messages.
-
-    `send` may block while the peer does not read (trio-websocket has no send buffer);
-    cancelling it leaves the connection unusable for sending (see module doc). `receive`
-    raises `TransportClosed` once the connection is closed by either side, broken, or the
-    peer broke the protocol (text message, message over `max_frame`: code 1003 / 1009).
-    `aclose` is idempotent, never raises, and takes at most `disconnect_timeout` seconds,
-    even inside a cancelled scope.
-    """
-
-    _ws: trio_websocket.WebSocketConnection
-    _stream: _Stream
-    _remote: str
-    _max_frame: int
-    _disconnect_timeout: float
-    _closed: bool = attrs.field(default=False, init=False)
-    _send_broken: bool = attrs.field(default=False, init=False)
-
-    @property
-    def remote(self) -> str:
-        return self._remote
-
-    @property
-    def channel_binding(self) -> bytes:
-        """``tls-unique`` of the TLS session (the same on both ends), empty over ws://."""
-        if isinstance(self._stream, trio.SSLStream):
-            return self._stream.get_channel_binding("tls-unique") or b""
-        return b""
-
-    async def send(self, frame: bytes) -> None:
-        if len(frame) > self._max_frame:
-            raise MessageTooLarge(
-                f"frame of {len(frame)} bytes exceeds max_frame {self._max_frame}"
-            )
-        if self._send_broken:
-            raise TransportClosed(f"an earlier send to {self._remote} was cancelled mid-frame")
-        try:
-            await self._ws.send_message(bytes(frame))
-        except trio_websocket.ConnectionClosed as exc:
-            raise TransportClosed(f"connection to {self._remote} {_describe_close(exc)}") from None
-        except LocalProtocolError as exc:
-            raise TransportClosed(f"connection to {self._remote} is closing: {exc}") from None
-        except trio.Cancelled:
-            self._send_broken = True
-            raise
-
-    async def receive(self) -> bytes:
-        try:
-            message = await self._ws.get_message()
-        except trio_websocket.ConnectionClosed as exc:
-            if exc.reason is not None and exc.reason.code == _CLOSE_TOO_BIG:
-                logger.warning("connection to %s %s", self._remote, _describe_close(exc))
-            raise TransportClosed(f"connection to {self._remote} {_describe_close(exc)}") from None
-        if isinstance(message, str):
-            logger.warning("%s sent a text message; closing (frames are binary)", self._remote)
-            await self._close(_CLOSE_UNSUPPORTED_DATA, "binary frames only")
-            raise TransportClosed(f"{self._remote} sent a text message (protocol error)")
-        return message
-
-    async def aclose(self) -> None:
-        await self._close(1000, None)
-
-    async def _close(self, code: int, reason: str | None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self._disconnect_timeout):
-                try:
-                    await self._ws.aclose(code, reason)
-                except (trio_websocket.ConnectionClosed, trio.BrokenResourceError) as exc:
-                    logger.debug("closing the connection to %s: %r", self._remote, exc)
-            await trio.aclose_forcefully(self._stream)
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -271,20 +145,22 @@ class WebsocketTransport:
       (counted in `refusals`, logged once per period). Without them, idle TCP connections
       held file descriptors until the process could accept nothing (issue 17: 1,100 idle
       connections, EMFILE, every new session failed).
-    - `message_queue_size`: messages trio-websocket buffers ahead of `receive`.
+    - `message_queue_size`: unused, accepted so that existing settings still load: there
+      is no queue between the socket and `receive` any more (wsconn.py).
     - `receive_buffer_size`: bytes read from the socket at a time.
     """
 
     server_ssl: ssl.SSLContext | None = None
     client_ssl: ssl.SSLContext | None = None
     max_frame: int = attrs.field(default=DEFAULT_MAX_FRAME, validator=attrs.validators.gt(0))
-    #: trio-websocket waits 60 s by default; a peer that will not close is cut after this.
+    #: A peer that will not finish the close handshake is cut after this.
     disconnect_timeout: float = attrs.field(default=2.0, validator=attrs.validators.gt(0))
     handshake_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     max_pending: int = attrs.field(default=512, validator=attrs.validators.gt(0))
     max_pending_per_host: int = attrs.field(default=64, validator=attrs.validators.gt(0))
     message_queue_size: int = attrs.field(default=1, validator=attrs.validators.ge(0))
-    #: trio-websocket reads 4 KiB at a time by default: slow for frames of up to a megabyte.
+    #: Frames are up to a megabyte: reading 4 KiB at a time (trio-websocket's default) was
+    #: slow, and one read may carry many small frames.
     receive_buffer_size: int = attrs.field(default=64 * 1024, validator=attrs.validators.gt(0))
     schemes: tuple[str, ...] = attrs.field(default=SCHEMES, init=False)
     counters: WebsocketCounters = attrs.field(factory=WebsocketCounters, init=False)
@@ -295,6 +171,14 @@ class WebsocketTransport:
     _pending: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _default_client_ssl: ssl.SSLContext | None = attrs.field(default=None, init=False)
 
+    @property
+    def _settings(self) -> ConnectionSettings:
+        return ConnectionSettings(
+            max_frame=self.max_frame,
+            receive_buffer_size=self.receive_buffer_size,
+            disconnect_timeout=self.disconnect_timeout,
+        )
+
     # --- dialing -----------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -304,51 +188,25 @@ class WebsocketTransport:
         *,
         timeout: float,
     ) -> AsyncIterator[WebsocketConnection]:
-        """Dial `address`; the block owns the connection and its reader task (see base.py).
+        """Dial `address`; the block owns the connection, closed when it ends (see base.py).
 
         Raises `ConnectError` when the address is invalid, the peer refuses or is
         unreachable, TLS fails, the upgrade is rejected, or all that takes over `timeout`.
+        The connection has no task of its own, so exceptions of the block come out as
+        they are.
         """
         try:
             target = parse_websocket_address(address)
         except ValueError as exc:
             raise ConnectError(str(exc)) from None
-        body_error: BaseException | None = None
+        conn = await self._dial(target, timeout)
         try:
-            async with trio.open_nursery() as nursery:
-                conn = await self._dial(nursery, target, timeout)
-                try:
-                    yield conn
-                except BaseException as exc:
-                    body_error = exc
-                    raise
-                finally:
-                    await conn.aclose()
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The reader task never raises (`_GuardedReader`), so a group holds the one
-            # exception of the dial or of the caller's block: give it back unwrapped.
-            if len(group.exceptions) == 1:
-                _reraise(group.exceptions[0])
-            if body_error is not None:
-                # Cancellation reaching both the block and the reader is how a connection
-                # ends when its owner is cancelled: only anything else is worth a log line.
-                _, rest = group.split(trio.Cancelled)
-                if rest is not None:
-                    logger.error("unexpected errors closing %s", address, exc_info=rest)
-                _reraise(body_error)
-            # The dial failed as its owner was cancelled (a node closing while dials time
-            # out): the ConnectError is the outcome; the cancellation is re-delivered at
-            # the owner's next checkpoint anyway. Anything else stays a group.
-            failed, rest = group.split(ConnectError)
-            if failed is not None and (rest is None or rest.split(trio.Cancelled)[1] is None):
-                _reraise(_first_leaf(failed))
-            raise
+            yield conn
+        finally:
+            await conn.aclose()
 
-    async def _dial(
-        self, nursery: trio.Nursery, target: WebsocketAddress, time_limit: float
-    ) -> WebsocketConnection:
-        stream: _Stream | None = None
+    async def _dial(self, target: WebsocketAddress, time_limit: float) -> WebsocketConnection:
+        stream: Stream | None = None
         try:
             with trio.fail_after(time_limit):
                 tcp = await trio.open_tcp_stream(target.host, target.port)
@@ -361,26 +219,25 @@ class WebsocketTransport:
                         https_compatible=True,
                     )
                     await stream.do_handshake()
-                reader = _GuardedReader(nursery=nursery, stream=stream, peer=target.url)
-                with reader.handshake_scope:
-                    ws = await trio_websocket.wrap_client_stream(
-                        reader.as_nursery(),
-                        stream,
-                        target.netloc,
-                        target.path,
-                        message_queue_size=self.message_queue_size,
-                        max_message_size=self.max_frame,
-                        receive_buffer_size=self.receive_buffer_size,
-                    )
-                if reader.handshake_scope.cancelled_caught:
-                    hint = " (did the server refuse our TLS client certificate?)"
-                    raise ConnectError(
-                        f"{target.url}: {reader.failure}{hint if target.secure else ''}"
-                    )
+                return await upgrade_client(
+                    stream,
+                    netloc=target.netloc,
+                    path=target.path,
+                    remote=target.url,
+                    settings=self._settings,
+                )
         except trio.TooSlowError:
             await _discard(stream)
             raise ConnectError(
                 f"{target.url}: no websocket connection after {time_limit} s"
+            ) from None
+        except UpgradeFailed as exc:
+            await _discard(stream)
+            # TLS 1.3 ends the client's handshake before the server has checked its
+            # certificate: a refusal shows as a stream that ends during the upgrade.
+            hint = " (did the server refuse our TLS client certificate?)"
+            raise ConnectError(
+                f"{target.url}: {exc}{hint if target.secure and exc.stream_ended else ''}"
             ) from None
         except trio.BrokenResourceError as exc:
             await _discard(stream)
@@ -393,16 +250,9 @@ class WebsocketTransport:
             # over 63 characters, say): that is an unreachable peer, not a crash.
             await _discard(stream)
             raise ConnectError(f"{target.url}: invalid host: {exc}") from exc
-        except ConnectError:
+        except BaseException:
             await _discard(stream)
             raise
-        return WebsocketConnection(
-            ws=ws,
-            stream=stream,
-            remote=target.url,
-            max_frame=self.max_frame,
-            disconnect_timeout=self.disconnect_timeout,
-        )
 
     def _client_context(self) -> ssl.SSLContext:
         if self.client_ssl is not None:
@@ -448,7 +298,7 @@ class WebsocketTransport:
                 for listener in listeners
             ]
 
-        async def on_stream(stream: _Stream) -> None:
+        async def on_stream(stream: Stream) -> None:
             await self._serve_stream(stream, handler, bound)
 
         async with trio.open_nursery() as nursery:
@@ -465,7 +315,7 @@ class WebsocketTransport:
         return None
 
     async def _serve_stream(
-        self, stream: _Stream, handler: Handler, bound: WebsocketAddress
+        self, stream: Stream, handler: Handler, bound: WebsocketAddress
     ) -> None:
         peer = _peer_of(stream)
         host = remote_host(peer)
@@ -475,87 +325,50 @@ class WebsocketTransport:
             await trio.aclose_forcefully(stream)
             return
         try:
-            async with trio.open_nursery() as nursery:
-                try:
-                    conn = await self._accept(nursery, stream, peer, bound)
-                    if conn is not None:
-                        self.counters.accepted += 1
-                        if await run_handler(handler, conn, log=logger):
-                            self.counters.handler_errors += 1
-                finally:
-                    nursery.cancel_scope.cancel()
-        except* Exception as group:
+            conn = await self._accept(stream, peer, bound)
+            if conn is not None:
+                self.counters.accepted += 1
+                if await run_handler(handler, conn, log=logger):
+                    self.counters.handler_errors += 1
+        except Exception:
             # Nothing may reach trio.serve_listeners: it would stop the whole listener.
             self.counters.handler_errors += 1
-            logger.error("websocket connection from %s failed", peer, exc_info=group)
+            logger.exception("websocket connection from %s failed", peer)
         finally:
             await trio.aclose_forcefully(stream)
 
     async def _accept(
-        self, nursery: trio.Nursery, stream: _Stream, peer: str, bound: WebsocketAddress
+        self, stream: Stream, peer: str, bound: WebsocketAddress
     ) -> WebsocketConnection | None:
         """TLS and the upgrade for one accepted stream, under `handshake_timeout`."""
-        reader = _GuardedReader(nursery=nursery, stream=stream, peer=peer)
         host = remote_host(peer)
         self._pending[host] += 1
         try:
             with trio.fail_after(self.handshake_timeout):
                 if isinstance(stream, trio.SSLStream):
                     await stream.do_handshake()
-                with reader.handshake_scope:
-                    request = await trio_websocket.wrap_server_stream(
-                        reader.as_nursery(),
-                        stream,
-                        message_queue_size=self.message_queue_size,
-                        max_message_size=self.max_frame,
-                        receive_buffer_size=self.receive_buffer_size,
-                    )
-                    if request.path != bound.path:
-                        logger.info("%s asked for path %r: rejected", peer, request.path)
-                        await request.reject(404)
-                        self.counters.handshake_failures += 1
-                        return None
-                    ws = await request.accept()
+                return await upgrade_server(
+                    stream,
+                    path=bound.path,
+                    remote=f"{bound.scheme}://{peer}",
+                    settings=self._settings,
+                )
         except trio.TooSlowError:
             self.counters.handshake_failures += 1
             logger.info("%s did not finish the handshake within %s s", peer, self.handshake_timeout)
-            return None
-        except (trio.BrokenResourceError, trio_websocket.ConnectionClosed) as exc:
+        except UpgradeFailed as exc:
+            self.counters.handshake_failures += 1
+            logger.info("handshake with %s failed: %s", peer, exc)
+        except trio.BrokenResourceError as exc:
             self.counters.handshake_failures += 1
             logger.info("handshake with %s failed: %r", peer, exc.__cause__ or exc)
-            return None
         finally:
             self._pending[host] -= 1
             if not self._pending[host]:
                 del self._pending[host]
-        if reader.handshake_scope.cancelled_caught:
-            self.counters.handshake_failures += 1
-            logger.info("handshake with %s failed: %s", peer, reader.failure)
-            return None
-        return WebsocketConnection(
-            ws=ws,
-            stream=stream,
-            remote=f"{bound.scheme}://{peer}",
-            max_frame=self.max_frame,
-            disconnect_timeout=self.disconnect_timeout,
-        )
+        return None
 
 
-async def _discard(stream: _Stream | None) -> None:
+async def _discard(stream: Stream | None) -> None:
     if stream is not None:
         await trio.aclose_forcefully(stream)
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-def _reraise(exc: BaseException) -> NoReturn:
-    """Raise `exc` out of an ``except`` block without chaining the group to it."""
-    context = exc.__context__
-    try:
-        raise exc
-    finally:
-        exc.__context__ = context
-        del exc, context

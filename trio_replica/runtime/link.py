@@ -3,9 +3,11 @@
 Theory of operation
 -------------------
 A link starts on a transport connection (dialed or accepted) once the handshake
-(handshake.py) has authenticated the peer. Once established, a link runs two tasks
-(STYLE.md: trio-websocket's send has no buffer and a full inbound queue stops pongs and
-close frames, so reading and writing never share a task):
+(handshake.py) has authenticated the peer. Once established, a link runs two tasks, and
+they are the connection's only I/O (transports/wsconn.py has no task of its own): a send
+may block on a peer that does not read, and reading must go on meanwhile (its frames
+prove the peer alive, its pings and close frames are answered), so reading and writing
+never share a task:
 
 * the **reader** decodes each frame strictly, counts and drops malformed ones (closing the
   link after too many), and hands each message to the node;

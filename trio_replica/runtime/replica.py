@@ -122,16 +122,7 @@ class Replica:
         self._scope = trio.CancelScope()
         self.closed = trio.Event()
         self._writer = ReplicaWriter(
-            node,
-            name,
-            self.tag,
-            callbacks,
-            self.stats,
-            self.closed,
-            self._scope,
-            batch_entries=config.batch_entries,
-            batch_bytes=config.batch_bytes,
-            merge_timeout=config.callback_timeout,
+            node, name, self.tag, callbacks, self.stats, self.closed, self._scope, config
         )
         self._nursery: trio.Nursery | None = None
         digest_owner = callable(getattr(callbacks, "digest_source", None)) and callable(

@@ -43,6 +43,7 @@ from ..core.ormap import Dot, Entry, Tombstone, Value
 from ..core.ormap_wire import to_wire
 from ..core.wire import decode_payload, encode_payload
 from ..errors import CallbackHung, NodeClosed
+from .config import ReplicaConfig
 from .replica_api import Add, Remove, ReplicaCallbacks, ReplicaStats
 from .services import NodeBasics, Publishing
 
@@ -108,10 +109,7 @@ class ReplicaWriter:
         stats: ReplicaStats,
         closed: trio.Event,
         scope: trio.CancelScope,
-        *,
-        batch_entries: int,
-        batch_bytes: int,
-        merge_timeout: float,
+        config: ReplicaConfig,
     ) -> None:
         self._node = node
         self._name = name
@@ -120,10 +118,10 @@ class ReplicaWriter:
         self._stats = stats
         self._closed = closed
         self._scope = scope
-        self._batch_entries = batch_entries
+        self._batch_entries = config.batch_entries
         # A batch must fit one payload, envelope included.
-        self._batch_bytes = min(batch_bytes, node.config.max_payload - _ENVELOPE_MAX)
-        self._merge_timeout = merge_timeout
+        self._batch_bytes = min(config.batch_bytes, node.config.max_payload - _ENVELOPE_MAX)
+        self._merge_timeout = config.callback_timeout
         #: The group taking new writes, and the one being merged.
         self._forming: _Group | None = None
         self._merging: _Group | None = None

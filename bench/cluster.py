@@ -154,6 +154,28 @@ async def websocket_ceiling(
     }
 
 
+async def trio_websocket_reference() -> dict[str, Any] | None:
+    """The same two figures through trio-websocket, the library the transport used until
+    issue 19 (the reference of the ratios before it; `ws_layers.py` compares the layers).
+    None without trio-websocket (it is in the test and bench extras)."""
+    try:
+        from ws_layers import measure, trio_websocket_pair
+    except ImportError:
+        return None
+    out = {
+        "back_to_back": await measure(trio_websocket_pair, CEILING_FRAME, seconds=CEILING_S),
+        "paced": await measure(
+            trio_websocket_pair, CEILING_FRAME, seconds=CEILING_S, pace=CEILING_PACE
+        ),
+    }
+    progress(
+        "trio-websocket for reference: "
+        f"{out['back_to_back']['cpu_us_per_message']} us CPU per message back to back, "
+        f"{out['paced']['cpu_us_per_message']} us paced"
+    )
+    return out
+
+
 # --- broadcast ----------------------------------------------------------------------------
 
 
@@ -482,6 +504,7 @@ async def run(
         f"websocket, one frame every {CEILING_PACE * 1e3:g} ms: "
         f"{paced_ceiling['cpu_us_per_message']} us CPU per message"
     )
+    reference = await trio_websocket_reference()
     runs = [
         await size_run(
             mode, n, count, pace, size, rng, ws_cpu, paced_ceiling["cpu_us_per_message"], idle_s
@@ -497,6 +520,7 @@ async def run(
     return {
         "websocket_ceiling": ceiling,
         "websocket_paced": paced_ceiling,
+        "trio_websocket_reference": reference,
         "broadcast": runs,
         "map": maps,
         "total_s": round(time.monotonic() - t_start, 1),

@@ -94,9 +94,11 @@ def flood_gossip(n: int, size: int = 8) -> Gossip:
     return Gossip(MessageId("flooder", n, n), 1, "flood", payload)
 
 
-async def _paced_deliveries(sender: Node, receiver: Node, count: int, flood: Any) -> list[int]:
+async def _paced_deliveries(
+    sender: Node, receiver: Node, count: int, flood: Any, flood_done: trio.Event | None = None
+) -> list[int]:
     """`sender` broadcasts `count` messages 20 ms apart while `flood()` runs; what
-    `receiver` delivered of them."""
+    `receiver` delivered of them. With `flood_done`, the flood is not cut before it is set."""
     got: list[int] = []
     async with receiver.subscribe("honest") as sub, trio.open_nursery() as nursery:
 
@@ -115,6 +117,8 @@ async def _paced_deliveries(sender: Node, receiver: Node, count: int, flood: Any
                 await sender.broadcast("honest", i)
                 await trio.sleep(0.02)
             await wait_until(lambda: len(got) == count, poll=0.05)
+            if flood_done is not None:
+                await flood_done.wait()
         nursery.cancel_scope.cancel()
     return got
 
@@ -123,6 +127,8 @@ async def test_a_member_that_ignores_its_credit_is_failed_and_honest_peers_are_s
     async with trio.open_nursery() as nursery:
         a, b, _c = await _cluster(Cluster(nursery), 3, "f")
 
+        flooded = trio.Event()
+
         async def flood() -> None:
             async with member_link(b, "flooder") as conn:
                 counter = itertools.count()
@@ -130,8 +136,11 @@ async def test_a_member_that_ignores_its_credit_is_failed_and_honest_peers_are_s
                     while True:
                         frame = encode_frame([flood_gossip(next(counter)) for _ in range(200)])
                         await conn.send(frame)
+            flooded.set()
 
-        got = await _paced_deliveries(a, b, 50, flood)
+        # On a loaded machine the honest deliveries may all land before b has read the
+        # flooder's first frame: the flood runs until b fails its link.
+        got = await _paced_deliveries(a, b, 50, flood, flooded)
         assert sorted(got) == list(range(50))
         assert b.stats()["links_closed"].get("flow_violation", 0) >= 1
         assert b.stats()["rejected"]["flow_violation"] >= 1

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from transports.memory import MemoryNetwork
 from trio_replica import testing
 from trio_replica.core.ormap_wire import from_wire
-from trio_replica.errors import ConfigError
+from trio_replica.core.wire import PAYLOAD_MAX_DEPTH
+from trio_replica.errors import ConfigError, NodeClosed
 from trio_replica.node import Node
 from trio_replica.runtime.config import NodeConfig, ReplicaConfig
 from trio_replica.runtime.replica_api import Add
@@ -249,3 +250,109 @@ def test_batch_settings_are_checked() -> None:
         ReplicaConfig(batch_entries=0)
     with pytest.raises(ConfigError, match="batch_bytes"):
         ReplicaConfig(batch_bytes=100)
+
+
+async def test_a_group_merged_after_its_replica_closed_is_still_sent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The merge is shielded: closing the replica while it runs must not strand the write
+    (merged here, acknowledged, and no flusher left to send it)."""
+    async with trio.open_nursery() as nursery:
+        a, b = await _pair(nursery)
+        mine, theirs = Recorder(), Recorder()
+        mine.merge_delay = 0.05
+        replica = await a.open_replica("r", mine)
+        await b.open_replica("r", theirs)
+        async with trio.open_nursery() as writers:
+            writers.start_soon(replica.broadcast_update, Add("k", 1))
+            await trio.sleep(0.01)  # merging now
+            writers.start_soon(replica.aclose)
+        assert mine.keys == {"k"}
+        with trio.fail_after(10):
+            await wait_until(lambda: theirs.keys == {"k"}, poll=0.01)
+        nursery.cancel_scope.cancel()
+
+
+async def test_writers_waiting_for_room_get_node_closed_when_the_replica_closes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = ReplicaConfig(anti_entropy_interval=3600, batch_entries=2)
+    async with trio.open_nursery() as nursery:
+        a, b = await _pair(nursery, config)
+        mine = Recorder()
+        mine.merge_delay = 1.0
+        replica = await a.open_replica("r", mine)
+        outcomes: list[str] = []
+
+        async def write(i: int) -> None:
+            try:
+                await replica.broadcast_update(Add(i, i))
+                outcomes.append("ok")
+            except NodeClosed:
+                outcomes.append("closed")
+
+        async with trio.open_nursery() as writers:
+            for i in range(6):
+                writers.start_soon(write, i)
+            await trio.sleep(0.1)  # one merges, two form the next group, three wait for room
+            await replica.aclose()
+        assert sorted(outcomes) == ["closed"] * 5 + ["ok"], outcomes
+        assert len(mine.keys) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_holds_at_most_batch_bytes(autojump_clock: trio.testing.MockClock) -> None:
+    config = ReplicaConfig(anti_entropy_interval=3600, batch_bytes=4096)
+    async with trio.open_nursery() as nursery:
+        a, b = await _pair(nursery, config)
+        mine, theirs = Recorder(), Recorder()
+        mine.merge_delay = 0.01
+        replica = await a.open_replica("r", mine)
+        await b.open_replica("r", theirs)
+        async with trio.open_nursery() as writers:
+            for i in range(40):
+                writers.start_soon(replica.broadcast_update, Add(i, "v" * 1000))
+        with trio.fail_after(30):
+            await wait_until(lambda: theirs.keys == set(range(40)))
+        # About 1 KiB each: at most 4 per delta. A group may pass the bound by its last
+        # write (a write's size is known once it is encoded, after its wait for room).
+        assert max(map(len, theirs.remote_deltas)) <= 4, theirs.remote_deltas
+        assert max(map(len, mine.local_groups)) <= 5, mine.local_groups
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_value_nested_too_deep_for_a_delta_is_refused_before_it_is_applied(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The delta nests an entry two levels deeper than the entry alone: checked as sent."""
+    async with trio.open_nursery() as nursery:
+        a, _b = await _pair(nursery)
+        mine = Recorder()
+        replica = await a.open_replica("r", mine)
+        deep: Any = 1
+        # Within the limit alone (an entry adds one level), beyond it in a delta (three).
+        for _ in range(PAYLOAD_MAX_DEPTH - 2):
+            deep = [deep]
+        with pytest.raises(TypeError, match="nests deeper"):
+            await replica.broadcast_update(Add("deep", deep))
+        assert mine.local_groups == []
+        await replica.broadcast_update(Add("fine", 1))
+        assert mine.local_groups == [["fine"]]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_graceful_leave_sends_the_writes_still_waiting_for_their_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with testing.cluster(2) as c:
+        mine, theirs = [await c[name].open_map("m") for name in ("n1", "n2")]
+        async with trio.open_nursery() as writers:
+            for i in range(300):
+                writers.start_soon(mine.put, f"k{i}", i)
+        # Straight to the leave: some writes still wait in the outgoing batch.
+        waiting = mine.replica.writes.pending
+        await c["n1"].leave()
+        with trio.fail_after(30):
+            await wait_until(lambda: len(theirs) == 300)
+        assert waiting > 0, "nothing was waiting: the test did not test the leave"
+        assert mine.replica.stats.updates_unsent == 0

@@ -375,6 +375,23 @@ async def test_wss_round_trip(ca: trustme.CA) -> None:
             assert await conn.receive() == b"secret"
 
 
+async def test_ws_to_a_wss_listener_hints_at_tls(ca: trustme.CA) -> None:
+    """Issue 21: dialing ws:// where the listener expects TLS said nothing about TLS."""
+    server = WebsocketTransport(server_ssl=server_context(ca))
+    async with serving(server, address="wss://127.0.0.1:0") as address:
+        plain = "ws://" + address.removeprefix("wss://")
+        with pytest.raises(ConnectError, match="dial wss://127.0.0.1:"):
+            async with WebsocketTransport().open_connection(plain, timeout=DIAL):
+                pass
+
+
+async def test_a_path_http_cannot_carry_is_a_connect_error() -> None:
+    async with serving(WebsocketTransport()) as address:
+        with pytest.raises(ConnectError, match="cannot ask for the upgrade"):
+            async with WebsocketTransport().open_connection(address + "/a b", timeout=DIAL):
+                pass
+
+
 async def test_wss_refuses_an_untrusted_server(ca: trustme.CA) -> None:
     server = WebsocketTransport(server_ssl=server_context(ca))
     client = WebsocketTransport(client_ssl=client_context(trustme.CA()))

@@ -235,10 +235,15 @@ class WebsocketTransport:
             await _discard(stream)
             # TLS 1.3 ends the client's handshake before the server has checked its
             # certificate: a refusal shows as a stream that ends during the upgrade.
-            hint = " (did the server refuse our TLS client certificate?)"
-            raise ConnectError(
-                f"{target.url}: {exc}{hint if target.secure and exc.stream_ended else ''}"
-            ) from None
+            hint = ""
+            if exc.stream_ended:
+                hint = (
+                    " (did the server refuse our TLS client certificate?)"
+                    if target.secure
+                    # A TLS listener drops a plain HTTP upgrade without answering it.
+                    else f" (if it listens with TLS, dial wss://{target.netloc})"
+                )
+            raise ConnectError(f"{target.url}: {exc}{hint}") from None
         except trio.BrokenResourceError as exc:
             await _discard(stream)
             raise ConnectError(f"{target.url}: TLS handshake failed: {exc.__cause__!r}") from exc

@@ -51,6 +51,7 @@ import logging
 from typing import cast
 
 import attrs
+import h11
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection as ProtocolState
@@ -122,7 +123,12 @@ async def upgrade_client(
     """Ask for the upgrade and wait for the answer; no deadline of its own (the dial's)."""
     ws = WSConnection(ConnectionType.CLIENT)
     try:
-        await stream.send_all(ws.send(Request(host=netloc, target=path)))
+        request = ws.send(Request(host=netloc, target=path))
+    except (LocalProtocolError, h11.LocalProtocolError) as exc:
+        # A path or host that HTTP cannot carry (from a locally configured address).
+        raise UpgradeFailed(f"cannot ask for the upgrade: {exc}") from None
+    try:
+        await stream.send_all(request)
         while True:
             data = _bytes(await stream.receive_some(settings.receive_buffer_size))
             if not data:

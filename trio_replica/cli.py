@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Peer-to-peer replication for Trio: HyParView membership, Plumtree broadcast, "
             "replicated maps kept in sync by gossip and digest anti-entropy. Run a node "
-            "(node), try a local cluster (demo, cluster), or read and write the maps of a "
-            "running node (put, get, delete, keys, watch, digest, status)."
+            "(node), try a local cluster (demo, cluster), read and write the maps of a "
+            "running node (put, get, delete, dump, watch, digest, status), or use its "
+            "built-ins (registry, leader, shard, remind, reminders)."
         ),
     )
     parser.add_argument("--version", action="version", version=f"trio_replica {__version__}")

@@ -263,6 +263,13 @@ class NodeRuntime:
             return
         with trio.move_on_after(self.config.link.close_timeout * 2) as scope:
             scope.shield = True
+            # Writes merged here and waiting for their batch go before the goodbye: a put
+            # just before a leave must reach the peers. The broadcast component queues them
+            # on the links before the Disconnects (bounded: it is our own inbox).
+            if sum(replica.writes.flush(final=True) for replica in self.replicas.values()):
+                with trio.move_on_after(self.config.link.close_timeout / 2):
+                    while self.broadcaster.queued(LOCAL):  # noqa: ASYNC110
+                        await trio.sleep(0.005)
             self.membership.apply(self.membership.core.leave(trio.current_time()))
             self.closing = True
             # The Disconnects are queued on links now closing: wait until they are flushed.

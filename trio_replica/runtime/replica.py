@@ -121,7 +121,7 @@ class Replica:
         self.anti_entropy = bool(getattr(callbacks, "anti_entropy", False))
         self._scope = trio.CancelScope()
         self.closed = trio.Event()
-        self._writer = ReplicaWriter(
+        self.writes = ReplicaWriter(  # the owner's writes, batched
             node, name, self.tag, callbacks, self.stats, self.closed, self._scope, config
         )
         self._nursery: trio.Nursery | None = None
@@ -186,16 +186,16 @@ class Replica:
     # --- API used by owners ---------------------------------------------------------------
 
     def new_dot(self) -> Dot:
-        return self._writer.new_dot()
+        return self.writes.new_dot()
 
     async def broadcast_update(self, update: Add | Remove) -> Dot:
         """Apply `update` locally through the owner, then broadcast it; return its dot
         (`ReplicaWriter.broadcast_update`: what it raises)."""
-        return await self._writer.broadcast_update(update)
+        return await self.writes.broadcast_update(update)
 
     async def broadcast_custom(self, payload: Any) -> None:
         """Send an owner-specific payload to `merge_custom` on every other node."""
-        await self._writer.broadcast_custom(payload)
+        await self.writes.broadcast_custom(payload)
 
     # --- inputs from the node -------------------------------------------------------------
 
@@ -262,7 +262,7 @@ class Replica:
                     # Past its budget this raises `ComponentDead`: the node closes.
                     await trio.sleep(supervision.crashed(trio.current_time()))
         finally:
-            self._writer.close()
+            self.writes.close()
             if self.uses_digest and not self._everywhere:
                 self.node.hosts.unlisten(self.name)
             self.node.forget_replica(self)
@@ -300,7 +300,7 @@ class Replica:
             await nursery.start(pump_broadcast, self.node, self.tag, buffer, self._inbox)
             await nursery.start(pump_membership, self.node, self._inbox)
             nursery.start_soon(self._timers.run)
-            nursery.start_soon(self._writer.run_flusher)
+            nursery.start_soon(self.writes.run_flusher)
             nursery.start_soon(self._watch.run, self._end_hung_life)
             hosts: list[Peer] = []
             if self.uses_digest:

@@ -23,16 +23,20 @@ cluster at about 500 map writes a second):
 * **Flow control** moves to the batch: a write waits (before anything is applied) while
   the outgoing batch is full, that is while the node cannot send as fast as it writes.
 
-What a write's outcome is: it fails (`StoreError`, or what the owner raised) with nothing
-applied or sent, or it is merged and then certain to be broadcast while the node runs:
-the step from merged to queued has no checkpoint, and the group's merge runs shielded from
-its callers' cancellation (bounded by `callback_timeout`), so a cancelled write either was
-never merged or is merged and sent. A write cancelled while it waits for its group is not
-written.
+What a write's outcome is: it fails (`StoreError`, or what the owner raised, for its whole
+group) with nothing applied or sent, or it is merged and then certain to be broadcast while
+the node runs: the step from merged to queued has no checkpoint, the group's merge runs
+shielded from its callers' cancellation, a group merged after its instance closed is sent
+at once, and a graceful leave sends what waits before its goodbye. A write cancelled while
+it waits for its group is not written. The one exception: a merge that takes longer than
+`callback_timeout` is abandoned and its writes fail with `CallbackHung`, possibly partly
+applied here and not sent (anti-entropy reconciles the replicas).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from typing import Any, Protocol
 
 import trio
@@ -46,6 +50,8 @@ from ..errors import CallbackHung, NodeClosed
 from .config import ReplicaConfig
 from .replica_api import Add, Remove, ReplicaCallbacks, ReplicaStats
 from .services import NodeBasics, Publishing
+
+log = logging.getLogger("trio_replica.replica")
 
 #: A delta's envelope around its entries: ``["d", [...]]`` is 0x82, "d" (0x61 0x64), then
 #: the entries' array header (at most 5 bytes for up to 2**32 entries).
@@ -84,14 +90,15 @@ class WriterHost(NodeBasics, Publishing, Protocol):
 class _Group:
     """Writes merged together (group commit): their entries, and how the merge ended."""
 
-    __slots__ = ("done", "error", "items", "started")
+    __slots__ = ("done", "error", "items", "merged", "started")
 
     def __init__(self) -> None:
         #: (encoded entry, decoded entry) per write, in arrival order.
         self.items: list[tuple[bytes, Any]] = []
         self.started = False
+        self.merged = False
         self.done = trio.Event()
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
 
 
 class ReplicaWriter:
@@ -160,21 +167,33 @@ class ReplicaWriter:
             # signature in every later sync and in the stores of the nodes it reaches.
             wire.append(self._node.sign_entry(self._name, update.key, entry))
         # Encoded before the local merge: a write that cannot travel must not be applied
-        # here. Alone in its delta it must fit the payload limit.
-        limit = self._node.config.max_payload - _ENVELOPE_MAX
-        part = encode_payload(wire, max_size=limit)
+        # here. Encoded as the delta of one entry, so that its size and nesting are checked
+        # as peers will see them (a delta nests the entry two levels deeper); the entry's
+        # own bytes follow the 4-byte envelope ``["d", [`` of one entry.
+        max_payload = self._node.config.max_payload
+        alone = encode_payload(["d", [wire]], max_size=max_payload - _ENVELOPE_MAX + 4)
+        part = alone[4:]
         # The owner gets the entry as every peer does, decoded from these bytes: a value the
         # caller mutates after the write can change neither the local state nor its digest
         # (an entry's hash is added at merge and subtracted at its replacement).
-        local = decode_payload(part, max_size=limit)
+        local = decode_payload(alone, max_size=max_payload)[1][0]
         await self._commit(part, local)
         return dot
 
     async def _wait_room(self) -> None:
+        """Wait while the outgoing batch, with the group still forming, is full: a group
+        holds at most one batch (`batch_entries`; `batch_bytes` plus the last write's own
+        size, which is known only once it is encoded, after this wait)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        while len(self._pending) >= self._batch_entries or self._pending_bytes >= self._batch_bytes:
+        while self._full():
             await self._room.park()
             self._check_open()
+
+    def _full(self) -> bool:
+        forming = self._forming.items if self._forming is not None else ()
+        entries = len(self._pending) + len(forming)
+        size = self._pending_bytes + sum(len(part) for part, _ in forming)
+        return entries >= self._batch_entries or size >= self._batch_bytes
 
     async def _commit(self, part: bytes, local: Any) -> None:
         """Merge one write with the others of its group (module docstring); the group's
@@ -187,7 +206,10 @@ class ReplicaWriter:
         try:
             while self._merging is not None and not group.started:
                 await self._merging.done.wait()
-        except trio.Cancelled:
+            if not group.started:
+                # The instance may have closed meanwhile: its flusher is gone.
+                self._check_open()
+        except BaseException:
             if not group.started:
                 # Not merged, so not written.
                 group.items[:] = [i for i in group.items if i is not item]
@@ -196,13 +218,27 @@ class ReplicaWriter:
             await self._merge_group(group)
         else:
             await group.done.wait()
-        if group.error is not None:
-            raise group.error
+        if group.merged:
+            return
+        error = group.error
+        if error is None:  # the merge ended by an exception that is not an `Exception`
+            raise NodeClosed(f"replica {self._name!r}: the merge of this write was interrupted")
+        if group.items[0] is not item:
+            # The other writers of the group get a copy each: one exception object raised
+            # in several tasks would carry all their tracebacks.
+            try:
+                mine = copy.copy(error).with_traceback(None)
+            except Exception:  # an exception type that cannot be rebuilt from its args
+                mine = None
+            if mine is not None:
+                raise mine from error
+        raise error
 
     async def _merge_group(self, group: _Group) -> None:
         group.started = True
         self._forming = None
         self._merging = group
+        self._room.unpark_all()  # the next group may form while this one merges
         merge = getattr(self._callbacks, "merge_local", None) or self._callbacks.merge_delta
         try:
             # Shielded: the group's other writers wait on this merge, and a merge cut half
@@ -211,14 +247,23 @@ class ReplicaWriter:
                 scope.deadline = trio.current_time() + self._merge_timeout
                 await merge(self._name, [local for _, local in group.items])
             if scope.cancelled_caught:
+                self._stats.callbacks_hung += 1
                 raise CallbackHung(
                     f"replica {self._name!r}: merging {len(group.items)} local writes took "
-                    f"over {self._merge_timeout} s; they may be partly applied"
+                    f"over {self._merge_timeout} s; they may be partly applied here, and are "
+                    "not sent"
                 )
         except Exception as exc:
+            if isinstance(exc, CallbackHung):
+                log.error("%s", exc)
             group.error = exc
         else:
+            group.merged = True
             self._queue(group.items)
+            if self._closed.is_set() or self._scope.cancel_called:
+                # Merged after the instance closed (the merge is shielded): no flusher will
+                # take them, so they go now.
+                self.close()
         finally:
             self._merging = None
             group.done.set()
@@ -255,9 +300,11 @@ class ReplicaWriter:
         self.flush(final=True)
         self._room.unpark_all()
 
-    def flush(self, *, final: bool = False) -> None:
-        """Broadcast what waits, as one delta per `batch_entries` / `batch_bytes`; with
-        `final`, everything (the instance is closing: nothing is left behind)."""
+    def flush(self, *, final: bool = False) -> int:
+        """Broadcast what waits, as one delta per `batch_entries` / `batch_bytes` (with
+        `final`, everything: the instance or the node is closing, or a custom broadcast
+        must not overtake them); return how many writes went."""
+        sent = 0
         while self._pending:
             count, size = 0, 0
             for part in self._pending:
@@ -275,13 +322,17 @@ class ReplicaWriter:
             self._node.broadcast_encoded_nowait(self._tag, delta_bytes(parts), ["d", local])
             self._stats.deltas_sent += 1
             self._stats.updates_sent += count
+            sent += count
             if not final:
                 break
         self._room.unpark_all()
+        return sent
 
     async def broadcast_custom(self, payload: Any) -> None:
         """Send an owner-specific payload to `merge_custom` on every other node."""
         self._check_open()
+        # The writes merged before it go first (deltas and customs keep the owner's order).
+        self.flush(final=True)
         await self._node.broadcast(self._tag, ["c", payload])
         self._stats.customs_sent += 1
 

@@ -59,9 +59,10 @@ class _JoinReport:
         self._since: float | None = None
         self._warned: float | None = None
 
-    def failed(self, seeds: tuple[str, ...], now: float) -> None:
+    def failed(self, seeds: tuple[str, ...], started: float, now: float) -> None:
+        """A round of joining that began at `started` found no seed that answered."""
         if self._since is None:
-            self._since = now
+            self._since = started
         if now - self._since < JOIN_WARN_AFTER:
             return
         if self._warned is not None and now - self._warned < JOIN_WARN_EVERY:
@@ -98,7 +99,7 @@ async def run_seeding(node: SeedingHost, policy: SeedPolicy, retry_min: float) -
             through = await _join(node, policy, step)
             if not step.rejoin:
                 if through is None and step.seeds:
-                    report.failed(step.seeds, trio.current_time())
+                    report.failed(step.seeds, now, trio.current_time())
                 elif through is not None:
                     report.joined(through, trio.current_time())
                 await trio.sleep(policy.retry_delay())

@@ -278,7 +278,7 @@ async def test_writers_waiting_for_room_get_node_closed_when_the_replica_closes(
 ) -> None:
     config = ReplicaConfig(anti_entropy_interval=3600, batch_entries=2)
     async with trio.open_nursery() as nursery:
-        a, b = await _pair(nursery, config)
+        a, _b = await _pair(nursery, config)
         mine = Recorder()
         mine.merge_delay = 1.0
         replica = await a.open_replica("r", mine)

@@ -380,7 +380,7 @@ async def test_ws_to_a_wss_listener_hints_at_tls(ca: trustme.CA) -> None:
     server = WebsocketTransport(server_ssl=server_context(ca))
     async with serving(server, address="wss://127.0.0.1:0") as address:
         plain = "ws://" + address.removeprefix("wss://")
-        with pytest.raises(ConnectError, match="dial wss://127.0.0.1:"):
+        with pytest.raises(ConnectError, match=r"dial wss://127\.0\.0\.1:"):
             async with WebsocketTransport().open_connection(plain, timeout=DIAL):
                 pass
 

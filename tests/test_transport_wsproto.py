@@ -8,6 +8,7 @@ clock, every wait under a deadline.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -335,3 +336,24 @@ async def test_receive_after_close_raises_and_close_is_bounded_by_a_silent_peer(
                 await conn.receive()
             with pytest.raises(TransportClosed):
                 await conn.send(b"x")
+
+
+async def test_closing_on_a_peer_that_floods_without_reading_does_not_read_it_for_long() -> None:
+    """Waiting for the close reply of a peer that never reads (a flood the node is failing)
+    read and dropped everything it sent for the whole disconnect timeout."""
+    closed_after: list[float] = []
+
+    async def close_at_once(conn: Connection) -> None:
+        await conn.receive()
+        started = trio.current_time()
+        await conn.aclose()
+        closed_after.append(trio.current_time() - started)
+
+    transport = WebsocketTransport(disconnect_timeout=30.0)
+    async with serving(transport, close_at_once) as address, raw_client(address) as peer:
+        # The flood: never read, so our close frame is never answered.
+        with trio.move_on_after(DEADLINE):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while not closed_after:
+                    await peer.send(BytesMessage(data=b"x" * 1000))
+    assert closed_after and closed_after[0] < DEADLINE / 2, closed_after

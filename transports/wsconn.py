@@ -463,10 +463,16 @@ class WebsocketConnection:
                 await self._write(data)
         if not wait_reply or self._receiving or self._peer_done:
             return
-        while self._ws.state is ConnectionState.LOCAL_CLOSING:
+        # What the peer sends before its reply is read and dropped, up to a frame's worth:
+        # a peer that keeps sending without reading (a flood we are closing on) would
+        # otherwise be read for the whole disconnect timeout (2 s of a loopback flood was
+        # 800,000 messages read for nothing).
+        budget = self._max_frame
+        while self._ws.state is ConnectionState.LOCAL_CLOSING and budget > 0:
             received = _bytes(await self._stream.receive_some(self._read_size))
             if not received:
                 return
+            budget -= len(received)
             self._ws.receive_data(received)
             # Messages that cross our close are dropped; a parse failure ends the wait too.
             if any(isinstance(event, CloseConnection) for event in self._ws.events()):

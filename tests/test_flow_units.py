@@ -339,3 +339,35 @@ def test_token_bucket_saves_up_to_its_capacity_and_says_how_long_a_debt_lasts() 
     assert bucket.take(1, 0.0) == pytest.approx(0.5)  # one in debt: half a second at 2/s
     assert bucket.take(1, 100.0) == 0.0  # refilled, but never past the capacity
     assert bucket.tokens == pytest.approx(2.0)
+
+
+async def test_a_closed_inbox_returns_the_credit_of_what_it_drops() -> None:
+    """A replica that closes drops its queued inputs: their link credit must go back, or
+    the peer's sender runs out of credit for that link and stops sending anything on it."""
+    returned: list[tuple[object, int]] = []
+    inbox = FairInbox[str](
+        source_items=2,
+        source_bytes=10**6,
+        total_bytes=10**7,
+        on_taken=lambda source, credit: returned.append((source, credit)),
+    )
+    inbox.put_forced("link", "chunk 1", 10, credit=10)
+    inbox.put_forced("link", "chunk 2", 20, credit=20)
+    inbox.put_forced("tick", "timer", 0)
+    waited: list[str] = []
+
+    async def producer() -> None:
+        await inbox.put("link", "chunk 3", 30, credit=30)  # over the link's share: waits
+        waited.append("done")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(producer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert waited == []
+        assert inbox.close() == 3
+        assert sorted(returned) == [("link", 10), ("link", 20)]
+    # The waiting producer was let through and its input dropped, credit returned too.
+    assert waited == ["done"]
+    assert sorted(c for s, c in returned if s == "link") == [10, 20, 30]
+    inbox.put_forced("link", "late", 5, credit=5)
+    assert returned[-1] == ("link", 5) and len(inbox) == 0

@@ -72,6 +72,8 @@ class FairInbox(Generic[T]):
         self._room = ParkingLot()
         #: Inputs refused or waited for, because of the source's share or the total.
         self.throttled = 0
+        #: Set by `close`: inputs are dropped on arrival, their credit returned.
+        self.closed = False
 
     def __len__(self) -> int:
         return self._items
@@ -89,7 +91,7 @@ class FairInbox(Generic[T]):
 
     def has_room(self, source: Hashable, size: int) -> bool:
         queue = self._queues.get(source)
-        if queue is None or not queue.items:
+        if self.closed or queue is None or not queue.items:
             return True
         return (
             len(queue.items) < self.source_items
@@ -130,6 +132,10 @@ class FairInbox(Generic[T]):
                 await self._room.park()
 
     def put_forced(self, source: Hashable, item: T, size: int, credit: int = 0) -> None:
+        if self.closed:
+            if credit and self._on_taken is not None:
+                self._on_taken(source, credit)
+            return
         queue = self._queues.get(source)
         if queue is None:
             queue = self._queues[source] = _SourceQueue()
@@ -182,6 +188,21 @@ class FairInbox(Generic[T]):
             await trio.lowlevel.checkpoint()
         else:
             await self._readable.park()
+
+    def close(self) -> int:
+        """The consumer is gone for good: drop what waits and what comes from now on,
+        returning their link credit (a payload dropped unprocessed must still be granted
+        back, or its link's sender runs out of credit and stops sending anything), and
+        wake every producer waiting for room. Returns how many inputs were dropped."""
+        self.closed = True
+        dropped = 0
+        while self._turns:
+            self.get_nowait()  # returns the credit
+            dropped += 1
+        for queue in self._queues.values():
+            queue.room.unpark_all()
+        self._room.unpark_all()
+        return dropped
 
     def wake(self) -> None:
         """End a consumer's `wait` without an input (it has other work: notices, timers)."""

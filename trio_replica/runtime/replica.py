@@ -189,8 +189,7 @@ class Replica:
         return self.writes.new_dot()
 
     async def broadcast_update(self, update: Add | Remove) -> Dot:
-        """Apply `update` locally through the owner, then broadcast it; return its dot
-        (`ReplicaWriter.broadcast_update`: what it raises)."""
+        """Apply `update` here, then broadcast it; its dot (`ReplicaWriter`: what it raises)."""
         return await self.writes.broadcast_update(update)
 
     async def broadcast_custom(self, payload: Any) -> None:
@@ -263,6 +262,7 @@ class Replica:
                     await trio.sleep(supervision.crashed(trio.current_time()))
         finally:
             self.writes.close()
+            self._inbox.close()  # what waits in it is dropped, its link credit returned
             if self.uses_digest and not self._everywhere:
                 self.node.hosts.unlisten(self.name)
             self.node.forget_replica(self)

@@ -56,10 +56,10 @@ import trio
 from cluster_nodes import Cluster, open_inproc, open_procs, quiet_logs
 from common import payload_of, percentiles_ms, run_header
 
-from transports.base import Connection, TransportClosed
-from transports.websocket import WebsocketTransport
 from trio_replica.core.wire import encode_payload
 from trio_replica.localcluster import views_ok
+from trio_replica.transports.base import Connection, TransportClosed
+from trio_replica.transports.websocket import WebsocketTransport
 
 SEED = 20261126
 SIZES = (10, 25, 50)

@@ -83,8 +83,6 @@ from map_figures import (
     warm_up,
 )
 
-from transports.base import Transport
-from transports.memory import MemoryNetwork
 from trio_replica.core.events import PeerUp
 from trio_replica.core.ormap import Entry, Key, supersedes
 from trio_replica.localcluster import open_local_cluster, overlay_ok, run_node, wait_for_views
@@ -92,6 +90,8 @@ from trio_replica.node import Node
 from trio_replica.runtime.config import NodeConfig
 from trio_replica.stores.maps import Put, Removed, ReplicatedMap
 from trio_replica.stores.store import MapStore, StoreError
+from trio_replica.transports.base import Transport
+from trio_replica.transports.memory import MemoryNetwork
 
 SEED = 20261127
 MAP = "bench"

@@ -42,8 +42,6 @@ from cluster import Watch, send_broadcasts, wait_views, warm_up, websocket_ceili
 from cluster_nodes import ProcsCluster, open_procs, quiet_logs
 from common import percentiles_ms, run_header, write_results
 
-from transports.base import TransportClosed
-from transports.websocket import WebsocketTransport
 from trio_replica.core.hlc import Timestamp
 from trio_replica.core.messages import Gossip, Message, MessageId, Peer, Role
 from trio_replica.core.ormap import Dot, Value
@@ -57,6 +55,8 @@ from trio_replica.runtime.link import Link
 from trio_replica.runtime.linkconfig import LinkConfig
 from trio_replica.runtime.replica_api import Add
 from trio_replica.runtime.stats import NodeStats
+from trio_replica.transports.base import TransportClosed
+from trio_replica.transports.websocket import WebsocketTransport
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Honest broadcasts during the floods: one every PACE seconds, from random nodes.

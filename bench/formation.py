@@ -17,10 +17,10 @@ import zlib
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica import NodeConfig
 from trio_replica.localcluster import run_node
 from trio_replica.node import Node
+from trio_replica.transports.memory import MemoryNetwork
 
 
 async def one(seed: int, n: int, settle: float) -> int:

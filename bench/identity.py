@@ -38,9 +38,6 @@ import trio
 from common import percentiles_ms, run_header, write_results
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from transports.base import Connection
-from transports.memory import MemoryNetwork
-from transports.websocket import WebsocketTransport
 from trio_replica import NodeConfig
 from trio_replica.core.messages import Peer, Role
 from trio_replica.localcluster import run_node, wait_for_views
@@ -52,6 +49,9 @@ from trio_replica.runtime.identity import (
     public_bytes,
     sign_gossip,
 )
+from trio_replica.transports.base import Connection
+from trio_replica.transports.memory import MemoryNetwork
+from trio_replica.transports.websocket import WebsocketTransport
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

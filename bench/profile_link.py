@@ -23,12 +23,12 @@ from typing import Any
 
 import trio
 
-from transports.base import Connection, TransportClosed
-from transports.websocket import WebsocketTransport
 from trio_replica.core.messages import Gossip, Message, MessageId, Peer
 from trio_replica.runtime.link import Link
 from trio_replica.runtime.linkconfig import LinkConfig
 from trio_replica.runtime.stats import NodeStats
+from trio_replica.transports.base import Connection, TransportClosed
+from trio_replica.transports.websocket import WebsocketTransport
 
 
 def progress(message: str) -> None:

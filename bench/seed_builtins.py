@@ -35,14 +35,14 @@ import attrs
 import trio
 from common import percentiles_ms, run_header, write_results
 
-from transports.base import Connection, TransportClosed
-from transports.websocket import WebsocketTransport
 from trio_replica import NodeConfig
 from trio_replica.localcluster import run_node, wait_for_views
 from trio_replica.node import Node
 from trio_replica.stores.leader import Elected
 from trio_replica.stores.registry import Registered
 from trio_replica.stores.reminders import Fired
+from trio_replica.transports.base import Connection, TransportClosed
+from trio_replica.transports.websocket import WebsocketTransport
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

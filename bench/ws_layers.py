@@ -44,8 +44,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection as WsprotoConnection
 from wsproto.events import AcceptConnection, BytesMessage, Request
 
-from transports.base import Connection
-from transports.websocket import WebsocketTransport
+from trio_replica.transports.base import Connection
+from trio_replica.transports.websocket import WebsocketTransport
 
 SECONDS = 2.0
 SMALL = 100

@@ -10,7 +10,6 @@ from typing import Any
 import attrs
 import trio
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.messages import Message, Peer, Role
 from trio_replica.localcluster import overlay_ok
 from trio_replica.node import Node
@@ -20,6 +19,7 @@ from trio_replica.runtime.link import Link
 from trio_replica.runtime.linkconfig import LinkConfig
 from trio_replica.runtime.stats import NodeStats
 from trio_replica.testing import Cluster, wait_until
+from trio_replica.transports.memory import MemoryNetwork
 
 
 def full_views(nodes: list[Node], size: int) -> float:

@@ -15,9 +15,9 @@ import pytest
 import trio
 import trio_websocket
 
-from transports.base import Refusals, remote_host
 from trio_replica.ops.metrics import metrics_registry, serve_metrics
 from trio_replica.runtime.control import open_control
+from trio_replica.transports.base import Refusals, remote_host
 
 from .harness import Cluster, wait_until
 

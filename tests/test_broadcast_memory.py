@@ -9,10 +9,10 @@ from typing import Any
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.events import Delivery, Resubscribed
 from trio_replica.node import Node
 from trio_replica.testing import crash_component
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, full_views, overlay_ok, wait_until
 

@@ -9,9 +9,9 @@ from typing import Any
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.events import DownReason, NodeRemoved
 from trio_replica.node import Node
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, overlay_ok, wait_until
 

@@ -8,7 +8,6 @@ import attrs
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.antientropy import opening
 from trio_replica.core.messages import SyncDigest, SyncRequest
 from trio_replica.core.ormap import Dot, Value
@@ -16,6 +15,7 @@ from trio_replica.core.replication import DigestSyncConfig
 from trio_replica.node import Node
 from trio_replica.runtime.config import NodeConfig, ReplicaConfig
 from trio_replica.stores.maps import ReplicatedMap
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, overlay_ok, wait_until
 from .test_flow_memory import KeySet, _pair

@@ -11,9 +11,9 @@ import pytest
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.messages import Direct, Peer
 from trio_replica.errors import NoHandler, RequestFailed, RequestTimeout, UnknownPeer
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, overlay_ok, wait_until
 

@@ -7,7 +7,6 @@ from typing import Any
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.messages import (
     Gossip,
     IHave,
@@ -22,6 +21,7 @@ from trio_replica.runtime.flow import Pressure
 from trio_replica.runtime.link import Link
 from trio_replica.runtime.linkconfig import LinkConfig
 from trio_replica.runtime.stats import NodeStats
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import link_pair, wait_until
 

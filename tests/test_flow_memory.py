@@ -14,7 +14,6 @@ import trio
 import trio.testing
 from prometheus_client import generate_latest
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.events import Delivery, Lagged
 from trio_replica.core.hlc import Timestamp
 from trio_replica.core.ormap import Dot, Value
@@ -27,6 +26,7 @@ from trio_replica.runtime.config import NodeConfig, ReplicaConfig
 from trio_replica.runtime.linkconfig import LinkConfig
 from trio_replica.runtime.replica_api import Add
 from trio_replica.stores.maps import Put
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, overlay_ok, wait_until
 

@@ -15,8 +15,6 @@ from typing import Any
 
 import trio
 
-from transports.base import TransportClosed
-from transports.websocket import WebsocketTransport
 from trio_replica.core.events import Delivery
 from trio_replica.core.messages import Gossip, Message, MessageId, Peer, Role
 from trio_replica.core.wire import encode_frame, encode_payload
@@ -27,6 +25,8 @@ from trio_replica.runtime.link import Link
 from trio_replica.runtime.linkconfig import LinkConfig
 from trio_replica.runtime.replica_api import Add
 from trio_replica.runtime.stats import NodeStats
+from trio_replica.transports.base import TransportClosed
+from trio_replica.transports.websocket import WebsocketTransport
 
 from .harness import Cluster, overlay_ok, wait_until
 from .test_flow_memory import KeySet

@@ -8,7 +8,6 @@ import pytest
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.messages import (
     Credit,
     ForwardJoin,
@@ -26,6 +25,7 @@ from trio_replica.runtime.linkconfig import LinkConfig
 from trio_replica.runtime.stats import NodeStats
 from trio_replica.stores.maps import ValidationError
 from trio_replica.testing import crash_component
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, wait_until
 

@@ -20,8 +20,6 @@ import trio
 import trio.testing
 from hypothesis import given
 
-from transports.base import TransportClosed
-from transports.memory import MemoryNetwork
 from trio_replica.core.effects import Effect, SetTimer
 from trio_replica.core.messages import (
     Gossip,
@@ -49,6 +47,8 @@ from trio_replica.runtime.flow import FlowConfig
 from trio_replica.runtime.link import PING_TICK, Link
 from trio_replica.runtime.linkconfig import LinkConfig
 from trio_replica.runtime.stats import NodeStats
+from trio_replica.transports.base import TransportClosed
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import FAST_LINKS, Cluster, link_pair, wait_until
 from .test_wire import messages

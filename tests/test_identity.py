@@ -11,7 +11,6 @@ import trio
 import trio.testing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.messages import Peer, Role
 from trio_replica.errors import ConfigError, HandshakeError
 from trio_replica.localcluster import run_node
@@ -29,6 +28,7 @@ from trio_replica.runtime.identity import (
     parse_key,
     public_bytes,
 )
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, wait_until
 

@@ -13,10 +13,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "trio_replica"
 
 #: Rank of each room: a module may import from its own room or a lower one only.
-LAYERS = {
+LAYERS: dict[str, float] = {
     "errors": 0,
     "version": 0,
     "core": 1,
+    # Frames between two ends (websocket, memory network): below the runtime that drives
+    # them, above the wire format whose limits they share.
+    "transports": 1.5,
     "runtime": 2,
     "stores": 3,
     "sim": 3,
@@ -36,7 +39,15 @@ PROTOCOL_CORES = {"core/hyparview.py", "core/plumtree.py", "core/replication.py"
 MAX_LINES = 560
 
 
+def _files() -> list[Path]:
+    """The package's modules; `trio_replica/transports` is a link to the repository's
+    `transports/` (installed as `trio_replica.transports`), which `rglob` does not follow."""
+    return sorted([*PACKAGE.rglob("*.py"), *(PACKAGE / "transports").glob("*.py")])
+
+
 def _module(path: Path) -> str:
+    if path.parent == PACKAGE / "transports":
+        return f"trio_replica.transports.{path.stem}".removesuffix(".__init__")
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
     if parts[-1] == "__init__" and len(parts) > 1:
         parts.pop()
@@ -67,7 +78,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def _graph() -> dict[str, set[str]]:
-    files = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    files = {_module(p): p for p in _files()}
     return {
         name: {t for t in _imports(path) if t in files and t != name}
         for name, path in files.items()
@@ -118,6 +129,8 @@ def test_the_walk_sees_imports() -> None:
     graph = _graph()
     # Guards the test itself: a walker that saw nothing would pass everything.
     assert "trio_replica.core.plumtree" in graph["trio_replica.runtime.broadcast"]
+    assert "trio_replica.transports.base" in graph["trio_replica.runtime.link"]
+    assert "trio_replica.errors" in graph["trio_replica.transports.wsconn"]
     assert "trio_replica.node" in graph["trio_replica.cli"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -136,15 +149,33 @@ def test_imports_point_downwards() -> None:
 
 
 def test_every_room_has_a_layer() -> None:
-    rooms = {_room(_module(p)) for p in PACKAGE.rglob("*.py")}
+    rooms = {_room(_module(p)) for p in _files()}
     assert rooms <= set(LAYERS), f"modules outside the layers: {sorted(rooms - set(LAYERS))}"
 
 
 def test_modules_stay_small() -> None:
     long = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        name = str(path.relative_to(PACKAGE))
+    for path in _files():
+        name = _module(path).removeprefix("trio_replica.").replace(".", "/") + ".py"
         lines = len(path.read_text().splitlines())
         if lines > MAX_LINES and name not in PROTOCOL_CORES:
             long[name] = lines
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_transports_install_under_the_package() -> None:
+    """Issue 21: a generic top-level package named `transports` went into site-packages.
+    It stays at the top of the repository, reached through a link inside the package, and
+    only `trio_replica*` packages are installed."""
+    link = PACKAGE / "transports"
+    assert link.is_symlink() and link.resolve() == PACKAGE.parent / "transports"
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+    assert 'include = ["trio_replica*"]' in pyproject
+    # Nothing imports the top-level name any more (it is not installed).
+    for path in [*_files(), *(PACKAGE.parent / "tests").glob("*.py")]:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                assert node.module.split(".")[0] != "transports", f"{path}: {node.module}"
+            elif isinstance(node, ast.Import):
+                assert all(a.name.split(".")[0] != "transports" for a in node.names), path

@@ -16,10 +16,10 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transports.memory import MemoryNetwork
 from trio_replica.errors import NodeClosed
 from trio_replica.runtime.config import LeaderConfig
 from trio_replica.stores.leader import Elected, FencedResource, Revoked, StaleFence
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, overlay_ok, start_walled, wait_until, walled_cluster
 

@@ -7,12 +7,12 @@ from typing import Any
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica import testing
 from trio_replica.node import Node
 from trio_replica.runtime.config import NodeConfig, ReplicaConfig
 from trio_replica.stores.maps import Put, Removed, ReplicatedMap
 from trio_replica.testing import crash_component
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, overlay_ok, wait_until
 
@@ -126,7 +126,10 @@ async def _missed_delta(
     for other in others:
         net.set_link(nodes[victim].id, other, loss=1.0)
     await maps[0].put("missed", 1)
-    await trio.sleep(1.0)  # longer than the IHAVE batch window, shorter than the idle timeout
+    # Longer than any repair that could still reach it (an IHAVE batch window, timeout1,
+    # the graft, and the grafter's own IHAVE batch: 1.25 s with the 250 ms window), shorter
+    # than the idle timeout (the links must stay up).
+    await trio.sleep(2.5)
     for other in others:
         net.set_link(nodes[victim].id, other, loss=0.0)
 

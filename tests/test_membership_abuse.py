@@ -11,11 +11,11 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.messages import ForwardJoin, Join, Peer, Role, Shuffle
 from trio_replica.core.wire import encode_frame
 from trio_replica.node import Node
 from trio_replica.runtime.handshake import Credentials, handshake_as_dialer
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, overlay_ok, wait_until
 

@@ -10,10 +10,10 @@ import pytest
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.node import Node
 from trio_replica.runtime.config import NodeConfig, ReplicaConfig
 from trio_replica.stores.maps import ReplicatedMap
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, overlay_ok, virtual_wall, wait_until
 from .harness import start_walled as start

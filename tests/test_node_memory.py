@@ -8,11 +8,11 @@ import pytest
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.events import DownReason, PeerDown, PeerUp
 from trio_replica.node import open_node
 from trio_replica.runtime import seeding
 from trio_replica.runtime.config import NodeConfig
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, wait_until
 

@@ -9,11 +9,11 @@ import re
 import pytest
 import trio
 
-from transports.base import Refusals
 from trio_replica.core.events import DownReason, PeerDown
 from trio_replica.node import open_node
 from trio_replica.runtime.config import NodeConfig
 from trio_replica.runtime.control import ControlError, open_control
+from trio_replica.transports.base import Refusals
 
 from .harness import Cluster, overlay_ok, wait_until
 

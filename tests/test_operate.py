@@ -16,7 +16,6 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.cli import build_parser, node_config
 from trio_replica.errors import ConfigError
 from trio_replica.node import open_node
@@ -25,6 +24,7 @@ from trio_replica.ops.metrics import answer, metrics_registry
 from trio_replica.runtime.config import NodeConfig
 from trio_replica.runtime.control import ControlError, open_control
 from trio_replica.testing import crash_component
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, wait_until
 

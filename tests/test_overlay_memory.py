@@ -7,7 +7,7 @@ import random
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, full_views, overlay_ok, wait_until
 

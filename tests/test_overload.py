@@ -9,7 +9,6 @@ import pytest
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.effects import SetTimer
 from trio_replica.core.events import DownReason, PeerDown
 from trio_replica.core.hyparview import HyParViewConfig
@@ -20,6 +19,7 @@ from trio_replica.runtime.config import NodeConfig
 from trio_replica.runtime.dialing import DialBudget
 from trio_replica.runtime.health import HealthConfig, LoopHealth, loop_health
 from trio_replica.runtime.linkconfig import LinkConfig
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, link_pair, wait_until
 

@@ -8,11 +8,11 @@ import pytest
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.hyparview import HyParViewConfig
 from trio_replica.node import Node
 from trio_replica.runtime.config import NodeConfig, ReplicaConfig
 from trio_replica.stores.maps import ReplicatedMap
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, overlay_ok, wait_until
 from .test_maps_memory import converged

@@ -11,9 +11,9 @@ import pytest
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.runtime.config import RegistryConfig
 from trio_replica.stores.registry import Registered, Unregistered
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, wait_until, walled_cluster
 

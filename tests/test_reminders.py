@@ -15,10 +15,10 @@ import pytest
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.errors import NodeClosed
 from trio_replica.runtime.config import NodeConfig
 from trio_replica.stores.reminders import Fired
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, overlay_ok, start_walled, virtual_wall, wait_until, walled_cluster
 

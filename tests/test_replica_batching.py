@@ -16,7 +16,6 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from transports.memory import MemoryNetwork
 from trio_replica import testing
 from trio_replica.core.ormap_wire import from_wire
 from trio_replica.core.wire import PAYLOAD_MAX_DEPTH
@@ -26,6 +25,7 @@ from trio_replica.runtime.config import NodeConfig, ReplicaConfig
 from trio_replica.runtime.replica_api import Add
 from trio_replica.runtime.replica_writes import delta_bytes
 from trio_replica.stores.store import StoreError
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, overlay_ok, wait_until
 

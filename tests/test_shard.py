@@ -12,10 +12,10 @@ import pytest
 import trio
 import trio.testing
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.events import Event
 from trio_replica.runtime.config import ShardConfig
 from trio_replica.stores.shard import Acquired, Released, RingSizeMismatch
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, start_walled, virtual_wall, wait_until, walled_cluster
 

@@ -9,7 +9,6 @@ import trio
 import trio.testing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from transports.memory import MemoryNetwork
 from trio_replica.core.events import Delivery
 from trio_replica.core.messages import Gossip, MessageId, Peer, Role
 from trio_replica.core.ormap import Dot, Value
@@ -19,6 +18,7 @@ from trio_replica.runtime.config import NodeConfig
 from trio_replica.runtime.handshake import Credentials, handshake_as_dialer
 from trio_replica.runtime.identity import IdentityConfig, format_key, public_bytes, sign_gossip
 from trio_replica.runtime.replica_api import TAG_PREFIX
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, overlay_ok, wait_until
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from transports.memory import MemoryNetwork
 from trio_replica.node import Node
+from trio_replica.transports.memory import MemoryNetwork
 
 from .harness import Cluster, wait_until
 

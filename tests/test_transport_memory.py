@@ -16,7 +16,8 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transports import (
+from trio_replica.errors import MessageTooLarge
+from trio_replica.transports import (
     ConnectError,
     Connection,
     MemoryNetwork,
@@ -24,7 +25,6 @@ from transports import (
     Transport,
     TransportClosed,
 )
-from trio_replica.errors import MessageTooLarge
 
 TIMEOUT = 5.0
 

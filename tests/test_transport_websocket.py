@@ -18,7 +18,8 @@ import trio
 import trio_websocket
 import trustme
 
-from transports import (
+from trio_replica.errors import MessageTooLarge
+from trio_replica.transports import (
     ConnectError,
     Connection,
     Transport,
@@ -26,7 +27,6 @@ from transports import (
     WebsocketTransport,
     parse_websocket_address,
 )
-from trio_replica.errors import MessageTooLarge
 
 #: Deadline of every test body: generous, only there so that a bug fails instead of hanging.
 DEADLINE = 10.0

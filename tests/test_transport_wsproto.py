@@ -26,7 +26,12 @@ from wsproto.events import (
     Request,
 )
 
-from transports import Connection, TransportClosed, WebsocketTransport, parse_websocket_address
+from trio_replica.transports import (
+    Connection,
+    TransportClosed,
+    WebsocketTransport,
+    parse_websocket_address,
+)
 
 DEADLINE = 10.0
 DIAL = 5.0

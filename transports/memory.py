@@ -50,9 +50,8 @@ import attrs
 import trio
 from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint_if_cancelled
 
-from trio_replica.core.wire import DEFAULT_MAX_FRAME
-from trio_replica.errors import MessageTooLarge
-
+from ..core.wire import DEFAULT_MAX_FRAME
+from ..errors import MessageTooLarge
 from .base import ConnectError, Handler, TransportClosed, run_handler
 
 logger = logging.getLogger(__name__)

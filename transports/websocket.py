@@ -36,8 +36,7 @@ from typing import Any
 import attrs
 import trio
 
-from trio_replica.core.wire import DEFAULT_MAX_FRAME
-
+from ..core.wire import DEFAULT_MAX_FRAME
 from .base import ConnectError, Handler, Refusals, remote_host, run_handler
 from .wsconn import (
     ConnectionSettings,

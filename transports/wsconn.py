@@ -70,8 +70,7 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from trio_replica.errors import MessageTooLarge
-
+from ..errors import MessageTooLarge
 from .base import TransportClosed
 
 #: The transport's logger, as before the split: log settings that name it keep working.

@@ -13,10 +13,9 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 
 import trio
 
-from transports.base import Transport
-
 from .node import Node, open_node
 from .runtime.config import NodeConfig
+from .transports.base import Transport
 
 
 @contextlib.asynccontextmanager

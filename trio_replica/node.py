@@ -19,8 +19,6 @@ from typing import Any
 
 import trio
 
-from transports.base import Transport
-
 from .core.events import Delivery, Event
 from .core.hlc import HybridClock
 from .core.messages import ControlRequest, MessageId, Peer
@@ -45,11 +43,12 @@ from .stores.maps import DEFAULT_TOMBSTONE_TTL, ReplicatedMap
 from .stores.registry import Registry
 from .stores.reminders import Reminders
 from .stores.shard import Shard
+from .transports.base import Transport
 
 
 def default_transport(config: NodeConfig) -> Transport:
     """The websocket transport configured from `config` (imported lazily: tests may not need it)."""
-    from transports.websocket import WebsocketTransport
+    from .transports.websocket import WebsocketTransport
 
     return WebsocketTransport(
         server_ssl=config.server_ssl, client_ssl=config.client_ssl, max_frame=config.link.max_frame

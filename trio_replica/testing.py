@@ -31,11 +31,10 @@ from typing import Any
 import attrs
 import trio
 
-from transports.memory import MemoryNetwork
-
 from .localcluster import overlay_ok, run_node
 from .node import Node
 from .runtime.config import NodeConfig
+from .transports.memory import MemoryNetwork
 
 __all__ = ["Cluster", "cluster", "crash_component", "crash_replica", "wait_until"]
 

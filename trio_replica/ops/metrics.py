@@ -36,9 +36,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from transports.base import Refusals, remote_host
-
 from ..runtime.health import LAG_BUCKETS
+from ..transports.base import Refusals, remote_host
 from .status import NodeFace
 
 log = logging.getLogger("trio_replica.metrics")

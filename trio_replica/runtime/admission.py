@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import collections
 
-from transports.base import Refusals, remote_host
-
 from ..core.messages import Hello, Role
+from ..transports.base import Refusals, remote_host
 from .linkconfig import LinkConfig
 from .stats import NodeStats
 

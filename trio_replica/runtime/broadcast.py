@@ -29,14 +29,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import trio
 
-from transports.base import Refusals
-
 from ..core.effects import Effect, Emit, Send, SetTimer
 from ..core.events import Abandoned, Delivered, Delivery, PeerDown, PeerUp
 from ..core.messages import Gossip, Message, MessageId, Peer
 from ..core.plumtree import GraftTimer, Plumtree
 from ..core.wire import decode_payload
 from ..errors import WireError
+from ..transports.base import Refusals
 from .component import Component
 from .congestion import OriginationLimit, QueueingDelay, WritePacer
 from .feeds import Fanout, Feed

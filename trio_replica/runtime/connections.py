@@ -19,11 +19,10 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from transports.base import ConnectError, Connection, Transport
-
 from ..core.messages import Hello, Message, Peer, Role
 from ..core.wire import encode_message
 from ..errors import HandshakeError, LinkClosed
+from ..transports.base import ConnectError, Connection, Transport
 from .admission import Admission
 from .config import NodeConfig
 from .dialing import DialBudget

@@ -23,11 +23,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from transports.base import ConnectError, Transport
-
 from ..core.messages import ControlReply, ControlRequest, Message, Peer, Role
 from ..core.wire import decode_payload, encode_payload
 from ..errors import HandshakeError, LinkClosed, ReplicaError, WireError
+from ..transports.base import ConnectError, Transport
 from .handshake import Credentials, handshake_as_dialer
 from .link import Link
 from .linkconfig import LinkConfig
@@ -253,7 +252,7 @@ async def open_control(
     while the cluster secret is rotated).
     """
     if transport is None:
-        from transports.websocket import WebsocketTransport
+        from ..transports.websocket import WebsocketTransport
 
         transport = WebsocketTransport(client_ssl=client_ssl)
     me = Peer(f"client-{secrets.token_hex(4)}", "")

@@ -30,11 +30,10 @@ import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from transports.base import Connection, TransportClosed
-
 from ..core.messages import NONCE_BYTES, Hello, Message, Peer, Proof, Refuse, Role, Welcome
 from ..core.wire import PROTOCOL_VERSION, decode_frame, encode_message, frame_from_parts
 from ..errors import HandshakeError, WireError
+from ..transports.base import Connection, TransportClosed
 from .identity import Refused, TrustMode, TrustStore, format_key, public_bytes, verify
 
 #: Largest handshake frame; a hello is a few hundred bytes.

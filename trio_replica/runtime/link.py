@@ -38,11 +38,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from transports.base import Connection, TransportClosed
-
 from ..core.messages import Credit, Message, Peer, Ping, Pong
 from ..core.wire import decode_frame_sized, encode_message, frame_from_parts
 from ..errors import MessageTooLarge, WireError
+from ..transports.base import Connection, TransportClosed
 from .flow import Pressure
 from .linkconfig import LinkConfig
 from .outbox import LinkFailure, Outbox

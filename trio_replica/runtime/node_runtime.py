@@ -21,8 +21,6 @@ from typing import Any
 
 import trio
 
-from transports.base import Refusals, Transport
-
 from ..core.effects import Effect
 from ..core.events import Delivery, Event, PeerDown, PeerUp
 from ..core.hlc import HybridClock
@@ -33,6 +31,7 @@ from ..core.ormap_wire import signed_entry_bytes
 from ..core.plumtree import Plumtree
 from ..core.seeding import SeedPolicy
 from ..errors import ConfigError, MessageTooLarge, NodeClosed
+from ..transports.base import Refusals, Transport
 from .admission import Admission
 from .broadcast import Broadcast
 from .component import LOCAL, Component

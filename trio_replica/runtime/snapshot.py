@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from transports.base import Refusals, Transport
+from ..transports.base import Refusals, Transport
 
 if TYPE_CHECKING:
     from .broadcast import Broadcast

@@ -371,3 +371,27 @@ async def test_a_closed_inbox_returns_the_credit_of_what_it_drops() -> None:
     assert sorted(c for s, c in returned if s == "link") == [10, 20, 30]
     inbox.put_forced("link", "late", 5, credit=5)
     assert returned[-1] == ("link", 5) and len(inbox) == 0
+
+
+async def test_a_producer_waiting_for_the_total_bound_is_let_go_by_close() -> None:
+    returned: list[int] = []
+    inbox = FairInbox[str](
+        source_items=10,
+        source_bytes=100,
+        total_bytes=100,
+        on_taken=lambda source, credit: returned.append(credit),
+    )
+    inbox.put_forced("one", "a", 90, credit=90)
+    inbox.put_forced("two", "b", 5, credit=5)
+    done = trio.Event()
+
+    async def producer() -> None:
+        await inbox.put("two", "c", 50, credit=50)  # its own share has room; the total not
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(producer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+        inbox.close()
+    assert done.is_set() and sorted(returned) == [5, 50, 90]

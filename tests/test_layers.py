@@ -8,6 +8,7 @@ cycle dodged by a local import is still a cycle. ARCHITECTURE.md draws the layer
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "trio_replica"
@@ -42,13 +43,16 @@ MAX_LINES = 560
 def _files() -> list[Path]:
     """The package's modules; `trio_replica/transports` is a link to the repository's
     `transports/` (installed as `trio_replica.transports`), which `rglob` does not follow."""
-    return sorted([*PACKAGE.rglob("*.py"), *(PACKAGE / "transports").glob("*.py")])
+    return sorted([*PACKAGE.rglob("*.py"), *(PACKAGE / "transports").rglob("*.py")])
 
 
 def _module(path: Path) -> str:
-    if path.parent == PACKAGE / "transports":
-        return f"trio_replica.transports.{path.stem}".removesuffix(".__init__")
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    transports = PACKAGE / "transports"
+    if path.is_relative_to(transports):
+        inner = path.relative_to(transports).with_suffix("").parts
+        parts = ["trio_replica", "transports", *inner]
+    else:
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
     if parts[-1] == "__init__" and len(parts) > 1:
         parts.pop()
     return ".".join(parts)
@@ -169,11 +173,14 @@ def test_transports_install_under_the_package() -> None:
     only `trio_replica*` packages are installed."""
     link = PACKAGE / "transports"
     assert link.is_symlink() and link.resolve() == PACKAGE.parent / "transports"
-    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
-    assert 'include = ["trio_replica*"]' in pyproject
-    # Nothing imports the top-level name any more (it is not installed).
-    for path in [*_files(), *(PACKAGE.parent / "tests").glob("*.py")]:
-        tree = ast.parse(path.read_text(), str(path))
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["trio_replica*"]
+    # Nothing imports the top-level name any more (it is not installed), nor logs under it.
+    root = PACKAGE.parent
+    for path in [*_files(), *(root / "tests").glob("*.py"), *(root / "bench").glob("*.py")]:
+        text = path.read_text()
+        assert "getLogger(" + '"transports' not in text, path
+        tree = ast.parse(text, str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and not node.level and node.module:
                 assert node.module.split(".")[0] != "transports", f"{path}: {node.module}"

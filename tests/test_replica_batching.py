@@ -17,7 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_replica import testing
-from trio_replica.core.ormap_wire import from_wire
+from trio_replica.core.hlc import Timestamp
+from trio_replica.core.ormap import Dot, Value
+from trio_replica.core.ormap_wire import from_wire, to_wire
 from trio_replica.core.wire import PAYLOAD_MAX_DEPTH
 from trio_replica.errors import ConfigError, NodeClosed
 from trio_replica.node import Node
@@ -356,3 +358,46 @@ async def test_a_graceful_leave_sends_the_writes_still_waiting_for_their_batch(
             await wait_until(lambda: len(theirs) == 300)
         assert waiting > 0, "nothing was waiting: the test did not test the leave"
         assert mine.replica.stats.updates_unsent == 0
+
+
+class Holder(Recorder):
+    """An owner without a digest holding many entries (full-state sync, in chunks), and
+    slow to apply what arrives."""
+
+    async def full_sync_snapshot(self, name: str) -> list[Any] | None:
+        dot = Dot("a", Timestamp(1, 0))
+        return to_wire([(f"k{i:05d}", Value("v" * 40, dot)) for i in range(3000)])
+
+    async def apply_full_sync(self, name: str, snapshot: list[Any]) -> None:
+        await trio.sleep(0.05)
+        self.keys.update(key for key, _ in from_wire(snapshot))
+
+
+async def test_a_replica_closed_mid_sync_gives_back_the_credit_of_what_it_dropped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Sync chunks queued for a replica that closes are dropped: their link credit must
+    come back, or the holder runs out of credit on that link and sends nothing more on it
+    (a map reopened there waited for good)."""
+    config = ReplicaConfig(anti_entropy_interval=3600, inbox_size=2)
+    async with trio.open_nursery() as nursery:
+        a, b = await _pair(nursery, config)
+        await a.open_replica("r", Holder())
+        link = b.runtime.connections._links[a.id]
+        for _ in range(3):
+            slow = Holder()
+            replica = await b.open_replica("r", slow)
+            with trio.fail_after(10):
+                await wait_until(lambda r=replica: r.stats.chunks_received > 0, poll=0.001)
+            await replica.aclose()  # chunks still queued for it, and more on the way
+        await trio.sleep(5)
+        assert link._unprocessed == 0
+        # Every credit is the holder's again, or in the grant b batches up for it.
+        back = a.runtime.connections._links[b.id]
+        assert back._credit_messages + link._processed_messages == back.config.window_messages
+        # And the instance opens and syncs in full once more.
+        again = Holder()
+        await b.open_replica("r", again)
+        with trio.fail_after(60):
+            await wait_until(lambda: len(again.keys) == 3000)
+        nursery.cancel_scope.cancel()

@@ -73,10 +73,13 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from ..errors import MessageTooLarge
 from .base import TransportClosed
 
-#: The transport's logger, as before the split: log settings that name it keep working.
-logger = logging.getLogger("transports.websocket")
+#: The websocket transport's logger (websocket.py's): one name for the whole transport.
+logger = logging.getLogger("trio_replica.transports.websocket")
 
 Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+#: Bytes read and dropped at least, while waiting for the peer's close reply.
+_CLOSE_READ_MIN = 8 * 1024 * 1024
 
 #: Messages handed out from one read before `receive` yields to other tasks anyway: a read
 #: of small frames holds hundreds, and a peer's burst must not hold the event loop that long.
@@ -462,11 +465,12 @@ class WebsocketConnection:
                 await self._write(data)
         if not wait_reply or self._receiving or self._peer_done:
             return
-        # What the peer sends before its reply is read and dropped, up to a frame's worth:
-        # a peer that keeps sending without reading (a flood we are closing on) would
-        # otherwise be read for the whole disconnect timeout (2 s of a loopback flood was
-        # 800,000 messages read for nothing).
-        budget = self._max_frame
+        # What the peer sends before its reply is read and dropped, up to a bound: a peer
+        # that keeps sending without reading (a flood we are closing on) would otherwise
+        # be read for the whole disconnect timeout (2 s of a loopback flood was 800,000
+        # messages read for nothing). The bound leaves a healthy peer room for two full
+        # frames and what loopback socket buffers hold before its reply.
+        budget = max(2 * self._max_frame, _CLOSE_READ_MIN)
         while self._ws.state is ConnectionState.LOCAL_CLOSING and budget > 0:
             received = _bytes(await self._stream.receive_some(self._read_size))
             if not received:

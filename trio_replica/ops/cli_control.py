@@ -229,7 +229,8 @@ async def run_map_command(args: argparse.Namespace) -> int:
         else:
             async for event in client.stream("map.watch", [args.map, args.snapshot]):
                 if event[0] == "watching":
-                    print(f"watching map {event[1]} ({event[2]} keys)", file=sys.stderr, flush=True)
+                    keys = f"{event[2]} key{'' if event[2] == 1 else 's'}"
+                    print(f"watching map {event[1]} ({keys})", file=sys.stderr, flush=True)
                 elif event[0] == "snapshot":
                     for row in event[1]:
                         print(_show(["snapshot", *_row(row).values()]), flush=True)

@@ -24,6 +24,7 @@ from trio_replica.core.wire import PAYLOAD_MAX_DEPTH
 from trio_replica.errors import ConfigError, NodeClosed
 from trio_replica.node import Node
 from trio_replica.runtime.config import NodeConfig, ReplicaConfig
+from trio_replica.runtime.replica import Replica
 from trio_replica.runtime.replica_api import Add
 from trio_replica.runtime.replica_writes import delta_bytes
 from trio_replica.stores.store import StoreError
@@ -76,14 +77,24 @@ async def _pair(nursery: trio.Nursery, config: ReplicaConfig | None = None) -> t
     return a, b
 
 
+async def _writer_and_peer(
+    nursery: trio.Nursery, *, merge_delay: float = 0.0, config: ReplicaConfig | None = None
+) -> tuple[Replica, Recorder, Recorder]:
+    """Two nodes with the instance "r" on both: the writer's driver, and both owners (the
+    writer's merging its own writes in `merge_delay` seconds, as a disk would)."""
+    a, b = await _pair(nursery, config)
+    mine, theirs = Recorder(), Recorder()
+    mine.merge_delay = merge_delay
+    replica = await a.open_replica("r", mine)
+    await b.open_replica("r", theirs)
+    return replica, mine, theirs
+
+
 async def test_a_lone_write_is_merged_and_broadcast_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        a, b = await _pair(nursery)
-        mine, theirs = Recorder(), Recorder()
-        replica = await a.open_replica("r", mine)
-        await b.open_replica("r", theirs)
+        replica, mine, theirs = await _writer_and_peer(nursery)
         started = trio.current_time()
         await replica.broadcast_update(Add("k", 1))
         assert mine.local_groups == [["k"]]
@@ -99,12 +110,8 @@ async def test_concurrent_writes_share_merges_and_broadcasts(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        a, b = await _pair(nursery)
-        mine, theirs = Recorder(), Recorder()
         # Merging takes a while (a disk): the writes arriving meanwhile form the next group.
-        mine.merge_delay = 0.01
-        replica = await a.open_replica("r", mine)
-        await b.open_replica("r", theirs)
+        replica, mine, theirs = await _writer_and_peer(nursery, merge_delay=0.01)
         async with trio.open_nursery() as writers:
             for i in range(200):
                 writers.start_soon(replica.broadcast_update, Add(i, i))
@@ -123,11 +130,7 @@ async def test_a_batch_holds_at_most_batch_entries(
 ) -> None:
     config = ReplicaConfig(anti_entropy_interval=3600, batch_entries=3)
     async with trio.open_nursery() as nursery:
-        a, b = await _pair(nursery, config)
-        mine, theirs = Recorder(), Recorder()
-        mine.merge_delay = 0.01
-        replica = await a.open_replica("r", mine)
-        await b.open_replica("r", theirs)
+        replica, _mine, theirs = await _writer_and_peer(nursery, merge_delay=0.01, config=config)
         async with trio.open_nursery() as writers:
             for i in range(30):
                 writers.start_soon(replica.broadcast_update, Add(i, i))
@@ -142,11 +145,7 @@ async def test_a_failed_group_fails_each_of_its_writes_and_sends_nothing(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        a, b = await _pair(nursery)
-        mine, theirs = Recorder(), Recorder()
-        mine.merge_delay = 0.01
-        replica = await a.open_replica("r", mine)
-        await b.open_replica("r", theirs)
+        replica, mine, theirs = await _writer_and_peer(nursery, merge_delay=0.01)
         outcomes: dict[int, str] = {}
 
         async def write(i: int) -> None:
@@ -176,11 +175,7 @@ async def test_a_write_cancelled_while_it_waits_for_its_group_is_not_written(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        a, b = await _pair(nursery)
-        mine, theirs = Recorder(), Recorder()
-        mine.merge_delay = 0.05
-        replica = await a.open_replica("r", mine)
-        await b.open_replica("r", theirs)
+        replica, mine, theirs = await _writer_and_peer(nursery, merge_delay=0.05)
         async with trio.open_nursery() as writers:
             writers.start_soon(replica.broadcast_update, Add("first", 1))
             await trio.sleep(0.01)  # "first" is merging now
@@ -200,11 +195,7 @@ async def test_a_cancelled_merging_write_is_still_merged_and_sent(
     """Once its group merges, a write is certain to go out: cancelling its caller then
     cuts neither the merge nor the broadcast."""
     async with trio.open_nursery() as nursery:
-        a, b = await _pair(nursery)
-        mine, theirs = Recorder(), Recorder()
-        mine.merge_delay = 0.05
-        replica = await a.open_replica("r", mine)
-        await b.open_replica("r", theirs)
+        replica, mine, theirs = await _writer_and_peer(nursery, merge_delay=0.05)
         started = trio.current_time()
         with trio.move_on_after(0.01):
             await replica.broadcast_update(Add("k", 1))
@@ -260,11 +251,7 @@ async def test_a_group_merged_after_its_replica_closed_is_still_sent(
     """The merge is shielded: closing the replica while it runs must not strand the write
     (merged here, acknowledged, and no flusher left to send it)."""
     async with trio.open_nursery() as nursery:
-        a, b = await _pair(nursery)
-        mine, theirs = Recorder(), Recorder()
-        mine.merge_delay = 0.05
-        replica = await a.open_replica("r", mine)
-        await b.open_replica("r", theirs)
+        replica, mine, theirs = await _writer_and_peer(nursery, merge_delay=0.05)
         async with trio.open_nursery() as writers:
             writers.start_soon(replica.broadcast_update, Add("k", 1))
             await trio.sleep(0.01)  # merging now
@@ -306,11 +293,7 @@ async def test_writers_waiting_for_room_get_node_closed_when_the_replica_closes(
 async def test_a_batch_holds_at_most_batch_bytes(autojump_clock: trio.testing.MockClock) -> None:
     config = ReplicaConfig(anti_entropy_interval=3600, batch_bytes=4096)
     async with trio.open_nursery() as nursery:
-        a, b = await _pair(nursery, config)
-        mine, theirs = Recorder(), Recorder()
-        mine.merge_delay = 0.01
-        replica = await a.open_replica("r", mine)
-        await b.open_replica("r", theirs)
+        replica, mine, theirs = await _writer_and_peer(nursery, merge_delay=0.01, config=config)
         async with trio.open_nursery() as writers:
             for i in range(40):
                 writers.start_soon(replica.broadcast_update, Add(i, "v" * 1000))

@@ -33,28 +33,8 @@ from trio_replica.transports import (
     parse_websocket_address,
 )
 
-DEADLINE = 10.0
-DIAL = 5.0
-
-
-async def echo(conn: Connection) -> None:
-    while True:
-        try:
-            frame = await conn.receive()
-        except TransportClosed:
-            return
-        await conn.send(frame)
-
-
-@asynccontextmanager
-async def serving(
-    transport: WebsocketTransport, handler: Callable[[Connection], Awaitable[None]] = echo
-) -> AsyncIterator[str]:
-    with trio.fail_after(DEADLINE):
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(transport.serve, "ws://127.0.0.1:0", handler)
-            yield bound
-            nursery.cancel_scope.cancel()
+# The same deadlines and echo listener as the transport's own tests.
+from .test_transport_websocket import DEADLINE, DIAL, echo, serving
 
 
 class RawPeer:

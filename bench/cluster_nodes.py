@@ -94,6 +94,15 @@ class Counters:
                 self.tree[name] += value
 
 
+async def send_command(name: str, process: trio.Process, command: dict[str, Any]) -> None:
+    """One JSON command line to a child's stdin; `ChildFailed` if the child is gone."""
+    assert process.stdin is not None
+    try:
+        await process.stdin.send_all(json.dumps(command).encode() + b"\n")
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise ChildFailed(f"{name}: stdin closed ({exc})") from exc
+
+
 class Sink(Protocol):
     """Where a cluster reports broadcast start times and deliveries (`bench/cluster.Watch`)."""
 
@@ -287,11 +296,7 @@ class Child:
     address: str = ""
 
     async def send(self, command: dict[str, Any]) -> None:
-        assert self.process.stdin is not None
-        try:
-            await self.process.stdin.send_all(json.dumps(command).encode() + b"\n")
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ChildFailed(f"{self.name}: stdin closed ({exc})") from exc
+        await send_command(self.name, self.process, command)
 
     async def ask(self, command: dict[str, Any]) -> dict[str, Any]:
         async with self.lock:

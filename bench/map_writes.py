@@ -60,6 +60,7 @@ from cluster_nodes import (
     ChildFailed,
     peak_rss_kib,
     quiet_logs,
+    send_command,
     stop_children,
 )
 from common import json_lines, percentiles_ms, run_header, write_results
@@ -365,11 +366,7 @@ class Child:
     address: str = ""
 
     async def send(self, command: dict[str, Any]) -> None:
-        assert self.process.stdin is not None
-        try:
-            await self.process.stdin.send_all(json.dumps(command).encode() + b"\n")
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ChildFailed(f"{self.name}: stdin closed ({exc})") from exc
+        await send_command(self.name, self.process, command)
 
     async def ask(self, op: str, timeout: float, args: dict[str, Any]) -> dict[str, Any]:
         if self.ended:

@@ -144,8 +144,6 @@ class WebsocketTransport:
       (counted in `refusals`, logged once per period). Without them, idle TCP connections
       held file descriptors until the process could accept nothing (issue 17: 1,100 idle
       connections, EMFILE, every new session failed).
-    - `message_queue_size`: unused, accepted so that existing settings still load: there
-      is no queue between the socket and `receive` any more (wsconn.py).
     - `receive_buffer_size`: bytes read from the socket at a time.
     """
 
@@ -157,7 +155,6 @@ class WebsocketTransport:
     handshake_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     max_pending: int = attrs.field(default=512, validator=attrs.validators.gt(0))
     max_pending_per_host: int = attrs.field(default=64, validator=attrs.validators.gt(0))
-    message_queue_size: int = attrs.field(default=1, validator=attrs.validators.ge(0))
     #: Frames are up to a megabyte: reading 4 KiB at a time (trio-websocket's default) was
     #: slow, and one read may carry many small frames.
     receive_buffer_size: int = attrs.field(default=64 * 1024, validator=attrs.validators.gt(0))

@@ -264,11 +264,18 @@ class NodeRuntime:
             scope.shield = True
             # Writes merged here and waiting for their batch go before the goodbye: a put
             # just before a leave must reach the peers. The broadcast component queues them
-            # on the links before the Disconnects (bounded: it is our own inbox).
+            # on the links before the Disconnects: a marker posted behind them (one source
+            # keeps its order) says when it has.
             if sum(replica.writes.flush(final=True) for replica in self.replicas.values()):
+                queued = trio.Event()
+
+                def mark(now: float) -> list[Effect]:
+                    queued.set()
+                    return []
+
+                self.broadcaster.post_forced(mark, source=LOCAL)
                 with trio.move_on_after(self.config.link.close_timeout / 2):
-                    while self.broadcaster.queued(LOCAL):  # noqa: ASYNC110
-                        await trio.sleep(0.005)
+                    await queued.wait()
             self.membership.apply(self.membership.core.leave(trio.current_time()))
             self.closing = True
             # The Disconnects are queued on links now closing: wait until they are flushed.

@@ -438,6 +438,30 @@ def test_failed_neighbor_is_backed_off_then_forgotten_after_max_failures() -> No
     assert core.needs_join()
 
 
+def test_a_failed_active_peer_never_takes_the_place_of_a_passive_entry_that_may_be_alive() -> None:
+    # After a mass crash every detected failure used to evict a random passive entry, often
+    # one of the few live ones: a survivor could lose its last way back (issue 20).
+    core = make(passive_size=2)
+    link_up(core, A, B)
+    learn(core, C, D)
+    core.handle_link_down(A, 1.0)
+    assert ids(core.passive) == {"c", "d"}
+    assert core.stats.failures == 1
+    # It is still remembered as a lost contact, probed later (deviation 9).
+    assert "a" in core._lost
+
+
+def test_entries_that_failed_make_room_first() -> None:
+    core = make(passive_size=3)
+    link_up(core, A, B)
+    learn(core, C, D)
+    link_up(core, E)
+    core.handle_link_down(E, 1.0)  # E goes passive with its failure: there is room
+    assert ids(core.passive) == {"c", "d", "e"}
+    learn(core, N, now=2.0)  # a full view: the failed entry makes room, never C or D
+    assert ids(core.passive) == {"c", "d", "n"}
+
+
 def test_link_down_of_a_temporary_link_changes_nothing() -> None:
     core = make()
     link_up(core, A, B)

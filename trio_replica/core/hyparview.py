@@ -51,6 +51,11 @@ one node at a time) is narrower than ours:
 
 1. The contact answers a JOIN (the paper's contact adds the newcomer silently).
 2. A failed passive peer is backed off, not dropped at its first failure (SPEC section 4).
+   An active peer whose link failed goes to the passive view with that failure, but in a
+   full view it only replaces an entry that failed too, and entries that failed are the
+   first to make room for anyone: after a mass crash, each detected failure evicted a
+   random entry, often one of the few live ones left, and survivors whose last live
+   entry went that way stayed isolated for good (issue 20).
 3. A FORWARD_JOIN that cannot be forwarded (no active peer but the sender) ends here.
 4. A node with several free slots has several neighbor requests out at once (faster healing
    after mass failures); each request reserves its slot, so acceptances cannot overfill.
@@ -1191,9 +1196,19 @@ class HyParView:
             entry.retry_at = now + self.config.backoff_base
 
     def _add_passive(
-        self, peer: Peer, prefer_evict: Collection[str] = (), sources: tuple[str, ...] = ()
+        self,
+        peer: Peer,
+        prefer_evict: Collection[str] = (),
+        sources: tuple[str, ...] = (),
+        *,
+        failed: bool = False,
     ) -> _PassiveEntry | None:
-        """Put `peer` in the passive view (or return its entry); None if it cannot be there."""
+        """Put `peer` in the passive view (or return its entry); None if it cannot be there.
+
+        In a full view an entry that failed its last try makes room first, then one of
+        `prefer_evict`, then any. A `failed` peer (an active peer whose link just failed)
+        only takes the place of another failed entry: never of one that may be alive
+        (deviation 2)."""
         if peer.id == self.me.id or peer.id in self._active:
             return None
         entry = self._passive.get(peer.id)
@@ -1202,7 +1217,11 @@ class HyParView:
         if len(self._passive) >= self.config.passive_size:
             # Walk the view, not the set: a set's order changes with the hash seed, and the
             # same seed must give the same run.
-            victims = [pid for pid in self._passive if pid in prefer_evict]
+            victims = [pid for pid, e in self._passive.items() if e.failures]
+            if not victims:
+                if failed:
+                    return None
+                victims = [pid for pid in self._passive if pid in prefer_evict]
             if not victims:
                 victims = list(self._passive)
             del self._passive[self._rng.choice(victims)]
@@ -1216,7 +1235,7 @@ class HyParView:
         self.stats.failures += 1
         self._remember_lost(peer, now)
         out.append(Emit(PeerDown(peer, DownReason.FAILED)))
-        entry = self._add_passive(peer)
+        entry = self._add_passive(peer, failed=True)
         if entry is not None:
             self._record_failure(entry, now)
 

@@ -112,6 +112,8 @@ def test_config_defaults_are_the_papers() -> None:
         {"refill_backoff_max": 0},
         {"refusals_before_backoff": -1},
         {"shuffle_routes": -1},
+        {"join_eviction_interval": -1.0},
+        {"join_eviction_interval": float("inf")},
     ],
 )
 def test_config_rejects_invalid_values(bad: dict[str, object]) -> None:
@@ -190,6 +192,40 @@ def test_full_contact_evicts_a_random_member_with_disconnect() -> None:
 
 
 # --- FORWARD_JOIN (section 4.2) -------------------------------------------------------------------
+
+
+def test_a_contact_busy_with_joins_leaves_the_newcomer_to_the_walks() -> None:
+    # Deviation 13: one JOIN per interval may evict a member of a full view; the newcomers
+    # in between are placed by the walks only, so that concurrent joins through one
+    # contact do not link the newest newcomers among themselves.
+    core = make(active_size=2, join_eviction_interval=1.0)
+    link_up(core, A, B)
+    core.handle_message(N, Join(), 1.0)  # taken in, evicting A or B
+    assert core.is_active("n") and core.stats.joins_accepted == 1
+    (other,) = [p for p in core.active if p.id != "n"]
+    out = core.handle_message(C, Join(), 1.5)
+    assert out == [
+        Send(C, NeighborReply(accepted=False)),
+        CloseLink(C),
+        *(Send(p, ForwardJoin(C, 6)) for p in core.active),
+    ]
+    assert {p.id for p in core.active} == {"n", other.id}
+    assert core.stats.joins_walked == 1
+    core.handle_message(D, Join(), 2.0)  # the interval counts from the last eviction
+    assert core.is_active("d") and core.stats.joins_accepted == 2
+
+
+def test_a_contact_with_room_or_the_rule_off_takes_every_newcomer() -> None:
+    core = make(active_size=3)
+    link_up(core, A)
+    for now, newcomer in ((1.0, N), (1.1, C)):  # free slots: nobody is evicted
+        core.handle_message(newcomer, Join(), now)
+    assert ids(core.active) == {"a", "n", "c"}
+    off = make(active_size=1, join_eviction_interval=0.0)
+    for now, newcomer in ((1.0, N), (1.1, C), (1.2, D)):
+        off.handle_message(newcomer, Join(), now)
+        assert ids(off.active) == {newcomer.id}
+    assert off.stats.joins_walked == 0
 
 
 def test_forward_join_at_ttl_zero_adds_newcomer_and_sends_high_neighbor() -> None:

@@ -59,6 +59,7 @@ from trio_replica.sim.graph import (
     components,
     in_degree_distribution,
 )
+from trio_replica.sim.network import NetworkConfig
 from trio_replica.sim.overlay import DriverConfig, Simulator
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,22 +81,67 @@ PAPER = {
 # --- building blocks ------------------------------------------------------------------------------
 
 
+#: The two ways `build` forms the overlay (`--model`).
+MODELS = ("ours", "paper")
+#: One-way latency of every link in the paper's model: the papers' engine is cycle-based
+#: (unit delay), so every hop costs the same and the first copy to arrive took the fewest.
+PAPER_LATENCY = 0.01
+
+
 def build(
-    n: int, seed: int, *, join_spread: float | None = None, settle: float = 60.0
+    n: int,
+    seed: int,
+    *,
+    model: str = "ours",
+    join_spread: float | None = None,
+    settle: float = 60.0,
+    cycles: int = 50,
 ) -> Simulator:
-    """N nodes joining through one seed over `join_spread` seconds, then `settle` more."""
+    """N nodes joining through one contact, then a stabilisation period, then five Plumtree
+    broadcasts (the first floods: the tree forms, as in a running system).
+
+    `model` "ours": every node runs the runtime's seeding policy and joins at a random time
+    within `join_spread` seconds (default n / 50: 50 joins a second through the seed),
+    links have 5-50 ms latency drawn per pair, then `settle` seconds.
+    `model` "paper" (HyParView TR-07-13 section 5.1): nodes join one at a time, each after
+    the previous join's walks have ended, with no membership round until all have joined;
+    every link has the same latency; then `cycles` shuffle periods. No seeding policy: a
+    node joins once, as in the paper (which has no re-join path).
+    """
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, not {model!r}")
     config = HyParViewConfig()
+    paper = model == "paper"
+    network = (
+        NetworkConfig(latency_min=PAPER_LATENCY, latency_max=PAPER_LATENCY)
+        if paper
+        else NetworkConfig()
+    )
     sim = Simulator(
         seed,
+        network=network,
         hyparview=config,
-        driver=DriverConfig(rejoin="seeds"),
+        driver=DriverConfig(rejoin="off" if paper else "seeds"),
         stack_factory=broadcast_stack(config),
     )
-    spread = join_spread if join_spread is not None else max(2.0, n / 50)
     sim.add_node(SEED_NODE)
-    for i in range(n - 1):
-        sim.add_node(f"n{i}", [SEED_NODE], at=0.5 + sim.rng.uniform(0, spread))
-    sim.run(0.5 + spread + settle)
+    if paper:
+        # A join's messages: JOIN and its answer, the walks (arwl hops), the NEIGHBOR
+        # handshake at their ends; the next node starts after all of them.
+        gap = (config.arwl + 6) * PAPER_LATENCY
+        sim.hold_rounds(0.5 + n * gap)
+        sim.run(0.5)
+        for i in range(n - 1):
+            sim.add_node(f"n{i}")
+            sim.run_for(0.0)  # boot
+            sim.join(f"n{i}", SEED_NODE)
+            sim.run_for(gap)
+        sim.run(sim.rounds_from + cycles * config.shuffle_interval)
+    else:
+        spread = join_spread if join_spread is not None else max(2.0, n / 50)
+        for i in range(n - 1):
+            sim.add_node(f"n{i}", [SEED_NODE], at=0.5 + sim.rng.uniform(0, spread))
+        sim.run(0.5 + spread + settle)
     # A few Plumtree broadcasts build the tree (the first floods), as a running system has.
     alive = _alive_ids(sim)
     for _ in range(5):
@@ -351,6 +397,78 @@ def _layer_figures(metrics: list[BroadcastMetrics], warmup: int) -> dict[str, An
     }
 
 
+# --- iroh-gossip's scenario -----------------------------------------------------------------------
+
+#: iroh-gossip's `GossipMulti` scenario (its simulations/all.toml, src/bin/sim.rs): the
+#: seeds it runs, its latency range, its round timeout.
+IROH_SEEDS = (0, 1, 212312388123, 123)
+IROH_LATENCY = (0.010, 0.050)
+IROH_ROUND_TIMEOUT = 5.0
+
+
+def iroh_multi(seed: int, *, nodes: int = 1000, rounds: int = 30) -> dict[str, Any]:
+    """iroh-gossip's `GossipMulti` on our cores: every node joins one node at the same
+    instant, 10-50 ms latency per pair, 20 trips of the largest latency to settle, then
+    `rounds` rounds, each one Plumtree broadcast from a random node, run until every node
+    has it or 5 s pass. Per round: RMR, LDH, nodes missed, time to the last delivery."""
+    config = HyParViewConfig()
+    sim = Simulator(
+        seed,
+        network=NetworkConfig(latency_min=IROH_LATENCY[0], latency_max=IROH_LATENCY[1]),
+        hyparview=config,
+        driver=DriverConfig(rejoin="seeds"),
+        stack_factory=broadcast_stack(config),
+    )
+    sim.add_node("n0")
+    for i in range(1, nodes):
+        sim.add_node(f"n{i}", ["n0"])
+    sim.run(20 * IROH_LATENCY[1])
+    alive = _alive_ids(sim)
+    per_round = []
+    for _ in range(rounds):
+        record = sim.broadcasts[sim.broadcast(sim.rng.choice(alive), BROADCAST)]
+        deadline = sim.now + IROH_ROUND_TIMEOUT
+        while len(record.hops) < len(alive) and sim.now < deadline:
+            sim.run_for(0.01)
+        m = record.metrics()
+        complete = len(record.hops) >= len(alive)
+        per_round.append(
+            {
+                "rmr": m.rmr,
+                "ldh": m.ldh,
+                "missed": m.eligible - m.delivered,
+                "duration": (record.last_delivery_at - record.sent_at)
+                if complete
+                else IROH_ROUND_TIMEOUT,
+            }
+        )
+    return {
+        "seed": seed,
+        "nodes": nodes,
+        "rounds": per_round,
+        "mean": {key: statistics.fmean(r[key] for r in per_round) for key in per_round[0]},
+    }
+
+
+def iroh(nodes: int = 1000, rounds: int = 30) -> dict[str, Any]:
+    """`iroh_multi` over iroh-gossip's seeds, and the mean, min and max of their means."""
+    runs = [iroh_multi(seed, nodes=nodes, rounds=rounds) for seed in IROH_SEEDS]
+    keys = runs[0]["mean"].keys()
+    return {
+        "scenario": f"GossipMulti-n{nodes}-r{rounds}",
+        "latency": IROH_LATENCY,
+        "runs": runs,
+        "average": {
+            key: {
+                "mean": statistics.fmean(run["mean"][key] for run in runs),
+                "min": min(run["mean"][key] for run in runs),
+                "max": max(run["mean"][key] for run in runs),
+            }
+            for key in keys
+        },
+    }
+
+
 # --- figures --------------------------------------------------------------------------------------
 
 
@@ -488,12 +606,15 @@ def plot(result: dict[str, Any], prefix: Path) -> list[Path]:
 # --- command line ---------------------------------------------------------------------------------
 
 
-def run_all(n: int, seed: int, *, rates: Sequence[float] = FAILURE_RATES) -> dict[str, Any]:
+def run_all(
+    n: int, seed: int, *, model: str = "ours", rates: Sequence[float] = FAILURE_RATES
+) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    base = build(n, seed)
+    base = build(n, seed, model=model)
     timings["build"] = time.perf_counter() - started
-    result: dict[str, Any] = {"nodes": n, "seed": seed, "paper": PAPER}
+    print(f"build ({model}): {timings['build']:.1f} s", file=sys.stderr)
+    result: dict[str, Any] = {"nodes": n, "seed": seed, "model": model, "paper": PAPER}
     for name, phase in (
         ("overlay", lambda: overlay(base)),
         ("failures", lambda: failures(base, rates)),
@@ -513,18 +634,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default="ours",
+        help="how the overlay forms: 'ours' (concurrent joins through the seed, 5-50 ms"
+        " links, the runtime's seeding policy) or 'paper' (sequential joins, equal"
+        " latencies, 50 shuffle periods; the papers' setup)",
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=("papers", "iroh"),
+        default="papers",
+        help="'papers': the papers' experiments; 'iroh': iroh-gossip's GossipMulti"
+        " (its seeds; --seed is ignored)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    result = run_all(args.nodes, args.seed)
+    started = time.perf_counter()
+    if args.scenario == "iroh":
+        result = iroh(args.nodes)
+        result["wall_seconds"] = {"total": time.perf_counter() - started}
+        name = f"sim_iroh_{args.nodes}"
+    else:
+        result = run_all(args.nodes, args.seed, model=args.model)
+        name = f"sim_{args.nodes}" + ("_paper" if args.model == "paper" else "")
     result["command"] = " ".join(["bench/sim.py", *(argv if argv is not None else sys.argv[1:])])
     result["machine"] = {"python": platform.python_version(), "platform": platform.platform()}
     result["date"] = time.strftime("%Y-%m-%d")
     args.out.mkdir(parents=True, exist_ok=True)
-    prefix = args.out / f"sim_{args.nodes}"
+    prefix = args.out / name
     prefix.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {prefix.with_suffix('.json')}", file=sys.stderr)
-    if not args.no_plots:
+    if not args.no_plots and args.scenario == "papers":
         for path in plot(result, prefix):
             print(f"wrote {path}", file=sys.stderr)
 

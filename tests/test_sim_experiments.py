@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.sim import PAPER_DETECTION, build, failures, overlay, plot, plumtree
+from bench.sim import (
+    PAPER_DETECTION,
+    PAPER_LATENCY,
+    build,
+    failures,
+    iroh_multi,
+    overlay,
+    plot,
+    plumtree,
+)
 from trio_replica.sim.broadcast import BROADCAST, FLOOD
 from trio_replica.sim.overlay import Simulator
 
@@ -81,6 +90,36 @@ def test_plumtree_against_flooding_stable_and_under_churn(base: Simulator) -> No
     assert churn["plumtree"]["reliability"]["mean"] > 0.99
     assert churn["flood"]["reliability"]["mean"] > 0.99
     assert stable["plumtree"]["ldh"]["mean"] >= stable["flood"]["ldh"]["mean"]
+
+
+def test_the_papers_model_joins_one_node_at_a_time_then_runs_its_cycles() -> None:
+    sim = build(200, seed=7, model="paper", cycles=5)
+    # Every node joined before the first shuffle: the rounds were held until then.
+    assert sim.rounds_from == pytest.approx(0.5 + 200 * 12 * PAPER_LATENCY)
+    assert sim.now >= sim.rounds_from + 5 * sim.hyparview_config.shuffle_interval
+    assert all(node.policy is None for node in sim.nodes.values())  # no seeding policy
+    result = overlay(sim, broadcasts=4, path_sources=50)
+    assert result["components"] == 1
+    # Sequential joins leave a random-like graph: clustering about 4/200.
+    assert result["clustering_coefficient"] < 0.04
+    in_degree = {int(k): v for k, v in result["in_degree"].items()}
+    assert in_degree[5] >= 0.9 * 200
+    # Equal latencies: the first copy to arrive took the fewest hops, so flooding's last
+    # hop is the origin's eccentricity, no more than the graph's diameter.
+    assert result["ldh_flood"]["max"] <= 2 * result["average_shortest_path"] + 2
+    with pytest.raises(ValueError):
+        build(10, seed=1, model="cycles")
+
+
+def test_irohs_scenario_runs_rounds_to_completion() -> None:
+    result = iroh_multi(5, nodes=100, rounds=6)
+    rounds = result["rounds"]
+    assert len(rounds) == 6
+    # The first broadcast floods the eager links (the tree forms); later ones follow it.
+    assert rounds[0]["rmr"] > 1.0
+    assert rounds[-1]["rmr"] < 0.5
+    assert all(r["missed"] == 0 and 0 < r["duration"] < 5.0 for r in rounds[1:])
+    assert result["mean"]["ldh"] == sum(r["ldh"] for r in rounds) / 6
 
 
 def test_experiments_are_deterministic_per_seed() -> None:

@@ -196,6 +196,8 @@ class BroadcastRecord:
     #: Live nodes when it was sent (the reliability denominator, less later crashes).
     alive_at_send: frozenset[str]
     hops: dict[str, int] = attrs.field(factory=dict)
+    #: Virtual time of the latest first delivery (`sent_at` until one happens).
+    last_delivery_at: float = 0.0
     #: Payload messages (GOSSIP or flood copies, grafted resends included) received by
     #: live nodes: the paper's m.
     payloads: int = 0

@@ -32,7 +32,7 @@ import attrs
 
 from ..core.effects import CloseLink, Effect, Emit, Send, SetTimer
 from ..core.events import Delivered, Event
-from ..core.hyparview import HyParView, HyParViewConfig
+from ..core.hyparview import HyParView, HyParViewConfig, ShuffleTimer
 from ..core.messages import Gossip, Message, MessageId, Peer
 from ..core.seeding import Join, Reach, SeedingConfig, SeedPolicy
 from .broadcast import BROADCAST, BroadcastLayer, BroadcastRecord, FloodGossip
@@ -107,6 +107,9 @@ class Simulator(Network[SimNode]):
         self._seed_set: set[str] = set()
         #: Every broadcast started by `broadcast`, by id, in send order.
         self.broadcasts: dict[MessageId, BroadcastRecord] = {}
+        #: Membership rounds (shuffles) held until this virtual time: `hold_rounds`.
+        self.rounds_from = 0.0
+        self._rounds_rng = random.Random(f"{seed}/rounds")
         if self.network.idle_sweep_interval > 0:
             self._schedule(self.network.idle_sweep_interval, self._sweep_idle_links, ())
 
@@ -141,6 +144,20 @@ class Simulator(Network[SimNode]):
         node.stack = self._new_stack(node.peer, node.life)
         self._boot(node, node.life)
 
+    def join(self, node_id: str, contact: str) -> None:
+        """Live node `node_id` sends one JOIN to `contact` (no seeding policy: a node added
+        without seeds never joins by itself, and never re-joins)."""
+        node = self.nodes[node_id]
+        if not node.alive:
+            raise ValueError(f"node {node_id!r} is not running")
+        self._apply(node, MEMBERSHIP, node.hyparview.join(self.nodes[contact].peer, self.now))
+
+    def hold_rounds(self, until: float) -> None:
+        """No shuffle before virtual time `until`: a shuffle due earlier runs at a random
+        point of the first period after it. The papers' simulations join every node before
+        the first membership round; this is how the simulator runs that model."""
+        self.rounds_from = until
+
     def leave(self, node_id: str) -> None:
         """Graceful leave of one node (the core's `leave`), after which it stops."""
         node = self.nodes[node_id]
@@ -166,7 +183,7 @@ class Simulator(Network[SimNode]):
             raise TypeError(f"layer {layer!r} cannot broadcast")
         id = MessageId(origin, len(self.broadcasts) + 1, 0)
         alive = frozenset(n.id for n in self.nodes.values() if n.alive)
-        self.broadcasts[id] = BroadcastRecord(id, layer, self.now, alive)
+        self.broadcasts[id] = BroadcastRecord(id, layer, self.now, alive, last_delivery_at=self.now)
         self._apply(node, layer, target.broadcast(id, tag, payload, self.now))
         return id
 
@@ -279,8 +296,9 @@ class Simulator(Network[SimNode]):
                 case Emit(event=event):
                     if isinstance(event, Delivered):
                         record = self.broadcasts.get(event.id)
-                        if record is not None:
-                            record.hops.setdefault(node.id, event.hops)
+                        if record is not None and node.id not in record.hops:
+                            record.hops[node.id] = event.hops
+                            record.last_delivery_at = self.now
                     node.event_counts[type(event).__name__] += 1
                     if self.driver.record_events:
                         node.events.append(event)
@@ -289,6 +307,11 @@ class Simulator(Network[SimNode]):
                             self._apply(node, name, layer.handle_event(event, self.now))
 
     def _fire_timer(self, node: SimNode, life: int, layer_name: str, timer: Hashable) -> None:
+        if isinstance(timer, ShuffleTimer) and self.now < self.rounds_from:
+            period = self.hyparview_config.shuffle_interval
+            delay = self.rounds_from - self.now + self._rounds_rng.uniform(0, period)
+            self._schedule(delay, self._fire_timer, (node, life, layer_name, timer))
+            return
         if node.alive and life == node.life:
             layer = node.stack.layers[layer_name]
             self._apply(node, layer_name, layer.handle_timer(timer, self.now))

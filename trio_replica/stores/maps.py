@@ -410,6 +410,7 @@ class ReplicatedMap:
             limits=self.limits,
             authenticate=self._authenticate if self._signed else None,
             required=self._require,
+            own=not remote,
         )
         if self._signed:
             for key in result.applied_keys:
@@ -450,7 +451,8 @@ class ReplicatedMap:
         for key, entry in entries:
             self._map.merge_entry(key, entry)
         if entries:
-            # Our own past writes: the clock must stay ahead of them.
+            # Ours, however far ahead of a wall clock stepped back since: the clock moves
+            # past them without the skew bound, so the next writes here supersede them.
             self._map.absorb_clock(self.node.clock)
         return len(entries)
 

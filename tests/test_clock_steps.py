@@ -1,0 +1,67 @@
+"""Issue 22: the wall clock steps (an NTP correction, a VM resumed) and the node copes.
+
+A node trusts its own store for its clock: reopened after a step back, it absorbs the
+newest timestamp it wrote, whatever the skew bound says (the bound is for peers), and its
+next writes still win over its old ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from trio_replica.core.hlc import Timestamp
+from trio_replica.node import Node
+from trio_replica.transports.memory import MemoryNetwork
+
+from .harness import Cluster, virtual_wall
+
+MINUTE = 60_000
+
+
+def set_wall(node: Node, ahead_ms: int) -> None:
+    """`node`'s wall clock `ahead_ms` ahead of the virtual wall (behind if negative)."""
+    node.clock.physical = lambda: virtual_wall() + ahead_ms
+
+
+def newest(node: Node, name: str) -> Timestamp:
+    entries = node.maps()[name]._map.entries()
+    return max(entry.dot.ts for _, entry in entries)
+
+
+@pytest.mark.parametrize("ahead", [2 * MINUTE, 120 * MINUTE], ids=["2min", "2h"])
+async def test_a_store_written_ahead_of_the_clock_reopens_and_later_writes_win(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, ahead: int
+) -> None:
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, MemoryNetwork(seed=22))
+        a = await c.start("a", data_dir=tmp_path)
+        set_wall(a, ahead)  # the wall clock runs ahead while these are written
+        m = await a.open_map("m", persist=True)
+        for i in range(5):
+            await m.put(f"k{i}", i)
+        await m.delete("k4")
+        written = newest(a, "m")
+        assert written.wall >= virtual_wall() + ahead - 1_000
+
+        a = await c.restart("a")
+        set_wall(a, 0)  # corrected: the clock stepped back by `ahead`
+        m = await a.open_map("m", persist=True)
+        assert sorted(m.items()) == [(f"k{i}", i) for i in range(4)]
+        assert "k4" not in m and m.tombstones == 1
+        assert a.clock.last > written and a.clock.rejected == 0
+
+        await m.put("k0", "new")
+        await m.put("k4", "back")
+        for key in ("k0", "k4"):
+            entry = m.entry(key)
+            assert entry is not None and entry.dot.ts > written
+        assert m.get("k0") == "new" and m.get("k4") == "back"
+
+        a = await c.restart("a")
+        m = await a.open_map("m", persist=True)  # and again, with the new writes
+        assert m.get("k0") == "new" and m.get("k4") == "back"
+        nursery.cancel_scope.cancel()

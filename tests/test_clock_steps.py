@@ -17,7 +17,7 @@ from trio_replica.core.hlc import Timestamp
 from trio_replica.node import Node
 from trio_replica.transports.memory import MemoryNetwork
 
-from .harness import Cluster, virtual_wall
+from .harness import Cluster, overlay_ok, virtual_wall, wait_until
 
 MINUTE = 60_000
 
@@ -64,4 +64,30 @@ async def test_a_store_written_ahead_of_the_clock_reopens_and_later_writes_win(
         a = await c.restart("a")
         m = await a.open_map("m", persist=True)  # and again, with the new writes
         assert m.get("k0") == "new" and m.get("k4") == "back"
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_skew_bound_is_the_nodes_setting_and_applies_to_peers(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A writer whose wall clock runs 2 minutes ahead: a peer with the default bound
+    (60 s) refuses its writes, one configured for 3 minutes takes them."""
+    async with trio.open_nursery() as nursery:
+        c = Cluster(nursery, MemoryNetwork(seed=23))
+        a = await c.start("a")
+        strict = await c.start("strict", [a.address])
+        lenient = await c.start("lenient", [a.address], max_clock_offset=180.0)
+        assert strict.clock.max_offset_ms == 60_000 and lenient.clock.max_offset_ms == 180_000
+        for node in (a, strict, lenient):
+            set_wall(node, 0)
+        set_wall(a, 2 * MINUTE)
+        on_a = await a.open_map("m")
+        on_strict, on_lenient = await strict.open_map("m"), await lenient.open_map("m")
+        with trio.fail_after(30):
+            await wait_until(lambda: overlay_ok(c.live(), min_active=2))
+        await on_a.put("k", "ahead")
+        with trio.fail_after(30):
+            await wait_until(lambda: on_lenient.get("k") == "ahead")
+            await wait_until(lambda: on_strict.stats.rejected["skew"] > 0)
+        assert "k" not in on_strict and lenient.clock.rejected == 0
         nursery.cancel_scope.cancel()

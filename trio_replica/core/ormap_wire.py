@@ -95,6 +95,8 @@ class IngestResult:
     applied_keys: tuple[Key, ...] = ()
     #: The writer's signature each applied entry carried (empty: none).
     signatures: dict[Key, bytes] = attrs.field(factory=dict)
+    #: The entry each applied key held before (None: absent), to undo a local write.
+    replaced: dict[Key, Entry | None] = attrs.field(factory=dict)
 
 
 class _Rejected(Exception):
@@ -394,7 +396,12 @@ def ingest(
             won[key] = signature
     changed = tuple(k for k, old in before.items() if visible_change(old, local.entry(k)))
     return IngestResult(
-        changed, applied, tuple(rejected), tuple(before), {k: s for k, s in won.items() if s}
+        changed,
+        applied,
+        tuple(rejected),
+        tuple(before),
+        {k: s for k, s in won.items() if s},
+        before,
     )
 
 

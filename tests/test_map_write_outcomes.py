@@ -242,3 +242,84 @@ async def test_a_group_of_local_writes_is_stored_in_one_transaction(
             assert outcomes == ["failed"] * 600
             assert [m.get(i) for i in range(599)] == list(range(599)) and "bad" not in m
             nursery.cancel_scope.cancel()
+
+
+# --- cancelled writes ---------------------------------------------------------------------
+
+
+async def test_a_put_cancelled_while_waiting_for_its_group_is_not_written(
+    tmp_path: Path, disk: Disk
+) -> None:
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            c, on_a, on_b = await _pair(nursery, tmp_path, b_ahead_ms=0, signed=False)
+            disk.holds = lambda key, entry: key == "first"
+            outcome: list[str] = []
+
+            async def cancellable() -> None:
+                with trio.CancelScope() as scope:
+                    scopes.append(scope)
+                    await on_a.put("gone", 1)
+                    outcome.append("returned")
+                if scope.cancelled_caught:
+                    outcome.append("cancelled")
+
+            scopes: list[trio.CancelScope] = []
+            async with trio.open_nursery() as writers:
+                writers.start_soon(on_a.put, "first", 1)
+                await disk.holding.wait()  # "first" is being stored
+                writers.start_soon(cancellable)
+                await trio.testing.wait_all_tasks_blocked()  # "gone" waits for its group
+                scopes[0].cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                disk.resume.set()
+            assert outcome == ["cancelled"] and "gone" not in on_a and on_a.get("first") == 1
+            await on_a.put("after", 1)  # sent after anything queued before it
+            with trio.fail_after(10):
+                await wait_until(lambda: on_b.get("after") == 1)
+            assert "gone" not in on_b and on_b.get("first") == 1
+            assert not any("gone" in keys for keys in disk.writes)
+            reopened = await _reopened(c)
+            assert "gone" not in reopened and reopened.get("after") == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_put_cancelled_while_its_group_is_stored_is_durable_and_sent(
+    tmp_path: Path, disk: Disk
+) -> None:
+    """Once its group merges, the write completes (its store write shielded) and is
+    queued for broadcast in the same step: its caller may see `Cancelled`, but the write
+    stands, here, on disk and at the peer (broadcast: anti-entropy is an hour away)."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            c, on_a, on_b = await _pair(nursery, tmp_path, b_ahead_ms=0, signed=False)
+            disk.holds = lambda key, entry: key == "first"
+            scopes: list[trio.CancelScope] = []
+
+            async def cancellable() -> None:
+                with trio.CancelScope() as scope:
+                    scopes.append(scope)
+                    await on_a.put("c", 1)
+
+            async with trio.open_nursery() as writers:
+                writers.start_soon(on_a.put, "first", 1)
+                await disk.holding.wait()
+                writers.start_soon(on_a.put, "x", 1)
+                writers.start_soon(cancellable)
+                await trio.testing.wait_all_tasks_blocked()  # "x" and "c": the next group
+                first_done = disk.resume
+                disk.holds = lambda key, entry: key == "x"
+                disk.holding, disk.resume = trio.Event(), trio.Event()
+                first_done.set()
+                await disk.holding.wait()  # the group of "x" and "c" is being stored
+                assert ["x", "c"] in disk.writes or ["c", "x"] in disk.writes
+                scopes[0].cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                disk.resume.set()
+            assert on_a.get("c") == 1
+            with trio.fail_after(10):
+                await wait_until(lambda: on_b.get("c") == 1 and on_b.get("x") == 1)
+            assert on_a.replica.stats.updates_sent == 3
+            reopened = await _reopened(c)
+            assert reopened.get("c") == 1 and reopened.get("x") == 1
+            nursery.cancel_scope.cancel()

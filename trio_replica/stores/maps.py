@@ -9,9 +9,17 @@ of its syncs with peers (sync mark, recovery of lost writes, out-of-touch check)
 `trio_replica.stores.map_sync`.
 
 Reads (`get`, `keys`, `items`, `len`, `in`) are local and never wait for the network.
-Writes (`put`, `delete`) apply locally (and durably), then broadcast; they return once the
-broadcast is handed to the broadcast component. Conflicts resolve by the greatest dot:
-HLC first, then node id; a delete beats a value only if strictly newer.
+Writes (`put`, `delete`) go through the replica's writer (`runtime.replica_writes`: one dot
+each, merged here in groups, then broadcast in batches); they return once applied, durable
+and queued for broadcast. Conflicts resolve by the greatest dot: HLC first, then node id;
+a delete beats a value only if strictly newer.
+
+A write's outcome (README "What an acknowledgement means"): returned, it is applied,
+durable and queued; `StoreError`, it is neither applied (`_undo` takes back its entries,
+and only them) nor sent; cancelled while it waits for room or for its group, it is not
+written; once its group merges it completes whatever its caller's cancellation does, and
+is queued for broadcast in the same step. The merge of a group has one wait, the store's,
+shielded: neither a cancellation nor the driver's `callback_timeout` cuts it half way.
 """
 
 from __future__ import annotations
@@ -210,7 +218,10 @@ class ReplicatedMap:
 
         Raises `ValidationError` if the validator refuses (or re-raises what it raised),
         `TypeError` for a key or value that is not plain data, `MessageTooLarge` beyond the
-        limits, `NodeClosed` after the map or node closed.
+        limits, `NodeClosed` after the map or node closed, `StoreError` if the store
+        refused it (nothing applied, nothing sent). Waits while the outgoing batch is full
+        and for the group ahead; cancelled then, nothing is written; cancelled later, the
+        write stands and is sent (module docstring).
         """
         check_local_entry(key, value, self.limits)
         if self._validator is not None:

@@ -227,6 +227,63 @@ def test_far_future_remote_is_rejected_counted_and_leaves_the_clock_alone() -> N
     assert clock.rejected == 2
 
 
+def test_resume_absorbs_the_nodes_own_data_beyond_the_skew_bound() -> None:
+    # A store written while the wall clock was two hours ahead, read back after a step
+    # back: the node's own data, not a peer's, so the bound does not apply.
+    clock, physical = make_clock(1_000, offset=500)
+    stored = Timestamp(1_000 + 7_200_000, 7)
+    assert clock.resume(stored) == Timestamp(stored.wall, 8)
+    assert clock.rejected == 0
+    assert clock.now() == Timestamp(stored.wall, 9)  # held until physical time catches up
+    # Peers still face the bound, measured from the physical clock.
+    with pytest.raises(ClockSkewError):
+        clock.update(Timestamp(1_501, 0))
+    assert clock.rejected == 1 and clock.last == Timestamp(stored.wall, 9)
+    physical.ms = stored.wall + 1
+    assert clock.now() == Timestamp(stored.wall + 1, 0)
+    with pytest.raises(TypeError):
+        clock.resume((1, 2))  # type: ignore[arg-type]
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["now", "update", "resume"]),
+            st.integers(-10_000_000, 10_000_000),
+            st.integers(-10_000_000, 10_000_000),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_the_clock_never_goes_back_whatever_the_physical_clock_does(
+    steps: list[tuple[str, int, int]],
+) -> None:
+    """The physical clock jumps back and forth by hours; local events, peers' timestamps
+    (within the bound or not) and the node's own stored timestamps never move it back."""
+    base = 10**12
+    clock, physical = make_clock(base, offset=60_000)
+    previous = clock.last
+    for kind, jump, distance in steps:
+        physical.ms = base + jump
+        other = Timestamp(physical.ms + distance, 0)
+        if kind == "now":
+            ts = clock.now()
+        elif kind == "resume":
+            ts = clock.resume(other)
+            assert ts > other
+        else:
+            try:
+                ts = clock.update(other)
+            except ClockSkewError:
+                assert distance > 60_000 and clock.last == previous
+                continue
+            assert ts > other
+        assert ts > previous and ts.wall >= physical.ms
+        previous = ts
+
+
 def test_check_and_update_can_share_one_physical_reading() -> None:
     clock, physical = make_clock(1_000, offset=0)
     remote = Timestamp(1_000, 3)

@@ -114,6 +114,26 @@ def test_set_beats_the_file_also_for_join_and_own_settings_are_checked(tmp_path:
         parsed()
 
 
+def test_the_clock_skew_bound_comes_from_the_file_set_or_its_flag(tmp_path: Path) -> None:
+    config_file = tmp_path / "node.toml"
+    config_file.write_text("max_clock_offset = 300\n")
+
+    def parsed(*extra: str) -> NodeConfig:
+        args = build_parser().parse_args(["node", "--config", str(config_file), *extra])
+        return node_config(args)[0]
+
+    assert NodeConfig().max_clock_offset == 60.0
+    assert parsed().max_clock_offset == 300.0
+    assert parsed("--set", "max_clock_offset=5").max_clock_offset == 5.0
+    flag_wins = parsed("--set", "max_clock_offset=5", "--max-clock-offset", "0.5")
+    assert flag_wins.max_clock_offset == 0.5
+    for bad in ("-1", "nan"):
+        with pytest.raises(ConfigError, match="max_clock_offset"):
+            parsed("--max-clock-offset", bad)
+    with pytest.raises(ConfigError, match="max_clock_offset"):
+        parsed("--set", "max_clock_offset=soon")
+
+
 # --- readiness and health ---------------------------------------------------------------------
 
 

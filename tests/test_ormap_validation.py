@@ -274,6 +274,22 @@ def test_only_accepted_entries_move_the_clock() -> None:
     assert clock.last == Timestamp(NOW + 100, 1)
 
 
+def test_own_entries_skip_the_skew_bound_and_leave_the_clock_alone() -> None:
+    # The clock resumed from a store written two hours ahead (its wall clock stepped back
+    # since): its own writes apply here, and a peer with the same physical time refuses them.
+    clock = clock_at()
+    clock.resume(Timestamp(NOW + 7_200_000, 0))
+    ts = clock.now()
+    raw = [["k", 1, "me", ts.wall, ts.logical, "v"]]
+    mine = ORMap()
+    result = ingest(mine, raw, clock, own=True)
+    assert result.applied_keys == ("k",) and not result.rejected
+    assert mine.get("k") == "v" and clock.last == ts and clock.rejected == 0
+    peer = clock_at()
+    refused = ingest(ORMap(), raw, peer)
+    assert [r.reason for r in refused.rejected] == ["skew"] and peer.rejected == 1
+
+
 def test_an_exhausted_clock_refuses_everything_and_changes_nothing() -> None:
     clock = HybridClock(lambda: MAX_WALL, max_offset_ms=0)
     clock.last = Timestamp(MAX_WALL, MAX_LOGICAL)

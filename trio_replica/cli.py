@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long the hosted maps remember deletes (default: 7 days)",
     )
     p.add_argument(
+        "--max-clock-offset",
+        type=float,
+        metavar="SECONDS",
+        help="refuse peers' timestamps further ahead of this node's clock (default: 60)",
+    )
+    p.add_argument(
         "--metrics",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics, and /readyz, /healthz",
@@ -312,6 +318,7 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, dict[str, Any]]:
         "seeds": args.join or None,
         "cluster": args.cluster,
         "data_dir": args.data_dir,
+        "max_clock_offset": args.max_clock_offset,
     }
     settings.update({k: v for k, v in flags.items() if v is not None})
 

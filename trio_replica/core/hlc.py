@@ -17,7 +17,9 @@ What this clock adds to the paper and to barrel_p2p (SPEC section 6):
 * **Skew bound.** A remote timestamp whose wall is more than `max_offset_ms` ahead of the
   local physical clock is refused with `ClockSkewError` and counted in `rejected`; the clock
   does not move. Without this one peer with a broken clock (or a forged entry) drags every
-  clock in the cluster into the future, permanently: an HLC never comes back.
+  clock in the cluster into the future, permanently: an HLC never comes back. The node's
+  own data is not a peer's: `resume` absorbs it whatever its distance (a wall clock stepped
+  back after a write must not lock a node out of its own store).
 * **Range.** Both fields are plain non-negative integers (``bool`` is refused) with
   `wall <= MAX_WALL` (2**48 - 1 ms, the year 10889) and `logical <= MAX_LOGICAL` (2**32 - 1).
   The packed form ``wall << 32 | logical`` is therefore below 2**80 (`MAX_STAMP`), and the
@@ -219,6 +221,23 @@ class HybridClock:
             raise TypeError(f"expected a Timestamp, got {type(remote).__name__}")
         pt = self.read_physical() if physical is None else physical
         self.check(remote, physical=pt)
+        return self._absorb(remote, pt)
+
+    def resume(self, own: Timestamp) -> Timestamp:
+        """Absorb a timestamp of this node's own data (its store, read back on open).
+
+        The same rule as `update`, without the skew bound: the bound guards against what
+        peers send, and this timestamp is the node's own. A node whose wall clock was
+        stepped back (an NTP correction) after it wrote must still open what it wrote, and
+        its next writes must still supersede those entries; so the clock moves past them,
+        however far ahead of the physical clock they are, and stays there until physical
+        time catches up (as an HLC does). Raises `ClockExhausted` at `MAX_WALL`.
+        """
+        if type(own) is not Timestamp:
+            raise TypeError(f"expected a Timestamp, got {type(own).__name__}")
+        return self._absorb(own, self.read_physical())
+
+    def _absorb(self, remote: Timestamp, pt: int) -> Timestamp:
         last = self.last
         wall = max(last.wall, remote.wall, pt)
         if wall == last.wall == remote.wall:

@@ -391,15 +391,15 @@ class ORMap:
         return len(expired)
 
     def absorb_clock(self, clock: HybridClock) -> None:
-        """Move `clock` past the greatest HLC held here, e.g. after loading from disk, so
-        that the next local write supersedes every stored entry.
+        """Move `clock` past the greatest HLC held here, after loading from disk, so that
+        the next local write supersedes every stored entry.
 
-        Raises `ClockSkewError` (clock unmoved) if that HLC is beyond the clock's skew
-        bound: the local physical clock went back further than the bound allows.
+        Without the skew bound (`HybridClock.resume`): what the node's store holds is its
+        own, even when its wall clock has since been stepped back further than the bound.
         """
         if self._count:
             wall, logical = max((e[0], e[1]) for _, e in self._stored())
-            clock.update(Timestamp(wall, logical))
+            clock.resume(Timestamp(wall, logical))
 
     # --- reads ----------------------------------------------------------------------------
 

@@ -95,6 +95,8 @@ class IngestResult:
     applied_keys: tuple[Key, ...] = ()
     #: The writer's signature each applied entry carried (empty: none).
     signatures: dict[Key, bytes] = attrs.field(factory=dict)
+    #: The entry each applied key held before (None: absent), to undo a local write.
+    replaced: dict[Key, Entry | None] = attrs.field(factory=dict)
 
 
 class _Rejected(Exception):
@@ -317,6 +319,7 @@ def ingest(
     limits: Limits = DEFAULT_LIMITS,
     authenticate: Callable[[Key, Entry, bytes], bool] | None = None,
     required: bool = True,
+    own: bool = False,
 ) -> IngestResult:
     """Validate a delta or snapshot from a peer and merge what passes into `local`, in place.
 
@@ -337,6 +340,10 @@ def ingest(
     require must not pass on signatures it could not check). Entries that cannot replace
     the stored one are not checked: a digest range that differs re-sends entries already
     held, and each check costs tens of microseconds.
+
+    `own`: the entries are this node's writes, their dots minted by `clock` itself; the
+    skew bound is for peers, and the clock is past them already. (A clock ahead of its
+    physical clock by more than the bound, after a step back, still writes here.)
     """
     raw_entries = _check_delta(incoming, limits)
     physical = clock.read_physical()
@@ -355,7 +362,8 @@ def ingest(
                         raise _Rejected("signature", f"entry of {entry.dot.node} with {what}", key)
                     signature = b""
             try:
-                clock.check(entry.dot.ts, physical=physical)
+                if not own:
+                    clock.check(entry.dot.ts, physical=physical)
             except ClockSkewError as exc:
                 raise _Rejected("skew", str(exc), key) from None
             if validator is not None and isinstance(entry, Value):
@@ -369,7 +377,8 @@ def ingest(
 
     try:
         # Same physical reading as the checks above, so the skew check cannot fail here.
-        clock.update(max(entry.dot.ts for _, _, entry, _ in accepted), physical=physical)
+        if not own:
+            clock.update(max(entry.dot.ts for _, _, entry, _ in accepted), physical=physical)
     except ClockExhausted as exc:
         # Only when the local clock is at the end of its range: nothing can be absorbed.
         rejected.extend(Rejection(i, k, "clock", str(exc)) for i, k, _, _ in accepted)
@@ -387,7 +396,12 @@ def ingest(
             won[key] = signature
     changed = tuple(k for k, old in before.items() if visible_change(old, local.entry(k)))
     return IngestResult(
-        changed, applied, tuple(rejected), tuple(before), {k: s for k, s in won.items() if s}
+        changed,
+        applied,
+        tuple(rejected),
+        tuple(before),
+        {k: s for k, s in won.items() if s},
+        before,
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import attrs
 
+from ..core.hlc import DEFAULT_MAX_OFFSET_MS, MAX_WALL
 from ..core.hyparview import HyParViewConfig
 from ..core.messages import MAX_CLUSTER, MAX_NODE_ID, valid_node_id
 from ..core.plumtree import PlumtreeConfig
@@ -283,6 +284,10 @@ class NodeConfig:
     data_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     #: Largest application payload accepted for a broadcast or a replicated value, in bytes.
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    #: The clock's skew bound, in seconds: a peer's timestamp further ahead of this node's
+    #: wall clock is refused (and offered again by anti-entropy once it is within the
+    #: bound). The node's own stored data is not held to it (`HybridClock.resume`).
+    max_clock_offset: float = DEFAULT_MAX_OFFSET_MS / 1000
     #: Seed retry backoff while isolated: first delay and cap, in seconds.
     seed_retry_min: float = 0.5
     seed_retry_max: float = 10.0
@@ -322,6 +327,8 @@ class NodeConfig:
             raise ConfigError(
                 "max_payload must be positive and leave 4 KiB of room in link.max_frame"
             )
+        if not 0 <= self.max_clock_offset <= MAX_WALL / 1000:
+            raise ConfigError("max_clock_offset must be a number of seconds, 0 or more")
         if not 0 < self.seed_retry_min <= self.seed_retry_max:
             raise ConfigError("need 0 < seed_retry_min <= seed_retry_max")
         if self.subscriber_buffer < 1:

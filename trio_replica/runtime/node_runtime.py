@@ -105,7 +105,7 @@ class NodeRuntime:
         self._key = node_key(config.identity, config.data_dir)
         #: This node's Ed25519 public key, raw (``identity.format_key`` prints it).
         self.public_key = public_bytes(self._key)
-        self.clock = HybridClock()
+        self.clock = HybridClock(max_offset_ms=round(config.max_clock_offset * 1000))
         #: Which key each node id may use (identity.py); its clock is the node's wall clock.
         self.trust = TrustStore(
             config.identity.trust,

@@ -9,9 +9,17 @@ of its syncs with peers (sync mark, recovery of lost writes, out-of-touch check)
 `trio_replica.stores.map_sync`.
 
 Reads (`get`, `keys`, `items`, `len`, `in`) are local and never wait for the network.
-Writes (`put`, `delete`) apply locally (and durably), then broadcast; they return once the
-broadcast is handed to the broadcast component. Conflicts resolve by the greatest dot:
-HLC first, then node id; a delete beats a value only if strictly newer.
+Writes (`put`, `delete`) go through the replica's writer (`runtime.replica_writes`: one dot
+each, merged here in groups, then broadcast in batches); they return once applied, durable
+and queued for broadcast. Conflicts resolve by the greatest dot: HLC first, then node id;
+a delete beats a value only if strictly newer.
+
+A write's outcome (README "What an acknowledgement means"): returned, it is applied,
+durable and queued; `StoreError`, it is neither applied (`_undo` takes back its entries,
+and only them) nor sent; cancelled while it waits for room or for its group, it is not
+written; once its group merges it completes whatever its caller's cancellation does, and
+is queued for broadcast in the same step. The merge of a group has one wait, the store's,
+shielded: neither a cancellation nor the driver's `callback_timeout` cuts it half way.
 """
 
 from __future__ import annotations
@@ -210,7 +218,10 @@ class ReplicatedMap:
 
         Raises `ValidationError` if the validator refuses (or re-raises what it raised),
         `TypeError` for a key or value that is not plain data, `MessageTooLarge` beyond the
-        limits, `NodeClosed` after the map or node closed.
+        limits, `NodeClosed` after the map or node closed, `StoreError` if the store
+        refused it (nothing applied, nothing sent). Waits while the outgoing batch is full
+        and for the group ahead; cancelled then, nothing is written; cancelled later, the
+        write stands and is sent (module docstring).
         """
         check_local_entry(key, value, self.limits)
         if self._validator is not None:
@@ -222,25 +233,30 @@ class ReplicatedMap:
                 ) from exc
             if not accepted:
                 raise ValidationError(f"the validator of map {self.name!r} refused key {key!r}")
-        await self._local_write(key, Add(key, value))
+        await self.replica.broadcast_update(Add(key, value))
         self.stats.puts += 1
 
     async def delete(self, key: Key) -> None:
         """Remove `key` on every node (a tombstone newer than any value it has seen)."""
         check_local_entry(key, None, self.limits)
-        await self._local_write(key, Remove(key))
+        await self.replica.broadcast_update(Remove(key))
         self.stats.deletes += 1
 
-    async def _local_write(self, key: Key, update: Add | Remove) -> None:
-        previous = self._map.entry(key)
-        previous_sig = self._sigs.get(key)
-        try:
-            await self.replica.broadcast_update(update)
-        except StoreError:
-            # Not durable, so not acknowledged and not broadcast: undo it in memory too.
-            self._map.restore(key, previous)
-            self._set_sig(key, previous_sig)
-            raise
+    def _undo(
+        self,
+        made: list[tuple[Key, Entry]],
+        replaced: dict[Key, Entry | None],
+        sigs: dict[Key, bytes | None],
+    ) -> None:
+        """Take back local writes the store refused: each key gets back the entry they
+        replaced, only while it still holds the entry they made. A newer entry merged from
+        a peer meanwhile (during the store's await) stays; one older than this write, which
+        lost to it then, is not brought back here (anti-entropy does, from its writer)."""
+        for key, entry in made:
+            current = self._map.entry(key)
+            if current is not None and current.dot == entry.dot:
+                self._map.restore(key, replaced.get(key))
+                self._set_sig(key, sigs.get(key))
 
     def _set_sig(self, key: Key, sig: bytes | None) -> None:
         if sig:
@@ -396,10 +412,13 @@ class ReplicatedMap:
         """Merge a delta or a sync chunk from a peer, `INGEST_SLICE` entries at a time with
         a checkpoint between (merges commute, so other tasks may run in between)."""
         entries = check_delta(raw, self.limits)
-        for start in range(0, len(entries), INGEST_SLICE):
+        # This node's own writes (a group, `replica_writes`) merge in one step, one
+        # transaction: the group is stored or fails as a whole. It is one batch at most.
+        step = INGEST_SLICE if remote else max(len(entries), 1)
+        for start in range(0, len(entries), step):
             if start:
                 await trio.lowlevel.checkpoint()
-            await self._ingest_slice(entries[start : start + INGEST_SLICE], remote=remote)
+            await self._ingest_slice(entries[start : start + step], remote=remote)
 
     async def _ingest_slice(self, raw: Any, *, remote: bool) -> IngestResult:
         result = ingest(
@@ -410,7 +429,9 @@ class ReplicatedMap:
             limits=self.limits,
             authenticate=self._authenticate if self._signed else None,
             required=self._require,
+            own=not remote,
         )
+        old_sigs = {k: self._sigs.get(k) for k in result.applied_keys} if self._signed else {}
         if self._signed:
             for key in result.applied_keys:
                 self._set_sig(key, result.signatures.get(key))
@@ -433,7 +454,13 @@ class ReplicatedMap:
             # driver restarting after a hung callback, say) would leave them here but not
             # on disk, and digests that match the peers' would never bring them back.
             with trio.CancelScope(shield=True):
-                await self._store.write(entries, signatures=sigs)
+                try:
+                    await self._store.write(entries, signatures=sigs)
+                except StoreError:
+                    if not remote:
+                        # Not durable, so neither acknowledged nor sent: undone here too.
+                        self._undo(entries, result.replaced, old_sigs)
+                    raise
         if remote:
             self.stats.remote_changes += len(result.changed_keys)
         self._emit(result.changed_keys)
@@ -450,7 +477,8 @@ class ReplicatedMap:
         for key, entry in entries:
             self._map.merge_entry(key, entry)
         if entries:
-            # Our own past writes: the clock must stay ahead of them.
+            # Ours, however far ahead of a wall clock stepped back since: the clock moves
+            # past them without the skew bound, so the next writes here supersede them.
             self._map.absorb_clock(self.node.clock)
         return len(entries)
 

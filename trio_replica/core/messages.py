@@ -48,7 +48,7 @@ def address_host(host: str) -> str:
         return host.lower().rstrip(".")
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=65_536)
 def canonical_address(address: str) -> str:
     """`address` in one spelling, for telling whether two ids claim the same endpoint."""
     if address.startswith("mem://"):

@@ -499,6 +499,11 @@ class _Tree:
         return _Tree({peer: None for peer in (*self.eager, *self.lazy)}, {}, used=now)
 
 
+#: How much earlier than exact `Plumtree._expire_at` is: far more than a float's rounding
+#: of times (it only makes `_expire` look when it need not).
+_EXPIRY_MARGIN = 1e-6
+
+
 @attrs.define(eq=False)
 class Plumtree:
     """The Plumtree state of one node. Not thread-safe; driven by one task.
@@ -532,6 +537,8 @@ class Plumtree:
     _own_tree: bool = attrs.field(init=False, default=False)
     #: The time of the input being handled (set by `_expire`, which every input runs).
     _now: float = attrs.field(init=False, default=0.0)
+    #: Before this time `_expire` has nothing to drop (see there).
+    _expire_at: float = attrs.field(init=False, default=-math.inf)
     _seen: OrderedDict[MessageId, _Seen] = attrs.field(init=False, factory=OrderedDict)
     _cache: OrderedDict[MessageId, _Cached] = attrs.field(init=False, factory=OrderedDict)
     _cache_bytes: int = attrs.field(init=False, default=0)
@@ -1069,6 +1076,7 @@ class Plumtree:
     ) -> _Seen:
         seen = _Seen(now)
         self._seen[id] = seen
+        self._may_expire_from(now)
         self._cache[id] = _Cached(
             now, tag, payload, hops, id.origin if own_tree else "", signature=signature
         )
@@ -1088,8 +1096,14 @@ class Plumtree:
         self._cache_bytes -= len(cached.payload)
 
     def _expire(self, now: float) -> None:
-        """Drop what outlived its age; amortised O(1), the tables being in time order."""
+        """Drop what outlived its age; amortised O(1), the tables being in time order.
+
+        Every input runs it, and most find nothing old enough: `_expire_at` (the first
+        moment a table's oldest entry can expire, a little early) skips the look then.
+        """
         self._now = now
+        if now < self._expire_at:
+            return
         idle = now - self.config.origin_tree_idle
         while self._trees:
             if next(iter(self._trees.values())).used > idle:
@@ -1107,6 +1121,24 @@ class Plumtree:
             if oldest.at > seen_limit:
                 break
             self._seen.popitem(last=False)
+        config = self.config
+        expire_at = math.inf
+        if self._trees:
+            expire_at = next(iter(self._trees.values())).used + config.origin_tree_idle
+        if self._cache:
+            first = next(iter(self._cache.values()))
+            expire_at = min(expire_at, first.at + config.cache_max_age)
+        if self._seen:
+            oldest = next(iter(self._seen.values()))
+            expire_at = min(expire_at, oldest.at + config.seen_max_age)
+        self._expire_at = expire_at - _EXPIRY_MARGIN
+
+    def _may_expire_from(self, at: float) -> None:
+        """An entry of time `at` joined a table: `_expire` looks again from its expiry on
+        (the shortest age bounds it; later entries of a table never expire first)."""
+        config = self.config
+        age = min(config.origin_tree_idle, config.cache_max_age)
+        self._expire_at = min(self._expire_at, at + age - _EXPIRY_MARGIN)
 
     def _all_neighbors(self) -> list[Peer]:
         """Every neighbour, eager ones first (the likelier to hold a recent message)."""
@@ -1123,6 +1155,7 @@ class Plumtree:
         tree = self._trees.get(key)
         if tree is None:
             tree = self._trees[key] = self._shared.flooded(self._now)
+            self._may_expire_from(self._now)
             if len(self._trees) > self.config.max_origin_trees:
                 self._trees.popitem(last=False)
         else:

@@ -308,7 +308,9 @@ class Simulator(Network[SimNode]):
         now = self.now
         for name, layer in node.stack.layers.items():
             if name != layer_name:
-                self._apply(node, name, layer.handle_event(event, now))
+                effects = layer.handle_event(event, now)
+                if effects:
+                    self._apply(node, name, effects)
 
     def _fire_timer(self, node: SimNode, life: int, layer_name: str, timer: Hashable) -> None:
         if node.alive and life == node.life:
@@ -331,5 +333,6 @@ class Simulator(Network[SimNode]):
         if layer_name is None:
             self.dropped[type(message).__name__] += 1
             return
-        layer = stack.layers[layer_name]
-        self._apply(dest, layer_name, layer.handle_message(source.peer, message, self.now))
+        effects = stack.layers[layer_name].handle_message(source.peer, message, self.now)
+        if effects:
+            self._apply(dest, layer_name, effects)

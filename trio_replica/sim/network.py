@@ -1,7 +1,7 @@
 """The simulator's virtual network and its event loop, in virtual time.
 
-This module owns `Network`, the base of `sim.overlay.Simulator`: a plain `heapq` event loop
-(no trio, no sockets, no wall clock) and the links between nodes. The network model is the
+This module owns `Network`, the base of `sim.overlay.Simulator`: an event loop in virtual
+time (no trio, no sockets, no wall clock) and the links between nodes. The network model is the
 runtime's, reduced to what the cores can observe:
 
 * A link joins two nodes; `Send` opens one if needed (a dial) and messages on it arrive in
@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import heapq
 import random
+from bisect import insort
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
@@ -66,6 +67,12 @@ class NetNode(Protocol):
 
 N = TypeVar("N", bound=NetNode)
 
+#: A timed event: (time, sequence number, action, its arguments). Events run in (time,
+#: sequence) order: at equal times, in the order they were scheduled.
+_Event = tuple[float, int, Callable[..., None], tuple[Any, ...]]
+#: The event calendar's buckets per second of virtual time (a power of two: exact).
+_BUCKETS_PER_SECOND = 256.0
+
 
 @attrs.define(eq=False)
 class _Link:
@@ -83,7 +90,14 @@ class _Link:
 
 
 class Network(abc.ABC, Generic[N]):
-    """Nodes, the links between them and a heapq of timed events, drawing from `rng`."""
+    """Nodes, the links between them and a calendar of timed events, drawing from `rng`.
+
+    The calendar: events in buckets of 1/256 s by time, a heap of the bucket numbers, and
+    the bucket being run, sorted, with the index of its next event. A run sorts each
+    bucket once instead of sifting every event through one heap of all pending events
+    (which, tens of thousands deep at 10,000 nodes, cost a sixth of the run); the order is
+    the same, (time, sequence number).
+    """
 
     def __init__(self, network: NetworkConfig, rng: random.Random) -> None:
         self.network = network
@@ -94,8 +108,12 @@ class Network(abc.ABC, Generic[N]):
         self.delivered: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.events_processed = 0
-        self._queue: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
+        self._buckets: dict[int, list[_Event]] = {}
+        self._bucket_heap: list[int] = []
+        self._today: list[_Event] = []
+        self._today_bucket = -1
+        self._next = 0
         self._links: dict[tuple[str, str], _Link] = {}
         self._latency: dict[tuple[str, str], float] = {}
         self._failing_dials: set[tuple[str, str]] = set()
@@ -150,16 +168,31 @@ class Network(abc.ABC, Generic[N]):
 
     def run(self, until: float) -> None:
         """Process events in time order up to virtual time `until` (inclusive)."""
-        queue = self._queue
-        pop = heapq.heappop
+        last_bucket = int(until * _BUCKETS_PER_SECOND)
+        today, i = self._today, self._next
         processed = 0
         try:
-            while queue and queue[0][0] <= until:
-                when, _, action, args = pop(queue)
+            while True:
+                if i == len(today):
+                    heap = self._bucket_heap
+                    if not heap or heap[0] > last_bucket:
+                        break
+                    bucket = heapq.heappop(heap)
+                    today = self._today = self._buckets.pop(bucket)
+                    today.sort()
+                    self._today_bucket = bucket
+                    i = 0
+                when, _, action, args = today[i]
+                if when > until:
+                    break
+                i += 1
+                self._next = i
                 self.now = when
                 processed += 1
                 action(*args)
+                today, i = self._today, self._next
         finally:
+            self._next = i
             self.events_processed += processed
         self.now = max(self.now, until)
 
@@ -172,8 +205,23 @@ class Network(abc.ABC, Generic[N]):
     # --- internals: links and the event queue ---------------------------------------------
 
     def _schedule(self, delay: float, action: Callable[..., None], args: tuple[Any, ...]) -> None:
+        self._push(self.now + delay, action, args)
+
+    def _push(self, when: float, action: Callable[..., None], args: tuple[Any, ...]) -> None:
         self._seq += 1
-        heapq.heappush(self._queue, (self.now + delay, self._seq, action, args))
+        event = (when, self._seq, action, args)
+        bucket = int(when * _BUCKETS_PER_SECOND)
+        if bucket <= self._today_bucket:
+            # The bucket being run (or, for a time already past, which a heap would pop
+            # next too): into its sorted rest.
+            insort(self._today, event, self._next)
+            return
+        events = self._buckets.get(bucket)
+        if events is None:
+            self._buckets[bucket] = [event]
+            heapq.heappush(self._bucket_heap, bucket)
+        else:
+            events.append(event)
 
     def _reachable(self, a: str, b: str) -> bool:
         groups = self._groups
@@ -225,10 +273,7 @@ class Network(abc.ABC, Generic[N]):
             when = last[peer_id]
         last[peer_id] = when
         link.in_flight += 1
-        self._seq += 1
-        heapq.heappush(
-            self._queue, (when, self._seq, self._deliver, (link, link.inc, node, peer_id, message))
-        )
+        self._push(when, self._deliver, (link, link.inc, node, peer_id, message))
 
     def _deliver(self, link: _Link, inc: int, source: N, dest_id: str, message: Message) -> None:
         link.in_flight -= 1
@@ -261,10 +306,7 @@ class Network(abc.ABC, Generic[N]):
         link.open = False
         link.closing[link.inc] = node.id
         when = max(self.now + link.latency, link.last.get(peer.id, 0.0))
-        self._seq += 1
-        heapq.heappush(
-            self._queue, (when, self._seq, self._close_done, (link, link.inc, node.id, peer.id))
-        )
+        self._push(when, self._close_done, (link, link.inc, node.id, peer.id))
 
     def _close_done(self, link: _Link, inc: int, closer_id: str, other_id: str) -> None:
         link.closing.pop(inc, None)

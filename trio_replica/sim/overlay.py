@@ -91,7 +91,7 @@ class SimNode:
 
 
 class Simulator(Network[SimNode]):
-    """N nodes, a virtual network and a heapq of timed events. Deterministic per `seed`."""
+    """N nodes, a virtual network and a calendar of timed events. Deterministic per `seed`."""
 
     def __init__(
         self,

@@ -395,6 +395,11 @@ class _PassiveEntry:
     #: Who taught us this id (deviation 12): the peer that handed it over and, for a
     #: SHUFFLE, the origin it names; empty when we met the peer ourselves.
     sources: tuple[str, ...] = ()
+    #: `peer`'s canonical address, looked up once: every id learned compares it.
+    address: str = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.address = canonical_address(self.peer.address)
 
 
 @attrs.define
@@ -1063,7 +1068,7 @@ class HyParView:
         # a peer whose address is not among them cannot conflict with an entry, so only
         # the teachers are asked (`_learnable` would walk both views for nothing).
         taken = {canonical_address(known.address) for known in self._active.values()}
-        taken.update(canonical_address(entry.peer.address) for entry in self._passive.values())
+        taken.update([entry.address for entry in self._passive.values()])
         for peer in peers:
             if budget == 0:
                 break
@@ -1113,7 +1118,7 @@ class HyParView:
                 return False
         stale = []
         for entry in self._passive.values():
-            if entry.peer.id != peer.id and canonical_address(entry.peer.address) == address:
+            if entry.address == address and entry.peer.id != peer.id:
                 if not entry.failures:
                     self.stats.address_conflicts += 1
                     return False

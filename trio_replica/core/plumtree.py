@@ -1104,33 +1104,32 @@ class Plumtree:
         self._now = now
         if now < self._expire_at:
             return
-        idle = now - self.config.origin_tree_idle
-        while self._trees:
-            if next(iter(self._trees.values())).used > idle:
+        config = self.config
+        # Each walk stops at the entry that stays, whose expiry bounds the next look.
+        expire_at = math.inf
+        idle = now - config.origin_tree_idle
+        trees = self._trees
+        while trees:
+            used = next(iter(trees.values())).used
+            if used > idle:
+                expire_at = used + config.origin_tree_idle
                 break
-            self._trees.popitem(last=False)
-        cache_limit = now - self.config.cache_max_age
+            trees.popitem(last=False)
+        cache_limit = now - config.cache_max_age
         while self._cache:
             first = next(iter(self._cache.values()))
             if first.at > cache_limit:
+                expire_at = min(expire_at, first.at + config.cache_max_age)
                 break
             self._evict_oldest_payload()
-        seen_limit = now - self.config.seen_max_age
-        while self._seen:
-            oldest = next(iter(self._seen.values()))
+        seen_limit = now - config.seen_max_age
+        seen = self._seen
+        while seen:
+            oldest = next(iter(seen.values()))
             if oldest.at > seen_limit:
+                expire_at = min(expire_at, oldest.at + config.seen_max_age)
                 break
-            self._seen.popitem(last=False)
-        config = self.config
-        expire_at = math.inf
-        if self._trees:
-            expire_at = next(iter(self._trees.values())).used + config.origin_tree_idle
-        if self._cache:
-            first = next(iter(self._cache.values()))
-            expire_at = min(expire_at, first.at + config.cache_max_age)
-        if self._seen:
-            oldest = next(iter(self._seen.values()))
-            expire_at = min(expire_at, oldest.at + config.seen_max_age)
+            seen.popitem(last=False)
         self._expire_at = expire_at - _EXPIRY_MARGIN
 
     def _may_expire_from(self, at: float) -> None:

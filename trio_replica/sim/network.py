@@ -273,7 +273,19 @@ class Network(abc.ABC, Generic[N]):
             when = last[peer_id]
         last[peer_id] = when
         link.in_flight += 1
-        self._push(when, self._deliver, (link, link.inc, node, peer_id, message))
+        # `_push`, inlined.
+        self._seq += 1
+        event = (when, self._seq, self._deliver, (link, link.inc, node, peer_id, message))
+        bucket = int(when * _BUCKETS_PER_SECOND)
+        if bucket <= self._today_bucket:
+            insort(self._today, event, self._next)
+            return
+        events = self._buckets.get(bucket)
+        if events is None:
+            self._buckets[bucket] = [event]
+            heapq.heappush(self._bucket_heap, bucket)
+        else:
+            events.append(event)
 
     def _deliver(self, link: _Link, inc: int, source: N, dest_id: str, message: Message) -> None:
         link.in_flight -= 1

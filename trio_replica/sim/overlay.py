@@ -229,7 +229,7 @@ class Simulator(Network[SimNode]):
         """One step of the node's seeding policy (`runtime.seeding` does the same)."""
         if not node.alive or life != node.life or node.policy is None:
             return
-        policy, core = node.policy, node.hyparview
+        policy, core = node.policy, node.stack.hyparview
         step = policy.step(core, self.now)
         delay: float
         if isinstance(step, Join):

@@ -114,6 +114,7 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 import random
 from collections.abc import Collection, Hashable, Iterable
 
@@ -400,6 +401,9 @@ class _PassiveEntry:
 
     def __attrs_post_init__(self) -> None:
         self.address = canonical_address(self.peer.address)
+
+
+_address_of = operator.attrgetter("address")
 
 
 @attrs.define
@@ -1068,7 +1072,7 @@ class HyParView:
         # a peer whose address is not among them cannot conflict with an entry, so only
         # the teachers are asked (`_learnable` would walk both views for nothing).
         taken = {canonical_address(known.address) for known in self._active.values()}
-        taken.update([entry.address for entry in self._passive.values()])
+        taken.update(map(_address_of, self._passive.values()))
         for peer in peers:
             if budget == 0:
                 break
@@ -1223,7 +1227,7 @@ class HyParView:
         if len(self._passive) >= self.config.passive_size:
             # Walk the view, not the set: a set's order changes with the hash seed, and the
             # same seed must give the same run.
-            victims = [pid for pid in self._passive if pid in prefer_evict]
+            victims = list(filter(prefer_evict.__contains__, self._passive))
             if not victims:
                 victims = list(self._passive)
             del self._passive[self._rng.choice(victims)]

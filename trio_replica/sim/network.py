@@ -5,7 +5,8 @@ time (no trio, no sockets, no wall clock) and the links between nodes. The netwo
 runtime's, reduced to what the cores can observe:
 
 * A link joins two nodes; `Send` opens one if needed (a dial) and messages on it arrive in
-  order after the pair's latency (drawn once per pair). A dial to a crashed, unknown or
+  order after the pair's latency (drawn once per pair and fixed, so each direction is
+  FIFO without further bookkeeping). A dial to a crashed, unknown or
   partitioned node fails: the sender gets `handle_link_down` after `dial_fail_delay`.
 * `CloseLink` lets what the closer queued before it drain, then the other side gets
   `handle_link_down` (as it would see the websocket close); what that side had in flight
@@ -77,14 +78,13 @@ _BUCKETS_PER_SECOND = 256.0
 @attrs.define(eq=False)
 class _Link:
     key: tuple[str, str]
+    #: The pair's, for good: a message never overtakes one sent before it.
     latency: float
     inc: int = 0
     open: bool = False
     #: Silenced by a crash or a partition; detection events are scheduled.
     dead: bool = False
     in_flight: int = 0
-    #: Per destination id: the latest scheduled delivery, to keep each direction FIFO.
-    last: dict[str, float] = attrs.field(factory=dict)
     #: Incarnation -> id of the side that closed it, while its queued messages drain.
     closing: dict[int, str] = attrs.field(factory=dict)
 
@@ -268,10 +268,6 @@ class Network(abc.ABC, Generic[N]):
             self.dropped[kind] += 1
             return
         when = self.now + link.latency
-        last = link.last
-        if last.get(peer_id, 0.0) > when:
-            when = last[peer_id]
-        last[peer_id] = when
         link.in_flight += 1
         # `_push`, inlined.
         self._seq += 1
@@ -317,7 +313,7 @@ class Network(abc.ABC, Generic[N]):
             return
         link.open = False
         link.closing[link.inc] = node.id
-        when = max(self.now + link.latency, link.last.get(peer.id, 0.0))
+        when = self.now + link.latency
         self._push(when, self._close_done, (link, link.inc, node.id, peer.id))
 
     def _close_done(self, link: _Link, inc: int, closer_id: str, other_id: str) -> None:

@@ -314,8 +314,9 @@ class Simulator(Network[SimNode]):
 
     def _fire_timer(self, node: SimNode, life: int, layer_name: str, timer: Hashable) -> None:
         if node.alive and life == node.life:
-            layer = node.stack.layers[layer_name]
-            self._apply(node, layer_name, layer.handle_timer(timer, self.now))
+            effects = node.stack.layers[layer_name].handle_timer(timer, self.now)
+            if effects:
+                self._apply(node, layer_name, effects)
 
     def _link_down(self, node: SimNode, peer: Peer) -> None:
         for name, layer in node.stack.layers.items():

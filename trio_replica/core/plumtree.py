@@ -978,7 +978,12 @@ class Plumtree:
     def _push(self, gossip: Gossip, exclude: Peer | None, holders: Iterable[Peer]) -> list[Effect]:
         """EagerPush and LazyPush of Algorithm 1 for one message (`exclude`: its sender)."""
         tree = self._tree(_key(gossip))
-        targets = [peer for peer in tree.eager if peer != exclude]
+        # The eager peers but `exclude`, by the dict's hash lookup instead of comparing
+        # each peer with it (a dict holds at most one key equal to it).
+        others = dict(tree.eager)
+        if exclude is not None:
+            others.pop(exclude, None)
+        targets = list(others)
         self.rng.shuffle(targets)
         effects: list[Effect] = [Send(peer, gossip) for peer in targets]
         self.stats.gossip_sent += len(targets)

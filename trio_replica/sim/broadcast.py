@@ -124,7 +124,11 @@ class FloodLayer:
             return []
         self.seen.add(message.id)
         forward = FloodGossip(message.id, message.round + 1)
-        effects: list[Effect] = [Send(p, forward) for p in self.neighbors if p != sender]
+        # Every neighbour but the sender: the dict drops it by hash (it holds at most one
+        # key equal to it), faster than comparing each neighbour with it.
+        others = dict(self.neighbors)
+        others.pop(sender, None)
+        effects: list[Effect] = [Send(p, forward) for p in others]
         effects.append(Emit(Delivered(message.id, "", b"", message.round, sender)))
         return effects
 

@@ -61,6 +61,7 @@ class PlumtreeLayer:
     """
 
     kinds: tuple[type[Message], ...] = PLUMTREE_KINDS
+    __slots__ = ("core",)
 
     def __init__(self, core: Plumtree) -> None:
         self.core = core
@@ -107,6 +108,7 @@ class FloodLayer:
     """
 
     kinds: tuple[type[Message], ...] = (FloodGossip,)
+    __slots__ = ("neighbors", "seen")
 
     def __init__(self) -> None:
         # dict as an ordered set: the send order must not depend on the hash seed.

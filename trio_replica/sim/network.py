@@ -87,6 +87,9 @@ class _Link:
     in_flight: int = 0
     #: Incarnation -> id of the side that closed it, while its queued messages drain.
     closing: dict[int, str] = attrs.field(factory=dict)
+    #: The nodes of `key`, in its order, once opened (a delivery reads its destination
+    #: here rather than in the table of all nodes).
+    ends: tuple[Any, Any] = (None, None)
 
 
 class Network(abc.ABC, Generic[N]):
@@ -262,6 +265,7 @@ class Network(abc.ABC, Generic[N]):
                 return
             link.inc += 1
             link.open = True
+            link.ends = (node, target) if node_id < peer_id else (target, node)
             node.links.add(key)
             target.links.add(key)
         if link.dead or (self.network.loss and self.rng.random() < self.network.loss):
@@ -271,7 +275,8 @@ class Network(abc.ABC, Generic[N]):
         link.in_flight += 1
         # `_push`, inlined.
         self._seq += 1
-        event = (when, self._seq, self._deliver, (link, link.inc, node, peer_id, message))
+        dest = link.ends[1] if node_id < peer_id else link.ends[0]
+        event = (when, self._seq, self._deliver, (link, link.inc, node, dest, message))
         bucket = int(when * _BUCKETS_PER_SECOND)
         if bucket <= self._today_bucket:
             insort(self._today, event, self._next)
@@ -283,18 +288,17 @@ class Network(abc.ABC, Generic[N]):
         else:
             events.append(event)
 
-    def _deliver(self, link: _Link, inc: int, source: N, dest_id: str, message: Message) -> None:
+    def _deliver(self, link: _Link, inc: int, source: N, dest: N, message: Message) -> None:
         link.in_flight -= 1
-        dest = self.nodes[dest_id]
         if inc == link.inc and link.open:
             ok = not link.dead
         else:
             closer = link.closing.get(inc)
-            ok = closer is not None and closer != dest_id and not link.dead
+            ok = closer is not None and closer != dest.peer.id and not link.dead
         if (
             not ok
             or not dest.alive
-            or (self._groups is not None and not self._reachable(source.peer.id, dest_id))
+            or (self._groups is not None and not self._reachable(source.peer.id, dest.peer.id))
         ):
             self.dropped[type(message).__name__] += 1
             return

@@ -155,7 +155,7 @@ def _on_a_copy(base: Simulator, phase: Callable[[Simulator], T]) -> T:
         finally:
             del sim
             if not gc.isenabled():
-                gc.collect()  # the copy is a cycle (its queue holds its bound methods)
+                gc.collect()  # the copy is a cycle (its pending events hold its methods)
     sys.stdout.flush()
     sys.stderr.flush()
     read, write = os.pipe()

@@ -171,7 +171,7 @@ class Network(abc.ABC, Generic[N]):
 
     def run(self, until: float) -> None:
         """Process events in time order up to virtual time `until` (inclusive)."""
-        last_bucket = int(until * _BUCKETS_PER_SECOND)
+        last_bucket = until * _BUCKETS_PER_SECOND  # a float: `until` may be infinite
         today, i = self._today, self._next
         processed = 0
         try:

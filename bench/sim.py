@@ -30,16 +30,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import gc
 import json
 import math
+import os
+import pickle
 import platform
 import random
 import statistics
 import sys
+import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -200,13 +206,68 @@ def _alive_ids(sim: Simulator) -> list[str]:
     return sorted(node.id for node in sim.alive_nodes())
 
 
+T = TypeVar("T")
+
+
+def _on_a_copy(base: Simulator, phase: Callable[[Simulator], T]) -> T:
+    """`phase` run on a copy of `base`, which is left as it was; its result must pickle.
+
+    Where the OS forks (and no other thread could hold a lock the child needs), the copy
+    is a forked child's copy-on-write image of this process: nothing is copied up front,
+    the child runs without the cyclic garbage collector (it exits soon; the collector's
+    passes over a 10,000-node heap cost more than they free) and sends the result back.
+    Elsewhere, a deep copy. Either way the phase sees the same state, hence the same run.
+    """
+    if not hasattr(os, "fork") or threading.active_count() > 1:
+        sim = copy.deepcopy(base)
+        try:
+            return phase(sim)
+        finally:
+            del sim
+            if not gc.isenabled():
+                gc.collect()  # the copy is a cycle (its pending events hold its methods)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        try:
+            os.close(read)
+            gc.disable()
+            try:
+                reply = pickle.dumps((True, phase(base)))
+            except BaseException:
+                reply = pickle.dumps((False, traceback.format_exc()))
+            with os.fdopen(write, "wb") as out:
+                out.write(reply)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        reply = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if not reply:
+        raise RuntimeError(f"the phase's child process died (wait status {status})")
+    ok, value = pickle.loads(reply)
+    if not ok:
+        raise RuntimeError(f"the phase failed in its child process:\n{value}")
+    return value  # type: ignore[no-any-return]
+
+
 # --- overlay --------------------------------------------------------------------------------------
 
 
 def overlay(sim: Simulator, *, broadcasts: int = 10, path_sources: int = 200) -> dict[str, Any]:
     """Graph properties of the active views (HyParView section 5.2) and LDH of both
     broadcasts, on a copy of `sim` (the original is not advanced)."""
-    sim = copy.deepcopy(sim)
+    return _on_a_copy(
+        sim, functools.partial(_overlay, broadcasts=broadcasts, path_sources=path_sources)
+    )
+
+
+def _overlay(sim: Simulator, *, broadcasts: int, path_sources: int) -> dict[str, Any]:
     graph = active_graph(sim)
     out_degrees: dict[int, int] = {}
     for peers in graph.values():
@@ -259,76 +320,87 @@ def failures(
     """HyParView sections 5.2 and 5.3: crash `rate` of the nodes at once, then broadcast
     (flooding and Plumtree, same origin) every `interval` for `cycles` shuffle periods.
     `detection` sets the network's failure-detection delays for the run."""
-    period = base.hyparview_config.shuffle_interval
-    results = []
-    for rate in rates:
-        sim = copy.deepcopy(base)
-        sim.network = attrs.evolve(sim.network, **detection)
-        everyone = _alive_ids(sim)
-        victims = sim.rng.sample(everyone, round(rate * len(everyone)))
-        sim.crash(victims)
-        crashed_at = sim.now
-        survivors = _alive_ids(sim)
-        # The overlay at the crash instant, before anyone detected anything: the first
-        # flood can reach at most its origin's component of it (see `origin_component`).
-        at_crash = components(active_graph(sim))
-        cut_off = _cut_off(sim, survivors)
-        sent: list[tuple[float, MessageId, MessageId]] = []
-        steps = round(cycles * period / interval)
-        first_origin: str | None = None
-        for _ in range(steps):
-            origin = sim.rng.choice(survivors)
-            first_origin = first_origin or origin
-            flood = sim.broadcast(origin, FLOOD)
-            tree = sim.broadcast(origin, BROADCAST)
-            sent.append((sim.now - crashed_at, flood, tree))
-            sim.run_for(interval)
-        sim.run_for(5.0)
-        series: dict[str, list[float]] = {"t": [], "flood": [], "plumtree": []}
-        for t, flood, tree in sent:
-            series["t"].append(round(t, 6))
-            series["flood"].append(sim.broadcasts[flood].metrics().reliability)
-            series["plumtree"].append(sim.broadcasts[tree].metrics().reliability)
-        row: dict[str, Any] = {
-            "rate": rate,
-            "survivors": len(survivors),
-            # Fraction of survivors in the first origin's component of the overlay at the
-            # crash: the most the first flood can reach. Plumtree can beat it: its lazy
-            # repair (IHAVE, then GRAFT after timeout1) runs after membership has replaced
-            # dead active entries, and the grafted node forwards over its new links.
-            "origin_component": next(
-                (len(c) / len(survivors) for c in at_crash if first_origin in c), 0.0
+    return [
+        _on_a_copy(
+            base,
+            functools.partial(
+                _failure_row, rate=rate, interval=interval, cycles=cycles, detection=detection
             ),
-            "components_at_crash": len(at_crash),
-            "largest_component_at_crash": len(at_crash[0]) / len(survivors) if at_crash else 0.0,
+        )
+        for rate in rates
+    ]
+
+
+def _failure_row(
+    sim: Simulator, *, rate: float, interval: float, cycles: int, detection: dict[str, float]
+) -> dict[str, Any]:
+    """One failure rate of `failures`, on `sim` (a copy of the base)."""
+    period = sim.hyparview_config.shuffle_interval
+    sim.network = attrs.evolve(sim.network, **detection)
+    everyone = _alive_ids(sim)
+    victims = sim.rng.sample(everyone, round(rate * len(everyone)))
+    sim.crash(victims)
+    crashed_at = sim.now
+    survivors = _alive_ids(sim)
+    # The overlay at the crash instant, before anyone detected anything: the first
+    # flood can reach at most its origin's component of it (see `origin_component`).
+    at_crash = components(active_graph(sim))
+    cut_off = _cut_off(sim, survivors)
+    sent: list[tuple[float, MessageId, MessageId]] = []
+    steps = round(cycles * period / interval)
+    first_origin: str | None = None
+    for _ in range(steps):
+        origin = sim.rng.choice(survivors)
+        first_origin = first_origin or origin
+        flood = sim.broadcast(origin, FLOOD)
+        tree = sim.broadcast(origin, BROADCAST)
+        sent.append((sim.now - crashed_at, flood, tree))
+        sim.run_for(interval)
+    sim.run_for(5.0)
+    series: dict[str, list[float]] = {"t": [], "flood": [], "plumtree": []}
+    for t, flood, tree in sent:
+        series["t"].append(round(t, 6))
+        series["flood"].append(sim.broadcasts[flood].metrics().reliability)
+        series["plumtree"].append(sim.broadcasts[tree].metrics().reliability)
+    row: dict[str, Any] = {
+        "rate": rate,
+        "survivors": len(survivors),
+        # Fraction of survivors in the first origin's component of the overlay at the
+        # crash: the most the first flood can reach. Plumtree can beat it: its lazy
+        # repair (IHAVE, then GRAFT after timeout1) runs after membership has replaced
+        # dead active entries, and the grafted node forwards over its new links.
+        "origin_component": next(
+            (len(c) / len(survivors) for c in at_crash if first_origin in c), 0.0
+        ),
+        "components_at_crash": len(at_crash),
+        "largest_component_at_crash": len(at_crash[0]) / len(survivors) if at_crash else 0.0,
+    }
+    first_cycle = [i for i, t in enumerate(series["t"]) if t < period]
+    for label in ("flood", "plumtree"):
+        values = series[label]
+        healed = _healed_at(series["t"], values)
+        row[label] = {
+            "first_broadcast": values[0],
+            "first_cycle_mean": statistics.fmean(values[i] for i in first_cycle),
+            "healed_after_s": healed,
+            "healing_cycles": None if healed is None else math.ceil(healed / period),
         }
-        first_cycle = [i for i, t in enumerate(series["t"]) if t < period]
-        for label in ("flood", "plumtree"):
-            values = series[label]
-            healed = _healed_at(series["t"], values)
-            row[label] = {
-                "first_broadcast": values[0],
-                "first_cycle_mean": statistics.fmean(values[i] for i in first_cycle),
-                "healed_after_s": healed,
-                "healing_cycles": None if healed is None else math.ceil(healed / period),
-            }
-        graph = active_graph(sim)
-        pieces = components(graph)
-        outside = set().union(*pieces[1:]) if pieces else set()
-        row["after"] = {
-            "components": len(pieces),
-            "largest_component": len(pieces[0]) if pieces else 0,
-            "isolated": sum(1 for peers in graph.values() if not peers),
-            # Survivors outside the largest component, and how many of them were cut off
-            # at the crash (no live id in their views, in no survivor's views): no
-            # protocol can find those without a live seed.
-            "outside_largest": len(outside),
-            "outside_cut_off_at_crash": len(outside & cut_off),
-        }
-        row["cut_off_at_crash"] = len(cut_off)
-        row["series"] = series
-        results.append(row)
-    return results
+    graph = active_graph(sim)
+    pieces = components(graph)
+    outside = set().union(*pieces[1:]) if pieces else set()
+    row["after"] = {
+        "components": len(pieces),
+        "largest_component": len(pieces[0]) if pieces else 0,
+        "isolated": sum(1 for peers in graph.values() if not peers),
+        # Survivors outside the largest component, and how many of them were cut off
+        # at the crash (no live id in their views, in no survivor's views): no
+        # protocol can find those without a live seed.
+        "outside_largest": len(outside),
+        "outside_cut_off_at_crash": len(outside & cut_off),
+    }
+    row["cut_off_at_crash"] = len(cut_off)
+    row["series"] = series
+    return row
 
 
 def _cut_off(sim: Simulator, survivors: Sequence[str]) -> set[str]:
@@ -372,7 +444,28 @@ def plumtree(
     """SRDS 2007 section 4: RMR, LDH, reliability of Plumtree and flooding, stable and under
     churn. Figures are over the messages after the first `warmup` (the first Plumtree
     broadcast floods to build the tree)."""
-    sim = copy.deepcopy(base)
+    return _on_a_copy(
+        base,
+        functools.partial(
+            _plumtree,
+            broadcasts=broadcasts,
+            warmup=warmup,
+            interval=interval,
+            churn=churn,
+            churn_cycles=churn_cycles,
+        ),
+    )
+
+
+def _plumtree(
+    sim: Simulator,
+    *,
+    broadcasts: int,
+    warmup: int,
+    interval: float,
+    churn: float,
+    churn_cycles: int,
+) -> dict[str, Any]:
     period = sim.hyparview_config.shuffle_interval
     sent: dict[str, list[MessageId]] = {FLOOD: [], BROADCAST: []}
     alive = _alive_ids(sim)
@@ -662,6 +755,20 @@ def plot(result: dict[str, Any], prefix: Path) -> list[Path]:
 def run_all(
     n: int, seed: int, *, model: str = "ours", rates: Sequence[float] = FAILURE_RATES
 ) -> dict[str, Any]:
+    # Without the cyclic collector: the simulation allocates millions of objects that
+    # refcounting frees, and each of the collector's passes over the heap costs more as the
+    # overlay grows (a fifth of the run at 1,000 nodes). The phases run on copies that
+    # `_on_a_copy` discards itself.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _run_all(n, seed, model, rates)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _run_all(n: int, seed: int, model: str, rates: Sequence[float]) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     base = build(n, seed, model=model)

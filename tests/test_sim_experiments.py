@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import bench.sim
 from bench.sim import (
     PAPER_DETECTION,
     PAPER_LATENCY,
@@ -131,6 +132,16 @@ def test_experiments_are_deterministic_per_seed() -> None:
 
     assert run(3) == run(3)
     assert run(3) != run(4)
+
+
+def test_a_forked_phase_gives_the_figures_of_a_deep_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The phases run in a forked child where the OS has fork, else on a deep copy: the
+    # same state either way, so the same figures.
+    sim = build(60, seed=5, settle=30.0)
+    forked = [failures(sim, (0.6,), cycles=2), plumtree(sim, broadcasts=6, churn_cycles=1)]
+    monkeypatch.delattr(bench.sim.os, "fork", raising=False)
+    copied = [failures(sim, (0.6,), cycles=2), plumtree(sim, broadcasts=6, churn_cycles=1)]
+    assert forked == copied
 
 
 def test_broadcast_layers_share_the_overlay() -> None:

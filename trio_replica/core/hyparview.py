@@ -131,6 +131,7 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 import random
 from collections.abc import Collection, Hashable, Iterable
 
@@ -421,6 +422,14 @@ class _PassiveEntry:
     #: Who taught us this id (deviation 12): the peer that handed it over and, for a
     #: SHUFFLE, the origin it names; empty when we met the peer ourselves.
     sources: tuple[str, ...] = ()
+    #: `peer`'s canonical address, looked up once: every id learned compares it.
+    address: str = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.address = canonical_address(self.peer.address)
+
+
+_address_of = operator.attrgetter("address")
 
 
 @attrs.define
@@ -1097,15 +1106,25 @@ class HyParView:
         # "...it will first attempt to remove identifiers sent to the peer. If no such
         # identifiers remain in the passive view, it will remove identifiers at random."
         budget = self.config.passive_size
+        # The canonical addresses of the views, or more (an entry dropped meanwhile stays):
+        # a peer whose address is not among them cannot conflict with an entry, so only
+        # the teachers are asked (`_learnable` would walk both views for nothing).
+        taken = {canonical_address(known.address) for known in self._active.values()}
+        taken.update(map(_address_of, self._passive.values()))
         for peer in peers:
             if budget == 0:
                 break
             if peer.id == self.me.id or peer.id in self._active or peer.id in self._passive:
                 continue
-            if not self._learnable(peer, sources, now):
+            address = canonical_address(peer.address)
+            if address in taken:
+                if not self._learnable(peer, sources, now):
+                    continue
+            elif self._penalised(sources, now):
                 continue
             budget -= 1
             self._add_passive(peer, prefer_evict=sent, sources=sources)
+            taken.add(address)
 
     # --- what one peer may do to our views (deviations 11 and 12) -------------------------
 
@@ -1132,11 +1151,8 @@ class HyParView:
 
     def _learnable(self, peer: Peer, sources: tuple[str, ...], now: float) -> bool:
         """Whether to take `peer`, as taught by `sources`, into a view."""
-        for source in sources:
-            teacher = self._teachers.get(source)
-            if teacher is not None and teacher.penalised_until > now:
-                self.stats.addresses_ignored += 1
-                return False
+        if self._penalised(sources, now):
+            return False
         address = canonical_address(peer.address)
         for known in self._active.values():
             if known.id != peer.id and canonical_address(known.address) == address:
@@ -1144,7 +1160,7 @@ class HyParView:
                 return False
         stale = []
         for entry in self._passive.values():
-            if entry.peer.id != peer.id and canonical_address(entry.peer.address) == address:
+            if entry.address == address and entry.peer.id != peer.id:
                 if not entry.failures:
                     self.stats.address_conflicts += 1
                     return False
@@ -1154,6 +1170,15 @@ class HyParView:
         for peer_id in stale:
             del self._passive[peer_id]
         return True
+
+    def _penalised(self, sources: tuple[str, ...], now: float) -> bool:
+        """Whether one of `sources` is penalised for teaching bad ids (counted if so)."""
+        for source in sources:
+            teacher = self._teachers.get(source)
+            if teacher is not None and teacher.penalised_until > now:
+                self.stats.addresses_ignored += 1
+                return True
+        return False
 
     def _teacher(self, source: str, now: float) -> _Teacher:
         teacher = self._teachers.get(source)
@@ -1254,7 +1279,7 @@ class HyParView:
             if not victims:
                 if failed:
                     return None
-                victims = [pid for pid in self._passive if pid in prefer_evict]
+                victims = list(filter(prefer_evict.__contains__, self._passive))
             if not victims:
                 victims = list(self._passive)
             del self._passive[self._rng.choice(victims)]

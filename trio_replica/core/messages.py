@@ -48,7 +48,7 @@ def address_host(host: str) -> str:
         return host.lower().rstrip(".")
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=65_536)
 def canonical_address(address: str) -> str:
     """`address` in one spelling, for telling whether two ids claim the same endpoint."""
     if address.startswith("mem://"):
@@ -89,9 +89,13 @@ MAX_ROUND = 65_535
 U64 = 2**64 - 1
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)
 class Peer:
-    """A node as others see it: its unique id and the address to dial it at."""
+    """A node as others see it: its unique id and the address to dial it at.
+
+    Its hash is cached (as `MessageId`'s): both key the cores' tables, which look them up
+    several times per message.
+    """
 
     id: str
     address: str
@@ -100,7 +104,7 @@ class Peer:
         return f"{self.id}@{self.address}"
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)
 class MessageId:
     """Unique id of one broadcast: origin node, its HLC stamp at send time, and a random nonce.
 

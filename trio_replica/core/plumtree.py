@@ -499,6 +499,11 @@ class _Tree:
         return _Tree({peer: None for peer in (*self.eager, *self.lazy)}, {}, used=now)
 
 
+#: How much earlier than exact `Plumtree._expire_at` is: far more than a float's rounding
+#: of times (it only makes `_expire` look when it need not).
+_EXPIRY_MARGIN = 1e-6
+
+
 @attrs.define(eq=False)
 class Plumtree:
     """The Plumtree state of one node. Not thread-safe; driven by one task.
@@ -532,6 +537,8 @@ class Plumtree:
     _own_tree: bool = attrs.field(init=False, default=False)
     #: The time of the input being handled (set by `_expire`, which every input runs).
     _now: float = attrs.field(init=False, default=0.0)
+    #: Before this time `_expire` has nothing to drop (see there).
+    _expire_at: float = attrs.field(init=False, default=-math.inf)
     _seen: OrderedDict[MessageId, _Seen] = attrs.field(init=False, factory=OrderedDict)
     _cache: OrderedDict[MessageId, _Cached] = attrs.field(init=False, factory=OrderedDict)
     _cache_bytes: int = attrs.field(init=False, default=0)
@@ -971,7 +978,12 @@ class Plumtree:
     def _push(self, gossip: Gossip, exclude: Peer | None, holders: Iterable[Peer]) -> list[Effect]:
         """EagerPush and LazyPush of Algorithm 1 for one message (`exclude`: its sender)."""
         tree = self._tree(_key(gossip))
-        targets = [peer for peer in tree.eager if peer != exclude]
+        # The eager peers but `exclude`, by the dict's hash lookup instead of comparing
+        # each peer with it (a dict holds at most one key equal to it).
+        others = dict(tree.eager)
+        if exclude is not None:
+            others.pop(exclude, None)
+        targets = list(others)
         self.rng.shuffle(targets)
         effects: list[Effect] = [Send(peer, gossip) for peer in targets]
         self.stats.gossip_sent += len(targets)
@@ -1069,6 +1081,7 @@ class Plumtree:
     ) -> _Seen:
         seen = _Seen(now)
         self._seen[id] = seen
+        self._may_expire_from(now)
         self._cache[id] = _Cached(
             now, tag, payload, hops, id.origin if own_tree else "", signature=signature
         )
@@ -1088,25 +1101,48 @@ class Plumtree:
         self._cache_bytes -= len(cached.payload)
 
     def _expire(self, now: float) -> None:
-        """Drop what outlived its age; amortised O(1), the tables being in time order."""
+        """Drop what outlived its age; amortised O(1), the tables being in time order.
+
+        Every input runs it, and most find nothing old enough: `_expire_at` (the first
+        moment a table's oldest entry can expire, a little early) skips the look then.
+        """
         self._now = now
-        idle = now - self.config.origin_tree_idle
-        while self._trees:
-            if next(iter(self._trees.values())).used > idle:
+        if now < self._expire_at:
+            return
+        config = self.config
+        # Each walk stops at the entry that stays, whose expiry bounds the next look.
+        expire_at = math.inf
+        idle = now - config.origin_tree_idle
+        trees = self._trees
+        while trees:
+            used = next(iter(trees.values())).used
+            if used > idle:
+                expire_at = used + config.origin_tree_idle
                 break
-            self._trees.popitem(last=False)
-        cache_limit = now - self.config.cache_max_age
+            trees.popitem(last=False)
+        cache_limit = now - config.cache_max_age
         while self._cache:
             first = next(iter(self._cache.values()))
             if first.at > cache_limit:
+                expire_at = min(expire_at, first.at + config.cache_max_age)
                 break
             self._evict_oldest_payload()
-        seen_limit = now - self.config.seen_max_age
-        while self._seen:
-            oldest = next(iter(self._seen.values()))
+        seen_limit = now - config.seen_max_age
+        seen = self._seen
+        while seen:
+            oldest = next(iter(seen.values()))
             if oldest.at > seen_limit:
+                expire_at = min(expire_at, oldest.at + config.seen_max_age)
                 break
-            self._seen.popitem(last=False)
+            seen.popitem(last=False)
+        self._expire_at = expire_at - _EXPIRY_MARGIN
+
+    def _may_expire_from(self, at: float) -> None:
+        """An entry of time `at` joined a table: `_expire` looks again from its expiry on
+        (the shortest age bounds it; later entries of a table never expire first)."""
+        config = self.config
+        age = min(config.origin_tree_idle, config.cache_max_age)
+        self._expire_at = min(self._expire_at, at + age - _EXPIRY_MARGIN)
 
     def _all_neighbors(self) -> list[Peer]:
         """Every neighbour, eager ones first (the likelier to hold a recent message)."""
@@ -1123,6 +1159,7 @@ class Plumtree:
         tree = self._trees.get(key)
         if tree is None:
             tree = self._trees[key] = self._shared.flooded(self._now)
+            self._may_expire_from(self._now)
             if len(self._trees) > self.config.max_origin_trees:
                 self._trees.popitem(last=False)
         else:

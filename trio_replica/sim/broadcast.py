@@ -61,6 +61,7 @@ class PlumtreeLayer:
     """
 
     kinds: tuple[type[Message], ...] = PLUMTREE_KINDS
+    __slots__ = ("core",)
 
     def __init__(self, core: Plumtree) -> None:
         self.core = core
@@ -107,6 +108,7 @@ class FloodLayer:
     """
 
     kinds: tuple[type[Message], ...] = (FloodGossip,)
+    __slots__ = ("neighbors", "seen")
 
     def __init__(self) -> None:
         # dict as an ordered set: the send order must not depend on the hash seed.
@@ -124,7 +126,11 @@ class FloodLayer:
             return []
         self.seen.add(message.id)
         forward = FloodGossip(message.id, message.round + 1)
-        effects: list[Effect] = [Send(p, forward) for p in self.neighbors if p != sender]
+        # Every neighbour but the sender: the dict drops it by hash (it holds at most one
+        # key equal to it), faster than comparing each neighbour with it.
+        others = dict(self.neighbors)
+        others.pop(sender, None)
+        effects: list[Effect] = [Send(p, forward) for p in others]
         effects.append(Emit(Delivered(message.id, "", b"", message.round, sender)))
         return effects
 

@@ -28,11 +28,15 @@ Graph = dict[str, set[str]]
 
 
 def active_graph(sim: Simulator) -> Graph:
-    """Directed graph of the live nodes' active views (edges to crashed nodes left out)."""
+    """Directed graph of the live nodes' active views (edges to crashed nodes left out).
+
+    Its nodes are in id order: sums over them (the clustering coefficient) must not take
+    their order from the hash seed, which changes the last bits of a float between runs.
+    """
     alive = {node.id for node in sim.alive_nodes()}
     return {
         node_id: {peer.id for peer in sim.nodes[node_id].hyparview.active if peer.id in alive}
-        for node_id in alive
+        for node_id in sorted(alive)
     }
 
 

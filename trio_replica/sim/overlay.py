@@ -41,6 +41,9 @@ from .stack import MEMBERSHIP, HyParViewLayer, Stack, StackFactory, hyparview_st
 
 __all__ = ["DriverConfig", "SimNode", "Simulator"]
 
+#: Messages that carry a broadcast's payload (`BroadcastRecord.payloads` counts them).
+_PAYLOADS = (Gossip, FloodGossip)
+
 
 @attrs.frozen
 class DriverConfig:
@@ -88,7 +91,7 @@ class SimNode:
 
 
 class Simulator(Network[SimNode]):
-    """N nodes, a virtual network and a heapq of timed events. Deterministic per `seed`."""
+    """N nodes, a virtual network and a calendar of timed events. Deterministic per `seed`."""
 
     def __init__(
         self,
@@ -182,7 +185,7 @@ class Simulator(Network[SimNode]):
         if not isinstance(target, BroadcastLayer):
             raise TypeError(f"layer {layer!r} cannot broadcast")
         id = MessageId(origin, len(self.broadcasts) + 1, 0)
-        alive = frozenset(n.id for n in self.nodes.values() if n.alive)
+        alive = frozenset([node_id for node_id, n in self.nodes.items() if n.alive])
         self.broadcasts[id] = BroadcastRecord(id, layer, self.now, alive, last_delivery_at=self.now)
         self._apply(node, layer, target.broadcast(id, tag, payload, self.now))
         return id
@@ -243,7 +246,7 @@ class Simulator(Network[SimNode]):
         """One step of the node's seeding policy (`runtime.seeding` does the same)."""
         if not node.alive or life != node.life or node.policy is None:
             return
-        policy, core = node.policy, node.hyparview
+        policy, core = node.policy, node.stack.hyparview
         step = policy.step(core, self.now)
         delay: float
         if isinstance(step, Join):
@@ -283,28 +286,49 @@ class Simulator(Network[SimNode]):
         return self._stack_factory(peer, random.Random(f"{self.seed}/{peer.id}/{life}"))
 
     def _apply(self, node: SimNode, layer_name: str, effects: list[Effect]) -> None:
+        # Dispatch on the exact class first (the effects are final classes): this runs for
+        # every effect of every run, and a `match` on class patterns costs several times
+        # more. Anything else goes through the isinstance chain.
         for effect in effects:
             if not node.alive:
                 return
-            match effect:
-                case Send(peer=peer, message=message):
-                    self._send(node, peer, message)
-                case CloseLink(peer=peer):
-                    self._close(node, peer)
-                case SetTimer(delay=delay, timer=timer):
-                    self._schedule(delay, self._fire_timer, (node, node.life, layer_name, timer))
-                case Emit(event=event):
-                    if isinstance(event, Delivered):
-                        record = self.broadcasts.get(event.id)
-                        if record is not None and node.id not in record.hops:
-                            record.hops[node.id] = event.hops
-                            record.last_delivery_at = self.now
-                    node.event_counts[type(event).__name__] += 1
-                    if self.driver.record_events:
-                        node.events.append(event)
-                    for name, layer in node.stack.layers.items():
-                        if name != layer_name:
-                            self._apply(node, name, layer.handle_event(event, self.now))
+            if type(effect) is Send:
+                self._send(node, effect.peer, effect.message)
+            elif type(effect) is SetTimer:
+                self._schedule(
+                    effect.delay,
+                    self._fire_timer,
+                    (node, node.life, layer_name, effect.timer),
+                )
+            elif type(effect) is Emit:
+                self._emit(node, layer_name, effect.event)
+            elif isinstance(effect, Send):
+                self._send(node, effect.peer, effect.message)
+            elif isinstance(effect, CloseLink):
+                self._close(node, effect.peer)
+            elif isinstance(effect, SetTimer):
+                self._schedule(
+                    effect.delay, self._fire_timer, (node, node.life, layer_name, effect.timer)
+                )
+            elif isinstance(effect, Emit):
+                self._emit(node, layer_name, effect.event)
+
+    def _emit(self, node: SimNode, layer_name: str, event: Event) -> None:
+        """`event`, emitted by `node`'s layer `layer_name`, goes to its other layers."""
+        if isinstance(event, Delivered):
+            record = self.broadcasts.get(event.id)
+            if record is not None and node.peer.id not in record.hops:
+                record.hops[node.peer.id] = event.hops
+                record.last_delivery_at = self.now
+        node.event_counts[type(event).__name__] += 1
+        if self.driver.record_events:
+            node.events.append(event)
+        now = self.now
+        for name, layer in node.stack.layers.items():
+            if name != layer_name:
+                effects = layer.handle_event(event, now)
+                if effects:
+                    self._apply(node, name, effects)
 
     def _fire_timer(self, node: SimNode, life: int, layer_name: str, timer: Hashable) -> None:
         if isinstance(timer, ShuffleTimer) and self.now < self.rounds_from:
@@ -313,8 +337,9 @@ class Simulator(Network[SimNode]):
             self._schedule(delay, self._fire_timer, (node, life, layer_name, timer))
             return
         if node.alive and life == node.life:
-            layer = node.stack.layers[layer_name]
-            self._apply(node, layer_name, layer.handle_timer(timer, self.now))
+            effects = node.stack.layers[layer_name].handle_timer(timer, self.now)
+            if effects:
+                self._apply(node, layer_name, effects)
 
     def _link_down(self, node: SimNode, peer: Peer) -> None:
         for name, layer in node.stack.layers.items():
@@ -323,13 +348,15 @@ class Simulator(Network[SimNode]):
             self._apply(node, name, layer.handle_link_down(peer, self.now))
 
     def _receive(self, source: SimNode, dest: SimNode, message: Message) -> None:
-        if isinstance(message, Gossip | FloodGossip):
+        if isinstance(message, _PAYLOADS):
             record = self.broadcasts.get(message.id)
             if record is not None:
                 record.payloads += 1
-        layer_name = dest.stack.routes.get(type(message))
+        stack = dest.stack
+        layer_name = stack.routes.get(type(message))
         if layer_name is None:
             self.dropped[type(message).__name__] += 1
             return
-        layer = dest.stack.layers[layer_name]
-        self._apply(dest, layer_name, layer.handle_message(source.peer, message, self.now))
+        effects = stack.layers[layer_name].handle_message(source.peer, message, self.now)
+        if effects:
+            self._apply(dest, layer_name, effects)

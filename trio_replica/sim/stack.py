@@ -47,6 +47,7 @@ class HyParViewLayer:
     """Adapts the HyParView core to `Layer` (it consumes no other layer's events)."""
 
     kinds: tuple[type[Message], ...] = HYPARVIEW_KINDS
+    __slots__ = ("core",)
 
     def __init__(self, core: HyParView) -> None:
         self.core = core
@@ -67,21 +68,30 @@ class HyParViewLayer:
         return self.core.wants_link(peer_id)
 
 
+#: The routing tables of the stacks made so far, by content (`Stack.routes`).
+_ROUTES: dict[tuple[tuple[type[Message], str], ...], dict[type[Message], str]] = {}
+
+
 class Stack:
     """The protocol layers of one node, by name, and the message routing between them.
 
     The layer named ``"membership"`` must be a `HyParViewLayer`: the driver and the graph
-    helpers read its core.
+    helpers read its core. `routes` is shared by the stacks of the same layers (read once
+    per message, one table stays in the processor's cache where thousands would not): it
+    is not to be changed.
     """
+
+    __slots__ = ("hyparview", "layers", "routes")
 
     def __init__(self, layers: Mapping[str, Layer]) -> None:
         self.layers = dict(layers)
-        self.routes: dict[type[Message], str] = {}
+        routes: dict[type[Message], str] = {}
         for name, layer in self.layers.items():
             for kind in layer.kinds:
-                if kind in self.routes:
-                    raise ValueError(f"{kind.__name__} routed to {self.routes[kind]} and {name}")
-                self.routes[kind] = name
+                if kind in routes:
+                    raise ValueError(f"{kind.__name__} routed to {routes[kind]} and {name}")
+                routes[kind] = name
+        self.routes = _ROUTES.setdefault(tuple(routes.items()), routes)
         membership = self.layers.get(MEMBERSHIP)
         if not isinstance(membership, HyParViewLayer):
             raise ValueError(f"a stack needs a HyParViewLayer named {MEMBERSHIP!r}")

@@ -15,8 +15,9 @@ Around the membership core each node runs the runtime's own driver policy
 (`core.seeding.SeedPolicy`: join through the seeds while isolated, with backoff; every
 `rejoin_interval` a seed reaches the next seed it does not know, another node re-joins
 when `should_rejoin`), carried out here as the runtime's seeding task does it: a seed
-"answers a dial" when it is alive and reachable. Where the runtime wakes on a change of
-the active view, the simulator looks again every `join_backoff_min` (x0.8-1.2). Links
+"answers a dial" when it is alive and reachable. In the overlay, the driver waits, as the
+runtime's does, for a change of the active view (a PeerUp or PeerDown of membership), a
+re-join that falls due, or `join_backoff_max`, whichever comes first. Links
 nobody wants (`wants_link` false at both ends) and with nothing in flight are closed by
 a periodic sweep, as the runtime closes idle temporary links.
 """
@@ -31,7 +32,7 @@ from typing import Literal
 import attrs
 
 from ..core.effects import CloseLink, Effect, Emit, Send, SetTimer
-from ..core.events import Delivered, Event
+from ..core.events import Delivered, Event, PeerDown, PeerUp
 from ..core.hyparview import HyParView, HyParViewConfig, ShuffleTimer
 from ..core.messages import Gossip, Message, MessageId, Peer
 from ..core.seeding import Join, Reach, SeedingConfig, SeedPolicy
@@ -75,6 +76,10 @@ class SimNode:
     links: set[tuple[str, str]] = attrs.field(factory=set)
     events: list[Event] = attrs.field(factory=list)
     event_counts: Counter[str] = attrs.field(factory=Counter)
+    #: The driver's next step: only the latest one scheduled runs (`Simulator._drive`).
+    drive_token: int = 0
+    #: The driver waits for a change of the active view (or its deadline).
+    waiting: bool = False
 
     @property
     def rejoins(self) -> int:
@@ -233,7 +238,8 @@ class Simulator(Network[SimNode]):
         )
         for seed in node.seeds:
             node.policy.learned(seed.address, seed.id)  # the simulator knows every id
-        self._drive(node, life)
+        node.drive_token += 1
+        self._drive(node, life, node.drive_token)
 
     def _answers(self, node: SimNode, address: str) -> SimNode | None:
         """The seed at `address`, if a dial from `node` would reach it now."""
@@ -242,13 +248,14 @@ class Simulator(Network[SimNode]):
             return None
         return seed
 
-    def _drive(self, node: SimNode, life: int) -> None:
+    def _drive(self, node: SimNode, life: int, token: int) -> None:
         """One step of the node's seeding policy (`runtime.seeding` does the same)."""
-        if not node.alive or life != node.life or node.policy is None:
+        if not node.alive or life != node.life or node.policy is None or token != node.drive_token:
             return
         policy, core = node.policy, node.stack.hyparview
         step = policy.step(core, self.now)
         delay: float
+        waiting = False
         if isinstance(step, Join):
             contact = next((s for a in step.seeds if (s := self._answers(node, a))), None)
             if contact is not None:
@@ -262,11 +269,19 @@ class Simulator(Network[SimNode]):
                     self._apply(node, MEMBERSHIP, core.reach(seed.peer, self.now))
                     break
             delay = 0.0
+        elif core.active:
+            # In the overlay: until the view changes (`_emit` wakes us), a re-join falls
+            # due, or the longest backoff passes.
+            waiting = True
+            delay = max(0.0, min(step.until - self.now, policy.config.retry_max))
         else:
-            # The runtime waits for a change of the active view; the simulator looks again.
-            poll = self.driver.join_backoff_min * self.rng.uniform(0.8, 1.2)
-            delay = max(0.0, min(step.until - self.now, poll))
-        self._schedule(delay, self._drive, (node, life))
+            delay = policy.config.retry_min  # a JOIN is pending: its timeout clears it
+        self._next_drive(node, delay, waiting=waiting)
+
+    def _next_drive(self, node: SimNode, delay: float, *, waiting: bool) -> None:
+        node.drive_token += 1
+        node.waiting = waiting
+        self._schedule(delay, self._drive, (node, node.life, node.drive_token))
 
     def _sweep_idle_links(self) -> None:
         for key, link in list(self._links.items()):
@@ -320,6 +335,8 @@ class Simulator(Network[SimNode]):
             if record is not None and node.peer.id not in record.hops:
                 record.hops[node.peer.id] = event.hops
                 record.last_delivery_at = self.now
+        elif node.waiting and isinstance(event, PeerUp | PeerDown) and layer_name == MEMBERSHIP:
+            self._next_drive(node, 0.0, waiting=False)  # the runtime's `view_changed`
         node.event_counts[type(event).__name__] += 1
         if self.driver.record_events:
             node.events.append(event)

@@ -117,9 +117,11 @@ def test_graceful_leave_tells_the_neighbors_and_nobody_keeps_the_node() -> None:
     leaver = sim.nodes["n7"]
     neighbors = [p.id for p in leaver.hyparview.active]
     assert neighbors
+    # No shuffle starts meanwhile (one could bring back a stale sample of the id, which
+    # the test below allows later): just past the largest latency (50 ms), every
+    # DISCONNECT of the leave has arrived.
+    sim.hold_rounds(sim.now + 1.0)
     sim.leave("n7")
-    # Just past the largest latency (50 ms): every DISCONNECT has arrived, and a shuffle
-    # that brings a stale sample of the id back is unlikely to have come yet.
     sim.run_for(0.06)
     for node_id in neighbors:
         node = sim.nodes[node_id]

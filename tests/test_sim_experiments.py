@@ -140,8 +140,17 @@ def test_a_forked_phase_gives_the_figures_of_a_deep_copy(monkeypatch: pytest.Mon
     # The phases run in a forked child where the OS has fork, else on a deep copy: the
     # same state either way, so the same figures.
     sim = build(60, seed=5, settle=30.0)
+    real_fork = bench.sim.os.fork
+    forks: list[int] = []
+
+    def counting_fork() -> int:
+        forks.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(bench.sim.os, "fork", counting_fork)
     forked = [failures(sim, (0.6,), cycles=2), plumtree(sim, broadcasts=6, churn_cycles=1)]
-    monkeypatch.delattr(bench.sim.os, "fork", raising=False)
+    assert len(forks) == 2  # the fork path ran, once per phase
+    monkeypatch.delattr(bench.sim.os, "fork")
     copied = [failures(sim, (0.6,), cycles=2), plumtree(sim, broadcasts=6, churn_cycles=1)]
     assert forked == copied
 

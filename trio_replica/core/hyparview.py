@@ -119,7 +119,7 @@ one node at a time) is narrower than ours:
    (rule i above) and the newcomers link among themselves. In the simulator, 1,000 nodes
    joining one node at once formed an overlay with an average shortest path of 28.6 hops
    and a clustering coefficient of 0.30 a minute later (4.8 and 0.027 with this rule);
-   50 joins a second, 0.029 (0.0019; a random graph: about 0.004). The newcomer is
+   50 joins a second, 0.029 (0.0034; a random graph: about 0.004). The newcomer is
    linked by the walks' ends; if none takes it, it joins again after its driver's backoff
    (``joins_walked``).
 
@@ -1105,6 +1105,7 @@ class HyParView:
     ) -> None:
         # "...it will first attempt to remove identifiers sent to the peer. If no such
         # identifiers remain in the passive view, it will remove identifiers at random."
+        # Entries that failed their last try go before those (`_add_passive`, deviation 2).
         budget = self.config.passive_size
         # The canonical addresses of the views, or more (an entry dropped meanwhile stays):
         # a peer whose address is not among them cannot conflict with an entry, so only

@@ -328,7 +328,10 @@ class NodeConfig:
                 "max_payload must be positive and leave 4 KiB of room in link.max_frame"
             )
         if not 0 <= self.max_clock_offset <= MAX_WALL / 1000:
-            raise ConfigError("max_clock_offset must be a number of seconds, 0 or more")
+            raise ConfigError(
+                f"max_clock_offset must be in [0, {MAX_WALL / 1000:.0f}] seconds,"
+                f" not {self.max_clock_offset}"
+            )
         if not 0 < self.seed_retry_min <= self.seed_retry_max:
             raise ConfigError("need 0 < seed_retry_min <= seed_retry_max")
         if self.subscriber_buffer < 1:

@@ -203,7 +203,9 @@ class BroadcastRecord:
     alive_at_send: frozenset[str]
     hops: dict[str, int] = attrs.field(factory=dict)
     #: Virtual time of the latest first delivery (`sent_at` until one happens).
-    last_delivery_at: float = 0.0
+    last_delivery_at: float = attrs.field(
+        default=attrs.Factory(lambda record: record.sent_at, takes_self=True)
+    )
     #: Payload messages (GOSSIP or flood copies, grafted resends included) received by
     #: live nodes: the paper's m.
     payloads: int = 0

@@ -50,7 +50,9 @@ _PAYLOADS = (Gossip, FloodGossip)
 class DriverConfig:
     """What the per-node driver does around the membership core."""
 
-    #: First and largest delay between two JOIN attempts of an isolated node.
+    #: The seeding policy's `retry_min` and `retry_max`: first and largest delay between
+    #: two JOIN attempts of an isolated node; the largest is also the longest the driver
+    #: of a node in the overlay waits for a view change.
     join_backoff_min: float = 1.0
     join_backoff_max: float = 30.0
     #: Which nodes run the periodic re-join check: "seeds" (seed nodes only: the
@@ -191,7 +193,7 @@ class Simulator(Network[SimNode]):
             raise TypeError(f"layer {layer!r} cannot broadcast")
         id = MessageId(origin, len(self.broadcasts) + 1, 0)
         alive = frozenset([node_id for node_id, n in self.nodes.items() if n.alive])
-        self.broadcasts[id] = BroadcastRecord(id, layer, self.now, alive, last_delivery_at=self.now)
+        self.broadcasts[id] = BroadcastRecord(id, layer, self.now, alive)
         self._apply(node, layer, target.broadcast(id, tag, payload, self.now))
         return id
 
@@ -348,15 +350,16 @@ class Simulator(Network[SimNode]):
                     self._apply(node, name, effects)
 
     def _fire_timer(self, node: SimNode, life: int, layer_name: str, timer: Hashable) -> None:
+        if not node.alive or life != node.life:
+            return
         if isinstance(timer, ShuffleTimer) and self.now < self.rounds_from:
             period = self.hyparview_config.shuffle_interval
             delay = self.rounds_from - self.now + self._rounds_rng.uniform(0, period)
             self._schedule(delay, self._fire_timer, (node, life, layer_name, timer))
             return
-        if node.alive and life == node.life:
-            effects = node.stack.layers[layer_name].handle_timer(timer, self.now)
-            if effects:
-                self._apply(node, layer_name, effects)
+        effects = node.stack.layers[layer_name].handle_timer(timer, self.now)
+        if effects:
+            self._apply(node, layer_name, effects)
 
     def _link_down(self, node: SimNode, peer: Peer) -> None:
         for name, layer in node.stack.layers.items():

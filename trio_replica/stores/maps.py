@@ -431,7 +431,12 @@ class ReplicatedMap:
             required=self._require,
             own=not remote,
         )
-        old_sigs = {k: self._sigs.get(k) for k in result.applied_keys} if self._signed else {}
+        # The signatures a local write replaces, for its undo if the store refuses it.
+        old_sigs = (
+            {k: self._sigs.get(k) for k in result.applied_keys}
+            if self._signed and not remote
+            else {}
+        )
         if self._signed:
             for key in result.applied_keys:
                 self._set_sig(key, result.signatures.get(key))

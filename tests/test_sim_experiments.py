@@ -148,6 +148,9 @@ def test_a_forked_phase_gives_the_figures_of_a_deep_copy(monkeypatch: pytest.Mon
         return real_fork()
 
     monkeypatch.setattr(bench.sim.os, "fork", counting_fork)
+    # Earlier tests of the suite leave idle worker threads (Trio's thread cache), which
+    # make `_on_a_copy` take the deep copy; the child here touches no lock they could hold.
+    monkeypatch.setattr(bench.sim.threading, "active_count", lambda: 1)
     forked = [failures(sim, (0.6,), cycles=2), plumtree(sim, broadcasts=6, churn_cycles=1)]
     assert len(forks) == 2  # the fork path ran, once per phase
     monkeypatch.delattr(bench.sim.os, "fork")

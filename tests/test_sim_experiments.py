@@ -17,6 +17,7 @@ import bench.sim
 from bench.sim import (
     PAPER_DETECTION,
     PAPER_LATENCY,
+    RUNTIME_DETECTION,
     build,
     failures,
     iroh_multi,
@@ -75,6 +76,15 @@ def test_massive_failures_and_healing(base: Simulator) -> None:
     assert most["after"]["components"] == 1
     # The stabilised overlay itself was not touched.
     assert len(base.alive_nodes()) == 200
+
+
+def test_runtime_detection_measures_plumtree_alone(base: Simulator) -> None:
+    (row,) = failures(base, (0.5,), cycles=2, detection=RUNTIME_DETECTION, layers=(BROADCAST,))
+    assert "flood" not in row and "flood" not in row["series"]
+    assert len(row["series"]["plumtree"]) == len(row["series"]["t"]) == 20
+    # Nothing repairs before the 3 s ping timeout; the rest of the two periods heals.
+    assert row["plumtree"]["healing_cycles"] is not None
+    assert row["plumtree"]["healing_cycles"] <= 2
 
 
 def test_plumtree_against_flooding_stable_and_under_churn(base: Simulator) -> None:

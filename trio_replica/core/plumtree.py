@@ -650,12 +650,13 @@ class Plumtree:
     def handle_message(self, sender: Peer, message: Message, now: float) -> list[Effect]:
         """A Plumtree message from `sender`, the authenticated peer of the link it came on."""
         self._expire(now)
-        if self._is_neighbor(sender):
+        neighbor = self._is_neighbor(sender)
+        if neighbor:
             self._heard_from[sender] = self._heard_from.get(sender, 0) + 1
         if isinstance(message, Gossip):
-            effects = self._on_gossip(sender, message, now)
+            effects = self._on_gossip(sender, neighbor, message, now)
         elif isinstance(message, IHave):
-            effects = self._on_ihave(sender, message)
+            effects = self._on_ihave(sender, neighbor, message)
         elif isinstance(message, Graft):
             effects = self._on_graft(sender, message)
         elif isinstance(message, Prune):
@@ -703,9 +704,8 @@ class Plumtree:
 
     # --- message rules --------------------------------------------------------------------
 
-    def _on_gossip(self, sender: Peer, message: Gossip, now: float) -> list[Effect]:
+    def _on_gossip(self, sender: Peer, neighbor: bool, message: Gossip, now: float) -> list[Effect]:
         self.stats.gossip_received += 1
-        neighbor = self._is_neighbor(sender)
         if not neighbor:
             self.stats.from_non_neighbors += 1
         seen = self._seen.get(message.id)
@@ -745,7 +745,16 @@ class Plumtree:
             message.id, message.tag, message.payload, hops, now, message.own_tree, message.signature
         )
         seen.first_from = sender
-        forward = attrs.evolve(message, round=min(hops + 1, MAX_ROUND))
+        # Built field by field: `attrs.evolve` reads the class's fields on every call, and
+        # this runs once per delivery at every node.
+        forward = Gossip(
+            message.id,
+            min(hops + 1, MAX_ROUND),
+            message.tag,
+            message.payload,
+            message.own_tree,
+            message.signature,
+        )
         # Announcers already have the message: announcing it back to them is waste.
         holders: tuple[Peer, ...] = ()
         if entry is not None:
@@ -775,10 +784,10 @@ class Plumtree:
         )
         return effects
 
-    def _on_ihave(self, sender: Peer, message: IHave) -> list[Effect]:
+    def _on_ihave(self, sender: Peer, neighbor: bool, message: IHave) -> list[Effect]:
         self.stats.ihave_received += 1
         self.stats.ihave_entries_received += len(message.entries)
-        if not self._is_neighbor(sender):
+        if not neighbor:
             self.stats.from_non_neighbors += 1
             return []
         effects: list[Effect] = []

@@ -77,7 +77,8 @@ class SimNode:
     policy: SeedPolicy | None = None
     links: set[tuple[str, str]] = attrs.field(factory=set)
     events: list[Event] = attrs.field(factory=list)
-    event_counts: Counter[str] = attrs.field(factory=Counter)
+    #: Emitted events by class (kept even when `events` is not).
+    event_counts: Counter[type[Event]] = attrs.field(factory=Counter)
     #: The driver's next step: only the latest one scheduled runs (`Simulator._drive`).
     drive_token: int = 0
     #: The driver waits for a change of the active view (or its deadline).
@@ -339,7 +340,7 @@ class Simulator(Network[SimNode]):
                 record.last_delivery_at = self.now
         elif node.waiting and isinstance(event, PeerUp | PeerDown) and layer_name == MEMBERSHIP:
             self._next_drive(node, 0.0, waiting=False)  # the runtime's `view_changed`
-        node.event_counts[type(event).__name__] += 1
+        node.event_counts[type(event)] += 1
         if self.driver.record_events:
             node.events.append(event)
         now = self.now
@@ -375,7 +376,7 @@ class Simulator(Network[SimNode]):
         stack = dest.stack
         layer_name = stack.routes.get(type(message))
         if layer_name is None:
-            self.dropped[type(message).__name__] += 1
+            self._dropped[type(message)] += 1
             return
         effects = stack.layers[layer_name].handle_message(source.peer, message, self.now)
         if effects:

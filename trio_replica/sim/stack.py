@@ -47,16 +47,14 @@ class HyParViewLayer:
     """Adapts the HyParView core to `Layer` (it consumes no other layer's events)."""
 
     kinds: tuple[type[Message], ...] = HYPARVIEW_KINDS
-    __slots__ = ("core",)
+    __slots__ = ("core", "handle_message", "handle_timer")
 
     def __init__(self, core: HyParView) -> None:
         self.core = core
-
-    def handle_message(self, sender: Peer, message: Message, now: float) -> list[Effect]:
-        return self.core.handle_message(sender, message, now)
-
-    def handle_timer(self, timer: Hashable, now: float) -> list[Effect]:
-        return self.core.handle_timer(timer, now)
+        # The core's own methods: a method forwarding to them would add a call to every
+        # message of every run.
+        self.handle_message = core.handle_message
+        self.handle_timer = core.handle_timer
 
     def handle_link_down(self, peer: Peer, now: float) -> list[Effect]:
         return self.core.handle_link_down(peer, now)

@@ -68,6 +68,7 @@ from trio_replica.sim.graph import (
     clustering_coefficient,
     components,
     in_degree_distribution,
+    triangles,
 )
 from trio_replica.sim.network import NetworkConfig
 from trio_replica.sim.overlay import DriverConfig, Simulator
@@ -280,6 +281,7 @@ def _overlay(sim: Simulator, *, broadcasts: int, path_sources: int) -> dict[str,
         "nodes": len(graph),
         "components": len(components(graph)),
         "clustering_coefficient": clustering_coefficient(graph),
+        "triangles": triangles(graph),
         "average_shortest_path": average_shortest_path(
             graph, sources=path_sources, rng=random.Random(sim.seed)
         ),

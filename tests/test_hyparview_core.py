@@ -1089,6 +1089,31 @@ def test_a_peer_that_teaches_dead_addresses_is_ignored_for_a_while() -> None:
     core.check_invariants()
 
 
+def test_a_mass_crash_penalises_no_teacher_even_when_the_first_tries_fall_unevenly() -> None:
+    # Deviation 12: right after a mass crash the refill's first tries may all fall on one
+    # teacher's entries. Our own neighbours failing too says it is a crash, not a lie:
+    # the untried entries stay (at 90% crashed, such an entry was the last live id a
+    # survivor's only live contact held of it).
+    core = make(bad_address_limit=3, bad_address_period=60.0)
+    link_up(core, A, B, C, D)
+    taught = [peer(f"a-{i}") for i in range(5)]
+    core.handle_message(A, Shuffle(A, 0, tuple(taught), 1), 0.0)
+    core.handle_link_down(B, 0.5)
+    core.handle_link_down(C, 0.5)
+    for p in taught[:3]:
+        core._candidate_failed(p.id, 1.0)
+    assert core.stats.teachers_penalised == 0
+    assert {"a-3", "a-4"} <= ids(core.passive)
+    # Once the neighbours' failures are a period old, the same pattern is penalised.
+    more = [peer(f"b-{i}") for i in range(4)]
+    core.handle_message(A, Shuffle(A, 0, tuple(more), 2), 70.0)
+    for p in more[:3]:
+        core._candidate_failed(p.id, 71.0)
+    assert core.stats.teachers_penalised == 1
+    assert not {"a-3", "a-4", "b-3"} & ids(core.passive)
+    core.check_invariants()
+
+
 def test_a_join_uses_its_senders_eviction_for_the_period() -> None:
     # Deviation 11: a member that JOINs a full view (one eviction, always taken in) gets
     # no FORWARD_JOIN eviction on top within the period.

@@ -109,7 +109,11 @@ one node at a time) is narrower than ours:
    failures of all other teachers together (a mass crash fails everyone's entries: no
    one stands out, and nothing is dropped that the healing needs), is penalised for that
    period: the entries it taught are dropped and the ids it sends are ignored
-   (``teachers_penalised``, ``addresses_ignored``).
+   (``teachers_penalised``, ``addresses_ignored``). No teacher is penalised while two or
+   more of our active peers failed within the period: a lying teacher does not make our
+   neighbours fail, a mass crash does, and its first few failed tries can fall on one
+   teacher's entries by chance (at 90% crashed, that dropped the last live id a
+   survivor's only live contact held of it, which then stayed alone for good).
 13. A contact busy with joins hands newcomers to the walks alone: a JOIN that would take
    its newcomer into a full active view less than `join_eviction_interval` after another
    JOIN did so is answered ``NeighborReply(False)`` (the link closed), and the walks go
@@ -531,6 +535,9 @@ class HyParView:
         #: failed (each once), over the last `bad_address_period`.
         self._teachers: dict[str, _Teacher] = {}
         self._failed_entries: collections.deque[float] = collections.deque()
+        #: When active peers failed on us (link failure), over the last `bad_address_period`:
+        #: two or more mean a mass failure, which fails every teacher's entries alike.
+        self._active_failures: collections.deque[float] = collections.deque()
 
     # --- after a crash --------------------------------------------------------------------
 
@@ -1208,11 +1215,19 @@ class HyParView:
         failed.append(now)
         while failed[0] <= now - self.config.bad_address_period:
             failed.popleft()
+        lost_neighbours = self._active_failures
+        while lost_neighbours and lost_neighbours[0] <= now - self.config.bad_address_period:
+            lost_neighbours.popleft()
+        # Our own neighbours failing too: a mass failure, not a teacher lying to us. Early
+        # after one, the first few tries fall unevenly on the teachers, and a penalty would
+        # drop untried entries that may be the last live ids we (or anyone) hold.
+        mass_failure = len(lost_neighbours) >= 2
         for source in entry.sources:
             teacher = self._teacher(source, now)
             teacher.failed += 1
             if (
-                teacher.penalised_until <= now
+                not mass_failure
+                and teacher.penalised_until <= now
                 and teacher.failed >= self.config.bad_address_limit
                 and teacher.failed > 3 * teacher.answered
                 and teacher.failed > 2 * (len(failed) - teacher.failed)
@@ -1292,6 +1307,10 @@ class HyParView:
         """An active peer failed: PeerDown(FAILED), passive with a failure (section 4.3)."""
         peer = self._active.pop(peer_id)
         self.stats.failures += 1
+        lost = self._active_failures
+        lost.append(now)
+        while lost[0] <= now - self.config.bad_address_period:
+            lost.popleft()  # bounded by what fails within the period
         self._remember_lost(peer, now)
         out.append(Emit(PeerDown(peer, DownReason.FAILED)))
         entry = self._add_passive(peer, failed=True)

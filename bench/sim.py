@@ -19,8 +19,9 @@ Phases, in the order they run, all from one stabilised overlay (`build`):
   Reliability counts survivors. Reported: the first broadcast (sent at the crash instant:
   the overlay as it stands, nobody has detected anything), the mean over the first shuffle
   period (reactive repair only: shuffles refresh passive views, never active ones), and
-  the healing time: from which broadcast on every broadcast reached every survivor.
-  Failures are detected as in the paper (a send to a crashed peer fails at once).
+  the healing time: from which broadcast on every broadcast reached every survivor. A
+  row ends early once two periods of broadcasts reached every survivor (nothing crashes
+  after the first instant: what healed stays healed). Failures are detected as in the paper (a send to a crashed peer fails at once).
 * ``failures_runtime_detection``: the same with the runtime's failure detection (ping
   timeout 3 s, failed dial 1 s), Plumtree alone: the runtime's broadcast.
 * ``plumtree`` (SRDS 2007 section 4): broadcasts from random nodes, one every
@@ -323,11 +324,13 @@ def failures(
     cycles: int = 5,
     detection: dict[str, float] = PAPER_DETECTION,
     layers: Sequence[str] = (FLOOD, BROADCAST),
+    healed_cycles: int | None = 2,
 ) -> list[dict[str, Any]]:
     """HyParView sections 5.2 and 5.3: crash `rate` of the nodes at once, then broadcast
     (on each of `layers`, flooding and Plumtree by default, same origin) every `interval`
-    for `cycles` shuffle periods. `detection` sets the network's failure-detection delays
-    for the run."""
+    for `cycles` shuffle periods, or until the broadcasts of the last `healed_cycles`
+    periods (None: never) reached every survivor. `detection` sets the network's
+    failure-detection delays for the run."""
     return [
         _on_a_copy(
             base,
@@ -338,6 +341,7 @@ def failures(
                 cycles=cycles,
                 detection=detection,
                 layers=tuple(layers),
+                healed_cycles=healed_cycles,
             ),
         )
         for rate in rates
@@ -356,8 +360,17 @@ def _failure_row(
     cycles: int,
     detection: dict[str, float],
     layers: tuple[str, ...] = (FLOOD, BROADCAST),
+    healed_cycles: int | None = 2,
 ) -> dict[str, Any]:
-    """One failure rate of `failures`, on `sim` (a copy of the base)."""
+    """One failure rate of `failures`, on `sim` (a copy of the base).
+
+    The row ends early once it has healed for good: when the last `healed_cycles` shuffle
+    periods of broadcasts at least `SETTLE` seconds old all reached every survivor, on
+    every layer. Nothing crashes after the first instant, so a healed overlay stays
+    healed; the rows that heal at once (10-40% crashed, which hold most of the survivors
+    hence most of the events) then take half the time, and every figure stays what the
+    full `cycles` give (checked on both models at 10,000 nodes: the README).
+    """
     period = sim.hyparview_config.shuffle_interval
     sim.network = attrs.evolve(sim.network, **detection)
     everyone = _alive_ids(sim)
@@ -372,13 +385,21 @@ def _failure_row(
     sent: list[tuple[float, list[MessageId]]] = []
     steps = round(cycles * period / interval)
     first_origin: str | None = None
-    for _ in range(steps):
+    healed_run = None if healed_cycles is None else round(healed_cycles * period / interval)
+    settle_steps = math.ceil(SETTLE / interval)
+    complete: set[MessageId] = set()
+    for step in range(steps):
         origin = sim.rng.choice(survivors)
         first_origin = first_origin or origin
         ids = [sim.broadcast(origin, layer) for layer in layers]
         sent.append((sim.now - crashed_at, ids))
         sim.run_for(interval)
-    sim.run_for(5.0)
+        settled = step + 1 - settle_steps + 1  # broadcasts sent at least SETTLE ago
+        if healed_run is not None and settled >= healed_run:
+            recent = sent[settled - healed_run : settled]
+            if all(_reached_all(sim, id, complete) for _, ids in recent for id in ids):
+                break
+    sim.run_for(SETTLE)
     labels = [LABELS[layer] for layer in layers]
     series: dict[str, list[float]] = {"t": [], **{label: [] for label in labels}}
     for t, ids in sent:
@@ -424,6 +445,22 @@ def _failure_row(
     row["cut_off_at_crash"] = len(cut_off)
     row["series"] = series
     return row
+
+
+#: Seconds a broadcast is given to reach everyone before it is judged.
+SETTLE = 5.0
+
+
+def _reached_all(sim: Simulator, id: MessageId, complete: set[MessageId]) -> bool:
+    """Whether broadcast `id` reached every node alive when it was sent (`complete`: those
+    found so; a count stops at 100%, nobody crashing after the first instant)."""
+    if id in complete:
+        return True
+    record = sim.broadcasts[id]
+    if len(record.hops) < len(record.alive_at_send) or record.metrics().reliability < 1.0:
+        return False
+    complete.add(id)
+    return True
 
 
 def _cut_off(sim: Simulator, survivors: Sequence[str]) -> set[str]:

@@ -78,6 +78,18 @@ def test_massive_failures_and_healing(base: Simulator) -> None:
     assert len(base.alive_nodes()) == 200
 
 
+def test_a_healed_row_ends_early_with_the_full_windows_figures(base: Simulator) -> None:
+    (early,) = failures(base, (0.2,), cycles=5, detection=PAPER_DETECTION)
+    (full,) = failures(base, (0.2,), cycles=5, detection=PAPER_DETECTION, healed_cycles=None)
+    assert len(full["series"]["t"]) == 50
+    # Healed at once: it ends when two periods of settled broadcasts reached everyone.
+    assert len(early["series"]["t"]) < 30
+    for label in ("flood", "plumtree"):
+        assert early["series"][label] == full["series"][label][: len(early["series"]["t"])]
+        assert early[label] == full[label]
+    assert early["after"]["outside_largest"] == full["after"]["outside_largest"] == 0
+
+
 def test_runtime_detection_measures_plumtree_alone(base: Simulator) -> None:
     (row,) = failures(base, (0.5,), cycles=2, detection=RUNTIME_DETECTION, layers=(BROADCAST,))
     assert "flood" not in row and "flood" not in row["series"]

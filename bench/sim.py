@@ -21,7 +21,8 @@ Phases, in the order they run, all from one stabilised overlay (`build`):
   period (reactive repair only: shuffles refresh passive views, never active ones), and
   the healing time: from which broadcast on every broadcast reached every survivor. A
   row ends early once two periods of broadcasts reached every survivor (nothing crashes
-  after the first instant: what healed stays healed). Failures are detected as in the paper (a send to a crashed peer fails at once).
+  after the first instant: what healed stays healed). Failures are detected as in the
+  paper (a send to a crashed peer fails at once).
 * ``failures_runtime_detection``: the same with the runtime's failure detection (ping
   timeout 3 s, failed dial 1 s), Plumtree alone: the runtime's broadcast.
 * ``plumtree`` (SRDS 2007 section 4): broadcasts from random nodes, one every

@@ -445,7 +445,28 @@ def _failure_row(
     }
     row["cut_off_at_crash"] = len(cut_off)
     row["series"] = series
+    add_reachable_healing(row, period)
     return row
+
+
+def add_reachable_healing(row: dict[str, Any], period: float) -> None:
+    """Add to each layer of a `failures` row when it healed counting only the survivors
+    that were not cut off at the crash (`cut_off_at_crash`: nobody can reach those), the
+    paper's question for the others: from which broadcast on every later one reached
+    every survivor that could be reached. A function of the row alone."""
+    survivors = row["survivors"]
+    reachable = (survivors - row["cut_off_at_crash"]) / survivors if survivors else 1.0
+    for label, values in row["series"].items():
+        if label == "t":
+            continue
+        # A cut-off survivor is never reached, so a broadcast at `reachable` reached all
+        # the others (the tolerance absorbs the division's rounding).
+        full = [1.0 if v >= reachable - 1e-9 else 0.0 for v in values]
+        healed = _healed_at(row["series"]["t"], full)
+        row[label]["healed_reachable_after_s"] = healed
+        row[label]["healing_cycles_reachable"] = (
+            None if healed is None else math.ceil(healed / period)
+        )
 
 
 #: Seconds a broadcast is given to reach everyone before it is judged.

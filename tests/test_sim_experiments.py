@@ -74,6 +74,11 @@ def test_massive_failures_and_healing(base: Simulator) -> None:
     ]
     assert sum(row["flood"]["first_cycle_mean"] for row in firsts) / len(firsts) > 0.8
     assert most["after"]["components"] == 1
+    # Nobody was cut off at the crash: healing counted over the reachable survivors is
+    # healing counted over all of them.
+    assert most["cut_off_at_crash"] == 0
+    for label in ("flood", "plumtree"):
+        assert most[label]["healed_reachable_after_s"] == most[label]["healed_after_s"]
     # The stabilised overlay itself was not touched.
     assert len(base.alive_nodes()) == 200
 
@@ -88,6 +93,20 @@ def test_a_healed_row_ends_early_with_the_full_windows_figures(base: Simulator) 
         assert early["series"][label] == full["series"][label][: len(early["series"]["t"])]
         assert early[label] == full[label]
     assert early["after"]["outside_largest"] == full["after"]["outside_largest"] == 0
+
+
+def test_healing_over_the_reachable_survivors_leaves_out_the_cut_off() -> None:
+    row: dict = {
+        "survivors": 4,
+        "cut_off_at_crash": 1,
+        "series": {"t": [0.0, 1.0, 2.0, 3.0], "flood": [0.25, 0.75, 0.5, 0.75]},
+        "flood": {},
+    }
+    bench.sim.add_reachable_healing(row, 10.0)
+    assert row["flood"] == {"healed_reachable_after_s": 3.0, "healing_cycles_reachable": 1}
+    row["cut_off_at_crash"] = 2
+    bench.sim.add_reachable_healing(row, 10.0)
+    assert row["flood"]["healed_reachable_after_s"] == 1.0
 
 
 def test_runtime_detection_measures_plumtree_alone(base: Simulator) -> None:

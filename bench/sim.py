@@ -332,6 +332,8 @@ def failures(
     for `cycles` shuffle periods, or until the broadcasts of the last `healed_cycles`
     periods (None: never) reached every survivor. `detection` sets the network's
     failure-detection delays for the run."""
+    if healed_cycles is not None and healed_cycles < 1:
+        raise ValueError(f"healed_cycles must be 1 or more (or None), not {healed_cycles}")
     return [
         _on_a_copy(
             base,
@@ -369,8 +371,9 @@ def _failure_row(
     periods of broadcasts at least `SETTLE` seconds old all reached every survivor, on
     every layer. Nothing crashes after the first instant, so a healed overlay stays
     healed; the rows that heal at once (10-40% crashed, which hold most of the survivors
-    hence most of the events) then take half the time, and every figure stays what the
-    full `cycles` give (checked on both models at 10,000 nodes: the README).
+    hence most of the events) then take half the time. The reliability and healing
+    figures are those of the full `cycles` (checked against full windows of both models
+    at 10,000 nodes: README, "Scale"); `after` describes the overlay when the row ended.
     """
     period = sim.hyparview_config.shuffle_interval
     sim.network = attrs.evolve(sim.network, **detection)
@@ -403,10 +406,16 @@ def _failure_row(
     sim.run_for(SETTLE)
     labels = [LABELS[layer] for layer in layers]
     series: dict[str, list[float]] = {"t": [], **{label: [] for label in labels}}
+    # Reliability over the survivors that were not cut off at the crash (nobody can
+    # reach those): the paper's healing question for the others.
+    reachable_ids = set(survivors) - cut_off
+    reachable: dict[str, list[float]] = {label: [] for label in labels}
     for t, ids in sent:
         series["t"].append(round(t, 6))
         for label, id in zip(labels, ids, strict=True):
-            series[label].append(sim.broadcasts[id].metrics().reliability)
+            record = sim.broadcasts[id]
+            series[label].append(record.metrics().reliability)
+            reachable[label].append(record.metrics(reachable_ids).reliability)
     row: dict[str, Any] = {
         "rate": rate,
         "survivors": len(survivors),
@@ -430,6 +439,11 @@ def _failure_row(
             "healed_after_s": healed,
             "healing_cycles": None if healed is None else math.ceil(healed / period),
         }
+        healed = _healed_at(series["t"], reachable[label])
+        row[label]["healed_reachable_after_s"] = healed
+        row[label]["healing_cycles_reachable"] = (
+            None if healed is None else math.ceil(healed / period)
+        )
     graph = active_graph(sim)
     pieces = components(graph)
     outside = set().union(*pieces[1:]) if pieces else set()
@@ -445,28 +459,7 @@ def _failure_row(
     }
     row["cut_off_at_crash"] = len(cut_off)
     row["series"] = series
-    add_reachable_healing(row, period)
     return row
-
-
-def add_reachable_healing(row: dict[str, Any], period: float) -> None:
-    """Add to each layer of a `failures` row when it healed counting only the survivors
-    that were not cut off at the crash (`cut_off_at_crash`: nobody can reach those), the
-    paper's question for the others: from which broadcast on every later one reached
-    every survivor that could be reached. A function of the row alone."""
-    survivors = row["survivors"]
-    reachable = (survivors - row["cut_off_at_crash"]) / survivors if survivors else 1.0
-    for label, values in row["series"].items():
-        if label == "t":
-            continue
-        # A cut-off survivor is never reached, so a broadcast at `reachable` reached all
-        # the others (the tolerance absorbs the division's rounding).
-        full = [1.0 if v >= reachable - 1e-9 else 0.0 for v in values]
-        healed = _healed_at(row["series"]["t"], full)
-        row[label]["healed_reachable_after_s"] = healed
-        row[label]["healing_cycles_reachable"] = (
-            None if healed is None else math.ceil(healed / period)
-        )
 
 
 #: Seconds a broadcast is given to reach everyone before it is judged.
@@ -935,8 +928,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     result["machine"] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        # The day's speed (`machine_reference`), timed before the run.
+        # The day's speed (`machine_reference`), timed before and after the run.
         "reference_seconds": reference,
+        "reference_seconds_after": machine_reference(),
     }
     result["date"] = time.strftime("%Y-%m-%d")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1091,26 +1091,61 @@ def test_a_peer_that_teaches_dead_addresses_is_ignored_for_a_while() -> None:
 
 def test_a_mass_crash_penalises_no_teacher_even_when_the_first_tries_fall_unevenly() -> None:
     # Deviation 12: right after a mass crash the refill's first tries may all fall on one
-    # teacher's entries. Our own neighbours failing too says it is a crash, not a lie:
-    # the untried entries stay (at 90% crashed, such an entry was the last live id a
+    # teacher's entries. Standing neighbours of ours failing too says it is a crash, not a
+    # lie: the untried entries stay (at 90% crashed, such an entry was the last live id a
     # survivor's only live contact held of it).
     core = make(bad_address_limit=3, bad_address_period=60.0)
     link_up(core, A, B, C, D)
     taught = [peer(f"a-{i}") for i in range(5)]
     core.handle_message(A, Shuffle(A, 0, tuple(taught), 1), 0.0)
-    core.handle_link_down(B, 0.5)
-    core.handle_link_down(C, 0.5)
+    core.handle_link_down(B, 20.0)
+    core.handle_link_down(C, 20.0)
     for p in taught[:3]:
-        core._candidate_failed(p.id, 1.0)
+        core._candidate_failed(p.id, 21.0)
     assert core.stats.teachers_penalised == 0
     assert {"a-3", "a-4"} <= ids(core.passive)
-    # Once the neighbours' failures are a period old, the same pattern is penalised.
+    # Once the neighbours' failures are a period old, the same pattern is penalised, on
+    # failures counted from then on only.
     more = [peer(f"b-{i}") for i in range(4)]
-    core.handle_message(A, Shuffle(A, 0, tuple(more), 2), 70.0)
-    for p in more[:3]:
-        core._candidate_failed(p.id, 71.0)
+    core.handle_message(A, Shuffle(A, 0, tuple(more), 2), 90.0)
+    core._candidate_failed(taught[3].id, 90.5)
+    core._candidate_failed(more[0].id, 91.0)
+    assert core.stats.teachers_penalised == 0
+    core._candidate_failed(more[1].id, 91.0)
     assert core.stats.teachers_penalised == 1
-    assert not {"a-3", "a-4", "b-3"} & ids(core.passive)
+    assert not {"a-4", "b-2", "b-3"} & ids(core.passive)
+    core.check_invariants()
+
+
+def test_one_neighbour_failing_does_not_stop_the_penalty() -> None:
+    core = make(bad_address_limit=3, bad_address_period=60.0)
+    link_up(core, A, B, C)
+    taught = [peer(f"a-{i}") for i in range(5)]
+    core.handle_message(A, Shuffle(A, 0, tuple(taught), 1), 0.0)
+    core.handle_link_down(B, 20.0)
+    for p in taught[:3]:
+        core._candidate_failed(p.id, 21.0)
+    assert core.stats.teachers_penalised == 1
+    assert not {"a-3", "a-4"} & ids(core.passive)
+
+
+def test_newcomers_pushed_on_us_that_never_answer_do_not_stop_the_penalty() -> None:
+    # Deviation 12: a member cannot turn the penalty off by making cheap links fail:
+    # newcomers it pushes (FORWARD_JOIN, time to live 0) whose dials fail at once never
+    # stood in the view, so they do not count as a mass failure.
+    core = make(bad_address_limit=3, bad_address_period=60.0)
+    link_up(core, A, B)
+    taught = [peer(f"a-{i}") for i in range(5)]
+    core.handle_message(A, Shuffle(A, 0, tuple(taught), 1), 0.0)
+    for i in range(2):
+        fake = peer(f"fake{i}")
+        core.handle_message(A, ForwardJoin(fake, 0), 20.0 + i)
+        assert fake.id in ids(core.active)
+        core.handle_link_down(fake, 20.5 + i)
+    for p in taught[:3]:
+        core._candidate_failed(p.id, 23.0)
+    assert core.stats.teachers_penalised == 1
+    assert not {"a-3", "a-4"} & ids(core.passive)
     core.check_invariants()
 
 

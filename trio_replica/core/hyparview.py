@@ -109,11 +109,14 @@ one node at a time) is narrower than ours:
    failures of all other teachers together (a mass crash fails everyone's entries: no
    one stands out, and nothing is dropped that the healing needs), is penalised for that
    period: the entries it taught are dropped and the ids it sends are ignored
-   (``teachers_penalised``, ``addresses_ignored``). No teacher is penalised while two or
-   more of our active peers failed within the period: a lying teacher does not make our
-   neighbours fail, a mass crash does, and its first few failed tries can fall on one
-   teacher's entries by chance (at 90% crashed, that dropped the last live id a
-   survivor's only live contact held of it, which then stayed alone for good).
+   (``teachers_penalised``, ``addresses_ignored``). Nothing is counted against a teacher
+   while the links of two or more standing neighbours (in the active view for a shuffle
+   period or more) failed within the period: a mass crash fails them, and its first few
+   failed tries can fall on one teacher's entries by chance (at 90% crashed, a penalty
+   then dropped the last live id a survivor's only live contact held of it, which stayed
+   alone for good). A newcomer pushed on us that never answers, or a link opened and
+   dropped, does not count: turning the penalty off takes two links that stood a period
+   each and then failed, every period.
 13. A contact busy with joins hands newcomers to the walks alone: a JOIN that would take
    its newcomer into a full active view less than `join_eviction_interval` after another
    JOIN did so is answered ``NeighborReply(False)`` (the link closed), and the walks go
@@ -535,9 +538,12 @@ class HyParView:
         #: failed (each once), over the last `bad_address_period`.
         self._teachers: dict[str, _Teacher] = {}
         self._failed_entries: collections.deque[float] = collections.deque()
-        #: When active peers failed on us (link failure), over the last `bad_address_period`:
-        #: two or more mean a mass failure, which fails every teacher's entries alike.
-        self._active_failures: collections.deque[float] = collections.deque()
+        #: Standing neighbours (in the active view for a shuffle period or more) whose link
+        #: failed, by id, oldest first, over the last `bad_address_period`: two or more
+        #: mean a mass failure, which fails every teacher's entries alike (deviation 12).
+        self._standing_failed: dict[str, float] = {}
+        #: When each active peer entered the active view (ids that left are pruned lazily).
+        self._active_since: dict[str, float] = {}
 
     # --- after a crash --------------------------------------------------------------------
 
@@ -1204,6 +1210,17 @@ class HyParView:
                 self._teachers[source] = teacher
         return teacher
 
+    def _prune_standing_failed(self, now: float) -> dict[str, float]:
+        """`_standing_failed` without what is older than `bad_address_period`."""
+        failed = self._standing_failed
+        cutoff = now - self.config.bad_address_period
+        while failed:
+            oldest = next(iter(failed))
+            if failed[oldest] > cutoff:
+                break
+            del failed[oldest]
+        return failed
+
     def _taught_entry_failed(self, entry: _PassiveEntry, now: float) -> None:
         if entry.failures != 1 or not entry.sources:
             return  # counted once per entry
@@ -1215,19 +1232,18 @@ class HyParView:
         failed.append(now)
         while failed[0] <= now - self.config.bad_address_period:
             failed.popleft()
-        lost_neighbours = self._active_failures
-        while lost_neighbours and lost_neighbours[0] <= now - self.config.bad_address_period:
-            lost_neighbours.popleft()
-        # Our own neighbours failing too: a mass failure, not a teacher lying to us. Early
-        # after one, the first few tries fall unevenly on the teachers, and a penalty would
-        # drop untried entries that may be the last live ids we (or anyone) hold.
-        mass_failure = len(lost_neighbours) >= 2
+        # Standing neighbours of ours failing too: a mass failure, not a teacher lying to
+        # us. Early after one, the first few tries fall unevenly on the teachers, and a
+        # penalty would drop untried entries that may be the last live ids we (or anyone)
+        # hold. Nothing is counted against the teachers meanwhile either: the counts
+        # would judge them once the exemption ends.
+        if len(self._prune_standing_failed(now)) >= 2:
+            return
         for source in entry.sources:
             teacher = self._teacher(source, now)
             teacher.failed += 1
             if (
-                not mass_failure
-                and teacher.penalised_until <= now
+                teacher.penalised_until <= now
                 and teacher.failed >= self.config.bad_address_limit
                 and teacher.failed > 3 * teacher.answered
                 and teacher.failed > 2 * (len(failed) - teacher.failed)
@@ -1253,6 +1269,11 @@ class HyParView:
                 self._teacher(source, now).answered += 1
         self._lost.pop(peer.id, None)
         self._active[peer.id] = peer
+        self._active_since[peer.id] = now
+        if len(self._active_since) > 4 * self.config.active_size:
+            self._active_since = {
+                pid: t for pid, t in self._active_since.items() if pid in self._active
+            }
         if len(self._active) >= min(self.config.min_active, self.config.active_size):
             self._low_since = None  # a later drop starts a new grace
         out.append(Emit(PeerUp(peer)))
@@ -1307,10 +1328,14 @@ class HyParView:
         """An active peer failed: PeerDown(FAILED), passive with a failure (section 4.3)."""
         peer = self._active.pop(peer_id)
         self.stats.failures += 1
-        lost = self._active_failures
-        lost.append(now)
-        while lost[0] <= now - self.config.bad_address_period:
-            lost.popleft()  # bounded by what fails within the period
+        since = self._active_since.pop(peer_id, now)
+        if now - since >= self.config.shuffle_interval:
+            # Only a neighbour that stood counts towards a mass failure (deviation 12): a
+            # newcomer pushed on us that never answers, or a link a member opens and
+            # drops, is cheap to make fail and must not turn the penalty off.
+            self._standing_failed.pop(peer_id, None)
+            self._standing_failed[peer_id] = now
+            self._prune_standing_failed(now)
         self._remember_lost(peer, now)
         out.append(Emit(PeerDown(peer, DownReason.FAILED)))
         entry = self._add_passive(peer, failed=True)

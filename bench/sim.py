@@ -828,8 +828,8 @@ def plot(result: dict[str, Any], prefix: Path) -> list[Path]:
 
 
 def machine_reference(rounds: int = 5) -> float:
-    """Seconds for a fixed pure-Python workload (tuples through a heap, a dict of tuple
-    keys, small objects), best of `rounds`: how fast this machine runs Python on the day,
+    """Seconds for a fixed pure-Python workload (tuples through a heap, a dict keyed by
+    tuples), best of `rounds`: how fast this machine runs Python on the day,
     independent of this package's code. The machine's speed varies from day to day (a
     factor of three has been seen), so a run's wall time is reported beside it: two runs'
     wall times compare as their ratios to it."""

@@ -100,10 +100,17 @@ def test_a_healed_row_ends_early_with_the_full_windows_figures(base: Simulator) 
 
 
 def test_runtime_detection_measures_plumtree_alone(base: Simulator) -> None:
-    (row,) = failures(base, (0.5,), cycles=2, detection=RUNTIME_DETECTION, layers=(BROADCAST,))
+    (row,) = failures(
+        base,
+        (0.5,),
+        cycles=3,
+        detection=RUNTIME_DETECTION,
+        layers=(BROADCAST,),
+        healed_cycles=None,
+    )
     assert "flood" not in row and "flood" not in row["series"]
-    assert len(row["series"]["plumtree"]) == len(row["series"]["t"]) == 20
-    # It heals within the two periods, detection by timeout included.
+    assert len(row["series"]["plumtree"]) == len(row["series"]["t"]) == 30
+    # Detection by timeout included, it heals within two of the three periods.
     assert row["plumtree"]["healing_cycles"] is not None
     assert row["plumtree"]["healing_cycles"] <= 2
 

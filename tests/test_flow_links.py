@@ -162,7 +162,7 @@ async def test_an_announcement_waits_behind_the_payloads_queued_before_it(
         pair = await link_pair(nursery, MemoryNetwork(seed=4), config, on_message=holder.on_message)
         for n in range(4):
             pair.a.send_nowait(gossip(n))
-        ihave = IHave(((MessageId("x", 9, 9), 2),))
+        ihave = IHave.of([(MessageId("x", 9, 9), 2, "t")])
         pair.a.send_nowait(ihave)
         pair.a.send_nowait(Neighbor(True))  # control: first
         await trio.sleep(1)
@@ -186,7 +186,7 @@ async def test_a_payload_that_does_not_fit_is_refused_an_announcement_never(
         accepted = [pair.a.send_nowait(gossip(n)) for n in range(6)]
         # Queued in one go (the writer has not run): three fit, the rest are refused.
         assert accepted == [True, True, True, False, False, False]
-        assert pair.a.send_nowait(IHave(((MessageId("x", 1, 1), 1),)))
+        assert pair.a.send_nowait(IHave.of([(MessageId("x", 1, 1), 1, "t")]))
         assert pair.a_stats.drops == {}, "a refusal is the caller's to handle, not a drop"
         nursery.cancel_scope.cancel()
 

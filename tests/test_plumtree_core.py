@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 import attrs
 import pytest
@@ -58,6 +58,11 @@ def peer(name: str) -> Peer:
 
 
 A, B, C, D, E = (peer(n) for n in "ABCDE")
+
+
+def ihave(entries: Iterable[tuple[MessageId, int]], tag: str = "t") -> IHave:
+    """An IHAVE announcing `(id, round)` entries, all of `tag` (the tests' broadcasts use "t")."""
+    return IHave.of((id, round, tag) for id, round in entries)
 
 
 def mid(n: int, origin: str = "O") -> MessageId:
@@ -149,7 +154,7 @@ def test_broadcast_delivers_locally_pushes_to_eager_and_batches_ihaves() -> None
     assert timers(effects) == []
 
     effects = tree.handle_timer(FlushTimer(1), 1.0 + WINDOW)
-    both = IHave(((mid(1), 1), (mid(2), 1)))
+    both = ihave(((mid(1), 1), (mid(2), 1)))
     assert sends(effects) == [(C, both), (D, both)]
     assert tree.stats.ihave_sent == 2 and tree.stats.ihave_entries_sent == 4
 
@@ -171,8 +176,8 @@ def test_first_receipt_forwards_to_eager_and_announces_to_lazy() -> None:
     assert A in tree.eager
     flush = only_timer(effects)
     assert sends(tree.handle_timer(flush, 1.0 + WINDOW)) == [
-        (C, IHave(((mid(1), 3),))),
-        (D, IHave(((mid(1), 3),))),
+        (C, ihave(((mid(1), 3),))),
+        (D, ihave(((mid(1), 3),))),
     ]
     assert tree.stats.gossip_received == 1 and tree.stats.delivered == 1
     assert tree.stats.max_hops == 2
@@ -190,7 +195,7 @@ def test_first_copy_from_a_lazy_peer_regrafts_the_link_on_both_ends() -> None:
         (A, Gossip(mid(1), 2, "t", b"x")),
     ]
     assert tree.stats.regrafts == 1
-    assert sends(tree.handle_timer(only_timer(effects), WINDOW)) == [(D, IHave(((mid(1), 2),)))]
+    assert sends(tree.handle_timer(only_timer(effects), WINDOW)) == [(D, ihave(((mid(1), 2),)))]
 
     # C's side: it sent the copy, got our PRUNE, then our GRAFT: eager again, and no
     # payload sent back.
@@ -257,7 +262,7 @@ def test_prune_moves_sender_to_lazy() -> None:
 
 def test_ihave_for_an_unknown_id_grafts_the_announcer_after_timeout1() -> None:
     tree = core(eager=[A], lazy=[C])
-    effects = tree.handle_message(C, IHave(((mid(1), 4),)), 1.0)
+    effects = tree.handle_message(C, ihave(((mid(1), 4),)), 1.0)
     (timer,) = timers(effects)
     assert timer.delay == T1
     assert sends(effects) == []
@@ -281,7 +286,7 @@ def test_ihave_for_an_unknown_id_grafts_the_announcer_after_timeout1() -> None:
 def test_timeout1_is_jittered_within_its_bound() -> None:
     tree = core(lazy=[C], config=DEFAULTS)
     delays = [
-        timers(tree.handle_message(C, IHave(((mid(n), 1),)), 0.0))[0].delay for n in range(50)
+        timers(tree.handle_message(C, ihave(((mid(n), 1),)), 0.0))[0].delay for n in range(50)
     ]
     top = DEFAULTS.ihave_timeout * (1 + DEFAULTS.ihave_timeout_jitter)
     assert all(DEFAULTS.ihave_timeout <= d < top for d in delays)
@@ -292,8 +297,8 @@ def test_a_graft_fetches_every_missing_message_its_announcer_announced() -> None
     # A broken link leaves a run of messages missing; the first timer to fire grafts C for
     # all of those C announced, over the one link being restored.
     tree = core(lazy=[C, D])
-    first = timers(tree.handle_message(C, IHave(((mid(1), 2), (mid(2), 3))), 0.0))[0].timer
-    tree.handle_message(D, IHave(((mid(3), 4), (mid(2), 3))), 0.1)
+    first = timers(tree.handle_message(C, ihave(((mid(1), 2), (mid(2), 3))), 0.0))[0].timer
+    tree.handle_message(D, ihave(((mid(3), 4), (mid(2), 3))), 0.1)
     effects = tree.handle_timer(first, T1)
     assert sends(effects) == [(C, Graft(mid(1), 2)), (C, Graft(mid(2), 3))]
     assert [t.delay for t in timers(effects)] == [T2, T2]
@@ -308,7 +313,7 @@ def test_a_graft_fetches_every_missing_message_its_announcer_announced() -> None
 
 def test_eager_copy_arriving_before_timeout1_cancels_the_graft() -> None:
     tree = core(eager=[A], lazy=[C])
-    timer = only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0))
+    timer = only_timer(tree.handle_message(C, ihave(((mid(1), 2),)), 0.0))
     tree.handle_message(A, Gossip(mid(1), 3, "t", b"x"), 0.1)
     assert tree.handle_timer(timer, T1) == []
     assert tree.stats.grafts_sent == 0 and tree.lazy == {C}
@@ -316,11 +321,11 @@ def test_eager_copy_arriving_before_timeout1_cancels_the_graft() -> None:
 
 def test_graft_goes_to_the_next_announcer_when_the_first_never_answers() -> None:
     tree = core(eager=[A], lazy=[C, D, E])
-    first = only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0))
+    first = only_timer(tree.handle_message(C, ihave(((mid(1), 2),)), 0.0))
     # Later announcers join the same entry: no second timeout1; a repeated one is ignored.
-    assert tree.handle_message(D, IHave(((mid(1), 3),)), 0.1) == []
-    assert tree.handle_message(C, IHave(((mid(1), 2),)), 0.1) == []
-    assert tree.handle_message(E, IHave(((mid(1), 1),)), 0.2) == []
+    assert tree.handle_message(D, ihave(((mid(1), 3),)), 0.1) == []
+    assert tree.handle_message(C, ihave(((mid(1), 2),)), 0.1) == []
+    assert tree.handle_message(E, ihave(((mid(1), 1),)), 0.2) == []
 
     effects = tree.handle_timer(first, T1)
     assert sends(effects) == [(C, Graft(mid(1), 2))]
@@ -337,14 +342,14 @@ def test_graft_goes_to_the_next_announcer_when_the_first_never_answers() -> None
     # come by the end of the grace period.
     grace = tree.handle_timer(only_timer(effects), T1 + 6 * T2)
     assert grace == [SetTimer(CONFIG.abandon_grace, AbandonTimer(mid(1)))]
-    assert tree.handle_timer(AbandonTimer(mid(1)), 20.0) == [Emit(Abandoned(mid(1)))]
+    assert tree.handle_timer(AbandonTimer(mid(1)), 20.0) == [Emit(Abandoned(mid(1), "t"))]
     assert tree.stats.reported_lost == 1
     assert tree.stats.missing_size == 0 and tree.stats.missing_abandoned == 1
     assert tree.stats.grafts_sent == 6
     assert tree.eager == {A, C, D, E}
 
     # A new announcement starts over with timeout1.
-    effects = tree.handle_message(C, IHave(((mid(1), 2),)), 2.0)
+    effects = tree.handle_message(C, ihave(((mid(1), 2),)), 2.0)
     assert [t.delay for t in timers(effects)] == [T1]
 
 
@@ -352,7 +357,7 @@ def test_a_grafted_announcer_still_sending_payloads_is_waited_for() -> None:
     # It keeps talking to us, so its link is up and the GRAFT or the answer is queued
     # between us: no give-up while we hear from it.
     tree = core(eager=[A], lazy=[C])
-    effects = tree.handle_timer(only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0)), T1)
+    effects = tree.handle_timer(only_timer(tree.handle_message(C, ihave(((mid(1), 2),)), 0.0)), T1)
     assert sends(effects) == [(C, Graft(mid(1), 2))]
     timer = only_timer(effects)
     now = T1
@@ -360,7 +365,7 @@ def test_a_grafted_announcer_still_sending_payloads_is_waited_for() -> None:
         now += T2
         # C sends a payload (a duplicate of what A sent) or an IHAVE before each timeout2.
         tree.handle_message(A, Gossip(mid(n), 1, "t", b"x"), now - 0.01)
-        heard = Gossip(mid(n), 2, "t", b"x") if n % 2 else IHave(((mid(n), 2),))
+        heard = Gossip(mid(n), 2, "t", b"x") if n % 2 else ihave(((mid(n), 2),))
         tree.handle_message(C, heard, now - 0.01)
         effects = tree.handle_timer(timer, now)
         # No second GRAFT: a second answer would queue behind the first.
@@ -375,10 +380,39 @@ def test_a_grafted_announcer_still_sending_payloads_is_waited_for() -> None:
     tree.check_invariants()
 
 
+def test_announcements_name_their_tags_and_a_give_up_names_the_first_announcers() -> None:
+    """IHAVE entries carry each message's tag, listed once per batch, so that a node that
+    gives up on a message tells only that tag's subscribers (`Abandoned.tag`)."""
+    sender = core(lazy=[B])
+    effects = sender.broadcast(mid(1, "me"), "chat", b"x", 0.0)
+    effects += sender.broadcast(mid(2, "me"), "maps/users", b"y", 0.0)
+    effects += sender.broadcast(mid(3, "me"), "chat", b"z", 0.0)
+    (flush,) = timers(effects)
+    ((to, batch),) = sends(sender.handle_timer(flush.timer, WINDOW))
+    assert to == B and isinstance(batch, IHave)
+    assert batch.tags == ("chat", "maps/users")
+    assert list(batch.announced()) == [
+        (mid(1, "me"), 1, "chat"),
+        (mid(2, "me"), 1, "maps/users"),
+        (mid(3, "me"), 1, "chat"),
+    ]
+
+    # Two announcers disagree on the tag: the first one's is reported.
+    tree = core(eager=[A], lazy=[C, D])
+    first = only_timer(tree.handle_message(C, ihave(((mid(1), 2),), tag="chat"), 0.0))
+    assert tree.handle_message(D, ihave(((mid(1), 2),), tag="other"), 0.0) == []
+    effects = tree.handle_timer(first, T1)
+    while not any(isinstance(e.timer, AbandonTimer) for e in timers(effects)):
+        assert sends(effects), "grafts until it gives up"
+        effects = tree.handle_timer(only_timer(effects), T1 + 10 * T2)
+    (abandon,) = timers(effects)
+    assert tree.handle_timer(abandon.timer, 100.0) == [Emit(Abandoned(mid(1), "chat"))]
+
+
 def test_a_silent_grafted_announcer_is_given_up_on_and_patience_is_bounded() -> None:
     config = attrs.evolve(CONFIG, graft_patience=1.0)
     tree = core(eager=[A], lazy=[C], config=config)
-    first = only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0))
+    first = only_timer(tree.handle_message(C, ihave(((mid(1), 2),)), 0.0))
     timer = only_timer(tree.handle_timer(first, T1))
     # Silent since the GRAFT: grafted once more, then given up on at its timeout2.
     effects = tree.handle_timer(timer, T1 + T2)
@@ -389,7 +423,7 @@ def test_a_silent_grafted_announcer_is_given_up_on_and_patience_is_bounded() -> 
     assert tree.stats.missing_abandoned == 1 and tree.stats.graft_waits == 0
 
     # Streaming forever: waited for at most graft_patience after the first wait.
-    first = only_timer(tree.handle_message(C, IHave(((mid(2), 2),)), 2.0))
+    first = only_timer(tree.handle_message(C, ihave(((mid(2), 2),)), 2.0))
     timer = only_timer(tree.handle_timer(first, 2.0 + T1))
     now, n = 2.0 + T1, 10
     while True:
@@ -405,7 +439,7 @@ def test_a_silent_grafted_announcer_is_given_up_on_and_patience_is_bounded() -> 
     # still talks (patience is spent).
     assert 2.0 + T1 + T2 + config.graft_patience <= now < 2.0 + T1 + 3 * T2 + config.graft_patience
     assert sends(effects) == [(C, Graft(mid(2), 2))]
-    tree.handle_message(C, IHave(((mid(99), 2),)), now + 0.1)
+    tree.handle_message(C, ihave(((mid(99), 2),)), now + 0.1)
     effects = tree.handle_timer(only_timer(effects), now + T2)
     assert timers(effects) == [SetTimer(config.abandon_grace, AbandonTimer(mid(2)))]
     assert tree.stats.missing_abandoned == 2 and tree.stats.abandoned_after_patience == 1
@@ -415,7 +449,7 @@ def test_a_silent_grafted_announcer_is_given_up_on_and_patience_is_bounded() -> 
 def test_graft_patience_forgets_a_neighbour_that_left() -> None:
     tree = core(eager=[A], lazy=[C])
     timer = only_timer(
-        tree.handle_timer(only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0)), T1)
+        tree.handle_timer(only_timer(tree.handle_message(C, ihave(((mid(1), 2),)), 0.0)), T1)
     )
     tree.handle_message(C, Gossip(mid(2), 2, "t", b"x"), T1 + 0.1)
     tree.neighbor_down(C, T1 + 0.2)
@@ -461,8 +495,8 @@ def test_neighbor_up_adds_to_eager() -> None:
 def test_neighbor_down_removes_from_sets_queues_and_missing_announcers() -> None:
     tree = core(eager=[A, B], lazy=[C, D, E])
     tree.broadcast(mid(5), "t", b"x", 0.0)  # queues IHAVEs for C, D, E
-    first = only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0))
-    tree.handle_message(D, IHave(((mid(1), 2),)), 0.0)
+    first = only_timer(tree.handle_message(C, ihave(((mid(1), 2),)), 0.0))
+    tree.handle_message(D, ihave(((mid(1), 2),)), 0.0)
 
     for p in (A, C):
         assert tree.neighbor_down(p, 0.01) == []
@@ -476,8 +510,8 @@ def test_neighbor_down_removes_from_sets_queues_and_missing_announcers() -> None
 
 def test_neighbor_down_of_the_grafted_peer_moves_on_at_timeout2() -> None:
     tree = core(lazy=[C, D])
-    first = only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0))
-    tree.handle_message(D, IHave(((mid(1), 2),)), 0.0)
+    first = only_timer(tree.handle_message(C, ihave(((mid(1), 2),)), 0.0))
+    tree.handle_message(D, ihave(((mid(1), 2),)), 0.0)
     second = only_timer(tree.handle_timer(first, T1))
     tree.neighbor_down(C, T1 + 0.01)
     assert sends(tree.handle_timer(second, T1 + T2)) == [(D, Graft(mid(1), 2))]
@@ -535,23 +569,23 @@ def test_ihave_batch_is_split_at_max_entries() -> None:
     ihaves = [m for p, m in sends(all_effects) if isinstance(m, IHave)]
     # Full batches leave at once, without waiting for the window.
     assert ihaves == [
-        IHave(((mid(1), 1), (mid(2), 1))),
-        IHave(((mid(3), 1), (mid(4), 1))),
+        ihave(((mid(1), 1), (mid(2), 1))),
+        ihave(((mid(3), 1), (mid(4), 1))),
     ]
     flush = only_timer(all_effects)
-    assert sends(tree.handle_timer(flush, WINDOW)) == [(C, IHave(((mid(5), 1),)))]
+    assert sends(tree.handle_timer(flush, WINDOW)) == [(C, ihave(((mid(5), 1),)))]
 
 
 def test_zero_batch_window_announces_at_once() -> None:
     tree = core(eager=[A], lazy=[C], config=PlumtreeConfig(ihave_batch_window=0.0))
     effects = tree.broadcast(mid(1), "t", b"x", 0.0)
-    assert (C, IHave(((mid(1), 1),))) in sends(effects)
+    assert (C, ihave(((mid(1), 1),))) in sends(effects)
     assert timers(effects) == []
 
 
 def test_stale_timers_are_ignored() -> None:
     tree = core(eager=[A], lazy=[C])
-    old = only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0))
+    old = only_timer(tree.handle_message(C, ihave(((mid(1), 2),)), 0.0))
     tree.handle_message(A, Gossip(mid(1), 3, "t", b"x"), 0.1)
     # A timer for a message since received, a flush that never was, an unknown entry.
     assert tree.handle_timer(old, T1) == []
@@ -561,7 +595,7 @@ def test_stale_timers_are_ignored() -> None:
 
     # A timer of an earlier entry for the same id does not fire the new entry's graft.
     tree2 = core(lazy=[C, D])
-    first = only_timer(tree2.handle_message(C, IHave(((mid(1), 2),)), 0.0))
+    first = only_timer(tree2.handle_message(C, ihave(((mid(1), 2),)), 0.0))
     second = only_timer(tree2.handle_timer(first, T1))
     # C silent: grafted once more, then dropped (reported later, unless it arrives).
     retry = only_timer(tree2.handle_timer(second, T1 + T2))
@@ -569,7 +603,7 @@ def test_stale_timers_are_ignored() -> None:
         SetTimer(CONFIG.abandon_grace, AbandonTimer(mid(1)))
     ]
     assert tree2.stats.missing_size == 0
-    renewed = only_timer(tree2.handle_message(D, IHave(((mid(1), 2),)), 2.0))
+    renewed = only_timer(tree2.handle_message(D, ihave(((mid(1), 2),)), 2.0))
     assert tree2.handle_timer(first, 2.1) == []
     assert tree2.handle_timer(second, 2.1) == []
     assert tree2.handle_timer(retry, 2.1) == []
@@ -590,13 +624,13 @@ def test_a_deferred_push_is_announced_and_grafted_later() -> None:
     effects = sender.push_deferred(B, Gossip(mid(1, "me"), 1, "t", b"x"), 0.0)
     assert sends(effects) == []  # batched like any IHAVE
     flushed = sender.handle_timer(only_timer(effects), WINDOW)
-    assert sends(flushed) == [(B, IHave(((mid(1, "me"), 1),)))]
+    assert sends(flushed) == [(B, ihave(((mid(1, "me"), 1),)))]
     assert sender.eager == {B}, "a slow link stays in the tree"
     assert sender.stats.pushes_deferred == 1
 
     # The receiver grafts it after timeout1; the sender answers with the payload.
     receiver = core(eager=[peer("me")])
-    timer = only_timer(receiver.handle_message(peer("me"), IHave(((mid(1, "me"), 1),)), 0.1))
+    timer = only_timer(receiver.handle_message(peer("me"), ihave(((mid(1, "me"), 1),)), 0.1))
     graft = sends(receiver.handle_timer(timer, 0.1 + T1))
     assert graft == [(peer("me"), Graft(mid(1, "me"), 1))]
     answer = sends(sender.handle_message(B, Graft(mid(1, "me"), 1), 0.2 + T1))
@@ -607,11 +641,11 @@ def test_a_deferred_push_is_announced_and_grafted_later() -> None:
 
 def test_an_announcer_that_defers_its_graft_answer_is_grafted_again() -> None:
     tree = core(eager=[A], lazy=[C])
-    first = only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0))
+    first = only_timer(tree.handle_message(C, ihave(((mid(1), 2),)), 0.0))
     effects = tree.handle_timer(first, T1)
     assert sends(effects) == [(C, Graft(mid(1), 2))]
     # C had no room for the payload: it announces again instead (push_deferred there).
-    assert tree.handle_message(C, IHave(((mid(1), 2),)), T1 + 0.1) == []
+    assert tree.handle_message(C, ihave(((mid(1), 2),)), T1 + 0.1) == []
     assert tree.stats.regraft_after_deferral == 1
     again = tree.handle_timer(only_timer(effects), T1 + T2)
     assert sends(again) == [(C, Graft(mid(1), 2))], "not abandoned: C still holds it"
@@ -621,7 +655,7 @@ def test_an_announcer_that_defers_its_graft_answer_is_grafted_again() -> None:
 def test_a_message_given_up_on_is_not_reported_if_it_arrives_late() -> None:
     """Under load a payload can arrive after its repair timers gave up: not a loss."""
     tree = core(eager=[A], lazy=[C])
-    first = only_timer(tree.handle_message(C, IHave(((mid(1), 2),)), 0.0))
+    first = only_timer(tree.handle_message(C, ihave(((mid(1), 2),)), 0.0))
     second = only_timer(tree.handle_timer(first, T1))
     retry = only_timer(tree.handle_timer(second, T1 + T2))
     assert timers(tree.handle_timer(retry, T1 + 2 * T2)) == [
@@ -675,7 +709,7 @@ def test_messages_from_non_neighbors_change_no_set_and_get_no_answer() -> None:
     assert sends(effects) == [(A, Gossip(mid(1), 2, "t", b"x"))]
     assert tree.handle_message(stranger, Gossip(mid(1), 1, "t", b"x"), 0.0) == []
     assert tree.handle_message(stranger, Graft(mid(1), 1), 0.0) == []
-    assert tree.handle_message(stranger, IHave(((mid(2), 1),)), 0.0) == []
+    assert tree.handle_message(stranger, ihave(((mid(2), 1),)), 0.0) == []
     assert tree.handle_message(stranger, Prune(""), 0.0) == []
     assert tree.eager == {A} and tree.lazy == {C}
     assert tree.stats.missing_size == 0 and tree.stats.from_non_neighbors == 5
@@ -685,13 +719,13 @@ def test_messages_from_non_neighbors_change_no_set_and_get_no_answer() -> None:
 
 def test_missing_table_is_bounded() -> None:
     tree = core(lazy=[C], config=PlumtreeConfig(missing_max_messages=2))
-    effects = tree.handle_message(C, IHave(tuple((mid(n), 1) for n in range(5))), 0.0)
+    effects = tree.handle_message(C, ihave(tuple((mid(n), 1) for n in range(5))), 0.0)
     # Two tracked (timeout1 each); three dropped, of which two wait out the grace period
     # (bounded like the table) and the last is reported lost at once.
     graft_timers = [t for t in timers(effects) if isinstance(t.timer, GraftTimer)]
     assert len(graft_timers) == 2
     assert tree.stats.missing_size == 2 and tree.stats.missing_dropped == 3
-    assert [e.event for e in effects if isinstance(e, Emit)] == [Abandoned(mid(4))]
+    assert [e.event for e in effects if isinstance(e, Emit)] == [Abandoned(mid(4), "t")]
     tree.check_invariants()
 
 
@@ -700,9 +734,9 @@ def test_missing_table_is_bounded() -> None:
 
 def test_optimisation_grafts_an_announcer_that_beat_the_eager_copy() -> None:
     tree = core(eager=[A, B], lazy=[C, D, E], config=PAPER)
-    tree.handle_message(C, IHave(((mid(1), 3),)), 0.0)
-    tree.handle_message(D, IHave(((mid(1), 2),)), 0.0)
-    tree.handle_message(E, IHave(((mid(1), 2),)), 0.0)
+    tree.handle_message(C, ihave(((mid(1), 3),)), 0.0)
+    tree.handle_message(D, ihave(((mid(1), 2),)), 0.0)
+    tree.handle_message(E, ihave(((mid(1), 2),)), 0.0)
     effects = tree.handle_message(A, Gossip(mid(1), 5, "t", b"x"), 0.1)
     # Three hops shorter: the first announcer with the smallest round is grafted and the
     # sender of the long path pruned. The GRAFT asks for the link only: the paper's
@@ -727,7 +761,7 @@ def test_optimisation_grafts_an_announcer_that_beat_the_eager_copy() -> None:
 
 def test_no_optimisation_below_the_threshold() -> None:
     tree = core(eager=[A], lazy=[C], config=PAPER)
-    tree.handle_message(C, IHave(((mid(1), 4),)), 0.0)
+    tree.handle_message(C, ihave(((mid(1), 4),)), 0.0)
     effects = tree.handle_message(A, Gossip(mid(1), 6, "t", b"x"), 0.1)
     assert [m for _, m in sends(effects) if isinstance(m, Graft | Prune)] == []
     assert tree.eager == {A} and tree.lazy == {C}
@@ -738,7 +772,7 @@ def test_no_optimisation_on_an_ihave_after_delivery() -> None:
     # has the measurement against optimising on late announcements too).
     tree = core(eager=[A], lazy=[C], config=PAPER)
     tree.handle_message(A, Gossip(mid(1), 9, "t", b"x"), 0.0)
-    assert tree.handle_message(C, IHave(((mid(1), 1),)), 0.1) == []
+    assert tree.handle_message(C, ihave(((mid(1), 1),)), 0.1) == []
     assert tree.eager == {A} and tree.stats.optimisations == 0
 
 
@@ -746,7 +780,7 @@ def test_graft_from_a_peer_that_announced_the_id_restores_only_the_link() -> Non
     # The other end of the optimisation: D announced the id to us, so it has the payload.
     tree = core(eager=[A], lazy=[D])
     tree.handle_message(A, Gossip(mid(1), 1, "t", b"x"), 0.0)
-    assert tree.handle_message(D, IHave(((mid(1), 7),)), 0.1) == []
+    assert tree.handle_message(D, ihave(((mid(1), 7),)), 0.1) == []
     assert tree.handle_message(D, Graft(mid(1), 2), 0.1) == []
     assert D in tree.eager
     assert tree.stats.grafts_without_payload == 1
@@ -765,7 +799,7 @@ def test_optimisation_round_trip_between_two_cores() -> None:
     y.handle_message(X, Prune(""), 0.0)
     flush = only_timer(y.handle_message(Q, Gossip(mid(1), 1, "t", b"x"), 0.0))
     (announce,) = sends(y.handle_timer(flush, WINDOW))
-    assert announce == (X, IHave(((mid(1), 2),)))
+    assert announce == (X, ihave(((mid(1), 2),)))
     x.handle_message(Y, announce[1], WINDOW)
 
     effects = x.handle_message(P, Gossip(mid(1), 7, "t", b"x"), WINDOW + 0.01)
@@ -782,7 +816,7 @@ def test_optimisation_waits_for_a_streak_of_wins_by_one_announcer() -> None:
     tree = core(eager=[A], lazy=[C, D], config=config)
 
     def payload_after_ihave(n: int, announcer: Peer, round: int) -> list[Effect]:
-        tree.handle_message(announcer, IHave(((mid(n), round),)), float(n))
+        tree.handle_message(announcer, ihave(((mid(n), round),)), float(n))
         return tree.handle_message(A, Gossip(mid(n), 6, "t", b"x"), n + 0.1)
 
     # C beats the eager path by 4 hops twice, then announces a message late (after its
@@ -790,7 +824,7 @@ def test_optimisation_waits_for_a_streak_of_wins_by_one_announcer() -> None:
     for n in (1, 2):
         payload_after_ihave(n, C, 2)
     tree.handle_message(A, Gossip(mid(3), 6, "t", b"x"), 3.0)
-    tree.handle_message(C, IHave(((mid(3), 2),)), 3.1)
+    tree.handle_message(C, ihave(((mid(3), 2),)), 3.1)
     # D wins once (its streak is 1), C wins three times in a row: C is grafted.
     payload_after_ihave(4, D, 2)
     for n in (5, 6):
@@ -805,7 +839,7 @@ def test_optimisation_waits_for_a_streak_of_wins_by_one_announcer() -> None:
 def test_no_optimisation_for_own_broadcasts() -> None:
     tree = core(eager=[A], lazy=[C])
     tree.broadcast(mid(1), "t", b"x", 0.0)
-    assert tree.handle_message(C, IHave(((mid(1), 1),)), 0.1) == []
+    assert tree.handle_message(C, ihave(((mid(1), 1),)), 0.1) == []
 
 
 # --- property: invariants under random inputs ----------------------------------------------
@@ -849,7 +883,7 @@ def test_invariants_hold_under_random_inputs(ops: list[tuple[str, Peer, int, flo
             own = n % 2 == 0
             effects = tree.handle_message(who, Gossip(id, rnd, "t", b"p", own), now)
         elif kind == "ihave":
-            effects = tree.handle_message(who, IHave(((id, rnd),)), now)
+            effects = tree.handle_message(who, ihave(((id, rnd),)), now)
         elif kind == "graft":
             effects = tree.handle_message(who, Graft(id, rnd), now)
         elif kind == "prune":

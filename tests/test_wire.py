@@ -15,6 +15,7 @@ from trio_replica.core.messages import (
     KEY_BYTES,
     MAX_IHAVE_ENTRIES,
     MAX_NODE_ID,
+    MAX_TAG,
     NONCE_BYTES,
     PROOF_BYTES,
     SIGNATURE_BYTES,
@@ -107,7 +108,9 @@ messages = st.one_of(
     st.builds(Shuffle, peers, st.integers(0, 255), st.lists(peers, max_size=8).map(tuple), u64),
     st.builds(ShuffleReply, st.lists(peers, max_size=8).map(tuple), u64),
     st.builds(Gossip, mids, st.integers(0, 65535), ids, st.binary(max_size=64), st.booleans()),
-    st.builds(IHave, st.lists(st.tuples(mids, st.integers(0, 65535)), max_size=5).map(tuple)),
+    st.lists(
+        st.tuples(mids, st.integers(0, 65535), st.sampled_from(["t", "u", ""])), max_size=5
+    ).map(IHave.of),
     st.builds(Graft, mids, st.integers(0, 65535)),
     st.builds(Prune, st.one_of(st.just(""), ids)),
     st.builds(ControlRequest, u64, st.text(min_size=1, max_size=10), st.binary(max_size=20)),
@@ -229,7 +232,15 @@ _HEAD = bytes([0x82, PROTOCOL_VERSION])
         (_frame([20, ["a", 1, 2], 0, "t", b"x", "not a bool", b""]), "field"),
         (_frame([20, ["a", 1, 2], 0, "t", b"x", False, b"short signature"]), "field"),
         (_frame([20, ["a b", 1, 2], 0, "t", b"x", False, b""]), "field"),  # not a node id
-        (_frame([21, [[["a", 1, 2], 0]] * (MAX_IHAVE_ENTRIES + 1)]), "field"),
+        (_frame([21, [[["a", 1, 2], 0, 0]] * (MAX_IHAVE_ENTRIES + 1), ["t"]]), "field"),
+        (_frame([21, [[["a", 1, 2], 0]], ["t"]]), "field"),  # no tag index
+        (_frame([21, [[["a", 1, 2], 0, 1]], ["t"]]), "field"),  # tag index out of range
+        (_frame([21, [[["a", 1, 2], 0, True]], ["t"]]), "field"),
+        (_frame([21, [[["a", 1, 2], 0, 0]], ["t", "t"]]), "field"),  # a tag listed twice
+        (_frame([21, [[["a", 1, 2], 0, 0]], ["t", "u"]]), "field"),  # a tag never used
+        (_frame([21, [[["a", 1, 2], 0, 0]], ["x" * (MAX_TAG + 1)]]), "field"),
+        (_frame([21, [[["a", 1, 2], 0, 0]], "t"]), "field"),
+        (_frame([21, [[["a", 1, 2], 0, 0]]]), "shape"),  # a version 5 IHAVE
         (_frame([32, "m", 1, 0, [0], [], []]), "field"),  # level 0: nothing to compare
         (_frame([32, "m", 1, 5, [0], [], []]), "field"),  # below the leaves
         (_frame([32, "m", 1, 2, [16], [], []]), "field"),  # parent beyond level 1

@@ -87,11 +87,12 @@ class Abandoned(Event):
     """A broadcast announced to this node could not be fetched (emitted by the Plumtree core).
 
     Every announcer was grafted and none delivered, or the table of missing messages was
-    full. Its tag is unknown (announcements carry only ids), so every subscriber is told
-    with a `Lagged` notice; replicas then pull a sync.
+    full. The subscribers of its tag (as its first announcer named it) are told with a
+    `Lagged` notice; replicas then pull a sync.
     """
 
     id: MessageId
+    tag: str
 
 
 @attrs.frozen

@@ -22,6 +22,7 @@ import functools
 import ipaddress
 import socket
 import urllib.parse
+from collections.abc import Iterable, Iterator
 from typing import ClassVar
 
 import attrs
@@ -79,7 +80,7 @@ MAX_ADDRESS = 256
 MAX_TAG = 128
 #: Most peers in one SHUFFLE or SHUFFLE_REPLY (ka + kp + 1 with generous headroom).
 MAX_SHUFFLE_PEERS = 64
-#: Most (id, round) entries batched in one IHAVE.
+#: Most (id, round, tag) entries batched in one IHAVE (and so most tags in one).
 MAX_IHAVE_ENTRIES = 1024
 #: Largest random-walk TTL accepted from a peer.
 MAX_TTL = 255
@@ -272,16 +273,35 @@ class Gossip(Message):
 
 @attrs.frozen
 class IHave(Message):
-    """Lazy announcements, batched: each entry is a message id and the round it was seen at.
+    """Lazy announcements, batched: each entry is a message id, the round it was seen at and
+    its tag, as an index into `tags` (a batch's messages share few tags: each is sent once).
 
-    Not a control message: it waits behind the payloads queued before it on its link, so
-    that it never overtakes them (an announcement that did would get them grafted while
-    they only queue: outbox.py). It needs no credit and is never refused.
+    The tag lets a node that gives up on a message tell that tag's subscribers alone
+    (`Abandoned`). Not a control message: it waits behind the payloads queued before it on
+    its link, so that it never overtakes them (an announcement that did would get them
+    grafted while they only queue: outbox.py). It needs no credit and is never refused.
     """
 
     KIND: ClassVar[int] = 21
     CONTROL: ClassVar[bool] = False
-    entries: tuple[tuple[MessageId, int], ...]
+    #: ``(id, round, index into tags)``.
+    entries: tuple[tuple[MessageId, int, int], ...]
+    tags: tuple[str, ...]
+
+    @classmethod
+    def of(cls, announced: Iterable[tuple[MessageId, int, str]]) -> IHave:
+        """The batch announcing `(id, round, tag)` entries, each tag listed once."""
+        index: dict[str, int] = {}
+        entries = tuple(
+            (id, round, index.setdefault(tag, len(index))) for id, round, tag in announced
+        )
+        return cls(entries, tuple(index))
+
+    def announced(self) -> Iterator[tuple[MessageId, int, str]]:
+        """The entries as ``(id, round, tag)``."""
+        tags = self.tags
+        for id, round, i in self.entries:
+            yield id, round, tags[i]
 
 
 @attrs.frozen

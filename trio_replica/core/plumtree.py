@@ -90,10 +90,12 @@ waited for (`graft_patience`): its link is up, so the GRAFT or its answer is que
 none answers, each is grafted once more (a GRAFT can be lost: ignored by a peer that does
 not yet count us as a neighbour), or every neighbour is if all the announcers left the
 active view meanwhile. What a node still gives up on (or what overflows the missing
-table) and still lacks `abandon_grace` later is reported with an `Abandoned` event so that
-the layers above repair it (a replica pulls a sync). Before these rules, 50 nodes in one
-process sending 2,000 broadcasts as fast as flow control allowed gave up on 10,530
-payloads, all delivered within the grace; with them, none (bench/overlay.py).
+table) and still lacks `abandon_grace` later is reported with an `Abandoned` event, naming
+the tag its first announcer gave (IHAVE entries carry their tag), so that the layers above
+that tag repair it (a replica pulls a sync) and no other subscriber is bothered. Before
+these rules, 50 nodes in one process sending 2,000 broadcasts as fast as flow control
+allowed gave up on 10,530 payloads, all delivered within the grace; with them, none
+(bench/overlay.py).
 
 One tree per busy origin. The paper's nodes keep one eager set for every sender, and
 evaluate it with one broadcast at a time. When broadcasts from several origins overlap,
@@ -450,6 +452,8 @@ class _Missing:
 
     token: int
     pending: deque[tuple[Peer, int]]
+    #: The tag the first announcer gave (an `Abandoned` names it).
+    tag: str
     grafted: list[Peer] = attrs.Factory(list)
     #: Per grafted announcer: messages heard from it when last grafted or waited on.
     marks: dict[Peer, int] = attrs.Factory(dict)
@@ -544,11 +548,11 @@ class Plumtree:
     _cache_bytes: int = attrs.field(init=False, default=0)
     _missing: dict[MessageId, _Missing] = attrs.field(init=False, factory=dict)
     #: Messages given up on, waiting for `abandon_grace` before they are reported.
-    _given_up: dict[MessageId, None] = attrs.field(init=False, factory=dict)
+    _given_up: dict[MessageId, str] = attrs.field(init=False, factory=dict)
     #: Messages received per neighbour: a grafted peer whose count moves is alive and
     #: talking to us (`_on_graft_timer`).
     _heard_from: dict[Peer, int] = attrs.field(init=False, factory=dict)
-    _batches: dict[Peer, list[tuple[MessageId, int]]] = attrs.field(init=False, factory=dict)
+    _batches: dict[Peer, list[tuple[MessageId, int, str]]] = attrs.field(init=False, factory=dict)
     _flush_token: int | None = attrs.field(init=False, default=None)
     _last_token: int = attrs.field(init=False, default=0)
     #: Added to timeout1 and timeout2 (`set_delay_allowance`).
@@ -695,7 +699,7 @@ class Plumtree:
             return self._done([])
         effects: list[Effect] = []
         batch = self._batches.setdefault(peer, [])
-        batch.append((message.id, message.round))
+        batch.append((message.id, message.round, message.tag))
         if len(batch) >= self.config.max_ihave_entries:
             del self._batches[peer]
             effects.append(self._ihave(peer, batch))
@@ -791,7 +795,7 @@ class Plumtree:
             self.stats.from_non_neighbors += 1
             return []
         effects: list[Effect] = []
-        for id, round in message.entries:
+        for id, round, tag in message.announced():
             if id in self._seen:
                 # Delivered already, so this announcer's path was not the faster one: its
                 # streak for the optimisation ends (module docstring). It holds the
@@ -805,12 +809,12 @@ class Plumtree:
             if entry is None:
                 if len(self._missing) >= self.config.missing_max_messages:
                     self.stats.missing_dropped += 1
-                    effects += self._give_up(id)
+                    effects += self._give_up(id, tag)
                     continue
                 # Algorithm 1, IHAVE for an unknown id: remember the announcer and give the
                 # eager copy timeout1 to arrive.
                 token = self._token()
-                self._missing[id] = _Missing(token, deque([(sender, round)]))
+                self._missing[id] = _Missing(token, deque([(sender, round)]), tag)
                 # Jittered, so that of the nodes a broken link cut off, which all hear the
                 # announcements at about the same moment, one grafts first and the rest
                 # receive through it before their own timers fire (the randomised repair
@@ -922,7 +926,7 @@ class Plumtree:
                 # good.
                 del self._missing[timer.id]
                 self.stats.missing_abandoned += 1
-                return self._give_up(timer.id)
+                return self._give_up(timer.id, entry.tag)
         # Algorithm 1, Timer(mID): GRAFT the first remaining announcer, make the link eager,
         # and give it timeout2 before the next one. The same GRAFT goes for every other
         # missing message that announcer announced: a broken link leaves a run of messages
@@ -957,22 +961,22 @@ class Plumtree:
         )
 
     def _on_abandon_timer(self, timer: AbandonTimer) -> list[Effect]:
-        if timer.id not in self._given_up:
+        tag = self._given_up.pop(timer.id, None)
+        if tag is None:
             return []  # delivered meanwhile (counted then)
-        del self._given_up[timer.id]
         if timer.id in self._seen or timer.id in self._missing:
             return []  # being fetched again: its own timers decide
         self.stats.reported_lost += 1
-        return [Emit(Abandoned(timer.id))]
+        return [Emit(Abandoned(timer.id, tag))]
 
-    def _give_up(self, id: MessageId) -> list[Effect]:
+    def _give_up(self, id: MessageId, tag: str) -> list[Effect]:
         """Stop fetching `id`; report it lost unless it arrives within `abandon_grace`."""
         if id in self._given_up:
             return []
         if len(self._given_up) >= self.config.missing_max_messages:
             self.stats.reported_lost += 1
-            return [Emit(Abandoned(id))]
-        self._given_up[id] = None
+            return [Emit(Abandoned(id, tag))]
+        self._given_up[id] = tag
         return [SetTimer(self.config.abandon_grace, AbandonTimer(id))]
 
     def _on_flush_timer(self, timer: FlushTimer) -> list[Effect]:
@@ -999,7 +1003,7 @@ class Plumtree:
         skip = set(holders)
         if exclude is not None:
             skip.add(exclude)
-        entry = (gossip.id, gossip.round)
+        entry = (gossip.id, gossip.round, gossip.tag)
         for peer in tree.lazy:
             if peer in skip:
                 continue
@@ -1025,10 +1029,10 @@ class Plumtree:
         batches, self._batches = self._batches, {}
         return [self._ihave(peer, batch) for peer, batch in batches.items() if batch]
 
-    def _ihave(self, peer: Peer, batch: list[tuple[MessageId, int]]) -> Send:
+    def _ihave(self, peer: Peer, batch: list[tuple[MessageId, int, str]]) -> Send:
         self.stats.ihave_sent += 1
         self.stats.ihave_entries_sent += len(batch)
-        return Send(peer, IHave(tuple(batch)))
+        return Send(peer, IHave.of(batch))
 
     def _optimise(
         self,

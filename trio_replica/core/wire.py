@@ -83,7 +83,7 @@ from .wire_fields import (
     check_bytes,
     check_digest_round,
     check_fixed_bytes,
-    check_ihave_entries,
+    check_ihave,
     check_int,
     check_list,
     check_message_id,
@@ -100,7 +100,8 @@ from .wire_positional import POSITIONAL, positional
 #: travels back along the walk.
 #: 4: the handshake carries node keys and signatures (identity.py).
 #: 5: `Credit` says whether the node granting it is congested.
-PROTOCOL_VERSION = 5
+#: 6: `IHave` entries name their tag (an index into the batch's list of tags).
+PROTOCOL_VERSION = 6
 #: Default largest frame accepted or sent, in bytes (one payload plus a little framing).
 DEFAULT_MAX_FRAME = 1024 * 1024 + 4096
 #: Nesting allowed in a frame: frame > message > field > entry > id, plus payload headroom.
@@ -295,7 +296,7 @@ _DECODERS: dict[int, tuple[int, _Decoder]] = {
             f[5] if f[5] == b"" else check_fixed_bytes(f[5], GOSSIP_SIGNATURE_BYTES, "signature"),
         ),
     ),
-    IHave.KIND: (1, lambda f, _: IHave(check_ihave_entries(f[0]))),
+    IHave.KIND: (2, lambda f, _: check_ihave(f[0], f[1])),
     Graft.KIND: (
         3,
         lambda f, _: Graft(

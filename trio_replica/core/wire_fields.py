@@ -21,6 +21,7 @@ from .messages import (
     MAX_TAG,
     MAX_WANTS,
     U64,
+    IHave,
     MessageId,
     SyncDigest,
     valid_node_id,
@@ -86,13 +87,26 @@ def check_message_id(v: Any) -> MessageId:
     )
 
 
-def check_ihave_entries(v: Any) -> tuple[tuple[MessageId, int], ...]:
+def check_ihave(entries: Any, tags: Any) -> IHave:
+    """An `IHave` from its two fields: every tag used, in range, and listed once."""
+    names = tuple(
+        check_str(t, MAX_TAG, "ihave tag")
+        for t in check_list(tags, MAX_IHAVE_ENTRIES, "ihave tags")
+    )
+    if len(set(names)) != len(names):
+        fail_field("ihave tags must be distinct")
     out = []
-    for e in check_list(v, MAX_IHAVE_ENTRIES, "ihave entries"):
-        if type(e) is not list or len(e) != 2:
-            fail_field("ihave entry must be [id, round]")
-        out.append((check_message_id(e[0]), check_int(e[1], 0, MAX_ROUND, "round")))
-    return tuple(out)
+    used = [False] * len(names)
+    for e in check_list(entries, MAX_IHAVE_ENTRIES, "ihave entries"):
+        if type(e) is not list or len(e) != 3:
+            fail_field("ihave entry must be [id, round, tag index]")
+        if type(e[2]) is not int or not 0 <= e[2] < len(names):
+            fail_field("ihave tag index out of range")
+        used[e[2]] = True
+        out.append((check_message_id(e[0]), check_int(e[1], 0, MAX_ROUND, "round"), e[2]))
+    if not all(used):
+        fail_field("ihave tag listed but not used")
+    return IHave(tuple(out), names)
 
 
 def check_digest_round(f: list[Any]) -> SyncDigest:

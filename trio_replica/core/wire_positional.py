@@ -48,7 +48,11 @@ def _gossip_positional(m: Gossip) -> list[Any]:
 
 
 def _ihave_positional(m: IHave) -> list[Any]:
-    return [IHave.KIND, [[[i.origin, i.stamp, i.nonce], r] for i, r in m.entries]]
+    return [
+        IHave.KIND,
+        [[[i.origin, i.stamp, i.nonce], r, t] for i, r, t in m.entries],
+        list(m.tags),
+    ]
 
 
 def _ping_positional(m: Ping) -> list[Any]:

@@ -9,8 +9,10 @@ survives a crash of the task.
 Flow control (`trio_replica.runtime.flow`): a payload the node cannot queue for a peer (its link is
 congested) is handed back to the core, which announces it to that peer lazily (an IHAVE, so
 the peer grafts it when it has room). A subscriber whose feed is full misses the delivery,
-counted, and then receives `Lagged`; so does every subscriber when the core gives up on a
-message it heard of but could not fetch (`Abandoned`: its tag is unknown).
+counted, and then receives `Lagged`; so does every subscriber of a tag when the core gives
+up on a message of that tag it heard of but could not fetch (`Abandoned`; the tag is the
+one its announcer named: an announcer that lies about it can only misdirect the notice,
+which it could as well withhold by never answering the GRAFT).
 
 On a crash the core's state is rebuilt from the membership's active view (every peer
 starts eager again, as at NeighborUp) because the tree is cheap to regrow and a core
@@ -187,7 +189,7 @@ class Broadcast(Component):
             if isinstance(effect.event, Delivered):
                 self._deliver(effect.event)
             elif isinstance(effect.event, Abandoned):
-                self._abandoned()
+                self._abandoned(effect.event.tag)
 
     # --- inputs (posted by the node) ------------------------------------------------------
 
@@ -319,9 +321,10 @@ class Broadcast(Component):
         if missed:
             self.node.stats_counters.drop("subscriber_full", count=missed)
 
-    def _abandoned(self) -> None:
-        """A message announced to us could not be fetched: every subscriber may lack it."""
-        for feeds in self._subscribers.values():
+    def _abandoned(self, tag: str) -> None:
+        """A message of `tag` announced to us could not be fetched: its subscribers lack it."""
+        feeds = self._subscribers.get(tag)
+        if feeds is not None:
             for feed in feeds.feeds():
                 feed.note_missed(1)
 

@@ -292,10 +292,13 @@ class IHave(Message):
     def of(cls, announced: Iterable[tuple[MessageId, int, str]]) -> IHave:
         """The batch announcing `(id, round, tag)` entries, each tag listed once."""
         index: dict[str, int] = {}
-        entries = tuple(
-            (id, round, index.setdefault(tag, len(index))) for id, round, tag in announced
-        )
-        return cls(entries, tuple(index))
+        entries = []
+        for id, round, tag in announced:
+            i = index.get(tag)
+            if i is None:
+                i = index[tag] = len(index)
+            entries.append((id, round, i))
+        return cls(tuple(entries), tuple(index))
 
     def announced(self) -> Iterator[tuple[MessageId, int, str]]:
         """The entries as ``(id, round, tag)``."""

@@ -795,7 +795,8 @@ class Plumtree:
             self.stats.from_non_neighbors += 1
             return []
         effects: list[Effect] = []
-        for id, round, tag in message.announced():
+        tags = message.tags
+        for id, round, tag_index in message.entries:
             if id in self._seen:
                 # Delivered already, so this announcer's path was not the faster one: its
                 # streak for the optimisation ends (module docstring). It holds the
@@ -809,12 +810,12 @@ class Plumtree:
             if entry is None:
                 if len(self._missing) >= self.config.missing_max_messages:
                     self.stats.missing_dropped += 1
-                    effects += self._give_up(id, tag)
+                    effects += self._give_up(id, tags[tag_index])
                     continue
                 # Algorithm 1, IHAVE for an unknown id: remember the announcer and give the
                 # eager copy timeout1 to arrive.
                 token = self._token()
-                self._missing[id] = _Missing(token, deque([(sender, round)]), tag)
+                self._missing[id] = _Missing(token, deque([(sender, round)]), tags[tag_index])
                 # Jittered, so that of the nodes a broken link cut off, which all hear the
                 # announcements at about the same moment, one grafts first and the rest
                 # receive through it before their own timers fire (the randomised repair

@@ -1,7 +1,9 @@
 """Experiments at scale on the simulator: the HyParView (DSN 2007) and Plumtree (SRDS 2007)
 papers' figures, reproduced with the very cores the nodes run (issue 8).
 
-A script: ``.venv/bin/python bench/sim.py --nodes 1000 --seed 1``. It writes one JSON
+A script: ``.venv/bin/python bench/sim.py --nodes 1000 --seed 1`` (``--phases`` runs
+some of the phases below, ``--optimization-streak`` sets Plumtree's on every node; the
+file's name then says so). It writes one JSON
 document to ``bench/results/sim_<nodes>.json`` and, when matplotlib is installed (the
 ``bench`` extra), PNGs ``bench/results/sim_<nodes>_*.png``. Everything runs in virtual time
 (`trio_replica.sim.overlay.Simulator`), so the figures depend only on the seed; the wall-clock time
@@ -57,6 +59,7 @@ import attrs
 
 from trio_replica.core.hyparview import HyParViewConfig
 from trio_replica.core.messages import MessageId
+from trio_replica.core.plumtree import PlumtreeConfig
 from trio_replica.sim.broadcast import (
     BROADCAST,
     FLOOD,
@@ -133,6 +136,7 @@ def build(
     join_spread: float | None = None,
     settle: float = 60.0,
     cycles: int = 50,
+    plumtree: PlumtreeConfig | None = None,
 ) -> Simulator:
     """N nodes joining through one contact, then a stabilisation period, then five Plumtree
     broadcasts (the first floods: the tree forms, as in a running system).
@@ -144,6 +148,7 @@ def build(
     the previous join's walks have ended, with no membership round until all have joined;
     every link has the same latency; then `cycles` shuffle periods. No seeding policy: a
     node joins once, as in the paper (which has no re-join path).
+    `plumtree`: every node's Plumtree configuration (default: the runtime's).
     """
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, not {model!r}")
@@ -159,7 +164,7 @@ def build(
         network=network,
         hyparview=config,
         driver=DriverConfig(rejoin="off" if paper else "seeds"),
-        stack_factory=broadcast_stack(config),
+        stack_factory=broadcast_stack(config, plumtree),
     )
     sim.add_node(SEED_NODE)
     if paper:
@@ -849,8 +854,18 @@ def machine_reference(rounds: int = 5) -> float:
     return best
 
 
+#: The phases `run_all` runs, in order (`--phases`).
+PHASES = ("overlay", "failures", "failures_runtime_detection", "plumtree")
+
+
 def run_all(
-    n: int, seed: int, *, model: str = "ours", rates: Sequence[float] = FAILURE_RATES
+    n: int,
+    seed: int,
+    *,
+    model: str = "ours",
+    rates: Sequence[float] = FAILURE_RATES,
+    phases: Sequence[str] = PHASES,
+    plumtree_config: PlumtreeConfig | None = None,
 ) -> dict[str, Any]:
     # Without the cyclic collector: the simulation allocates millions of objects that
     # refcounting frees, and each of the collector's passes over the heap costs more as the
@@ -859,19 +874,31 @@ def run_all(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _run_all(n, seed, model, rates)
+        return _run_all(n, seed, model, rates, phases, plumtree_config)
     finally:
         if collecting:
             gc.enable()
 
 
-def _run_all(n: int, seed: int, model: str, rates: Sequence[float]) -> dict[str, Any]:
+def _run_all(
+    n: int,
+    seed: int,
+    model: str,
+    rates: Sequence[float],
+    phases: Sequence[str],
+    plumtree_config: PlumtreeConfig | None,
+) -> dict[str, Any]:
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        raise ValueError(f"unknown phases {sorted(unknown)}; the phases are {PHASES}")
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    base = build(n, seed, model=model)
+    base = build(n, seed, model=model, plumtree=plumtree_config)
     timings["build"] = time.perf_counter() - started
     print(f"build ({model}): {timings['build']:.1f} s", file=sys.stderr)
     result: dict[str, Any] = {"nodes": n, "seed": seed, "model": model, "paper": PAPER}
+    if plumtree_config is not None:
+        result["plumtree_config"] = attrs.asdict(plumtree_config)
     for name, phase in (
         ("overlay", lambda: overlay(base)),
         ("failures", lambda: failures(base, rates)),
@@ -884,6 +911,8 @@ def _run_all(n: int, seed: int, model: str, rates: Sequence[float]) -> dict[str,
         ),
         ("plumtree", lambda: plumtree(base)),
     ):
+        if name not in phases:
+            continue
         t = time.perf_counter()
         result[name] = phase()
         timings[name] = time.perf_counter() - t
@@ -912,6 +941,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="'papers': the papers' experiments; 'iroh': iroh-gossip's GossipMulti"
         " (its seeds; --seed is ignored)",
     )
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        choices=PHASES,
+        default=list(PHASES),
+        help="the phases to run (default: all); a partial run's file is named after them",
+    )
+    parser.add_argument(
+        "--optimization-streak",
+        type=int,
+        default=None,
+        help="Plumtree's optimization_streak on every node (default: the runtime's, "
+        f"{PlumtreeConfig().optimization_streak}; 1 is Algorithm 2 as published); "
+        "the file's name says it",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
@@ -922,8 +966,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         result["wall_seconds"] = {"total": time.perf_counter() - started}
         name = f"sim_iroh_{args.nodes}"
     else:
-        result = run_all(args.nodes, args.seed, model=args.model)
+        plumtree_config = (
+            None
+            if args.optimization_streak is None
+            else PlumtreeConfig(optimization_streak=args.optimization_streak)
+        )
+        result = run_all(
+            args.nodes,
+            args.seed,
+            model=args.model,
+            phases=args.phases,
+            plumtree_config=plumtree_config,
+        )
         name = f"sim_{args.nodes}" + ("_paper" if args.model == "paper" else "")
+        if args.optimization_streak is not None:
+            name += f"_streak{args.optimization_streak}"
+        if list(args.phases) != list(PHASES):
+            name += "_" + "_".join(p for p in PHASES if p in args.phases)
     result["command"] = " ".join(["bench/sim.py", *(argv if argv is not None else sys.argv[1:])])
     result["machine"] = {
         "python": platform.python_version(),

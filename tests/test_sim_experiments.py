@@ -25,7 +25,8 @@ from bench.sim import (
     plot,
     plumtree,
 )
-from trio_replica.sim.broadcast import BROADCAST, FLOOD
+from trio_replica.core.plumtree import PlumtreeConfig
+from trio_replica.sim.broadcast import BROADCAST, FLOOD, PlumtreeLayer
 from trio_replica.sim.overlay import Simulator
 
 
@@ -229,3 +230,23 @@ def test_plot_writes_the_figures(base: Simulator, tmp_path: Path) -> None:
         "sim_200_plumtree.png",
     ]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_a_run_of_some_phases_with_another_streak_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench.sim, "machine_reference", lambda: 0.0)
+    argv = ["--nodes", "60", "--phases", "plumtree", "--optimization-streak", "1"]
+    bench.sim.main([*argv, "--out", str(tmp_path), "--no-plots"])
+    result = json.loads((tmp_path / "sim_60_streak1_plumtree.json").read_text())
+    assert "plumtree" in result and not {"overlay", "failures"} & set(result)
+    assert result["plumtree_config"]["optimization_streak"] == 1
+    assert list(result["wall_seconds"]) == ["build", "plumtree", "total"]
+    # Every node's core runs the configuration given.
+    sim = build(30, seed=9, settle=20.0, plumtree=PlumtreeConfig(optimization_streak=1))
+    cores = [node.stack.layers[BROADCAST] for node in sim.nodes.values()]
+    assert all(
+        isinstance(c, PlumtreeLayer) and c.core.config.optimization_streak == 1 for c in cores
+    )
+    with pytest.raises(ValueError, match="unknown phases"):
+        bench.sim.run_all(10, 1, phases=("healing",))

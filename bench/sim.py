@@ -922,6 +922,13 @@ def _run_all(
     return result
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=1000)
@@ -950,7 +957,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--optimization-streak",
-        type=int,
+        type=_positive_int,
         default=None,
         help="Plumtree's optimization_streak on every node (default: the runtime's, "
         f"{PlumtreeConfig().optimization_streak}; 1 is Algorithm 2 as published); "
@@ -959,6 +966,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
+    if args.scenario == "iroh" and (
+        set(args.phases) != set(PHASES) or args.optimization_streak is not None
+    ):
+        parser.error("--phases and --optimization-streak apply to the papers' scenario only")
     reference = machine_reference()
     started = time.perf_counter()
     if args.scenario == "iroh":
@@ -981,7 +992,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         name = f"sim_{args.nodes}" + ("_paper" if args.model == "paper" else "")
         if args.optimization_streak is not None:
             name += f"_streak{args.optimization_streak}"
-        if list(args.phases) != list(PHASES):
+        if set(args.phases) != set(PHASES):
             name += "_" + "_".join(p for p in PHASES if p in args.phases)
     result["command"] = " ".join(["bench/sim.py", *(argv if argv is not None else sys.argv[1:])])
     result["machine"] = {

@@ -342,7 +342,7 @@ def test_graft_goes_to_the_next_announcer_when_the_first_never_answers() -> None
     # come by the end of the grace period.
     grace = tree.handle_timer(only_timer(effects), T1 + 6 * T2)
     assert grace == [SetTimer(CONFIG.abandon_grace, AbandonTimer(mid(1)))]
-    assert tree.handle_timer(AbandonTimer(mid(1)), 20.0) == [Emit(Abandoned(mid(1), "t"))]
+    assert tree.handle_timer(AbandonTimer(mid(1)), 20.0) == [Emit(Abandoned(mid(1), ("t",)))]
     assert tree.stats.reported_lost == 1
     assert tree.stats.missing_size == 0 and tree.stats.missing_abandoned == 1
     assert tree.stats.grafts_sent == 6
@@ -380,9 +380,9 @@ def test_a_grafted_announcer_still_sending_payloads_is_waited_for() -> None:
     tree.check_invariants()
 
 
-def test_announcements_name_their_tags_and_a_give_up_names_the_first_announcers() -> None:
+def test_announcements_name_their_tags_and_a_give_up_names_the_announcers() -> None:
     """IHAVE entries carry each message's tag, listed once per batch, so that a node that
-    gives up on a message tells only that tag's subscribers (`Abandoned.tag`)."""
+    gives up on a message tells only that tag's subscribers (`Abandoned.tags`)."""
     sender = core(lazy=[B])
     effects = sender.broadcast(mid(1, "me"), "chat", b"x", 0.0)
     effects += sender.broadcast(mid(2, "me"), "maps/users", b"y", 0.0)
@@ -397,16 +397,32 @@ def test_announcements_name_their_tags_and_a_give_up_names_the_first_announcers(
         (mid(3, "me"), 1, "chat"),
     ]
 
-    # Two announcers disagree on the tag: the first one's is reported.
-    tree = core(eager=[A], lazy=[C, D])
-    first = only_timer(tree.handle_message(C, ihave(((mid(1), 2),), tag="chat"), 0.0))
-    assert tree.handle_message(D, ihave(((mid(1), 2),), tag="other"), 0.0) == []
+    # A batch of several tags: each id given up on names its own entry's tag.
+    tree = core(lazy=[C], config=PlumtreeConfig(missing_max_messages=1))
+    effects = tree.handle_message(C, IHave.of([(mid(1), 2, "a"), (mid(2), 2, "b")]), 0.0)
+    graft, grace = timers(effects)
+    assert grace == SetTimer(tree.config.abandon_grace, AbandonTimer(mid(2)))  # table full
+    assert tree.handle_timer(grace.timer, 10.0) == [Emit(Abandoned(mid(2), ("b",)))]
+    effects = tree.handle_timer(graft.timer, T1)
+    while not any(isinstance(e.timer, AbandonTimer) for e in timers(effects)):
+        assert sends(effects), "grafts until it gives up"
+        effects = tree.handle_timer(only_timer(effects), T1 + 10 * T2)
+    (abandon,) = timers(effects)
+    assert tree.handle_timer(abandon.timer, 100.0) == [Emit(Abandoned(mid(1), ("a",)))]
+
+    # Two announcers disagree on the tag: both are told, so a lying first announcer cannot
+    # keep the loss from the true tag's subscribers.
+    tree = core(eager=[A], lazy=[C, D, E])
+    first = only_timer(tree.handle_message(C, ihave(((mid(1), 2),), tag="other"), 0.0))
+    assert tree.handle_message(D, ihave(((mid(1), 2),), tag="chat"), 0.0) == []
+    assert tree.handle_message(E, ihave(((mid(1), 2),), tag="chat"), 0.0) == []
     effects = tree.handle_timer(first, T1)
     while not any(isinstance(e.timer, AbandonTimer) for e in timers(effects)):
         assert sends(effects), "grafts until it gives up"
         effects = tree.handle_timer(only_timer(effects), T1 + 10 * T2)
     (abandon,) = timers(effects)
-    assert tree.handle_timer(abandon.timer, 100.0) == [Emit(Abandoned(mid(1), "chat"))]
+    expected = Abandoned(mid(1), ("other", "chat"))
+    assert tree.handle_timer(abandon.timer, 100.0) == [Emit(expected)]
 
 
 def test_a_silent_grafted_announcer_is_given_up_on_and_patience_is_bounded() -> None:
@@ -725,7 +741,7 @@ def test_missing_table_is_bounded() -> None:
     graft_timers = [t for t in timers(effects) if isinstance(t.timer, GraftTimer)]
     assert len(graft_timers) == 2
     assert tree.stats.missing_size == 2 and tree.stats.missing_dropped == 3
-    assert [e.event for e in effects if isinstance(e, Emit)] == [Abandoned(mid(4), "t")]
+    assert [e.event for e in effects if isinstance(e, Emit)] == [Abandoned(mid(4), ("t",))]
     tree.check_invariants()
 
 

@@ -250,3 +250,6 @@ def test_a_run_of_some_phases_with_another_streak_says_so(
     )
     with pytest.raises(ValueError, match="unknown phases"):
         bench.sim.run_all(10, 1, phases=("healing",))
+    for wrong in (["--optimization-streak", "0"], ["--scenario", "iroh", *argv[2:4]]):
+        with pytest.raises(SystemExit):
+            bench.sim.main(["--out", str(tmp_path), *wrong])

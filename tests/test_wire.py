@@ -109,7 +109,8 @@ messages = st.one_of(
     st.builds(ShuffleReply, st.lists(peers, max_size=8).map(tuple), u64),
     st.builds(Gossip, mids, st.integers(0, 65535), ids, st.binary(max_size=64), st.booleans()),
     st.lists(
-        st.tuples(mids, st.integers(0, 65535), st.sampled_from(["t", "u", ""])), max_size=5
+        st.tuples(mids, st.integers(0, 65535), st.sampled_from(["t", "u", "maps/users"])),
+        max_size=5,
     ).map(IHave.of),
     st.builds(Graft, mids, st.integers(0, 65535)),
     st.builds(Prune, st.one_of(st.just(""), ids)),
@@ -235,6 +236,9 @@ _HEAD = bytes([0x82, PROTOCOL_VERSION])
         (_frame([21, [[["a", 1, 2], 0, 0]] * (MAX_IHAVE_ENTRIES + 1), ["t"]]), "field"),
         (_frame([21, [[["a", 1, 2], 0]], ["t"]]), "field"),  # no tag index
         (_frame([21, [[["a", 1, 2], 0, 1]], ["t"]]), "field"),  # tag index out of range
+        (_frame([21, [[["a", 1, 2], 0, -1]], ["t"]]), "field"),
+        (_frame([21, [[["a", 1, 2], 0, 0.0]], ["t"]]), "field"),
+        (_frame([21, [[["a", 1, 2], 0, 0]], [""]]), "field"),  # an empty tag
         (_frame([21, [[["a", 1, 2], 0, True]], ["t"]]), "field"),
         (_frame([21, [[["a", 1, 2], 0, 0]], ["t", "t"]]), "field"),  # a tag listed twice
         (_frame([21, [[["a", 1, 2], 0, 0]], ["t", "u"]]), "field"),  # a tag never used

@@ -273,7 +273,7 @@ class Node:
         subscriber further behind misses deliveries, counted in
         ``stats()["drops"]["subscriber_full"]``, and then receives `Lagged(missed)` where
         they went missing. It also receives `Lagged` when a broadcast announced to this
-        node could not be fetched (its tag is unknown, so every subscriber is told).
+        node could not be fetched, if this subscription's tag is one its announcers named.
 
         With `backpressure=True`, a subscriber at half its buffer holds the node's pressure:
         the node's writers wait, and peers' own broadcasts entering here are held to their

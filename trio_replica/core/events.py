@@ -87,12 +87,13 @@ class Abandoned(Event):
     """A broadcast announced to this node could not be fetched (emitted by the Plumtree core).
 
     Every announcer was grafted and none delivered, or the table of missing messages was
-    full. The subscribers of its tag (as its first announcer named it) are told with a
-    `Lagged` notice; replicas then pull a sync.
+    full. The subscribers of its tag are told with a `Lagged` notice; replicas then pull
+    a sync. `tags` are the tags its announcers named, each once: honest announcers name
+    the message's own, and a lying one cannot keep the loss from that tag's subscribers.
     """
 
     id: MessageId
-    tag: str
+    tags: tuple[str, ...]
 
 
 @attrs.frozen
@@ -111,9 +112,11 @@ class Lagged(Event):
     """This subscriber fell behind and `missed` events were not kept for it.
 
     It comes in the stream exactly where the events went missing: everything before it was
-    delivered, then `missed` events were lost (the subscriber's buffer was full), then the
-    stream goes on. The source never waits for a slow subscriber; it counts what it could not
-    keep and says so here. A replica answers it with a sync pull.
+    delivered, then `missed` events were lost (the subscriber's buffer was full, or, for a
+    broadcast subscriber, a message of its tag announced to the node could not be fetched:
+    `Abandoned`), then the stream goes on. The source never waits for a slow subscriber;
+    it counts what it could not keep and says so here. A replica answers it with a sync
+    pull.
     """
 
     missed: int

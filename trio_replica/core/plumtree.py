@@ -12,8 +12,8 @@ Theory of operation
 
 Every neighbour (a peer in the HyParView active view) is in exactly one of two sets. *Eager*
 peers receive whole payloads (GOSSIP) as soon as a message is first received; *lazy* peers
-receive only announcements (IHAVE: message id and round), batched per peer over a short
-window. Links start eager (`neighbor_up`), so the first broadcast floods; every duplicate
+receive only announcements (IHAVE: message id, round and tag), batched per peer over a
+short window. Links start eager (`neighbor_up`), so the first broadcast floods; every duplicate
 payload then prunes the link it arrived on (the receiver moves the sender to lazy and sends
 PRUNE so the sender does the same), and what stays eager is the tree of first arrivals. A
 later broadcast follows that tree and costs one payload per node (RMR 0), while the lazy
@@ -91,8 +91,9 @@ none answers, each is grafted once more (a GRAFT can be lost: ignored by a peer 
 not yet count us as a neighbour), or every neighbour is if all the announcers left the
 active view meanwhile. What a node still gives up on (or what overflows the missing
 table) and still lacks `abandon_grace` later is reported with an `Abandoned` event, naming
-the tag its first announcer gave (IHAVE entries carry their tag), so that the layers above
-that tag repair it (a replica pulls a sync) and no other subscriber is bothered. Before
+the tags its announcers gave (IHAVE entries carry their tag; honest ones agree), so that
+the layers above that tag repair it (a replica pulls a sync) and no other subscriber is
+bothered. Before
 these rules, 50 nodes in one process sending 2,000 broadcasts as fast as flow control
 allowed gave up on 10,530 payloads, all delivered within the grace; with them, none
 (bench/overlay.py).
@@ -452,8 +453,10 @@ class _Missing:
 
     token: int
     pending: deque[tuple[Peer, int]]
-    #: The tag the first announcer gave (an `Abandoned` names it).
-    tag: str
+    #: The tags its announcers named, each once: an `Abandoned` names them all, so that an
+    #: announcer naming a wrong tag cannot keep the loss from the true tag's subscribers.
+    #: At most one per announcer, and announcers are neighbours.
+    tags: list[str]
     grafted: list[Peer] = attrs.Factory(list)
     #: Per grafted announcer: messages heard from it when last grafted or waited on.
     marks: dict[Peer, int] = attrs.Factory(dict)
@@ -548,7 +551,7 @@ class Plumtree:
     _cache_bytes: int = attrs.field(init=False, default=0)
     _missing: dict[MessageId, _Missing] = attrs.field(init=False, factory=dict)
     #: Messages given up on, waiting for `abandon_grace` before they are reported.
-    _given_up: dict[MessageId, str] = attrs.field(init=False, factory=dict)
+    _given_up: dict[MessageId, tuple[str, ...]] = attrs.field(init=False, factory=dict)
     #: Messages received per neighbour: a grafted peer whose count moves is alive and
     #: talking to us (`_on_graft_timer`).
     _heard_from: dict[Peer, int] = attrs.field(init=False, factory=dict)
@@ -810,12 +813,12 @@ class Plumtree:
             if entry is None:
                 if len(self._missing) >= self.config.missing_max_messages:
                     self.stats.missing_dropped += 1
-                    effects += self._give_up(id, tags[tag_index])
+                    effects += self._give_up(id, (tags[tag_index],))
                     continue
                 # Algorithm 1, IHAVE for an unknown id: remember the announcer and give the
                 # eager copy timeout1 to arrive.
                 token = self._token()
-                self._missing[id] = _Missing(token, deque([(sender, round)]), tags[tag_index])
+                self._missing[id] = _Missing(token, deque([(sender, round)]), [tags[tag_index]])
                 # Jittered, so that of the nodes a broken link cut off, which all hear the
                 # announcements at about the same moment, one grafts first and the rest
                 # receive through it before their own timers fire (the randomised repair
@@ -835,6 +838,8 @@ class Plumtree:
             elif not entry.knows(sender):
                 # Every announcer, in arrival order: each is a fallback for the one before.
                 entry.pending.append((sender, round))
+                if tags[tag_index] not in entry.tags:
+                    entry.tags.append(tags[tag_index])
         return effects
 
     def _on_graft(self, sender: Peer, message: Graft) -> list[Effect]:
@@ -927,7 +932,7 @@ class Plumtree:
                 # good.
                 del self._missing[timer.id]
                 self.stats.missing_abandoned += 1
-                return self._give_up(timer.id, entry.tag)
+                return self._give_up(timer.id, tuple(entry.tags))
         # Algorithm 1, Timer(mID): GRAFT the first remaining announcer, make the link eager,
         # and give it timeout2 before the next one. The same GRAFT goes for every other
         # missing message that announcer announced: a broken link leaves a run of messages
@@ -962,22 +967,22 @@ class Plumtree:
         )
 
     def _on_abandon_timer(self, timer: AbandonTimer) -> list[Effect]:
-        tag = self._given_up.pop(timer.id, None)
-        if tag is None:
+        tags = self._given_up.pop(timer.id, None)
+        if tags is None:
             return []  # delivered meanwhile (counted then)
         if timer.id in self._seen or timer.id in self._missing:
             return []  # being fetched again: its own timers decide
         self.stats.reported_lost += 1
-        return [Emit(Abandoned(timer.id, tag))]
+        return [Emit(Abandoned(timer.id, tags))]
 
-    def _give_up(self, id: MessageId, tag: str) -> list[Effect]:
+    def _give_up(self, id: MessageId, tags: tuple[str, ...]) -> list[Effect]:
         """Stop fetching `id`; report it lost unless it arrives within `abandon_grace`."""
         if id in self._given_up:
             return []
         if len(self._given_up) >= self.config.missing_max_messages:
             self.stats.reported_lost += 1
-            return [Emit(Abandoned(id, tag))]
-        self._given_up[id] = tag
+            return [Emit(Abandoned(id, tags))]
+        self._given_up[id] = tags
         return [SetTimer(self.config.abandon_grace, AbandonTimer(id))]
 
     def _on_flush_timer(self, timer: FlushTimer) -> list[Effect]:

@@ -10,9 +10,9 @@ Flow control (`trio_replica.runtime.flow`): a payload the node cannot queue for 
 congested) is handed back to the core, which announces it to that peer lazily (an IHAVE, so
 the peer grafts it when it has room). A subscriber whose feed is full misses the delivery,
 counted, and then receives `Lagged`; so does every subscriber of a tag when the core gives
-up on a message of that tag it heard of but could not fetch (`Abandoned`; the tag is the
-one its announcer named: an announcer that lies about it can only misdirect the notice,
-which it could as well withhold by never answering the GRAFT).
+up on a message of that tag it heard of but could not fetch (`Abandoned`, which names every
+tag its announcers gave: an announcer that lies about the tag adds a false notice to the
+tag it names, and cannot take the notice away from the true one's subscribers).
 
 On a crash the core's state is rebuilt from the membership's active view (every peer
 starts eager again, as at NeighborUp) because the tree is cheap to regrow and a core
@@ -189,7 +189,7 @@ class Broadcast(Component):
             if isinstance(effect.event, Delivered):
                 self._deliver(effect.event)
             elif isinstance(effect.event, Abandoned):
-                self._abandoned(effect.event.tag)
+                self._abandoned(effect.event.tags)
 
     # --- inputs (posted by the node) ------------------------------------------------------
 
@@ -321,12 +321,14 @@ class Broadcast(Component):
         if missed:
             self.node.stats_counters.drop("subscriber_full", count=missed)
 
-    def _abandoned(self, tag: str) -> None:
-        """A message of `tag` announced to us could not be fetched: its subscribers lack it."""
-        feeds = self._subscribers.get(tag)
-        if feeds is not None:
-            for feed in feeds.feeds():
-                feed.note_missed(1)
+    def _abandoned(self, tags: tuple[str, ...]) -> None:
+        """A message announced to us could not be fetched: the subscribers of the tags its
+        announcers named lack it."""
+        for tag in tags:
+            feeds = self._subscribers.get(tag)
+            if feeds is not None:
+                for feed in feeds.feeds():
+                    feed.note_missed(1)
 
     def new_id(self, rng: random.Random) -> MessageId:
         ts = self.node.clock.now()

@@ -2,8 +2,8 @@
 papers' figures, reproduced with the very cores the nodes run (issue 8).
 
 A script: ``.venv/bin/python bench/sim.py --nodes 1000 --seed 1`` (``--phases`` runs
-some of the phases below, ``--optimization-streak`` sets Plumtree's on every node; the
-file's name then says so). It writes one JSON
+some of the phases below, ``--optimization-streak`` and ``--ihave-batch-window`` set
+Plumtree's on every node; the file's name then says so). It writes one JSON
 document to ``bench/results/sim_<nodes>.json`` and, when matplotlib is installed (the
 ``bench`` extra), PNGs ``bench/results/sim_<nodes>_*.png``. Everything runs in virtual time
 (`trio_replica.sim.overlay.Simulator`), so the figures depend only on the seed; the wall-clock time
@@ -963,13 +963,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{PlumtreeConfig().optimization_streak}; 1 is Algorithm 2 as published); "
         "the file's name says it",
     )
+    parser.add_argument(
+        "--ihave-batch-window",
+        type=float,
+        default=None,
+        help="Plumtree's ihave_batch_window on every node, in seconds (default: the "
+        f"runtime's, {PlumtreeConfig().ihave_batch_window}; 0 sends each IHAVE at once, as "
+        "the papers' simulations); the file's name says it",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    if args.scenario == "iroh" and (
-        set(args.phases) != set(PHASES) or args.optimization_streak is not None
-    ):
-        parser.error("--phases and --optimization-streak apply to the papers' scenario only")
+    tuned = {
+        field: value
+        for field, value in (
+            ("optimization_streak", args.optimization_streak),
+            ("ihave_batch_window", args.ihave_batch_window),
+        )
+        if value is not None
+    }
+    if args.scenario == "iroh" and (set(args.phases) != set(PHASES) or tuned):
+        parser.error("--phases and the Plumtree options apply to the papers' scenario only")
+    try:
+        plumtree_config = PlumtreeConfig(**tuned) if tuned else None
+    except ValueError as e:  # ConfigError: the core's own check of its fields
+        parser.error(str(e))
     reference = machine_reference()
     started = time.perf_counter()
     if args.scenario == "iroh":
@@ -977,11 +995,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         result["wall_seconds"] = {"total": time.perf_counter() - started}
         name = f"sim_iroh_{args.nodes}"
     else:
-        plumtree_config = (
-            None
-            if args.optimization_streak is None
-            else PlumtreeConfig(optimization_streak=args.optimization_streak)
-        )
         result = run_all(
             args.nodes,
             args.seed,
@@ -992,6 +1005,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         name = f"sim_{args.nodes}" + ("_paper" if args.model == "paper" else "")
         if args.optimization_streak is not None:
             name += f"_streak{args.optimization_streak}"
+        if args.ihave_batch_window is not None:
+            name += f"_window{args.ihave_batch_window:g}"
         if set(args.phases) != set(PHASES):
             name += "_" + "_".join(p for p in PHASES if p in args.phases)
     result["command"] = " ".join(["bench/sim.py", *(argv if argv is not None else sys.argv[1:])])

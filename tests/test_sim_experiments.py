@@ -237,10 +237,12 @@ def test_a_run_of_some_phases_with_another_streak_says_so(
 ) -> None:
     monkeypatch.setattr(bench.sim, "machine_reference", lambda: 0.0)
     argv = ["--nodes", "60", "--phases", "plumtree", "--optimization-streak", "1"]
+    argv += ["--ihave-batch-window", "0"]
     bench.sim.main([*argv, "--out", str(tmp_path), "--no-plots"])
-    result = json.loads((tmp_path / "sim_60_streak1_plumtree.json").read_text())
+    result = json.loads((tmp_path / "sim_60_streak1_window0_plumtree.json").read_text())
     assert "plumtree" in result and not {"overlay", "failures"} & set(result)
     assert result["plumtree_config"]["optimization_streak"] == 1
+    assert result["plumtree_config"]["ihave_batch_window"] == 0
     assert list(result["wall_seconds"]) == ["build", "plumtree", "total"]
     # Every node's core runs the configuration given.
     sim = build(30, seed=9, settle=20.0, plumtree=PlumtreeConfig(optimization_streak=1))
@@ -250,6 +252,10 @@ def test_a_run_of_some_phases_with_another_streak_says_so(
     )
     with pytest.raises(ValueError, match="unknown phases"):
         bench.sim.run_all(10, 1, phases=("healing",))
-    for wrong in (["--optimization-streak", "0"], ["--scenario", "iroh", *argv[2:4]]):
+    for wrong in (
+        ["--optimization-streak", "0"],
+        ["--ihave-batch-window", "-1"],
+        ["--scenario", "iroh", *argv[2:4]],
+    ):
         with pytest.raises(SystemExit):
             bench.sim.main(["--out", str(tmp_path), *wrong])

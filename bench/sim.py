@@ -922,13 +922,6 @@ def _run_all(
     return result
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=1000)
@@ -957,7 +950,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--optimization-streak",
-        type=_positive_int,
+        type=int,
         default=None,
         help="Plumtree's optimization_streak on every node (default: the runtime's, "
         f"{PlumtreeConfig().optimization_streak}; 1 is Algorithm 2 as published); "

@@ -55,7 +55,7 @@ async def test_batches_never_exceed_the_frame_limit(autojump_clock: trio.testing
             )
             # The peer's grant: payloads travel on credit (outbox.py).
             link._on_credit(Credit(1000, 10**9))
-            link.send_nowait(IHave.of((MessageId("x", i, i), 1, "t") for i in range(60)))
+            link.send_nowait(IHave.of([(MessageId("x", i, i), 1, "t") for i in range(60)]))
             for i in range(10):
                 link.send_nowait(SyncChunk("m", 1, i, i == 9, b"x" * 200_000))
             sent = 0

@@ -77,7 +77,8 @@ def test_hot_kinds_encode_to_the_generic_bytes() -> None:
     mid = MessageId("n12", 2**47 + 5, 2**64 - 1)
     for message in (
         Gossip(mid, 7, "tag", b"\x00" * 300),
-        IHave.of((MessageId(f"n{i}", i, 2**63 + i), i, f"tag{i % 3}") for i in range(40)),
+        IHave.of([(MessageId(f"n{i}", i, 2**63 + i), i, f"tag{i % 3}") for i in range(40)]),
+        IHave.of([(MessageId("n1", 1, 1), 1, "one")]),
         IHave((), ()),
         Ping(0),
         Ping(2**64 - 1),

@@ -22,7 +22,7 @@ import functools
 import ipaddress
 import socket
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Sequence
 from typing import ClassVar
 
 import attrs
@@ -289,8 +289,12 @@ class IHave(Message):
     tags: tuple[str, ...]
 
     @classmethod
-    def of(cls, announced: Iterable[tuple[MessageId, int, str]]) -> IHave:
+    def of(cls, announced: Sequence[tuple[MessageId, int, str]]) -> IHave:
         """The batch announcing `(id, round, tag)` entries, each tag listed once."""
+        if len(announced) == 1:
+            # Most batches (a broadcast every window or less): no tag index to build.
+            ((id, round, tag),) = announced
+            return cls(((id, round, 0),), (tag,))
         index: dict[str, int] = {}
         entries = []
         for id, round, tag in announced:
@@ -299,12 +303,6 @@ class IHave(Message):
                 i = index[tag] = len(index)
             entries.append((id, round, i))
         return cls(tuple(entries), tuple(index))
-
-    def announced(self) -> Iterator[tuple[MessageId, int, str]]:
-        """The entries as ``(id, round, tag)``."""
-        tags = self.tags
-        for id, round, i in self.entries:
-            yield id, round, tags[i]
 
 
 @attrs.frozen

@@ -1038,10 +1038,6 @@ class Plumtree:
     def _ihave(self, peer: Peer, batch: list[tuple[MessageId, int, str]]) -> Send:
         self.stats.ihave_sent += 1
         self.stats.ihave_entries_sent += len(batch)
-        if len(batch) == 1:
-            # Most batches (a broadcast every window or less): built without the tag index.
-            ((id, round, tag),) = batch
-            return Send(peer, IHave(((id, round, 0),), (tag,)))
         return Send(peer, IHave.of(batch))
 
     def _optimise(
